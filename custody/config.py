@@ -1,0 +1,59 @@
+"""Service configuration, read from the environment (12-factor) with safe defaults.
+
+Every variable the service reads is a field here; docker-compose.yml is checked
+against this list by a test, so a typo in deployment config fails CI.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CUSTODY_", extra="ignore")
+
+    network: NetworkName = "regtest"
+    database_url: str = Field(
+        default="sqlite:///./custody.db",
+        validation_alias=AliasChoices("DATABASE_URL", "CUSTODY_DATABASE_URL"),
+    )
+
+    # Bitcoin node JSON-RPC (Bitcoin Core in production, btcd on regtest).
+    node_rpc_url: str = "http://127.0.0.1:18443"
+    node_rpc_user: str = "custody"
+    node_rpc_password: SecretStr = SecretStr("")
+    node_rpc_timeout: float = 30.0
+
+    # API server. Loopback unless an operator deliberately says otherwise.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+
+    # The bank's HSM (PKCS#11). The PIN is a secret: never logged, never returned.
+    hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    hsm_token_label: str = "custody-bank"
+    hsm_pin: SecretStr = SecretStr("")
+
+    # Software (seed-in-memory) signers are for regtest and tests only.
+    allow_software_signers: bool = False
+
+    @field_validator("api_host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value:
+            raise ValueError("api_host must not be empty")
+        return value
+
+    @property
+    def is_mainnet(self) -> bool:
+        return self.network == "mainnet"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
