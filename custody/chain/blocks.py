@@ -1,0 +1,401 @@
+"""Raw block and transaction scanner for the deposit watcher.
+
+The watcher fetches every block raw (`getblock <hash> 0`) and only needs two
+things from it: outputs paying a watched collateral script and inputs spending
+a watched collateral outpoint. A full parse (one object per input, output and
+witness item, plus a txid for every transaction) is what makes a generic
+library slow on a 2 MB block, so this is the one place the design parses the
+wire format itself: it walks the bytes with integer offsets, looks each
+scriptPubKey and each 36-byte outpoint up in the caller's containers, and
+hashes a transaction (double SHA-256) only when it matched something.
+
+Hashes are returned as hex in the usual reversed (display) order. Anything
+that is not exactly a well-formed block (truncated, trailing bytes, counts
+that cannot fit in the remaining bytes, a bad segwit flag, a non-canonical
+compact size) raises `MalformedBlock`, never a bare IndexError.
+
+Watched sets: a plain `set[bytes]` (or `frozenset`, or a `dict` keyed by
+script, e.g. script -> loan id) is the representation to pass. Measured on
+CPython 3.11, 1,000,000 P2WSH scripts in a set cost ~111 MB of RSS (~151 MB as
+a dict to small ints), well under the 300 MB budget, and a C-level hash lookup
+is faster than any Python-level "smarter" structure; so there is deliberately
+no wrapper class (a Python `__contains__` would cost more than the parse).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Container
+from dataclasses import dataclass
+
+__all__ = [
+    "BlockScan",
+    "FoundOutput",
+    "FoundSpend",
+    "MalformedBlock",
+    "MalformedTransaction",
+    "TxScan",
+    "header_hash",
+    "outpoint_key",
+    "scan_block",
+    "scan_transaction",
+]
+
+HEADER_SIZE = 80
+# Bitcoin Core's MAX_SIZE: no compact size in a valid message is larger.
+_MAX_COMPACT_SIZE = 0x02000000
+# Smallest possible serialisations, used to reject counts that cannot fit.
+_MIN_INPUT_SIZE = 41  # 32 txid + 4 vout + 1 script length + 4 sequence
+_MIN_OUTPUT_SIZE = 9  # 8 value + 1 script length
+_MIN_TX_SIZE = 4 + 1 + _MIN_INPUT_SIZE + 1 + _MIN_OUTPUT_SIZE + 4
+
+_sha256 = hashlib.sha256
+
+
+class MalformedBlock(ValueError):
+    """The bytes are not a well-formed block: the node or the transport is broken.
+
+    A ValueError so generic callers can catch it; `offset` points at the byte
+    where parsing gave up (None when unknown), to make hex dumps debuggable.
+    """
+
+    def __init__(self, reason: str, offset: int | None = None) -> None:
+        super().__init__(reason if offset is None else f"{reason} (at byte {offset})")
+        self.reason = reason
+        self.offset = offset
+
+
+class MalformedTransaction(MalformedBlock):
+    """A lone (mempool) transaction is not well formed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FoundOutput:
+    """An output paying a watched script; `value` in satoshis."""
+
+    txid: str
+    vout: int
+    script_pubkey: bytes
+    value: int
+
+
+@dataclass(frozen=True, slots=True)
+class FoundSpend:
+    """An input of transaction `txid` (at position `vin`) spending a watched outpoint."""
+
+    txid: str
+    vin: int
+    prev_txid: str
+    prev_vout: int
+
+    @property
+    def outpoint(self) -> bytes:
+        """The spent outpoint as the 36-byte key used in the watched-outpoint set."""
+        return outpoint_key(self.prev_txid, self.prev_vout)
+
+
+@dataclass(frozen=True, slots=True)
+class TxScan:
+    """What one transaction did to the watched sets.
+
+    `index` is the transaction's position in its block (0 for a lone mempool
+    transaction), so the watcher can order events inside a block.
+    """
+
+    txid: str
+    index: int
+    outputs: tuple[FoundOutput, ...]
+    spends: tuple[FoundSpend, ...]
+
+    @property
+    def matched(self) -> bool:
+        return bool(self.outputs or self.spends)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockScan:
+    """The header facts the watcher's cursor needs, and every match in the block.
+
+    `transactions` holds only the transactions that matched, in block order
+    (the same matches as the flat `outputs`/`spends`, grouped per tx).
+    `txids` is every txid in block order, computed only when asked for
+    (`with_txids=True`), because hashing all of them is most of the cost.
+    """
+
+    block_hash: str
+    prev_block_hash: str
+    merkle_root: str
+    timestamp: int
+    tx_count: int
+    outputs: tuple[FoundOutput, ...]
+    spends: tuple[FoundSpend, ...]
+    transactions: tuple[TxScan, ...]
+    txids: tuple[str, ...] | None = None
+
+
+def outpoint_key(txid_hex: str, vout: int) -> bytes:
+    """The 36-byte watched-outpoint key: txid in wire (little-endian) order + vout LE.
+
+    This is exactly the 36 bytes an input carries on the wire, so the scanner
+    can look a slice of the raw block up without decoding it.
+    """
+    if len(txid_hex) != 64:
+        raise ValueError(f"txid must be 64 hex characters, got {len(txid_hex)}")
+    if not 0 <= vout <= 0xFFFFFFFF:
+        raise ValueError(f"vout out of range: {vout}")
+    return bytes.fromhex(txid_hex)[::-1] + vout.to_bytes(4, "little")
+
+
+def _hash256_hex(data: bytes) -> str:
+    return _sha256(_sha256(data).digest()).digest()[::-1].hex()
+
+
+def header_hash(raw_header80: bytes) -> str:
+    """Block hash (display hex) of an 80-byte header."""
+    if len(raw_header80) != HEADER_SIZE:
+        raise MalformedBlock(f"block header must be 80 bytes, got {len(raw_header80)}")
+    return _hash256_hex(bytes(raw_header80))
+
+
+def _read_compact(raw: bytes, off: int) -> tuple[int, int]:
+    """Slow path of a compact size (first byte >= 0xfd): (value, offset after it).
+
+    The hot loops inline the one-byte case; this handles the rest and rejects
+    non-canonical and oversized encodings as Bitcoin Core does.
+    """
+    first = raw[off]
+    if first < 0xFD:
+        return first, off + 1
+    width = 2 if first == 0xFD else 4 if first == 0xFE else 8
+    end = off + 1 + width
+    if end > len(raw):
+        raise MalformedBlock("truncated compact size", off)
+    value = int.from_bytes(raw[off + 1 : end], "little")
+    minimum = 0xFD if width == 2 else 0x10000 if width == 4 else 0x100000000
+    if value < minimum:
+        raise MalformedBlock("non-canonical compact size", off)
+    if value > _MAX_COMPACT_SIZE:
+        raise MalformedBlock(f"compact size too large: {value}", off)
+    return value, end
+
+
+# One matched transaction, as offsets: (index, start, body, witness_start, end,
+# [(vout, output_offset, script_start, script_end)], [(vin, outpoint_offset)]).
+_Hit = tuple[int, int, int, int, int, list[tuple[int, int, int, int]], list[tuple[int, int]]]
+# Offsets needed to hash any transaction: (start, body, witness_start, end).
+_Span = tuple[int, int, int, int]
+
+
+def _walk(
+    raw: bytes,
+    off: int,
+    count: int,
+    scripts: Container[bytes],
+    outpoints: Container[bytes],
+    spans: list[_Span] | None,
+) -> tuple[int, list[_Hit]]:
+    """Walk `count` serialised transactions from `off`, collecting matches as offsets.
+
+    Deliberately one flat function with the one-byte compact size inlined:
+    function calls and object creation are what a Python parser pays for.
+    Reading past the end raises IndexError (caught by the callers); a slice
+    past the end is only short, and leaves `off` beyond the end, which the
+    callers' final length check turns into MalformedBlock.
+    """
+    size = len(raw)
+    hits: list[_Hit] = []
+    for index in range(count):
+        start = off
+        if raw[off + 4] == 0:  # segwit marker; the flag must be 1
+            if raw[off + 5] != 1:
+                raise MalformedBlock(f"tx {index}: bad segwit flag {raw[off + 5]}", off + 5)
+            body = off = off + 6
+        else:
+            body = off = off + 4
+
+        n_in = raw[off]
+        if n_in < 0xFD:
+            off += 1
+        else:
+            n_in, off = _read_compact(raw, off)
+        if n_in == 0:
+            raise MalformedBlock(f"tx {index}: no inputs", off)
+        if n_in * _MIN_INPUT_SIZE > size - off:
+            raise MalformedBlock(f"tx {index}: {n_in} inputs cannot fit", off)
+        spent: list[tuple[int, int]] | None = None
+        for vin in range(n_in):
+            if raw[off : off + 36] in outpoints:
+                if spent is None:
+                    spent = []
+                spent.append((vin, off))
+            off += 36
+            length = raw[off]
+            if length < 0xFD:
+                off += length + 5  # length byte + script_sig + sequence
+            else:
+                length, off = _read_compact(raw, off)
+                off += length + 4
+
+        n_out = raw[off]
+        if n_out < 0xFD:
+            off += 1
+        else:
+            n_out, off = _read_compact(raw, off)
+        if n_out == 0:
+            raise MalformedBlock(f"tx {index}: no outputs", off)
+        if n_out * _MIN_OUTPUT_SIZE > size - off:
+            raise MalformedBlock(f"tx {index}: {n_out} outputs cannot fit", off)
+        paid: list[tuple[int, int, int, int]] | None = None
+        for vout in range(n_out):
+            length = raw[off + 8]
+            if length < 0xFD:
+                script = off + 9
+            else:
+                length, script = _read_compact(raw, off + 8)
+            script_end = script + length
+            if raw[script:script_end] in scripts:
+                if paid is None:
+                    paid = []
+                paid.append((vout, off, script, script_end))
+            off = script_end
+
+        witness = off
+        if body - start == 6:
+            for _ in range(n_in):
+                items = raw[off]
+                if items < 0xFD:
+                    off += 1
+                else:
+                    items, off = _read_compact(raw, off)
+                    if items > size - off:
+                        raise MalformedBlock(f"tx {index}: {items} witness items cannot fit", off)
+                for _ in range(items):
+                    length = raw[off]
+                    if length < 0xFD:
+                        off += length + 1
+                    else:
+                        length, off = _read_compact(raw, off)
+                        off += length
+        off += 4  # locktime
+
+        if spans is not None:
+            spans.append((start, body, witness, off))
+        if paid is not None or spent is not None:
+            hits.append((index, start, body, witness, off, paid or [], spent or []))
+    return off, hits
+
+
+def _txid(raw: bytes, start: int, body: int, witness: int, end: int) -> str:
+    """Txid of the transaction at raw[start:end]: hash of its non-witness serialisation."""
+    if body - start == 6:
+        h = _sha256(raw[start : start + 4])
+        h.update(raw[body:witness])
+        h.update(raw[end - 4 : end])
+        return _sha256(h.digest()).digest()[::-1].hex()
+    return _hash256_hex(raw[start:end])
+
+
+def _build(raw: bytes, hit: _Hit, txid: str | None = None) -> TxScan:
+    index, start, body, witness, end, paid, spent = hit
+    if txid is None:
+        txid = _txid(raw, start, body, witness, end)
+    outputs = tuple(
+        FoundOutput(txid, vout, raw[s:e], int.from_bytes(raw[o : o + 8], "little"))
+        for vout, o, s, e in paid
+    )
+    spends = tuple(
+        FoundSpend(
+            txid,
+            vin,
+            raw[o : o + 32][::-1].hex(),
+            int.from_bytes(raw[o + 32 : o + 36], "little"),
+        )
+        for vin, o in spent
+    )
+    return TxScan(txid, index, outputs, spends)
+
+
+def _as_bytes(raw: bytes | bytearray | memoryview) -> bytes:
+    # bytes indexing/slicing is the fastest path and hashable slices are needed
+    # for set lookups; a bytearray/memoryview is copied once.
+    return raw if type(raw) is bytes else bytes(raw)
+
+
+def scan_block(
+    raw: bytes | bytearray | memoryview,
+    watched_scripts: Container[bytes],
+    watched_outpoints: Container[bytes],
+    *,
+    with_txids: bool = False,
+) -> BlockScan:
+    """Find outputs paying `watched_scripts` and inputs spending `watched_outpoints`.
+
+    `watched_scripts` holds raw scriptPubKeys; `watched_outpoints` holds
+    `outpoint_key(...)` values. Pass sets or dicts (C-level lookups). With
+    `with_txids`, every txid is computed too (slower; for merkle checks/tests).
+    """
+    data = _as_bytes(raw)
+    size = len(data)
+    if size < HEADER_SIZE + 1:
+        raise MalformedBlock(f"block too short: {size} bytes")
+    try:
+        off = HEADER_SIZE
+        tx_count = data[off]
+        if tx_count < 0xFD:
+            off += 1
+        else:
+            tx_count, off = _read_compact(data, off)
+        if tx_count == 0:
+            raise MalformedBlock("block has no transactions", HEADER_SIZE)
+        if tx_count * _MIN_TX_SIZE > size - off:
+            raise MalformedBlock(f"{tx_count} transactions cannot fit", HEADER_SIZE)
+        spans: list[_Span] | None = [] if with_txids else None
+        off, hits = _walk(data, off, tx_count, watched_scripts, watched_outpoints, spans)
+    except IndexError:
+        raise MalformedBlock("block is truncated") from None
+    if off != size:
+        if off > size:
+            raise MalformedBlock("block is truncated", size)
+        raise MalformedBlock(f"{size - off} trailing bytes after the last transaction", off)
+
+    txids: tuple[str, ...] | None = None
+    if spans is not None:
+        txids = tuple(_txid(data, *span) for span in spans)
+    txs = tuple(_build(data, hit, None if txids is None else txids[hit[0]]) for hit in hits)
+    return BlockScan(
+        block_hash=_hash256_hex(data[:HEADER_SIZE]),
+        prev_block_hash=data[4:36][::-1].hex(),
+        merkle_root=data[36:68][::-1].hex(),
+        timestamp=int.from_bytes(data[68:72], "little"),
+        tx_count=tx_count,
+        outputs=tuple(o for tx in txs for o in tx.outputs),
+        spends=tuple(s for tx in txs for s in tx.spends),
+        transactions=txs,
+        txids=txids,
+    )
+
+
+def scan_transaction(
+    raw_tx: bytes | bytearray | memoryview,
+    watched_scripts: Container[bytes],
+    watched_outpoints: Container[bytes],
+) -> TxScan:
+    """Scan one (mempool) transaction; its txid is always computed."""
+    data = _as_bytes(raw_tx)
+    size = len(data)
+    if size < _MIN_TX_SIZE:
+        raise MalformedTransaction(f"transaction too short: {size} bytes")
+    spans: list[_Span] = []
+    try:
+        off, hits = _walk(data, 0, 1, watched_scripts, watched_outpoints, spans)
+    except IndexError:
+        raise MalformedTransaction("transaction is truncated") from None
+    except MalformedBlock as exc:
+        raise MalformedTransaction(exc.reason, exc.offset) from None
+    if off != size:
+        if off > size:
+            raise MalformedTransaction("transaction is truncated", size)
+        raise MalformedTransaction(f"{size - off} trailing bytes after the transaction", off)
+    if hits:
+        return _build(data, hits[0])
+    return TxScan(_txid(data, *spans[0]), 0, (), ())
