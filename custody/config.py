@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]
@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     hsm_token_label: str = "custody-bank"
     hsm_pin: SecretStr = SecretStr("")
 
+    # Deposit watcher. A deposit counts after `confirmations_small` blocks, or
+    # `confirmations_large` from `large_deposit_sats` up, unless the loan says otherwise.
+    confirmations_small: int = 1
+    confirmations_large: int = 3
+    large_deposit_sats: int = 100_000_000
+    watch_start_height: int | None = None  # first block to scan; default: the tip at first start
+    watch_poll_seconds: float = 1.0
+    watch_lease_seconds: float = 30.0
+
     # Software (seed-in-memory) signers are for regtest and tests only.
     allow_software_signers: bool = False
 
@@ -48,6 +57,12 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("api_host must not be empty")
         return value
+
+    @model_validator(mode="after")
+    def _no_software_keys_on_mainnet(self) -> Settings:
+        if self.network == "mainnet" and self.allow_software_signers:
+            raise ValueError("software signers are for regtest and tests only, never mainnet")
+        return self
 
     @property
     def is_mainnet(self) -> bool:

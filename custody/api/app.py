@@ -1,0 +1,71 @@
+"""The FastAPI application: routes under /v1, typed errors mapped to HTTP once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine
+
+from custody.api.routes import router
+from custody.config import Settings
+from custody.errors import CustodyError
+from custody.loans.service import LoanKeyGenerator
+
+log = structlog.get_logger(__name__)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    # Discriminated unions add the tag to the location: drop it, keep the field.
+    parts = [p for p in parts if p not in ("hd", "hsm")]
+    return ".".join(parts) or "body"
+
+
+def create_app(
+    settings: Settings, engine: Engine, *, hsm: LoanKeyGenerator | None = None
+) -> FastAPI:
+    app = FastAPI(
+        title="Pledge custody",
+        version="0.1.0",
+        docs_url="/v1/docs",
+        openapi_url="/v1/openapi.json",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.hsm = hsm
+    app.include_router(router)
+
+    @app.exception_handler(CustodyError)
+    async def _custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
+            for e in exc.errors()
+        ]
+        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "invalid_input",
+                "message": f"{first['field']}: {first['message']}",
+                "field": first["field"],
+                "errors": errors,
+            },
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error", error_type=type(exc).__name__)
+        return JSONResponse(
+            status_code=500, content={"error": "internal_error", "message": "internal error"}
+        )
+
+    return app

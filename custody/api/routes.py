@@ -1,0 +1,153 @@
+"""HTTP endpoints under /v1. Thin: parse, call the domain service, render."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+
+from custody.api.deps import ContextDep, HsmDep, PrincipalDep, SessionDep
+from custody.api.views import address_out, loan_out, party_out, principal_out
+from custody.audit.service import verify_chain
+from custody.auth.policy import require_role
+from custody.auth.service import create_principal
+from custody.bitcoin import exports
+from custody.db.models import KeyRole, PartyKind, Role
+from custody.loans import service as loans
+from custody.loans.schemas import (
+    AddressOut,
+    KeyIn,
+    LoanCreate,
+    LoanOut,
+    PartyCreate,
+    PartyOut,
+    PrincipalCreate,
+    PrincipalCreated,
+)
+from custody.parties import service as parties
+
+router = APIRouter(prefix="/v1")
+
+ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
+
+
+@router.get("/health", tags=["ops"])
+def health(request: Request) -> dict[str, Any]:
+    return {"status": "ok", "network": request.app.state.settings.network}
+
+
+@router.get("/me", tags=["auth"])
+def me(principal: PrincipalDep) -> dict[str, Any]:
+    return principal_out(principal).model_dump()
+
+
+@router.post("/principals", status_code=201, tags=["auth"])
+def create_principal_endpoint(
+    body: PrincipalCreate, session: SessionDep, principal: PrincipalDep
+) -> PrincipalCreated:
+    require_role(principal, Role.admin)
+    created, api_key = create_principal(
+        session,
+        name=body.name,
+        role=Role(body.role),
+        party_id=body.party_id,
+        actor=f"{principal.role}:{principal.name}",
+    )
+    return PrincipalCreated(**principal_out(created).model_dump(), api_key=api_key)
+
+
+@router.post("/parties", status_code=201, tags=["parties"])
+def create_party(body: PartyCreate, session: SessionDep, principal: PrincipalDep) -> PartyOut:
+    return party_out(
+        parties.create_party(session, principal, name=body.name, kind=PartyKind(body.kind))
+    )
+
+
+@router.get("/parties", tags=["parties"])
+def list_parties(session: SessionDep, principal: PrincipalDep) -> list[PartyOut]:
+    return [party_out(p) for p in parties.list_parties(session, principal)]
+
+
+@router.get("/parties/{party_id}", tags=["parties"])
+def get_party(party_id: int, session: SessionDep, principal: PrincipalDep) -> PartyOut:
+    return party_out(parties.get_party(session, principal, party_id))
+
+
+@router.post("/loans", status_code=201, tags=["loans"])
+def create_loan(body: LoanCreate, session: SessionDep, ctx: ContextDep) -> LoanOut:
+    return loan_out(session, loans.create_loan(session, ctx, body))
+
+
+@router.get("/loans", tags=["loans"])
+def list_loans(
+    session: SessionDep,
+    ctx: ContextDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[LoanOut]:
+    return [
+        loan_out(session, loan)
+        for loan in loans.list_loans(session, ctx, limit=limit, offset=offset)
+    ]
+
+
+@router.get("/loans/{loan_id}", tags=["loans"])
+def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
+    return loan_out(session, loans.get_loan(session, ctx, loan_id))
+
+
+@router.put("/loans/{loan_id}/keys/{seat}", tags=["keys"])
+def register_key(
+    loan_id: int,
+    seat: KeyRole,
+    body: Annotated[KeyIn, Body()],
+    session: SessionDep,
+    ctx: ContextDep,
+) -> LoanOut:
+    return loan_out(session, loans.register_key(session, ctx, loan_id, seat, body))
+
+
+@router.post("/loans/{loan_id}/keys/bank/hsm", status_code=201, tags=["keys"])
+def generate_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep, hsm: HsmDep) -> LoanOut:
+    return loan_out(session, loans.generate_bank_hsm_key(session, ctx, loan_id, hsm))
+
+
+@router.post("/loans/{loan_id}/addresses", status_code=201, tags=["addresses"])
+def new_address(loan_id: int, session: SessionDep, ctx: ContextDep) -> AddressOut:
+    return address_out(loans.new_address(session, ctx, loan_id))
+
+
+@router.get("/loans/{loan_id}/addresses", tags=["addresses"])
+def list_addresses(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
+    return [address_out(a) for a in loans.list_addresses(session, ctx, loan_id)]
+
+
+@router.get("/loans/{loan_id}/export/{fmt}", tags=["exports"], response_model=None)
+def export(
+    loan_id: int, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
+) -> Response | dict[str, Any]:
+    """Wallet files for the parties to check the collateral address on their own devices.
+    A format that cannot express this loan answers 422 `unsupported` and says why."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    descriptor = loans.loan_descriptor(session, loan, ctx.network)
+    name = f"loan-{loan_id}"
+    if fmt == "descriptor":
+        return exports.export_descriptor(descriptor, name)
+    if fmt == "caravan":
+        return exports.export_caravan(descriptor, name)
+    if fmt == "coldcard":
+        return PlainTextResponse(
+            exports.export_coldcard(descriptor, name),
+            headers={"Content-Disposition": f'attachment; filename="{name}-coldcard.txt"'},
+        )
+    return PlainTextResponse(
+        exports.export_bsms(descriptor, name),
+        headers={"Content-Disposition": f'attachment; filename="{name}.bsms"'},
+    )
+
+
+@router.get("/audit/verify", tags=["audit"])
+def audit_verify(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
+    require_role(principal, Role.auditor, Role.admin, Role.bank_approver)
+    return verify_chain(session).as_dict()

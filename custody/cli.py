@@ -1,0 +1,81 @@
+"""`custody` command line: the API, schema migrations, access bootstrap, audit verification."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from sqlmodel import Session
+
+from custody.config import Settings, get_settings
+from custody.db.migrate import upgrade
+from custody.db.models import Role
+from custody.db.session import make_engine, transaction
+from custody.logging import configure_logging
+
+app = typer.Typer(
+    help="Pledge custody: Bitcoin loan collateral in 2-of-3 escrow.", no_args_is_help=True
+)
+audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+
+
+def _settings() -> Settings:
+    configure_logging()
+    return get_settings()
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema to the latest revision."""
+    settings = _settings()
+    upgrade(make_engine(settings.database_url))
+    typer.echo("schema is at the latest revision")
+
+
+@app.command("create-admin")
+def create_admin(name: Annotated[str, typer.Argument(help="the admin's name")]) -> None:
+    """Create an admin principal and print its API key (shown once, stored hashed)."""
+    from custody.auth.service import create_principal
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    with transaction(engine) as session:
+        _, api_key = create_principal(
+            session, name=name, role=Role.admin, party_id=None, actor="cli"
+        )
+    typer.echo(api_key)
+
+
+@app.command()
+def serve() -> None:
+    """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
+    import uvicorn
+
+    from custody.api.app import create_app
+    from custody.hsm_factory import hsm_from_settings
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    api = create_app(settings, engine, hsm=hsm_from_settings(settings))
+    uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="info")
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Recompute the audit hash chain; exit 1 and name the first broken link if any."""
+    from custody.audit.service import verify_chain
+
+    settings = _settings()
+    with Session(make_engine(settings.database_url)) as session:
+        report = verify_chain(session)
+    typer.echo(json.dumps(report.as_dict()))
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+if __name__ == "__main__":
+    app()

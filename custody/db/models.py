@@ -1,0 +1,227 @@
+"""Database tables. No private key material is ever stored here: only xpubs,
+public keys, descriptors, addresses and history.
+
+Amounts are integers (sats, kopecks, basis points); a price is kept as a decimal
+string with its source, so nothing is rounded by a float on the way in or out.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from sqlalchemy import BigInteger, Column, String, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Role(StrEnum):
+    """What an API principal may do; see custody.auth.policy for the rules."""
+
+    miner = "miner"
+    bank_operator = "bank_operator"
+    bank_approver = "bank_approver"
+    arbiter = "arbiter"
+    auditor = "auditor"
+    admin = "admin"
+
+
+class PartyKind(StrEnum):
+    miner = "miner"
+    bank = "bank"
+    arbiter = "arbiter"
+
+
+class KeyRole(StrEnum):
+    """The three seats of a loan's 2-of-3; descriptor key order follows this."""
+
+    miner = "miner"
+    bank = "bank"
+    arbiter = "arbiter"
+
+
+class KeyKind(StrEnum):
+    hd = "hd"
+    hsm = "hsm"
+
+
+class LoanState(StrEnum):
+    draft = "draft"
+    awaiting_deposit = "awaiting_deposit"
+    active = "active"
+    margin_call = "margin_call"
+    liquidating = "liquidating"
+    liquidated = "liquidated"
+    releasing = "releasing"
+    released = "released"
+
+
+class Party(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(120), nullable=False, unique=True))
+    kind: PartyKind = Field(sa_column=Column(String(16), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class Principal(SQLModel, table=True):
+    """Someone (or something) holding an API key. Only the key's SHA-256 is stored:
+    keys are 256-bit random tokens, so a fast hash is enough and lookups stay O(1)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(sa_column=Column(String(120), nullable=False, unique=True))
+    role: Role = Field(sa_column=Column(String(32), nullable=False))
+    party_id: int | None = Field(default=None, foreign_key="party.id", index=True)
+    key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    key_prefix: str = Field(sa_column=Column(String(16), nullable=False))
+    disabled: bool = Field(default=False, nullable=False)
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class Loan(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    state: LoanState = Field(sa_column=Column(String(32), nullable=False, index=True))
+    miner_party_id: int = Field(foreign_key="party.id", index=True)
+    bank_party_id: int = Field(foreign_key="party.id")
+    arbiter_party_id: int = Field(foreign_key="party.id", index=True)
+
+    principal_kopecks: int = Field(sa_column=Column(BigInteger, nullable=False))
+    interest_rate_bps: int = Field(nullable=False)
+    maturity_at: datetime = Field(nullable=False)
+    required_collateral_sats: int = Field(sa_column=Column(BigInteger, nullable=False))
+    target_ltv_bps: int | None = Field(default=None)
+    price_rub_per_btc: str | None = Field(default=None, sa_column=Column(String(40)))
+    price_source: str | None = Field(default=None, sa_column=Column(String(120)))
+    margin_call_ltv_bps: int = Field(nullable=False)
+    liquidation_ltv_bps: int = Field(nullable=False)
+    cure_window_hours: int = Field(nullable=False)
+    required_confirmations: int | None = Field(default=None)
+    miner_return_address: str = Field(sa_column=Column(String(100), nullable=False))
+    bank_liquidation_address: str = Field(sa_column=Column(String(100), nullable=False))
+
+    descriptor: str | None = Field(default=None, sa_column=Column(Text))
+    # Sorted key identities: a unique column enforces "no two loans share a key set".
+    key_set: str | None = Field(default=None, sa_column=Column(Text, unique=True))
+    next_address_index: int = Field(default=0, nullable=False)
+
+    created_by: int = Field(foreign_key="principal.id")
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class LoanKey(SQLModel, table=True):
+    """One seat's public key for one loan."""
+
+    __table_args__ = (UniqueConstraint("loan_id", "role", name="uq_loankey_loan_role"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    loan_id: int = Field(foreign_key="loan.id", index=True)
+    role: KeyRole = Field(sa_column=Column(String(16), nullable=False))
+    party_id: int = Field(foreign_key="party.id", index=True)
+    kind: KeyKind = Field(sa_column=Column(String(8), nullable=False))
+    # Canonical identity of the key material (same xpub in another encoding = same identity).
+    identity: str = Field(sa_column=Column(String(200), nullable=False, index=True))
+    descriptor_key: str = Field(sa_column=Column(Text, nullable=False))
+    fingerprint: str | None = Field(default=None, sa_column=Column(String(8)))
+    origin_path: str | None = Field(default=None, sa_column=Column(String(64)))
+    xpub: str | None = Field(default=None, sa_column=Column(String(120)))
+    public_key_hex: str | None = Field(default=None, sa_column=Column(String(66)))
+    # HSM keys: where the key lives and the token's own evidence that it never left.
+    hsm_key_label: str | None = Field(default=None, sa_column=Column(String(64)))
+    hsm_local: bool | None = Field(default=None)
+    hsm_never_extractable: bool | None = Field(default=None)
+    created_by: int = Field(foreign_key="principal.id")
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class CollateralAddress(SQLModel, table=True):
+    """An address handed out for a loan. Unique across all loans: never reused."""
+
+    __table_args__ = (
+        UniqueConstraint("loan_id", "change", "index", name="uq_address_loan_change_index"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    loan_id: int = Field(foreign_key="loan.id", index=True)
+    change: bool = Field(default=False, nullable=False)
+    index: int = Field(nullable=False)
+    address: str = Field(sa_column=Column(String(100), nullable=False, unique=True))
+    script_pubkey_hex: str = Field(sa_column=Column(String(140), nullable=False, unique=True))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class AuditEvent(SQLModel, table=True):
+    """Append-only, hash-chained: each row commits to the previous row's hash,
+    so an edited, inserted or deleted row breaks the chain visibly."""
+
+    id: int = Field(primary_key=True)  # assigned by the audit service, gap-free
+    at: datetime = Field(nullable=False)
+    actor: str = Field(sa_column=Column(String(120), nullable=False))
+    action: str = Field(sa_column=Column(String(64), nullable=False, index=True))
+    loan_id: int | None = Field(default=None, index=True)
+    request_id: int | None = Field(default=None)
+    decision: str | None = Field(default=None, sa_column=Column(String(32)))
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    data: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+
+
+class DepositState(StrEnum):
+    pending = "pending"  # in the mempool or in a block, not yet enough confirmations
+    confirmed = "confirmed"  # counts as collateral
+    spent = "spent"  # its outpoint was spent in a block we applied
+    removed = "removed"  # reorged away or double-spent: it never happened
+
+
+class Deposit(SQLModel, table=True):
+    """An output paying a loan's collateral address. (txid, vout) is unique: a deposit
+    is recorded once, whatever the mempool, reorgs or restarts do."""
+
+    __table_args__ = (UniqueConstraint("txid", "vout", name="uq_deposit_outpoint"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    loan_id: int = Field(foreign_key="loan.id", index=True)
+    address_id: int = Field(foreign_key="collateraladdress.id")
+    txid: str = Field(sa_column=Column(String(64), nullable=False))
+    vout: int = Field(nullable=False)
+    amount_sats: int = Field(sa_column=Column(BigInteger, nullable=False))
+    state: DepositState = Field(sa_column=Column(String(16), nullable=False, index=True))
+    block_height: int | None = Field(default=None, index=True)
+    block_hash: str | None = Field(default=None, sa_column=Column(String(64)))
+    required_confirmations: int = Field(nullable=False)
+    # The part of this deposit above what the loan required when it confirmed.
+    excess_sats: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    spent_txid: str | None = Field(default=None, sa_column=Column(String(64)))
+    spent_height: int | None = Field(default=None, index=True)
+    first_seen_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class ChainBlock(SQLModel, table=True):
+    """Blocks the watcher applied, so a reorg can be traced back to the fork point."""
+
+    height: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
+    hash: str = Field(sa_column=Column(String(64), nullable=False))
+    prev_hash: str = Field(sa_column=Column(String(64), nullable=False))
+
+
+class ChainCursor(SQLModel, table=True):
+    """Where the watcher is (one row). Written in the same transaction as the block it
+    applied, so a crash can never leave a block half-counted."""
+
+    id: int = Field(default=1, primary_key=True)
+    height: int = Field(nullable=False)
+    block_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    node_tip_height: int = Field(nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class WatcherLease(SQLModel, table=True):
+    """Only one watcher per database (SQLite; PostgreSQL also holds an advisory lock)."""
+
+    id: int = Field(default=1, primary_key=True)
+    holder: str = Field(sa_column=Column(String(120), nullable=False))
+    expires_at: datetime = Field(nullable=False)

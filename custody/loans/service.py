@@ -1,0 +1,436 @@
+"""Loans: terms, the three key seats, the collateral descriptor and its addresses.
+
+Every rule lives here; routers only translate HTTP to these calls. Each function
+runs inside the caller's transaction and writes its audit event there, so a
+change and its record commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import ROUND_CEILING, Decimal
+from typing import Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from custody.audit.service import record
+from custody.auth.policy import ensure_can_view, require_role, seat_for, visible_loans_clause
+from custody.bitcoin.addresses import validate_address
+from custody.bitcoin.descriptors import CollateralDescriptor
+from custody.bitcoin.keys import CollateralKey, FixedKey, HDKey, parse_fixed_key, parse_hd_key
+from custody.config import NetworkName
+from custody.db.models import (
+    CollateralAddress,
+    KeyKind,
+    KeyRole,
+    Loan,
+    LoanKey,
+    LoanState,
+    Party,
+    PartyKind,
+    Principal,
+    Role,
+    utcnow,
+)
+from custody.errors import Conflict, InvalidInput, NotFound
+from custody.loans.schemas import HDKeyIn, HSMPublicKeyIn, LoanCreate
+
+SEAT_ORDER = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
+MAX_ADDRESSES_PER_LOAN = 1_000
+
+
+class HsmKeyEvidence(Protocol):
+    @property
+    def label(self) -> str: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def local(self) -> bool: ...
+    @property
+    def never_extractable(self) -> bool: ...
+
+
+class LoanKeyGenerator(Protocol):
+    """What the loans service needs from the bank's HSM: a fresh key per loan."""
+
+    def generate_loan_key(self, loan_ref: str) -> HsmKeyEvidence: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """Who is asking and on which network the service runs."""
+
+    principal: Principal
+    network: NetworkName
+
+    @property
+    def actor(self) -> str:
+        return f"{self.principal.role}:{self.principal.name}"
+
+
+def required_collateral_for_ltv(principal_kopecks: int, price: Decimal, target_ltv_bps: int) -> int:
+    """Sats needed so that debt / (collateral x price) == target LTV, rounded up
+    (the bank's requirement is a minimum; rounding down would start the loan above target)."""
+    sats = (
+        Decimal(principal_kopecks)
+        * Decimal(100_000_000)
+        * Decimal(10_000)
+        / (Decimal(100) * price * Decimal(target_ltv_bps))
+    )
+    return int(sats.to_integral_value(rounding=ROUND_CEILING))
+
+
+def _party(session: Session, party_id: int, kind: PartyKind, field: str) -> Party:
+    party = session.get(Party, party_id)
+    if party is None:
+        raise InvalidInput(f"party {party_id} does not exist", field=field)
+    if party.kind != kind:
+        raise InvalidInput(f"party {party_id} is a {party.kind}, not a {kind.value}", field=field)
+    return party
+
+
+def create_loan(session: Session, ctx: Context, body: LoanCreate) -> Loan:
+    require_role(ctx.principal, Role.bank_operator)
+    if ctx.principal.party_id is None:
+        raise InvalidInput("this operator belongs to no bank party", field="principal")
+    terms = body.terms
+    _party(session, body.miner_party_id, PartyKind.miner, "miner_party_id")
+    _party(session, body.arbiter_party_id, PartyKind.arbiter, "arbiter_party_id")
+
+    if terms.maturity_at <= datetime.now(UTC):
+        raise InvalidInput("maturity must be in the future", field="terms.maturity_at")
+    if terms.margin_call_ltv_bps >= terms.liquidation_ltv_bps:
+        raise InvalidInput(
+            "margin-call LTV must be below the liquidation LTV", field="terms.margin_call_ltv_bps"
+        )
+    if terms.target_ltv_bps is not None and terms.target_ltv_bps >= terms.margin_call_ltv_bps:
+        raise InvalidInput(
+            "target LTV must be below the margin-call LTV", field="terms.target_ltv_bps"
+        )
+
+    if (terms.required_collateral_sats is None) == (terms.target_ltv_bps is None):
+        raise InvalidInput(
+            "give exactly one of required_collateral_sats or target_ltv_bps",
+            field="terms.required_collateral_sats",
+        )
+    if terms.target_ltv_bps is not None:
+        if terms.price_rub_per_btc is None or terms.price_source is None:
+            raise InvalidInput(
+                "a target LTV needs the price (price_rub_per_btc) and its source (price_source)",
+                field="terms.price_rub_per_btc",
+            )
+        required = required_collateral_for_ltv(
+            terms.principal_kopecks, terms.price_rub_per_btc, terms.target_ltv_bps
+        )
+    else:
+        assert terms.required_collateral_sats is not None
+        required = terms.required_collateral_sats
+
+    return_address = validate_address(
+        terms.miner_return_address, ctx.network, field="terms.miner_return_address"
+    )
+    liquidation_address = validate_address(
+        terms.bank_liquidation_address, ctx.network, field="terms.bank_liquidation_address"
+    )
+    if return_address == liquidation_address:
+        raise InvalidInput(
+            "the miner's return address and the bank's liquidation address must differ",
+            field="terms.bank_liquidation_address",
+        )
+    loan = Loan(
+        state=LoanState.draft,
+        miner_party_id=body.miner_party_id,
+        bank_party_id=ctx.principal.party_id,
+        arbiter_party_id=body.arbiter_party_id,
+        principal_kopecks=terms.principal_kopecks,
+        interest_rate_bps=terms.interest_rate_bps,
+        maturity_at=terms.maturity_at,
+        required_collateral_sats=required,
+        target_ltv_bps=terms.target_ltv_bps,
+        price_rub_per_btc=str(terms.price_rub_per_btc) if terms.price_rub_per_btc else None,
+        price_source=terms.price_source,
+        margin_call_ltv_bps=terms.margin_call_ltv_bps,
+        liquidation_ltv_bps=terms.liquidation_ltv_bps,
+        cure_window_hours=terms.cure_window_hours,
+        required_confirmations=terms.required_confirmations,
+        miner_return_address=return_address,
+        bank_liquidation_address=liquidation_address,
+        created_by=ctx.principal.id or 0,
+    )
+    session.add(loan)
+    session.flush()
+    record(
+        session,
+        actor=ctx.actor,
+        action="loan.created",
+        loan_id=loan.id,
+        data={
+            "state": loan.state.value,
+            "terms": terms.model_dump(mode="json"),
+            "required_collateral_sats": required,
+        },
+    )
+    return loan
+
+
+def get_loan(session: Session, ctx: Context, loan_id: int) -> Loan:
+    return ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+
+
+def list_loans(session: Session, ctx: Context, *, limit: int = 100, offset: int = 0) -> list[Loan]:
+    query = (
+        select(Loan)
+        .where(visible_loans_clause(ctx.principal))
+        .order_by(col(Loan.id))
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(session.exec(query).all())
+
+
+def loan_keys(session: Session, loan_id: int) -> list[LoanKey]:
+    rows = session.exec(select(LoanKey).where(LoanKey.loan_id == loan_id)).all()
+    return sorted(rows, key=lambda k: SEAT_ORDER.index(KeyRole(k.role)))
+
+
+def _parse_key(
+    body: HDKeyIn | HSMPublicKeyIn, seat: KeyRole, network: NetworkName
+) -> CollateralKey:
+    if isinstance(body, HDKeyIn):
+        return parse_hd_key(body.key, network, field="key")
+    if seat != KeyRole.bank:
+        raise InvalidInput(
+            f"the {seat.value} key must be an HD key from a hardware wallet", field="kind"
+        )
+    return parse_fixed_key(body.public_key, field="public_key")
+
+
+def register_key(
+    session: Session, ctx: Context, loan_id: int, seat: KeyRole, body: HDKeyIn | HSMPublicKeyIn
+) -> Loan:
+    loan = get_loan(session, ctx, loan_id)
+    seat_for(ctx.principal, loan, seat)
+    key = _parse_key(body, seat, ctx.network)
+    return _store_key(session, ctx, loan, seat, key)
+
+
+def generate_bank_hsm_key(
+    session: Session, ctx: Context, loan_id: int, hsm: LoanKeyGenerator | None
+) -> Loan:
+    """The bank's key for this loan, generated inside the HSM (it never leaves it)."""
+    loan = get_loan(session, ctx, loan_id)
+    seat_for(ctx.principal, loan, KeyRole.bank)
+    _ensure_seat_open(session, loan, KeyRole.bank)
+    if hsm is None:
+        raise Conflict("no HSM is configured for this service", field="hsm")
+    # A random suffix: if this transaction rolls back, the orphaned HSM key is never
+    # mistaken for the key of a later attempt.
+    evidence = hsm.generate_loan_key(f"loan-{loan.id}-{secrets.token_hex(4)}")
+    key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
+    return _store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
+
+
+def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:
+    if loan.state != LoanState.draft:
+        raise Conflict(f"loan {loan.id} is {loan.state}: keys can only be added to a draft loan")
+    taken = session.exec(
+        select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == seat)
+    ).first()
+    if taken is not None:
+        raise Conflict(f"the {seat.value} key of loan {loan.id} is already registered", field="key")
+
+
+def _store_key(
+    session: Session,
+    ctx: Context,
+    loan: Loan,
+    seat: KeyRole,
+    key: CollateralKey,
+    *,
+    evidence: HsmKeyEvidence | None = None,
+) -> Loan:
+    _ensure_seat_open(session, loan, seat)
+    assert loan.id is not None
+    party_id = {
+        KeyRole.miner: loan.miner_party_id,
+        KeyRole.bank: loan.bank_party_id,
+        KeyRole.arbiter: loan.arbiter_party_id,
+    }[seat]
+    others = loan_keys(session, loan.id)
+    for other in others:
+        if other.identity == key.identity:
+            raise InvalidInput(
+                f"this key is already the loan's {other.role} key: each seat needs its own key",
+                field="key",
+            )
+    # A key belongs to one party for good: registering someone else's key is refused.
+    foreign = session.exec(
+        select(LoanKey).where(LoanKey.identity == key.identity, LoanKey.party_id != party_id)
+    ).first()
+    if foreign is not None:
+        raise Conflict("this key is registered to another party", field="key")
+
+    row = LoanKey(
+        loan_id=loan.id,
+        role=seat,
+        party_id=party_id,
+        kind=KeyKind.hsm if isinstance(key, FixedKey) else KeyKind.hd,
+        identity=key.identity,
+        descriptor_key=key.descriptor_key,
+        fingerprint=key.fingerprint if isinstance(key, HDKey) else None,
+        origin_path=key.origin_path if isinstance(key, HDKey) else None,
+        xpub=key.xpub if isinstance(key, HDKey) else None,
+        public_key_hex=key.public_key_hex if isinstance(key, FixedKey) else None,
+        hsm_key_label=evidence.label if evidence else None,
+        hsm_local=evidence.local if evidence else None,
+        hsm_never_extractable=evidence.never_extractable if evidence else None,
+        created_by=ctx.principal.id or 0,
+    )
+    session.add(row)
+    session.flush()
+    record(
+        session,
+        actor=ctx.actor,
+        action="key.registered",
+        loan_id=loan.id,
+        data={
+            "seat": seat.value,
+            "kind": row.kind.value,
+            "descriptor_key": row.descriptor_key,
+            "hsm_key_label": row.hsm_key_label,
+            "hsm_local": row.hsm_local,
+            "hsm_never_extractable": row.hsm_never_extractable,
+        },
+    )
+    if len(others) == 2:
+        _complete_keys(session, ctx, loan, [*others, row])
+    return loan
+
+
+def collateral_descriptor(
+    loan_keys_rows: list[LoanKey], network: NetworkName
+) -> CollateralDescriptor:
+    keys: list[CollateralKey] = []
+    by_seat = {KeyRole(k.role): k for k in loan_keys_rows}
+    for seat in SEAT_ORDER:
+        row = by_seat[seat]
+        if row.kind == KeyKind.hd:
+            assert row.fingerprint and row.origin_path and row.xpub
+            keys.append(
+                parse_hd_key(
+                    f"[{row.fingerprint}{row.origin_path[1:]}]{row.xpub}", network, field="key"
+                )
+            )
+        else:
+            assert row.public_key_hex
+            keys.append(parse_fixed_key(row.public_key_hex, field="key"))
+    return CollateralDescriptor((keys[0], keys[1], keys[2]), network)
+
+
+def loan_descriptor(session: Session, loan: Loan, network: NetworkName) -> CollateralDescriptor:
+    if loan.descriptor is None or loan.id is None:
+        raise Conflict(f"loan {loan.id} has no descriptor yet: all three keys are needed")
+    return collateral_descriptor(loan_keys(session, loan.id), network)
+
+
+def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKey]) -> None:
+    descriptor = collateral_descriptor(rows, ctx.network)
+    key_set = "|".join(sorted(descriptor.key_set_identity))
+    clash = session.exec(select(Loan.id).where(Loan.key_set == key_set)).first()
+    if clash is not None:
+        raise Conflict(
+            "this key set is already used by another loan: every loan needs a fresh key set",
+            field="key",
+        )
+    loan.descriptor = descriptor.descriptor
+    loan.key_set = key_set
+    loan.state = LoanState.awaiting_deposit
+    loan.updated_at = utcnow()
+    session.add(loan)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent loan took the same key set first
+        raise Conflict("this key set is already used by another loan", field="key") from exc
+    record(
+        session,
+        actor=ctx.actor,
+        action="loan.state_changed",
+        loan_id=loan.id,
+        data={"from": LoanState.draft.value, "to": loan.state.value, "descriptor": loan.descriptor},
+    )
+    _hand_out_address(session, ctx, loan, descriptor)
+
+
+def _hand_out_address(
+    session: Session, ctx: Context, loan: Loan, descriptor: CollateralDescriptor
+) -> CollateralAddress:
+    index = loan.next_address_index
+    if index > 0 and not descriptor.has_wildcard:
+        raise Conflict("this loan's descriptor has no wildcard: it has exactly one address")
+    if index >= MAX_ADDRESSES_PER_LOAN:
+        raise Conflict(f"a loan may hand out at most {MAX_ADDRESSES_PER_LOAN} addresses")
+    address = descriptor.address(index)
+    row = CollateralAddress(
+        loan_id=loan.id or 0,
+        change=False,
+        index=index,
+        address=address,
+        script_pubkey_hex=descriptor.script_pubkey(index).hex(),
+    )
+    loan.next_address_index = index + 1
+    loan.updated_at = utcnow()
+    session.add(row)
+    session.add(loan)
+    try:
+        session.flush()
+    except IntegrityError as exc:
+        # Unique address/script across all loans: a reuse would be a bug or an attack.
+        raise Conflict(f"address {address} is already handed out") from exc
+    record(
+        session,
+        actor=ctx.actor,
+        action="address.issued",
+        loan_id=loan.id,
+        data={"index": index, "address": address},
+    )
+    return row
+
+
+def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddress:
+    loan = get_loan(session, ctx, loan_id)
+    require_role(ctx.principal, Role.miner, Role.bank_operator)
+    if loan.state in (LoanState.draft,):
+        raise Conflict(f"loan {loan_id} is a draft: all three keys are needed first")
+    if loan.state in (LoanState.released, LoanState.liquidated):
+        raise Conflict(f"loan {loan_id} is {loan.state}: it takes no more collateral")
+    return _hand_out_address(session, ctx, loan, loan_descriptor(session, loan, ctx.network))
+
+
+def list_addresses(session: Session, ctx: Context, loan_id: int) -> list[CollateralAddress]:
+    get_loan(session, ctx, loan_id)
+    rows = session.exec(
+        select(CollateralAddress)
+        .where(CollateralAddress.loan_id == loan_id)
+        .order_by(col(CollateralAddress.change), col(CollateralAddress.index))
+    ).all()
+    return list(rows)
+
+
+def first_address(session: Session, loan_id: int) -> str | None:
+    return session.exec(
+        select(CollateralAddress.address).where(
+            CollateralAddress.loan_id == loan_id,
+            col(CollateralAddress.change).is_(False),
+            CollateralAddress.index == 0,
+        )
+    ).first()
+
+
+def get_loan_or_404(session: Session, loan_id: int) -> Loan:
+    loan = session.get(Loan, loan_id)
+    if loan is None:
+        raise NotFound(f"loan {loan_id} not found")
+    return loan

@@ -1,0 +1,42 @@
+"""Parties: the miners, banks and arbiters that hold a loan's seats."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, col, select
+
+from custody.audit.service import record
+from custody.auth.policy import READ_ALL, require_role
+from custody.db.models import Party, PartyKind, Principal, Role
+from custody.errors import Conflict, NotFound
+
+
+def create_party(session: Session, principal: Principal, *, name: str, kind: PartyKind) -> Party:
+    require_role(principal, Role.admin, Role.bank_operator)
+    name = name.strip()
+    if session.exec(select(Party).where(Party.name == name)).first() is not None:
+        raise Conflict(f"a party named {name!r} already exists", field="name")
+    party = Party(name=name, kind=kind)
+    session.add(party)
+    session.flush()
+    record(
+        session,
+        actor=f"{principal.role}:{principal.name}",
+        action="party.created",
+        data={"party_id": party.id, "name": name, "kind": kind.value},
+    )
+    return party
+
+
+def list_parties(session: Session, principal: Principal) -> list[Party]:
+    """Staff see every party; a miner or arbiter sees only its own."""
+    query = select(Party).order_by(col(Party.id))
+    if principal.role not in READ_ALL:
+        query = query.where(Party.id == principal.party_id)
+    return list(session.exec(query).all())
+
+
+def get_party(session: Session, principal: Principal, party_id: int) -> Party:
+    party = session.get(Party, party_id)
+    if party is None or (principal.role not in READ_ALL and principal.party_id != party_id):
+        raise NotFound(f"party {party_id} not found")
+    return party

@@ -1,0 +1,145 @@
+"""A populated service for API tests: parties, one principal per role, helpers to
+make loans and keys. Built through the domain services (fast) and driven through
+the HTTP API (what is under test)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from embit import bip32
+from fastapi.testclient import TestClient
+from sqlalchemy.engine import Engine
+
+from custody.api.app import create_app
+from custody.auth.service import create_principal
+from custody.config import Settings
+from custody.db.models import Party, PartyKind, Role
+from custody.db.session import transaction
+from custody.loans.service import LoanKeyGenerator
+
+# Regtest addresses for the loan terms (any valid bcrt1 address will do).
+MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
+BANK_LIQUIDATION = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry"
+
+WHO = (
+    "admin",
+    "bank_operator",
+    "bank_approver",
+    "auditor",
+    "miner",
+    "other_miner",
+    "arbiter",
+    "other_arbiter",
+)
+
+
+def hd_key(network_coin: int = 1, account: int = 0, seed: bytes | None = None) -> str:
+    """A BIP-48 P2WSH account key with origin, as a hardware wallet exports it."""
+    root = bip32.HDKey.from_seed(seed or os.urandom(32))
+    path = f"m/48h/{network_coin}h/{account}h/2h"
+    account_key = root.derive(path).to_public()
+    xpub = account_key.to_base58(version=bytes.fromhex("043587cf"))  # tpub
+    return f"[{root.my_fingerprint.hex()}/48h/{network_coin}h/{account}h/2h]{xpub}"
+
+
+@dataclass
+class World:
+    client: TestClient
+    api_keys: dict[str, str]
+    party_ids: dict[str, int]
+    settings: Settings
+    engine: Engine
+    _seq: list[int] = field(default_factory=lambda: [0])
+
+    def h(self, who: str | None) -> dict[str, str]:
+        return {} if who is None else {"Authorization": f"Bearer {self.api_keys[who]}"}
+
+    def call(self, who: str | None, method: str, path: str, **kw: Any) -> Any:
+        return self.client.request(method, path, headers=self.h(who), **kw)
+
+    def loan_body(self, **terms: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "principal_kopecks": 150_000_000_00,
+            "interest_rate_bps": 1_800,
+            "maturity_at": (datetime.now(UTC) + timedelta(days=180)).isoformat(),
+            "required_collateral_sats": 50_000_000,
+            "miner_return_address": MINER_RETURN,
+            "bank_liquidation_address": BANK_LIQUIDATION,
+        }
+        base.update(terms)
+        return {
+            "miner_party_id": self.party_ids["miner"],
+            "arbiter_party_id": self.party_ids["arbiter"],
+            "terms": base,
+        }
+
+    def create_loan(self, **terms: Any) -> dict[str, Any]:
+        r = self.call("bank_operator", "POST", "/v1/loans", json=self.loan_body(**terms))
+        assert r.status_code == 201, r.text
+        loan: dict[str, Any] = r.json()
+        return loan
+
+    def register(self, loan_id: int, seat: str, key: str | None = None) -> Any:
+        who = {"miner": "miner", "bank": "bank_operator", "arbiter": "arbiter"}[seat]
+        return self.call(
+            who,
+            "PUT",
+            f"/v1/loans/{loan_id}/keys/{seat}",
+            json={"kind": "hd", "key": key or hd_key()},
+        )
+
+    def funded_ready_loan(self, *, hsm_bank: bool = False) -> dict[str, Any]:
+        """A loan with all three keys: awaiting its deposit, with a collateral address."""
+        loan = self.create_loan()
+        assert self.register(loan["id"], "miner").status_code == 200
+        if hsm_bank:
+            r = self.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
+            assert r.status_code == 201, r.text
+        else:
+            assert self.register(loan["id"], "bank").status_code == 200
+        r = self.register(loan["id"], "arbiter")
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+
+def build_world(
+    engine: Engine, *, hsm: LoanKeyGenerator | None = None, network: str = "regtest"
+) -> World:
+    settings = Settings(network=network, database_url="sqlite://", _env_file=None)  # type: ignore[call-arg]
+    party_ids: dict[str, int] = {}
+    api_keys: dict[str, str] = {}
+    with transaction(engine) as session:
+        for name, kind in (
+            ("bank", PartyKind.bank),
+            ("miner", PartyKind.miner),
+            ("other_miner", PartyKind.miner),
+            ("arbiter", PartyKind.arbiter),
+            ("other_arbiter", PartyKind.arbiter),
+        ):
+            party = Party(name=f"party-{name}", kind=kind)
+            session.add(party)
+            session.flush()
+            assert party.id is not None
+            party_ids[name] = party.id
+        roles = {
+            "admin": (Role.admin, None),
+            "bank_operator": (Role.bank_operator, party_ids["bank"]),
+            "bank_approver": (Role.bank_approver, party_ids["bank"]),
+            "auditor": (Role.auditor, None),
+            "miner": (Role.miner, party_ids["miner"]),
+            "other_miner": (Role.miner, party_ids["other_miner"]),
+            "arbiter": (Role.arbiter, party_ids["arbiter"]),
+            "other_arbiter": (Role.arbiter, party_ids["other_arbiter"]),
+        }
+        for who, (role, party_id) in roles.items():
+            _, api_keys[who] = create_principal(
+                session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
+            )
+    client = TestClient(create_app(settings, engine, hsm=hsm), raise_server_exceptions=False)
+    return World(
+        client=client, api_keys=api_keys, party_ids=party_ids, settings=settings, engine=engine
+    )
