@@ -64,6 +64,51 @@ def serve() -> None:
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="info")
 
 
+@app.command()
+def watch(
+    once: Annotated[bool, typer.Option(help="apply what is there, then exit")] = False,
+) -> None:
+    """Follow the node and record deposits (one watcher per database)."""
+    import signal
+    import threading
+
+    from custody.chain.rpc import NodeRpc
+    from custody.chain.watcher import Watcher, WatcherConfig
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    rpc = NodeRpc(
+        settings.node_rpc_url,
+        settings.node_rpc_user,
+        settings.node_rpc_password.get_secret_value(),
+        timeout=settings.node_rpc_timeout,
+    )
+    watcher = Watcher(
+        engine,
+        rpc,
+        config=WatcherConfig(
+            confirmations_small=settings.confirmations_small,
+            confirmations_large=settings.confirmations_large,
+            large_deposit_sats=settings.large_deposit_sats,
+            start_height=settings.watch_start_height,
+            lease_seconds=settings.watch_lease_seconds,
+        ),
+    )
+    if once:
+        watcher.acquire()
+        try:
+            result = watcher.step()
+        finally:
+            watcher.release()
+        typer.echo(json.dumps(result.__dict__))
+        return
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    watcher.run(stop, poll_seconds=settings.watch_poll_seconds)
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain; exit 1 and name the first broken link if any."""

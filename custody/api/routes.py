@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
 from custody.api.deps import ContextDep, HsmDep, PrincipalDep, SessionDep
-from custody.api.views import address_out, loan_out, party_out, principal_out
+from custody.api.views import address_out, deposits_out, loan_out, party_out, principal_out
 from custody.audit.service import verify_chain
 from custody.auth.policy import require_role
 from custody.auth.service import create_principal
 from custody.bitcoin import exports
-from custody.db.models import KeyRole, PartyKind, Role
+from custody.db.models import ChainCursor, KeyRole, PartyKind, Role
 from custody.loans import service as loans
 from custody.loans.schemas import (
     AddressOut,
+    DepositOut,
     KeyIn,
     LoanCreate,
     LoanOut,
@@ -33,8 +35,22 @@ ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
 
 
 @router.get("/health", tags=["ops"])
-def health(request: Request) -> dict[str, Any]:
-    return {"status": "ok", "network": request.app.state.settings.network}
+def health(request: Request, session: SessionDep) -> dict[str, Any]:
+    """Liveness plus the watcher's position: its last block and how far it lags the node."""
+    cursor = session.get(ChainCursor, 1)
+    watcher: dict[str, Any] | None = None
+    if cursor is not None:
+        updated = (
+            cursor.updated_at if cursor.updated_at.tzinfo else cursor.updated_at.replace(tzinfo=UTC)
+        )
+        watcher = {
+            "height": cursor.height,
+            "block_hash": cursor.block_hash,
+            "node_tip_height": cursor.node_tip_height,
+            "lag_blocks": max(0, cursor.node_tip_height - cursor.height),
+            "seconds_since_step": round((datetime.now(UTC) - updated).total_seconds(), 3),
+        }
+    return {"status": "ok", "network": request.app.state.settings.network, "watcher": watcher}
 
 
 @router.get("/me", tags=["auth"])
@@ -121,6 +137,12 @@ def new_address(loan_id: int, session: SessionDep, ctx: ContextDep) -> AddressOu
 @router.get("/loans/{loan_id}/addresses", tags=["addresses"])
 def list_addresses(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
     return [address_out(a) for a in loans.list_addresses(session, ctx, loan_id)]
+
+
+@router.get("/loans/{loan_id}/deposits", tags=["deposits"])
+def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[DepositOut]:
+    loans.get_loan(session, ctx, loan_id)
+    return deposits_out(session, loan_id)
 
 
 @router.get("/loans/{loan_id}/export/{fmt}", tags=["exports"], response_model=None)

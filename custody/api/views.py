@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
-from custody.db.models import CollateralAddress, Loan, LoanKey, Party, Principal
-from custody.loans.schemas import AddressOut, KeyOut, LoanOut, PartyOut, PrincipalOut, TermsOut
+from custody.db.models import (
+    ChainCursor,
+    CollateralAddress,
+    Deposit,
+    DepositState,
+    Loan,
+    LoanKey,
+    Party,
+    Principal,
+)
+from custody.loans.schemas import (
+    AddressOut,
+    CollateralOut,
+    DepositOut,
+    KeyOut,
+    LoanOut,
+    PartyOut,
+    PrincipalOut,
+    TermsOut,
+)
 from custody.loans.service import first_address, loan_keys
 
 
@@ -51,6 +69,7 @@ def loan_out(session: Session, loan: Loan) -> LoanOut:
         keys=[key_out(k) for k in loan_keys(session, loan.id)],
         descriptor=loan.descriptor,
         collateral_address=first_address(session, loan.id),
+        collateral=collateral_out(session, loan),
         created_at=loan.created_at,
     )
 
@@ -69,3 +88,40 @@ def principal_out(p: Principal) -> PrincipalOut:
     return PrincipalOut(
         id=p.id, name=p.name, role=p.role, party_id=p.party_id, key_prefix=p.key_prefix
     )
+
+
+def collateral_out(session: Session, loan: Loan) -> CollateralOut:
+    rows = session.exec(
+        select(Deposit.state, Deposit.amount_sats, Deposit.excess_sats).where(
+            Deposit.loan_id == loan.id
+        )
+    ).all()
+    confirmed = sum(a for s, a, _ in rows if s == DepositState.confirmed)
+    return CollateralOut(
+        confirmed_sats=confirmed,
+        pending_sats=sum(a for s, a, _ in rows if s == DepositState.pending),
+        excess_sats=max(0, confirmed - loan.required_collateral_sats),
+        required_sats=loan.required_collateral_sats,
+    )
+
+
+def deposits_out(session: Session, loan_id: int) -> list[DepositOut]:
+    cursor = session.get(ChainCursor, 1)
+    height = cursor.height if cursor else 0
+    rows = session.exec(
+        select(Deposit).where(Deposit.loan_id == loan_id).order_by(col(Deposit.id))
+    ).all()
+    return [
+        DepositOut(
+            txid=d.txid,
+            vout=d.vout,
+            amount_sats=d.amount_sats,
+            state=d.state,
+            confirmations=0 if d.block_height is None else max(0, height - d.block_height + 1),
+            required_confirmations=d.required_confirmations,
+            block_height=d.block_height,
+            excess_sats=d.excess_sats,
+            spent_txid=d.spent_txid,
+        )
+        for d in rows
+    ]

@@ -95,6 +95,25 @@ class TermsOut(BaseModel):
     bank_liquidation_address: str
 
 
+class CollateralOut(BaseModel):
+    confirmed_sats: int
+    pending_sats: int
+    excess_sats: int
+    required_sats: int
+
+
+class DepositOut(BaseModel):
+    txid: str
+    vout: int
+    amount_sats: int
+    state: str
+    confirmations: int
+    required_confirmations: int
+    block_height: int | None
+    excess_sats: int
+    spent_txid: str | None
+
+
 class LoanOut(BaseModel):
     id: int
     state: str
@@ -105,6 +124,7 @@ class LoanOut(BaseModel):
     keys: list[KeyOut]
     descriptor: str | None
     collateral_address: str | None
+    collateral: CollateralOut
     created_at: datetime
 
 

@@ -138,6 +138,12 @@ CASES: list[Case] = [
     ),
     Case(
         "GET",
+        "/v1/loans/{loan_id}/deposits",
+        lambda w, c: f"/v1/loans/{c['ready']}/deposits",
+        _visible(200),
+    ),
+    Case(
+        "GET",
         "/v1/loans/{loan_id}/export/{fmt}",
         lambda w, c: f"/v1/loans/{c['ready']}/export/descriptor",
         _visible(200),

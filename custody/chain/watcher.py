@@ -1,0 +1,573 @@
+"""The deposit watcher: follows the node block by block and records every payment to,
+and every spend of, loan collateral exactly once.
+
+Invariants (each has a test):
+- the cursor (height, hash) and everything a block did are committed in one
+  transaction, so a SIGKILL at any instant loses or doubles nothing;
+- on every step the cursor's hash is compared with the node's; on a mismatch the
+  orphaned blocks are rolled back (their deposits back to pending, their spends
+  undone, loan states moved back with their own events) before the new branch;
+- a deposit is unique by (txid, vout); the mempool only ever adds pending ones,
+  and one that leaves the mempool unmined is marked removed;
+- only one watcher per database: a lease row, plus an advisory lock on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine
+from sqlmodel import Session, col, select
+
+from custody.audit.service import record
+from custody.chain.blocks import BlockScan, FoundOutput, FoundSpend, outpoint_key, scan_block
+from custody.chain.blocks import scan_transaction as scan_tx
+from custody.chain.rpc import NodeRpc, RpcNotFound
+from custody.db.models import (
+    ChainBlock,
+    ChainCursor,
+    CollateralAddress,
+    Deposit,
+    DepositState,
+    Loan,
+    LoanState,
+    WatcherLease,
+    utcnow,
+)
+from custody.errors import Conflict
+
+log = structlog.get_logger(__name__)
+
+ACTOR = "system:watcher"
+_PG_WATCHER_LOCK = 0x5C0A_3A7C
+# Deposits in these states still hold an unspent outpoint we must watch.
+_LIVE = (DepositState.pending, DepositState.confirmed)
+
+
+class WatcherBusy(Conflict):
+    """Another watcher holds this database."""
+
+
+@dataclass(frozen=True)
+class WatcherConfig:
+    confirmations_small: int = 1
+    confirmations_large: int = 3
+    large_deposit_sats: int = 100_000_000
+    start_height: int | None = None
+    lease_seconds: float = 30.0
+
+
+@dataclass
+class StepResult:
+    blocks_applied: int = 0
+    blocks_rolled_back: int = 0
+    mempool_deposits: int = 0
+    removed: int = 0
+    height: int = 0
+
+
+@dataclass
+class _Watched:
+    """In-memory index of what to look for; reloaded from the database after a reorg
+    or a restart, extended as addresses are handed out."""
+
+    scripts: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # spk -> (loan, addr)
+    last_address_id: int = 0
+    outpoints: set[bytes] = field(default_factory=set)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+class Watcher:
+    def __init__(
+        self,
+        engine: Engine,
+        rpc: NodeRpc,
+        *,
+        config: WatcherConfig | None = None,
+        holder: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.rpc = rpc
+        self.config = config or WatcherConfig()
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self._watched = _Watched()
+        self._mempool_seen: set[str] = set()
+        self._pg_lock: Connection | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the single-watcher lease; raise WatcherBusy if someone else holds it."""
+        if self.engine.dialect.name == "postgresql" and self._pg_lock is None:
+            conn = self.engine.connect()
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_WATCHER_LOCK}
+            ).scalar()
+            conn.commit()
+            if not got:
+                conn.close()
+                raise WatcherBusy("another watcher holds this database's advisory lock")
+            self._pg_lock = conn
+        self._renew_lease()
+        self._reload_watched()
+
+    def release(self) -> None:
+        with Session(self.engine) as session:
+            lease = session.get(WatcherLease, 1)
+            if lease is not None and lease.holder == self.holder:
+                lease.expires_at = utcnow()
+                session.add(lease)
+                session.commit()
+        if self._pg_lock is not None:
+            self._pg_lock.close()  # closing the session releases the advisory lock
+            self._pg_lock = None
+
+    def _renew_lease(self) -> None:
+        now = utcnow()
+        with Session(self.engine) as session:
+            lease = session.get(WatcherLease, 1)
+            if lease is None:
+                lease = WatcherLease(id=1, holder=self.holder, expires_at=now)
+            elif lease.holder != self.holder and _aware(lease.expires_at) > now:
+                raise WatcherBusy(
+                    f"watcher {lease.holder} holds the lease until {lease.expires_at.isoformat()}"
+                )
+            lease.holder = self.holder
+            lease.expires_at = now + timedelta(seconds=self.config.lease_seconds)
+            session.add(lease)
+            session.commit()
+
+    def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+        """Step until `stop` is set; errors are logged and retried on the next poll."""
+        self.acquire()
+        try:
+            while not stop.is_set():
+                try:
+                    result = self.step()
+                    if result.blocks_applied or result.blocks_rolled_back:
+                        log.info("watcher step", **result.__dict__)
+                except WatcherBusy:
+                    raise
+                except Exception as exc:  # the node or database may be briefly away
+                    log.warning("watcher step failed", error=str(exc), kind=type(exc).__name__)
+                stop.wait(poll_seconds)
+        finally:
+            self.release()
+
+    # -- one step ------------------------------------------------------------------
+
+    def step(self) -> StepResult:
+        self._renew_lease()
+        result = StepResult()
+        tip = self.rpc.get_block_count()
+        cursor = self._cursor(tip)
+        if cursor.height > tip or self.rpc.get_block_hash(cursor.height) != cursor.block_hash:
+            result.blocks_rolled_back = self._rollback_to_fork(cursor, tip)
+            cursor = self._cursor(tip)
+        self._load_new_addresses()
+        while cursor.height < tip:
+            block_hash = self.rpc.get_block_hash(cursor.height + 1)
+            scan = scan_block(
+                self.rpc.get_block_raw(block_hash), self._watched.scripts, self._watched.outpoints
+            )
+            if scan.prev_block_hash != cursor.block_hash:
+                break  # the chain moved under us; the next step finds the fork
+            cursor = self._apply_block(cursor.height + 1, scan, tip)
+            result.blocks_applied += 1
+            if result.blocks_applied % 50 == 0:
+                self._renew_lease()
+        result.mempool_deposits, result.removed = self._sync_mempool()
+        result.height = cursor.height
+        return result
+
+    # -- cursor and reorgs -----------------------------------------------------------
+
+    def _cursor(self, tip: int) -> ChainCursor:
+        with Session(self.engine, expire_on_commit=False) as session:
+            cursor = session.get(ChainCursor, 1)
+            if cursor is None:
+                start = self.config.start_height if self.config.start_height is not None else tip
+                base = max(start - 1, 0)
+                cursor = ChainCursor(
+                    id=1, height=base, block_hash=self.rpc.get_block_hash(base), node_tip_height=tip
+                )
+                session.add(cursor)
+                session.commit()
+                log.info("watcher starts", from_height=base + 1)
+            return cursor
+
+    def _rollback_to_fork(self, cursor: ChainCursor, tip: int) -> int:
+        """Undo every applied block above the last one the node still has, in one transaction."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            blocks = session.exec(
+                select(ChainBlock)
+                .where(col(ChainBlock.height) <= cursor.height)
+                .order_by(col(ChainBlock.height).desc())
+            ).all()
+            fork_height, fork_hash = None, None
+            for block in blocks:
+                if block.height <= tip and self.rpc.get_block_hash(block.height) == block.hash:
+                    fork_height, fork_hash = block.height, block.hash
+                    break
+            if fork_height is None:
+                # Nothing we applied is still in the chain: back to the block before the first.
+                first = blocks[-1] if blocks else None
+                fork_height = (first.height - 1) if first else max(cursor.height - 1, 0)
+                fork_hash = self.rpc.get_block_hash(fork_height)
+            assert fork_hash is not None
+            orphaned = [b for b in blocks if b.height > fork_height]
+            touched = self._undo_blocks(session, fork_height, orphaned)
+            for block in orphaned:
+                session.delete(block)
+            db_cursor = session.get(ChainCursor, 1)
+            assert db_cursor is not None
+            db_cursor.height, db_cursor.block_hash = fork_height, fork_hash
+            db_cursor.node_tip_height, db_cursor.updated_at = tip, utcnow()
+            session.add(db_cursor)
+            self._settle(session, touched, fork_height, reason="reorg")
+            session.commit()
+        log.warning("reorg rolled back", fork_height=fork_height, orphaned=len(orphaned))
+        self._reload_watched()
+        self._mempool_seen.clear()  # orphaned transactions may be back in the mempool
+        return len(orphaned)
+
+    def _undo_blocks(self, session: Session, fork: int, orphaned: list[ChainBlock]) -> set[int]:
+        hashes = {b.hash: b.height for b in orphaned}
+        touched: set[int] = set()
+        mined = session.exec(
+            select(Deposit).where(
+                col(Deposit.block_height) > fork, Deposit.state != DepositState.removed
+            )
+        ).all()
+        for dep in mined:
+            touched.add(dep.loan_id)
+            record(
+                session,
+                actor=ACTOR,
+                action="deposit.reorged",
+                loan_id=dep.loan_id,
+                data={
+                    **_dep_data(dep),
+                    "orphaned_block": dep.block_hash,
+                    "orphaned_height": hashes.get(dep.block_hash or "", dep.block_height),
+                },
+            )
+            dep.block_height, dep.block_hash, dep.excess_sats = None, None, 0
+            if dep.state == DepositState.confirmed:
+                dep.state = DepositState.pending
+            dep.updated_at = utcnow()
+            session.add(dep)
+        # Deposits whose own block survives can still lose confirmations.
+        shallow = session.exec(
+            select(Deposit.loan_id).where(
+                Deposit.state == DepositState.confirmed,
+                col(Deposit.block_height) + col(Deposit.required_confirmations) - 1 > fork,
+            )
+        ).all()
+        touched.update(shallow)
+        spent = session.exec(select(Deposit).where(col(Deposit.spent_height) > fork)).all()
+        for dep in spent:
+            touched.add(dep.loan_id)
+            record(
+                session,
+                actor=ACTOR,
+                action="deposit.unspent",
+                loan_id=dep.loan_id,
+                data={**_dep_data(dep), "orphaned_spend": dep.spent_txid},
+            )
+            dep.spent_txid, dep.spent_height = None, None
+            if dep.state == DepositState.spent:
+                dep.state = DepositState.pending
+            dep.updated_at = utcnow()
+            session.add(dep)
+        return touched
+
+    # -- applying a block ------------------------------------------------------------
+
+    def _apply_block(self, height: int, scan: BlockScan, tip: int) -> ChainCursor:
+        with Session(self.engine, expire_on_commit=False) as session:
+            touched: set[int] = set()
+            for out in scan.outputs:
+                touched.add(self._record_output(session, out, height, scan.block_hash))
+            for spend in scan.spends:
+                loan_id = self._record_spend(session, spend, height)
+                if loan_id is not None:
+                    touched.add(loan_id)
+            session.add(
+                ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
+            )
+            cursor = session.get(ChainCursor, 1)
+            assert cursor is not None
+            cursor.height, cursor.block_hash = height, scan.block_hash
+            cursor.node_tip_height, cursor.updated_at = max(tip, height), utcnow()
+            session.add(cursor)
+            # Every mined, still-pending deposit gains a confirmation with this block.
+            waiting = session.exec(
+                select(Deposit.loan_id).where(
+                    Deposit.state == DepositState.pending, col(Deposit.block_height).is_not(None)
+                )
+            ).all()
+            touched.update(waiting)
+            self._settle(session, touched, height, reason="block")
+            session.commit()
+        for out in scan.outputs:
+            self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
+        for spend in scan.spends:
+            self._watched.outpoints.discard(spend.outpoint)
+        return cursor
+
+    def _required_confirmations(self, loan: Loan, amount: int) -> int:
+        if loan.required_confirmations is not None:
+            return loan.required_confirmations
+        if amount >= self.config.large_deposit_sats:
+            return self.config.confirmations_large
+        return self.config.confirmations_small
+
+    def _record_output(
+        self, session: Session, out: FoundOutput, height: int | None, block_hash: str | None
+    ) -> int:
+        loan_id, address_id = self._watched.scripts[out.script_pubkey]
+        dep = session.exec(
+            select(Deposit).where(Deposit.txid == out.txid, Deposit.vout == out.vout)
+        ).first()
+        if dep is None:
+            loan = session.get(Loan, loan_id)
+            assert loan is not None
+            dep = Deposit(
+                loan_id=loan_id,
+                address_id=address_id,
+                txid=out.txid,
+                vout=out.vout,
+                amount_sats=out.value,
+                state=DepositState.pending,
+                block_height=height,
+                block_hash=block_hash,
+                required_confirmations=self._required_confirmations(loan, out.value),
+            )
+            session.add(dep)
+            session.flush()
+            record(
+                session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(dep)
+            )
+        elif height is not None and dep.block_height != height:
+            if dep.state == DepositState.removed:
+                dep.state = DepositState.pending  # a transaction we gave up on was mined after all
+            dep.block_height, dep.block_hash, dep.updated_at = height, block_hash, utcnow()
+            session.add(dep)
+            record(
+                session, actor=ACTOR, action="deposit.mined", loan_id=loan_id, data=_dep_data(dep)
+            )
+        return loan_id
+
+    def _record_spend(self, session: Session, spend: FoundSpend, height: int) -> int | None:
+        dep = session.exec(
+            select(Deposit).where(Deposit.txid == spend.prev_txid, Deposit.vout == spend.prev_vout)
+        ).first()
+        if dep is None or dep.state not in _LIVE:
+            return None
+        dep.state, dep.spent_txid, dep.spent_height = DepositState.spent, spend.txid, height
+        dep.updated_at = utcnow()
+        session.add(dep)
+        record(
+            session,
+            actor=ACTOR,
+            action="deposit.spent",
+            loan_id=dep.loan_id,
+            data={**_dep_data(dep), "spent_by": spend.txid},
+        )
+        if not self._built_by_service(session, spend.txid):
+            # Moving collateral needs two of three keys: outside the service that means a
+            # compromised key or a party acting on its own.
+            record(
+                session,
+                actor=ACTOR,
+                action="alert.unexpected_spend",
+                loan_id=dep.loan_id,
+                decision="alert",
+                reason="collateral spent by a transaction the service did not build",
+                data={**_dep_data(dep), "spent_by": spend.txid},
+            )
+            log.error("unexpected collateral spend", loan_id=dep.loan_id, txid=spend.txid)
+        return dep.loan_id
+
+    def _built_by_service(self, session: Session, txid: str) -> bool:
+        """The service builds no transactions yet (signing requests come with the PSBT
+        work), so any spend of collateral is unexpected until then."""
+        return False
+
+    # -- confirmations and loan states --------------------------------------------
+
+    def _settle(
+        self, session: Session, loan_ids: Iterable[int], height: int, *, reason: str
+    ) -> None:
+        """Bring deposits' confirmation states and their loans' states in line with `height`."""
+        for loan_id in sorted(set(loan_ids)):
+            loan = session.get(Loan, loan_id)
+            assert loan is not None
+            deposits = session.exec(
+                select(Deposit).where(Deposit.loan_id == loan_id).order_by(col(Deposit.id))
+            ).all()
+            confirmed = sum(d.amount_sats for d in deposits if d.state == DepositState.confirmed)
+            for dep in deposits:
+                confs = 0 if dep.block_height is None else height - dep.block_height + 1
+                if dep.state == DepositState.confirmed and confs < dep.required_confirmations:
+                    dep.state, dep.excess_sats, dep.updated_at = DepositState.pending, 0, utcnow()
+                    confirmed -= dep.amount_sats
+                    session.add(dep)
+                    record(
+                        session,
+                        actor=ACTOR,
+                        action="deposit.unconfirmed",
+                        loan_id=loan_id,
+                        reason=reason,
+                        data={**_dep_data(dep), "confirmations": confs},
+                    )
+                elif dep.state == DepositState.pending and confs >= dep.required_confirmations:
+                    dep.state = DepositState.confirmed
+                    dep.excess_sats = max(
+                        0,
+                        min(
+                            dep.amount_sats,
+                            confirmed + dep.amount_sats - loan.required_collateral_sats,
+                        ),
+                    )
+                    confirmed += dep.amount_sats
+                    dep.updated_at = utcnow()
+                    session.add(dep)
+                    record(
+                        session,
+                        actor=ACTOR,
+                        action="deposit.confirmed",
+                        loan_id=loan_id,
+                        data={
+                            **_dep_data(dep),
+                            "confirmations": confs,
+                            "excess_sats": dep.excess_sats,
+                        },
+                    )
+            self._move_loan(session, loan, confirmed, reason)
+
+    def _move_loan(self, session: Session, loan: Loan, confirmed: int, reason: str) -> None:
+        before = loan.state
+        if before == LoanState.awaiting_deposit and confirmed >= loan.required_collateral_sats:
+            loan.state = LoanState.active
+        elif before == LoanState.active and confirmed < loan.required_collateral_sats:
+            loan.state = LoanState.awaiting_deposit  # a reorg took collateral away
+        else:
+            return
+        loan.updated_at = utcnow()
+        session.add(loan)
+        record(
+            session,
+            actor=ACTOR,
+            action="loan.state_changed",
+            loan_id=loan.id,
+            reason=reason,
+            data={
+                "from": before.value,
+                "to": loan.state.value,
+                "confirmed_sats": confirmed,
+                "required_sats": loan.required_collateral_sats,
+            },
+        )
+
+    # -- mempool ---------------------------------------------------------------------
+
+    def _sync_mempool(self) -> tuple[int, int]:
+        mempool = set(self.rpc.get_raw_mempool())
+        new = mempool - self._mempool_seen
+        found: list[FoundOutput] = []
+        for txid in new:
+            try:
+                raw = self.rpc.get_raw_transaction(txid)
+            except RpcNotFound:
+                continue  # mined or evicted since we listed it; blocks will tell
+            found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
+        self._mempool_seen = mempool
+        added = removed = 0
+        with Session(self.engine) as session:
+            for out in found:
+                exists = session.exec(
+                    select(Deposit.id).where(Deposit.txid == out.txid, Deposit.vout == out.vout)
+                ).first()
+                if exists is None:
+                    self._record_output(session, out, None, None)
+                    self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
+                    added += 1
+            unmined = session.exec(
+                select(Deposit).where(
+                    Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
+                )
+            ).all()
+            for dep in unmined:
+                if dep.txid in mempool or self._mined_beyond_cursor(dep.txid):
+                    continue
+                dep.state, dep.updated_at = DepositState.removed, utcnow()
+                session.add(dep)
+                record(
+                    session,
+                    actor=ACTOR,
+                    action="deposit.removed",
+                    loan_id=dep.loan_id,
+                    reason="left the mempool unmined (replaced, double-spent or evicted)",
+                    data=_dep_data(dep),
+                )
+                self._watched.outpoints.discard(outpoint_key(dep.txid, dep.vout))
+                removed += 1
+            session.commit()
+        return added, removed
+
+    def _mined_beyond_cursor(self, txid: str) -> bool:
+        try:
+            info: dict[str, Any] = self.rpc.call("getrawtransaction", txid, 1)
+        except RpcNotFound:
+            return False
+        return bool(info.get("blockhash"))
+
+    # -- the watched set -------------------------------------------------------------
+
+    def _reload_watched(self) -> None:
+        self._watched = _Watched()
+        self._load_new_addresses()
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(Deposit.txid, Deposit.vout).where(col(Deposit.state).in_(_LIVE))
+            ).all()
+        self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
+
+    def _load_new_addresses(self) -> None:
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(
+                    CollateralAddress.id,
+                    CollateralAddress.loan_id,
+                    CollateralAddress.script_pubkey_hex,
+                )
+                .where(col(CollateralAddress.id) > self._watched.last_address_id)
+                .order_by(col(CollateralAddress.id))
+            ).all()
+        for address_id, loan_id, spk_hex in rows:
+            assert address_id is not None
+            self._watched.scripts[bytes.fromhex(spk_hex)] = (loan_id, address_id)
+            self._watched.last_address_id = address_id
+
+
+def _dep_data(dep: Deposit) -> dict[str, Any]:
+    return {
+        "txid": dep.txid,
+        "vout": dep.vout,
+        "amount_sats": dep.amount_sats,
+        "block_height": dep.block_height,
+        "state": dep.state.value if isinstance(dep.state, DepositState) else dep.state,
+    }
