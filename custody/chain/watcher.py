@@ -15,6 +15,7 @@ Invariants (each has a test):
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Iterable
@@ -100,7 +101,7 @@ class Watcher:
         self.engine = engine
         self.rpc = rpc
         self.config = config or WatcherConfig()
-        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}"
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._watched = _Watched()
         self._mempool_seen: set[str] = set()
         self._pg_lock: Connection | None = None
@@ -149,8 +150,18 @@ class Watcher:
             session.commit()
 
     def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
-        """Step until `stop` is set; errors are logged and retried on the next poll."""
-        self.acquire()
+        """Step until `stop` is set; errors are logged and retried on the next poll.
+
+        A watcher that died (even by SIGKILL) leaves its lease to expire: wait for it
+        rather than fail, so a supervisor can simply restart us."""
+        while True:
+            try:
+                self.acquire()
+                break
+            except WatcherBusy as exc:
+                log.info("waiting for the watcher lease", reason=exc.message)
+                if stop.wait(min(poll_seconds, 1.0)):
+                    return
         try:
             while not stop.is_set():
                 try:
@@ -158,7 +169,7 @@ class Watcher:
                     if result.blocks_applied or result.blocks_rolled_back:
                         log.info("watcher step", **result.__dict__)
                 except WatcherBusy:
-                    raise
+                    raise  # someone took over our lease: never run two watchers
                 except Exception as exc:  # the node or database may be briefly away
                     log.warning("watcher step failed", error=str(exc), kind=type(exc).__name__)
                 stop.wait(poll_seconds)
@@ -475,8 +486,8 @@ class Watcher:
             loan_id=loan.id,
             reason=reason,
             data={
-                "from": before.value,
-                "to": loan.state.value,
+                "from": str(before),
+                "to": str(loan.state),
                 "confirmed_sats": confirmed,
                 "required_sats": loan.required_collateral_sats,
             },
@@ -569,5 +580,5 @@ def _dep_data(dep: Deposit) -> dict[str, Any]:
         "vout": dep.vout,
         "amount_sats": dep.amount_sats,
         "block_height": dep.block_height,
-        "state": dep.state.value if isinstance(dep.state, DepositState) else dep.state,
+        "state": str(dep.state),
     }

@@ -168,7 +168,7 @@ def create_loan(session: Session, ctx: Context, body: LoanCreate) -> Loan:
         action="loan.created",
         loan_id=loan.id,
         data={
-            "state": loan.state.value,
+            "state": str(loan.state),
             "terms": terms.model_dump(mode="json"),
             "required_collateral_sats": required,
         },
@@ -298,7 +298,7 @@ def _store_key(
         loan_id=loan.id,
         data={
             "seat": seat.value,
-            "kind": row.kind.value,
+            "kind": str(row.kind),
             "descriptor_key": row.descriptor_key,
             "hsm_key_label": row.hsm_key_label,
             "hsm_local": row.hsm_local,
@@ -359,7 +359,7 @@ def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKe
         actor=ctx.actor,
         action="loan.state_changed",
         loan_id=loan.id,
-        data={"from": LoanState.draft.value, "to": loan.state.value, "descriptor": loan.descriptor},
+        data={"from": LoanState.draft.value, "to": str(loan.state), "descriptor": loan.descriptor},
     )
     _hand_out_address(session, ctx, loan, descriptor)
 
