@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
-from support.world import World, build_world
+from support.spend import spend_outside_the_service
+from support.world import World, build_world, hd_key
 
+from custody.bitcoin.descriptors import parse_collateral_descriptor
 from custody.chain.watcher import Watcher, WatcherBusy, WatcherConfig
 from custody.db.models import AuditEvent, Deposit
 from regtest.faucet import random_p2wpkh_address
@@ -215,3 +219,52 @@ def test_only_one_watcher_per_database(
     other = Watcher(engine, regtest_node.rpc, config=WatcherConfig(lease_seconds=30))
     with pytest.raises(WatcherBusy):
         other.acquire()
+
+
+def test_collateral_spent_outside_the_service_raises_an_alert(
+    world: World, watcher: Watcher, regtest_node: RegtestNode
+) -> None:
+    """Two of three keys can move collateral without the service (a compromised key,
+    or miner and arbiter colluding): the watcher marks the deposit spent and alerts."""
+    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
+    loan = world.create_loan(required_collateral_sats=20_000_000)
+    for seat, seed in seeds.items():
+        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
+    loan = _view(world, loan["id"])
+    txid, vout = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
+    regtest_node.mine(1)
+    watcher.step()
+    assert _view(world, loan["id"])["state"] == "active"
+
+    descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")
+    raw = spend_outside_the_service(
+        descriptor,
+        0,
+        [bip32.HDKey.from_seed(seeds["miner"]), bip32.HDKey.from_seed(seeds["arbiter"])],
+        (txid, vout),
+        20_000_000,
+        random_p2wpkh_address(),
+    )
+    spend_txid = regtest_node.rpc.send_raw_transaction(raw)
+    regtest_node.mine(1)
+    watcher.step()
+
+    [dep] = _deposits(world, loan["id"])
+    assert (dep["state"], dep["spent_txid"]) == ("spent", spend_txid)
+    assert _view(world, loan["id"])["collateral"]["confirmed_sats"] == 0
+    with Session(world.engine) as s:
+        alert = s.exec(
+            select(AuditEvent).where(
+                AuditEvent.loan_id == loan["id"], AuditEvent.action == "alert.unexpected_spend"
+            )
+        ).one()
+    assert alert.decision == "alert" and spend_txid in alert.data
+
+    # The spend is undone by a reorg like anything else, and seen again when re-mined.
+    regtest_node.invalidate(1)
+    watcher.step()
+    [dep] = _deposits(world, loan["id"])
+    assert dep["state"] in ("confirmed", "pending") and dep["spent_txid"] is None
+    regtest_node.mine(2)
+    watcher.step()
+    assert _deposits(world, loan["id"])[0]["state"] == "spent"
