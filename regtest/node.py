@@ -82,7 +82,7 @@ def find_btcd() -> str:
     if env:
         if not os.access(env, os.X_OK):
             raise NodeStartError(f"BTCD={env} is not an executable file")
-        return env
+        return str(Path(env).resolve())  # btcd runs with its own cwd
     cached = REPO_ROOT / ".cache" / "btcd" / BTCD_VERSION / "bin" / "btcd"
     if os.access(cached, os.X_OK):
         return str(cached)
