@@ -99,11 +99,7 @@ def main() -> int:
 
         say("Starting the service on SQLite behind its HTTP API (127.0.0.1 only)")
         db_url = f"sqlite:///{workdir / 'custody.db'}"
-        settings = Settings(
-            network="regtest",
-            database_url=db_url,  # type: ignore[call-arg]
-            _env_file=None,
-        )
+        settings = Settings(network="regtest", database_url=db_url)
         engine = make_engine(db_url)
         upgrade(engine)
         base_url, server = serve(settings, engine, hsm)
@@ -189,9 +185,8 @@ def main() -> int:
 
         say("The parties export the wallet to check the address on their own devices")
         coldcard = api("miner", "GET", f"/v1/loans/{loans[0]['id']}/export/coldcard")
-        detail(
-            f"loan {loans[0]['id']} Coldcard file: {next(line for line in coldcard.splitlines() if line.startswith('Policy'))}, ..."
-        )
+        policy = next(line for line in coldcard.splitlines() if line.startswith("Policy"))
+        detail(f"loan {loans[0]['id']} Coldcard file: {policy}, ...")
         refused = api.http.get(
             f"/v1/loans/{loans[1]['id']}/export/coldcard",
             headers={"Authorization": f"Bearer {api.keys['miner']}"},

@@ -4,11 +4,11 @@ either an xpub or a key generated inside a real SoftHSM2 token."""
 from __future__ import annotations
 
 import pytest
-from hsm.pkcs11_backend import Pkcs11Signer
 from sqlalchemy.engine import Engine
 from support.world import World, build_world
 
 from custody.bitcoin.descriptors import parse_collateral_descriptor
+from hsm.pkcs11_backend import Pkcs11Signer
 from regtest.node import RegtestNode
 
 
