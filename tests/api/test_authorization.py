@@ -6,6 +6,7 @@ on both databases."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,9 +182,15 @@ class _RecordingHsm:
         return Evidence()
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
-    engine = make_engine(f"sqlite:///{tmp_path_factory.mktemp('authz') / 'db.sqlite'}")
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('authz') / 'db.sqlite'}"
+    else:
+        server = request.getfixturevalue("postgres_server")
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        url = server.create_database(f"authz_{worker}")
+    engine = make_engine(url)
     upgrade(engine)
     return build_world(engine, hsm=_RecordingHsm())
 
