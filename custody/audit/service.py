@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event as sa_event
+from sqlalchemy import insert, text
+from sqlalchemy.orm import Session as SASession
+from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from custody.db.models import AuditEvent
@@ -30,21 +33,53 @@ def _canonical_time(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def event_hash(event: AuditEvent) -> str:
+def _hash_fields(fields: dict[str, Any]) -> str:
     payload = {
-        "id": event.id,
-        "at": _canonical_time(event.at),
-        "actor": event.actor,
-        "action": event.action,
-        "loan_id": event.loan_id,
-        "request_id": event.request_id,
-        "decision": event.decision,
-        "reason": event.reason,
-        "data": event.data,
-        "prev_hash": event.prev_hash,
+        "id": fields["id"],
+        "at": _canonical_time(fields["at"]),
+        "actor": fields["actor"],
+        "action": fields["action"],
+        "loan_id": fields["loan_id"],
+        "request_id": fields["request_id"],
+        "decision": fields["decision"],
+        "reason": fields["reason"],
+        "data": fields["data"],
+        "prev_hash": fields["prev_hash"],
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def event_hash(event: AuditEvent) -> str:
+    return _hash_fields(event.model_dump())
+
+
+@dataclass
+class _Pending:
+    """This transaction's view of the chain: its tail, and events not yet written."""
+
+    tail_id: int
+    tail_hash: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+_PENDING = "custody.audit.pending"
+
+
+@sa_event.listens_for(SASession, "before_commit")
+def _write_pending(session: SASession) -> None:
+    pending: _Pending | None = session.info.get(_PENDING)
+    if pending is not None and pending.rows:
+        session.execute(insert(AuditEvent), pending.rows)
+        pending.rows = []
+
+
+@sa_event.listens_for(SASession, "after_transaction_end")
+def _forget_pending(session: SASession, transaction: SessionTransaction) -> None:
+    # The tail is only ours while this transaction holds the lock; a rollback drops
+    # the buffered events with everything else. Flushes end sub-transactions: ignore those.
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
 
 
 def record(
@@ -57,28 +92,36 @@ def record(
     decision: str | None = None,
     reason: str | None = None,
     data: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """Append one event inside the caller's transaction (it commits or rolls back with it)."""
-    if is_postgres(session):
-        session.exec(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_AUDIT_LOCK))  # type: ignore[call-overload]
-    last = session.exec(select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(1)).first()
-    event = AuditEvent(
-        id=(last.id + 1) if last else 1,
-        at=datetime.now(UTC),
-        actor=actor,
-        action=action,
-        loan_id=loan_id,
-        request_id=request_id,
-        decision=decision,
-        reason=reason,
-        data=json.dumps(data or {}, sort_keys=True, separators=(",", ":"), default=str),
-        prev_hash=last.hash if last else GENESIS_HASH,
-        hash="",
-    )
-    event.hash = event_hash(event)
-    session.add(event)
-    session.flush()
-    return event
+) -> None:
+    """Append one event inside the caller's transaction: written just before it commits,
+    dropped if it rolls back. The first event of a transaction takes the chain's lock
+    and reads its tail; later ones chain in memory (one INSERT for all at commit)."""
+    pending: _Pending | None = session.info.get(_PENDING)
+    if pending is None:
+        if is_postgres(session):
+            session.exec(  # type: ignore[call-overload]
+                text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_AUDIT_LOCK)
+            )
+        last = session.exec(
+            select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)
+        ).first()
+        pending = _Pending(last[0], last[1]) if last else _Pending(0, GENESIS_HASH)
+        session.info[_PENDING] = pending
+    row: dict[str, Any] = {
+        "id": pending.tail_id + 1,
+        "at": datetime.now(UTC),
+        "actor": actor,
+        "action": action,
+        "loan_id": loan_id,
+        "request_id": request_id,
+        "decision": decision,
+        "reason": reason,
+        "data": json.dumps(data or {}, sort_keys=True, separators=(",", ":"), default=str),
+        "prev_hash": pending.tail_hash,
+    }
+    row["hash"] = _hash_fields(row)
+    pending.rows.append(row)
+    pending.tail_id, pending.tail_hash = row["id"], row["hash"]
 
 
 @dataclass(frozen=True)
