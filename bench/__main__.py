@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import Figure, block_scan
+from bench import Figure, block_scan, catchup
 
 BENCHMARKS: list[tuple[str, Callable[[], list[Figure]]]] = [
     ("block_scan", block_scan.run),
+    ("catchup", catchup.run),
 ]
 
 

@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -84,6 +84,61 @@ class _Watched:
     scripts: dict[bytes, int] = field(default_factory=dict)
     last_address_id: int = 0
     outpoints: set[bytes] = field(default_factory=set)
+
+
+def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
+    for i in range(0, len(ids), size):
+        yield ids[i : i + size]
+
+
+@dataclass
+class _Rows:
+    """The rows one block needs, loaded with one query per kind and held by strong
+    references (the session only keeps weak ones, so a re-get would query again)."""
+
+    loan_of_address: dict[int, int] = field(default_factory=dict)
+    loans: dict[int, Loan] = field(default_factory=dict)
+    deposits: dict[tuple[str, int], Deposit] = field(default_factory=dict)
+
+    @classmethod
+    def load(
+        cls,
+        session: Session,
+        watched: _Watched,
+        outputs: Iterable[FoundOutput],
+        spends: Iterable[FoundSpend],
+    ) -> _Rows:
+        rows = cls()
+        outputs, spends = list(outputs), list(spends)
+        address_ids = sorted({watched.scripts[o.script_pubkey] for o in outputs})
+        for chunk in _chunks(address_ids):
+            rows.loan_of_address.update(
+                session.exec(
+                    select(CollateralAddress.id, CollateralAddress.loan_id).where(
+                        col(CollateralAddress.id).in_(chunk)
+                    )
+                ).all()  # type: ignore[arg-type]
+            )
+        txids = sorted({o.txid for o in outputs} | {s.prev_txid for s in spends})
+        for i in range(0, len(txids), 500):
+            for dep in session.exec(
+                select(Deposit).where(col(Deposit.txid).in_(txids[i : i + 500]))
+            ).all():
+                rows.deposits[(dep.txid, dep.vout)] = dep
+        rows.keep_loans(session, sorted(set(rows.loan_of_address.values())))
+        return rows
+
+    def keep_loans(self, session: Session, ids: Iterable[int]) -> None:
+        missing = [i for i in ids if i not in self.loans]
+        for chunk in _chunks(missing):
+            for loan in session.exec(select(Loan).where(col(Loan.id).in_(chunk))).all():
+                assert loan.id is not None
+                self.loans[loan.id] = loan
+
+    def loan(self, session: Session, loan_id: int) -> Loan:
+        if loan_id not in self.loans:
+            self.keep_loans(session, [loan_id])
+        return self.loans[loan_id]
 
 
 def _aware(moment: datetime) -> datetime:
@@ -308,12 +363,15 @@ class Watcher:
     # -- applying a block ------------------------------------------------------------
 
     def _apply_block(self, height: int, scan: BlockScan, tip: int) -> ChainCursor:
-        with Session(self.engine, expire_on_commit=False) as session:
+        # No autoflush and one query per kind of row: catch-up is bound by database round
+        # trips, not by parsing (see `make bench`).
+        with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
+            rows = _Rows.load(session, self._watched, scan.outputs, scan.spends)
             touched: set[int] = set()
             for out in scan.outputs:
-                touched.add(self._record_output(session, out, height, scan.block_hash))
+                touched.add(self._record_output(session, out, height, scan.block_hash, rows))
             for spend in scan.spends:
-                loan_id = self._record_spend(session, spend, height)
+                loan_id = self._record_spend(session, spend, height, rows)
                 if loan_id is not None:
                     touched.add(loan_id)
             session.add(
@@ -324,6 +382,7 @@ class Watcher:
             cursor.height, cursor.block_hash = height, scan.block_hash
             cursor.node_tip_height, cursor.updated_at = max(tip, height), utcnow()
             session.add(cursor)
+            session.flush()
             # Every mined, still-pending deposit gains a confirmation with this block.
             waiting = session.exec(
                 select(Deposit.loan_id).where(
@@ -331,7 +390,7 @@ class Watcher:
                 )
             ).all()
             touched.update(waiting)
-            self._settle(session, touched, height, reason="block")
+            self._settle(session, touched, height, reason="block", rows=rows)
             session.commit()
         for out in scan.outputs:
             self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
@@ -347,18 +406,18 @@ class Watcher:
         return self.config.confirmations_small
 
     def _record_output(
-        self, session: Session, out: FoundOutput, height: int | None, block_hash: str | None
+        self,
+        session: Session,
+        out: FoundOutput,
+        height: int | None,
+        block_hash: str | None,
+        rows: _Rows,
     ) -> int:
         address_id = self._watched.scripts[out.script_pubkey]
-        address = session.get(CollateralAddress, address_id)
-        assert address is not None
-        loan_id = address.loan_id
-        dep = session.exec(
-            select(Deposit).where(Deposit.txid == out.txid, Deposit.vout == out.vout)
-        ).first()
+        loan_id = rows.loan_of_address[address_id]
+        dep = rows.deposits.get((out.txid, out.vout))
         if dep is None:
-            loan = session.get(Loan, loan_id)
-            assert loan is not None
+            loan = rows.loan(session, loan_id)
             dep = Deposit(
                 loan_id=loan_id,
                 address_id=address_id,
@@ -371,7 +430,7 @@ class Watcher:
                 required_confirmations=self._required_confirmations(loan, out.value),
             )
             session.add(dep)
-            session.flush()
+            rows.deposits[(out.txid, out.vout)] = dep
             record(
                 session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(dep)
             )
@@ -385,10 +444,10 @@ class Watcher:
             )
         return loan_id
 
-    def _record_spend(self, session: Session, spend: FoundSpend, height: int) -> int | None:
-        dep = session.exec(
-            select(Deposit).where(Deposit.txid == spend.prev_txid, Deposit.vout == spend.prev_vout)
-        ).first()
+    def _record_spend(
+        self, session: Session, spend: FoundSpend, height: int, rows: _Rows
+    ) -> int | None:
+        dep = rows.deposits.get((spend.prev_txid, spend.prev_vout))
         if dep is None or dep.state not in _LIVE:
             return None
         dep.state, dep.spent_txid, dep.spent_height = DepositState.spent, spend.txid, height
@@ -424,15 +483,30 @@ class Watcher:
     # -- confirmations and loan states --------------------------------------------
 
     def _settle(
-        self, session: Session, loan_ids: Iterable[int], height: int, *, reason: str
+        self,
+        session: Session,
+        loan_ids: Iterable[int],
+        height: int,
+        *,
+        reason: str,
+        rows: _Rows | None = None,
     ) -> None:
         """Bring deposits' confirmation states and their loans' states in line with `height`."""
-        for loan_id in sorted(set(loan_ids)):
-            loan = session.get(Loan, loan_id)
-            assert loan is not None
-            deposits = session.exec(
-                select(Deposit).where(Deposit.loan_id == loan_id).order_by(col(Deposit.id))
-            ).all()
+        ids = sorted(set(loan_ids))
+        if not ids:
+            return
+        rows = rows or _Rows()
+        session.flush()
+        by_loan: dict[int, list[Deposit]] = {loan_id: [] for loan_id in ids}
+        for chunk in _chunks(ids):
+            rows.keep_loans(session, chunk)
+            for dep in session.exec(
+                select(Deposit).where(col(Deposit.loan_id).in_(chunk)).order_by(col(Deposit.id))
+            ).all():
+                by_loan[dep.loan_id].append(dep)
+        for loan_id in ids:
+            loan = rows.loan(session, loan_id)
+            deposits = by_loan[loan_id]
             confirmed = sum(d.amount_sats for d in deposits if d.state == DepositState.confirmed)
             for dep in deposits:
                 confs = 0 if dep.block_height is None else height - dep.block_height + 1
@@ -511,15 +585,14 @@ class Watcher:
             found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
         self._mempool_seen = mempool
         added = removed = 0
-        with Session(self.engine) as session:
+        with Session(self.engine, autoflush=False) as session:
+            rows = _Rows.load(session, self._watched, found, [])
             for out in found:
-                exists = session.exec(
-                    select(Deposit.id).where(Deposit.txid == out.txid, Deposit.vout == out.vout)
-                ).first()
-                if exists is None:
-                    self._record_output(session, out, None, None)
+                if (out.txid, out.vout) not in rows.deposits:
+                    self._record_output(session, out, None, None, rows)
                     self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
                     added += 1
+            session.flush()
             unmined = session.exec(
                 select(Deposit).where(
                     Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
