@@ -19,6 +19,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -243,20 +244,32 @@ class Watcher:
             result.blocks_rolled_back = self._rollback_to_fork(cursor, tip)
             cursor = self._cursor(tip)
         self._load_new_addresses()
-        while cursor.height < tip:
-            block_hash = self.rpc.get_block_hash(cursor.height + 1)
-            scan = scan_block(
-                self.rpc.get_block_raw(block_hash), self._watched.scripts, self._watched.outpoints
-            )
-            if scan.prev_block_hash != cursor.block_hash:
-                break  # the chain moved under us; the next step finds the fork
-            cursor = self._apply_block(cursor.height + 1, scan, tip)
-            result.blocks_applied += 1
-            if result.blocks_applied % 50 == 0:
-                self._renew_lease()
+        if cursor.height < tip:
+            # Fetch block N+1 over RPC while block N is written. Scanning stays here, after
+            # N is applied, so a spend in N+1 of an output made in N is still recognised.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-fetch") as fetcher:
+                upcoming: Future[bytes] | None = fetcher.submit(
+                    self._fetch_block, cursor.height + 1
+                )
+                while upcoming is not None:
+                    raw = upcoming.result()
+                    height = cursor.height + 1
+                    upcoming = (
+                        fetcher.submit(self._fetch_block, height + 1) if height < tip else None
+                    )
+                    scan = scan_block(raw, self._watched.scripts, self._watched.outpoints)
+                    if scan.prev_block_hash != cursor.block_hash:
+                        break  # the chain moved under us; the next step finds the fork
+                    cursor = self._apply_block(height, scan, tip)
+                    result.blocks_applied += 1
+                    if result.blocks_applied % 50 == 0:
+                        self._renew_lease()
         result.mempool_deposits, result.removed = self._sync_mempool()
         result.height = cursor.height
         return result
+
+    def _fetch_block(self, height: int) -> bytes:
+        return self.rpc.get_block_raw(self.rpc.get_block_hash(height))
 
     # -- cursor and reorgs -----------------------------------------------------------
 
