@@ -647,20 +647,23 @@ class Watcher:
             ).all()
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
-    def _load_new_addresses(self) -> None:
+    def _load_new_addresses(self, page: int = 50_000) -> None:
+        """Add addresses handed out since the last call; paged so a million of them
+        never sit in memory twice (as rows and as the index)."""
         with Session(self.engine) as session:
-            rows = session.exec(
-                select(
-                    CollateralAddress.id,
-                    CollateralAddress.script_pubkey_hex,
-                )
-                .where(col(CollateralAddress.id) > self._watched.last_address_id)
-                .order_by(col(CollateralAddress.id))
-            ).all()
-        for address_id, spk_hex in rows:
-            assert address_id is not None
-            self._watched.scripts[bytes.fromhex(spk_hex)] = address_id
-            self._watched.last_address_id = address_id
+            while True:
+                rows = session.exec(
+                    select(CollateralAddress.id, CollateralAddress.script_pubkey_hex)
+                    .where(col(CollateralAddress.id) > self._watched.last_address_id)
+                    .order_by(col(CollateralAddress.id))
+                    .limit(page)
+                ).all()
+                for address_id, spk_hex in rows:
+                    assert address_id is not None
+                    self._watched.scripts[bytes.fromhex(spk_hex)] = address_id
+                    self._watched.last_address_id = address_id
+                if len(rows) < page:
+                    return
 
 
 def _dep_data(dep: Deposit) -> dict[str, Any]:
