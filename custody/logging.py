@@ -24,6 +24,8 @@ def _drop_secrets(
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    # One line per node RPC call drowns the watcher's own events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -197,7 +197,11 @@ class Watcher:
             lease = session.get(WatcherLease, 1)
             if lease is None:
                 lease = WatcherLease(id=1, holder=self.holder, expires_at=now)
-            elif lease.holder != self.holder and _aware(lease.expires_at) > now:
+            elif (
+                lease.holder != self.holder
+                and _aware(lease.expires_at) > now
+                and self._pg_lock is None  # the advisory lock already proves we are alone
+            ):
                 raise WatcherBusy(
                     f"watcher {lease.holder} holds the lease until {lease.expires_at.isoformat()}"
                 )
@@ -596,7 +600,6 @@ class Watcher:
             except RpcNotFound:
                 continue  # mined or evicted since we listed it; blocks will tell
             found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
-        self._mempool_seen = mempool
         added = removed = 0
         with Session(self.engine, autoflush=False) as session:
             rows = _Rows.load(session, self._watched, found, [])
@@ -627,6 +630,8 @@ class Watcher:
                 self._watched.outpoints.discard(outpoint_key(dep.txid, dep.vout))
                 removed += 1
             session.commit()
+        # Only now: if the write above failed, the next step must scan these again.
+        self._mempool_seen = mempool
         return added, removed
 
     def _mined_beyond_cursor(self, txid: str) -> bool:
