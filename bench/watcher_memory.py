@@ -16,19 +16,10 @@ import time
 from pathlib import Path
 
 from bench import Figure
+from bench.block_scan import _status_kb
 
 COUNT = 1_000_000
 TARGET_MB = 300.0
-
-
-def _status_kb() -> dict[str, int]:
-    values: dict[str, int] = {}
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0])
-    return values
 
 
 def build_database(path: Path, count: int) -> None:

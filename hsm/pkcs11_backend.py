@@ -39,8 +39,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, TypeVar
 
 import pkcs11
 from asn1crypto.core import OctetString
@@ -383,17 +382,6 @@ class Pkcs11Signer(Signer):
             if self._conn.users <= 0:
                 self._conn.reset()
                 _connections.pop((self._module_path, self._token_label), None)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     # -- plumbing ---------------------------------------------------------------------
 

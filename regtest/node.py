@@ -18,7 +18,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +25,7 @@ from typing import Literal
 
 from custody.chain.rpc import NodeRpc, RpcError, RpcUnavailable
 from regtest.faucet import Faucet, random_p2wpkh_address
+from regtest.wait import WaitTimeout, wait_until
 
 __all__ = [
     "BTCD_VERSION",
@@ -43,30 +43,6 @@ RPC_USER = "regtest"
 
 class NodeStartError(RuntimeError):
     """The node binary is missing, or the node did not come up."""
-
-
-class WaitTimeout(AssertionError):
-    """``wait_until`` gave up. An AssertionError so pytest shows it as a test failure."""
-
-
-def wait_until(
-    predicate: Callable[[], object],
-    timeout: float = 30.0,
-    interval: float = 0.05,
-    message: str | Callable[[], str] = "condition",
-) -> None:
-    """Poll ``predicate`` until it returns truthy; raise ``WaitTimeout`` after ``timeout``.
-
-    ``message`` may be a callable so the error can show state at the time of failure.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise WaitTimeout(f"timed out after {timeout}s waiting for: {text}")
-        time.sleep(interval)
 
 
 def free_port() -> int:

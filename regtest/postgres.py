@@ -16,14 +16,15 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from regtest.wait import wait_until
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -47,31 +48,6 @@ class PostgresError(RuntimeError):
 
 class PostgresNotFound(PostgresError):
     """No PostgreSQL binaries: a missing component must fail tests, not skip them."""
-
-
-def wait_until(
-    predicate: Callable[[], bool],
-    timeout: float,
-    *,
-    interval: Callable[[], None] | None = None,
-    message: Callable[[], str] | str = "condition",
-) -> None:
-    """Poll ``predicate`` until it holds; ``interval`` paces the polls (and may raise).
-
-    ``interval`` lets the caller wait on something useful between polls (here: the
-    server process, so a crash is noticed at once instead of after the timeout).
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {text}")
-        if interval is not None:
-            interval()
-        else:
-            time.sleep(_POLL_INTERVAL)
 
 
 def _version_key(path: str) -> tuple[int, ...]:

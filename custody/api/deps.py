@@ -12,17 +12,13 @@ from sqlmodel import Session
 from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
+from custody.db.session import transaction
 from custody.loans.service import Context, LoanKeyGenerator
 
 
 def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine, expire_on_commit=False) as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with transaction(request.app.state.engine) as session:
+        yield session
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
