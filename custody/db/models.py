@@ -105,6 +105,11 @@ class Loan(SQLModel, table=True):
     # Sorted key identities: a unique column enforces "no two loans share a key set".
     key_set: str | None = Field(default=None, sa_column=Column(Text, unique=True))
     next_address_index: int = Field(default=0, nullable=False)
+    # Debt already paid off by selling collateral (partial liquidations), in kopecks.
+    credited_kopecks: int = Field(
+        default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
+    )
+    repaid_at: datetime | None = Field(default=None)
 
     created_by: int = Field(foreign_key="principal.id")
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
@@ -225,3 +230,47 @@ class WatcherLease(SQLModel, table=True):
     id: int = Field(default=1, primary_key=True)
     holder: str = Field(sa_column=Column(String(120), nullable=False))
     expires_at: datetime = Field(nullable=False)
+
+
+class SigningAction(StrEnum):
+    release = "release"  # repaid: everything back to the miner (miner + bank)
+    dispute_release = "dispute_release"  # repaid, the bank does not sign: miner + arbiter
+    liquidation = "liquidation"  # the debt to the bank, the surplus to the miner (bank + arbiter)
+    partial_liquidation = "partial_liquidation"  # sell down to the target LTV (bank + arbiter)
+
+
+class RequestState(StrEnum):
+    awaiting_signatures = "awaiting_signatures"
+    ready = "ready"  # quorum met, not yet accepted by the node
+    broadcast = "broadcast"
+    confirmed = "confirmed"
+    cancelled = "cancelled"
+    replaced = "replaced"  # an RBF sibling confirmed instead
+
+
+class SigningRequest(SQLModel, table=True):
+    """One PSBT that moves a loan's collateral, who must sign it and who has.
+
+    `open_key` is set while the request is open and unique: one open request per loan
+    (a fee bump is the one exception, keyed to the request it replaces)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    loan_id: int = Field(foreign_key="loan.id", index=True)
+    action: SigningAction = Field(sa_column=Column(String(32), nullable=False))
+    state: RequestState = Field(sa_column=Column(String(32), nullable=False, index=True))
+    open_key: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
+    psbt: str = Field(sa_column=Column(Text, nullable=False))  # base64, all signatures so far
+    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    required_seats: str = Field(sa_column=Column(String(32), nullable=False))  # "miner,bank"
+    signed_seats: str = Field(default="", sa_column=Column(String(32), nullable=False))
+    inputs_json: str = Field(sa_column=Column(Text, nullable=False))
+    outputs_json: str = Field(sa_column=Column(Text, nullable=False))
+    evidence_json: str = Field(sa_column=Column(Text, nullable=False))  # price, debt, fee, notes
+    fee_sats: int = Field(sa_column=Column(BigInteger, nullable=False))
+    loan_state_before: str = Field(sa_column=Column(String(32), nullable=False))
+    replaces_id: int | None = Field(default=None, foreign_key="signingrequest.id")
+    mined_height: int | None = Field(default=None)
+    reject_reason: str | None = Field(default=None, sa_column=Column(Text))
+    created_by: str = Field(sa_column=Column(String(120), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
