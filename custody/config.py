@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     watch_poll_seconds: float = 1.0
     watch_lease_seconds: float = 30.0
 
+    # Fees for transactions the service builds: the node's estimate, held in these bounds.
+    fee_rate_floor_sat_vb: float = 2.0
+    fee_rate_ceiling_sat_vb: float = 200.0
+    max_fee_sats: int = 1_000_000
+
     # Software (seed-in-memory) signers are for regtest and tests only.
     allow_software_signers: bool = False
 

@@ -14,6 +14,7 @@ from custody.api.routes import router
 from custody.config import Settings
 from custody.errors import CustodyError
 from custody.loans.service import LoanKeyGenerator
+from custody.signing.service import Chain
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +27,11 @@ def _field_name(loc: tuple[Any, ...]) -> str:
 
 
 def create_app(
-    settings: Settings, engine: Engine, *, hsm: LoanKeyGenerator | None = None
+    settings: Settings,
+    engine: Engine,
+    *,
+    hsm: LoanKeyGenerator | None = None,
+    chain: Chain | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Pledge custody",
@@ -38,6 +43,7 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.hsm = hsm
+    app.state.chain = chain
     app.include_router(router)
 
     @app.exception_handler(CustodyError)

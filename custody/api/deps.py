@@ -4,6 +4,7 @@ when the endpoint returns (before the response is sent), rolled back on any erro
 from __future__ import annotations
 
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -13,7 +14,9 @@ from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import transaction
+from custody.errors import UpstreamUnavailable
 from custody.loans.service import Context, LoanKeyGenerator
+from custody.signing.service import Chain, FeePolicy
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -59,3 +62,32 @@ def get_hsm(request: Request) -> LoanKeyGenerator | None:
 
 
 HsmDep = Annotated[LoanKeyGenerator | None, Depends(get_hsm)]
+
+
+def get_chain(request: Request) -> Chain:
+    chain: Chain | None = getattr(request.app.state, "chain", None)
+    if chain is None:
+        raise UpstreamUnavailable("no Bitcoin node is configured for this service")
+    return chain
+
+
+ChainDep = Annotated[Chain, Depends(get_chain)]
+
+
+def get_fee_policy(settings: Annotated[Settings, Depends(get_settings_dep)]) -> FeePolicy:
+    return FeePolicy(
+        floor_sat_vb=Decimal(str(settings.fee_rate_floor_sat_vb)),
+        ceiling_sat_vb=Decimal(str(settings.fee_rate_ceiling_sat_vb)),
+        max_fee_sats=settings.max_fee_sats,
+    )
+
+
+FeesDep = Annotated[FeePolicy, Depends(get_fee_policy)]
+
+
+async def read_body(request: Request) -> bytes:
+    """The raw body (a binary .psbt upload); read here so the endpoint can stay sync."""
+    return await request.body()
+
+
+RawBodyDep = Annotated[bytes, Depends(read_body)]

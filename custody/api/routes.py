@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from custody.api.deps import ContextDep, HsmDep, PrincipalDep, SessionDep
-from custody.api.views import address_out, deposits_out, loan_out, party_out, principal_out
+from custody.api.deps import (
+    ChainDep,
+    ContextDep,
+    FeesDep,
+    HsmDep,
+    PrincipalDep,
+    RawBodyDep,
+    SessionDep,
+)
+from custody.api.views import (
+    address_out,
+    deposits_out,
+    loan_out,
+    party_out,
+    principal_out,
+    request_out,
+)
 from custody.audit.service import verify_chain
 from custody.auth.policy import require_role
 from custody.auth.service import create_principal
 from custody.bitcoin import exports
-from custody.db.models import ChainCursor, KeyRole, PartyKind, Role
+from custody.db.models import ChainCursor, KeyRole, PartyKind, Role, SigningAction
+from custody.errors import InvalidInput
 from custody.loans import service as loans
 from custody.loans.schemas import (
     AddressOut,
     DepositOut,
+    FeeBump,
     KeyIn,
     LoanCreate,
     LoanOut,
@@ -26,8 +44,13 @@ from custody.loans.schemas import (
     PartyOut,
     PrincipalCreate,
     PrincipalCreated,
+    PsbtOut,
+    SignatureUpload,
+    SigningRequestCreate,
+    SigningRequestOut,
 )
 from custody.parties import service as parties
+from custody.signing import service as signing
 
 router = APIRouter(prefix="/v1")
 
@@ -173,3 +196,102 @@ def export(
 def audit_verify(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]:
     require_role(principal, Role.auditor, Role.admin, Role.bank_approver)
     return verify_chain(session).as_dict()
+
+
+@router.post("/loans/{loan_id}/signing-requests", status_code=201, tags=["signing"])
+def create_signing_request(
+    loan_id: int,
+    body: SigningRequestCreate,
+    session: SessionDep,
+    ctx: ContextDep,
+    chain: ChainDep,
+    fees: FeesDep,
+) -> SigningRequestOut:
+    params = signing.RequestParams(
+        action=SigningAction(body.action),
+        fee_rate_sat_vb=body.fee_rate_sat_vb,
+        price_rub_per_btc=body.price_rub_per_btc,
+        price_source=body.price_source,
+        target_ltv_bps=body.target_ltv_bps,
+    )
+    return request_out(signing.create_request(session, ctx, loan_id, params, chain, fees))
+
+
+@router.get("/loans/{loan_id}/signing-requests", tags=["signing"])
+def list_signing_requests(
+    loan_id: int, session: SessionDep, ctx: ContextDep
+) -> list[SigningRequestOut]:
+    return [request_out(r) for r in signing.list_requests(session, ctx, loan_id)]
+
+
+@router.get("/signing-requests/{request_id}", tags=["signing"])
+def get_signing_request(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+    return request_out(signing.get_request(session, ctx, request_id))
+
+
+@router.get("/signing-requests/{request_id}/psbt", tags=["signing"])
+def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
+    """The PSBT with every signature collected so far (base64)."""
+    req = signing.get_request(session, ctx, request_id)
+    return PsbtOut(psbt=req.psbt, unsigned_txid=req.unsigned_txid)
+
+
+@router.get("/signing-requests/{request_id}/psbt.bin", tags=["signing"], response_model=None)
+def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Response:
+    """The same PSBT as a binary .psbt file, for air-gapped devices (SD card)."""
+    req = signing.get_request(session, ctx, request_id)
+    return Response(
+        base64.b64decode(req.psbt),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="request-{request_id}.psbt"'},
+    )
+
+
+@router.post("/signing-requests/{request_id}/signatures", tags=["signing"])
+def upload_signatures(
+    request_id: int,
+    request: Request,
+    raw: RawBodyDep,
+    session: SessionDep,
+    ctx: ContextDep,
+    chain: ChainDep,
+) -> SigningRequestOut:
+    """A signed PSBT: JSON {"psbt": base64}, or the binary file (application/octet-stream).
+    Only new, verified signatures are kept; anything wrong refuses the whole upload."""
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data: bytes | str = SignatureUpload.model_validate_json(raw).psbt
+        except ValueError as exc:
+            raise InvalidInput('body must be {"psbt": "<base64>"}', field="psbt") from exc
+    else:
+        data = raw
+    return request_out(signing.add_signatures(session, ctx, request_id, data, chain))
+
+
+@router.post("/signing-requests/{request_id}/broadcast", tags=["signing"])
+def retry_broadcast(
+    request_id: int, session: SessionDep, ctx: ContextDep, chain: ChainDep
+) -> SigningRequestOut:
+    return request_out(signing.retry_broadcast(session, ctx, request_id, chain))
+
+
+@router.post("/signing-requests/{request_id}/cancel", tags=["signing"])
+def cancel_signing_request(
+    request_id: int, session: SessionDep, ctx: ContextDep
+) -> SigningRequestOut:
+    return request_out(signing.cancel(session, ctx, request_id))
+
+
+@router.post("/signing-requests/{request_id}/bump", status_code=201, tags=["signing"])
+def bump_fee(
+    request_id: int,
+    body: FeeBump,
+    session: SessionDep,
+    ctx: ContextDep,
+    chain: ChainDep,
+    fees: FeesDep,
+) -> SigningRequestOut:
+    """Replace a stuck broadcast request by one paying more (RBF); it must be signed again."""
+    return request_out(
+        signing.bump_fee(session, ctx, request_id, body.fee_rate_sat_vb, chain, fees)
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from sqlmodel import Session, col, select
 
 from custody.db.models import (
@@ -13,6 +15,7 @@ from custody.db.models import (
     LoanKey,
     Party,
     Principal,
+    SigningRequest,
 )
 from custody.loans.schemas import (
     AddressOut,
@@ -22,6 +25,7 @@ from custody.loans.schemas import (
     LoanOut,
     PartyOut,
     PrincipalOut,
+    SigningRequestOut,
     TermsOut,
 )
 from custody.loans.service import first_address, loan_keys
@@ -125,3 +129,24 @@ def deposits_out(session: Session, loan_id: int) -> list[DepositOut]:
         )
         for d in rows
     ]
+
+
+def request_out(req: SigningRequest) -> SigningRequestOut:
+    assert req.id is not None
+    ev = json.loads(req.evidence_json)
+    return SigningRequestOut(
+        id=req.id,
+        loan_id=req.loan_id,
+        action=req.action,
+        state=req.state,
+        unsigned_txid=req.unsigned_txid,
+        required_seats=req.required_seats.split(","),
+        signed_seats=[s for s in req.signed_seats.split(",") if s],
+        outputs=json.loads(req.outputs_json),
+        fee_sats=req.fee_sats,
+        evidence=ev,
+        replaces_id=req.replaces_id,
+        mined_height=req.mined_height,
+        reject_reason=req.reject_reason,
+        created_at=req.created_at,
+    )

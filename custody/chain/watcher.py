@@ -41,10 +41,12 @@ from custody.db.models import (
     DepositState,
     Loan,
     LoanState,
+    SigningRequest,
     WatcherLease,
     utcnow,
 )
 from custody.errors import Conflict
+from custody.signing import service as signing
 
 log = structlog.get_logger(__name__)
 
@@ -352,6 +354,11 @@ class Watcher:
                 dep.state = DepositState.pending
             dep.updated_at = utcnow()
             session.add(dep)
+        for request in session.exec(
+            select(SigningRequest).where(col(SigningRequest.mined_height) > fork)
+        ).all():
+            touched.add(request.loan_id)
+            signing.unmined(session, request, ACTOR)
         # Deposits whose own block survives can still lose confirmations.
         shallow = session.exec(
             select(Deposit.loan_id).where(
@@ -477,7 +484,10 @@ class Watcher:
             loan_id=dep.loan_id,
             data={**_dep_data(dep), "spent_by": spend.txid},
         )
-        if not self._built_by_service(session, spend.txid):
+        request = signing.request_for_txid(session, spend.txid)
+        if request is not None:
+            signing.mined(session, request, height, ACTOR)
+        else:
             # Moving collateral needs two of three keys: outside the service that means a
             # compromised key or a party acting on its own.
             record(
@@ -491,11 +501,6 @@ class Watcher:
             )
             log.error("unexpected collateral spend", loan_id=dep.loan_id, txid=spend.txid)
         return dep.loan_id
-
-    def _built_by_service(self, session: Session, txid: str) -> bool:
-        """The service builds no transactions yet (signing requests come with the PSBT
-        work), so any spend of collateral is unexpected until then."""
-        return False
 
     # -- confirmations and loan states --------------------------------------------
 
@@ -568,8 +573,15 @@ class Watcher:
         before = loan.state
         if before == LoanState.awaiting_deposit and confirmed >= loan.required_collateral_sats:
             loan.state = LoanState.active
-        elif before == LoanState.active and confirmed < loan.required_collateral_sats:
-            loan.state = LoanState.awaiting_deposit  # a reorg took collateral away
+        elif (
+            before == LoanState.active
+            and confirmed < loan.required_collateral_sats
+            and reason == "reorg"
+        ):
+            # A reorg took collateral away. (Spends are not a reason: the service's own
+            # partial liquidation spends collateral on purpose, and a foreign spend raises
+            # its own alert.)
+            loan.state = LoanState.awaiting_deposit
         else:
             return
         loan.updated_at = utcnow()

@@ -258,6 +258,7 @@ class SigningRequest(SQLModel, table=True):
     loan_id: int = Field(foreign_key="loan.id", index=True)
     action: SigningAction = Field(sa_column=Column(String(32), nullable=False))
     state: RequestState = Field(sa_column=Column(String(32), nullable=False, index=True))
+    slot: str = Field(sa_column=Column(String(64), nullable=False))  # "loan:7" or "rbf:12"
     open_key: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
     psbt: str = Field(sa_column=Column(Text, nullable=False))  # base64, all signatures so far
     unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False, unique=True))

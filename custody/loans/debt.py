@@ -20,4 +20,6 @@ def accrued_interest_kopecks(loan: Loan, at: datetime) -> int:
 
 def outstanding_debt_kopecks(loan: Loan, at: datetime | None = None) -> int:
     at = at or datetime.now(UTC)
-    return max(0, loan.principal_kopecks + accrued_interest_kopecks(loan, at) - loan.credited_kopecks)
+    return max(
+        0, loan.principal_kopecks + accrued_interest_kopecks(loan, at) - loan.credited_kopecks
+    )

@@ -155,3 +155,43 @@ class PrincipalOut(BaseModel):
 
 class PrincipalCreated(PrincipalOut):
     api_key: str = Field(description="Shown once; only its hash is stored.")
+
+
+class SigningRequestCreate(Strict):
+    action: Literal["release", "dispute_release", "liquidation", "partial_liquidation"]
+    fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)] | None = None
+    price_rub_per_btc: Annotated[Decimal, Field(gt=0, max_digits=30, decimal_places=8)] | None = (
+        None
+    )
+    price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
+    target_ltv_bps: Bps | None = None
+
+
+class SignatureUpload(Strict):
+    psbt: Annotated[StrictStr, Field(min_length=1, max_length=2_000_000)]
+
+
+class FeeBump(Strict):
+    fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)]
+
+
+class SigningRequestOut(BaseModel):
+    id: int
+    loan_id: int
+    action: str
+    state: str
+    unsigned_txid: str
+    required_seats: list[str]
+    signed_seats: list[str]
+    outputs: list[dict[str, object]]
+    fee_sats: int
+    evidence: dict[str, object]
+    replaces_id: int | None
+    mined_height: int | None
+    reject_reason: str | None
+    created_at: datetime
+
+
+class PsbtOut(BaseModel):
+    psbt: str
+    unsigned_txid: str

@@ -361,10 +361,10 @@ def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKe
         loan_id=loan.id,
         data={"from": LoanState.draft.value, "to": str(loan.state), "descriptor": loan.descriptor},
     )
-    _hand_out_address(session, ctx, loan, descriptor)
+    hand_out_address(session, ctx, loan, descriptor)
 
 
-def _hand_out_address(
+def hand_out_address(
     session: Session, ctx: Context, loan: Loan, descriptor: CollateralDescriptor
 ) -> CollateralAddress:
     index = loan.next_address_index
@@ -406,7 +406,7 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
         raise Conflict(f"loan {loan_id} is a draft: all three keys are needed first")
     if loan.state in (LoanState.released, LoanState.liquidated):
         raise Conflict(f"loan {loan_id} is {loan.state}: it takes no more collateral")
-    return _hand_out_address(session, ctx, loan, loan_descriptor(session, loan, ctx.network))
+    return hand_out_address(session, ctx, loan, loan_descriptor(session, loan, ctx.network))
 
 
 def list_addresses(session: Session, ctx: Context, loan_id: int) -> list[CollateralAddress]:

@@ -107,7 +107,11 @@ class World:
 
 
 def build_world(
-    engine: Engine, *, hsm: LoanKeyGenerator | None = None, network: str = "regtest"
+    engine: Engine,
+    *,
+    hsm: LoanKeyGenerator | None = None,
+    chain: Any = None,
+    network: str = "regtest",
 ) -> World:
     settings = Settings(network=network, database_url="sqlite://", _env_file=None)  # type: ignore[call-arg]
     party_ids: dict[str, int] = {}
@@ -139,7 +143,9 @@ def build_world(
             _, api_keys[who] = create_principal(
                 session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
             )
-    client = TestClient(create_app(settings, engine, hsm=hsm), raise_server_exceptions=False)
+    client = TestClient(
+        create_app(settings, engine, hsm=hsm, chain=chain), raise_server_exceptions=False
+    )
     return World(
         client=client, api_keys=api_keys, party_ids=party_ids, settings=settings, engine=engine
     )

@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-21 05:57:14.349695
+Create Date: 2026-11-21 05:57:52.786495
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
 from alembic import op
-
 
 revision = "0003"
 down_revision = "0002"
@@ -26,6 +25,7 @@ def upgrade() -> None:
         sa.Column("loan_id", sa.Integer(), nullable=False),
         sa.Column("action", sa.String(length=32), nullable=False),
         sa.Column("state", sa.String(length=32), nullable=False),
+        sa.Column("slot", sa.String(length=64), nullable=False),
         sa.Column("open_key", sa.String(length=64), nullable=True),
         sa.Column("psbt", sa.Text(), nullable=False),
         sa.Column("unsigned_txid", sa.String(length=64), nullable=False),

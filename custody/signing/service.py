@@ -1,0 +1,786 @@
+"""Signing requests: a PSBT built for an action, the two seats that must sign it,
+the signatures collected, and its way to the chain.
+
+Lifecycle: awaiting_signatures -> ready -> broadcast -> confirmed (or cancelled;
+or replaced when an RBF sibling confirms). Every step is an audit event in the
+same transaction. The watcher closes requests when their transaction is mined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from custody.audit.service import record
+from custody.auth.policy import ensure_can_view, require_role
+from custody.bitcoin.addresses import address_script_pubkey
+from custody.bitcoin.descriptors import CollateralDescriptor
+from custody.bitcoin.keys import HDKey
+from custody.chain.rpc import RpcTxAlreadyKnown
+from custody.db.models import (
+    CollateralAddress,
+    Deposit,
+    DepositState,
+    KeyRole,
+    Loan,
+    LoanKey,
+    LoanState,
+    RequestState,
+    Role,
+    SigningAction,
+    SigningRequest,
+    utcnow,
+)
+from custody.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
+from custody.loans.debt import outstanding_debt_kopecks
+from custody.loans.service import Context, hand_out_address, loan_descriptor
+from custody.signing.amounts import (
+    Split,
+    clamp_fee_rate,
+    fee_for,
+    kopecks_for_sats,
+    liquidation_split,
+    partial_liquidation_split,
+    release_split,
+)
+from custody.signing.psbt import (
+    CollateralInput,
+    PayTo,
+    PayToCollateral,
+    build_psbt,
+    check_upload,
+    dust_limit,
+    estimate_vsize,
+    finalize,
+    merge_signatures,
+    signers_per_input,
+    unsigned_txid,
+)
+
+REQUIRED_SEATS: dict[SigningAction, tuple[KeyRole, KeyRole]] = {
+    SigningAction.release: (KeyRole.miner, KeyRole.bank),
+    SigningAction.dispute_release: (KeyRole.miner, KeyRole.arbiter),
+    SigningAction.liquidation: (KeyRole.bank, KeyRole.arbiter),
+    SigningAction.partial_liquidation: (KeyRole.bank, KeyRole.arbiter),
+}
+WHO_REQUESTS: dict[SigningAction, Role] = {
+    SigningAction.release: Role.bank_operator,  # the bank records the repayment
+    SigningAction.dispute_release: Role.arbiter,  # the bank does not cooperate
+    SigningAction.liquidation: Role.bank_operator,
+    SigningAction.partial_liquidation: Role.bank_operator,
+}
+FROM_STATES: dict[SigningAction, frozenset[LoanState]] = {
+    SigningAction.release: frozenset({LoanState.active, LoanState.margin_call}),
+    SigningAction.dispute_release: frozenset(
+        {LoanState.active, LoanState.margin_call, LoanState.releasing}
+    ),
+    SigningAction.liquidation: frozenset(
+        {LoanState.active, LoanState.margin_call, LoanState.liquidating}
+    ),
+    SigningAction.partial_liquidation: frozenset({LoanState.active, LoanState.margin_call}),
+}
+STATE_WHILE_OPEN: dict[SigningAction, LoanState | None] = {
+    SigningAction.release: LoanState.releasing,
+    SigningAction.dispute_release: LoanState.releasing,
+    SigningAction.liquidation: LoanState.liquidating,
+    SigningAction.partial_liquidation: None,  # the loan stays as it is
+}
+STATE_WHEN_DONE: dict[SigningAction, LoanState | None] = {
+    SigningAction.release: LoanState.released,
+    SigningAction.dispute_release: LoanState.released,
+    SigningAction.liquidation: LoanState.liquidated,
+    SigningAction.partial_liquidation: None,
+}
+OPEN = (RequestState.awaiting_signatures, RequestState.ready, RequestState.broadcast)
+
+
+class Chain(Protocol):
+    """What signing needs from the node (custody.chain.rpc.NodeRpc satisfies it)."""
+
+    def get_raw_transaction(self, txid: str, block_hash: str | None = None) -> bytes: ...
+    def estimate_fee_rate_sat_vb(self, conf_target: int) -> float | None: ...
+    def test_mempool_accept(
+        self, tx_hex: str, max_fee_rate_btc_kvb: float = 0.1
+    ) -> dict[str, Any]: ...
+    def send_raw_transaction(self, tx_hex: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class FeePolicy:
+    floor_sat_vb: Decimal = Decimal(2)
+    ceiling_sat_vb: Decimal = Decimal(200)
+    max_fee_sats: int = 1_000_000
+    conf_target: int = 6
+
+
+@dataclass(frozen=True)
+class RequestParams:
+    action: SigningAction
+    fee_rate_sat_vb: Decimal | None = None
+    price_rub_per_btc: Decimal | None = None
+    price_source: str | None = None
+    target_ltv_bps: int | None = None
+
+
+# -- reading ------------------------------------------------------------------------
+
+
+def get_request(session: Session, ctx: Context, request_id: int) -> SigningRequest:
+    req = session.get(SigningRequest, request_id)
+    if req is None:
+        raise NotFound(f"signing request {request_id} not found")
+    ensure_can_view(ctx.principal, session.get(Loan, req.loan_id), req.loan_id)
+    return req
+
+
+def list_requests(session: Session, ctx: Context, loan_id: int) -> list[SigningRequest]:
+    ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+    return list(
+        session.exec(
+            select(SigningRequest)
+            .where(SigningRequest.loan_id == loan_id)
+            .order_by(col(SigningRequest.id))
+        ).all()
+    )
+
+
+def request_inputs(req: SigningRequest) -> list[CollateralInput]:
+    return [
+        CollateralInput(
+            txid=i["txid"],
+            vout=i["vout"],
+            amount_sats=i["amount_sats"],
+            address_index=i["address_index"],
+            change=i["change"],
+            prev_tx=bytes.fromhex(i["prev_tx"]),
+        )
+        for i in json.loads(req.inputs_json)
+    ]
+
+
+def evidence(req: SigningRequest) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads(req.evidence_json)
+    return value
+
+
+# -- creating -----------------------------------------------------------------------
+
+
+def _collateral_inputs(session: Session, loan: Loan, chain: Chain) -> list[CollateralInput]:
+    """Every confirmed, unspent collateral output of the loan, as the watcher recorded it."""
+    rows = session.exec(
+        select(Deposit, CollateralAddress)
+        .where(
+            Deposit.loan_id == loan.id,
+            Deposit.state == DepositState.confirmed,
+            col(Deposit.address_id) == col(CollateralAddress.id),
+        )
+        .order_by(col(Deposit.id))
+    ).all()
+    if not rows:
+        raise Conflict(f"loan {loan.id} has no confirmed collateral to move")
+    try:
+        return [
+            CollateralInput(
+                txid=dep.txid,
+                vout=dep.vout,
+                amount_sats=dep.amount_sats,
+                address_index=addr.index,
+                change=addr.change,
+                prev_tx=chain.get_raw_transaction(dep.txid),
+            )
+            for dep, addr in rows
+        ]
+    except UpstreamUnavailable:
+        raise
+    except Exception as exc:  # the node must know every transaction we recorded
+        raise UpstreamUnavailable(
+            f"the node could not return a collateral transaction: {exc}"
+        ) from exc
+
+
+def _fee_rate(params: RequestParams, chain: Chain, policy: FeePolicy) -> tuple[Decimal, str]:
+    if params.fee_rate_sat_vb is not None:
+        if not policy.floor_sat_vb <= params.fee_rate_sat_vb <= policy.ceiling_sat_vb:
+            raise InvalidInput(
+                f"fee rate must be between {policy.floor_sat_vb} and {policy.ceiling_sat_vb} "
+                "sat/vB",
+                field="fee_rate_sat_vb",
+            )
+        return params.fee_rate_sat_vb, "requested"
+    estimate = chain.estimate_fee_rate_sat_vb(policy.conf_target)
+    return clamp_fee_rate(
+        Decimal(str(estimate)) if estimate is not None else None,
+        floor=policy.floor_sat_vb,
+        ceiling=policy.ceiling_sat_vb,
+    )
+
+
+def _plan(
+    session: Session,
+    ctx: Context,
+    loan: Loan,
+    descriptor: CollateralDescriptor,
+    inputs: list[CollateralInput],
+    params: RequestParams,
+    fee_rate: Decimal,
+    *,
+    change_index: int | None = None,
+) -> tuple[Split, list[PayTo | PayToCollateral], dict[str, Any]]:
+    """Split the inputs for the action; returns the split, the outputs and the evidence."""
+    total = sum(i.amount_sats for i in inputs)
+    miner_spk = address_script_pubkey(loan.miner_return_address, ctx.network)
+    bank_spk = address_script_pubkey(loan.bank_liquidation_address, ctx.network)
+    ev: dict[str, Any] = {"fee_rate_sat_vb": str(fee_rate)}
+    outputs: list[PayTo | PayToCollateral] = []
+    if params.action in (SigningAction.release, SigningAction.dispute_release):
+        fee = fee_for(estimate_vsize(descriptor, len(inputs), [miner_spk]), fee_rate)
+        split = release_split(total, fee, dust_limit(miner_spk))
+    else:
+        if params.price_rub_per_btc is None or not params.price_source:
+            raise InvalidInput(
+                "a liquidation needs the price used (price_rub_per_btc) and its source",
+                field="price_rub_per_btc",
+            )
+        debt = outstanding_debt_kopecks(loan)
+        ev.update(
+            debt_kopecks=debt,
+            price_rub_per_btc=str(params.price_rub_per_btc),
+            price_source=params.price_source,
+        )
+        if params.action == SigningAction.liquidation:
+            fee = fee_for(estimate_vsize(descriptor, len(inputs), [bank_spk, miner_spk]), fee_rate)
+            split = liquidation_split(
+                total,
+                fee,
+                debt,
+                params.price_rub_per_btc,
+                bank_dust=dust_limit(bank_spk),
+                miner_dust=dust_limit(miner_spk),
+            )
+        else:
+            target = params.target_ltv_bps or loan.target_ltv_bps or 6_000
+            if change_index is None:
+                change_index = hand_out_address(session, ctx, loan, descriptor).index
+            change_spk = descriptor.script_pubkey(change_index)
+            fee = fee_for(estimate_vsize(descriptor, len(inputs), [bank_spk, change_spk]), fee_rate)
+            split = partial_liquidation_split(
+                total,
+                fee,
+                debt,
+                params.price_rub_per_btc,
+                target,
+                bank_dust=dust_limit(bank_spk),
+                change_dust=dust_limit(change_spk),
+            )
+            ev.update(
+                target_ltv_bps=target,
+                change_address_index=change_index,
+                credited_kopecks=kopecks_for_sats(
+                    split.outputs["bank_liquidation"], params.price_rub_per_btc
+                ),
+            )
+    if "bank_liquidation" in split.outputs:
+        outputs.append(
+            PayTo(
+                loan.bank_liquidation_address, split.outputs["bank_liquidation"], "bank_liquidation"
+            )
+        )
+    if "miner_return" in split.outputs:
+        outputs.append(
+            PayTo(loan.miner_return_address, split.outputs["miner_return"], "miner_return")
+        )
+    if "collateral_change" in split.outputs:
+        assert change_index is not None
+        outputs.append(PayToCollateral(change_index, False, split.outputs["collateral_change"]))
+    ev.update(fee_sats=split.fee, notes=split.notes, total_in_sats=total)
+    return split, outputs, ev
+
+
+def create_request(
+    session: Session,
+    ctx: Context,
+    loan_id: int,
+    params: RequestParams,
+    chain: Chain,
+    fees: FeePolicy,
+) -> SigningRequest:
+    loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+    require_role(ctx.principal, WHO_REQUESTS[params.action])
+    if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
+        raise NotFound(f"loan {loan_id} not found")
+    slot = f"loan:{loan_id}"
+    if session.exec(select(SigningRequest.id).where(SigningRequest.open_key == slot)).first():
+        raise Conflict(f"loan {loan_id} already has an open signing request: finish or cancel it")
+    if loan.state not in FROM_STATES[params.action]:
+        raise Conflict(f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible")
+    descriptor = loan_descriptor(session, loan, ctx.network)
+    inputs = _collateral_inputs(session, loan, chain)
+    fee_rate, fee_note = _fee_rate(params, chain, fees)
+    split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
+    ev["fee_rate_note"] = fee_note
+    if split.fee > fees.max_fee_sats:
+        raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
+    return _store(
+        session,
+        ctx,
+        loan,
+        descriptor,
+        params.action,
+        inputs,
+        outputs,
+        split,
+        ev,
+        slot=slot,
+        replaces=None,
+    )
+
+
+def _store(
+    session: Session,
+    ctx: Context,
+    loan: Loan,
+    descriptor: CollateralDescriptor,
+    action: SigningAction,
+    inputs: list[CollateralInput],
+    outputs: list[PayTo | PayToCollateral],
+    split: Split,
+    ev: dict[str, Any],
+    *,
+    slot: str,
+    replaces: SigningRequest | None,
+) -> SigningRequest:
+    psbt = build_psbt(descriptor, ctx.network, inputs, outputs)
+    before = str(loan.state)
+    req = SigningRequest(
+        loan_id=loan.id or 0,
+        action=action,
+        state=RequestState.awaiting_signatures,
+        slot=slot,
+        open_key=slot,
+        psbt=psbt,
+        unsigned_txid=unsigned_txid(psbt),
+        required_seats=",".join(s.value for s in REQUIRED_SEATS[action]),
+        inputs_json=json.dumps(
+            [
+                {
+                    "txid": i.txid,
+                    "vout": i.vout,
+                    "amount_sats": i.amount_sats,
+                    "address_index": i.address_index,
+                    "change": i.change,
+                    "prev_tx": i.prev_tx.hex(),
+                }
+                for i in inputs
+            ]
+        ),
+        outputs_json=json.dumps(
+            [
+                {"role": o.role, "address": o.address, "amount_sats": o.amount_sats}
+                if isinstance(o, PayTo)
+                else {
+                    "role": "collateral_change",
+                    "address": descriptor.address(o.address_index, o.change),
+                    "amount_sats": o.amount_sats,
+                }
+                for o in outputs
+            ]
+        ),
+        evidence_json=json.dumps(ev, default=str),
+        fee_sats=split.fee,
+        loan_state_before=before if replaces is None else replaces.loan_state_before,
+        replaces_id=replaces.id if replaces else None,
+        created_by=ctx.actor,
+    )
+    session.add(req)
+    try:
+        session.flush()
+    except IntegrityError as exc:  # a concurrent request took the slot first
+        raise Conflict(f"loan {loan.id} already has an open signing request") from exc
+    record(
+        session,
+        actor=ctx.actor,
+        action="signing_request.created",
+        loan_id=loan.id,
+        request_id=req.id,
+        data={
+            "action": action.value,
+            "unsigned_txid": req.unsigned_txid,
+            "outputs": json.loads(req.outputs_json),
+            "evidence": ev,
+            "replaces": replaces.id if replaces else None,
+        },
+    )
+    new_state = STATE_WHILE_OPEN[action]
+    if replaces is None and new_state is not None and loan.state != new_state:
+        if action in (SigningAction.release, SigningAction.dispute_release):
+            loan.repaid_at = loan.repaid_at or utcnow()
+        _move_loan(session, ctx.actor, loan, new_state, f"{action.value} requested")
+    return req
+
+
+def _move_loan(session: Session, actor: str, loan: Loan, to: LoanState, reason: str) -> None:
+    before = str(loan.state)
+    loan.state, loan.updated_at = to, utcnow()
+    session.add(loan)
+    record(
+        session,
+        actor=actor,
+        action="loan.state_changed",
+        loan_id=loan.id,
+        reason=reason,
+        data={"from": before, "to": to.value},
+    )
+
+
+# -- signatures -----------------------------------------------------------------------
+
+
+def _seat_of_pubkeys(
+    session: Session, loan: Loan, descriptor: CollateralDescriptor, inputs: list[CollateralInput]
+) -> list[dict[bytes, KeyRole]]:
+    seats = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
+    out: list[dict[bytes, KeyRole]] = []
+    for item in inputs:
+        mapping: dict[bytes, KeyRole] = {}
+        for seat, key in zip(seats, descriptor.keys, strict=True):
+            pub = (
+                key.public_key(1 if item.change else 0, item.address_index)
+                if isinstance(key, HDKey)
+                else key.public_key
+            )
+            mapping[pub] = seat
+        out.append(mapping)
+    return out
+
+
+def _signed_seats(req: SigningRequest, per_input: list[dict[bytes, KeyRole]]) -> set[KeyRole]:
+    """Seats that have signed every input."""
+    signed = signers_per_input(req.psbt)
+    seats: set[KeyRole] | None = None
+    for pubs, mapping in zip(signed, per_input, strict=True):
+        here = {mapping[p] for p in pubs if p in mapping}
+        seats = here if seats is None else seats & here
+    return seats or set()
+
+
+def add_signatures(
+    session: Session,
+    ctx: Context,
+    request_id: int,
+    uploaded: bytes | str,
+    chain: Chain,
+    *,
+    via: str = "upload",
+) -> SigningRequest:
+    req = get_request(session, ctx, request_id)
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    if ctx.principal.role not in (Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver):
+        raise InvalidInput(f"role {ctx.principal.role} holds no key of this loan", field="role")
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
+    descriptor = loan_descriptor(session, loan, ctx.network)
+    inputs = request_inputs(req)
+    new = check_upload(req.psbt, uploaded, descriptor, inputs)
+    per_input = _seat_of_pubkeys(session, loan, descriptor, inputs)
+    seats_now = sorted({per_input[i][pub].value for i, sigs in new.items() for pub in sigs})
+    req.psbt = merge_signatures(req.psbt, new)
+    done = _signed_seats(req, per_input)
+    req.signed_seats = ",".join(
+        s.value for s in (KeyRole.miner, KeyRole.bank, KeyRole.arbiter) if s in done
+    )
+    req.updated_at = utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signing_request.signed",
+        loan_id=loan.id,
+        request_id=req.id,
+        data={"seats": seats_now, "via": via, "signed_seats": req.signed_seats},
+    )
+    required = set(REQUIRED_SEATS[SigningAction(req.action)])
+    if required <= done and req.state == RequestState.awaiting_signatures:
+        req.state = RequestState.ready
+        record(
+            session,
+            actor=ctx.actor,
+            action="signing_request.ready",
+            loan_id=loan.id,
+            request_id=req.id,
+        )
+    if req.state == RequestState.ready:
+        _finalize_and_broadcast(session, ctx.actor, req, chain)
+    return req
+
+
+def _finalize_and_broadcast(
+    session: Session, actor: str, req: SigningRequest, chain: Chain
+) -> None:
+    """Finalize (bdk checks every signature), have the node accept it, broadcast.
+    If the node refuses, the request stays ready with the node's reason."""
+    raw = finalize(req.psbt).hex()
+    verdict = chain.test_mempool_accept(raw)
+    if not verdict.get("allowed"):
+        req.reject_reason = str(verdict.get("reject-reason") or verdict)
+        session.add(req)
+        record(
+            session,
+            actor=actor,
+            action="signing_request.rejected_by_node",
+            loan_id=req.loan_id,
+            request_id=req.id,
+            decision="refused",
+            reason=req.reject_reason,
+        )
+        return
+    with contextlib.suppress(RpcTxAlreadyKnown):  # an earlier attempt got through
+        chain.send_raw_transaction(raw)
+    req.state, req.reject_reason, req.updated_at = RequestState.broadcast, None, utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=actor,
+        action="signing_request.broadcast",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        data={"txid": req.unsigned_txid},
+    )
+
+
+def retry_broadcast(
+    session: Session, ctx: Context, request_id: int, chain: Chain
+) -> SigningRequest:
+    req = get_request(session, ctx, request_id)
+    require_role(ctx.principal, Role.bank_operator, Role.bank_approver)
+    if req.state != RequestState.ready:
+        raise Conflict(f"signing request {request_id} is {req.state}, not ready")
+    _finalize_and_broadcast(session, ctx.actor, req, chain)
+    return req
+
+
+# -- cancelling and fee bumps --------------------------------------------------------
+
+
+def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
+    req = get_request(session, ctx, request_id)
+    require_role(ctx.principal, WHO_REQUESTS[SigningAction(req.action)])
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(
+            f"signing request {request_id} is {req.state}: only an unbroadcast request can be "
+            "cancelled (a broadcast one can only be replaced by a fee bump)"
+        )
+    req.state, req.open_key, req.updated_at = RequestState.cancelled, None, utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signing_request.cancelled",
+        loan_id=req.loan_id,
+        request_id=req.id,
+    )
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    if req.replaces_id is None and str(loan.state) != req.loan_state_before:
+        _move_loan(
+            session, ctx.actor, loan, LoanState(req.loan_state_before), f"{req.action} cancelled"
+        )
+    return req
+
+
+def bump_fee(
+    session: Session,
+    ctx: Context,
+    request_id: int,
+    fee_rate: Decimal,
+    chain: Chain,
+    fees: FeePolicy,
+) -> SigningRequest:
+    """A replacement (BIP-125) of a broadcast request at a higher fee rate: same inputs,
+    same action, a new PSBT that needs its signatures again."""
+    old = get_request(session, ctx, request_id)
+    require_role(ctx.principal, WHO_REQUESTS[SigningAction(old.action)])
+    if old.state != RequestState.broadcast:
+        raise Conflict(
+            f"signing request {request_id} is {old.state}: only a broadcast one is bumped"
+        )
+    loan = session.get(Loan, old.loan_id)
+    assert loan is not None
+    descriptor = loan_descriptor(session, loan, ctx.network)
+    inputs = request_inputs(old)
+    ev_old = evidence(old)
+    old_rate = Decimal(ev_old["fee_rate_sat_vb"])
+    if fee_rate <= old_rate:
+        raise InvalidInput(
+            f"the new fee rate must be above {old_rate} sat/vB", field="fee_rate_sat_vb"
+        )
+    if fee_rate > fees.ceiling_sat_vb:
+        raise InvalidInput(
+            f"the fee rate cap is {fees.ceiling_sat_vb} sat/vB", field="fee_rate_sat_vb"
+        )
+    params = RequestParams(
+        action=SigningAction(old.action),
+        fee_rate_sat_vb=fee_rate,
+        price_rub_per_btc=Decimal(ev_old["price_rub_per_btc"])
+        if "price_rub_per_btc" in ev_old
+        else None,
+        price_source=ev_old.get("price_source"),
+        target_ltv_bps=ev_old.get("target_ltv_bps"),
+    )
+    split, outputs, ev = _plan(
+        session,
+        ctx,
+        loan,
+        descriptor,
+        inputs,
+        params,
+        fee_rate,
+        change_index=ev_old.get("change_address_index"),
+    )
+    # BIP-125: the replacement pays for its own relay on top of the original's fee.
+    min_fee = old.fee_sats + estimate_vsize(
+        descriptor,
+        len(inputs),
+        [
+            address_script_pubkey(o.address, ctx.network)
+            if isinstance(o, PayTo)
+            else descriptor.script_pubkey(o.address_index)
+            for o in outputs
+        ],
+    )
+    if split.fee < min_fee:
+        raise InvalidInput(
+            f"a replacement must pay at least {min_fee} sats; raise the fee rate",
+            field="fee_rate_sat_vb",
+        )
+    if split.fee > fees.max_fee_sats:
+        raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
+    ev["fee_rate_note"] = f"fee bump of request {old.id}"
+    return _store(
+        session,
+        ctx,
+        loan,
+        descriptor,
+        SigningAction(old.action),
+        inputs,
+        outputs,
+        split,
+        ev,
+        slot=f"rbf:{old.id}",
+        replaces=old,
+    )
+
+
+# -- the chain closes requests (called by the watcher) ---------------------------------
+
+
+def request_for_txid(session: Session, txid: str) -> SigningRequest | None:
+    return session.exec(select(SigningRequest).where(SigningRequest.unsigned_txid == txid)).first()
+
+
+def _family(session: Session, req: SigningRequest) -> list[SigningRequest]:
+    """The request and every RBF sibling spending the same collateral."""
+    rows = session.exec(
+        select(SigningRequest).where(
+            SigningRequest.loan_id == req.loan_id, col(SigningRequest.id) != req.id
+        )
+    ).all()
+    mine = {i["txid"] + ":" + str(i["vout"]) for i in json.loads(req.inputs_json)}
+    return [
+        r
+        for r in rows
+        if mine & {i["txid"] + ":" + str(i["vout"]) for i in json.loads(r.inputs_json)}
+    ]
+
+
+def mined(session: Session, req: SigningRequest, height: int, actor: str) -> None:
+    """The request's transaction is in a block: it is confirmed, its siblings replaced,
+    and the loan reaches the action's end state."""
+    if req.mined_height == height:
+        return
+    req.state, req.mined_height, req.open_key = RequestState.confirmed, height, None
+    req.updated_at = utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=actor,
+        action="signing_request.confirmed",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        data={"txid": req.unsigned_txid, "height": height},
+    )
+    for sibling in _family(session, req):
+        if sibling.state in OPEN:
+            sibling.state, sibling.open_key, sibling.updated_at = (
+                RequestState.replaced,
+                None,
+                utcnow(),
+            )
+            session.add(sibling)
+            record(
+                session,
+                actor=actor,
+                action="signing_request.replaced",
+                loan_id=req.loan_id,
+                request_id=sibling.id,
+                data={"by": req.id},
+            )
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    done = STATE_WHEN_DONE[SigningAction(req.action)]
+    if done is not None:
+        _move_loan(session, actor, loan, done, f"{req.action} confirmed")
+    else:
+        loan.credited_kopecks += int(evidence(req).get("credited_kopecks", 0))
+        loan.updated_at = utcnow()
+        session.add(loan)
+
+
+def unmined(session: Session, req: SigningRequest, actor: str) -> None:
+    """A reorg took the request's transaction out of the chain: undo `mined`."""
+    if req.mined_height is None:
+        return
+    req.state, req.mined_height, req.open_key = RequestState.broadcast, None, req.slot
+    req.updated_at = utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=actor,
+        action="signing_request.unconfirmed",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        reason="reorg",
+    )
+    for sibling in _family(session, req):
+        if sibling.state == RequestState.replaced:
+            sibling.state, sibling.open_key = RequestState.broadcast, sibling.slot
+            session.add(sibling)
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    action = SigningAction(req.action)
+    if STATE_WHEN_DONE[action] is not None:
+        back = STATE_WHILE_OPEN[action]
+        assert back is not None
+        _move_loan(session, actor, loan, back, "reorg")
+    else:
+        loan.credited_kopecks -= int(evidence(req).get("credited_kopecks", 0))
+        session.add(loan)
+
+
+def bank_hsm_key(session: Session, loan_id: int) -> LoanKey:
+    key = session.exec(
+        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
+    ).first()
+    if key is None or key.hsm_key_label is None:
+        raise Conflict(
+            "this loan's bank key is not held in the HSM: the bank signs with its "
+            "own device (upload a signed PSBT)"
+        )
+    return key
