@@ -261,7 +261,8 @@ class SigningRequest(SQLModel, table=True):
     slot: str = Field(sa_column=Column(String(64), nullable=False))  # "loan:7" or "rbf:12"
     open_key: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
     psbt: str = Field(sa_column=Column(Text, nullable=False))  # base64, all signatures so far
-    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    # Not unique: a request re-made after a cancel can be the very same transaction.
+    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False, index=True))
     required_seats: str = Field(sa_column=Column(String(32), nullable=False))  # "miner,bank"
     signed_seats: str = Field(default="", sa_column=Column(String(32), nullable=False))
     inputs_json: str = Field(sa_column=Column(Text, nullable=False))

@@ -398,9 +398,9 @@ def _store(
         replaces_id=replaces.id if replaces else None,
         created_by=ctx.actor,
     )
-    session.add(req)
     try:
-        session.flush()
+        with session.begin_nested():  # a savepoint, so the failure leaves the session usable
+            session.add(req)
     except IntegrityError as exc:  # a concurrent request took the slot first
         raise Conflict(f"loan {loan.id} already has an open signing request") from exc
     record(
@@ -682,7 +682,13 @@ def bump_fee(
 
 
 def request_for_txid(session: Session, txid: str) -> SigningRequest | None:
-    return session.exec(select(SigningRequest).where(SigningRequest.unsigned_txid == txid)).first()
+    """The request whose transaction this is: an open one if any, else the newest."""
+    rows = session.exec(
+        select(SigningRequest)
+        .where(SigningRequest.unsigned_txid == txid)
+        .order_by(col(SigningRequest.id).desc())
+    ).all()
+    return next((r for r in rows if r.state in OPEN), rows[0] if rows else None)
 
 
 def _family(session: Session, req: SigningRequest) -> list[SigningRequest]:

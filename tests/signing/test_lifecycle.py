@@ -173,3 +173,280 @@ def test_liquidation_pays_the_bank_exactly_the_debt(
     assert to_bank and to_bank["value_sat"] == 25_000_000
     assert to_bank["scriptPubKey"]["address"] == f.loan["terms"]["bank_liquidation_address"]
     assert to_miner and to_miner["value_sat"] == miner_out["amount_sats"]
+
+
+def test_dispute_release_signed_by_miner_and_arbiter(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    lid = f.loan["id"]
+    # The bank cannot ask for a dispute release; the arbiter can.
+    r = world.call(
+        "bank_operator",
+        "POST",
+        f"/v1/loans/{lid}/signing-requests",
+        json={"action": "dispute_release"},
+    )
+    assert r.status_code == 403
+    req = request(world, "arbiter", lid, action="dispute_release")
+    assert req["required_seats"] == ["miner", "arbiter"]
+    psbt = the_psbt(world, "miner", req["id"])
+    assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
+    r = upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"]))
+    assert r.json()["state"] == "broadcast", r.text
+    regtest_node.mine(1)
+    watcher.step()
+    assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "released"
+
+
+@pytest.mark.parametrize(
+    "order",
+    [("miner", "bank"), ("bank", "miner"), ("arbiter", "miner", "bank"), ("all-at-once",)],
+)
+def test_every_signing_order_finalizes_the_same_transaction(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, order: tuple[str, ...]
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release", fee_rate_sat_vb="3")
+    psbt = the_psbt(world, "miner", req["id"])
+    uploader = {"miner": "miner", "bank": "bank_operator", "arbiter": "arbiter"}
+    if order == ("all-at-once",):
+        everything = psbt
+        for seat in ("miner", "bank", "arbiter"):
+            everything = sign(everything, f.roots[seat])
+        r = upload(world, "miner", req["id"], everything)
+        assert r.status_code == 200, r.text
+        assert r.json()["signed_seats"] == ["miner", "bank", "arbiter"]
+    else:
+        for seat in order:
+            r = upload(world, uploader[seat], req["id"], sign(psbt, f.roots[seat]))
+            assert r.status_code == 200, r.text
+    final = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+    assert final["state"] == "broadcast"
+    raw = regtest_node.rpc.get_raw_transaction(req["unsigned_txid"])
+    from embit.transaction import Transaction
+
+    tx = Transaction.parse(raw)
+    assert tx.txid().hex() == req["unsigned_txid"]
+    assert [o.value for o in tx.vout] == [o["amount_sats"] for o in req["outputs"]]
+
+
+def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    # 1,500,000 RUB owed on 0.5 BTC at 4,000,000 RUB/BTC: LTV 75%.
+    f = funded_loan(
+        world,
+        regtest_node,
+        watcher,
+        principal_kopecks=1_500_000_00,
+        interest_rate_bps=0,
+        required_collateral_sats=COLLATERAL,
+    )
+    lid = f.loan["id"]
+    req = request(
+        world,
+        "bank_operator",
+        lid,
+        action="partial_liquidation",
+        price_rub_per_btc="4000000",
+        price_source="manual:test",
+        target_ltv_bps=6_000,
+    )
+    sold, kept = req["outputs"]
+    assert sold["role"] == "bank_liquidation" and kept["role"] == "collateral_change"
+    assert sold["amount_sats"] + kept["amount_sats"] + req["fee_sats"] == COLLATERAL
+    addresses = [
+        a["address"] for a in world.call("miner", "GET", f"/v1/loans/{lid}/addresses").json()
+    ]
+    assert kept["address"] in addresses  # a new collateral address of the same loan
+    psbt = the_psbt(world, "bank_operator", req["id"])
+    upload(world, "bank_operator", req["id"], sign(psbt, f.roots["bank"]))
+    r = upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"]))
+    assert r.json()["state"] == "broadcast", r.text
+    regtest_node.mine(1)
+    watcher.step()
+    loan = world.call("miner", "GET", f"/v1/loans/{lid}").json()
+    assert loan["state"] == "active"
+    assert loan["collateral"]["confirmed_sats"] == kept["amount_sats"]
+    credited = req["evidence"]["credited_kopecks"]
+    debt = 1_500_000_00 - credited
+    from decimal import Decimal
+
+    from custody.signing.amounts import ltv_bps
+
+    assert 5_999 <= ltv_bps(debt, kept["amount_sats"], Decimal(4_000_000)) <= 6_000
+
+
+def test_fee_bump_replaces_a_stuck_release(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    lid = f.loan["id"]
+    low = request(world, "bank_operator", lid, action="release", fee_rate_sat_vb="2")
+    psbt = the_psbt(world, "miner", low["id"])
+    upload(world, "miner", low["id"], sign(psbt, f.roots["miner"]))
+    assert (
+        upload(world, "bank_operator", low["id"], sign(psbt, f.roots["bank"])).json()["state"]
+        == "broadcast"
+    )
+
+    r = world.call(
+        "bank_operator",
+        "POST",
+        f"/v1/signing-requests/{low['id']}/bump",
+        json={"fee_rate_sat_vb": "1"},
+    )
+    assert r.status_code == 422 and r.json()["field"] == "fee_rate_sat_vb"
+    r = world.call(
+        "bank_operator",
+        "POST",
+        f"/v1/signing-requests/{low['id']}/bump",
+        json={"fee_rate_sat_vb": "12"},
+    )
+    assert r.status_code == 201, r.text
+    high = r.json()
+    assert high["replaces_id"] == low["id"] and high["state"] == "awaiting_signatures"
+    assert high["fee_sats"] > low["fee_sats"]
+    assert high["unsigned_txid"] != low["unsigned_txid"]
+    psbt = the_psbt(world, "miner", high["id"])
+    upload(world, "miner", high["id"], sign(psbt, f.roots["miner"]))
+    r = upload(world, "bank_operator", high["id"], sign(psbt, f.roots["bank"]))
+    assert r.json()["state"] == "broadcast", r.text
+    mempool = regtest_node.rpc.get_raw_mempool()
+    assert high["unsigned_txid"] in mempool and low["unsigned_txid"] not in mempool
+
+    regtest_node.mine(1)
+    watcher.step()
+    states = {
+        rid: world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()["state"]
+        for rid in (low["id"], high["id"])
+    }
+    assert states == {low["id"]: "replaced", high["id"]: "confirmed"}
+    assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "released"
+
+
+def test_cancel_returns_the_loan_and_frees_the_slot(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    lid = f.loan["id"]
+    req = request(world, "bank_operator", lid, action="release")
+    r = world.call(
+        "bank_operator",
+        "POST",
+        f"/v1/loans/{lid}/signing-requests",
+        json={"action": "liquidation", "price_rub_per_btc": "6000000", "price_source": "manual"},
+    )
+    assert r.status_code == 409 and "open signing request" in r.json()["message"]
+    r = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "active"
+    again = request(world, "bank_operator", lid, action="release")
+    assert again["id"] != req["id"]
+
+
+def test_two_concurrent_requests_for_one_loan_cannot_both_be_created(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    f = funded_loan(world, regtest_node, watcher)
+    statuses: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def ask(action: str) -> None:
+        client = TestClient(world.client.app, raise_server_exceptions=False)
+        body: dict[str, Any] = {"action": action}
+        if action == "liquidation":
+            body.update(price_rub_per_btc="6000000", price_source="manual")
+        barrier.wait()
+        r = client.post(
+            f"/v1/loans/{f.loan['id']}/signing-requests",
+            json=body,
+            headers=world.h("bank_operator"),
+        )
+        statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=ask, args=(a,)) for a in ("release", "liquidation")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(statuses) == [201, 409], statuses
+    listed = world.call("bank_operator", "GET", f"/v1/loans/{f.loan['id']}/signing-requests")
+    assert len(listed.json()) == 1
+
+
+def _audit_count(world: World) -> int:
+    from sqlmodel import Session, func, select
+
+    from custody.db.models import AuditEvent
+
+    with Session(world.engine) as s:
+        return int(s.exec(select(func.count()).select_from(AuditEvent)).one())
+
+
+def test_bad_uploads_are_refused_and_change_nothing(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    from embit.psbt import PSBT as EmbitPSBT
+
+    f = funded_loan(world, regtest_node, watcher)
+    other = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    other_req = request(world, "bank_operator", other.loan["id"], action="release")
+    clean = the_psbt(world, "miner", req["id"])
+
+    def tampered_amount() -> str:
+        p = EmbitPSBT.from_string(sign(clean, f.roots["miner"]))
+        p.outputs[0].value -= 1_000  # embit rebuilds .tx from the output scopes
+        return str(p.to_string())
+
+    def _foreign(psbt_b64: str) -> str:
+        # A signature by a key outside the loan, spliced in as a partial signature.
+        from embit.ec import PrivateKey
+
+        p = EmbitPSBT.from_string(psbt_b64)
+        stranger = PrivateKey(os.urandom(32))
+        inp = p.inputs[0]
+        sighash = p.tx.sighash_segwit(0, inp.witness_script, inp.witness_utxo.value)
+        inp.partial_sigs[stranger.get_public_key()] = stranger.sign(sighash).serialize() + b"\x01"
+        return str(p.to_string())
+
+    def sighash_none() -> str:
+        p = EmbitPSBT.from_string(clean)
+        for inp in p.inputs:
+            inp.sighash_type = None
+        p.sign_with(f.roots["miner"], sighash=2)  # SIGHASH_NONE
+        return str(p.to_string())
+
+    cases = {
+        "tampered output amount": tampered_amount(),
+        "key not in this loan": _foreign(clean),
+        "SIGHASH_NONE": sighash_none(),
+        "garbage": base64.b64encode(os.urandom(200)).decode(),
+        "another loan's PSBT": sign(
+            the_psbt(world, "miner", other_req["id"]), other.roots["miner"]
+        ),
+        "nothing new": clean,
+    }
+    before_psbt, before_events = the_psbt(world, "miner", req["id"]), _audit_count(world)
+    for name, payload in cases.items():
+        r = upload(world, "miner", req["id"], payload)
+        assert r.status_code == 422, (name, r.text)
+        assert r.json()["field"] == "psbt" and r.json()["message"], name
+    binary = world.client.post(
+        f"/v1/signing-requests/{req['id']}/signatures",
+        content=b"psbt\xff" + os.urandom(50),
+        headers={**world.h("miner"), "Content-Type": "application/octet-stream"},
+    )
+    assert binary.status_code == 422
+    assert the_psbt(world, "miner", req["id"]) == before_psbt
+    assert _audit_count(world) == before_events
+    state = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+    assert state["signed_seats"] == [] and state["state"] == "awaiting_signatures"
+    # Outsiders cannot even see the request.
+    assert upload(world, "other_miner", req["id"], clean).status_code == 404

@@ -2,7 +2,7 @@
 
 Revision ID: 0003
 Revises: 0002
-Create Date: 2026-11-21 05:57:52.786495
+Create Date: 2026-11-21 06:02:01.707060
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("open_key"),
-        sa.UniqueConstraint("unsigned_txid"),
     )
     with op.batch_alter_table("signingrequest", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_signingrequest_loan_id"), ["loan_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_signingrequest_state"), ["state"], unique=False)
+        batch_op.create_index(
+            batch_op.f("ix_signingrequest_unsigned_txid"), ["unsigned_txid"], unique=False
+        )
 
     with op.batch_alter_table("loan", schema=None) as batch_op:
         batch_op.add_column(
@@ -76,6 +78,7 @@ def downgrade() -> None:
         batch_op.drop_column("credited_kopecks")
 
     with op.batch_alter_table("signingrequest", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_signingrequest_unsigned_txid"))
         batch_op.drop_index(batch_op.f("ix_signingrequest_state"))
         batch_op.drop_index(batch_op.f("ix_signingrequest_loan_id"))
 
