@@ -482,8 +482,7 @@ def add_signatures(
     req = get_request(session, ctx, request_id)
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
-    if ctx.principal.role not in (Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver):
-        raise InvalidInput(f"role {ctx.principal.role} holds no key of this loan", field="role")
+    require_role(ctx.principal, Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver)
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
         raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
     descriptor = loan_descriptor(session, loan, ctx.network)

@@ -155,6 +155,72 @@ CASES: list[Case] = [
         lambda w, c: "/v1/audit/verify",
         {"admin": 200, "auditor": 200, "bank_approver": 200},
     ),
+    Case(
+        "POST",
+        "/v1/loans/{loan_id}/signing-requests",
+        lambda w, c: f"/v1/loans/{c['funded']}/signing-requests",
+        _act(("bank_operator",), 201),
+        body=lambda w, c: {"action": "release"},
+        needs="funded",
+    ),
+    Case(
+        "GET",
+        "/v1/loans/{loan_id}/signing-requests",
+        lambda w, c: f"/v1/loans/{c['ready']}/signing-requests",
+        _visible(200),
+    ),
+    Case(
+        "GET",
+        "/v1/signing-requests/{request_id}",
+        lambda w, c: f"/v1/signing-requests/{c['request']}",
+        _visible(200),
+        needs="request",
+    ),
+    Case(
+        "GET",
+        "/v1/signing-requests/{request_id}/psbt",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/psbt",
+        _visible(200),
+        needs="request",
+    ),
+    Case(
+        "GET",
+        "/v1/signing-requests/{request_id}/psbt.bin",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/psbt.bin",
+        _visible(200),
+        needs="request",
+    ),
+    Case(
+        "POST",
+        "/v1/signing-requests/{request_id}/signatures",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/signatures",
+        # Past the rules, an unsigned PSBT is refused for carrying no new signature.
+        _act(("miner", "arbiter", "bank_operator", "bank_approver"), 422),
+        body=lambda w, c: {"psbt": c["psbt"]},
+        needs="request",
+    ),
+    Case(
+        "POST",
+        "/v1/signing-requests/{request_id}/broadcast",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/broadcast",
+        _act(("bank_operator", "bank_approver"), 409),  # not ready yet
+        needs="request",
+    ),
+    Case(
+        "POST",
+        "/v1/signing-requests/{request_id}/cancel",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/cancel",
+        _act(("bank_operator",), 200),
+        needs="request",
+    ),
+    Case(
+        "POST",
+        "/v1/signing-requests/{request_id}/bump",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/bump",
+        _act(("bank_operator",), 409),  # only a broadcast request is bumped
+        body=lambda w, c: {"fee_rate_sat_vb": "5"},
+        needs="request",
+    ),
 ]
 
 
@@ -182,6 +248,70 @@ class _RecordingHsm:
         return Evidence()
 
 
+class _Chain:
+    """Real transactions paying the loan's addresses, served as a node would: the
+    matrix checks who may do what, the lifecycle tests use a real btcd."""
+
+    def __init__(self) -> None:
+        self.txs: dict[str, bytes] = {}
+
+    def pay(self, script_pubkey: bytes, amount: int) -> str:
+        from embit.script import Script
+        from embit.transaction import Transaction, TransactionInput, TransactionOutput
+
+        tx = Transaction(
+            vin=[TransactionInput(os.urandom(32), 0)],
+            vout=[TransactionOutput(amount, Script(script_pubkey))],
+        )
+        txid: str = tx.txid().hex()
+        self.txs[txid] = tx.serialize()
+        return txid
+
+    def get_raw_transaction(self, txid: str, block_hash: str | None = None) -> bytes:
+        return self.txs[txid]
+
+    def estimate_fee_rate_sat_vb(self, conf_target: int) -> float | None:
+        return None
+
+    def test_mempool_accept(self, tx_hex: str, max_fee_rate_btc_kvb: float = 0.1) -> dict[str, Any]:
+        return {"allowed": True}
+
+    def send_raw_transaction(self, tx_hex: str) -> str:
+        return "00" * 32
+
+
+def _funded_loan(world: World) -> int:
+    """An active loan with one confirmed deposit, recorded as the watcher would."""
+    from sqlmodel import Session, select
+
+    from custody.db.models import CollateralAddress, Deposit, DepositState, Loan, LoanState
+
+    loan_id: int = world.funded_ready_loan()["id"]
+    chain: _Chain = world.client.app.state.chain  # type: ignore[attr-defined]
+    with Session(world.engine) as s:
+        addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
+        txid = chain.pay(bytes.fromhex(addr.script_pubkey_hex), 50_000_000)
+        s.add(
+            Deposit(
+                loan_id=loan_id,
+                address_id=addr.id or 0,
+                txid=txid,
+                vout=0,
+                amount_sats=50_000_000,
+                state=DepositState.confirmed,
+                block_height=1,
+                block_hash="00" * 32,
+                required_confirmations=1,
+            )
+        )
+        loan = s.get(Loan, loan_id)
+        assert loan is not None
+        loan.state = LoanState.active
+        s.add(loan)
+        s.commit()
+    return loan_id
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
     if request.param == "sqlite":
@@ -192,7 +322,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         url = server.create_database(f"authz_{worker}")
     engine = make_engine(url)
     upgrade(engine)
-    return build_world(engine, hsm=_RecordingHsm())
+    return build_world(engine, hsm=_RecordingHsm(), chain=_Chain())
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +342,20 @@ def test_endpoint_role_matrix(world: World, ready_loan: int, case: Case, who: st
     ctx: dict[str, Any] = {"ready": ready_loan, "n": next(_counter)}
     if case.needs == "draft":
         ctx["draft"] = world.create_loan()["id"]
+    if case.needs in ("funded", "request"):
+        ctx["funded"] = _funded_loan(world)
+    if case.needs == "request":
+        r = world.call(
+            "bank_operator",
+            "POST",
+            f"/v1/loans/{ctx['funded']}/signing-requests",
+            json={"action": "release"},
+        )
+        assert r.status_code == 201, r.text
+        ctx["request"] = r.json()["id"]
+        ctx["psbt"] = world.call(
+            "bank_operator", "GET", f"/v1/signing-requests/{ctx['request']}/psbt"
+        ).json()["psbt"]
     body = case.body(world, ctx) if case.body else None
     r = world.call(None if who == ANON else who, case.method, case.path(world, ctx), json=body)
     assert r.status_code == _expected(case, who), (who, case.method, case.route, r.text)
