@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from custody.api.deps import (
     ChainDep,
@@ -295,3 +295,28 @@ def bump_fee(
     return request_out(
         signing.bump_fee(session, ctx, request_id, body.fee_rate_sat_vb, chain, fees)
     )
+
+
+@router.post("/signing-requests/{request_id}/hsm-sign", tags=["signing"], response_model=None)
+def hsm_sign(
+    request_id: int,
+    session: SessionDep,
+    ctx: ContextDep,
+    chain: ChainDep,
+    fees: FeesDep,
+    hsm: HsmDep,
+) -> SigningRequestOut | JSONResponse:
+    """The bank's HSM key signs, after the signer has checked the PSBT against the loan's
+    records and the approved action itself. A refusal answers 422 and is in the audit log."""
+    decision = signing.hsm_sign(session, ctx, request_id, hsm, chain, fees)
+    if decision.refused is not None:
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "refused_by_signer",
+                "message": decision.refused,
+                "field": "psbt",
+                "check": decision.check,
+            },
+        )
+    return request_out(decision.request)

@@ -254,6 +254,8 @@ def _plan(
             price_rub_per_btc=str(params.price_rub_per_btc),
             price_source=params.price_source,
         )
+        if params.action not in (SigningAction.liquidation, SigningAction.partial_liquidation):
+            raise InvalidInput(f"unknown action {params.action}", field="action")
         if params.action == SigningAction.liquidation:
             fee = fee_for(estimate_vsize(descriptor, len(inputs), [bank_spk, miner_spk]), fee_rate)
             split = liquidation_split(
@@ -789,3 +791,99 @@ def bank_hsm_key(session: Session, loan_id: int) -> LoanKey:
             "own device (upload a signed PSBT)"
         )
     return key
+
+
+# -- the bank's HSM signature --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HsmDecision:
+    """What the bank's signer decided. A refusal is recorded and answered, not raised,
+    so its audit event commits with the request."""
+
+    request: SigningRequest
+    refused: str | None = None
+    check: str | None = None
+
+
+def hsm_sign(
+    session: Session,
+    ctx: Context,
+    request_id: int,
+    signer: Any,
+    chain: Chain,
+    fees: FeePolicy,
+) -> HsmDecision:
+    """Have the bank's HSM key sign. The signer checks the PSBT against the loan's own
+    records and the approved action itself (hsm.policy) before any signature."""
+    from hsm.policy import ApprovedAction, LoanContext, PolicyViolation
+    from hsm.psbt_signing import sign_psbt_with_report
+
+    req = get_request(session, ctx, request_id)
+    require_role(ctx.principal, Role.bank_approver)
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
+    if KeyRole.bank.value not in req.required_seats.split(","):
+        raise Conflict(f"a {req.action} is not signed by the bank")
+    if signer is None:
+        raise UpstreamUnavailable("no HSM is configured for this service")
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None and loan.descriptor is not None
+    key = bank_hsm_key(session, loan.id or 0)
+    collateral = {
+        (dep.txid, dep.vout): (dep.amount_sats, addr.index, addr.change)
+        for dep, addr in session.exec(
+            select(Deposit, CollateralAddress).where(
+                Deposit.loan_id == loan.id,
+                Deposit.state == DepositState.confirmed,
+                col(Deposit.address_id) == col(CollateralAddress.id),
+            )
+        ).all()
+    }
+    ev = evidence(req)
+    loan_ctx = LoanContext(
+        network=ctx.network,
+        descriptor=loan.descriptor,
+        bank_key_ref=key.hsm_key_label,
+        collateral=collateral,
+        miner_return_address=loan.miner_return_address,
+        bank_liquidation_address=loan.bank_liquidation_address,
+    )
+    approved = ApprovedAction(
+        action=req.action,  # type: ignore[arg-type]
+        debt_kopecks=ev.get("debt_kopecks"),
+        price_rub_per_btc=Decimal(ev["price_rub_per_btc"]) if "price_rub_per_btc" in ev else None,
+        target_ltv_bps=ev.get("target_ltv_bps"),
+        change_address_index=ev.get("change_address_index"),
+        max_fee_sats=fees.max_fee_sats,
+        max_fee_rate_sat_vb=fees.ceiling_sat_vb,
+    )
+    try:
+        signed = sign_psbt_with_report(signer, req.psbt, loan_ctx, approved)
+    except PolicyViolation as refusal:
+        record(
+            session,
+            actor=ctx.actor,
+            action="signer.refused",
+            loan_id=loan.id,
+            request_id=req.id,
+            decision="refused",
+            reason=refusal.reason,
+            data={"check": refusal.check, "signer": "pkcs11", "key": key.hsm_key_label},
+        )
+        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.signed",
+        loan_id=loan.id,
+        request_id=req.id,
+        decision="signed",
+        data={
+            "signer": "pkcs11",
+            "key": key.hsm_key_label,
+            "checks": list(signed.report.checks),
+            "fee_sats": signed.report.fee_sats,
+        },
+    )
+    return HsmDecision(add_signatures(session, ctx, request_id, signed.psbt, chain, via="hsm"))

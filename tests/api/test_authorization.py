@@ -221,6 +221,14 @@ CASES: list[Case] = [
         body=lambda w, c: {"fee_rate_sat_vb": "5"},
         needs="request",
     ),
+    Case(
+        "POST",
+        "/v1/signing-requests/{request_id}/hsm-sign",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/hsm-sign",
+        # Past the rules: this loan's bank key is an xpub, so there is nothing for the HSM.
+        _act(("bank_approver",), 409),
+        needs="request",
+    ),
 ]
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from support.world import World, build_world, hd_key
 
 from custody.chain.watcher import Watcher, WatcherConfig
+from hsm.pkcs11_backend import Pkcs11Signer
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -29,8 +30,9 @@ class Funded:
 
 
 @pytest.fixture
-def world(engine: Engine, regtest_node: RegtestNode) -> World:
-    return build_world(engine, chain=regtest_node.rpc)
+def world(engine: Engine, regtest_node: RegtestNode, pkcs11_signer: Pkcs11Signer) -> World:
+    """The bank's key lives in a real SoftHSM2 token unless a test says otherwise."""
+    return build_world(engine, chain=regtest_node.rpc, hsm=pkcs11_signer)
 
 
 @pytest.fixture
@@ -45,9 +47,13 @@ def watcher(engine: Engine, regtest_node: RegtestNode) -> Watcher:
     w.release()
 
 
-def funded_loan(world: World, node: RegtestNode, watcher: Watcher, **terms: Any) -> Funded:
-    """An active loan whose three keys the test holds, with one confirmed deposit."""
-    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
+def funded_loan(
+    world: World, node: RegtestNode, watcher: Watcher, *, hsm_bank: bool = True, **terms: Any
+) -> Funded:
+    """An active loan with one confirmed deposit. The test holds the miner's and arbiter's
+    keys (and the bank's when `hsm_bank` is False); otherwise the bank's is in the HSM."""
+    seats = ("miner", "arbiter") if hsm_bank else ("miner", "bank", "arbiter")
+    seeds = {seat: os.urandom(32) for seat in seats}
     body = {
         "required_collateral_sats": COLLATERAL,
         "required_confirmations": 1,
@@ -58,7 +64,11 @@ def funded_loan(world: World, node: RegtestNode, watcher: Watcher, **terms: Any)
     loan = world.create_loan(**body)
     for seat, seed in seeds.items():
         assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
+    if hsm_bank:
+        r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
+        assert r.status_code == 201, r.text
     loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    assert loan["state"] == "awaiting_deposit"
     deposit = node.faucet.pay(loan["collateral_address"], COLLATERAL)
     node.mine(1)
     watcher.step()
@@ -94,6 +104,11 @@ def upload(world: World, who: str, rid: int, psbt_b64: str, *, binary: bool = Fa
     )
 
 
+def bank_sign(world: World, rid: int) -> Any:
+    """The bank approver has the bank's HSM key sign (the signer checks policy first)."""
+    return world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/hsm-sign")
+
+
 def the_psbt(world: World, who: str, rid: int) -> str:
     psbt: str = world.call(who, "GET", f"/v1/signing-requests/{rid}/psbt").json()["psbt"]
     return psbt
@@ -102,7 +117,8 @@ def the_psbt(world: World, who: str, rid: int) -> str:
 def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
     world: World, regtest_node: RegtestNode, watcher: Watcher
 ) -> None:
-    f = funded_loan(world, regtest_node, watcher)
+    """Here the bank's key is an xpub on a hardware wallet: the air-gapped .psbt path."""
+    f = funded_loan(world, regtest_node, watcher, hsm_bank=False)
     lid = f.loan["id"]
     req = request(world, "bank_operator", lid, action="release")
     assert req["state"] == "awaiting_signatures"
@@ -162,7 +178,7 @@ def test_liquidation_pays_the_bank_exactly_the_debt(
     # Signatures in the other order: arbiter first.
     psbt = the_psbt(world, "arbiter", req["id"])
     assert upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"])).status_code == 200
-    r = upload(world, "bank_operator", req["id"], sign(psbt, f.roots["bank"]))
+    r = bank_sign(world, req["id"])
     assert r.status_code == 200 and r.json()["state"] == "broadcast", r.text
     regtest_node.mine(1)
     watcher.step()
@@ -209,17 +225,20 @@ def test_every_signing_order_finalizes_the_same_transaction(
     f = funded_loan(world, regtest_node, watcher)
     req = request(world, "bank_operator", f.loan["id"], action="release", fee_rate_sat_vb="3")
     psbt = the_psbt(world, "miner", req["id"])
-    uploader = {"miner": "miner", "bank": "bank_operator", "arbiter": "arbiter"}
     if order == ("all-at-once",):
-        everything = psbt
-        for seat in ("miner", "bank", "arbiter"):
-            everything = sign(everything, f.roots[seat])
-        r = upload(world, "miner", req["id"], everything)
+        # The miner and the arbiter sign one PSBT, then the HSM: all three keys signed.
+        both = sign(sign(psbt, f.roots["miner"]), f.roots["arbiter"])
+        r = upload(world, "miner", req["id"], both)
         assert r.status_code == 200, r.text
-        assert r.json()["signed_seats"] == ["miner", "bank", "arbiter"]
+        assert r.json()["state"] == "awaiting_signatures"  # the bank is required
+        r = bank_sign(world, req["id"])
+        assert r.json()["signed_seats"] == ["miner", "bank", "arbiter"], r.text
     else:
         for seat in order:
-            r = upload(world, uploader[seat], req["id"], sign(psbt, f.roots[seat]))
+            if seat == "bank":
+                r = bank_sign(world, req["id"])
+            else:
+                r = upload(world, seat, req["id"], sign(psbt, f.roots[seat]))
             assert r.status_code == 200, r.text
     final = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
     assert final["state"] == "broadcast"
@@ -261,7 +280,7 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
     ]
     assert kept["address"] in addresses  # a new collateral address of the same loan
     psbt = the_psbt(world, "bank_operator", req["id"])
-    upload(world, "bank_operator", req["id"], sign(psbt, f.roots["bank"]))
+    assert bank_sign(world, req["id"]).status_code == 200
     r = upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"]))
     assert r.json()["state"] == "broadcast", r.text
     regtest_node.mine(1)
@@ -286,10 +305,7 @@ def test_fee_bump_replaces_a_stuck_release(
     low = request(world, "bank_operator", lid, action="release", fee_rate_sat_vb="2")
     psbt = the_psbt(world, "miner", low["id"])
     upload(world, "miner", low["id"], sign(psbt, f.roots["miner"]))
-    assert (
-        upload(world, "bank_operator", low["id"], sign(psbt, f.roots["bank"])).json()["state"]
-        == "broadcast"
-    )
+    assert bank_sign(world, low["id"]).json()["state"] == "broadcast"
 
     r = world.call(
         "bank_operator",
@@ -311,7 +327,7 @@ def test_fee_bump_replaces_a_stuck_release(
     assert high["unsigned_txid"] != low["unsigned_txid"]
     psbt = the_psbt(world, "miner", high["id"])
     upload(world, "miner", high["id"], sign(psbt, f.roots["miner"]))
-    r = upload(world, "bank_operator", high["id"], sign(psbt, f.roots["bank"]))
+    r = bank_sign(world, high["id"])
     assert r.json()["state"] == "broadcast", r.text
     mempool = regtest_node.rpc.get_raw_mempool()
     assert high["unsigned_txid"] in mempool and low["unsigned_txid"] not in mempool
@@ -450,3 +466,41 @@ def test_bad_uploads_are_refused_and_change_nothing(
     assert state["signed_seats"] == [] and state["state"] == "awaiting_signatures"
     # Outsiders cannot even see the request.
     assert upload(world, "other_miner", req["id"], clean).status_code == 404
+
+
+def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    """A compromised API or database swaps the request's PSBT for one paying an attacker.
+    The signer checks it against the loan's own records, refuses, and says so in the log."""
+    from embit.psbt import PSBT as EmbitPSBT
+    from embit.script import address_to_scriptpubkey
+    from sqlmodel import Session, select
+
+    from custody.db.models import AuditEvent, SigningRequest
+
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    with Session(world.engine) as s:
+        row = s.get(SigningRequest, req["id"])
+        assert row is not None
+        evil = EmbitPSBT.from_string(row.psbt)
+        evil.outputs[0].script_pubkey = address_to_scriptpubkey(random_p2wpkh_address())
+        row.psbt = evil.to_string()
+        s.add(row)
+        s.commit()
+    r = bank_sign(world, req["id"])
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "refused_by_signer" and r.json()["check"]
+    with Session(world.engine) as s:
+        refusal = s.exec(
+            select(AuditEvent).where(
+                AuditEvent.request_id == req["id"], AuditEvent.action == "signer.refused"
+            )
+        ).one()
+        assert refusal.decision == "refused" and refusal.reason
+        row = s.get(SigningRequest, req["id"])
+        assert row is not None and row.signed_seats == ""
+    assert (
+        world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["signed_seats"] == []
+    )
