@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from sqlmodel import Session
 
+from custody.chain.rpc import NodeRpc
 from custody.config import Settings, get_settings
 from custody.db.migrate import upgrade
 from custody.db.models import Role
@@ -26,6 +27,15 @@ app.add_typer(hwi_app, name="hwi")
 def _settings() -> Settings:
     configure_logging()
     return get_settings()
+
+
+def _node(settings: Settings) -> NodeRpc:
+    return NodeRpc(
+        settings.node_rpc_url,
+        settings.node_rpc_user,
+        settings.node_rpc_password.get_secret_value(),
+        timeout=settings.node_rpc_timeout,
+    )
 
 
 @app.command()
@@ -62,7 +72,7 @@ def serve() -> None:
     settings = _settings()
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    api = create_app(settings, engine, hsm=hsm_from_settings(settings))
+    api = create_app(settings, engine, hsm=hsm_from_settings(settings), chain=_node(settings))
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="info")
 
 
@@ -74,21 +84,14 @@ def watch(
     import signal
     import threading
 
-    from custody.chain.rpc import NodeRpc
     from custody.chain.watcher import Watcher, WatcherConfig
 
     settings = _settings()
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    rpc = NodeRpc(
-        settings.node_rpc_url,
-        settings.node_rpc_user,
-        settings.node_rpc_password.get_secret_value(),
-        timeout=settings.node_rpc_timeout,
-    )
     watcher = Watcher(
         engine,
-        rpc,
+        _node(settings),
         config=WatcherConfig(
             confirmations_small=settings.confirmations_small,
             confirmations_large=settings.confirmations_large,

@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from embit import bip32
-from embit.psbt import PSBT
+from embit.networks import NETWORKS
 from sqlalchemy.engine import Engine
 from support.world import World, build_world, hd_key
 
 from custody.chain.watcher import Watcher, WatcherConfig
 from hsm.pkcs11_backend import Pkcs11Signer
+from hsm.software import SoftwareHDSigner
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -74,15 +75,16 @@ def funded_loan(
     watcher.step()
     loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
     assert loan["state"] == "active"
-    return Funded(loan, {s: bip32.HDKey.from_seed(seed) for s, seed in seeds.items()}, deposit)
+    return Funded(loan, {s: regtest_root(seed) for s, seed in seeds.items()}, deposit)
+
+
+def regtest_root(seed: bytes) -> bip32.HDKey:
+    return bip32.HDKey.from_seed(seed, version=NETWORKS["regtest"]["xprv"])
 
 
 def sign(psbt_b64: str, root: bip32.HDKey) -> str:
-    """What a hardware wallet does: sign the inputs it has a derivation for."""
-    psbt = PSBT.from_string(psbt_b64)
-    assert psbt.sign_with(root) > 0
-    signed: str = psbt.to_string()
-    return signed
+    """The miner's or arbiter's device: the software HD signer (embit, regtest only)."""
+    return SoftwareHDSigner(root, "regtest").sign_psbt(psbt_b64)
 
 
 def request(world: World, who: str, loan_id: int, **body: Any) -> dict[str, Any]:
