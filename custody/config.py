@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     fee_rate_ceiling_sat_vb: float = 200.0
     max_fee_sats: int = 1_000_000
 
+    # The bank signer's own ceiling: collateral moved per 24 hours, whatever was approved.
+    hsm_daily_limit_sats: int = 10 * 100_000_000
+
     # Software (seed-in-memory) signers are for regtest and tests only.
     allow_software_signers: bool = False
 

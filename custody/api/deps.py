@@ -32,6 +32,9 @@ def get_settings_dep(request: Request) -> Settings:
     return settings
 
 
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
 def get_principal(
     session: SessionDep,
     authorization: Annotated[str | None, Header()] = None,

@@ -17,6 +17,7 @@ from custody.api.deps import (
     PrincipalDep,
     RawBodyDep,
     SessionDep,
+    SettingsDep,
 )
 from custody.api.views import (
     address_out,
@@ -297,18 +298,22 @@ def bump_fee(
     )
 
 
-@router.post("/signing-requests/{request_id}/hsm-sign", tags=["signing"], response_model=None)
-def hsm_sign(
+@router.post("/signing-requests/{request_id}/approve", tags=["signing"], response_model=None)
+def approve(
     request_id: int,
     session: SessionDep,
     ctx: ContextDep,
     chain: ChainDep,
     fees: FeesDep,
     hsm: HsmDep,
+    settings: SettingsDep,
 ) -> SigningRequestOut | JSONResponse:
-    """The bank's HSM key signs, after the signer has checked the PSBT against the loan's
-    records and the approved action itself. A refusal answers 422 and is in the audit log."""
-    decision = signing.hsm_sign(session, ctx, request_id, hsm, chain, fees)
+    """A bank approver signs off on this exact transaction (not the person who asked for
+    it). If the loan's bank key is in the HSM, the HSM then signs, after checking the PSBT,
+    the approvals and its daily limit itself. A refusal answers 422 and is in the audit log."""
+    decision = signing.approve(
+        session, ctx, request_id, hsm, chain, fees, daily_limit_sats=settings.hsm_daily_limit_sats
+    )
     if decision.refused is not None:
         return JSONResponse(
             status_code=422,

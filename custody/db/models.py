@@ -276,3 +276,29 @@ class SigningRequest(SQLModel, table=True):
     created_by: str = Field(sa_column=Column(String(120), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class Approval(SQLModel, table=True):
+    """A bank approver's sign-off on one exact transaction (its unsigned txid)."""
+
+    __table_args__ = (
+        UniqueConstraint("request_id", "principal_id", "unsigned_txid", name="uq_approval_once"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    request_id: int = Field(foreign_key="signingrequest.id", index=True)
+    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False))
+    principal_id: int = Field(foreign_key="principal.id")
+    principal: str = Field(sa_column=Column(String(160), nullable=False))  # "role:name"
+    role: str = Field(sa_column=Column(String(32), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class SignerUsage(SQLModel, table=True):
+    """What the bank's signer signed, for its daily velocity limit."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    signer: str = Field(sa_column=Column(String(120), nullable=False, index=True))
+    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False))
+    sats: int = Field(sa_column=Column(BigInteger, nullable=False))
+    at: datetime = Field(nullable=False, index=True)

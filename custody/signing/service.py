@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from custody.audit.service import record
 from custody.auth.policy import ensure_can_view, require_role
@@ -24,6 +25,7 @@ from custody.bitcoin.descriptors import CollateralDescriptor
 from custody.bitcoin.keys import HDKey
 from custody.chain.rpc import RpcTxAlreadyKnown
 from custody.db.models import (
+    Approval,
     CollateralAddress,
     Deposit,
     DepositState,
@@ -33,6 +35,7 @@ from custody.db.models import (
     LoanState,
     RequestState,
     Role,
+    SignerUsage,
     SigningAction,
     SigningRequest,
     utcnow,
@@ -61,6 +64,13 @@ from custody.signing.psbt import (
     merge_signatures,
     signers_per_input,
     unsigned_txid,
+)
+from hsm.boundary import (
+    Authorization,
+    approvals_from,
+    check_authorization,
+    check_velocity,
+    input_total,
 )
 
 REQUIRED_SEATS: dict[SigningAction, tuple[KeyRole, KeyRole]] = {
@@ -491,6 +501,14 @@ def add_signatures(
     inputs = request_inputs(req)
     new = check_upload(req.psbt, uploaded, descriptor, inputs)
     per_input = _seat_of_pubkeys(session, loan, descriptor, inputs)
+    bank_signs = any(
+        per_input[i].get(pub) == KeyRole.bank for i, sigs in new.items() for pub in sigs
+    )
+    if bank_signs and via != "hsm" and not _approved(session, req):
+        raise Conflict(
+            "the bank's signature needs a bank approver's approval of this "
+            "transaction first (4-eyes)"
+        )
     seats_now = sorted({per_input[i][pub].value for i, sigs in new.items() for pub in sigs})
     req.psbt = merge_signatures(req.psbt, new)
     done = _signed_seats(req, per_input)
@@ -520,6 +538,19 @@ def add_signatures(
     if req.state == RequestState.ready:
         _finalize_and_broadcast(session, ctx.actor, req, chain)
     return req
+
+
+def _approved(session: Session, req: SigningRequest) -> bool:
+    return (
+        session.exec(
+            select(Approval.id).where(
+                Approval.request_id == req.id,
+                Approval.unsigned_txid == req.unsigned_txid,
+                Approval.principal != req.created_by,
+            )
+        ).first()
+        is not None
+    )
 
 
 def _finalize_and_broadcast(
@@ -793,7 +824,7 @@ def bank_hsm_key(session: Session, loan_id: int) -> LoanKey:
     return key
 
 
-# -- the bank's HSM signature --------------------------------------------------------
+# -- 4-eyes approval and the bank's HSM signature --------------------------------------
 
 
 @dataclass(frozen=True)
@@ -806,30 +837,116 @@ class HsmDecision:
     check: str | None = None
 
 
-def hsm_sign(
+class _DbLedger:
+    """The in-process signer's velocity ledger, in the service's database."""
+
+    def __init__(self, session: Session, signer: str) -> None:
+        self.session, self.signer = session, signer
+
+    def signed_since(self, since: datetime) -> int:
+        total = self.session.exec(
+            select(func.coalesce(func.sum(SignerUsage.sats), 0)).where(
+                SignerUsage.signer == self.signer, col(SignerUsage.at) >= since
+            )
+        ).one()
+        return int(total)
+
+    def add(self, unsigned_txid: str, sats: int, at: datetime) -> None:
+        self.session.add(
+            SignerUsage(signer=self.signer, unsigned_txid=unsigned_txid, sats=sats, at=at)
+        )
+
+
+def _authorization(session: Session, req: SigningRequest) -> Authorization:
+    rows = session.exec(
+        select(Approval.principal, Approval.role, Approval.unsigned_txid).where(
+            Approval.request_id == req.id
+        )
+    ).all()
+    role = req.created_by.split(":", 1)[0]
+    return Authorization(
+        requested_by=req.created_by,
+        requester_role=role,
+        approvals=approvals_from(rows),
+        risk_evidence=evidence(req).get("risk") if role == "risk_engine" else None,
+    )
+
+
+def approve(
     session: Session,
     ctx: Context,
     request_id: int,
     signer: Any,
     chain: Chain,
     fees: FeePolicy,
+    *,
+    daily_limit_sats: int,
 ) -> HsmDecision:
-    """Have the bank's HSM key sign. The signer checks the PSBT against the loan's own
-    records and the approved action itself (hsm.policy) before any signature."""
+    """A bank approver signs off on this exact transaction (4-eyes: the requester cannot).
+    If the loan's bank key is in the HSM, the HSM then signs, after its own checks."""
+    req = get_request(session, ctx, request_id)
+    require_role(ctx.principal, Role.bank_approver)
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    if loan.bank_party_id != ctx.principal.party_id:
+        raise NotFound(f"signing request {request_id} not found")
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(f"signing request {request_id} is {req.state}: nothing to approve")
+    if KeyRole.bank.value not in req.required_seats.split(","):
+        raise Conflict(f"a {req.action} is not signed by the bank")
+    if ctx.actor == req.created_by:
+        raise Conflict("the requester cannot approve their own request (4-eyes)")
+    already = session.exec(
+        select(Approval.id).where(
+            Approval.request_id == req.id,
+            Approval.principal == ctx.actor,
+            Approval.unsigned_txid == req.unsigned_txid,
+        )
+    ).first()
+    if already is None:
+        session.add(
+            Approval(
+                request_id=req.id or 0,
+                unsigned_txid=req.unsigned_txid,
+                principal_id=ctx.principal.id or 0,
+                principal=ctx.actor,
+                role=str(ctx.principal.role),
+            )
+        )
+        record(
+            session,
+            actor=ctx.actor,
+            action="signing_request.approved",
+            loan_id=loan.id,
+            request_id=req.id,
+            decision="approved",
+            data={"unsigned_txid": req.unsigned_txid},
+        )
+    key = session.exec(
+        select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == KeyRole.bank)
+    ).first()
+    if key is None or key.hsm_key_label is None:
+        return HsmDecision(req)  # the bank signs on its own device and uploads
+    return _hsm_sign(session, ctx, req, loan, key, signer, chain, fees, daily_limit_sats)
+
+
+def _hsm_sign(
+    session: Session,
+    ctx: Context,
+    req: SigningRequest,
+    loan: Loan,
+    key: LoanKey,
+    signer: Any,
+    chain: Chain,
+    fees: FeePolicy,
+    daily_limit_sats: int,
+) -> HsmDecision:
     from hsm.policy import ApprovedAction, LoanContext, PolicyViolation
     from hsm.psbt_signing import sign_psbt_with_report
 
-    req = get_request(session, ctx, request_id)
-    require_role(ctx.principal, Role.bank_approver)
-    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
-        raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
-    if KeyRole.bank.value not in req.required_seats.split(","):
-        raise Conflict(f"a {req.action} is not signed by the bank")
     if signer is None:
         raise UpstreamUnavailable("no HSM is configured for this service")
-    loan = session.get(Loan, req.loan_id)
-    assert loan is not None and loan.descriptor is not None
-    key = bank_hsm_key(session, loan.id or 0)
+    assert loan.descriptor is not None and key.hsm_key_label is not None
     collateral = {
         (dep.txid, dep.vout): (dep.amount_sats, addr.index, addr.change)
         for dep, addr in session.exec(
@@ -858,7 +975,12 @@ def hsm_sign(
         max_fee_sats=fees.max_fee_sats,
         max_fee_rate_sat_vb=fees.ceiling_sat_vb,
     )
+    ledger = _DbLedger(session, str(getattr(signer, "name", "hsm")))
+    now = datetime.now(UTC)
     try:
+        who = check_authorization(req.psbt, _authorization(session, req))
+        amount = input_total(req.psbt)
+        check_velocity(ledger, amount, daily_limit_sats, now)
         signed = sign_psbt_with_report(signer, req.psbt, loan_ctx, approved)
     except PolicyViolation as refusal:
         record(
@@ -872,6 +994,7 @@ def hsm_sign(
             data={"check": refusal.check, "signer": "pkcs11", "key": key.hsm_key_label},
         )
         return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+    ledger.add(req.unsigned_txid, amount, now)
     record(
         session,
         actor=ctx.actor,
@@ -879,11 +1002,13 @@ def hsm_sign(
         loan_id=loan.id,
         request_id=req.id,
         decision="signed",
+        reason=who,
         data={
             "signer": "pkcs11",
             "key": key.hsm_key_label,
             "checks": list(signed.report.checks),
             "fee_sats": signed.report.fee_sats,
+            "sats": amount,
         },
     )
-    return HsmDecision(add_signatures(session, ctx, request_id, signed.psbt, chain, via="hsm"))
+    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed.psbt, chain, via="hsm"))

@@ -223,10 +223,10 @@ CASES: list[Case] = [
     ),
     Case(
         "POST",
-        "/v1/signing-requests/{request_id}/hsm-sign",
-        lambda w, c: f"/v1/signing-requests/{c['request']}/hsm-sign",
-        # Past the rules: this loan's bank key is an xpub, so there is nothing for the HSM.
-        _act(("bank_approver",), 409),
+        "/v1/signing-requests/{request_id}/approve",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/approve",
+        # This loan's bank key is an xpub: the approval is recorded, the bank's device signs.
+        _act(("bank_approver",), 200),
         needs="request",
     ),
 ]

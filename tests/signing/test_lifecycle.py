@@ -1,119 +1,27 @@
 """Collateral moving for real: regtest btcd, the watcher, signing requests through the
-HTTP API, embit HD roots standing in for hardware wallets."""
+HTTP API, software HD signers for the miner's and arbiter's devices, SoftHSM2 for the bank."""
 
 from __future__ import annotations
 
 import base64
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from embit import bip32
-from embit.networks import NETWORKS
-from sqlalchemy.engine import Engine
-from support.world import World, build_world, hd_key
+from support.lending import (
+    COLLATERAL,
+    bank_sign,
+    funded_loan,
+    request,
+    sign,
+    the_psbt,
+    upload,
+)
+from support.world import World
 
-from custody.chain.watcher import Watcher, WatcherConfig
-from hsm.pkcs11_backend import Pkcs11Signer
-from hsm.software import SoftwareHDSigner
+from custody.chain.watcher import Watcher
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
-
-COLLATERAL = 50_000_000
-
-
-@dataclass
-class Funded:
-    loan: dict[str, Any]
-    roots: dict[str, bip32.HDKey]
-    deposit: tuple[str, int]
-
-
-@pytest.fixture
-def world(engine: Engine, regtest_node: RegtestNode, pkcs11_signer: Pkcs11Signer) -> World:
-    """The bank's key lives in a real SoftHSM2 token unless a test says otherwise."""
-    return build_world(engine, chain=regtest_node.rpc, hsm=pkcs11_signer)
-
-
-@pytest.fixture
-def watcher(engine: Engine, regtest_node: RegtestNode) -> Watcher:
-    w = Watcher(
-        engine,
-        regtest_node.rpc,
-        config=WatcherConfig(start_height=regtest_node.rpc.get_block_count() + 1),
-    )
-    w.acquire()
-    yield w
-    w.release()
-
-
-def funded_loan(
-    world: World, node: RegtestNode, watcher: Watcher, *, hsm_bank: bool = True, **terms: Any
-) -> Funded:
-    """An active loan with one confirmed deposit. The test holds the miner's and arbiter's
-    keys (and the bank's when `hsm_bank` is False); otherwise the bank's is in the HSM."""
-    seats = ("miner", "arbiter") if hsm_bank else ("miner", "bank", "arbiter")
-    seeds = {seat: os.urandom(32) for seat in seats}
-    body = {
-        "required_collateral_sats": COLLATERAL,
-        "required_confirmations": 1,
-        "miner_return_address": random_p2wpkh_address(),
-        "bank_liquidation_address": random_p2wpkh_address(),
-    }
-    body.update(terms)
-    loan = world.create_loan(**body)
-    for seat, seed in seeds.items():
-        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
-    if hsm_bank:
-        r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
-        assert r.status_code == 201, r.text
-    loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
-    assert loan["state"] == "awaiting_deposit"
-    deposit = node.faucet.pay(loan["collateral_address"], COLLATERAL)
-    node.mine(1)
-    watcher.step()
-    loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
-    assert loan["state"] == "active"
-    return Funded(loan, {s: regtest_root(seed) for s, seed in seeds.items()}, deposit)
-
-
-def regtest_root(seed: bytes) -> bip32.HDKey:
-    return bip32.HDKey.from_seed(seed, version=NETWORKS["regtest"]["xprv"])
-
-
-def sign(psbt_b64: str, root: bip32.HDKey) -> str:
-    """The miner's or arbiter's device: the software HD signer (embit, regtest only)."""
-    return SoftwareHDSigner(root, "regtest").sign_psbt(psbt_b64)
-
-
-def request(world: World, who: str, loan_id: int, **body: Any) -> dict[str, Any]:
-    r = world.call(who, "POST", f"/v1/loans/{loan_id}/signing-requests", json=body)
-    assert r.status_code == 201, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
-
-def upload(world: World, who: str, rid: int, psbt_b64: str, *, binary: bool = False) -> Any:
-    if binary:
-        return world.client.post(
-            f"/v1/signing-requests/{rid}/signatures",
-            content=base64.b64decode(psbt_b64),
-            headers={**world.h(who), "Content-Type": "application/octet-stream"},
-        )
-    return world.call(
-        who, "POST", f"/v1/signing-requests/{rid}/signatures", json={"psbt": psbt_b64}
-    )
-
-
-def bank_sign(world: World, rid: int) -> Any:
-    """The bank approver has the bank's HSM key sign (the signer checks policy first)."""
-    return world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/hsm-sign")
-
-
-def the_psbt(world: World, who: str, rid: int) -> str:
-    psbt: str = world.call(who, "GET", f"/v1/signing-requests/{rid}/psbt").json()["psbt"]
-    return psbt
 
 
 def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
@@ -136,6 +44,11 @@ def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
     )
     assert r.status_code == 200, r.text
     assert r.json()["signed_seats"] == ["miner"] and r.json()["state"] == "awaiting_signatures"
+    # 4-eyes before the bank's device signs: without an approval the upload is refused.
+    early = sign(the_psbt(world, "miner", req["id"]), f.roots["bank"])
+    r = upload(world, "bank_operator", req["id"], early)
+    assert r.status_code == 409 and "approv" in r.json()["message"]
+    assert bank_sign(world, req["id"]).status_code == 200  # approval only: no HSM key here
     binary = world.call("bank_operator", "GET", f"/v1/signing-requests/{req['id']}/psbt.bin")
     assert binary.headers["content-type"] == "application/octet-stream"
     bank_signed = sign(base64.b64encode(binary.content).decode(), f.roots["bank"])

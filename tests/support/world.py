@@ -112,8 +112,9 @@ def build_world(
     hsm: LoanKeyGenerator | None = None,
     chain: Any = None,
     network: str = "regtest",
+    **settings_overrides: Any,
 ) -> World:
-    settings = Settings(network=network, database_url="sqlite://", _env_file=None)  # type: ignore[call-arg]
+    settings = Settings(network=network, database_url="sqlite://", **settings_overrides)
     party_ids: dict[str, int] = {}
     api_keys: dict[str, str] = {}
     with transaction(engine) as session:
