@@ -13,7 +13,9 @@ from custody.db.models import KeyRole, Loan, Principal, Role
 from custody.errors import Forbidden, NotFound
 
 BANK_STAFF = frozenset({Role.bank_operator, Role.bank_approver})
-READ_ALL = frozenset({Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin})
+READ_ALL = frozenset(
+    {Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin, Role.risk_engine}
+)
 
 
 def require_role(principal: Principal, *roles: Role) -> None:

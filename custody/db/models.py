@@ -27,6 +27,7 @@ class Role(StrEnum):
     arbiter = "arbiter"
     auditor = "auditor"
     admin = "admin"
+    risk_engine = "risk_engine"  # the automation; has no API key
 
 
 class PartyKind(StrEnum):
@@ -110,6 +111,7 @@ class Loan(SQLModel, table=True):
         default=0, sa_column=Column(BigInteger, nullable=False, server_default="0")
     )
     repaid_at: datetime | None = Field(default=None)
+    margin_call_at: datetime | None = Field(default=None)  # start of the cure window
 
     created_by: int = Field(foreign_key="principal.id")
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
@@ -302,3 +304,17 @@ class SignerUsage(SQLModel, table=True):
     unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False))
     sats: int = Field(sa_column=Column(BigInteger, nullable=False))
     at: datetime = Field(nullable=False, index=True)
+
+
+import custody.notify.models  # noqa: E402, F401  (webhook tables live beside their code)
+
+
+class PriceRecord(SQLModel, table=True):
+    """A BTC/RUB price set by bank staff (the manual source), kept with who and when."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    price_rub_per_btc: str = Field(sa_column=Column(String(40), nullable=False))
+    source: str = Field(sa_column=Column(String(120), nullable=False))
+    quoted_at: datetime = Field(nullable=False)
+    set_by: str = Field(sa_column=Column(String(160), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)

@@ -79,11 +79,11 @@ REQUIRED_SEATS: dict[SigningAction, tuple[KeyRole, KeyRole]] = {
     SigningAction.liquidation: (KeyRole.bank, KeyRole.arbiter),
     SigningAction.partial_liquidation: (KeyRole.bank, KeyRole.arbiter),
 }
-WHO_REQUESTS: dict[SigningAction, Role] = {
-    SigningAction.release: Role.bank_operator,  # the bank records the repayment
-    SigningAction.dispute_release: Role.arbiter,  # the bank does not cooperate
-    SigningAction.liquidation: Role.bank_operator,
-    SigningAction.partial_liquidation: Role.bank_operator,
+WHO_REQUESTS: dict[SigningAction, tuple[Role, ...]] = {
+    SigningAction.release: (Role.bank_operator,),  # the bank records the repayment
+    SigningAction.dispute_release: (Role.arbiter,),  # the bank does not cooperate
+    SigningAction.liquidation: (Role.bank_operator, Role.risk_engine),
+    SigningAction.partial_liquidation: (Role.bank_operator, Role.risk_engine),
 }
 FROM_STATES: dict[SigningAction, frozenset[LoanState]] = {
     SigningAction.release: frozenset({LoanState.active, LoanState.margin_call}),
@@ -136,6 +136,7 @@ class RequestParams:
     price_rub_per_btc: Decimal | None = None
     price_source: str | None = None
     target_ltv_bps: int | None = None
+    risk_evidence: dict[str, Any] | None = None  # automatic liquidation: price quote and LTV
 
 
 # -- reading ------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def create_request(
     fees: FeePolicy,
 ) -> SigningRequest:
     loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
-    require_role(ctx.principal, WHO_REQUESTS[params.action])
+    require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
         raise NotFound(f"loan {loan_id} not found")
     slot = f"loan:{loan_id}"
@@ -337,6 +338,8 @@ def create_request(
     fee_rate, fee_note = _fee_rate(params, chain, fees)
     split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
     ev["fee_rate_note"] = fee_note
+    if params.risk_evidence is not None:
+        ev["risk"] = params.risk_evidence
     if split.fee > fees.max_fee_sats:
         raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
     return _store(
@@ -494,7 +497,10 @@ def add_signatures(
     req = get_request(session, ctx, request_id)
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
-    require_role(ctx.principal, Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver)
+    if via != "hsm":  # the HSM path was authorised by the signer's own boundary checks
+        require_role(
+            ctx.principal, Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver
+        )
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
         raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
     descriptor = loan_descriptor(session, loan, ctx.network)
@@ -603,7 +609,7 @@ def retry_broadcast(
 
 def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
     req = get_request(session, ctx, request_id)
-    require_role(ctx.principal, WHO_REQUESTS[SigningAction(req.action)])
+    require_role(ctx.principal, *WHO_REQUESTS[SigningAction(req.action)])
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
         raise Conflict(
             f"signing request {request_id} is {req.state}: only an unbroadcast request can be "
@@ -638,7 +644,7 @@ def bump_fee(
     """A replacement (BIP-125) of a broadcast request at a higher fee rate: same inputs,
     same action, a new PSBT that needs its signatures again."""
     old = get_request(session, ctx, request_id)
-    require_role(ctx.principal, WHO_REQUESTS[SigningAction(old.action)])
+    require_role(ctx.principal, *WHO_REQUESTS[SigningAction(old.action)])
     if old.state != RequestState.broadcast:
         raise Conflict(
             f"signing request {request_id} is {old.state}: only a broadcast one is bumped"
@@ -927,10 +933,10 @@ def approve(
     ).first()
     if key is None or key.hsm_key_label is None:
         return HsmDecision(req)  # the bank signs on its own device and uploads
-    return _hsm_sign(session, ctx, req, loan, key, signer, chain, fees, daily_limit_sats)
+    return hsm_sign(session, ctx, req, loan, key, signer, chain, fees, daily_limit_sats)
 
 
-def _hsm_sign(
+def hsm_sign(
     session: Session,
     ctx: Context,
     req: SigningRequest,

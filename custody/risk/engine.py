@@ -1,0 +1,264 @@
+"""The risk engine: on every pass, every open loan's LTV at the current price, moved
+along the ladder; a liquidation is built, signed by the bank's HSM under its policy
+(with the price quote and LTV as evidence instead of human approvals), and left for
+the arbiter's signature.
+
+A pass does nothing automatic when the price is not trustworthy (stale, or sources
+disagree): it says why, once, in the audit log and in its report."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+import structlog
+from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, func, select
+
+from custody.audit.service import record
+from custody.config import NetworkName
+from custody.db.models import (
+    Deposit,
+    DepositState,
+    KeyRole,
+    Loan,
+    LoanKey,
+    LoanState,
+    Principal,
+    Role,
+    SigningAction,
+    SigningRequest,
+    utcnow,
+)
+from custody.db.session import transaction
+from custody.loans.debt import outstanding_debt_kopecks
+from custody.loans.service import Context
+from custody.risk.ladder import LoanPosition, Move, evaluate
+from custody.signing import service as signing
+
+log = structlog.get_logger(__name__)
+ACTOR = "risk_engine:auto"
+
+
+class Quote(Protocol):
+    price_rub_per_btc: Decimal
+    source: str
+    quoted_at: datetime
+
+
+class ConsensusLike(Protocol):
+    @property
+    def quote(self) -> Any: ...
+    @property
+    def usable(self) -> bool: ...
+    @property
+    def reason(self) -> str | None: ...
+
+
+class Prices(Protocol):
+    def consensus(self) -> ConsensusLike: ...
+
+
+Notify = Callable[[Session, Loan, str, dict[str, Any]], None]
+
+
+@dataclass
+class RiskReport:
+    paused: str | None = None
+    price: str | None = None
+    loans: int = 0
+    margin_calls: list[int] = field(default_factory=list)
+    cured: list[int] = field(default_factory=list)
+    liquidations: list[int] = field(default_factory=list)  # signing request ids
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def _robot() -> Principal:
+    return Principal(
+        id=None, name="auto", role=Role.risk_engine, party_id=None, key_hash="-", key_prefix="-"
+    )
+
+
+class RiskEngine:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        network: NetworkName,
+        prices: Prices,
+        chain: signing.Chain,
+        signer: Any,
+        fees: signing.FeePolicy,
+        daily_limit_sats: int,
+        notify: Notify | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.engine, self.network, self.prices = engine, network, prices
+        self.chain, self.signer, self.fees = chain, signer, fees
+        self.daily_limit_sats, self.notify, self.clock = daily_limit_sats, notify, clock
+        self._paused: str | None = None
+
+    def run_once(self) -> RiskReport:
+        report = RiskReport()
+        now = self.clock()
+        consensus = self.prices.consensus()
+        if not consensus.usable or consensus.quote is None:
+            reason = consensus.reason or "no usable price"
+            report.paused = reason
+            if reason != self._paused:  # say it once per change, not every pass
+                with transaction(self.engine) as session:
+                    record(
+                        session, actor=ACTOR, action="risk.paused", decision="paused", reason=reason
+                    )
+                log.warning("automatic liquidation paused", reason=reason)
+            self._paused = reason
+            return report
+        if self._paused is not None:
+            with transaction(self.engine) as session:
+                record(session, actor=ACTOR, action="risk.resumed", reason="price usable again")
+            self._paused = None
+        quote = consensus.quote
+        report.price = f"{quote.price_rub_per_btc} ({quote.source})"
+        with Session(self.engine) as session:
+            loan_ids = list(
+                session.exec(
+                    select(Loan.id).where(
+                        col(Loan.state).in_([LoanState.active, LoanState.margin_call])
+                    )
+                ).all()
+            )
+        report.loans = len(loan_ids)
+        for loan_id in loan_ids:
+            assert loan_id is not None
+            try:
+                with transaction(self.engine) as session:
+                    self._one(session, loan_id, quote, now, report)
+            except Exception as exc:  # one loan's trouble must not stop the others
+                report.errors[loan_id] = f"{type(exc).__name__}: {exc}"
+                log.error("risk pass failed for a loan", loan_id=loan_id, error=str(exc))
+        return report
+
+    def _one(
+        self, session: Session, loan_id: int, quote: Quote, now: datetime, report: RiskReport
+    ) -> None:
+        loan = session.get(Loan, loan_id)
+        if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
+            return
+        collateral = session.exec(
+            select(func.coalesce(func.sum(Deposit.amount_sats), 0)).where(
+                Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
+            )
+        ).one()
+        debt = outstanding_debt_kopecks(loan, now)
+        maturity = _aware(loan.maturity_at)
+        position = LoanPosition(
+            state=str(loan.state),
+            debt_kopecks=debt,
+            collateral_sats=int(collateral),
+            margin_call_ltv_bps=loan.margin_call_ltv_bps,
+            liquidation_ltv_bps=loan.liquidation_ltv_bps,
+            cure_window=timedelta(hours=loan.cure_window_hours),
+            maturity_at=maturity,
+            margin_call_since=_aware(loan.margin_call_at) if loan.margin_call_at else None,
+        )
+        decision = evaluate(position, quote.price_rub_per_btc, now)
+        evidence = {
+            "price_rub_per_btc": str(quote.price_rub_per_btc),
+            "price_source": quote.source,
+            "quoted_at": _aware(quote.quoted_at).isoformat(),
+            "ltv_bps": decision.ltv_bps,
+            "debt_kopecks": debt,
+            "collateral_sats": int(collateral),
+            "reason": decision.reason,
+        }
+        if decision.move == Move.margin_call:
+            self._move(session, loan, LoanState.margin_call, decision.reason, evidence)
+            loan.margin_call_at = now
+            report.margin_calls.append(loan_id)
+            self._notify(session, loan, "loan.margin_call", evidence)
+        elif decision.move == Move.cure:
+            self._move(session, loan, LoanState.active, decision.reason, evidence)
+            loan.margin_call_at = None
+            report.cured.append(loan_id)
+        elif decision.move == Move.liquidate:
+            report.liquidations.append(self._liquidate(session, loan, quote, evidence))
+
+    def _liquidate(
+        self, session: Session, loan: Loan, quote: Quote, evidence: dict[str, Any]
+    ) -> int:
+        ctx = Context(principal=_robot(), network=self.network)
+        params = signing.RequestParams(
+            action=SigningAction.liquidation,
+            price_rub_per_btc=quote.price_rub_per_btc,
+            price_source=quote.source,
+            risk_evidence={**evidence, "ltv_bps": evidence["ltv_bps"] or 0},
+        )
+        req = signing.create_request(session, ctx, loan.id or 0, params, self.chain, self.fees)
+        self._notify(
+            session,
+            loan,
+            "liquidation.started",
+            {**evidence, "request_id": req.id, "unsigned_txid": req.unsigned_txid},
+        )
+        key = session.exec(
+            select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == KeyRole.bank)
+        ).first()
+        if key is not None and key.hsm_key_label is not None:
+            decision = signing.hsm_sign(
+                session,
+                ctx,
+                req,
+                loan,
+                key,
+                self.signer,
+                self.chain,
+                self.fees,
+                self.daily_limit_sats,
+            )
+            if decision.refused:
+                log.error(
+                    "bank signer refused an automatic liquidation",
+                    loan_id=loan.id,
+                    check=decision.check,
+                    reason=decision.refused,
+                )
+        self._notify(
+            session,
+            loan,
+            "signature.needed",
+            {"request_id": req.id, "seat": "arbiter", "action": "liquidation"},
+        )
+        assert req.id is not None
+        return req.id
+
+    def _move(
+        self, session: Session, loan: Loan, to: LoanState, reason: str, evidence: dict[str, Any]
+    ) -> None:
+        before = str(loan.state)
+        loan.state, loan.updated_at = to, utcnow()
+        session.add(loan)
+        record(
+            session,
+            actor=ACTOR,
+            action="loan.state_changed",
+            loan_id=loan.id,
+            reason=reason,
+            data={"from": before, "to": to.value, **evidence},
+        )
+
+    def _notify(self, session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
+        if self.notify is not None:
+            self.notify(session, loan, event, {"loan_id": loan.id, **data})
+
+
+def open_liquidation(session: Session, loan_id: int) -> SigningRequest | None:
+    return session.exec(
+        select(SigningRequest).where(SigningRequest.open_key == f"loan:{loan_id}")
+    ).first()
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
