@@ -1,4 +1,4 @@
-"""risk: margin call time and manual prices
+"""risk (margin call time, manual prices) and webhooks (webhook, outbox)
 
 Revision ID: 0005
 Revises: 0004
