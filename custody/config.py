@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
     hsm_token_label: str = "custody-bank"
     hsm_pin: SecretStr = SecretStr("")
+    # Separate-process mode: the signer is `hsm serve` at this loopback/https URL.
+    hsm_url: str | None = None
+    hsm_serve_token: SecretStr = SecretStr("")
 
     # Deposit watcher. A deposit counts after `confirmations_small` blocks, or
     # `confirmations_large` from `large_deposit_sats` up, unless the loan says otherwise.

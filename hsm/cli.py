@@ -129,3 +129,7 @@ def serve(
     finally:
         signer.close()
         registry.close()
+
+
+if __name__ == "__main__":  # `python -m hsm.cli serve`, as tests start it
+    app()

@@ -224,17 +224,24 @@ class RemoteSigner:
         loan_ref: str,
         psbt_b64: str,
         action: dict[str, Any],
-        approvals: list[Any],
+        authorization: dict[str, Any],
     ) -> tuple[str, dict[str, Any]]:
         """Ask the signer to check and sign; returns (signed PSBT, the signer's report).
 
         `action` holds the ApprovedAction evidence (action, debt_kopecks,
         price_rub_per_btc, target_ltv_bps, change_address_index); the signer applies
-        its own fee caps and velocity limit. Refusals raise PolicyViolation."""
+        its own fee caps and velocity limit. `authorization` says who asked and who
+        approved which txid (or carries the risk engine's evidence); the signer checks it
+        against the PSBT itself. Refusals raise PolicyViolation."""
         body = self._call(
             "POST",
             "/sign",
-            {"loan_ref": loan_ref, "psbt": psbt_b64, "action": action, "approvals": approvals},
+            {
+                "loan_ref": loan_ref,
+                "psbt": psbt_b64,
+                "action": action,
+                "authorization": authorization,
+            },
         )
         signed = body.get("psbt")
         report = body.get("report")

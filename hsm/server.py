@@ -38,6 +38,7 @@ from custody.bitcoin.descriptors import CollateralDescriptor, parse_collateral_d
 from custody.bitcoin.keys import FixedKey, HDKey
 from custody.bitcoin.network import check_network
 from custody.errors import CustodyError, InvalidInput
+from hsm.boundary import Approval, Authorization, check_authorization
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.policy import (
     MAX_PSBT_BASE64_CHARS,
@@ -100,11 +101,27 @@ class ActionBody(_Body):
     change_address_change: bool = False
 
 
+class ApprovalBody(_Body):
+    principal: str = Field(min_length=1, max_length=160)
+    role: str = Field(min_length=1, max_length=32)
+    unsigned_txid: str = Field(min_length=64, max_length=64)
+
+
+class AuthorizationBody(_Body):
+    """Who asked and who approved (or the risk engine's evidence): checked by
+    hsm.boundary.check_authorization against the PSBT's own txid."""
+
+    requested_by: str = Field(min_length=1, max_length=160)
+    requester_role: str = Field(min_length=1, max_length=32)
+    approvals: list[ApprovalBody] = Field(default_factory=list, max_length=32)
+    risk_evidence: dict[str, Any] | None = None
+
+
 class SignRequest(_Body):
     loan_ref: str = Field(min_length=1, max_length=64)
     psbt: str = Field(min_length=1, max_length=MAX_PSBT_BASE64_CHARS)
     action: ActionBody
-    approvals: list[Any] = Field(default_factory=list, max_length=32)
+    authorization: AuthorizationBody
 
 
 # --------------------------------------------------------------------------- auth
@@ -160,15 +177,8 @@ def _key_body(info: HsmKeyInfo) -> dict[str, Any]:
     }
 
 
-def _collateral_from_psbt(
-    psbt_b64: str, descriptor: CollateralDescriptor
-) -> tuple[dict[tuple[str, int], tuple[int, int, bool]], str]:
-    """The collateral the PSBT claims to spend, with amounts PROVEN by the previous
-    transactions (hashed to the outpoint txid) and the (index, change) path read
-    from the inputs' BIP-32 derivations. The policy then checks every script
-    derives from the loan's descriptor at that path, so a lie here is refused there.
-
-    Returns (collateral, unsigned txid)."""
+def _parse_psbt(psbt_b64: str) -> tuple[PSBT, str]:
+    """The PSBT and its unsigned txid (the key of the decisions log and of velocity)."""
     try:
         psbt = PSBT.from_string(psbt_b64.strip())
         txid: str = psbt.tx.txid().hex()
@@ -176,6 +186,16 @@ def _collateral_from_psbt(
         raise PolicyViolation(
             "psbt_format", f"the PSBT cannot be parsed ({type(exc).__name__})"
         ) from None
+    return psbt, txid
+
+
+def _collateral_from_psbt(
+    psbt: PSBT, descriptor: CollateralDescriptor
+) -> dict[tuple[str, int], tuple[int, int, bool]]:
+    """The collateral the PSBT claims to spend, with amounts PROVEN by the previous
+    transactions (hashed to the outpoint txid) and the (index, change) path read
+    from the inputs' BIP-32 derivations. The policy then checks every script
+    derives from the loan's descriptor at that path, so a lie here is refused there."""
     hd_keys = descriptor.hd_keys
     collateral: dict[tuple[str, int], tuple[int, int, bool]] = {}
     for n, inp in enumerate(psbt.inputs):
@@ -197,7 +217,7 @@ def _collateral_from_psbt(
             )
         amount = int(prev.vout[inp.vout].value)
         collateral[outpoint] = (amount, *_input_path(inp.bip32_derivations, hd_keys, where))
-    return collateral, txid
+    return collateral
 
 
 def _input_path(derivations: dict[Any, Any], hd_keys: list[HDKey], where: str) -> tuple[int, bool]:
@@ -363,10 +383,11 @@ def create_signer_app(
     def sign(body: SignRequest) -> Response:
         detail: dict[str, Any] = {
             "action": body.action.model_dump(mode="json"),
-            "approvals": body.approvals,
+            "authorization": body.authorization.model_dump(mode="json"),
         }
         txid: str | None = None
         try:
+            psbt, txid = _parse_psbt(body.psbt)
             loan = _loan(body.loan_ref)
             if loan.descriptor is None:
                 raise PolicyViolation(
@@ -376,7 +397,7 @@ def create_signer_app(
                 loan.descriptor,
                 check_network(loan.network),
             )
-            collateral, txid = _collateral_from_psbt(body.psbt, descriptor)
+            collateral = _collateral_from_psbt(psbt, descriptor)
             ctx = LoanContext(
                 network=check_network(loan.network),
                 descriptor=loan.descriptor,
@@ -397,6 +418,18 @@ def create_signer_app(
                 max_fee_rate_sat_vb=max_fee_rate_sat_vb,
             )
             report = check_psbt(body.psbt, ctx, approved)
+            auth = body.authorization
+            detail["authorized"] = check_authorization(
+                body.psbt,
+                Authorization(
+                    requested_by=auth.requested_by,
+                    requester_role=auth.requester_role,
+                    approvals=tuple(
+                        Approval(a.principal, a.role, a.unsigned_txid) for a in auth.approvals
+                    ),
+                    risk_evidence=auth.risk_evidence,
+                ),
+            )
             with sign_lock:
                 now = datetime.now(UTC)
                 used = registry.signed_since(now - _WINDOW, excluding_txid=txid)

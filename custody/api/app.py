@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
 from custody.api.routes import router
+from custody.bank_hsm import as_bank_hsm
 from custody.config import Settings
 from custody.errors import CustodyError
-from custody.loans.service import LoanKeyGenerator
 from custody.signing.service import Chain
 
 log = structlog.get_logger(__name__)
@@ -30,7 +30,7 @@ def create_app(
     settings: Settings,
     engine: Engine,
     *,
-    hsm: LoanKeyGenerator | None = None,
+    hsm: Any = None,
     chain: Chain | None = None,
 ) -> FastAPI:
     app = FastAPI(
@@ -42,7 +42,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.hsm = hsm
+    app.state.hsm = as_bank_hsm(hsm)
     app.state.chain = chain
     app.include_router(router)
 

@@ -54,9 +54,18 @@ class HsmKeyEvidence(Protocol):
 
 
 class LoanKeyGenerator(Protocol):
-    """What the loans service needs from the bank's HSM: a fresh key per loan."""
+    """What the loans service needs from the bank's HSM: a fresh key per loan. The
+    loan's payout addresses go with it: a separate signer records them as the only
+    places it will ever pay."""
 
-    def generate_loan_key(self, loan_ref: str) -> HsmKeyEvidence: ...
+    def generate_loan_key(
+        self,
+        loan_ref: str,
+        *,
+        network: str,
+        miner_return_address: str,
+        bank_liquidation_address: str,
+    ) -> HsmKeyEvidence: ...
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,12 @@ def generate_bank_hsm_key(
         raise Conflict("no HSM is configured for this service", field="hsm")
     # A random suffix: if this transaction rolls back, the orphaned HSM key is never
     # mistaken for the key of a later attempt.
-    evidence = hsm.generate_loan_key(f"loan-{loan.id}-{secrets.token_hex(4)}")
+    evidence = hsm.generate_loan_key(
+        f"loan-{loan.id}-{secrets.token_hex(4)}",
+        network=ctx.network,
+        miner_return_address=loan.miner_return_address,
+        bank_liquidation_address=loan.bank_liquidation_address,
+    )
     key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
     return _store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
 

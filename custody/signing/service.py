@@ -20,6 +20,7 @@ from sqlmodel import Session, col, func, select
 
 from custody.audit.service import record
 from custody.auth.policy import ensure_can_view, require_role
+from custody.bank_hsm import RemoteBankHsm, as_bank_hsm, loan_ref_of
 from custody.bitcoin.addresses import address_script_pubkey
 from custody.bitcoin.descriptors import CollateralDescriptor
 from custody.bitcoin.keys import HDKey
@@ -546,6 +547,71 @@ def add_signatures(
     return req
 
 
+def _remote_sign(
+    session: Session,
+    ctx: Context,
+    req: SigningRequest,
+    loan: Loan,
+    key: LoanKey,
+    bank: RemoteBankHsm,
+    chain: Chain,
+) -> HsmDecision:
+    """`hsm serve` checks the PSBT against its own registry, the authorisation against the
+    PSBT's txid and its own daily limit; we only relay the request and its evidence."""
+    from hsm.policy import PolicyViolation
+
+    assert loan.descriptor is not None and key.hsm_key_label is not None
+    loan_ref = loan_ref_of(key.hsm_key_label)
+    ev = evidence(req)
+    auth = _authorization(session, req)
+    action = {
+        "action": str(req.action),
+        "debt_kopecks": ev.get("debt_kopecks"),
+        "price_rub_per_btc": ev.get("price_rub_per_btc"),
+        "target_ltv_bps": ev.get("target_ltv_bps"),
+        "change_address_index": ev.get("change_address_index"),
+    }
+    authorization = {
+        "requested_by": auth.requested_by,
+        "requester_role": auth.requester_role,
+        "approvals": [
+            {"principal": a.principal, "role": a.role, "unsigned_txid": a.unsigned_txid}
+            for a in auth.approvals
+        ],
+        "risk_evidence": auth.risk_evidence,
+    }
+    try:
+        bank.remote.register_descriptor(loan_ref, loan.descriptor)  # once; same value is a no-op
+        signed_psbt, report = bank.remote.sign(loan_ref, req.psbt, action, authorization)
+    except PolicyViolation as refusal:
+        record(
+            session,
+            actor=ctx.actor,
+            action="signer.refused",
+            loan_id=loan.id,
+            request_id=req.id,
+            decision="refused",
+            reason=refusal.reason,
+            data={"check": refusal.check, "signer": "hsm-serve", "key": key.hsm_key_label},
+        )
+        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.signed",
+        loan_id=loan.id,
+        request_id=req.id,
+        decision="signed",
+        data={
+            "signer": "hsm-serve",
+            "key": key.hsm_key_label,
+            "checks": report.get("checks"),
+            "fee_sats": report.get("fee_sats"),
+        },
+    )
+    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed_psbt, chain, via="hsm"))
+
+
 def _approved(session: Session, req: SigningRequest) -> bool:
     return (
         session.exec(
@@ -950,9 +1016,13 @@ def hsm_sign(
     from hsm.policy import ApprovedAction, LoanContext, PolicyViolation
     from hsm.psbt_signing import sign_psbt_with_report
 
-    if signer is None:
+    bank = as_bank_hsm(signer)
+    if bank is None:
         raise UpstreamUnavailable("no HSM is configured for this service")
     assert loan.descriptor is not None and key.hsm_key_label is not None
+    if isinstance(bank, RemoteBankHsm):
+        return _remote_sign(session, ctx, req, loan, key, bank, chain)
+    signer = bank.signer
     collateral = {
         (dep.txid, dep.vout): (dep.amount_sats, addr.index, addr.change)
         for dep, addr in session.exec(

@@ -242,7 +242,7 @@ class _RecordingHsm:
     """The matrix checks who may ask for a key, not the HSM (tested against SoftHSM2
     elsewhere); a fresh random public key per call is all it needs."""
 
-    def generate_loan_key(self, loan_ref: str) -> Any:
+    def generate_loan_key(self, loan_ref: str, **terms: str) -> Any:
         import os
 
         from embit.ec import PrivateKey
