@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from decimal import Decimal
 from typing import Annotated
 
 import typer
@@ -112,6 +114,87 @@ def watch(
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     watcher.run(stop, poll_seconds=settings.watch_poll_seconds)
+
+
+@app.command()
+def risk(
+    once: Annotated[bool, typer.Option(help="one pass, print the report, exit")] = False,
+) -> None:
+    """The risk engine: LTV of every open loan at the median price; margin calls, cures,
+    automatic liquidations (signed by the bank's HSM under its policy)."""
+    import dataclasses
+    import threading
+    from datetime import timedelta
+
+    from custody.hsm_factory import hsm_from_settings
+    from custody.risk.engine import RiskEngine
+    from custody.risk.manual import DbManualPriceSource
+    from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource, PriceSource
+    from custody.signing.service import FeePolicy
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    sources: list[PriceSource] = [DbManualPriceSource(engine)]
+    sources += [
+        HttpJsonPriceSource(c.name, c.url, c.field_path, timeout=c.timeout, time_path=c.time_path)
+        for c in settings.price_sources
+    ]
+    prices = MedianPriceSource(
+        sources,
+        max_age=timedelta(seconds=settings.price_max_age_seconds),
+        max_spread_bps=settings.price_max_spread_bps,
+        min_sources=settings.price_min_sources,
+    )
+    fees = FeePolicy(
+        floor_sat_vb=Decimal(str(settings.fee_rate_floor_sat_vb)),
+        ceiling_sat_vb=Decimal(str(settings.fee_rate_ceiling_sat_vb)),
+        max_fee_sats=settings.max_fee_sats,
+    )
+    engine_ = RiskEngine(
+        engine,
+        network=settings.network,
+        prices=prices,
+        chain=_node(settings),
+        signer=hsm_from_settings(settings),
+        fees=fees,
+        daily_limit_sats=settings.hsm_daily_limit_sats,
+    )
+    if once:
+        typer.echo(json.dumps(dataclasses.asdict(engine_.run_once()), default=str))
+        return
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    while not stop.is_set():
+        report = engine_.run_once()
+        if report.margin_calls or report.cured or report.liquidations or report.errors:
+            typer.echo(json.dumps(dataclasses.asdict(report), default=str))
+        stop.wait(settings.risk_poll_seconds)
+
+
+@app.command()
+def notify() -> None:
+    """Deliver queued webhooks (signed, retried with backoff) until stopped."""
+    import threading
+
+    import httpx
+
+    from custody.notify.delivery import DeliveryWorker
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    with httpx.Client(timeout=10.0, follow_redirects=False) as client:
+        DeliveryWorker(engine, client).run(stop, poll=1.0)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
 
 
 @audit_app.command("verify")

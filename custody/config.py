@@ -9,10 +9,18 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]
+
+
+class HttpPriceSourceConfig(BaseModel):
+    name: str
+    url: str
+    field_path: str
+    time_path: str | None = None
+    timeout: float = 5.0
 
 
 class Settings(BaseSettings):
@@ -58,6 +66,14 @@ class Settings(BaseSettings):
 
     # The bank signer's own ceiling: collateral moved per 24 hours, whatever was approved.
     hsm_daily_limit_sats: int = 10 * 100_000_000
+
+    # Risk engine: the manual price plus these HTTP JSON sources (a JSON list in the
+    # environment), their median, how old a quote may be and how far sources may disagree.
+    price_sources: list[HttpPriceSourceConfig] = Field(default_factory=list)
+    price_max_age_seconds: int = 900
+    price_max_spread_bps: int = 200
+    price_min_sources: int = 1
+    risk_poll_seconds: float = 10.0
 
     # Software (seed-in-memory) signers are for regtest and tests only.
     allow_software_signers: bool = False

@@ -1,40 +1,74 @@
-"""`make demo`: a regtest node, the service on SQLite behind its real HTTP API, a
-SoftHSM2 bank key, and collateral addresses end to end.
+"""`make demo`: the whole lending story on a regtest node, in one command.
 
-Two loans: one whose three keys are hardware-wallet style xpubs, one whose bank
-key is generated inside the HSM. Both get a collateral address, the faucet pays
-them, the watcher sees the deposits in the mempool and then confirmed, the loans
-become active, and the final table is checked against the node itself.
+btcd on regtest, the service on SQLite behind its real HTTP API (loopback), the bank's
+keys in a SoftHSM2 token, and software HD signers playing the miner's and the
+arbiter's hardware wallets. Three loans of 0.5 BTC each:
+
+1. loan 1 is repaid: the bank asks for the release, the miner signs, a second bank
+   employee approves, the HSM signs, the collateral goes back to the miner;
+2. the price falls: loan 2 gets a margin call, the miner tops it up, it is cured;
+3. the price falls further: loan 3 (which ignored its own margin call) crosses the
+   liquidation LTV, the risk engine builds the liquidation, the HSM signs it under its
+   policy (price and LTV as evidence), the arbiter co-signs, the bank receives exactly
+   the debt and the miner the rest.
+
+Every step is narrated; the final table is checked against the node itself (the
+process exits non-zero on any mismatch) and the audit hash chain is verified. On
+failure the node's datadir and the work directory are kept for inspection.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import httpx
 import uvicorn
+from embit import bip32
+from embit.networks import NETWORKS
+from embit.transaction import Transaction
+from sqlmodel import Session
 
 from custody.api.app import create_app
+from custody.api.deps import get_fee_policy
 from custody.audit.service import verify_chain
 from custody.auth.service import create_principal
-from custody.bitcoin.testkeys import make_test_key_text
+from custody.chain.rpc import NodeRpc
 from custody.chain.watcher import Watcher, WatcherConfig
 from custody.config import Settings
 from custody.db.migrate import upgrade
-from custody.db.models import Role
+from custody.db.models import Loan, Role
 from custody.db.session import make_engine, transaction
 from custody.logging import configure_logging
+from custody.notify.events import AUDIENCE, notify_loan
+from custody.risk.engine import RiskEngine, RiskReport
+from custody.risk.prices import ManualPriceSource, MedianPriceSource
+from custody.signing.amounts import ltv_bps, sats_for_kopecks
+from hsm.software import SoftwareHDSigner
+from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode, free_port, wait_until
 
-COLLATERAL_SATS = 50_000_000
+COLLATERAL_SATS = 50_000_000  # 0.5 BTC per loan
+TOP_UP_SATS = 50_000_000  # what the miner adds to cure loan 2's margin call
+START_PRICE = Decimal(6_000_000)  # RUB per BTC
+DROP_1 = Decimal(4_000_000)  # loan 2 at exactly 75%, loan 3 at 77.5%: margin calls
+DROP_2 = Decimal(3_400_000)  # loan 3 at 91.2%: liquidated; loan 2 (1 BTC now) at 44%
+# Principals (kopecks). Loans 2 and 3 carry no interest, so the debt the bank must
+# receive is exact whenever the engine looks at it.
+LOANS = (
+    ("repaid and released", 1_000_000_00, 1_200),
+    ("margin call, cured by a top-up", 1_500_000_00, 0),
+    ("liquidated automatically", 1_550_000_00, 0),
+)
 STEP = [0]
 
 
@@ -45,6 +79,10 @@ def say(text: str) -> None:
 
 def detail(text: str) -> None:
     print(f"     {text}", flush=True)
+
+
+def rub(kopecks: int) -> str:
+    return f"{kopecks // 100:,} RUB"
 
 
 class Api:
@@ -65,16 +103,161 @@ class Api:
         )
 
 
-def serve(settings: Settings, engine: Any, hsm: Any) -> tuple[str, uvicorn.Server]:
+class Device:
+    """A party's signing device: a software HD signer (regtest only) standing in for a
+    hardware wallet. One device per party, one BIP-48 account per loan, as in real life."""
+
+    def __init__(self, who: str) -> None:
+        root = bip32.HDKey.from_seed(os.urandom(32), version=NETWORKS["regtest"]["xprv"])
+        self.who = who
+        self.signer = SoftwareHDSigner(root, "regtest")
+
+    def sign(self, api: Api, request_id: int) -> dict[str, Any]:
+        """Download the request's PSBT, sign it on the device, upload it."""
+        psbt = api(self.who, "GET", f"/v1/signing-requests/{request_id}/psbt")["psbt"]
+        signed = self.signer.sign_psbt(psbt)
+        out: dict[str, Any] = api(
+            self.who, "POST", f"/v1/signing-requests/{request_id}/signatures", json={"psbt": signed}
+        )
+        return out
+
+
+@dataclass
+class Board:
+    """The bank's price desk: a manual price behind the median the risk engine reads."""
+
+    desk: ManualPriceSource = field(default_factory=lambda: ManualPriceSource("manual:desk"))
+    median: MedianPriceSource = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.median = MedianPriceSource(
+            [self.desk], max_age=timedelta(minutes=10), max_spread_bps=200
+        )
+
+    def set(self, price: Decimal, *, age: timedelta = timedelta(0)) -> None:
+        self.desk.set(price, datetime.now(UTC) - age, by="demo-operator")
+        consensus = self.median.consensus()
+        if consensus.quote is None:
+            detail(f"BTC/RUB {price:,} quoted {age} ago; the median says: {consensus.reason}")
+            return
+        detail(
+            f"BTC/RUB {price:,} set on the desk; the median the engine reads: "
+            f"{consensus.quote.price_rub_per_btc:,} ({consensus.quote.source})"
+        )
+
+
+def serve(settings: Settings, engine: Any, hsm: Any, chain: NodeRpc) -> tuple[str, uvicorn.Server]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, engine, hsm=hsm), host="127.0.0.1", port=port, log_level="warning"
+            create_app(settings, engine, hsm=hsm, chain=chain),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
         )
     )
     threading.Thread(target=server.run, daemon=True).start()
     wait_until(lambda: server.started, timeout=30, message="the API to start")
     return f"http://127.0.0.1:{port}", server
+
+
+def notify(session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
+    """What the risk engine tells the parties: queued as webhooks (as the engine does
+    without a callback), and narrated here. "signature.needed" was already queued when
+    the signing request was created."""
+    if event in AUDIENCE and event != "signature.needed":
+        notify_loan(session, loan, event, data)
+    extra = f" (LTV {data['ltv_bps']} bps)" if data.get("ltv_bps") else ""
+    seat = f" -> {data['seat']}" if "seat" in data else ""
+    detail(f"  notify: loan {loan.id} {event}{seat}{extra}")
+
+
+def show_pass(report: RiskReport, api: Api, loan_ids: list[int], price: Decimal) -> None:
+    detail(
+        f"risk pass at {report.price}: {report.loans} open loans, margin calls "
+        f"{report.margin_calls}, cured {report.cured}, liquidations (requests) "
+        f"{report.liquidations}"
+    )
+    if report.paused or report.errors:
+        raise SystemExit(f"risk pass paused/failed: {report.paused} {report.errors}")
+    for lid in loan_ids:
+        view = api("auditor", "GET", f"/v1/loans/{lid}")
+        sats = view["collateral"]["confirmed_sats"]
+        ltv = ltv_bps(view["terms"]["principal_kopecks"], sats, price) if sats else 0
+        detail(f"  loan {lid}: {view['state']:<12} {sats:>11} sats  LTV ~{ltv / 100:.2f}%")
+
+
+@dataclass
+class Row:
+    loan: int
+    state: str
+    collateral_in: int
+    bank_got: int | None
+    miner_got: int | None
+    fee: int | None
+    txid: str | None
+    problems: list[str]
+
+
+def _prevout(rpc: NodeRpc, txid: str, vout: int) -> tuple[int, str]:
+    """Amount and address of an output, from the raw transaction the node returns
+    (works for spent outputs too, unlike gettxout)."""
+    out = Transaction.parse(rpc.get_raw_transaction(txid)).vout[vout]
+    return int(out.value), str(out.script_pubkey.address(NETWORKS["regtest"]))
+
+
+def check_loan(api: Api, rpc: NodeRpc, lid: int, expect: dict[str, Any]) -> Row:
+    """One table row, every amount read from the node and compared with the service and
+    with what the story says it must be."""
+    view = api("auditor", "GET", f"/v1/loans/{lid}")
+    deposits = api("auditor", "GET", f"/v1/loans/{lid}/deposits")
+    own = {a["address"] for a in api("auditor", "GET", f"/v1/loans/{lid}/addresses")}
+    problems: list[str] = []
+    if view["state"] != expect["state"]:
+        problems.append(f"state {view['state']} != {expect['state']}")
+    collateral_in = 0
+    for dep in deposits:
+        amount, address = _prevout(rpc, dep["txid"], dep["vout"])
+        collateral_in += amount
+        if amount != dep["amount_sats"] or address not in own:
+            problems.append(f"deposit {dep['txid']}:{dep['vout']} differs on the node")
+    if collateral_in != expect["collateral_in"]:
+        problems.append(f"collateral in {collateral_in} != {expect['collateral_in']}")
+    txid = expect.get("txid")
+    if txid is None:  # still open: every deposit must be unspent and confirmed on the node
+        for dep in deposits:
+            out = rpc.get_tx_out(dep["txid"], dep["vout"], include_mempool=False)
+            if out is None or out["value_sat"] != dep["amount_sats"]:
+                problems.append(f"deposit {dep['txid']}:{dep['vout']} is not unspent")
+        return Row(lid, view["state"], collateral_in, None, None, None, None, problems)
+
+    tx = Transaction.parse(rpc.get_raw_transaction(txid))
+    spent = {(i.txid.hex(), i.vout) for i in tx.vin}
+    if spent != {(d["txid"], d["vout"]) for d in deposits}:
+        problems.append("the transaction does not spend exactly the loan's deposits")
+    paid: dict[str, int] = {}
+    for vout in range(len(tx.vout)):
+        out = rpc.get_tx_out(txid, vout, include_mempool=False)  # confirmed and unspent
+        if out is None:
+            problems.append(f"{txid}:{vout} is not a confirmed unspent output")
+            continue
+        address = out["scriptPubKey"].get("address")
+        paid[address] = paid.get(address, 0) + out["value_sat"]
+    terms = view["terms"]
+    bank_got = paid.pop(terms["bank_liquidation_address"], 0)
+    miner_got = paid.pop(terms["miner_return_address"], 0)
+    if paid:
+        problems.append(f"outputs to unexpected addresses: {sorted(paid)}")
+    fee = collateral_in - bank_got - miner_got
+    if bank_got != expect["bank"]:
+        problems.append(f"bank got {bank_got} != {expect['bank']}")
+    if miner_got != expect["miner"]:
+        problems.append(f"miner got {miner_got} != {expect['miner']}")
+    if fee != expect["fee"]:
+        problems.append(f"fee {fee} != {expect['fee']}")
+    if bank_got + miner_got + fee != collateral_in:
+        problems.append("bank + miner + fee != inputs")
+    return Row(lid, view["state"], collateral_in, bank_got, miner_got, fee, txid, problems)
 
 
 def main() -> int:
@@ -85,6 +268,8 @@ def main() -> int:
     say("Starting btcd on regtest (loopback, temp datadir) and maturing the faucet's coinbase")
     node = RegtestNode(name="demo")
     node.start()
+    server: uvicorn.Server | None = None
+    hsm: Any = None
     try:
         node.mine(110)
         detail(f"node {node.rpc_url}, height {node.rpc.get_block_count()}")
@@ -102,7 +287,7 @@ def main() -> int:
         settings = Settings(network="regtest", database_url=db_url)
         engine = make_engine(db_url)
         upgrade(engine)
-        base_url, server = serve(settings, engine, hsm)
+        base_url, server = serve(settings, engine, hsm, node.rpc)
         api = Api(base_url)
         with transaction(engine) as session:
             _, api.keys["admin"] = create_principal(
@@ -111,167 +296,252 @@ def main() -> int:
         detail(f"API {base_url}/v1/docs")
 
         say("Admin registers the parties and gives each person an API key")
-        bank = api("admin", "POST", "/v1/parties", 201, json={"name": "Bank", "kind": "bank"})
-        miner = api(
-            "admin", "POST", "/v1/parties", 201, json={"name": "Miner LLC", "kind": "miner"}
-        )
-        arbiter = api(
-            "admin", "POST", "/v1/parties", 201, json={"name": "Arbiter", "kind": "arbiter"}
-        )
+        parties = {
+            kind: api("admin", "POST", "/v1/parties", 201, json={"name": name, "kind": kind})
+            for kind, name in (("bank", "Bank"), ("miner", "Miner LLC"), ("arbiter", "Arbiter"))
+        }
         for who, role, party in (
-            ("operator", "bank_operator", bank),
-            ("miner", "miner", miner),
-            ("arbiter", "arbiter", arbiter),
+            ("operator", "bank_operator", "bank"),
+            ("approver", "bank_approver", "bank"),
+            ("miner", "miner", "miner"),
+            ("arbiter", "arbiter", "arbiter"),
             ("auditor", "auditor", None),
         ):
-            body = {"name": who, "role": role, "party_id": party["id"] if party else None}
+            body = {"name": who, "role": role, "party_id": parties[party]["id"] if party else None}
             api.keys[who] = api("admin", "POST", "/v1/principals", 201, json=body)["api_key"]
-        detail("bank operator, miner, arbiter, auditor")
+        detail("bank operator, bank approver (the second pair of eyes), miner, arbiter, auditor")
+        devices = {who: Device(who) for who in ("miner", "arbiter")}
+        detail(
+            "devices: "
+            + ", ".join(f"{d.who} {d.signer.fingerprint} (software HD)" for d in devices.values())
+            + "; bank: the HSM"
+        )
 
-        say("The bank operator creates two loans (1,500,000.00 RUB each)")
-        maturity = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 180 * 86400))
-        loans = []
-        for _ in range(2):
+        say("The bank operator creates three loans of 0.5 BTC collateral each")
+        maturity = (datetime.now(UTC) + timedelta(days=180)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        loan_ids: list[int] = []
+        for story, principal, rate in LOANS:
             terms = {
-                "principal_kopecks": 1_500_000_00,
-                "interest_rate_bps": 1_800,
+                "principal_kopecks": principal,
+                "interest_rate_bps": rate,
                 "maturity_at": maturity,
                 "required_collateral_sats": COLLATERAL_SATS,
                 "required_confirmations": 1,
-                "miner_return_address": _fresh_address(),
-                "bank_liquidation_address": _fresh_address(),
+                "miner_return_address": random_p2wpkh_address(),
+                "bank_liquidation_address": random_p2wpkh_address(),
             }
-            loans.append(
-                api(
-                    "operator",
-                    "POST",
-                    "/v1/loans",
-                    201,
-                    json={
-                        "miner_party_id": miner["id"],
-                        "arbiter_party_id": arbiter["id"],
-                        "terms": terms,
-                    },
-                )
+            loan = api(
+                "operator",
+                "POST",
+                "/v1/loans",
+                201,
+                json={
+                    "miner_party_id": parties["miner"]["id"],
+                    "arbiter_party_id": parties["arbiter"]["id"],
+                    "terms": terms,
+                },
             )
-        detail(", ".join(f"loan {loan['id']}: {loan['state']}" for loan in loans))
-
-        say("Each party registers its key (software keys stand in for hardware wallets)")
-        for loan in loans:
-            lid = loan["id"]
-            for who, seat in (("miner", "miner"), ("arbiter", "arbiter")):
-                key = make_test_key_text(secrets.token_bytes(32), "regtest")
-                api(who, "PUT", f"/v1/loans/{lid}/keys/{seat}", json={"kind": "hd", "key": key})
-        api(
-            "operator",
-            "PUT",
-            f"/v1/loans/{loans[0]['id']}/keys/bank",
-            json={"kind": "hd", "key": make_test_key_text(secrets.token_bytes(32), "regtest")},
-        )
-        loans[1] = api("operator", "POST", f"/v1/loans/{loans[1]['id']}/keys/bank/hsm", 201)
-        loans[0] = api("miner", "GET", f"/v1/loans/{loans[0]['id']}")
-        bank_key = loans[1]["keys"][1]
-        detail(
-            f"loan {loans[1]['id']} bank key made in the HSM: {bank_key['public_key']} "
-            f"(local={bank_key['hsm_local']}, never_extractable="
-            f"{bank_key['hsm_never_extractable']})"
-        )
-        for loan in loans:
+            loan_ids.append(loan["id"])
+            t = loan["terms"]
             detail(
-                f"loan {loan['id']}: {loan['state']}, collateral address "
-                f"{loan['collateral_address']}"
+                f"loan {loan['id']}: {rub(principal)} at {rate / 100:g}%, margin call "
+                f"{t['margin_call_ltv_bps'] / 100:g}%, liquidation "
+                f"{t['liquidation_ltv_bps'] / 100:g}%  ({story})"
             )
-            detail(f"  {loan['descriptor']}")
+        l1, l2, l3 = loan_ids
 
-        say("The parties export the wallet to check the address on their own devices")
-        coldcard = api("miner", "GET", f"/v1/loans/{loans[0]['id']}/export/coldcard")
-        policy = next(line for line in coldcard.splitlines() if line.startswith("Policy"))
-        detail(f"loan {loans[0]['id']} Coldcard file: {policy}, ...")
-        refused = api.http.get(
-            f"/v1/loans/{loans[1]['id']}/export/coldcard",
-            headers={"Authorization": f"Bearer {api.keys['miner']}"},
-        )
-        detail(
-            f"loan {loans[1]['id']} Coldcard: {refused.status_code} "
-            f"{refused.json()['message'][:110]}..."
-        )
-        bsms = api("arbiter", "GET", f"/v1/loans/{loans[1]['id']}/export/bsms")
-        detail(f"loan {loans[1]['id']} BSMS first address: {bsms.splitlines()[-1]}")
+        say("Keys: the miner and the arbiter register account keys, the HSM makes the bank's")
+        for n, lid in enumerate(loan_ids):
+            for who, device in devices.items():
+                key = device.signer.account_key_text(account=n)
+                api(who, "PUT", f"/v1/loans/{lid}/keys/{who}", json={"kind": "hd", "key": key})
+            loan = api("operator", "POST", f"/v1/loans/{lid}/keys/bank/hsm", 201)
+            bank_key = next(k for k in loan["keys"] if k["role"] == "bank")
+            detail(
+                f"loan {lid}: bank key {bank_key['public_key'][:20]}... generated in the HSM "
+                f"(never extractable={bank_key['hsm_never_extractable']}); "
+                f"{loan['state']} at {loan['collateral_address']}"
+            )
 
-        say("The watcher follows the node; the miner pays both collateral addresses")
+        say("The watcher follows the node; the miner pays the three collateral addresses")
         watcher = Watcher(
             engine, node.rpc, config=WatcherConfig(start_height=node.rpc.get_block_count() + 1)
         )
         watcher.acquire()
-        payments = {
-            loan["id"]: node.faucet.pay(loan["collateral_address"], COLLATERAL_SATS)
-            for loan in loans
-        }
+        for lid in loan_ids:
+            address = api("miner", "GET", f"/v1/loans/{lid}")["collateral_address"]
+            txid, vout = node.faucet.pay(address, COLLATERAL_SATS)
+            detail(f"loan {lid}: paid {COLLATERAL_SATS} sats in {txid[:16]}...:{vout}")
         watcher.step()
-        for loan in loans:
-            dep = api("miner", "GET", f"/v1/loans/{loan['id']}/deposits")[0]
-            detail(
-                f"loan {loan['id']}: deposit {dep['txid'][:16]}...:{dep['vout']} "
-                f"{dep['state']} ({dep['confirmations']} conf)"
-            )
-
-        say("A block is mined; the deposits confirm and the loans become active")
         node.mine(1)
         watcher.step()
-        for loan in loans:
-            view = api("miner", "GET", f"/v1/loans/{loan['id']}")
-            detail(
-                f"loan {loan['id']}: {view['state']}, confirmed "
-                f"{view['collateral']['confirmed_sats']} sats"
+        detail(
+            "one block later: "
+            + ", ".join(
+                f"loan {lid} {api('miner', 'GET', f'/v1/loans/{lid}')['state']}" for lid in loan_ids
             )
+        )
 
-        say("A one-block reorg: the deposits go back to the mempool, then confirm again")
-        node.invalidate(1)
+        say("The risk engine starts, reading a median over the bank's manual price desk")
+        board = Board()
+        board.set(START_PRICE)
+        risk = RiskEngine(
+            engine,
+            network="regtest",
+            prices=board.median,
+            chain=node.rpc,
+            signer=hsm,
+            fees=get_fee_policy(settings),
+            daily_limit_sats=settings.hsm_daily_limit_sats,
+            notify=notify,
+        )
+        show_pass(risk.run_once(), api, loan_ids, START_PRICE)
+
+        say(f"Loan {l1} is repaid: the bank operator asks for the release")
+        release = api(
+            "operator", "POST", f"/v1/loans/{l1}/signing-requests", 201, json={"action": "release"}
+        )
+        [to_miner] = release["outputs"]
+        detail(
+            f"request {release['id']}: {to_miner['amount_sats']} sats to the miner's return "
+            f"address, fee {release['fee_sats']}, seats {release['required_seats']}, "
+            f"txid {release['unsigned_txid']}"
+        )
+        signed = devices["miner"].sign(api, release["id"])
+        detail(f"the miner signed on its device: {signed['signed_seats']}, {signed['state']}")
+        approved = api("approver", "POST", f"/v1/signing-requests/{release['id']}/approve")
+        detail(
+            f"the bank approver approved; the HSM checked and signed: "
+            f"{approved['signed_seats']}, {approved['state']}"
+        )
+        if approved["state"] != "broadcast":
+            raise SystemExit(f"release not broadcast: {approved}")
+        node.mine(1)
+        watcher.step()
+        done = api("miner", "GET", f"/v1/signing-requests/{release['id']}")
+        detail(
+            f"mined: request {done['state']}, loan {l1} "
+            f"{api('miner', 'GET', f'/v1/loans/{l1}')['state']}"
+        )
+
+        say(f"The price falls to {DROP_1:,} RUB/BTC")
+        board.set(DROP_1)
+        report = risk.run_once()
+        show_pass(report, api, [l2, l3], DROP_1)
+        if l2 not in report.margin_calls:
+            raise SystemExit(f"loan {l2} should be in margin call: {report}")
+
+        say(f"Loan {l2}'s miner tops up {TOP_UP_SATS} sats to a fresh collateral address")
+        top_up = api("miner", "POST", f"/v1/loans/{l2}/addresses", 201)["address"]
+        txid, vout = node.faucet.pay(top_up, TOP_UP_SATS)
+        detail(f"paid {top_up} in {txid[:16]}...:{vout}")
+        node.mine(1)
+        watcher.step()
+        report = risk.run_once()
+        show_pass(report, api, [l2, l3], DROP_1)
+        if report.cured != [l2]:
+            raise SystemExit(f"loan {l2} should be cured: {report}")
+        detail(f"loan {l3}'s miner does nothing; its cure window is still open")
+
+        say("The desk's only feed goes stale: the engine pauses instead of guessing")
+        board.set(DROP_2, age=timedelta(minutes=11))
+        report = risk.run_once()
+        detail(f"risk pass: paused={report.paused!r}, liquidations {report.liquidations}")
+        if not report.paused or report.liquidations:
+            raise SystemExit(f"a stale price must pause the engine: {report}")
+
+        say(f"A fresh quote: the price has fallen further, to {DROP_2:,} RUB/BTC")
+        board.set(DROP_2)
+        report = risk.run_once()
+        show_pass(report, api, [l2, l3], DROP_2)
+        if len(report.liquidations) != 1:
+            raise SystemExit(f"exactly loan {l3} should be liquidated: {report}")
+        [rid] = report.liquidations
+        liq = api("arbiter", "GET", f"/v1/signing-requests/{rid}")
+        evidence = liq["evidence"]["risk"]
+        bank_out, miner_out = liq["outputs"]
+        debt_sats = sats_for_kopecks(LOANS[2][1], DROP_2)
+        detail(
+            f"request {rid} for loan {liq['loan_id']}: {liq['action']}, signed by "
+            f"{liq['signed_seats']} under the HSM's policy; evidence: LTV "
+            f"{evidence['ltv_bps']} bps at {evidence['price_rub_per_btc']} "
+            f"({evidence['price_source']})"
+        )
+        detail(
+            f"bank {bank_out['amount_sats']} sats (= {rub(LOANS[2][1])} at {DROP_2:,}, "
+            f"rounded up: {debt_sats}), miner {miner_out['amount_sats']}, fee {liq['fee_sats']}"
+        )
+        if liq["loan_id"] != l3 or liq["signed_seats"] != ["bank"]:
+            raise SystemExit(f"unexpected liquidation request: {liq}")
+
+        say("The arbiter reviews the evidence and co-signs on its device")
+        signed = devices["arbiter"].sign(api, rid)
+        detail(f"signed seats {signed['signed_seats']}: {signed['state']}")
+        if signed["state"] != "broadcast":
+            raise SystemExit(f"liquidation not broadcast: {signed}")
+        node.mine(1)
         watcher.step()
         detail(
-            "after invalidateblock: "
-            + ", ".join(
-                f"loan {loan['id']} {api('miner', 'GET', '/v1/loans/' + str(loan['id']))['state']}"
-                for loan in loans
-            )
+            f"mined: request {api('arbiter', 'GET', f'/v1/signing-requests/{rid}')['state']}, "
+            f"loan {l3} {api('miner', 'GET', f'/v1/loans/{l3}')['state']}"
         )
-        node.mine(2)
-        watcher.step()
+        show_pass(risk.run_once(), api, [l2], DROP_2)
         watcher.release()
-        health = api("auditor", "GET", "/v1/health")["watcher"]
-        detail(f"re-mined: watcher at height {health['height']}, lag {health['lag_blocks']}")
 
-        say("Final state, checked against the node")
+        say("Final state, every amount checked against the node")
+        expected = {
+            l1: {
+                "state": "released",
+                "collateral_in": COLLATERAL_SATS,
+                "txid": release["unsigned_txid"],
+                "bank": 0,
+                "miner": COLLATERAL_SATS - release["fee_sats"],
+                "fee": release["fee_sats"],
+            },
+            l2: {"state": "active", "collateral_in": COLLATERAL_SATS + TOP_UP_SATS},
+            l3: {
+                "state": "liquidated",
+                "collateral_in": COLLATERAL_SATS,
+                "txid": liq["unsigned_txid"],
+                "bank": debt_sats,
+                "miner": COLLATERAL_SATS - debt_sats - liq["fee_sats"],
+                "fee": liq["fee_sats"],
+            },
+        }
+        rows = [check_loan(api, node.rpc, lid, expected[lid]) for lid in loan_ids]
         print(
-            f"\n     {'loan':<5} {'state':<17} {'bank key':<9} {'confirmed sats':>15}  "
-            f"{'node sees at address':>20}  deposit"
+            f"\n     {'loan':<5} {'state':<11} {'collateral in':>13} {'bank got':>10} "
+            f"{'miner got':>10} {'fee':>6}  {'txid':<64}  node"
         )
-        for loan in loans:
-            view = api("auditor", "GET", f"/v1/loans/{loan['id']}")
-            txid, vout = payments[loan["id"]]
-            out = node.rpc.get_tx_out(txid, vout, include_mempool=False)
-            on_node = (
-                out["value_sat"]
-                if out and out["scriptPubKey"].get("address") == view["collateral_address"]
-                else 0
-            )
+        for row in rows:
             print(
-                f"     {view['id']:<5} {view['state']:<17} {view['keys'][1]['kind']:<9} "
-                f"{view['collateral']['confirmed_sats']:>15}  {on_node:>20}  {txid}:{vout}"
+                f"     {row.loan:<5} {row.state:<11} {row.collateral_in:>13} "
+                f"{_cell(row.bank_got):>10} {_cell(row.miner_got):>10} {_cell(row.fee):>6}  "
+                f"{row.txid or '-':<64}  {'ok' if not row.problems else 'MISMATCH'}"
             )
-            if view["state"] != "active" or on_node != view["collateral"]["confirmed_sats"]:
-                raise SystemExit(f"loan {loan['id']} does not match the node")
+        problems = [f"loan {r.loan}: {p}" for r in rows for p in r.problems]
+        for problem in problems:
+            print(f"     !! {problem}", file=sys.stderr)
+        if problems:
+            raise SystemExit("the service's view does not match the node")
+        detail(
+            f"loan {l3}: the bank got {rub(LOANS[2][1])} worth at {DROP_2:,} RUB/BTC "
+            f"exactly (rounded up to the sat); bank + miner + fee == inputs"
+        )
+
         with transaction(engine) as session:
-            report = verify_chain(session)
-        detail(f"audit log: {report.events} events, hash chain ok={report.ok}")
-        if not report.ok:
+            chain_report = verify_chain(session)
+        detail(f"audit log: {chain_report.events} events, hash chain ok={chain_report.ok}")
+        if not chain_report.ok:
             raise SystemExit("audit chain broken")
-        server.should_exit = True
-        hsm.close()
         ok = True
         print(f"\nDemo finished in {time.monotonic() - started:.0f} s.")
         return 0
     finally:
+        if server is not None:
+            server.should_exit = True
+        if hsm is not None:
+            hsm.close()
         node.stop(keep_datadir=not ok)
         if ok:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -279,10 +549,8 @@ def main() -> int:
             print(f"kept for inspection: {workdir} and {node.basedir}", file=sys.stderr)
 
 
-def _fresh_address() -> str:
-    from regtest.faucet import random_p2wpkh_address
-
-    return random_p2wpkh_address()
+def _cell(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 if __name__ == "__main__":

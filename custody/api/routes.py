@@ -31,8 +31,8 @@ from custody.audit.service import verify_chain
 from custody.auth.policy import require_role
 from custody.auth.service import create_principal
 from custody.bitcoin import exports
-from custody.db.models import ChainCursor, KeyRole, PartyKind, Role, SigningAction
-from custody.errors import InvalidInput
+from custody.db.models import ChainCursor, KeyRole, PartyKind, Principal, Role, SigningAction
+from custody.errors import InvalidInput, NotFound
 from custody.loans import service as loans
 from custody.loans.schemas import (
     AddressOut,
@@ -43,14 +43,19 @@ from custody.loans.schemas import (
     LoanOut,
     PartyCreate,
     PartyOut,
+    PriceOut,
+    PriceSet,
     PrincipalCreate,
     PrincipalCreated,
     PsbtOut,
     SignatureUpload,
     SigningRequestCreate,
     SigningRequestOut,
+    WebhookCreate,
 )
+from custody.notify.outbox import list_webhooks, register_webhook
 from custody.parties import service as parties
+from custody.risk import manual as manual_prices
 from custody.signing import service as signing
 
 router = APIRouter(prefix="/v1")
@@ -325,3 +330,59 @@ def approve(
             },
         )
     return request_out(decision.request)
+
+
+@router.post("/prices", status_code=201, tags=["risk"])
+def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
+    """Bank staff set the manual BTC/RUB price (audited); the risk engine reads it."""
+    row = manual_prices.set_price(session, ctx, body.price_rub_per_btc, body.quoted_at)
+    return PriceOut(
+        price_rub_per_btc=row.price_rub_per_btc,
+        source=row.source,
+        quoted_at=row.quoted_at,
+        set_by=row.set_by,
+    )
+
+
+@router.get("/prices/latest", tags=["risk"])
+def latest_price(session: SessionDep, ctx: ContextDep) -> PriceOut:
+    require_role(ctx.principal, Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin)
+    row = manual_prices.latest(session)
+    if row is None:
+        raise NotFound("no price has been set")
+    return PriceOut(
+        price_rub_per_btc=row.price_rub_per_btc,
+        source=row.source,
+        quoted_at=row.quoted_at,
+        set_by=row.set_by,
+    )
+
+
+def _own_party(principal: Principal, party_id: int) -> None:
+    """Webhooks of a party: its own people, or an admin."""
+    if principal.role != Role.admin and principal.party_id != party_id:
+        raise NotFound(f"party {party_id} not found")
+
+
+@router.post("/parties/{party_id}/webhooks", status_code=201, tags=["notifications"])
+def create_webhook(
+    party_id: int, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    _own_party(principal, party_id)
+    view = register_webhook(
+        session,
+        party_id,
+        body.url,
+        body.secret,
+        body.events,
+        actor=f"{principal.role}:{principal.name}",
+    )
+    return view.as_dict()
+
+
+@router.get("/parties/{party_id}/webhooks", tags=["notifications"])
+def get_webhooks(
+    party_id: int, session: SessionDep, principal: PrincipalDep
+) -> list[dict[str, Any]]:
+    _own_party(principal, party_id)
+    return [v.as_dict() for v in list_webhooks(session, party_id)]

@@ -46,6 +46,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.errors import Conflict
+from custody.notify.events import notify_loan
 from custody.signing import service as signing
 
 log = structlog.get_logger(__name__)
@@ -458,6 +459,7 @@ class Watcher:
             record(
                 session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(dep)
             )
+            notify_loan(session, loan, "deposit.seen", _dep_data(dep))
         elif height is not None and dep.block_height != height:
             if dep.state == DepositState.removed:
                 dep.state = DepositState.pending  # a transaction we gave up on was mined after all
@@ -556,23 +558,22 @@ class Watcher:
                     confirmed += dep.amount_sats
                     dep.updated_at = utcnow()
                     session.add(dep)
+                    data = {
+                        **_dep_data(dep),
+                        "confirmations": confs,
+                        "excess_sats": dep.excess_sats,
+                    }
                     record(
-                        session,
-                        actor=ACTOR,
-                        action="deposit.confirmed",
-                        loan_id=loan_id,
-                        data={
-                            **_dep_data(dep),
-                            "confirmations": confs,
-                            "excess_sats": dep.excess_sats,
-                        },
+                        session, actor=ACTOR, action="deposit.confirmed", loan_id=loan_id, data=data
                     )
+                    notify_loan(session, loan, "deposit.confirmed", data)
             self._move_loan(session, loan, confirmed, reason)
 
     def _move_loan(self, session: Session, loan: Loan, confirmed: int, reason: str) -> None:
         before = loan.state
         if before == LoanState.awaiting_deposit and confirmed >= loan.required_collateral_sats:
             loan.state = LoanState.active
+            notify_loan(session, loan, "loan.active", {"confirmed_sats": confirmed})
         elif (
             before == LoanState.active
             and confirmed < loan.required_collateral_sats

@@ -7,12 +7,30 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+)
 
 MAX_SATS = 21_000_000 * 100_000_000
 MAX_KOPECKS = 10**17
 
 Sats = Annotated[StrictInt, Field(gt=0, le=MAX_SATS)]
+
+
+def _no_float(value: object) -> object:
+    """Prices arrive as strings (or integers): a JSON float has already lost digits."""
+    if isinstance(value, float):
+        raise ValueError("send the price as a decimal string, not a JSON number with a fraction")
+    return value
+
+
+Price = Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, max_digits=30, decimal_places=8)]
 Bps = Annotated[StrictInt, Field(gt=0, le=10_000)]
 
 
@@ -26,9 +44,7 @@ class LoanTermsIn(Strict):
     maturity_at: AwareDatetime
     required_collateral_sats: Sats | None = None
     target_ltv_bps: Bps | None = None
-    price_rub_per_btc: Annotated[Decimal, Field(gt=0, max_digits=30, decimal_places=8)] | None = (
-        None
-    )
+    price_rub_per_btc: Price | None = None
     price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
     margin_call_ltv_bps: Bps = 7_500
     liquidation_ltv_bps: Bps = 9_000
@@ -160,9 +176,7 @@ class PrincipalCreated(PrincipalOut):
 class SigningRequestCreate(Strict):
     action: Literal["release", "dispute_release", "liquidation", "partial_liquidation"]
     fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)] | None = None
-    price_rub_per_btc: Annotated[Decimal, Field(gt=0, max_digits=30, decimal_places=8)] | None = (
-        None
-    )
+    price_rub_per_btc: Price | None = None
     price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
     target_ltv_bps: Bps | None = None
 
@@ -195,3 +209,21 @@ class SigningRequestOut(BaseModel):
 class PsbtOut(BaseModel):
     psbt: str
     unsigned_txid: str
+
+
+class PriceSet(Strict):
+    price_rub_per_btc: Price
+    quoted_at: AwareDatetime | None = None
+
+
+class PriceOut(BaseModel):
+    price_rub_per_btc: str
+    source: str
+    quoted_at: datetime
+    set_by: str
+
+
+class WebhookCreate(Strict):
+    url: Annotated[StrictStr, Field(min_length=1, max_length=500)]
+    secret: Annotated[StrictStr, Field(min_length=32, max_length=256)]
+    events: list[StrictStr] | Literal["*"] = "*"

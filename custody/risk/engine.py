@@ -36,6 +36,7 @@ from custody.db.models import (
 from custody.db.session import transaction
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import Context
+from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
 
@@ -252,6 +253,8 @@ class RiskEngine:
     def _notify(self, session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
         if self.notify is not None:
             self.notify(session, loan, event, {"loan_id": loan.id, **data})
+        elif event != "signature.needed":  # create_request already queued that one
+            notify_loan(session, loan, event, data)
 
 
 def open_liquidation(session: Session, loan_id: int) -> SigningRequest | None:

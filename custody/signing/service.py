@@ -44,6 +44,7 @@ from custody.db.models import (
 from custody.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import Context, hand_out_address, loan_descriptor
+from custody.notify.events import notify_loan
 from custody.signing.amounts import (
     Split,
     clamp_fee_rate,
@@ -433,6 +434,21 @@ def _store(
             "replaces": replaces.id if replaces else None,
         },
     )
+    seats = [s.value for s in REQUIRED_SEATS[action]]
+    if action in (SigningAction.release, SigningAction.dispute_release):
+        notify_loan(
+            session,
+            loan,
+            "release.ready_to_sign",
+            {"request_id": req.id, "unsigned_txid": req.unsigned_txid},
+        )
+    notify_loan(
+        session,
+        loan,
+        "signature.needed",
+        {"request_id": req.id, "action": action.value, "seats": seats},
+        seats=tuple(seats),
+    )
     new_state = STATE_WHILE_OPEN[action]
     if replaces is None and new_state is not None and loan.state != new_state:
         if action in (SigningAction.release, SigningAction.dispute_release):
@@ -657,6 +673,15 @@ def _finalize_and_broadcast(
         request_id=req.id,
         data={"txid": req.unsigned_txid},
     )
+    if req.action in (SigningAction.liquidation, SigningAction.partial_liquidation):
+        loan = session.get(Loan, req.loan_id)
+        assert loan is not None
+        notify_loan(
+            session,
+            loan,
+            "liquidation.broadcast",
+            {"request_id": req.id, "txid": req.unsigned_txid},
+        )
 
 
 def retry_broadcast(
@@ -845,6 +870,13 @@ def mined(session: Session, req: SigningRequest, height: int, actor: str) -> Non
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
     done = STATE_WHEN_DONE[SigningAction(req.action)]
+    if req.action in (SigningAction.liquidation, SigningAction.partial_liquidation):
+        notify_loan(
+            session,
+            loan,
+            "liquidation.confirmed",
+            {"request_id": req.id, "txid": req.unsigned_txid, "height": height},
+        )
     if done is not None:
         _move_loan(session, actor, loan, done, f"{req.action} confirmed")
     else:

@@ -229,6 +229,35 @@ CASES: list[Case] = [
         _act(("bank_approver",), 200),
         needs="request",
     ),
+    Case(
+        "POST",
+        "/v1/prices",
+        lambda w, c: "/v1/prices",
+        {"bank_operator": 201, "bank_approver": 201},
+        body=lambda w, c: {"price_rub_per_btc": "6000000.5"},
+    ),
+    Case(
+        "GET",
+        "/v1/prices/latest",
+        lambda w, c: "/v1/prices/latest",
+        {"bank_operator": 200, "bank_approver": 200, "auditor": 200, "admin": 200},
+        needs="price",
+    ),
+    Case(
+        "POST",
+        "/v1/parties/{party_id}/webhooks",
+        lambda w, c: f"/v1/parties/{w.party_ids['miner']}/webhooks",
+        {"admin": 201, "miner": 201, "bank_operator": 404, "bank_approver": 404, "auditor": 404,
+         "other_miner": 404, "arbiter": 404, "other_arbiter": 404},
+        body=lambda w, c: {"url": f"https://hooks.example/{c['n']}", "secret": "s" * 40},
+    ),
+    Case(
+        "GET",
+        "/v1/parties/{party_id}/webhooks",
+        lambda w, c: f"/v1/parties/{w.party_ids['miner']}/webhooks",
+        {"admin": 200, "miner": 200, "bank_operator": 404, "bank_approver": 404, "auditor": 404,
+         "other_miner": 404, "arbiter": 404, "other_arbiter": 404},
+    ),
 ]
 
 
@@ -350,6 +379,9 @@ def test_endpoint_role_matrix(world: World, ready_loan: int, case: Case, who: st
     ctx: dict[str, Any] = {"ready": ready_loan, "n": next(_counter)}
     if case.needs == "draft":
         ctx["draft"] = world.create_loan()["id"]
+    if case.needs == "price":
+        r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
+        assert r.status_code == 201, r.text
     if case.needs in ("funded", "request"):
         ctx["funded"] = _funded_loan(world)
     if case.needs == "request":
