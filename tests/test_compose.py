@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-SERVICE_COMMANDS = {"api": "serve", "watcher": "watch"}
+SERVICE_COMMANDS = {"api": "serve", "watcher": "watch", "risk": "risk", "notify": "notify"}
 # Fields whose defaults are only right for a developer laptop: deployment must set them.
 REQUIRED_FIELDS = {"database_url", "network", "node_rpc_url", "node_rpc_user", "node_rpc_password"}
 SECRET_VARS = {"CUSTODY_NODE_RPC_PASSWORD", "CUSTODY_HSM_PIN"}
