@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from bench import Figure, block_scan, catchup, watcher_memory
+from bench import Figure, block_scan, catchup, liquidation_storm, watcher_memory
 
 BENCHMARKS: list[tuple[str, Callable[[], list[Figure]]]] = [
     ("block_scan", block_scan.run),
     ("catchup", catchup.run),
+    ("liquidation_storm", liquidation_storm.run),
     ("watcher_memory", watcher_memory.run),
 ]
 

@@ -243,6 +243,9 @@ class _TokenConnection:
         self._session: Any = None
         self._pid: int | None = None
         self._pin_mac: bytes | None = None
+        # (object class, label) -> object handles, valid for this session only: a
+        # search per signature grows with the number of keys on the token.
+        self.index: dict[tuple[Any, str], list[Any]] | None = None
 
     def session(self, pin: SecretStr, pin_mac: bytes) -> Any:
         """A logged-in session, opened (and PIN checked) on demand. Call under module lock."""
@@ -250,6 +253,7 @@ class _TokenConnection:
             # Inherited from the parent: unusable, and closing it would be wrong too.
             self._session = None
             self._pin_mac = None
+            self.index = None
         if self._session is not None:
             if self._pin_mac is None or not hmac.compare_digest(self._pin_mac, pin_mac):
                 raise SignerUnavailable(
@@ -271,12 +275,14 @@ class _TokenConnection:
         self._session = session
         self._pid = os.getpid()
         self._pin_mac = pin_mac
+        self.index = None
         return session
 
     def reset(self) -> None:
         """Close the session after an error so the next call starts clean."""
         session, self._session = self._session, None
         self._pin_mac = None
+        self.index = None
         if session is not None and self._pid == os.getpid():
             try:
                 session.close()
@@ -423,17 +429,33 @@ class Pkcs11Signer(Signer):
             raise SignerRefused("malformed key_ref", field="key_ref")
         return key_ref
 
-    @staticmethod
-    def _find_one(session: Any, object_class: ObjectClass, label: str) -> Any:
-        found = list(
-            session.get_objects(
-                {
-                    Attribute.CLASS: object_class,
-                    Attribute.KEY_TYPE: KeyType.EC,
-                    Attribute.LABEL: label,
-                }
+    def _find_one(self, session: Any, object_class: ObjectClass, label: str) -> Any:
+        """The one key object with this class and label. Served from a per-session index
+        built with one enumeration; a miss falls back to a search (a key made by another
+        process since), and more than one match is refused, never guessed."""
+        index = self._conn.index
+        if index is None:
+            index = {}
+            for obj in session.get_objects({Attribute.KEY_TYPE: KeyType.EC}):
+                try:
+                    cls, name = obj[Attribute.CLASS], obj[Attribute.LABEL]
+                except p11e.PKCS11Error:
+                    continue
+                index.setdefault((cls, name), []).append(obj)
+            self._conn.index = index
+        found = index.get((object_class, label))
+        if not found:
+            found = list(
+                session.get_objects(
+                    {
+                        Attribute.CLASS: object_class,
+                        Attribute.KEY_TYPE: KeyType.EC,
+                        Attribute.LABEL: label,
+                    }
+                )
             )
-        )
+            if found:
+                index[(object_class, label)] = found
         if not found:
             raise SignerKeyNotFound(f"no HSM key {label!r}", field="key_ref")
         if len(found) > 1:
@@ -505,6 +527,9 @@ class Pkcs11Signer(Signer):
                 public_template=public_template,
                 private_template=private_template,
             )
+            if self._conn.index is not None:
+                self._conn.index[(ObjectClass.PUBLIC_KEY, label)] = [pub_obj]
+                self._conn.index[(ObjectClass.PRIVATE_KEY, label)] = [priv_obj]
             return self._info(session, label, pub_obj, priv_obj)
 
         info = self._run("key generation", op)

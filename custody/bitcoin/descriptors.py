@@ -10,7 +10,7 @@ parses the descriptor, so neither is hand-rolled nor trusted alone.
 from __future__ import annotations
 
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Final
 
 import bdkpython as bdk
@@ -37,6 +37,12 @@ from custody.errors import CustodyError, InvalidInput
 
 THRESHOLD: Final = 2
 MAX_INDEX: Final = 2**31
+# Parsing a descriptor with both libraries and deriving with both costs milliseconds
+# (embit is pure Python), and one signing request rebuilds the same loan's descriptor
+# several times. Results depend only on the text, network and index, so successful
+# results are memoised process-wide (failures are not: lru_cache does not cache raises).
+_PARSE_CACHE_SIZE: Final = 4_096
+_DERIVE_CACHE_SIZE: Final = 16_384
 PARTIES: Final = ("miner", "bank", "arbiter")
 _DESCRIPTOR_RE: Final = re.compile(r"wsh\(sortedmulti\(2,([^()]*)\)\)")
 
@@ -67,14 +73,45 @@ def has_valid_checksum(text: str) -> bool:
         return False
 
 
+@lru_cache(maxsize=_PARSE_CACHE_SIZE)
+def _canonical_hd_key(key_expression: str, network: NetworkName) -> HDKey:
+    """`parse_hd_key` memoised (HDKey is a frozen dataclass, so sharing it is safe)."""
+    return parse_hd_key(key_expression, network, field="keys")
+
+
+@lru_cache(maxsize=_PARSE_CACHE_SIZE)
+def _embit_descriptor(text: str) -> EmbitDescriptor:
+    """embit's parse, memoised: `derive` returns new objects and never mutates it."""
+    try:
+        return EmbitDescriptor.from_string(text)
+    except Exception as exc:
+        raise LibraryDisagreement(
+            f"embit refused a descriptor this service built ({type(exc).__name__})"
+        ) from None
+
+
+@lru_cache(maxsize=_DERIVE_CACHE_SIZE)
+def _derived(descriptor: str, index: int, change: bool) -> EmbitDescriptor:
+    """The embit descriptor derived at one index (memoised, never mutated by callers)."""
+    return _embit_descriptor(descriptor).derive(index, branch_index=1 if change else 0)
+
+
+@lru_cache(maxsize=_PARSE_CACHE_SIZE)
 def add_checksum(desc_without_checksum: str) -> str:
     return f"{desc_without_checksum}#{descriptor_checksum(desc_without_checksum)}"
 
 
 def _bdk_descriptor(text: str, network: NetworkName) -> bdk.Descriptor:
     """Parse with bdkpython; it verifies the checksum we computed with embit."""
+    return _bdk_parse(bdk.Descriptor, text, network)
+
+
+@lru_cache(maxsize=_PARSE_CACHE_SIZE)
+def _bdk_parse(parser: type[bdk.Descriptor], text: str, network: NetworkName) -> bdk.Descriptor:
+    """Memoised per parser (so a replaced `bdk.Descriptor` is really called): a bdk
+    Descriptor is immutable, so sharing one is safe."""
     try:
-        return bdk.Descriptor(text, bdk_network_kind(network))
+        return parser(text, bdk_network_kind(network))
     except Exception as exc:
         raise LibraryDisagreement(
             f"bdkpython refused a descriptor this service built ({type(exc).__name__})"
@@ -113,7 +150,7 @@ class CollateralDescriptor:
                 raise InvalidInput(f"the {party} key is not a parsed key", field="keys")
             if isinstance(key, HDKey):
                 # Re-parse: proves the key belongs to this network and is canonical.
-                again = parse_hd_key(key.key_expression, self.network, field="keys")
+                again = _canonical_hd_key(key.key_expression, self.network)
                 if again != key:
                     raise InvalidInput(
                         f"the {party} key is not in canonical form for {self.network}",
@@ -129,12 +166,7 @@ class CollateralDescriptor:
         self.keys: tuple[CollateralKey, CollateralKey, CollateralKey] = keys
         # Parse everything once now, so a descriptor both libraries cannot read
         # fails at construction rather than when an address is first needed.
-        try:
-            self._embit = EmbitDescriptor.from_string(self.descriptor)
-        except Exception as exc:
-            raise LibraryDisagreement(
-                f"embit refused a descriptor this service built ({type(exc).__name__})"
-            ) from None
+        self._embit = _embit_descriptor(self.descriptor)
         self._bdk_branches = (
             _bdk_descriptor(self.receive_descriptor, self.network),
             _bdk_descriptor(self.change_descriptor, self.network),
@@ -207,11 +239,14 @@ class CollateralDescriptor:
         return idx
 
     def _embit_derived(self, index: int, change: bool) -> EmbitDescriptor:
-        return self._embit.derive(index, branch_index=1 if change else 0)
+        return _derived(self.descriptor, index, change)
 
     def address(self, index: int, change: bool = False) -> str:
         """The collateral address at `index`, agreed by bdkpython and embit."""
         idx = self._index(index)
+        return _agreed_address(self, self._bdk_branches[int(change)], idx, change)
+
+    def _address(self, idx: int, change: bool) -> str:
         from_embit: str = self._embit_derived(idx, change).address(embit_network(self.network))
         bdk_address = self._bdk_branches[int(change)].derive_address(idx, bdk_network(self.network))
         from_bdk = str(bdk_address)
@@ -225,6 +260,9 @@ class CollateralDescriptor:
     def script_pubkey(self, index: int, change: bool = False) -> bytes:
         """The output script at `index`, agreed by both libraries."""
         idx = self._index(index)
+        return _agreed_script_pubkey(self, self._bdk_branches[int(change)], idx, change)
+
+    def _script_pubkey(self, idx: int, change: bool) -> bytes:
         from_embit: bytes = self._embit_derived(idx, change).script_pubkey().data
         from_bdk: bytes = (
             self._bdk_branches[int(change)]
@@ -241,12 +279,40 @@ class CollateralDescriptor:
     def witness_script(self, index: int, change: bool = False) -> bytes:
         """The 2-of-3 CHECKMULTISIG witness script, checked against the script pubkey."""
         idx = self._index(index)
+        return _checked_witness_script(self, self._bdk_branches[int(change)], idx, change)
+
+    def _witness_script(self, idx: int, change: bool) -> bytes:
         script: bytes = self._embit_derived(idx, change).witness_script().data
         if b"\x00\x20" + hashes.sha256(script) != self.script_pubkey(idx, change):
             raise LibraryDisagreement(
                 f"the witness script for index {idx} does not hash to the agreed output script"
             )
         return script
+
+
+# Keyed by the descriptor (hash/eq: its text and network) and the bdk branch object it
+# holds (identity: instances share the memoised parse), so two instances of one loan's
+# descriptor share results, while an instance holding other library objects is checked
+# afresh. The values are immutable (str/bytes).
+@lru_cache(maxsize=_DERIVE_CACHE_SIZE)
+def _agreed_address(
+    descriptor: CollateralDescriptor, bdk_branch: bdk.Descriptor, index: int, change: bool
+) -> str:
+    return descriptor._address(index, change)
+
+
+@lru_cache(maxsize=_DERIVE_CACHE_SIZE)
+def _agreed_script_pubkey(
+    descriptor: CollateralDescriptor, bdk_branch: bdk.Descriptor, index: int, change: bool
+) -> bytes:
+    return descriptor._script_pubkey(index, change)
+
+
+@lru_cache(maxsize=_DERIVE_CACHE_SIZE)
+def _checked_witness_script(
+    descriptor: CollateralDescriptor, bdk_branch: bdk.Descriptor, index: int, change: bool
+) -> bytes:
+    return descriptor._witness_script(index, change)
 
 
 def parse_collateral_descriptor(text: str, network: NetworkName) -> CollateralDescriptor:

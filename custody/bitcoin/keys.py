@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 from embit import base58
@@ -56,6 +57,12 @@ def format_path(path: list[int]) -> str:
     """`[2147483696, 2147483649, ...]` -> `m/48h/1h/...` (our one canonical form)."""
     steps = [f"{step - HARDENED_INDEX}h" if step >= HARDENED_INDEX else str(step) for step in path]
     return "/".join(["m", *steps])
+
+
+@lru_cache(maxsize=8192)
+def _parsed_xpub(xpub: str) -> EmbitHDKey:
+    """Base58-decoding an xpub costs more than deriving from it; keys are immutable."""
+    return EmbitHDKey.from_base58(xpub)
 
 
 @dataclass(frozen=True)
@@ -100,7 +107,7 @@ class HDKey:
         return "hd:" + material.hex()
 
     def _embit(self) -> EmbitHDKey:
-        return EmbitHDKey.from_base58(self.xpub)
+        return _parsed_xpub(self.xpub)
 
     def public_key(self, change: int, index: int) -> bytes:
         """Compressed public key at `<origin>/change/index`."""
