@@ -42,7 +42,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from bench import Figure
-from custody.auth.service import create_principal
+from bench.common import seat_contexts
 from custody.chain.blocks import scan_block
 from custody.chain.rpc import NodeRpc
 from custody.chain.watcher import Watcher, WatcherConfig
@@ -55,13 +55,10 @@ from custody.db.models import (
     KeyRole,
     Loan,
     LoanState,
-    Party,
-    PartyKind,
-    Role,
 )
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
-from custody.loans.service import Context, create_loan, register_key
+from custody.loans.service import create_loan, register_key
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -135,35 +132,11 @@ def make_loans(engine: Engine, count: int, seed: int = SEED) -> dict[bytes, int]
     rng = random.Random(seed)
     maturity = datetime.now(UTC) + timedelta(days=180)
     with transaction(engine) as session:
-        parties: dict[str, int] = {}
-        for name, kind in (
-            ("bank", PartyKind.bank),
-            ("miner", PartyKind.miner),
-            ("arbiter", PartyKind.arbiter),
-        ):
-            party = Party(name=f"bench-{name}", kind=kind)
-            session.add(party)
-            session.flush()
-            assert party.id is not None
-            parties[name] = party.id
-        ctx: dict[KeyRole, Context] = {}
-        for seat, role, party_name in (
-            (KeyRole.bank, Role.bank_operator, "bank"),
-            (KeyRole.miner, Role.miner, "miner"),
-            (KeyRole.arbiter, Role.arbiter, "arbiter"),
-        ):
-            principal, _ = create_principal(
-                session,
-                name=f"bench-{seat.value}",
-                role=role,
-                party_id=parties[party_name],
-                actor="bench",
-            )
-            ctx[seat] = Context(principal=principal, network="regtest")
+        ctx = seat_contexts(session, "bench", "regtest")
         for _ in range(count):
             body = LoanCreate(
-                miner_party_id=parties["miner"],
-                arbiter_party_id=parties["arbiter"],
+                miner_party_id=ctx[KeyRole.miner].principal.party_id or 0,
+                arbiter_party_id=ctx[KeyRole.arbiter].principal.party_id or 0,
                 terms=LoanTermsIn(
                     principal_kopecks=1_000_000_00,
                     interest_rate_bps=1_800,

@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from bench import Figure
-from custody.auth.service import create_principal
+from bench.common import seat_contexts
 from custody.config import NetworkName
 from custody.db.migrate import upgrade
 from custody.db.models import (
@@ -58,16 +58,13 @@ from custody.db.models import (
     Loan,
     LoanKey,
     LoanState,
-    Party,
-    PartyKind,
     RequestState,
-    Role,
     SigningAction,
     SigningRequest,
 )
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
-from custody.loans.service import Context, create_loan, generate_bank_hsm_key, register_key
+from custody.loans.service import create_loan, generate_bank_hsm_key, register_key
 from custody.risk.engine import RiskEngine, RiskReport
 from custody.signing.service import FeePolicy
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
@@ -195,35 +192,11 @@ def make_loans(
     rng = random.Random(seed)
     maturity = datetime.now(UTC) + timedelta(days=180)
     with transaction(engine) as session:
-        parties: dict[str, int] = {}
-        for name, kind in (
-            ("bank", PartyKind.bank),
-            ("miner", PartyKind.miner),
-            ("arbiter", PartyKind.arbiter),
-        ):
-            party = Party(name=f"storm-{name}", kind=kind)
-            session.add(party)
-            session.flush()
-            assert party.id is not None
-            parties[name] = party.id
-        ctx: dict[KeyRole, Context] = {}
-        for seat, role, party_name in (
-            (KeyRole.bank, Role.bank_operator, "bank"),
-            (KeyRole.miner, Role.miner, "miner"),
-            (KeyRole.arbiter, Role.arbiter, "arbiter"),
-        ):
-            principal, _ = create_principal(
-                session,
-                name=f"storm-{seat.value}",
-                role=role,
-                party_id=parties[party_name],
-                actor="bench",
-            )
-            ctx[seat] = Context(principal=principal, network=NETWORK)
+        ctx = seat_contexts(session, "storm", NETWORK)
         for _ in range(count):
             body = LoanCreate(
-                miner_party_id=parties["miner"],
-                arbiter_party_id=parties["arbiter"],
+                miner_party_id=ctx[KeyRole.miner].principal.party_id or 0,
+                arbiter_party_id=ctx[KeyRole.arbiter].principal.party_id or 0,
                 terms=LoanTermsIn(
                     principal_kopecks=PRINCIPAL_KOPECKS,
                     interest_rate_bps=1_800,

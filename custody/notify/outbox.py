@@ -18,6 +18,9 @@ from enum import Enum
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import event as sa_event
+from sqlalchemy.orm import Session as SASession
+from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
@@ -151,6 +154,7 @@ def register_webhook(
     hook = Webhook(party_id=party_id, url=url, secret=secret, events=_normalise_events(events))
     session.add(hook)
     session.flush()
+    session.info.pop(_HOOKS, None)
     view = WebhookView.of(hook)
     record(
         session,
@@ -169,6 +173,7 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
     hook.active = False
     session.add(hook)
     record(session, actor=actor, action="webhook.deactivated", data={"webhook_id": webhook_id})
+    session.info.pop(_HOOKS, None)
 
 
 def list_webhooks(session: Session, party_id: int | None = None) -> list[WebhookView]:
@@ -193,6 +198,29 @@ def _subscribed(hook: Webhook, event_type: str) -> bool:
     return hook.events == ALL_EVENTS or event_type in hook.events.split(",")
 
 
+_HOOKS = "custody.notify.active_hooks"
+
+
+def _active_hooks(session: Session) -> list[Webhook]:
+    """Active webhooks, read once per transaction (busy writers like the watcher queue
+    many events per block; subscriptions do not change under a writing transaction)."""
+    cached: list[Webhook] | None = session.info.get(_HOOKS)
+    if cached is None:
+        cached = list(
+            session.exec(
+                select(Webhook).where(col(Webhook.active).is_(True)).order_by(col(Webhook.id))
+            ).all()
+        )
+        session.info[_HOOKS] = cached
+    return cached
+
+
+@sa_event.listens_for(SASession, "after_transaction_end")
+def _forget_hooks(session: SASession, transaction: SessionTransaction) -> None:
+    if transaction.parent is None:
+        session.info.pop(_HOOKS, None)
+
+
 def enqueue(
     session: Session,
     *,
@@ -210,11 +238,7 @@ def enqueue(
     wanted = sorted(set(party_ids))
     if not wanted:
         return []
-    hooks = session.exec(
-        select(Webhook)
-        .where(col(Webhook.party_id).in_(wanted), col(Webhook.active).is_(True))
-        .order_by(col(Webhook.id))
-    ).all()
+    hooks = [h for h in _active_hooks(session) if h.party_id in wanted]
     now = utcnow()
     event_ids: list[str] = []
     for hook in hooks:

@@ -600,32 +600,18 @@ def _remote_sign(
         bank.remote.register_descriptor(loan_ref, loan.descriptor)  # once; same value is a no-op
         signed_psbt, report = bank.remote.sign(loan_ref, req.psbt, action, authorization)
     except PolicyViolation as refusal:
-        record(
-            session,
-            actor=ctx.actor,
-            action="signer.refused",
-            loan_id=loan.id,
-            request_id=req.id,
-            decision="refused",
-            reason=refusal.reason,
-            data={"check": refusal.check, "signer": "hsm-serve", "key": key.hsm_key_label},
-        )
-        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
-    record(
+        return _refused(session, ctx, req, key, "hsm-serve", refusal)
+    return _signed(
         session,
-        actor=ctx.actor,
-        action="signer.signed",
-        loan_id=loan.id,
-        request_id=req.id,
-        decision="signed",
-        data={
-            "signer": "hsm-serve",
-            "key": key.hsm_key_label,
-            "checks": report.get("checks"),
-            "fee_sats": report.get("fee_sats"),
-        },
+        ctx,
+        req,
+        key,
+        "hsm-serve",
+        signed_psbt,
+        chain,
+        who=None,
+        data={"checks": report.get("checks"), "fee_sats": report.get("fee_sats")},
     )
-    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed_psbt, chain, via="hsm"))
 
 
 def _approved(session: Session, req: SigningRequest) -> bool:
@@ -916,18 +902,6 @@ def unmined(session: Session, req: SigningRequest, actor: str) -> None:
         session.add(loan)
 
 
-def bank_hsm_key(session: Session, loan_id: int) -> LoanKey:
-    key = session.exec(
-        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
-    ).first()
-    if key is None or key.hsm_key_label is None:
-        raise Conflict(
-            "this loan's bank key is not held in the HSM: the bank signs with its "
-            "own device (upload a signed PSBT)"
-        )
-    return key
-
-
 # -- 4-eyes approval and the bank's HSM signature --------------------------------------
 
 
@@ -1091,32 +1065,68 @@ def hsm_sign(
         check_velocity(ledger, amount, daily_limit_sats, now)
         signed = sign_psbt_with_report(signer, req.psbt, loan_ctx, approved)
     except PolicyViolation as refusal:
-        record(
-            session,
-            actor=ctx.actor,
-            action="signer.refused",
-            loan_id=loan.id,
-            request_id=req.id,
-            decision="refused",
-            reason=refusal.reason,
-            data={"check": refusal.check, "signer": "pkcs11", "key": key.hsm_key_label},
-        )
-        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+        return _refused(session, ctx, req, key, "pkcs11", refusal)
     ledger.add(req.unsigned_txid, amount, now)
-    record(
+    return _signed(
         session,
-        actor=ctx.actor,
-        action="signer.signed",
-        loan_id=loan.id,
-        request_id=req.id,
-        decision="signed",
-        reason=who,
+        ctx,
+        req,
+        key,
+        "pkcs11",
+        signed.psbt,
+        chain,
+        who=who,
         data={
-            "signer": "pkcs11",
-            "key": key.hsm_key_label,
             "checks": list(signed.report.checks),
             "fee_sats": signed.report.fee_sats,
             "sats": amount,
         },
     )
-    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed.psbt, chain, via="hsm"))
+
+
+def _refused(
+    session: Session,
+    ctx: Context,
+    req: SigningRequest,
+    key: LoanKey,
+    signer: str,
+    refusal: Any,
+) -> HsmDecision:
+    """The signer said no: the reason goes to the audit log and back to the caller."""
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.refused",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        decision="refused",
+        reason=refusal.reason,
+        data={"check": refusal.check, "signer": signer, "key": key.hsm_key_label},
+    )
+    return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+
+
+def _signed(
+    session: Session,
+    ctx: Context,
+    req: SigningRequest,
+    key: LoanKey,
+    signer: str,
+    signed_psbt: str,
+    chain: Chain,
+    *,
+    who: str | None,
+    data: dict[str, Any],
+) -> HsmDecision:
+    """The signer signed: record it, then take its signatures like any upload (verified)."""
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.signed",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        decision="signed",
+        reason=who,
+        data={"signer": signer, "key": key.hsm_key_label, **data},
+    )
+    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed_psbt, chain, via="hsm"))
