@@ -69,7 +69,8 @@ def create_app(
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error", error_type=type(exc).__name__)
+        # The traceback (no local variables) for the operator; the caller gets no detail.
+        log.error("unhandled error", error_type=type(exc).__name__, exc_info=exc)
         return JSONResponse(
             status_code=500, content={"error": "internal_error", "message": "internal error"}
         )
