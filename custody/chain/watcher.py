@@ -46,6 +46,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.errors import Conflict
+from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.signing import service as signing
 
@@ -570,36 +571,26 @@ class Watcher:
             self._move_loan(session, loan, confirmed, reason)
 
     def _move_loan(self, session: Session, loan: Loan, confirmed: int, reason: str) -> None:
-        before = loan.state
-        if before == LoanState.awaiting_deposit and confirmed >= loan.required_collateral_sats:
-            loan.state = LoanState.active
-            notify_loan(session, loan, "loan.active", {"confirmed_sats": confirmed})
-        elif (
-            before == LoanState.active
-            and confirmed < loan.required_collateral_sats
-            and reason == "reorg"
-        ):
+        enough = confirmed >= loan.required_collateral_sats
+        if loan.state == LoanState.awaiting_deposit and enough:
+            to = LoanState.active
+        elif loan.state == LoanState.active and not enough and reason == "reorg":
             # A reorg took collateral away. (Spends are not a reason: the service's own
             # partial liquidation spends collateral on purpose, and a foreign spend raises
             # its own alert.)
-            loan.state = LoanState.awaiting_deposit
+            to = LoanState.awaiting_deposit
         else:
             return
-        loan.updated_at = utcnow()
-        session.add(loan)
-        record(
+        change_state(
             session,
-            actor=ACTOR,
-            action="loan.state_changed",
-            loan_id=loan.id,
+            ACTOR,
+            loan,
+            to,
             reason=reason,
-            data={
-                "from": str(before),
-                "to": str(loan.state),
-                "confirmed_sats": confirmed,
-                "required_sats": loan.required_collateral_sats,
-            },
+            data={"confirmed_sats": confirmed, "required_sats": loan.required_collateral_sats},
         )
+        if to == LoanState.active:
+            notify_loan(session, loan, "loan.active", {"confirmed_sats": confirmed})
 
     # -- mempool ---------------------------------------------------------------------
 

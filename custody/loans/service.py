@@ -11,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
@@ -183,6 +183,30 @@ def create_loan(session: Session, ctx: Context, body: LoanCreate) -> Loan:
         },
     )
     return loan
+
+
+def change_state(
+    session: Session,
+    actor: str,
+    loan: Loan,
+    to: LoanState,
+    *,
+    reason: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """Every loan state change goes through here: a state never moves without its own
+    audit event (DESIGN: a transition is a row in the audit log)."""
+    before = str(loan.state)
+    loan.state, loan.updated_at = to, utcnow()
+    session.add(loan)
+    record(
+        session,
+        actor=actor,
+        action="loan.state_changed",
+        loan_id=loan.id,
+        reason=reason,
+        data={"from": before, "to": to.value, **(data or {})},
+    )
 
 
 def get_loan(session: Session, ctx: Context, loan_id: int) -> Loan:
@@ -361,20 +385,18 @@ def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKe
         )
     loan.descriptor = descriptor.descriptor
     loan.key_set = key_set
-    loan.state = LoanState.awaiting_deposit
-    loan.updated_at = utcnow()
-    session.add(loan)
+    change_state(
+        session,
+        ctx.actor,
+        loan,
+        LoanState.awaiting_deposit,
+        reason="all three keys registered",
+        data={"descriptor": loan.descriptor},
+    )
     try:
         session.flush()
     except IntegrityError as exc:  # a concurrent loan took the same key set first
         raise Conflict("this key set is already used by another loan", field="key") from exc
-    record(
-        session,
-        actor=ctx.actor,
-        action="loan.state_changed",
-        loan_id=loan.id,
-        data={"from": LoanState.draft.value, "to": str(loan.state), "descriptor": loan.descriptor},
-    )
     hand_out_address(session, ctx, loan, descriptor)
 
 

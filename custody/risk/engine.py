@@ -31,11 +31,10 @@ from custody.db.models import (
     Role,
     SigningAction,
     SigningRequest,
-    utcnow,
 )
 from custody.db.session import transaction
 from custody.loans.debt import outstanding_debt_kopecks
-from custody.loans.service import Context
+from custody.loans.service import Context, change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
@@ -176,12 +175,16 @@ class RiskEngine:
             "reason": decision.reason,
         }
         if decision.move == Move.margin_call:
-            self._move(session, loan, LoanState.margin_call, decision.reason, evidence)
+            change_state(
+                session, ACTOR, loan, LoanState.margin_call, reason=decision.reason, data=evidence
+            )
             loan.margin_call_at = now
             report.margin_calls.append(loan_id)
             self._notify(session, loan, "loan.margin_call", evidence)
         elif decision.move == Move.cure:
-            self._move(session, loan, LoanState.active, decision.reason, evidence)
+            change_state(
+                session, ACTOR, loan, LoanState.active, reason=decision.reason, data=evidence
+            )
             loan.margin_call_at = None
             report.cured.append(loan_id)
         elif decision.move == Move.liquidate:
@@ -234,21 +237,6 @@ class RiskEngine:
         )
         assert req.id is not None
         return req.id
-
-    def _move(
-        self, session: Session, loan: Loan, to: LoanState, reason: str, evidence: dict[str, Any]
-    ) -> None:
-        before = str(loan.state)
-        loan.state, loan.updated_at = to, utcnow()
-        session.add(loan)
-        record(
-            session,
-            actor=ACTOR,
-            action="loan.state_changed",
-            loan_id=loan.id,
-            reason=reason,
-            data={"from": before, "to": to.value, **evidence},
-        )
 
     def _notify(self, session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
         if self.notify is not None:

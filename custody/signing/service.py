@@ -43,7 +43,7 @@ from custody.db.models import (
 )
 from custody.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
 from custody.loans.debt import outstanding_debt_kopecks
-from custody.loans.service import Context, hand_out_address, loan_descriptor
+from custody.loans.service import Context, change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
 from custody.signing.amounts import (
     Split,
@@ -453,22 +453,8 @@ def _store(
     if replaces is None and new_state is not None and loan.state != new_state:
         if action in (SigningAction.release, SigningAction.dispute_release):
             loan.repaid_at = loan.repaid_at or utcnow()
-        _move_loan(session, ctx.actor, loan, new_state, f"{action.value} requested")
+        change_state(session, ctx.actor, loan, new_state, reason=f"{action.value} requested")
     return req
-
-
-def _move_loan(session: Session, actor: str, loan: Loan, to: LoanState, reason: str) -> None:
-    before = str(loan.state)
-    loan.state, loan.updated_at = to, utcnow()
-    session.add(loan)
-    record(
-        session,
-        actor=actor,
-        action="loan.state_changed",
-        loan_id=loan.id,
-        reason=reason,
-        data={"from": before, "to": to.value},
-    )
 
 
 # -- signatures -----------------------------------------------------------------------
@@ -704,8 +690,12 @@ def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
     if req.replaces_id is None and str(loan.state) != req.loan_state_before:
-        _move_loan(
-            session, ctx.actor, loan, LoanState(req.loan_state_before), f"{req.action} cancelled"
+        change_state(
+            session,
+            ctx.actor,
+            loan,
+            LoanState(req.loan_state_before),
+            reason=f"{req.action} cancelled",
         )
     return req
 
@@ -864,7 +854,7 @@ def mined(session: Session, req: SigningRequest, height: int, actor: str) -> Non
             {"request_id": req.id, "txid": req.unsigned_txid, "height": height},
         )
     if done is not None:
-        _move_loan(session, actor, loan, done, f"{req.action} confirmed")
+        change_state(session, actor, loan, done, reason=f"{req.action} confirmed")
     else:
         loan.credited_kopecks += int(evidence(req).get("credited_kopecks", 0))
         loan.updated_at = utcnow()
@@ -896,7 +886,7 @@ def unmined(session: Session, req: SigningRequest, actor: str) -> None:
     if STATE_WHEN_DONE[action] is not None:
         back = STATE_WHILE_OPEN[action]
         assert back is not None
-        _move_loan(session, actor, loan, back, "reorg")
+        change_state(session, actor, loan, back, reason="reorg")
     else:
         loan.credited_kopecks -= int(evidence(req).get("credited_kopecks", 0))
         session.add(loan)
