@@ -23,9 +23,9 @@ from decimal import Decimal
 from io import BytesIO
 from typing import Final, Literal, get_args
 
-from embit.psbt import PSBT, read_string
+from embit.psbt import PSBT, InputScope, read_string
 from embit.script import Script
-from embit.transaction import SIGHASH, Transaction
+from embit.transaction import SIGHASH, Transaction, TransactionOutput
 
 from custody.bitcoin.addresses import address_script_pubkey
 from custody.bitcoin.descriptors import CollateralDescriptor, parse_collateral_descriptor
@@ -130,6 +130,23 @@ class PolicyViolation(SignerRefused):
         super().__init__(f"signing policy refused the PSBT: {reason}", field="psbt")
         self.check = check
         self.reason = reason
+
+
+def proven_prev_output(inp: InputScope, where: str) -> TransactionOutput:
+    """The output an input spends, taken from its non_witness_utxo only after that
+    transaction hashes to the outpoint's txid: an amount that cannot be lied about."""
+    prev = inp.non_witness_utxo
+    if prev is None:
+        raise PolicyViolation("non_witness_utxo", f"{where} carries no previous transaction")
+    if prev.txid() != inp.txid:
+        raise PolicyViolation(
+            "non_witness_utxo", f"{where}'s non_witness_utxo hashes to another txid"
+        )
+    if inp.vout >= len(prev.vout):
+        raise PolicyViolation(
+            "non_witness_utxo", f"{where}'s non_witness_utxo has no output {inp.vout}"
+        )
+    return prev.vout[inp.vout]
 
 
 def _raw_unsigned_tx(psbt_b64: str) -> bytes | None:
@@ -312,17 +329,8 @@ class _Checker:
                     "witness_script",
                     f"{where}'s witness_script is not the loan's 2-of-3 script at index {index}",
                 )
-            prev = inp.non_witness_utxo
-            if prev is not None:
-                if prev.txid() != inp.txid:
-                    raise PolicyViolation(
-                        "non_witness_utxo", f"{where}'s non_witness_utxo hashes to another txid"
-                    )
-                if inp.vout >= len(prev.vout):
-                    raise PolicyViolation(
-                        "non_witness_utxo", f"{where}'s non_witness_utxo has no output {inp.vout}"
-                    )
-                spent = prev.vout[inp.vout]
+            if inp.non_witness_utxo is not None:
+                spent = proven_prev_output(inp, where)
                 if int(spent.value) != amount or spent.script_pubkey.data != expected_spk:
                     raise PolicyViolation(
                         "non_witness_utxo",

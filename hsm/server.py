@@ -46,6 +46,7 @@ from hsm.policy import (
     LoanContext,
     PolicyViolation,
     check_psbt,
+    proven_prev_output,
 )
 from hsm.psbt_signing import sign_psbt_with_report
 from hsm.registry import LoanRecord, Registry, RegistryConflict
@@ -201,21 +202,7 @@ def _collateral_from_psbt(
     for n, inp in enumerate(psbt.inputs):
         outpoint = (inp.txid.hex(), int(inp.vout))
         where = f"input {n} ({outpoint[0]}:{outpoint[1]})"
-        prev = inp.non_witness_utxo
-        if prev is None:
-            raise PolicyViolation(
-                "non_witness_utxo",
-                f"{where} carries no previous transaction: the signer proves amounts itself",
-            )
-        if prev.txid() != inp.txid:
-            raise PolicyViolation(
-                "non_witness_utxo", f"{where}'s non_witness_utxo hashes to another txid"
-            )
-        if inp.vout >= len(prev.vout):
-            raise PolicyViolation(
-                "non_witness_utxo", f"{where}'s non_witness_utxo has no output {inp.vout}"
-            )
-        amount = int(prev.vout[inp.vout].value)
+        amount = int(proven_prev_output(inp, where).value)
         collateral[outpoint] = (amount, *_input_path(inp.bip32_derivations, hd_keys, where))
     return collateral
 
