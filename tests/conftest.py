@@ -8,8 +8,10 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy.engine import Engine
 
+from custody.chain.watcher import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
+from regtest.node import RegtestNode
 
 pytest_plugins = [
     "regtest.pytest_plugin",
@@ -39,3 +41,17 @@ def engine(db_url: str) -> Iterator[Engine]:
     upgrade(eng)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def watcher(engine: Engine, regtest_node: RegtestNode) -> Iterator[Watcher]:
+    """A watcher on this test's database, starting at the next block (the database knows
+    nothing older), with the default confirmation rules (1 below 1 BTC, 3 from it)."""
+    w = Watcher(
+        engine,
+        regtest_node.rpc,
+        config=WatcherConfig(start_height=regtest_node.rpc.get_block_count() + 1),
+    )
+    w.acquire()
+    yield w
+    w.release()

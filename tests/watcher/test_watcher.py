@@ -24,24 +24,6 @@ def world(engine: Engine) -> World:
     return build_world(engine)
 
 
-@pytest.fixture
-def watcher(engine: Engine, regtest_node: RegtestNode) -> Watcher:
-    """Starts at the next block: this test's database knows nothing older."""
-    w = Watcher(
-        engine,
-        regtest_node.rpc,
-        config=WatcherConfig(
-            start_height=regtest_node.rpc.get_block_count() + 1,
-            confirmations_small=1,
-            confirmations_large=3,
-            large_deposit_sats=100_000_000,
-        ),
-    )
-    w.acquire()
-    yield w
-    w.release()
-
-
 def _loan(world: World, **terms: Any) -> dict[str, Any]:
     """A loan with all keys registered and its first collateral address."""
     loan = world.create_loan(**terms)

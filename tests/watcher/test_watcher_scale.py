@@ -11,33 +11,18 @@ import json
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
 
-import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from support.bulk import create_ready_loans
 
-from custody.chain.watcher import ACTOR, Watcher, WatcherConfig
+from custody.chain.watcher import ACTOR, Watcher
 from custody.db.models import AuditEvent, Deposit, DepositState, Loan, LoanState
 from regtest.node import RegtestNode
 
 LOANS = 500
 PER_TX = 100
 SEED = 500
-
-
-@pytest.fixture
-def watcher(engine: Engine, regtest_node: RegtestNode) -> Iterator[Watcher]:
-    """Starts at the next block: this test's database knows nothing older."""
-    w = Watcher(
-        engine,
-        regtest_node.rpc,
-        config=WatcherConfig(start_height=regtest_node.rpc.get_block_count() + 1),
-    )
-    w.acquire()
-    yield w
-    w.release()
 
 
 def test_many_loans_all_found(engine: Engine, regtest_node: RegtestNode, watcher: Watcher) -> None:
