@@ -21,9 +21,6 @@ alone; ``--profile`` times the step under cProfile and prints where it goes.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import random
 import sys
 import tempfile
@@ -42,7 +39,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from bench import Figure
-from bench.common import seat_contexts
+from bench.common import seat_contexts, timed
 from custody.chain.blocks import scan_block
 from custody.chain.rpc import NodeRpc
 from custody.chain.watcher import Watcher, WatcherConfig
@@ -289,19 +286,9 @@ def catch_up(engine: Engine, node: RegtestNode, start_height: int, *, profile: b
     )
     watcher.acquire()
     try:
-        profiler = cProfile.Profile() if profile else None
-        t0 = time.perf_counter()
-        result = watcher.step() if profiler is None else profiler.runcall(watcher.step)
-        seconds = time.perf_counter() - t0
+        result, seconds, report = timed(watcher.step, profile=profile)
     finally:
         watcher.release()
-    report = None
-    if profiler is not None:
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("cumulative").print_stats(30)
-        stats.sort_stats("tottime").print_stats(20)
-        report = out.getvalue()
     return CatchUp(seconds, result.blocks_applied, result.height, report)
 
 

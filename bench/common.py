@@ -2,12 +2,36 @@
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 from sqlmodel import Session
 
 from custody.auth.service import create_principal
 from custody.config import NetworkName
 from custody.db.models import KeyRole, Party, PartyKind, Role
 from custody.loans.service import Context
+
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T], *, profile: bool, top: int = 30) -> tuple[T, float, str | None]:
+    """Run `fn` once: its result, its wall time, and (with `profile`) the cProfile report."""
+    profiler = cProfile.Profile() if profile else None
+    t0 = time.perf_counter()
+    result = fn() if profiler is None else profiler.runcall(fn)
+    seconds = time.perf_counter() - t0
+    if profiler is None:
+        return result, seconds, None
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_stats(top)
+    return result, seconds, out.getvalue()
 
 
 def seat_contexts(session: Session, prefix: str, network: NetworkName) -> dict[KeyRole, Context]:

@@ -23,9 +23,6 @@ bank's signatures in a sample of PSBTs with embit.
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
-import pstats
 import random
 import sys
 import tempfile
@@ -46,7 +43,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from bench import Figure
-from bench.common import seat_contexts
+from bench.common import seat_contexts, timed
 from custody.config import NetworkName
 from custody.db.migrate import upgrade
 from custody.db.models import (
@@ -66,6 +63,7 @@ from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, generate_bank_hsm_key, register_key
 from custody.risk.engine import RiskEngine, RiskReport
+from custody.risk.prices import ManualPriceSource, MedianPriceSource
 from custody.signing.service import FeePolicy
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.softhsm import SoftHsmToken, create_token
@@ -88,28 +86,11 @@ _TPUB = bytes.fromhex("043587cf")
 # -- price and chain stubs -------------------------------------------------------------
 
 
-@dataclass
-class _Quote:
-    price_rub_per_btc: Decimal
-    source: str
-    quoted_at: datetime
-
-
-@dataclass
-class _Consensus:
-    quote: _Quote | None
-    usable: bool
-    reason: str | None
-
-
-class Board:
-    """A price board the benchmark moves (the real price sources have their own tests)."""
-
-    def __init__(self, price: Decimal) -> None:
-        self.price = price
-
-    def consensus(self) -> _Consensus:
-        return _Consensus(_Quote(self.price, "bench-board", datetime.now(UTC)), True, None)
+def crash_prices(price: Decimal) -> MedianPriceSource:
+    """The real price path: a desk price (manual source) behind the median."""
+    desk = ManualPriceSource("bench-desk")
+    desk.set(price, datetime.now(UTC), "bench")
+    return MedianPriceSource([desk], max_age=timedelta(hours=1), max_spread_bps=200)
 
 
 class StubChain:
@@ -257,25 +238,15 @@ def storm(
         risk = RiskEngine(
             engine,
             network=NETWORK,
-            prices=Board(CRASH_PRICE),
+            prices=crash_prices(CRASH_PRICE),
             chain=chain,
             signer=signer,
             fees=FeePolicy(),
             daily_limit_sats=2 * count * COLLATERAL_SATS,  # the storm is not what it limits
         )
-        profiler = cProfile.Profile() if profile else None
-        t0 = time.perf_counter()
-        report = risk.run_once() if profiler is None else profiler.runcall(risk.run_once)
-        seconds = time.perf_counter() - t0
+        report, seconds, text = timed(risk.run_once, profile=profile, top=45)
     finally:
         signer.close()
-    text = None
-    if profiler is not None:
-        out = io.StringIO()
-        stats = pstats.Stats(profiler, stream=out)
-        stats.sort_stats("cumulative").print_stats(45)
-        stats.sort_stats("tottime").print_stats(25)
-        text = out.getvalue()
     return Storm(seconds, report, text)
 
 

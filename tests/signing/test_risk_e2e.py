@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -14,6 +13,7 @@ from support.world import World
 from custody.chain.watcher import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
+from custody.risk.prices import Consensus, ManualPriceSource, MedianPriceSource
 from custody.signing.amounts import sats_for_kopecks
 from custody.signing.service import FeePolicy
 from hsm.pkcs11_backend import Pkcs11Signer
@@ -22,31 +22,22 @@ from regtest.node import RegtestNode
 DEBT = 1_500_000_00  # kopecks, no interest
 
 
-@dataclass
-class _Quote:
-    price_rub_per_btc: Decimal
-    source: str
-    quoted_at: datetime
-
-
-@dataclass
-class _Consensus:
-    quote: _Quote | None
-    usable: bool
-    reason: str | None
-
-
 class Board:
-    """A price board the test moves (the real sources have their own tests)."""
+    """The bank desk's price (the real manual source) behind the real median: the test
+    moves the price, or lets it go stale."""
 
     def __init__(self) -> None:
-        self.price = Decimal(6_000_000)
-        self.stale = False
+        self.desk = ManualPriceSource("desk")
+        self.median = MedianPriceSource(
+            [self.desk], max_age=timedelta(minutes=10), max_spread_bps=200
+        )
+        self.set(6_000_000)
 
-    def consensus(self) -> _Consensus:
-        if self.stale:
-            return _Consensus(None, False, "every price is older than 10 minutes: paused")
-        return _Consensus(_Quote(self.price, "board", datetime.now(UTC)), True, None)
+    def set(self, price: int, *, age: timedelta = timedelta(0)) -> None:
+        self.desk.set(Decimal(price), datetime.now(UTC) - age, "bank_operator:test")
+
+    def consensus(self) -> Consensus:
+        return self.median.consensus()
 
 
 def _engine(world: World, node: RegtestNode, signer: Pkcs11Signer, board: Board) -> RiskEngine:
@@ -75,7 +66,7 @@ def test_margin_call_cure_then_automatic_liquidation(
     risk = _engine(world, regtest_node, pkcs11_signer, board)
 
     assert risk.run_once().margin_calls == []  # 50% LTV
-    board.price = Decimal(4_000_000)  # 75%: exactly the margin call
+    board.set(4_000_000)  # 75%: exactly the margin call
     assert risk.run_once().margin_calls == [lid]
     assert _loan(world, lid)["state"] == "margin_call"
 
@@ -86,10 +77,10 @@ def test_margin_call_cure_then_automatic_liquidation(
     assert risk.run_once().cured == [lid]  # 1.5M / (0.75 BTC x 4M) = 50%
     assert _loan(world, lid)["state"] == "active"
 
-    board.stale = True
+    board.set(2_200_000, age=timedelta(minutes=11))  # a crash, but the quote is stale
     paused = risk.run_once()
-    assert paused.paused and "older" in paused.paused and paused.liquidations == []
-    board.stale, board.price = False, Decimal(2_200_000)  # 1.5M / (0.75 x 2.2M) = 91%
+    assert paused.paused and "stale" in paused.paused and paused.liquidations == []
+    board.set(2_200_000)  # fresh: 1.5M / (0.75 x 2.2M) = 91%
     report = risk.run_once()
     [rid] = report.liquidations
     assert _loan(world, lid)["state"] == "liquidating"
@@ -121,7 +112,7 @@ def test_margin_call_cure_then_automatic_liquidation(
         assert expected in actions, expected
     with Session(world.engine) as s:
         paused = s.exec(select(AuditEvent).where(AuditEvent.action == "risk.paused")).one()
-        assert paused.reason and "older" in paused.reason
+        assert paused.reason and "stale" in paused.reason
 
 
 def test_default_at_maturity_liquidates(
