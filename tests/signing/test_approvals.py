@@ -8,25 +8,14 @@ import sys
 from embit.psbt import PSBT
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
-from support.world import World, build_world
+from support.world import World, audit_actions, build_world
 
 from custody.chain.watcher import Watcher
-from custody.db.models import Approval, AuditEvent, SigningRequest
+from custody.db.models import Approval, SigningRequest
 from hsm.pkcs11_backend import Pkcs11Signer
 from regtest.node import RegtestNode
-
-
-def _actions(engine: Engine, request_id: int) -> list[str]:
-    with Session(engine) as s:
-        return list(
-            s.exec(
-                select(AuditEvent.action)
-                .where(AuditEvent.request_id == request_id)
-                .order_by(col(AuditEvent.id))
-            ).all()
-        )
 
 
 def test_only_a_bank_approver_approves_and_approving_twice_counts_once(
@@ -52,7 +41,7 @@ def test_only_a_bank_approver_approves_and_approving_twice_counts_once(
     assert [(a.principal, a.unsigned_txid) for a in rows] == [
         ("bank_approver:user-bank_approver", req["unsigned_txid"])
     ]
-    actions = _actions(world.engine, req["id"])
+    actions = audit_actions(world.engine, request_id=req["id"])
     for expected in (
         "signing_request.created",
         "signing_request.signed",
@@ -81,7 +70,7 @@ def test_an_approval_does_not_cover_a_changed_psbt(
     r = bank_sign(world, req["id"])
     assert r.status_code == 422, r.text
     assert r.json()["check"] == "approvals" and "new approval" in r.json()["message"]
-    assert "signer.refused" in _actions(world.engine, req["id"])
+    assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
     assert (
         world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["signed_seats"] == []
     )
@@ -101,7 +90,7 @@ def test_the_daily_limit_stops_the_signer(
     r = bank_sign(world, req2["id"])
     assert r.status_code == 422 and r.json()["check"] == "velocity", r.text
     assert "daily limit" in r.json()["message"]
-    assert "signer.refused" in _actions(world.engine, req2["id"])
+    assert "signer.refused" in audit_actions(world.engine, request_id=req2["id"])
 
 
 def test_custody_audit_verify_reports_the_first_broken_link(

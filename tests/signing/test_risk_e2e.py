@@ -6,9 +6,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 from support.lending import COLLATERAL, funded_loan, sign, the_psbt, upload
-from support.world import World
+from support.world import World, audit_actions
 
 from custody.chain.watcher import Watcher
 from custody.db.models import AuditEvent
@@ -104,10 +104,7 @@ def test_margin_call_cure_then_automatic_liquidation(
     total_in = COLLATERAL + COLLATERAL // 2
     assert owed + miner_out["amount_sats"] + req["fee_sats"] == total_in
 
-    with Session(world.engine) as s:
-        actions = s.exec(
-            select(AuditEvent.action).where(AuditEvent.loan_id == lid).order_by(col(AuditEvent.id))
-        ).all()
+    actions = audit_actions(world.engine, loan_id=lid)
     for expected in ("loan.state_changed", "signer.signed", "signing_request.confirmed"):
         assert expected in actions, expected
     with Session(world.engine) as s:

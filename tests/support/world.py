@@ -12,11 +12,12 @@ from typing import Any
 from embit import bip32
 from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
 
 from custody.api.app import create_app
 from custody.auth.service import create_principal
 from custody.config import Settings
-from custody.db.models import Party, PartyKind, Role
+from custody.db.models import AuditEvent, Party, PartyKind, Role
 from custody.db.session import transaction
 from custody.loans.service import LoanKeyGenerator
 
@@ -150,3 +151,16 @@ def build_world(
     return World(
         client=client, api_keys=api_keys, party_ids=party_ids, settings=settings, engine=engine
     )
+
+
+def audit_actions(
+    engine: Engine, *, loan_id: int | None = None, request_id: int | None = None
+) -> list[str]:
+    """The audit trail's actions, in order, for a loan or a signing request."""
+    query = select(AuditEvent.action).order_by(col(AuditEvent.id))
+    if loan_id is not None:
+        query = query.where(AuditEvent.loan_id == loan_id)
+    if request_id is not None:
+        query = query.where(AuditEvent.request_id == request_id)
+    with Session(engine) as session:
+        return list(session.exec(query).all())

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from embit import bip32
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session, select
 from support.spend import spend_outside_the_service
-from support.world import World, build_world, hd_key
+from support.world import World, audit_actions, build_world, hd_key
 
 from custody.bitcoin.descriptors import parse_collateral_descriptor
 from custody.chain.watcher import Watcher, WatcherBusy, WatcherConfig
@@ -44,17 +44,6 @@ def _deposits(world: World, loan_id: int) -> list[dict[str, Any]]:
     return body
 
 
-def _actions(engine: Engine, loan_id: int) -> list[str]:
-    with Session(engine) as s:
-        return list(
-            s.exec(
-                select(AuditEvent.action)
-                .where(AuditEvent.loan_id == loan_id)
-                .order_by(col(AuditEvent.id))
-            ).all()
-        )
-
-
 def test_mempool_then_confirmations_then_active(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
@@ -80,7 +69,7 @@ def test_mempool_then_confirmations_then_active(
     view = _view(world, loan["id"])
     assert view["state"] == "active"
     assert view["collateral"]["confirmed_sats"] == 50_000_000
-    actions = _actions(world.engine, loan["id"])
+    actions = audit_actions(world.engine, loan_id=loan["id"])
     assert actions[-3:] == ["deposit.mined", "deposit.confirmed", "loan.state_changed"]
     assert actions.count("deposit.seen") == 1
 
@@ -142,7 +131,7 @@ def test_reorg_rolls_back_and_reapplies(
     [dep] = _deposits(world, loan["id"])
     assert (dep["state"], dep["block_height"]) == ("pending", None)
     assert _view(world, loan["id"])["state"] == "awaiting_deposit"
-    actions = _actions(world.engine, loan["id"])
+    actions = audit_actions(world.engine, loan_id=loan["id"])
     assert "deposit.reorged" in actions
     assert actions[-1] == "loan.state_changed"
 
@@ -174,7 +163,7 @@ def test_deposit_double_spent_in_a_reorg_disappears(
     view = _view(world, loan["id"])
     assert view["state"] == "awaiting_deposit"
     assert view["collateral"]["confirmed_sats"] == 0
-    assert "deposit.removed" in _actions(world.engine, loan["id"])
+    assert "deposit.removed" in audit_actions(world.engine, loan_id=loan["id"])
 
 
 def test_a_shallow_reorg_can_take_confirmations_away(
