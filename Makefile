@@ -15,7 +15,7 @@ BTCD_VERSION := 0.26.0
 BTCD := $(ROOT)/.cache/btcd/v$(BTCD_VERSION)/bin/btcd
 export BTCD BTCD_VERSION
 
-LINT_PATHS := custody hsm regtest
+LINT_PATHS := pledge custody hsm regtest
 
 .PHONY: help bootstrap bootstrap-venv test lint demo bench clean distclean
 

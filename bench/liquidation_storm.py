@@ -44,7 +44,6 @@ from sqlmodel import Session, col, func, select
 
 from bench import Figure
 from bench.common import seat_contexts, timed
-from custody.config import NetworkName
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
@@ -67,6 +66,7 @@ from custody.risk.prices import ManualPriceSource, MedianPriceSource
 from custody.signing.service import FeePolicy
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.softhsm import SoftHsmToken, create_token
+from pledge.network import NetworkName
 
 SEED = 20240917
 LOANS = 1_000

@@ -7,12 +7,11 @@ against this list by a test, so a typo in deployment config fails CI.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]
+from pledge.network import NetworkName
 
 
 class HttpPriceSourceConfig(BaseModel):

@@ -23,10 +23,9 @@ from typing import Annotated, Any, NoReturn, Protocol
 import httpx
 import typer
 
-from custody.bitcoin.descriptors import parse_collateral_descriptor
-from custody.bitcoin.network import NETWORK_NAMES, check_network, embit_network
-from custody.config import NetworkName
-from custody.errors import CustodyError
+from pledge.descriptors import parse_collateral_descriptor
+from pledge.errors import CustodyError
+from pledge.network import NETWORK_NAMES, NetworkName, check_network, embit_network
 
 __all__ = ["Deps", "DeviceLike", "deps", "hwi_app"]
 

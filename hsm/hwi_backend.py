@@ -18,12 +18,11 @@ from typing import Any
 
 from embit.psbt import PSBT
 
-from custody.bitcoin.descriptors import add_checksum, parse_collateral_descriptor
-from custody.bitcoin.keys import HDKey
-from custody.bitcoin.network import check_network
-from custody.config import NetworkName
-from custody.errors import CustodyError
 from hsm.signer import SignerBusy, SignerError, SignerRefused, SignerUnavailable
+from pledge.descriptors import add_checksum, parse_collateral_descriptor
+from pledge.errors import CustodyError
+from pledge.keys import HDKey
+from pledge.network import NetworkName, check_network
 
 __all__ = ["HwiDevice", "single_branch_descriptor", "translate_hwi_error"]
 

@@ -11,7 +11,7 @@ or fee is trusted because the PSBT says so.
 The check is deliberately strict (it refuses what it does not understand): only PSBT
 v0, only native P2WSH inputs of this loan's descriptor, and every one of the loan's
 recorded collateral outpoints must be spent, because the split rules in
-`custody.signing.amounts` are defined on the whole collateral.
+`pledge.amounts` are defined on the whole collateral.
 """
 
 from __future__ import annotations
@@ -27,13 +27,12 @@ from embit.psbt import PSBT, InputScope, read_string
 from embit.script import Script
 from embit.transaction import SIGHASH, Transaction, TransactionOutput
 
-from custody.bitcoin.addresses import address_script_pubkey
-from custody.bitcoin.descriptors import CollateralDescriptor, parse_collateral_descriptor
-from custody.bitcoin.network import check_network, embit_network
-from custody.config import NetworkName
-from custody.errors import CustodyError
-from custody.signing.amounts import partial_liquidation_split, sats_for_kopecks
 from hsm.signer import SignerRefused
+from pledge.addresses import address_script_pubkey
+from pledge.amounts import partial_liquidation_split, sats_for_kopecks
+from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from pledge.errors import CustodyError
+from pledge.network import NetworkName, check_network, embit_network
 
 __all__ = [
     "ActionName",

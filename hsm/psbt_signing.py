@@ -18,9 +18,9 @@ from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import SIGHASH
 
-from custody.bitcoin.keys import FixedKey
 from hsm.policy import ApprovedAction, LoanContext, PolicyReport, PolicyViolation, evaluate_psbt
 from hsm.signer import Signer, SignerError, SignerRefused
+from pledge.keys import FixedKey
 
 __all__ = ["SignedPsbt", "sign_psbt_with", "sign_psbt_with_report"]
 

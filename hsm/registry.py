@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from custody.errors import Conflict
+from pledge.errors import Conflict
 
 __all__ = [
     "DEFAULT_STATE_DB",

@@ -32,7 +32,6 @@ from urllib.parse import quote, urlsplit
 import httpx
 from embit.psbt import PSBT
 
-from custody.errors import Conflict
 from hsm.policy import PolicyViolation
 from hsm.signer import (
     SignerBusy,
@@ -41,6 +40,7 @@ from hsm.signer import (
     SignerRefused,
     SignerUnavailable,
 )
+from pledge.errors import Conflict
 
 __all__ = ["RemoteKeyEvidence", "RemoteSigner", "SignerConflict"]
 

@@ -33,11 +33,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from custody.bitcoin.addresses import validate_address
-from custody.bitcoin.descriptors import CollateralDescriptor, parse_collateral_descriptor
-from custody.bitcoin.keys import FixedKey, HDKey
-from custody.bitcoin.network import check_network
-from custody.errors import CustodyError, InvalidInput
 from hsm.boundary import Approval, Authorization, check_authorization
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.policy import (
@@ -51,6 +46,11 @@ from hsm.policy import (
 from hsm.psbt_signing import sign_psbt_with_report
 from hsm.registry import LoanRecord, Registry, RegistryConflict
 from hsm.signer import SignerBusy, SignerKeyNotFound, SignerRefused, SignerUnavailable
+from pledge.addresses import validate_address
+from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from pledge.errors import CustodyError, InvalidInput
+from pledge.keys import FixedKey, HDKey
+from pledge.network import check_network
 
 __all__ = [
     "DEFAULT_DAILY_LIMIT_SATS",

@@ -6,7 +6,7 @@ Modelled on HWI: one abstract class here, one module per backend
 swapped without touching policy code.
 
 Errors are translated at the backend's edge into the small typed set below.
-They subclass `custody.errors` types so the API maps them to HTTP once,
+They subclass `pledge.errors` types so the API maps them to HTTP once,
 with no signer-specific code in the API layer:
 
 - `SignerRefused` (422 invalid_input): the request is not acceptable (bad
@@ -29,7 +29,7 @@ import abc
 from types import TracebackType
 from typing import Self
 
-from custody.errors import Conflict, CustodyError, InvalidInput, NotFound, UpstreamUnavailable
+from pledge.errors import Conflict, CustodyError, InvalidInput, NotFound, UpstreamUnavailable
 
 __all__ = [
     "Signer",

@@ -15,11 +15,10 @@ from embit.ec import Signature
 from embit.networks import NETWORKS
 from embit.psbt import PSBT
 
-from custody.bitcoin.network import check_network, embit_network
-from custody.bitcoin.testkeys import account_path
-from custody.config import NetworkName
-from custody.errors import InvalidInput
 from hsm.signer import Signer, SignerError, SignerRefused
+from pledge.errors import InvalidInput
+from pledge.keys import account_path
+from pledge.network import NetworkName, check_network, embit_network
 
 __all__ = ["SoftwareHDSigner"]
 

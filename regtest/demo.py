@@ -52,8 +52,8 @@ from custody.logging import configure_logging
 from custody.notify.events import AUDIENCE, notify_loan
 from custody.risk.engine import RiskEngine, RiskReport
 from custody.risk.prices import ManualPriceSource, MedianPriceSource
-from custody.signing.amounts import ltv_bps, sats_for_kopecks
 from hsm.software import SoftwareHDSigner
+from pledge.amounts import ltv_bps, sats_for_kopecks
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode, free_port, wait_until
 

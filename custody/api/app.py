@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 from custody.api.routes import router
 from custody.bank_hsm import as_bank_hsm
 from custody.config import Settings
-from custody.errors import CustodyError
 from custody.signing.service import Chain
+from pledge.errors import CustodyError
 
 log = structlog.get_logger(__name__)
 

@@ -14,9 +14,9 @@ from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import transaction
-from custody.errors import UpstreamUnavailable
 from custody.loans.service import Context, LoanKeyGenerator
 from custody.signing.service import Chain, FeePolicy
+from pledge.errors import UpstreamUnavailable
 
 
 def get_session(request: Request) -> Iterator[Session]:

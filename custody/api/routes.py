@@ -32,7 +32,6 @@ from custody.auth.policy import require_role
 from custody.auth.service import create_principal
 from custody.bitcoin import exports
 from custody.db.models import ChainCursor, KeyRole, PartyKind, Principal, Role, SigningAction
-from custody.errors import InvalidInput, NotFound
 from custody.loans import service as loans
 from custody.loans.schemas import (
     AddressOut,
@@ -57,6 +56,7 @@ from custody.notify.outbox import list_webhooks, register_webhook
 from custody.parties import service as parties
 from custody.risk import manual as manual_prices
 from custody.signing import service as signing
+from pledge.errors import InvalidInput, NotFound
 
 router = APIRouter(prefix="/v1")
 

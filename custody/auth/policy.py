@@ -10,7 +10,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, false, true
 
 from custody.db.models import KeyRole, Loan, Principal, Role
-from custody.errors import Forbidden, NotFound
+from pledge.errors import Forbidden, NotFound
 
 BANK_STAFF = frozenset({Role.bank_operator, Role.bank_approver})
 READ_ALL = frozenset(

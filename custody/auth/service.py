@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 
 from custody.audit.service import record
 from custody.db.models import Party, PartyKind, Principal, Role
-from custody.errors import Conflict, InvalidInput, NotAuthenticated
+from pledge.errors import Conflict, InvalidInput, NotAuthenticated
 
 KEY_PREFIX = "pc_"
 

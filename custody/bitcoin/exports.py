@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
-from custody.bitcoin.descriptors import PARTIES, CollateralDescriptor
-from custody.bitcoin.keys import HDKey
-from custody.errors import Unsupported
+from pledge.descriptors import PARTIES, CollateralDescriptor
+from pledge.errors import Unsupported
+from pledge.keys import HDKey
 
 MAX_WALLET_NAME: Final = 20
 DEFAULT_WALLET_NAME: Final = "pledge-loan"

@@ -11,19 +11,14 @@ import hashlib
 from embit.bip32 import HDKey as EmbitHDKey
 from embit.ec import PrivateKey
 
-from custody.bitcoin.network import check_network, coin_type, embit_network
-from custody.config import NetworkName
-from custody.errors import Unsupported
+from pledge.errors import Unsupported
+from pledge.keys import account_path
+from pledge.network import NetworkName, check_network, embit_network
 
 
 def _refuse_mainnet(network: NetworkName) -> None:
     if check_network(network) == "mainnet":
         raise Unsupported("software test keys are never created on mainnet", field="network")
-
-
-def account_path(network: NetworkName, account: int = 0) -> str:
-    """The BIP-48 P2WSH account path, `m/48h/<coin>h/<account>h/2h`."""
-    return f"m/48h/{coin_type(network)}h/{account}h/2h"
 
 
 def make_test_key(

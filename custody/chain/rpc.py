@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from custody.errors import CustodyError, InvalidInput, Unsupported, UpstreamUnavailable
+from pledge.errors import CustodyError, InvalidInput, Unsupported, UpstreamUnavailable
 
 __all__ = [
     "NodeKind",

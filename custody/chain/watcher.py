@@ -45,10 +45,10 @@ from custody.db.models import (
     WatcherLease,
     utcnow,
 )
-from custody.errors import Conflict
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.signing import service as signing
+from pledge.errors import Conflict
 
 log = structlog.get_logger(__name__)
 

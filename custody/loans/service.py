@@ -18,10 +18,6 @@ from sqlmodel import Session, col, select
 
 from custody.audit.service import record
 from custody.auth.policy import ensure_can_view, require_role, seat_for, visible_loans_clause
-from custody.bitcoin.addresses import validate_address
-from custody.bitcoin.descriptors import CollateralDescriptor
-from custody.bitcoin.keys import CollateralKey, FixedKey, HDKey, parse_fixed_key, parse_hd_key
-from custody.config import NetworkName
 from custody.db.models import (
     CollateralAddress,
     KeyKind,
@@ -35,8 +31,12 @@ from custody.db.models import (
     Role,
     utcnow,
 )
-from custody.errors import Conflict, InvalidInput, NotFound
 from custody.loans.schemas import HDKeyIn, HSMPublicKeyIn, LoanCreate
+from pledge.addresses import validate_address
+from pledge.descriptors import CollateralDescriptor
+from pledge.errors import Conflict, InvalidInput, NotFound
+from pledge.keys import CollateralKey, FixedKey, HDKey, parse_fixed_key, parse_hd_key
+from pledge.network import NetworkName
 
 SEAT_ORDER = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
 MAX_ADDRESSES_PER_LOAN = 1_000

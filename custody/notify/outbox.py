@@ -25,8 +25,8 @@ from sqlmodel import Session, col, select
 
 from custody.audit.service import record
 from custody.db.models import Party, utcnow
-from custody.errors import InvalidInput, NotFound
 from custody.notify.models import Outbox, Webhook
+from pledge.errors import InvalidInput, NotFound
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {

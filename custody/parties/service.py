@@ -7,7 +7,7 @@ from sqlmodel import Session, col, select
 from custody.audit.service import record
 from custody.auth.policy import READ_ALL, require_role
 from custody.db.models import Party, PartyKind, Principal, Role
-from custody.errors import Conflict, NotFound
+from pledge.errors import Conflict, NotFound
 
 
 def create_party(session: Session, principal: Principal, *, name: str, kind: PartyKind) -> Party:

@@ -19,7 +19,6 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from custody.audit.service import record
-from custody.config import NetworkName
 from custody.db.models import (
     Deposit,
     DepositState,
@@ -38,6 +37,7 @@ from custody.loans.service import Context, change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
+from pledge.network import NetworkName
 
 log = structlog.get_logger(__name__)
 ACTOR = "risk_engine:auto"

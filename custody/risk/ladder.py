@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
-from custody.signing.amounts import ltv_bps
+from pledge.amounts import ltv_bps
 
 
 class Move(StrEnum):

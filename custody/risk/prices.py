@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 import structlog
 
-from custody.errors import InvalidInput, UpstreamUnavailable
+from pledge.errors import InvalidInput, UpstreamUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -33,12 +33,11 @@ from embit.script import Script, Witness
 from embit.transaction import SIGHASH, Transaction, TransactionInput, TransactionOutput
 from embit.util import secp256k1
 
-from custody.bitcoin.addresses import address_script_pubkey
-from custody.bitcoin.descriptors import PARTIES, CollateralDescriptor
-from custody.bitcoin.keys import FixedKey, HDKey
-from custody.bitcoin.network import bdk_network_kind, check_network, embit_network
-from custody.config import NetworkName
-from custody.errors import Conflict, InvalidInput
+from pledge.addresses import address_script_pubkey
+from pledge.descriptors import PARTIES, CollateralDescriptor
+from pledge.errors import Conflict, InvalidInput
+from pledge.keys import FixedKey, HDKey
+from pledge.network import NetworkName, bdk_network_kind, check_network, embit_network
 
 TX_VERSION: Final = 2
 RBF_SEQUENCE: Final = 0xFFFFFFFD

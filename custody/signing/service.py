@@ -21,9 +21,6 @@ from sqlmodel import Session, col, func, select
 from custody.audit.service import record
 from custody.auth.policy import ensure_can_view, require_role
 from custody.bank_hsm import RemoteBankHsm, as_bank_hsm, loan_ref_of
-from custody.bitcoin.addresses import address_script_pubkey
-from custody.bitcoin.descriptors import CollateralDescriptor
-from custody.bitcoin.keys import HDKey
 from custody.chain.rpc import RpcTxAlreadyKnown
 from custody.db.models import (
     Approval,
@@ -41,19 +38,9 @@ from custody.db.models import (
     SigningRequest,
     utcnow,
 )
-from custody.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import Context, change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
-from custody.signing.amounts import (
-    Split,
-    clamp_fee_rate,
-    fee_for,
-    kopecks_for_sats,
-    liquidation_split,
-    partial_liquidation_split,
-    release_split,
-)
 from custody.signing.psbt import (
     CollateralInput,
     PayTo,
@@ -74,6 +61,19 @@ from hsm.boundary import (
     check_velocity,
     input_total,
 )
+from pledge.addresses import address_script_pubkey
+from pledge.amounts import (
+    Split,
+    clamp_fee_rate,
+    fee_for,
+    kopecks_for_sats,
+    liquidation_split,
+    partial_liquidation_split,
+    release_split,
+)
+from pledge.descriptors import CollateralDescriptor
+from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
+from pledge.keys import HDKey
 
 REQUIRED_SEATS: dict[SigningAction, tuple[KeyRole, KeyRole]] = {
     SigningAction.release: (KeyRole.miner, KeyRole.bank),

@@ -8,10 +8,9 @@ import pytest
 from embit.ec import PrivateKey
 from embit.script import p2pkh, p2sh, p2tr, p2wpkh, p2wsh
 
-from custody.bitcoin.addresses import address_kind, address_script_pubkey, validate_address
-from custody.bitcoin.network import embit_network
-from custody.config import NetworkName
-from custody.errors import InvalidInput
+from pledge.addresses import address_kind, address_script_pubkey, validate_address
+from pledge.errors import InvalidInput
+from pledge.network import NetworkName, embit_network
 
 # Published vectors: BIP-173 (bech32) and BIP-350 (bech32m) "Test vectors",
 # bitcoin/bips bip-0173.mediawiki and bip-0350.mediawiki.

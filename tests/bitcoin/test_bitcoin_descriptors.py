@@ -14,24 +14,23 @@ from embit.bip32 import HDKey as EmbitHDKey
 from embit.descriptor import Descriptor as EmbitDescriptor
 from embit.script import Script, p2wsh
 
-from custody.bitcoin.descriptors import (
+from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key_text
+from pledge.descriptors import (
     CollateralDescriptor,
     LibraryDisagreement,
     descriptor_checksum,
     has_valid_checksum,
     parse_collateral_descriptor,
 )
-from custody.bitcoin.keys import (
+from pledge.errors import InvalidInput
+from pledge.keys import (
     CollateralKey,
     FixedKey,
     HDKey,
     parse_fixed_key,
     parse_hd_key,
 )
-from custody.bitcoin.network import embit_network
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key_text
-from custody.config import NetworkName
-from custody.errors import InvalidInput
+from pledge.network import NetworkName, embit_network
 
 # ---------------------------------------------------------------------------
 # Published vectors. Source: bitcoin/bips, bip-0380.mediawiki "Test Vectors"

@@ -10,7 +10,6 @@ import pytest
 from embit.bip32 import HDKey as EmbitHDKey
 from embit.descriptor import Descriptor as EmbitDescriptor
 
-from custody.bitcoin.descriptors import CollateralDescriptor, has_valid_checksum
 from custody.bitcoin.exports import (
     export_bsms,
     export_caravan,
@@ -18,10 +17,10 @@ from custody.bitcoin.exports import (
     export_descriptor,
     sanitise_wallet_name,
 )
-from custody.bitcoin.keys import FixedKey, HDKey, parse_hd_key
-from custody.bitcoin.network import bdk_network, bdk_network_kind, coin_type, embit_network
-from custody.config import NetworkName
-from custody.errors import Unsupported
+from pledge.descriptors import CollateralDescriptor, has_valid_checksum
+from pledge.errors import Unsupported
+from pledge.keys import FixedKey, HDKey, parse_hd_key
+from pledge.network import NetworkName, bdk_network, bdk_network_kind, coin_type, embit_network
 
 # BIP-129 round-2 descriptor records, NO_ENCRYPTION mode. Source: bitcoin/bips
 # bip-0129.mediawiki, "Test Vectors" (my_multisig_wallet.bsms), copied verbatim.

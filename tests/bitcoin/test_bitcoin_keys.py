@@ -11,17 +11,17 @@ from embit import base58
 from embit.bip32 import HDKey as EmbitHDKey
 from embit.networks import NETWORKS
 
-from custody.bitcoin.keys import FixedKey, HDKey, parse_fixed_key, parse_hd_key
-from custody.bitcoin.network import (
+from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key, make_test_key_text
+from pledge.errors import InvalidInput, Unsupported
+from pledge.keys import FixedKey, HDKey, parse_fixed_key, parse_hd_key
+from pledge.network import (
+    NetworkName,
     bdk_network,
     bdk_network_kind,
     check_network,
     coin_type,
     embit_network,
 )
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key, make_test_key_text
-from custody.config import NetworkName
-from custody.errors import InvalidInput, Unsupported
 
 SEED = hashlib.sha256(b"keys-test").digest()
 

@@ -11,10 +11,10 @@ from embit.ec import PublicKey
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11e
 
-from custody.errors import Conflict, InvalidInput, NotFound
 from hsm.pkcs11_backend import SECP256K1_EC_PARAMS, Pkcs11Signer, key_id_for_loan
 from hsm.signer import Signer, SignerKeyExists, SignerKeyNotFound, SignerRefused
 from hsm.softhsm import SoftHsmToken
+from pledge.errors import Conflict, InvalidInput, NotFound
 
 pytestmark = pytest.mark.hsm
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from embit.ec import PublicKey, Signature
 
-from custody.errors import UpstreamUnavailable
 from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.signer import SignerBusy, SignerUnavailable
 from hsm.softhsm import SoftHsmToken, create_token
+from pledge.errors import UpstreamUnavailable
 
 pytestmark = pytest.mark.hsm
 

@@ -28,8 +28,6 @@ from embit.transaction import SIGHASH, Transaction, TransactionInput, Transactio
 from fastapi.testclient import TestClient
 from support.hsm_serve import MAX_FEE, Server, _free_port, _run_cli, _serve_env, _start
 
-from custody.bitcoin.descriptors import CollateralDescriptor
-from custody.bitcoin.keys import parse_fixed_key, parse_hd_key
 from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key
 from custody.signing.psbt import CollateralInput, PayTo, build_psbt, finalize
 from hsm.pkcs11_backend import Pkcs11Signer
@@ -39,6 +37,8 @@ from hsm.remote import RemoteSigner, SignerConflict
 from hsm.server import create_signer_app
 from hsm.signer import SignerBusy, SignerKeyNotFound, SignerRefused, SignerUnavailable
 from hsm.software import SoftwareHDSigner
+from pledge.descriptors import CollateralDescriptor
+from pledge.keys import parse_fixed_key, parse_hd_key
 
 pytestmark = pytest.mark.hsm
 

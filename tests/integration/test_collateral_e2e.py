@@ -7,8 +7,8 @@ import pytest
 from sqlalchemy.engine import Engine
 from support.world import World, build_world
 
-from custody.bitcoin.descriptors import parse_collateral_descriptor
 from hsm.pkcs11_backend import Pkcs11Signer
+from pledge.descriptors import parse_collateral_descriptor
 from regtest.node import RegtestNode
 
 

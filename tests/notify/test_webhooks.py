@@ -21,7 +21,6 @@ from sqlmodel import Session, col, select
 
 from custody.db.models import Party, PartyKind
 from custody.db.session import transaction
-from custody.errors import InvalidInput, NotFound
 from custody.notify.delivery import (
     DeliveryWorker,
     RetryPolicy,
@@ -35,6 +34,7 @@ from custody.notify.outbox import (
     list_webhooks,
     register_webhook,
 )
+from pledge.errors import InvalidInput, NotFound
 from regtest.wait import wait_until
 
 SECRET_A = "a" * 16 + "-shared-secret-of-party-one-0123"

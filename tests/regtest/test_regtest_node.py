@@ -24,7 +24,7 @@ from custody.chain.rpc import (
     RpcTxRejected,
     RpcUnavailable,
 )
-from custody.errors import Unsupported
+from pledge.errors import Unsupported
 from regtest.faucet import (
     COINBASE_MATURITY,
     Coin,

@@ -27,7 +27,7 @@ from custody.chain.rpc import (
     RpcUnavailable,
     btc_to_sat,
 )
-from custody.errors import CustodyError, InvalidInput, Unsupported, UpstreamUnavailable
+from pledge.errors import CustodyError, InvalidInput, Unsupported, UpstreamUnavailable
 from regtest.node import free_port
 
 PASSWORD = "s3cret-pass-word"

@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from custody.errors import CustodyError, InvalidInput
 from custody.risk.prices import (
     Consensus,
     HttpJsonPriceSource,
@@ -25,6 +24,7 @@ from custody.risk.prices import (
     PriceUnavailable,
     parse_field_path,
 )
+from pledge.errors import CustodyError, InvalidInput
 
 NOW = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

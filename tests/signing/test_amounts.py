@@ -7,8 +7,7 @@ from decimal import Decimal
 
 import pytest
 
-from custody.errors import Conflict
-from custody.signing.amounts import (
+from pledge.amounts import (
     clamp_fee_rate,
     kopecks_for_sats,
     liquidation_split,
@@ -17,6 +16,7 @@ from custody.signing.amounts import (
     release_split,
     sats_for_kopecks,
 )
+from pledge.errors import Conflict
 
 PRICE = Decimal("6000000")  # RUB per BTC
 

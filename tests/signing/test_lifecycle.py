@@ -207,7 +207,7 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
     debt = 1_500_000_00 - credited
     from decimal import Decimal
 
-    from custody.signing.amounts import ltv_bps
+    from pledge.amounts import ltv_bps
 
     assert 5_999 <= ltv_bps(debt, kept["amount_sats"], Decimal(4_000_000)) <= 6_000
 

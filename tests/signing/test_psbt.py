@@ -20,12 +20,7 @@ from embit.script import Script
 from embit.transaction import SIGHASH, Transaction, TransactionInput, TransactionOutput
 from embit.util import secp256k1
 
-from custody.bitcoin.addresses import address_script_pubkey
-from custody.bitcoin.descriptors import CollateralDescriptor
-from custody.bitcoin.keys import CollateralKey, FixedKey, parse_fixed_key, parse_hd_key
 from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key
-from custody.config import NetworkName
-from custody.errors import InvalidInput
 from custody.signing.psbt import (
     RBF_SEQUENCE,
     CannotFinalize,
@@ -44,6 +39,11 @@ from custody.signing.psbt import (
     signers_per_input,
     unsigned_txid,
 )
+from pledge.addresses import address_script_pubkey
+from pledge.descriptors import CollateralDescriptor
+from pledge.errors import InvalidInput
+from pledge.keys import CollateralKey, FixedKey, parse_fixed_key, parse_hd_key
+from pledge.network import NetworkName
 
 NET: Final[NetworkName] = "regtest"
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"

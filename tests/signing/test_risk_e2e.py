@@ -14,9 +14,9 @@ from custody.chain.watcher import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, ManualPriceSource, MedianPriceSource
-from custody.signing.amounts import sats_for_kopecks
 from custody.signing.service import FeePolicy
 from hsm.pkcs11_backend import Pkcs11Signer
+from pledge.amounts import sats_for_kopecks
 from regtest.node import RegtestNode
 
 DEBT = 1_500_000_00  # kopecks, no interest

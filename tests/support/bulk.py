@@ -18,11 +18,11 @@ from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
 from custody.auth.service import create_principal
-from custody.config import NetworkName
 from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Principal, Role
 from custody.db.session import transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import Context, create_loan, register_key
+from pledge.network import NetworkName
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 BANK_LIQUIDATION = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry"

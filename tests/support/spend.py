@@ -10,7 +10,7 @@ from embit.psbt import PSBT, DerivationPath
 from embit.script import Script, address_to_scriptpubkey
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
 
-from custody.bitcoin.descriptors import CollateralDescriptor
+from pledge.descriptors import CollateralDescriptor
 
 
 def spend_outside_the_service(

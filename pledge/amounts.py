@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
-from custody.errors import Conflict, InvalidInput
+from pledge.errors import Conflict, InvalidInput
 
 SATS_PER_BTC = 100_000_000
 KOPECKS_PER_RUB = 100

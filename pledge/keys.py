@@ -26,9 +26,8 @@ from embit.bip32 import HDKey as EmbitHDKey
 from embit.ec import PublicKey
 from embit.networks import NETWORKS
 
-from custody.bitcoin.network import check_network, coin_type, embit_network
-from custody.config import NetworkName
-from custody.errors import InvalidInput
+from pledge.errors import InvalidInput
+from pledge.network import NetworkName, check_network, coin_type, embit_network
 
 MAX_KEY_TEXT: Final = 200
 MULTIPATH_SUFFIX: Final = "/<0;1>/*"
@@ -342,3 +341,8 @@ def parse_fixed_key(text: str, *, field: str) -> FixedKey:
             "this is not a valid secp256k1 public key (not a point on the curve)", field=field
         ) from None
     return FixedKey(public_key_hex=text)
+
+
+def account_path(network: NetworkName, account: int = 0) -> str:
+    """The BIP-48 P2WSH account path, `m/48h/<coin>h/<account>h/2h`."""
+    return f"m/48h/{coin_type(network)}h/{account}h/2h"

@@ -14,9 +14,8 @@ from typing import Final
 import bdkpython as bdk
 from embit.script import address_to_scriptpubkey
 
-from custody.bitcoin.network import NETWORK_NAMES, bdk_network, check_network
-from custody.config import NetworkName
-from custody.errors import CustodyError, InvalidInput
+from pledge.errors import CustodyError, InvalidInput
+from pledge.network import NETWORK_NAMES, NetworkName, bdk_network, check_network
 
 MAX_ADDRESS_TEXT: Final = 100
 

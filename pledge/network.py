@@ -7,13 +7,14 @@ embit and bdkpython each have their own. Mapping them in one place keeps a
 
 from __future__ import annotations
 
-from typing import Any, Final, get_args
+from typing import Any, Final, Literal, get_args
 
 import bdkpython as bdk
 from embit.networks import NETWORKS
 
-from custody.config import NetworkName
-from custody.errors import InvalidInput
+from pledge.errors import InvalidInput
+
+NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]
 
 NETWORK_NAMES: Final[tuple[NetworkName, ...]] = get_args(NetworkName)
 

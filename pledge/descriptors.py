@@ -18,7 +18,8 @@ from embit import hashes
 from embit.descriptor import Descriptor as EmbitDescriptor
 from embit.descriptor.checksum import checksum as embit_checksum
 
-from custody.bitcoin.keys import (
+from pledge.errors import CustodyError, InvalidInput
+from pledge.keys import (
     MULTIPATH_SUFFIX,
     CollateralKey,
     FixedKey,
@@ -26,14 +27,13 @@ from custody.bitcoin.keys import (
     parse_fixed_key,
     parse_hd_key,
 )
-from custody.bitcoin.network import (
+from pledge.network import (
+    NetworkName,
     bdk_network,
     bdk_network_kind,
     check_network,
     embit_network,
 )
-from custody.config import NetworkName
-from custody.errors import CustodyError, InvalidInput
 
 THRESHOLD: Final = 2
 MAX_INDEX: Final = 2**31

@@ -1,0 +1,54 @@
+"""The code boundary between the service and the bank's signer, checked on the source.
+
+`hsm/` (the signer) must not run the service's code, and the kernel (`pledge/`) must run
+neither: an edit in `custody/` must never change what the bank's key will sign. The check
+reads every import statement (including ones inside functions) with `ast`, so a lazy
+`from custody... import` inside a function body is caught too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FORBIDDEN: dict[str, frozenset[str]] = {
+    "pledge": frozenset({"custody", "hsm", "regtest", "bench", "tests"}),
+    "hsm": frozenset({"custody", "regtest", "bench", "tests"}),
+}
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.extend((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.lineno, node.module))
+    return found
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_imports_nothing_it_must_not(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"no source files under {package}/"
+    bad = [
+        f"{path.relative_to(ROOT)}:{line} imports {name}"
+        for path in files
+        for line, name in _imports(path)
+        if name.split(".")[0] in FORBIDDEN[package]
+    ]
+    assert not bad, "layer rule broken:\n" + "\n".join(bad)
+
+
+@pytest.mark.unit
+def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
+    """The scanner itself must find an import hidden in a function body."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from custody.loans import service\n    return service\n")
+    assert _imports(sample) == [(2, "custody.loans")]
