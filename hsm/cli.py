@@ -1,133 +1,148 @@
-"""`hsm serve`: run the bank's signer as its own loopback HTTP process.
+"""`hsm`: the bank's signer on its own machine.
 
-Configuration comes from the environment only (secrets never on the command line,
-where `ps` shows them):
+- `hsm serve`: the signer as its own loopback HTTP process;
+- `hsm enroll-bootstrap`: the first-time ceremony that enrols the first admins;
+- `hsm people`: who is enrolled (names, roles, algorithms; never keys' secrets).
 
-- `HSM_MODULE` (default the Debian SoftHSM2 path), `HSM_TOKEN_LABEL` (default
-  `custody-bank`), `HSM_PIN` (required): the PKCS#11 token and its user PIN;
-- `HSM_SERVE_TOKEN` (required, >= 32 characters): the bearer token callers present;
-- `HSM_STATE_DB` (default `./hsm-state.db`): the signer's own registry;
-- `HSM_DAILY_LIMIT_SATS` (default 10 BTC), `HSM_MAX_FEE_SATS`, `HSM_MAX_FEE_RATE`
-  (sat/vB): the signer's own limits, whatever the caller asks.
-
-The PIN and the serve token are removed from this process's environment once read,
-so nothing the process spawns inherits them. The server listens on 127.0.0.1 only.
+Configuration comes from the environment only (`HSM_*`, see `hsm.settings`; secrets never
+on the command line, where `ps` shows them). The PIN and the serve token are removed from
+this process's environment once read, so nothing it spawns inherits them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from decimal import Decimal, InvalidOperation
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Final
 
 import typer
-import uvicorn
+from pydantic import ValidationError
 
-from hsm.pkcs11_backend import Pkcs11Signer
-from hsm.registry import Registry, state_db_path
-from hsm.server import (
-    DEFAULT_DAILY_LIMIT_SATS,
-    DEFAULT_MAX_FEE_RATE,
-    DEFAULT_MAX_FEE_SATS,
-    create_signer_app,
-)
-from hsm.signer import SignerError
+from hsm.approvals import People, public_key_from_text
+from hsm.registry import Registry
+from hsm.settings import SignerSettings
+from hsm.signer import PolicyViolation, SignerError
 
 __all__ = ["app"]
 
-DEFAULT_MODULE: Final = "/usr/lib/softhsm/libsofthsm2.so"
-DEFAULT_TOKEN_LABEL: Final = "custody-bank"
-DEFAULT_PORT: Final = 8790
 MIN_TOKEN_CHARS: Final = 32
 LOOPBACK: Final = "127.0.0.1"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The bank's HSM signer.")
 
 
-@app.callback()
-def main() -> None:
-    """The bank's HSM signer (keeps `serve` a subcommand: `hsm serve`)."""
-
-
 def _fail(message: str) -> typer.Exit:
-    typer.echo(f"hsm serve: {message}", err=True)
+    typer.echo(f"hsm: {message}", err=True)
     return typer.Exit(code=2)
 
 
-def _int_env(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
+def _settings() -> SignerSettings:
     try:
-        value = int(raw)
-    except ValueError:
-        raise _fail(f"{name} must be an integer number of sats") from None
-    if value < 0:
-        raise _fail(f"{name} must not be negative")
-    return value
+        return SignerSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"HSM_{'.'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()
+        )
+        raise _fail(f"bad configuration: {problems}") from None
 
 
-def _decimal_env(name: str, default: Decimal) -> Decimal:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = Decimal(raw)
-    except InvalidOperation:
-        raise _fail(f"{name} must be a number (sat/vB)") from None
-    if not value.is_finite() or value <= 0:
-        raise _fail(f"{name} must be a positive number")
-    return value
+@app.callback()
+def main() -> None:
+    """The bank's HSM signer."""
 
 
 @app.command()
 def serve(
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port on 127.0.0.1")] = (
-        DEFAULT_PORT
-    ),
+    port: Annotated[int | None, typer.Option(help="TCP port on 127.0.0.1 (HSM_PORT)")] = None,
     host: Annotated[
         str, typer.Option(help="Only 127.0.0.1 is accepted: the signer never listens outside")
     ] = LOOPBACK,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    log_level: Annotated[str, typer.Option(help="log level")] = "info",
 ) -> None:
     """Serve the signer's HTTP API on the loopback interface."""
+    import uvicorn
+
+    from hsm.factory import build_core
+    from hsm.server import create_signer_app
+
     if host not in (LOOPBACK, "localhost"):
         raise _fail(f"refusing to listen on {host!r}: the signer listens on {LOOPBACK} only")
-    token = os.environ.pop("HSM_SERVE_TOKEN", "")
-    if not token:
-        raise _fail("HSM_SERVE_TOKEN is required (the bearer token callers must present)")
+    settings = _settings()
+    for name in ("HSM_PIN", "HSM_SERVE_TOKEN", "HSM_NODE_RPC_PASSWORD"):
+        os.environ.pop(name, None)
+    token = settings.serve_token.get_secret_value()
     if len(token) < MIN_TOKEN_CHARS:
-        raise _fail(f"HSM_SERVE_TOKEN must be at least {MIN_TOKEN_CHARS} characters")
-    pin = os.environ.pop("HSM_PIN", "")
-    if not pin:
+        raise _fail(f"HSM_SERVE_TOKEN is required, at least {MIN_TOKEN_CHARS} characters")
+    if not settings.pin.get_secret_value():
         raise _fail("HSM_PIN is required")
-    module = os.environ.get("HSM_MODULE") or DEFAULT_MODULE
-    label = os.environ.get("HSM_TOKEN_LABEL") or DEFAULT_TOKEN_LABEL
-    daily_limit = _int_env("HSM_DAILY_LIMIT_SATS", DEFAULT_DAILY_LIMIT_SATS)
-    max_fee = _int_env("HSM_MAX_FEE_SATS", DEFAULT_MAX_FEE_SATS)
-    max_rate = _decimal_env("HSM_MAX_FEE_RATE", DEFAULT_MAX_FEE_RATE)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     try:
-        signer = Pkcs11Signer(module, label, pin)
+        core = build_core(settings)
     except SignerError as exc:  # messages never carry the PIN
-        raise _fail(f"cannot open the HSM token {label!r}: {exc.message}") from None
-    del pin
-    registry = Registry(state_db_path())
+        raise _fail(f"cannot start the signer: {exc.message}") from None
+    except (ValueError, RuntimeError) as exc:
+        raise _fail(f"cannot start the signer: {exc}") from None
     try:
-        api = create_signer_app(
-            signer,
-            registry,
-            token,
-            daily_limit,
-            max_fee_sats=max_fee,
-            max_fee_rate_sat_vb=max_rate,
-            token_label=label,
-        )
+        api = create_signer_app(core, token, max_body_bytes=settings.max_body_bytes)
         del token
-        uvicorn.run(api, host=LOOPBACK, port=port, log_level=log_level, server_header=False)
+        uvicorn.run(
+            api,
+            host=LOOPBACK,
+            port=port or settings.port,
+            log_level=log_level,
+            server_header=False,
+            timeout_graceful_shutdown=10,
+        )
     finally:
-        signer.close()
+        core.close()
+
+
+@app.command("enroll-bootstrap")
+def enroll_bootstrap(
+    admin: Annotated[
+        list[str],
+        typer.Option(
+            help="NAME:ALGORITHM:PUBLIC_KEY_FILE (ed25519 or p256, PEM or hex); two or more"
+        ),
+    ],
+) -> None:
+    """First-time ceremony, on the signer's machine: enrol the first admins (at least two).
+    Afterwards every enrolment needs a statement signed by two enrolled admins."""
+    settings = _settings()
+    admins: list[tuple[str, str, bytes]] = []
+    for spec in admin:
+        name, _, rest = spec.partition(":")
+        algorithm, _, path = rest.partition(":")
+        if not name or not algorithm or not path:
+            raise _fail(f"--admin {spec!r}: expected NAME:ALGORITHM:PUBLIC_KEY_FILE")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            admins.append((name, algorithm, public_key_from_text(algorithm, text)))
+        except OSError as exc:
+            raise _fail(f"cannot read {path}: {exc.strerror}") from None
+        except PolicyViolation as exc:
+            raise _fail(f"{name}: {exc.reason}") from None
+    registry = Registry(settings.state_db)
+    try:
+        People(registry).bootstrap(admins, datetime.now(UTC))
+    except PolicyViolation as exc:
+        raise _fail(exc.reason) from None
+    finally:
+        registry.close()
+    typer.echo(f"enrolled {len(admins)} admins: {', '.join(a[0] for a in admins)}")
+
+
+@app.command()
+def people() -> None:
+    """List the people enrolled in this signer."""
+    settings = _settings()
+    registry = Registry(settings.state_db)
+    try:
+        for person in People(registry).active():
+            typer.echo(f"{person.name}\t{person.role}\t{person.algorithm}")
+    finally:
         registry.close()
 
 

@@ -348,6 +348,7 @@ class Pkcs11Signer(Signer):
         self._lock_timeout = lock_timeout
         self._public_keys: dict[str, bytes] = {}
         self._closed = False
+        self.c_sign_calls = 0  # C_Sign calls made through this object
         with _registry_lock:
             module = _modules.get(self._module_path)
             if module is None:
@@ -580,6 +581,7 @@ class Pkcs11Signer(Signer):
         def op(session: Any) -> bytes:
             priv_obj = self._find_one(session, ObjectClass.PRIVATE_KEY, label)
             # Explicit mechanism: python-pkcs11's EC default hashes the input again.
+            self.c_sign_calls += 1  # counted at the C_Sign call itself: tests assert on it
             raw: bytes = priv_obj.sign(digest, mechanism=Mechanism.ECDSA)
             return raw
 

@@ -27,7 +27,7 @@ from embit.psbt import PSBT, InputScope, read_string
 from embit.script import Script
 from embit.transaction import SIGHASH, Transaction, TransactionOutput
 
-from hsm.signer import SignerRefused
+from hsm.signer import PolicyViolation
 from pledge.addresses import address_script_pubkey
 from pledge.amounts import partial_liquidation_split, sats_for_kopecks
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
@@ -54,6 +54,8 @@ _LIQUIDATIONS: Final = frozenset({"liquidation", "dispute_liquidation"})
 
 MAX_PSBT_BASE64_CHARS: Final = 4_000_000
 LOCKTIME_THRESHOLD: Final = 500_000_000  # below: a block height; at or above: a timestamp
+# Final, or RBF-signalling with the BIP-68 disable bit set: no relative timelock either way.
+ALLOWED_SEQUENCES: Final = frozenset({0xFFFFFFFF, 0xFFFFFFFD})
 # Worst case witness of one 2-of-3 P2WSH input: item count, the CHECKMULTISIG dummy,
 # two (72-byte DER + sighash byte) signatures with their length bytes, then the
 # witness script with its length byte (added per input from the real script).
@@ -71,6 +73,7 @@ class LoanContext:
     collateral: dict[tuple[str, int], tuple[int, int, bool]]
     miner_return_address: str
     bank_liquidation_address: str
+    tip_height: int | None = None  # the signer's node's tip; None: only locktime 0 is signed
 
 
 @dataclass(frozen=True)
@@ -115,20 +118,6 @@ class CheckedPsbt:
     input_paths: tuple[tuple[int, bool], ...]  # (address_index, change) per input
     input_amounts: tuple[int, ...]
     report: PolicyReport
-
-
-class PolicyViolation(SignerRefused):
-    """The PSBT does not match the approved action: the signer refuses to sign.
-
-    `check` is a stable short name of the rule that failed (for tests and metrics);
-    `reason` is the human sentence."""
-
-    code = "policy_violation"
-
-    def __init__(self, check: str, reason: str) -> None:
-        super().__init__(f"signing policy refused the PSBT: {reason}", field="psbt")
-        self.check = check
-        self.reason = reason
 
 
 def proven_prev_output(inp: InputScope, where: str) -> TransactionOutput:
@@ -253,15 +242,30 @@ class _Checker:
             raise PolicyViolation(
                 "psbt_format", f"only PSBT version 0 is signed, not {psbt.version}"
             )
-        if psbt.tx_version not in (1, 2):
+        if psbt.tx_version != 2:
             raise PolicyViolation(
-                "tx_version", f"transaction version {psbt.tx_version} (only 1 or 2 are signed)"
+                "tx_version", f"transaction version {psbt.tx_version} (only version 2 is signed)"
             )
-        if (psbt.locktime or 0) >= LOCKTIME_THRESHOLD:
+        locktime = int(psbt.locktime or 0)
+        if locktime >= LOCKTIME_THRESHOLD:
             raise PolicyViolation(
                 "locktime",
-                f"locktime {psbt.locktime} is a timestamp; only a block height is accepted",
+                f"locktime {locktime} is a timestamp; only 0 or a past block height is signed",
             )
+        tip = self.ctx.tip_height
+        if locktime and (tip is None or locktime > tip):
+            raise PolicyViolation(
+                "locktime",
+                f"locktime {locktime} is above the chain tip ({tip}): a post-dated "
+                "transaction is not signed",
+            )
+        for n, inp in enumerate(psbt.tx.vin):
+            if int(inp.sequence) not in ALLOWED_SEQUENCES:
+                raise PolicyViolation(
+                    "sequence",
+                    f"input {n} has nSequence {int(inp.sequence):#010x}; only final "
+                    "(0xffffffff) or 0xfffffffd (RBF, no relative timelock) is signed",
+                )
         # embit's parser normalises the unsigned transaction (a zero input sequence
         # becomes 0xffffffff, a scriptSig is dropped) and writes the normalised form
         # back: a signature over it would not be a signature over what the API sent.
@@ -275,7 +279,10 @@ class _Checker:
             )
         if not psbt.inputs or not psbt.outputs:
             raise PolicyViolation("psbt_format", "the transaction has no inputs or no outputs")
-        self.ok(f"PSBT v0, tx version {psbt.tx_version}, locktime {psbt.locktime or 0} (height)")
+        self.ok(
+            f"PSBT v0, tx version 2, locktime {locktime} (not after the tip), "
+            "no relative timelocks"
+        )
         return psbt, tx
 
     def inputs(

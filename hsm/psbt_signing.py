@@ -12,19 +12,36 @@ result behind.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from embit.ec import PublicKey, Signature
 from embit.psbt import PSBT
 from embit.script import Script
 from embit.transaction import SIGHASH
 
-from hsm.policy import ApprovedAction, LoanContext, PolicyReport, PolicyViolation, evaluate_psbt
+from hsm.policy import (
+    ApprovedAction,
+    CheckedPsbt,
+    LoanContext,
+    PolicyReport,
+    PolicyViolation,
+    evaluate_psbt,
+)
 from hsm.signer import Signer, SignerError, SignerRefused
 from pledge.keys import FixedKey
 
-__all__ = ["SignedPsbt", "sign_psbt_with", "sign_psbt_with_report"]
+__all__ = ["SignedPsbt", "sign_checked_psbt", "sign_psbt_with", "sign_psbt_with_report"]
 
 _BANK_SEAT = 1  # descriptor keys are in (miner, bank, arbiter) order
+
+
+class DigestSigner(Protocol):
+    """What signing a checked PSBT needs of a key holder (any `Signer` backend has it)."""
+
+    @property
+    def name(self) -> str: ...
+    def public_key(self, key_ref: str) -> bytes: ...
+    def sign_digest(self, key_ref: str, digest: bytes) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +68,12 @@ def sign_psbt_with_report(
             "this loan's bank key is an xpub, not an HSM key: the HSM cannot sign for it",
             field="bank_key_ref",
         )
-    key_ref = ctx.bank_key_ref
+    return sign_checked_psbt(signer, checked, ctx.bank_key_ref)
+
+
+def sign_checked_psbt(signer: DigestSigner, checked: CheckedPsbt, key_ref: str) -> SignedPsbt:
+    """Sign a PSBT the policy already passed, with the key behind `key_ref`, which must
+    be the descriptor's bank key (a different loan's key ref is refused unsigned)."""
     pub = signer.public_key(key_ref)
     bank_key = checked.descriptor.keys[_BANK_SEAT]
     if not isinstance(bank_key, FixedKey) or bank_key.public_key != pub:

@@ -1,16 +1,16 @@
-"""The signer's own records: loan terms, what it signed (velocity) and every decision.
+"""The signer's own records: loans with their terms, people, repayments, valuations,
+issued statements, what it signed (velocity) and every decision.
 
-Why the signer keeps its own store instead of asking the custody database: the
-point of `hsm serve` is that a compromised API cannot talk the bank's key into a
-signature. If the payout addresses or the descriptor came from the API at signing
-time, the API could simply re-point a loan. So terms are written here ONCE, when
-the loan's key is generated, and the descriptor ONCE, when the keys are complete;
-a second, different value is refused (`RegistryConflict`), never overwritten.
+Why the signer keeps its own store instead of asking the custody database: the service
+and its database are assumed to be in an attacker's hands. If the payout addresses, the
+descriptor, the debt or the approvals came from the service at signing time, the service
+could simply re-point a loan. So a loan is written here once, when its bank key is made,
+from a statement two enrolled people signed; any later change needs the same approvals
+(`amend_loan`), and nothing is ever registered on first use.
 
-Plain `sqlite3` (no dependency on `custody.db`): the signer process must not need
-the service's database, drivers or migrations. One connection, guarded by a lock
-(FastAPI runs sync endpoints in a thread pool). The decisions table is append-only
-by construction: this module has no UPDATE or DELETE on it.
+Plain `sqlite3` (no dependency on the service's database code): the signer must not need
+the service's drivers or migrations. One connection, guarded by a lock (the HTTP server
+runs sync endpoints in a thread pool). The decisions table is append-only by construction.
 """
 
 from __future__ import annotations
@@ -21,25 +21,29 @@ import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from pledge.errors import Conflict
+from hsm.signer import PolicyViolation
 
 __all__ = [
     "DEFAULT_STATE_DB",
     "STATE_DB_ENV",
     "Decision",
     "LoanRecord",
+    "LoanTerms",
     "Registry",
-    "RegistryConflict",
+    "StatementRecord",
+    "parse_ts",
     "state_db_path",
+    "ts",
 ]
 
 STATE_DB_ENV: Final = "HSM_STATE_DB"
 DEFAULT_STATE_DB: Final = "./hsm-state.db"
+SCHEMA_VERSION: Final = 2
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS loan (
@@ -47,13 +51,70 @@ CREATE TABLE IF NOT EXISTS loan (
     network TEXT NOT NULL,
     key_ref TEXT NOT NULL UNIQUE,
     public_key TEXT NOT NULL UNIQUE,
+    descriptor TEXT NOT NULL UNIQUE,
+    terms TEXT NOT NULL,
     miner_return_address TEXT NOT NULL,
     bank_liquidation_address TEXT NOT NULL,
-    descriptor TEXT NULL,
-    created_at TEXT NOT NULL
+    registered_by TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    highest_index INTEGER NOT NULL DEFAULT 0 CHECK (highest_index >= 0),
+    call_seen_at TEXT NULL
+);
+CREATE TABLE IF NOT EXISTS amendment (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    at TEXT NOT NULL,
+    statement TEXT NOT NULL,
+    by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS person (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    algorithm TEXT NOT NULL,
+    public_key TEXT NOT NULL UNIQUE,
+    enrolled_at TEXT NOT NULL,
+    removed_at TEXT NULL
+);
+CREATE TABLE IF NOT EXISTS person_event (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at TEXT NOT NULL,
+    name TEXT NOT NULL,
+    event TEXT NOT NULL,
+    by TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS repayment (
+    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    repayment_id TEXT NOT NULL,
+    kopecks INTEGER NOT NULL CHECK (kopecks > 0),
+    paid_at TEXT NOT NULL,
+    by TEXT NOT NULL,
+    PRIMARY KEY (loan_ref, repayment_id)
+);
+CREATE TABLE IF NOT EXISTS credit (
+    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    txid TEXT NOT NULL,
+    kopecks INTEGER NOT NULL CHECK (kopecks >= 0),
+    at TEXT NOT NULL,
+    PRIMARY KEY (loan_ref, txid)
+);
+CREATE TABLE IF NOT EXISTS valuation (
+    id TEXT PRIMARY KEY,
+    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    at TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS valuation_loan ON valuation(loan_ref, at);
+CREATE TABLE IF NOT EXISTS statement (
+    nonce TEXT PRIMARY KEY,
+    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    unsigned_txid TEXT NOT NULL,
+    body TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('open', 'used', 'cancelled')),
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS usage (
-    loan_ref TEXT NOT NULL REFERENCES loan(loan_ref),
+    loan_ref TEXT NOT NULL,
     request_txid TEXT NOT NULL,
     sats INTEGER NOT NULL CHECK (sats >= 0),
     at TEXT NOT NULL,
@@ -65,7 +126,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     at TEXT NOT NULL,
     loan_ref TEXT NOT NULL,
     txid TEXT NULL,
-    decision TEXT NOT NULL CHECK (decision IN ('signed', 'refused')),
+    decision TEXT NOT NULL CHECK (decision IN ('signed', 'refused', 'recorded')),
     "check" TEXT NULL,
     reason TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}'
@@ -77,22 +138,79 @@ BEGIN SELECT RAISE(ABORT, 'the decisions log is append-only'); END;
 """
 
 
-class RegistryConflict(Conflict):
-    """A second, different value for something recorded once (terms, descriptor)."""
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def ts(when: datetime) -> str:
+    """ISO-8601 in UTC with a fixed width, so text comparison is time order."""
+    if when.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class LoanTerms:
+    """The loan's terms as two bank people signed them: the signer's only source of
+    debt, thresholds and confirmations."""
+
+    principal_kopecks: int
+    interest_rate_bps: int
+    start_at: datetime
+    maturity_at: datetime
+    margin_call_ltv_bps: int
+    liquidation_ltv_bps: int
+    cure_window_hours: int
+    required_confirmations: int
+    target_ltv_bps: int
+
+    def to_json(self) -> dict[str, Any]:
+        body = asdict(self)
+        body["start_at"] = ts(self.start_at)
+        body["maturity_at"] = ts(self.maturity_at)
+        return body
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> LoanTerms:
+        return cls(
+            **{
+                **body,
+                "start_at": parse_ts(body["start_at"]),
+                "maturity_at": parse_ts(body["maturity_at"]),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True)
 class LoanRecord:
-    """A loan as the signer recorded it: the only source of addresses at signing time."""
+    """A loan as the signer recorded it."""
 
     loan_ref: str
     network: str
     key_ref: str
     public_key: bytes
+    descriptor: str
+    terms: LoanTerms
     miner_return_address: str
     bank_liquidation_address: str
-    descriptor: str | None
+    registered_by: tuple[str, ...]
     created_at: datetime
+    highest_index: int
+    call_seen_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatementRecord:
+    nonce: str
+    loan_ref: str
+    unsigned_txid: str
+    body: dict[str, Any]
+    state: str
+    expires_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,21 +231,6 @@ def state_db_path() -> Path:
     return Path(os.environ.get(STATE_DB_ENV) or DEFAULT_STATE_DB)
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _ts(when: datetime) -> str:
-    """ISO-8601 in UTC with a fixed width, so text comparison is time order."""
-    if when.tzinfo is None:
-        raise ValueError("timestamps must be timezone-aware")
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_ts(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-
-
 class Registry:
     """The signer's SQLite store. Thread-safe; `close()` when done."""
 
@@ -143,7 +246,18 @@ class Registry:
         with self._lock:
             self._db.execute("PRAGMA foreign_keys = ON")
             self._db.execute("PRAGMA journal_mode = WAL")
+            (version,) = self._db.execute("PRAGMA user_version").fetchone()
+            has_tables = self._db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            ).fetchone()[0]
+            if has_tables and version != SCHEMA_VERSION:
+                self._db.close()
+                raise RuntimeError(
+                    f"the signer's state database {path} has schema version {version}, "
+                    f"this signer needs {SCHEMA_VERSION}: restore from a matching backup"
+                )
             self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @classmethod
     def from_env(cls) -> Registry:
@@ -154,7 +268,7 @@ class Registry:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def tx(self) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: read-check-write without a race between processes."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -165,6 +279,15 @@ class Registry:
                 raise
             self._db.execute("COMMIT")
 
+    def read_one(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, tuple(params)).fetchone()
+        return row
+
+    def read_all(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, tuple(params)).fetchall())
+
     # -- loans ------------------------------------------------------------------------
 
     @staticmethod
@@ -174,113 +297,234 @@ class Registry:
             network=row["network"],
             key_ref=row["key_ref"],
             public_key=bytes.fromhex(row["public_key"]),
+            descriptor=row["descriptor"],
+            terms=LoanTerms.from_json(json.loads(row["terms"])),
             miner_return_address=row["miner_return_address"],
             bank_liquidation_address=row["bank_liquidation_address"],
-            descriptor=row["descriptor"],
-            created_at=_parse_ts(row["created_at"]),
+            registered_by=tuple(json.loads(row["registered_by"])),
+            created_at=parse_ts(row["created_at"]),
+            highest_index=int(row["highest_index"]),
+            call_seen_at=parse_ts(row["call_seen_at"]) if row["call_seen_at"] else None,
         )
 
     def loan(self, loan_ref: str) -> LoanRecord | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,)).fetchone()
+        row = self.read_one("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,))
         return None if row is None else self._loan(row)
 
     def loan_count(self) -> int:
-        with self._lock:
-            (count,) = self._db.execute("SELECT count(*) FROM loan").fetchone()
-        return int(count)
+        row = self.read_one("SELECT count(*) AS n FROM loan", ())
+        assert row is not None
+        return int(row["n"])
 
-    def record_loan(
+    def record_loan(self, record: LoanRecord) -> LoanRecord:
+        """Write a new loan. A loan is recorded once; a second registration is refused
+        (`amend_loan` changes one, with approvals)."""
+        with self.tx() as db:
+            if db.execute("SELECT 1 FROM loan WHERE loan_ref = ?", (record.loan_ref,)).fetchone():
+                raise PolicyViolation(
+                    "loan_registered",
+                    f"loan {record.loan_ref!r} is already registered with the signer; "
+                    "a change needs an amendment signed by two people",
+                    field="loan_ref",
+                )
+            if db.execute(
+                "SELECT 1 FROM loan WHERE descriptor = ?", (record.descriptor,)
+            ).fetchone():
+                raise PolicyViolation(
+                    "loan_registered", "another loan already has this descriptor", field="keys"
+                )
+            db.execute(
+                "INSERT INTO loan (loan_ref, network, key_ref, public_key, descriptor, terms, "
+                "miner_return_address, bank_liquidation_address, registered_by, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.loan_ref,
+                    record.network,
+                    record.key_ref,
+                    record.public_key.hex(),
+                    record.descriptor,
+                    json.dumps(record.terms.to_json(), sort_keys=True),
+                    record.miner_return_address,
+                    record.bank_liquidation_address,
+                    json.dumps(list(record.registered_by)),
+                    ts(record.created_at),
+                ),
+            )
+        loan = self.loan(record.loan_ref)
+        assert loan is not None
+        return loan
+
+    def amend_loan(
         self,
-        *,
         loan_ref: str,
-        network: str,
-        key_ref: str,
-        public_key: bytes,
+        *,
+        terms: LoanTerms,
         miner_return_address: str,
         bank_liquidation_address: str,
+        statement: dict[str, Any],
+        by: Sequence[str],
+        at: datetime,
     ) -> LoanRecord:
-        """Record a loan's terms once. The same terms again is a no-op (a retry);
-        different terms for a recorded loan raise RegistryConflict."""
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,)).fetchone()
-            if row is None:
-                db.execute(
-                    "INSERT INTO loan (loan_ref, network, key_ref, public_key, "
-                    "miner_return_address, bank_liquidation_address, descriptor, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
-                    (
-                        loan_ref,
-                        network,
-                        key_ref,
-                        public_key.hex(),
-                        miner_return_address,
-                        bank_liquidation_address,
-                        _ts(_now()),
-                    ),
-                )
-                row = db.execute("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,)).fetchone()
-        record = self._loan(row)
-        wanted = (network, key_ref, public_key, miner_return_address, bank_liquidation_address)
-        have = (
-            record.network,
-            record.key_ref,
-            record.public_key,
-            record.miner_return_address,
-            record.bank_liquidation_address,
-        )
-        if wanted != have:
-            raise RegistryConflict(
-                f"loan {loan_ref!r} already has recorded terms; the signer does not change them",
-                field="loan_ref",
+        with self.tx() as db:
+            db.execute(
+                "UPDATE loan SET terms = ?, miner_return_address = ?, "
+                "bank_liquidation_address = ? WHERE loan_ref = ?",
+                (
+                    json.dumps(terms.to_json(), sort_keys=True),
+                    miner_return_address,
+                    bank_liquidation_address,
+                    loan_ref,
+                ),
             )
-        return record
+            db.execute(
+                "INSERT INTO amendment (loan_ref, at, statement, by) VALUES (?, ?, ?, ?)",
+                (loan_ref, ts(at), json.dumps(statement, sort_keys=True), ",".join(by)),
+            )
+        loan = self.loan(loan_ref)
+        assert loan is not None
+        return loan
 
-    def record_descriptor(self, loan_ref: str, descriptor: str) -> LoanRecord:
-        """Record the loan's descriptor once; the same text again is a no-op."""
-        with self._tx() as db:
-            row = db.execute("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,)).fetchone()
-            if row is None:
-                raise RegistryConflict(f"loan {loan_ref!r} has no key in this signer")
-            current = row["descriptor"]
-            if current is None:
-                db.execute(
-                    "UPDATE loan SET descriptor = ? WHERE loan_ref = ? AND descriptor IS NULL",
-                    (descriptor, loan_ref),
-                )
-            elif current != descriptor:
-                raise RegistryConflict(
-                    f"loan {loan_ref!r} already has a different descriptor; the signer does "
-                    "not re-point a loan",
-                    field="descriptor",
-                )
-            row = db.execute("SELECT * FROM loan WHERE loan_ref = ?", (loan_ref,)).fetchone()
-        return self._loan(row)
+    def note_index(self, loan_ref: str, index: int) -> None:
+        """Remember the highest address index seen in use (the scan range grows from it)."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE loan SET highest_index = max(highest_index, ?) WHERE loan_ref = ?",
+                (index, loan_ref),
+            )
+
+    def set_call_seen(self, loan_ref: str, at: datetime | None) -> None:
+        """When the signer itself first saw the loan at or over its margin-call LTV
+        (None: cured). Only the signer's own valuations write this."""
+        with self.tx() as db:
+            db.execute(
+                "UPDATE loan SET call_seen_at = ? WHERE loan_ref = ?",
+                (ts(at) if at else None, loan_ref),
+            )
+
+    # -- repayments and credits ---------------------------------------------------------
+
+    def add_repayment(
+        self, loan_ref: str, repayment_id: str, kopecks: int, paid_at: datetime, by: Sequence[str]
+    ) -> bool:
+        """Record a repayment once per id. False when this very repayment is already
+        recorded (a replay); a different amount under the same id is refused."""
+        with self.tx() as db:
+            row = db.execute(
+                "SELECT kopecks, paid_at FROM repayment WHERE loan_ref = ? AND repayment_id = ?",
+                (loan_ref, repayment_id),
+            ).fetchone()
+            if row is not None:
+                if int(row["kopecks"]) != kopecks or row["paid_at"] != ts(paid_at):
+                    raise PolicyViolation(
+                        "repayment_conflict",
+                        f"repayment {repayment_id!r} is already recorded with other figures",
+                        field="repayment_id",
+                    )
+                return False
+            db.execute(
+                "INSERT INTO repayment (loan_ref, repayment_id, kopecks, paid_at, by) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (loan_ref, repayment_id, kopecks, ts(paid_at), ",".join(by)),
+            )
+        return True
+
+    def repaid_kopecks(self, loan_ref: str, until: datetime) -> int:
+        row = self.read_one(
+            "SELECT coalesce(sum(kopecks), 0) AS n FROM repayment "
+            "WHERE loan_ref = ? AND paid_at <= ?",
+            (loan_ref, ts(until)),
+        )
+        assert row is not None
+        return int(row["n"])
+
+    def add_credit(self, loan_ref: str, txid: str, kopecks: int, at: datetime) -> None:
+        """A partial liquidation the signer signed: it pays `kopecks` of the debt once
+        its transaction is confirmed (the signer checks that on its node)."""
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO credit (loan_ref, txid, kopecks, at) VALUES (?, ?, ?, ?)",
+                (loan_ref, txid, kopecks, ts(at)),
+            )
+
+    def credits(self, loan_ref: str) -> list[tuple[str, int]]:
+        rows = self.read_all(
+            "SELECT txid, kopecks FROM credit WHERE loan_ref = ? ORDER BY at", (loan_ref,)
+        )
+        return [(r["txid"], int(r["kopecks"])) for r in rows]
+
+    # -- valuations -----------------------------------------------------------------------
+
+    def save_valuation(self, valuation_id: str, loan_ref: str, at: datetime, body: Any) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO valuation (id, loan_ref, at, body) VALUES (?, ?, ?, ?)",
+                (valuation_id, loan_ref, ts(at), json.dumps(body, sort_keys=True, default=str)),
+            )
+
+    def valuation(self, valuation_id: str) -> tuple[str, datetime, dict[str, Any]] | None:
+        row = self.read_one("SELECT * FROM valuation WHERE id = ?", (valuation_id,))
+        if row is None:
+            return None
+        return row["loan_ref"], parse_ts(row["at"]), json.loads(row["body"])
+
+    # -- statements -----------------------------------------------------------------------
+
+    def open_statement(
+        self, nonce: str, loan_ref: str, txid: str, body: dict[str, Any], expires_at: datetime
+    ) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO statement (nonce, loan_ref, unsigned_txid, body, state, "
+                "created_at, expires_at) VALUES (?, ?, ?, ?, 'open', ?, ?)",
+                (
+                    nonce,
+                    loan_ref,
+                    txid,
+                    json.dumps(body, sort_keys=True),
+                    ts(_now()),
+                    ts(expires_at),
+                ),
+            )
+
+    def statement(self, nonce: str) -> StatementRecord | None:
+        row = self.read_one("SELECT * FROM statement WHERE nonce = ?", (nonce,))
+        if row is None:
+            return None
+        return StatementRecord(
+            nonce=row["nonce"],
+            loan_ref=row["loan_ref"],
+            unsigned_txid=row["unsigned_txid"],
+            body=json.loads(row["body"]),
+            state=row["state"],
+            expires_at=parse_ts(row["expires_at"]),
+        )
+
+    def close_statement(self, nonce: str, state: str) -> bool:
+        """open -> used | cancelled, once. False if it was not open any more."""
+        with self.tx() as db:
+            cur = db.execute(
+                "UPDATE statement SET state = ? WHERE nonce = ? AND state = 'open'",
+                (state, nonce),
+            )
+            return cur.rowcount == 1
 
     # -- velocity ---------------------------------------------------------------------
 
     def signed_since(self, since: datetime, *, excluding_txid: str | None = None) -> int:
         """Sats of collateral signed for since `since` (a txid signed twice counts once)."""
-        with self._lock:
-            (total,) = self._db.execute(
-                "SELECT coalesce(sum(sats), 0) FROM usage WHERE at >= ? AND request_txid IS NOT ?",
-                (_ts(since), excluding_txid),
-            ).fetchone()
-        return int(total)
-
-    def already_signed(self, loan_ref: str, txid: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM usage WHERE loan_ref = ? AND request_txid = ?", (loan_ref, txid)
-            ).fetchone()
-        return row is not None
+        row = self.read_one(
+            "SELECT coalesce(sum(sats), 0) AS n FROM usage WHERE at >= ? AND request_txid IS NOT ?",
+            (ts(since), excluding_txid),
+        )
+        assert row is not None
+        return int(row["n"])
 
     def record_usage(self, loan_ref: str, txid: str, sats: int, at: datetime | None = None) -> None:
         """Count a signed transaction against the daily limit (once per txid)."""
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 "INSERT OR IGNORE INTO usage (loan_ref, request_txid, sats, at) VALUES (?,?,?,?)",
-                (loan_ref, txid, sats, _ts(at or _now())),
+                (loan_ref, txid, sats, ts(at or _now())),
             )
 
     def usage_window(self, now: datetime | None = None) -> tuple[datetime, int]:
@@ -302,13 +546,13 @@ class Registry:
     ) -> None:
         """Append one decision. `detail` must hold no secrets (callers pass approvals,
         action and fee, never the PIN or the bearer token)."""
-        with self._tx() as db:
+        with self.tx() as db:
             db.execute(
                 'INSERT INTO decisions (at, loan_ref, txid, decision, "check", reason, detail) '
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    _ts(_now()),
-                    loan_ref,
+                    ts(_now()),
+                    loan_ref[:200],
                     txid,
                     decision,
                     check,
@@ -318,16 +562,15 @@ class Registry:
             )
 
     def decisions(self, loan_ref: str | None = None) -> Sequence[Decision]:
-        with self._lock:
-            if loan_ref is None:
-                rows = self._db.execute("SELECT * FROM decisions ORDER BY id").fetchall()
-            else:
-                rows = self._db.execute(
-                    "SELECT * FROM decisions WHERE loan_ref = ? ORDER BY id", (loan_ref,)
-                ).fetchall()
+        if loan_ref is None:
+            rows = self.read_all("SELECT * FROM decisions ORDER BY id", ())
+        else:
+            rows = self.read_all(
+                "SELECT * FROM decisions WHERE loan_ref = ? ORDER BY id", (loan_ref,)
+            )
         return [
             Decision(
-                at=_parse_ts(r["at"]),
+                at=parse_ts(r["at"]),
                 loan_ref=r["loan_ref"],
                 txid=r["txid"],
                 decision=r["decision"],

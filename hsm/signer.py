@@ -32,6 +32,7 @@ from typing import Self
 from pledge.errors import Conflict, CustodyError, InvalidInput, NotFound, UpstreamUnavailable
 
 __all__ = [
+    "PolicyViolation",
     "Signer",
     "SignerBusy",
     "SignerError",
@@ -54,6 +55,21 @@ class SignerRefused(SignerError, InvalidInput):
 
     status_code = 422
     code = "invalid_input"
+
+
+class PolicyViolation(SignerRefused):
+    """The signer refuses: a PSBT, an approval, a registration or evidence breaks a rule.
+
+    `check` is a stable short name of the rule that failed (for tests and metrics);
+    `reason` is the human sentence. Every refusal the signer makes is one of these, so
+    both transports and both logs carry the same (check, reason) pair."""
+
+    code = "policy_violation"
+
+    def __init__(self, check: str, reason: str, *, field: str | None = "psbt") -> None:
+        super().__init__(f"the bank's signer refused: {reason}", field=field)
+        self.check = check
+        self.reason = reason
 
 
 class SignerKeyNotFound(SignerRefused, NotFound):

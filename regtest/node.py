@@ -152,6 +152,7 @@ class RegtestNode:
                 "--nostalldetect",
                 f"--miningaddr={self.faucet.address}",
                 "--txindex",
+                "--addrindex",
                 "--rejectnonstd",
                 "--limitfreerelay=0",
                 f"--datadir={datadir}",

@@ -1,6 +1,43 @@
-"""HSM tests. Fixtures `softhsm_token` and `pkcs11_signer` come from `hsm.pytest_plugin`,
-registered in the top-level tests/conftest.py (pytest refuses `pytest_plugins` in a
-non-top-level conftest during a full run). To run these tests alone:
+"""Signer worlds for the signer's tests: one per test module and transport (starting
+`hsm serve` and enrolling people costs seconds; each test makes its own loans)."""
 
-    .venv/bin/pytest --confcutdir=tests/hsm -p hsm.pytest_plugin tests/hsm
-"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from support.price_feed import PriceFeed, price_feed
+from support.signer_world import SignerWorld, in_process_world, serve_world
+
+from hsm.softhsm import SoftHsmToken
+from regtest.node import RegtestNode
+
+
+@pytest.fixture(scope="module")
+def module_feed() -> Iterator[PriceFeed]:
+    with price_feed("8000000") as feed:
+        yield feed
+
+
+@pytest.fixture(scope="module", params=["in-process", "hsm-serve"])
+def signer_world(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    regtest_node: RegtestNode,
+    softhsm_token: SoftHsmToken,
+    module_feed: PriceFeed,
+) -> Iterator[SignerWorld]:
+    base = tmp_path_factory.mktemp(f"signer-{request.param}")
+    if request.param == "in-process":
+        with in_process_world(base, regtest_node, module_feed, softhsm_token) as world:
+            yield world
+    else:
+        with serve_world(base, regtest_node, module_feed) as world:
+            yield world
+
+
+@pytest.fixture
+def world(signer_world: SignerWorld, module_feed: PriceFeed) -> Iterator[SignerWorld]:
+    """The module's world with the feed reset to its default price after each test."""
+    yield signer_world
+    module_feed.set("8000000")
