@@ -69,12 +69,12 @@ def serve() -> None:
     import uvicorn
 
     from custody.api.app import create_app
-    from custody.hsm_factory import hsm_from_settings
+    from custody.signer.factory import signer_from_settings
 
     settings = _settings()
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    api = create_app(settings, engine, hsm=hsm_from_settings(settings), chain=_node(settings))
+    api = create_app(settings, engine, signer=signer_from_settings(settings), chain=_node(settings))
     uvicorn.run(api, host=settings.api_host, port=settings.api_port, log_level="info")
 
 
@@ -126,10 +126,10 @@ def risk(
     import threading
     from datetime import timedelta
 
-    from custody.hsm_factory import hsm_from_settings
     from custody.risk.engine import RiskEngine
     from custody.risk.manual import DbManualPriceSource
     from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource, PriceSource
+    from custody.signer.factory import signer_from_settings
     from custody.signing.service import FeePolicy
 
     settings = _settings()
@@ -156,9 +156,8 @@ def risk(
         network=settings.network,
         prices=prices,
         chain=_node(settings),
-        signer=hsm_from_settings(settings),
+        signer=signer_from_settings(settings),
         fees=fees,
-        daily_limit_sats=settings.hsm_daily_limit_sats,
     )
     if once:
         typer.echo(json.dumps(dataclasses.asdict(engine_.run_once()), default=str))

@@ -42,10 +42,9 @@ class Settings(BaseSettings):
     api_port: int = 8080
 
     # The bank's HSM (PKCS#11). The PIN is a secret: never logged, never returned.
-    hsm_module: str = "/usr/lib/softhsm/libsofthsm2.so"
-    hsm_token_label: str = "custody-bank"
-    hsm_pin: SecretStr = SecretStr("")
-    # Separate-process mode: the signer is `hsm serve` at this loopback/https URL.
+    # The bank's signer. Separate process: `hsm serve` at this loopback/https URL with its
+    # bearer token. Otherwise it runs in this process from its own HSM_* settings
+    # (hsm.settings: token, PIN, registry, node, prices, limits), never from these.
     hsm_url: str | None = None
     hsm_serve_token: SecretStr = SecretStr("")
 
@@ -62,9 +61,6 @@ class Settings(BaseSettings):
     fee_rate_floor_sat_vb: float = 2.0
     fee_rate_ceiling_sat_vb: float = 200.0
     max_fee_sats: int = 1_000_000
-
-    # The bank signer's own ceiling: collateral moved per 24 hours, whatever was approved.
-    hsm_daily_limit_sats: int = 10 * 100_000_000
 
     # Risk engine: the manual price plus these HTTP JSON sources (a JSON list in the
     # environment), their median, how old a quote may be and how far sources may disagree.

@@ -11,9 +11,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
 from custody.api.routes import router
-from custody.bank_hsm import as_bank_hsm
 from custody.config import Settings
 from custody.signing.service import Chain
+from hsm.client import BankSigner
 from pledge.errors import CustodyError
 
 log = structlog.get_logger(__name__)
@@ -30,7 +30,7 @@ def create_app(
     settings: Settings,
     engine: Engine,
     *,
-    hsm: Any = None,
+    signer: BankSigner | None = None,
     chain: Chain | None = None,
 ) -> FastAPI:
     app = FastAPI(
@@ -42,7 +42,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.hsm = as_bank_hsm(hsm)
+    app.state.signer = signer
     app.state.chain = chain
     app.include_router(router)
 

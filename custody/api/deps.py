@@ -14,8 +14,9 @@ from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import transaction
-from custody.loans.service import Context, LoanKeyGenerator
+from custody.loans.service import Context
 from custody.signing.service import Chain, FeePolicy
+from hsm.client import BankSigner
 from pledge.errors import UpstreamUnavailable
 
 
@@ -59,12 +60,12 @@ def get_context(
 ContextDep = Annotated[Context, Depends(get_context)]
 
 
-def get_hsm(request: Request) -> LoanKeyGenerator | None:
-    hsm: LoanKeyGenerator | None = getattr(request.app.state, "hsm", None)
-    return hsm
+def get_signer(request: Request) -> BankSigner | None:
+    signer: BankSigner | None = getattr(request.app.state, "signer", None)
+    return signer
 
 
-HsmDep = Annotated[LoanKeyGenerator | None, Depends(get_hsm)]
+SignerDep = Annotated[BankSigner | None, Depends(get_signer)]
 
 
 def get_chain(request: Request) -> Chain:

@@ -13,11 +13,11 @@ from custody.api.deps import (
     ChainDep,
     ContextDep,
     FeesDep,
-    HsmDep,
     PrincipalDep,
     RawBodyDep,
     SessionDep,
     SettingsDep,
+    SignerDep,
 )
 from custody.api.views import (
     address_out,
@@ -29,13 +29,15 @@ from custody.api.views import (
 )
 from custody.audit.service import verify_chain
 from custody.auth.policy import require_role
-from custody.auth.service import create_principal
+from custody.auth.service import authenticate, create_principal
 from custody.bitcoin import exports
 from custody.db.models import ChainCursor, KeyRole, PartyKind, Principal, Role, SigningAction
+from custody.db.session import transaction
 from custody.loans import service as loans
 from custody.loans.schemas import (
     AddressOut,
     DepositOut,
+    EndorsementIn,
     FeeBump,
     KeyIn,
     LoanCreate,
@@ -47,14 +49,17 @@ from custody.loans.schemas import (
     PrincipalCreate,
     PrincipalCreated,
     PsbtOut,
+    RepaymentIn,
     SignatureUpload,
     SigningRequestCreate,
     SigningRequestOut,
     WebhookCreate,
 )
+from custody.loans.service import Context
 from custody.notify.outbox import list_webhooks, register_webhook
 from custody.parties import service as parties
 from custody.risk import manual as manual_prices
+from custody.signer import service as signer_statements
 from custody.signing import service as signing
 from pledge.errors import InvalidInput, NotFound
 
@@ -154,8 +159,62 @@ def register_key(
 
 
 @router.post("/loans/{loan_id}/keys/bank/hsm", status_code=201, tags=["keys"])
-def generate_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep, hsm: HsmDep) -> LoanOut:
-    return loan_out(session, loans.generate_bank_hsm_key(session, ctx, loan_id, hsm))
+def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """Open the statement that registers this loan with the bank's signer; once a bank
+    operator and an approver have signed it, the signer makes the bank key in its HSM
+    and builds the descriptor (the miner's and the arbiter's keys come first)."""
+    st = signer_statements.request_bank_key(session, ctx, loan_id)
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/loans/{loan_id}/repayments", status_code=201, tags=["keys"])
+def record_repayment(
+    loan_id: int, body: RepaymentIn, session: SessionDep, ctx: ContextDep
+) -> dict[str, Any]:
+    """Open the statement of a repayment; the bank's signer records it once signed."""
+    st = signer_statements.request_repayment(
+        session,
+        ctx,
+        loan_id,
+        amount_kopecks=body.amount_kopecks,
+        paid_at=body.paid_at,
+        repayment_id=body.repayment_id,
+    )
+    return signer_statements.statement_view(session, st)
+
+
+@router.get("/signer-statements/{statement_id}", tags=["signing"])
+def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """A statement for the bank's signer: its exact bytes to sign and who signed so far."""
+    st = signer_statements.get_statement(session, ctx, statement_id)
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-statements/{statement_id}/endorsements", tags=["signing"])
+def endorse_signer_statement(
+    statement_id: int,
+    body: EndorsementIn,
+    request: Request,
+    settings: SettingsDep,
+    signer: SignerDep,
+) -> dict[str, Any]:
+    """One enrolled person's signature. With two, the statement goes to the bank's signer,
+    which checks them itself; no database transaction is open while it is called."""
+    engine = request.app.state.engine
+    chain = getattr(request.app.state, "chain", None)
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    with transaction(engine) as session:
+        principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
+        ctx = Context(principal=principal, network=settings.network)
+        st, ready = signer_statements.endorse(
+            session, ctx, statement_id, body.person, body.signature
+        )
+    if ready:
+        signer_statements.execute(engine, statement_id, signer, ctx, chain)
+    with transaction(engine) as session:
+        st = signer_statements.get_statement(session, ctx, statement_id)
+        return signer_statements.statement_view(session, st)
 
 
 @router.post("/loans/{loan_id}/addresses", status_code=201, tags=["addresses"])
@@ -204,7 +263,9 @@ def audit_verify(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]
     return verify_chain(session).as_dict()
 
 
-@router.post("/loans/{loan_id}/signing-requests", status_code=201, tags=["signing"])
+@router.post(
+    "/loans/{loan_id}/signing-requests", status_code=201, tags=["signing"], response_model=None
+)
 def create_signing_request(
     loan_id: int,
     body: SigningRequestCreate,
@@ -212,7 +273,8 @@ def create_signing_request(
     ctx: ContextDep,
     chain: ChainDep,
     fees: FeesDep,
-) -> SigningRequestOut:
+    signer: SignerDep,
+) -> SigningRequestOut | JSONResponse:
     params = signing.RequestParams(
         action=SigningAction(body.action),
         fee_rate_sat_vb=body.fee_rate_sat_vb,
@@ -220,7 +282,19 @@ def create_signing_request(
         price_source=body.price_source,
         target_ltv_bps=body.target_ltv_bps,
     )
-    return request_out(signing.create_request(session, ctx, loan_id, params, chain, fees))
+    req = signing.create_request(session, ctx, loan_id, params, chain, fees, signer)
+    if req.reject_reason and req.state == "cancelled":
+        # the signer refused the PSBT: the cancelled request and the audit row are kept
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "refused_by_signer",
+                "message": req.reject_reason,
+                "field": "psbt",
+                "request_id": req.id,
+            },
+        )
+    return request_out(req)
 
 
 @router.get("/loans/{loan_id}/signing-requests", tags=["signing"])
@@ -283,9 +357,9 @@ def retry_broadcast(
 
 @router.post("/signing-requests/{request_id}/cancel", tags=["signing"])
 def cancel_signing_request(
-    request_id: int, session: SessionDep, ctx: ContextDep
+    request_id: int, session: SessionDep, ctx: ContextDep, signer: SignerDep
 ) -> SigningRequestOut:
-    return request_out(signing.cancel(session, ctx, request_id))
+    return request_out(signing.cancel(session, ctx, request_id, signer))
 
 
 @router.post("/signing-requests/{request_id}/bump", status_code=201, tags=["signing"])
@@ -296,40 +370,20 @@ def bump_fee(
     ctx: ContextDep,
     chain: ChainDep,
     fees: FeesDep,
+    signer: SignerDep,
 ) -> SigningRequestOut:
     """Replace a stuck broadcast request by one paying more (RBF); it must be signed again."""
     return request_out(
-        signing.bump_fee(session, ctx, request_id, body.fee_rate_sat_vb, chain, fees)
+        signing.bump_fee(session, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
     )
 
 
-@router.post("/signing-requests/{request_id}/approve", tags=["signing"], response_model=None)
-def approve(
-    request_id: int,
-    session: SessionDep,
-    ctx: ContextDep,
-    chain: ChainDep,
-    fees: FeesDep,
-    hsm: HsmDep,
-    settings: SettingsDep,
-) -> SigningRequestOut | JSONResponse:
-    """A bank approver signs off on this exact transaction (not the person who asked for
-    it). If the loan's bank key is in the HSM, the HSM then signs, after checking the PSBT,
-    the approvals and its daily limit itself. A refusal answers 422 and is in the audit log."""
-    decision = signing.approve(
-        session, ctx, request_id, hsm, chain, fees, daily_limit_sats=settings.hsm_daily_limit_sats
-    )
-    if decision.refused is not None:
-        return JSONResponse(
-            status_code=422,
-            content={
-                "error": "refused_by_signer",
-                "message": decision.refused,
-                "field": "psbt",
-                "check": decision.check,
-            },
-        )
-    return request_out(decision.request)
+@router.post("/signing-requests/{request_id}/approve", tags=["signing"])
+def approve(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+    """A bank approver signs off on this exact transaction when the bank signs with its
+    own device (an xpub key). When the bank's signer holds the key, approvals are
+    signatures over its statement (`POST /v1/signer-statements/{id}/endorsements`)."""
+    return request_out(signing.approve(session, ctx, request_id).request)
 
 
 @router.post("/prices", status_code=201, tags=["risk"])

@@ -149,4 +149,5 @@ def request_out(req: SigningRequest) -> SigningRequestOut:
         mined_height=req.mined_height,
         reject_reason=req.reject_reason,
         created_at=req.created_at,
+        signer_statement_id=ev.get("signer_statement_id"),
     )

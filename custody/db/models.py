@@ -306,6 +306,44 @@ class SignerUsage(SQLModel, table=True):
     at: datetime = Field(nullable=False, index=True)
 
 
+class StatementState(StrEnum):
+    open = "open"  # collecting signatures
+    done = "done"  # the signer acted on it
+    refused = "refused"  # the signer refused it for good
+    cancelled = "cancelled"
+
+
+class SignerStatement(SQLModel, table=True):
+    """A statement for the bank's signer (registration, repayment, transaction...)
+    waiting for or carrying the signatures of enrolled people. The signer verifies them;
+    this row only carries them there, so nothing here is trusted by the signer."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    loan_id: int | None = Field(default=None, foreign_key="loan.id", index=True)
+    request_id: int | None = Field(default=None, foreign_key="signingrequest.id", index=True)
+    nonce: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
+    body: str = Field(sa_column=Column(Text, nullable=False))  # the statement, JSON
+    state: StatementState = Field(sa_column=Column(String(16), nullable=False, index=True))
+    outcome: str | None = Field(default=None, sa_column=Column(Text))
+    created_by: str = Field(sa_column=Column(String(120), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class SignerEndorsement(SQLModel, table=True):
+    """One enrolled person's signature over a statement, as they sent it."""
+
+    __table_args__ = (UniqueConstraint("statement_id", "person", name="uq_endorsement_once"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    statement_id: int = Field(foreign_key="signerstatement.id", index=True)
+    person: str = Field(sa_column=Column(String(64), nullable=False))
+    signature: str = Field(sa_column=Column(Text, nullable=False))
+    submitted_by: str = Field(sa_column=Column(String(120), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
 import custody.notify.models  # noqa: E402, F401  (webhook tables live beside their code)
 
 

@@ -204,6 +204,22 @@ class SigningRequestOut(BaseModel):
     mined_height: int | None
     reject_reason: str | None
     created_at: datetime
+    signer_statement_id: int | None = None  # what the bank's people sign (HSM-held key)
+
+
+class EndorsementIn(Strict):
+    """One enrolled person's signature over a signer statement (base64)."""
+
+    person: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
+    signature: str = Field(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9+/=]+$")
+
+
+class RepaymentIn(Strict):
+    amount_kopecks: Annotated[StrictInt, Field(gt=0, le=10**15)]
+    paid_at: AwareDatetime
+    repayment_id: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
+    )
 
 
 class PsbtOut(BaseModel):

@@ -7,7 +7,6 @@ change and its record commit together or not at all.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -51,21 +50,6 @@ class HsmKeyEvidence(Protocol):
     def local(self) -> bool: ...
     @property
     def never_extractable(self) -> bool: ...
-
-
-class LoanKeyGenerator(Protocol):
-    """What the loans service needs from the bank's HSM: a fresh key per loan. The
-    loan's payout addresses go with it: a separate signer records them as the only
-    places it will ever pay."""
-
-    def generate_loan_key(
-        self,
-        loan_ref: str,
-        *,
-        network: str,
-        miner_return_address: str,
-        bank_liquidation_address: str,
-    ) -> HsmKeyEvidence: ...
 
 
 @dataclass(frozen=True)
@@ -248,27 +232,6 @@ def register_key(
     seat_for(ctx.principal, loan, seat)
     key = _parse_key(body, seat, ctx.network)
     return _store_key(session, ctx, loan, seat, key)
-
-
-def generate_bank_hsm_key(
-    session: Session, ctx: Context, loan_id: int, hsm: LoanKeyGenerator | None
-) -> Loan:
-    """The bank's key for this loan, generated inside the HSM (it never leaves it)."""
-    loan = get_loan(session, ctx, loan_id)
-    seat_for(ctx.principal, loan, KeyRole.bank)
-    _ensure_seat_open(session, loan, KeyRole.bank)
-    if hsm is None:
-        raise Conflict("no HSM is configured for this service", field="hsm")
-    # A random suffix: if this transaction rolls back, the orphaned HSM key is never
-    # mistaken for the key of a later attempt.
-    evidence = hsm.generate_loan_key(
-        f"loan-{loan.id}-{secrets.token_hex(4)}",
-        network=ctx.network,
-        miner_return_address=loan.miner_return_address,
-        bank_liquidation_address=loan.bank_liquidation_address,
-    )
-    key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
-    return _store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
 
 
 def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:

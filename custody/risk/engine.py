@@ -22,9 +22,7 @@ from custody.audit.service import record
 from custody.db.models import (
     Deposit,
     DepositState,
-    KeyRole,
     Loan,
-    LoanKey,
     LoanState,
     Principal,
     Role,
@@ -37,6 +35,8 @@ from custody.loans.service import Context, change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
+from hsm.client import BankSigner
+from pledge.errors import UpstreamUnavailable
 from pledge.network import NetworkName
 
 log = structlog.get_logger(__name__)
@@ -90,15 +90,14 @@ class RiskEngine:
         network: NetworkName,
         prices: Prices,
         chain: signing.Chain,
-        signer: Any,
+        signer: BankSigner | None,
         fees: signing.FeePolicy,
-        daily_limit_sats: int,
         notify: Notify | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.engine, self.network, self.prices = engine, network, prices
         self.chain, self.signer, self.fees = chain, signer, fees
-        self.daily_limit_sats, self.notify, self.clock = daily_limit_sats, notify, clock
+        self.notify, self.clock = notify, clock
         self._paused: str | None = None
 
     def run_once(self) -> RiskReport:
@@ -188,11 +187,17 @@ class RiskEngine:
             loan.margin_call_at = None
             report.cured.append(loan_id)
         elif decision.move == Move.liquidate:
-            report.liquidations.append(self._liquidate(session, loan, quote, evidence))
+            request_id = self._liquidate(session, loan, quote, evidence)
+            if request_id is not None:
+                report.liquidations.append(request_id)
 
     def _liquidate(
         self, session: Session, loan: Loan, quote: Quote, evidence: dict[str, Any]
-    ) -> int:
+    ) -> int | None:
+        """Start a liquidation. When the bank's signer holds the bank key, its own
+        valuation decides and prices it; the engine's figures are only the hint."""
+        from custody.signer.service import bank_hsm_key, signer_loan_ref
+
         ctx = Context(principal=_robot(), network=self.network)
         params = signing.RequestParams(
             action=SigningAction.liquidation,
@@ -200,35 +205,50 @@ class RiskEngine:
             price_source=quote.source,
             risk_evidence={**evidence, "ltv_bps": evidence["ltv_bps"] or 0},
         )
-        req = signing.create_request(session, ctx, loan.id or 0, params, self.chain, self.fees)
+        key = bank_hsm_key(session, loan.id or 0)
+        if key is not None:
+            if self.signer is None:
+                raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
+            valuation = self.signer.valuation(signer_loan_ref(key))
+            if valuation["verdict"] != "liquidate":
+                record(
+                    session,
+                    actor=ACTOR,
+                    action="risk.signer_disagrees",
+                    loan_id=loan.id,
+                    decision="not_liquidated",
+                    reason=(
+                        f"the bank's signer sees LTV {valuation['ltv_bps']} bps at "
+                        f"{valuation['price_rub_per_btc']} RUB/BTC: {valuation['verdict']}"
+                    ),
+                    data={"engine": evidence, "signer_valuation": valuation["valuation_id"]},
+                )
+                return None
+            params = signing.RequestParams(
+                action=SigningAction.liquidation,
+                price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
+                price_source="bank signer valuation " + str(valuation["valuation_id"]),
+                risk_evidence={**evidence, "signer_reasons": valuation["reasons"]},
+                debt_kopecks=int(valuation["debt_kopecks"]),
+                valuation_id=str(valuation["valuation_id"]),
+            )
+        req = signing.create_request(
+            session, ctx, loan.id or 0, params, self.chain, self.fees, self.signer
+        )
         self._notify(
             session,
             loan,
             "liquidation.started",
             {**evidence, "request_id": req.id, "unsigned_txid": req.unsigned_txid},
         )
-        key = session.exec(
-            select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == KeyRole.bank)
-        ).first()
-        if key is not None and key.hsm_key_label is not None:
-            decision = signing.hsm_sign(
-                session,
-                ctx,
-                req,
-                loan,
-                key,
-                self.signer,
-                self.chain,
-                self.fees,
-                self.daily_limit_sats,
+        decision = signing.automatic_liquidation_sign(session, ctx, req, self.signer, self.chain)
+        if decision.refused:
+            log.error(
+                "bank signer refused an automatic liquidation",
+                loan_id=loan.id,
+                check=decision.check,
+                reason=decision.refused,
             )
-            if decision.refused:
-                log.error(
-                    "bank signer refused an automatic liquidation",
-                    loan_id=loan.id,
-                    check=decision.check,
-                    reason=decision.refused,
-                )
         self._notify(
             session,
             loan,

@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session, col, select
 
 from custody.audit.service import record
 from custody.auth.policy import ensure_can_view, require_role
-from custody.bank_hsm import RemoteBankHsm, as_bank_hsm, loan_ref_of
 from custody.chain.rpc import RpcTxAlreadyKnown
 from custody.db.models import (
     Approval,
@@ -29,11 +27,9 @@ from custody.db.models import (
     DepositState,
     KeyRole,
     Loan,
-    LoanKey,
     LoanState,
     RequestState,
     Role,
-    SignerUsage,
     SigningAction,
     SigningRequest,
     utcnow,
@@ -54,13 +50,8 @@ from custody.signing.psbt import (
     signers_per_input,
     unsigned_txid,
 )
-from hsm.boundary import (
-    Authorization,
-    approvals_from,
-    check_authorization,
-    check_velocity,
-    input_total,
-)
+from hsm.client import BankSigner
+from hsm.signer import PolicyViolation
 from pledge.addresses import address_script_pubkey
 from pledge.amounts import (
     Split,
@@ -139,6 +130,8 @@ class RequestParams:
     price_source: str | None = None
     target_ltv_bps: int | None = None
     risk_evidence: dict[str, Any] | None = None  # automatic liquidation: price quote and LTV
+    debt_kopecks: int | None = None  # the bank signer's figure, when its valuation prices it
+    valuation_id: str | None = None  # the bank signer's valuation the amounts come from
 
 
 # -- reading ------------------------------------------------------------------------
@@ -251,6 +244,8 @@ def _plan(
     miner_spk = address_script_pubkey(loan.miner_return_address, ctx.network)
     bank_spk = address_script_pubkey(loan.bank_liquidation_address, ctx.network)
     ev: dict[str, Any] = {"fee_rate_sat_vb": str(fee_rate)}
+    if params.valuation_id is not None:
+        ev["valuation_id"] = params.valuation_id
     outputs: list[PayTo | PayToCollateral] = []
     if params.action in (SigningAction.release, SigningAction.dispute_release):
         fee = fee_for(estimate_vsize(descriptor, len(inputs), [miner_spk]), fee_rate)
@@ -261,7 +256,11 @@ def _plan(
                 "a liquidation needs the price used (price_rub_per_btc) and its source",
                 field="price_rub_per_btc",
             )
-        debt = outstanding_debt_kopecks(loan)
+        debt = (
+            params.debt_kopecks
+            if params.debt_kopecks is not None
+            else outstanding_debt_kopecks(loan)
+        )
         ev.update(
             debt_kopecks=debt,
             price_rub_per_btc=str(params.price_rub_per_btc),
@@ -325,7 +324,11 @@ def create_request(
     params: RequestParams,
     chain: Chain,
     fees: FeePolicy,
+    signer: BankSigner | None = None,
 ) -> SigningRequest:
+    """Build the request's PSBT. When the bank's signer holds the bank key it prices a
+    liquidation itself (its own valuation) and issues the statement two bank people
+    sign; a refusal leaves the request cancelled with the signer's reason."""
     loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
@@ -336,6 +339,7 @@ def create_request(
     if loan.state not in FROM_STATES[params.action]:
         raise Conflict(f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible")
     descriptor = loan_descriptor(session, loan, ctx.network)
+    params = _priced_by_signer(session, loan, params, signer)
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
     split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
@@ -344,7 +348,7 @@ def create_request(
         ev["risk"] = params.risk_evidence
     if split.fee > fees.max_fee_sats:
         raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
-    return _store(
+    req = _store(
         session,
         ctx,
         loan,
@@ -357,6 +361,86 @@ def create_request(
         slot=slot,
         replaces=None,
     )
+    _bank_statement(session, ctx, req, params, signer)
+    return req
+
+
+def _priced_by_signer(
+    session: Session, loan: Loan, params: RequestParams, signer: BankSigner | None
+) -> RequestParams:
+    """A liquidation of a loan whose bank key the signer holds is priced by the signer's
+    own valuation (its price, its debt): it would refuse any other figures."""
+    from custody.signer.service import bank_hsm_key, signer_loan_ref
+
+    if params.action not in (SigningAction.liquidation, SigningAction.partial_liquidation):
+        return params
+    key = bank_hsm_key(session, loan.id or 0)
+    if key is None or params.valuation_id is not None:
+        return params
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
+    valuation = signer.valuation(signer_loan_ref(key))
+    return RequestParams(
+        action=params.action,
+        fee_rate_sat_vb=params.fee_rate_sat_vb,
+        price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
+        price_source="bank signer valuation " + str(valuation["valuation_id"]),
+        target_ltv_bps=params.target_ltv_bps,
+        risk_evidence=params.risk_evidence,
+        debt_kopecks=int(valuation["debt_kopecks"]),
+        valuation_id=str(valuation["valuation_id"]),
+    )
+
+
+def _bank_statement(
+    session: Session,
+    ctx: Context,
+    req: SigningRequest,
+    params: RequestParams,
+    signer: BankSigner | None,
+) -> None:
+    """Ask the bank's signer to check the PSBT now and issue the statement an operator
+    and an approver will sign. An automatic liquidation needs none (the signer decides
+    on its own valuation)."""
+    from custody.signer.service import bank_hsm_key, open_transaction_statement, signer_loan_ref
+
+    if KeyRole.bank not in REQUIRED_SEATS[params.action]:
+        return
+    key = bank_hsm_key(session, req.loan_id)
+    if key is None or ctx.principal.role == Role.risk_engine:
+        return
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured for this service")
+    try:
+        prepared = signer.prepare(
+            signer_loan_ref(key), str(params.action), req.psbt, params.valuation_id
+        )
+    except PolicyViolation as refusal:
+        _refused_request(session, ctx, req, refusal)
+        return
+    st = open_transaction_statement(session, ctx, req, prepared)
+    ev = evidence(req)
+    ev["signer_statement_id"] = st.id
+    req.evidence_json = json.dumps(ev, default=str)
+    session.add(req)
+
+
+def _refused_request(
+    session: Session, ctx: Context, req: SigningRequest, refusal: PolicyViolation
+) -> None:
+    """The signer will not sign this PSBT: the request is cancelled with its reason."""
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.refused",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        decision="refused",
+        reason=refusal.reason,
+        data={"check": refusal.check},
+    )
+    req.reject_reason = f"refused by the bank's signer ({refusal.check}): {refusal.reason}"
+    _close_cancelled(session, ctx, req, reason="refused by the bank's signer")
 
 
 def _store(
@@ -549,57 +633,6 @@ def add_signatures(
     return req
 
 
-def _remote_sign(
-    session: Session,
-    ctx: Context,
-    req: SigningRequest,
-    loan: Loan,
-    key: LoanKey,
-    bank: RemoteBankHsm,
-    chain: Chain,
-) -> HsmDecision:
-    """`hsm serve` checks the PSBT against its own registry, the authorisation against the
-    PSBT's txid and its own daily limit; we only relay the request and its evidence."""
-    from hsm.policy import PolicyViolation
-
-    assert loan.descriptor is not None and key.hsm_key_label is not None
-    loan_ref = loan_ref_of(key.hsm_key_label)
-    ev = evidence(req)
-    auth = _authorization(session, req)
-    action = {
-        "action": str(req.action),
-        "debt_kopecks": ev.get("debt_kopecks"),
-        "price_rub_per_btc": ev.get("price_rub_per_btc"),
-        "target_ltv_bps": ev.get("target_ltv_bps"),
-        "change_address_index": ev.get("change_address_index"),
-    }
-    authorization = {
-        "requested_by": auth.requested_by,
-        "requester_role": auth.requester_role,
-        "approvals": [
-            {"principal": a.principal, "role": a.role, "unsigned_txid": a.unsigned_txid}
-            for a in auth.approvals
-        ],
-        "risk_evidence": auth.risk_evidence,
-    }
-    try:
-        bank.remote.register_descriptor(loan_ref, loan.descriptor)  # once; same value is a no-op
-        signed_psbt, report = bank.remote.sign(loan_ref, req.psbt, action, authorization)
-    except PolicyViolation as refusal:
-        return _refused(session, ctx, req, key, "hsm-serve", refusal)
-    return _signed(
-        session,
-        ctx,
-        req,
-        key,
-        "hsm-serve",
-        signed_psbt,
-        chain,
-        who=None,
-        data={"checks": report.get("checks"), "fee_sats": report.get("fee_sats")},
-    )
-
-
 def _approved(session: Session, req: SigningRequest) -> bool:
     return (
         session.exec(
@@ -670,7 +703,9 @@ def retry_broadcast(
 # -- cancelling and fee bumps --------------------------------------------------------
 
 
-def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
+def cancel(
+    session: Session, ctx: Context, request_id: int, signer: BankSigner | None = None
+) -> SigningRequest:
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, *WHO_REQUESTS[SigningAction(req.action)])
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
@@ -678,6 +713,39 @@ def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
             f"signing request {request_id} is {req.state}: only an unbroadcast request can be "
             "cancelled (a broadcast one can only be replaced by a fee bump)"
         )
+    _close_cancelled(session, ctx, req, reason=f"{req.action} cancelled")
+    _cancel_statement(session, ctx, req, signer)
+    return req
+
+
+def _cancel_statement(
+    session: Session, ctx: Context, req: SigningRequest, signer: BankSigner | None
+) -> None:
+    """Kill the signer's statement of a cancelled request, so its approvals are dead.
+    If the signer cannot be told now, its statement still expires on its own."""
+    from custody.db.models import StatementState
+    from custody.signer.service import transaction_statement_of
+
+    st = transaction_statement_of(session, req.id or 0)
+    if st is None or st.state != StatementState.open:
+        return
+    st.state, st.updated_at = StatementState.cancelled, utcnow()
+    session.add(st)
+    if signer is not None and st.nonce:
+        try:
+            signer.cancel(st.nonce)
+        except (PolicyViolation, UpstreamUnavailable) as exc:
+            record(
+                session,
+                actor=ctx.actor,
+                action="signer.cancel_failed",
+                loan_id=req.loan_id,
+                request_id=req.id,
+                reason=str(exc),
+            )
+
+
+def _close_cancelled(session: Session, ctx: Context, req: SigningRequest, *, reason: str) -> None:
     req.state, req.open_key, req.updated_at = RequestState.cancelled, None, utcnow()
     session.add(req)
     record(
@@ -686,6 +754,7 @@ def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
         action="signing_request.cancelled",
         loan_id=req.loan_id,
         request_id=req.id,
+        reason=reason,
     )
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
@@ -695,9 +764,8 @@ def cancel(session: Session, ctx: Context, request_id: int) -> SigningRequest:
             ctx.actor,
             loan,
             LoanState(req.loan_state_before),
-            reason=f"{req.action} cancelled",
+            reason=reason,
         )
-    return req
 
 
 def bump_fee(
@@ -707,6 +775,7 @@ def bump_fee(
     fee_rate: Decimal,
     chain: Chain,
     fees: FeePolicy,
+    signer: BankSigner | None = None,
 ) -> SigningRequest:
     """A replacement (BIP-125) of a broadcast request at a higher fee rate: same inputs,
     same action, a new PSBT that needs its signatures again."""
@@ -739,6 +808,7 @@ def bump_fee(
         price_source=ev_old.get("price_source"),
         target_ltv_bps=ev_old.get("target_ltv_bps"),
     )
+    params = _priced_by_signer(session, loan, params, signer)
     split, outputs, ev = _plan(
         session,
         ctx,
@@ -768,7 +838,7 @@ def bump_fee(
     if split.fee > fees.max_fee_sats:
         raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
     ev["fee_rate_note"] = f"fee bump of request {old.id}"
-    return _store(
+    req = _store(
         session,
         ctx,
         loan,
@@ -781,6 +851,8 @@ def bump_fee(
         slot=f"rbf:{old.id}",
         replaces=old,
     )
+    _bank_statement(session, ctx, req, params, signer)
+    return req
 
 
 # -- the chain closes requests (called by the watcher) ---------------------------------
@@ -892,7 +964,7 @@ def unmined(session: Session, req: SigningRequest, actor: str) -> None:
         session.add(loan)
 
 
-# -- 4-eyes approval and the bank's HSM signature --------------------------------------
+# -- 4-eyes approval and the bank's signature -------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -905,53 +977,12 @@ class HsmDecision:
     check: str | None = None
 
 
-class _DbLedger:
-    """The in-process signer's velocity ledger, in the service's database."""
+def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
+    """A bank approver signs off on this exact transaction (4-eyes: the requester cannot),
+    for a loan whose bank key is an xpub the bank signs with on its own device. When the
+    bank's signer holds the key, its approvals are signatures over its statement instead."""
+    from custody.signer.service import bank_hsm_key, transaction_statement_of
 
-    def __init__(self, session: Session, signer: str) -> None:
-        self.session, self.signer = session, signer
-
-    def signed_since(self, since: datetime) -> int:
-        total = self.session.exec(
-            select(func.coalesce(func.sum(SignerUsage.sats), 0)).where(
-                SignerUsage.signer == self.signer, col(SignerUsage.at) >= since
-            )
-        ).one()
-        return int(total)
-
-    def add(self, unsigned_txid: str, sats: int, at: datetime) -> None:
-        self.session.add(
-            SignerUsage(signer=self.signer, unsigned_txid=unsigned_txid, sats=sats, at=at)
-        )
-
-
-def _authorization(session: Session, req: SigningRequest) -> Authorization:
-    rows = session.exec(
-        select(Approval.principal, Approval.role, Approval.unsigned_txid).where(
-            Approval.request_id == req.id
-        )
-    ).all()
-    role = req.created_by.split(":", 1)[0]
-    return Authorization(
-        requested_by=req.created_by,
-        requester_role=role,
-        approvals=approvals_from(rows),
-        risk_evidence=evidence(req).get("risk") if role == "risk_engine" else None,
-    )
-
-
-def approve(
-    session: Session,
-    ctx: Context,
-    request_id: int,
-    signer: Any,
-    chain: Chain,
-    fees: FeePolicy,
-    *,
-    daily_limit_sats: int,
-) -> HsmDecision:
-    """A bank approver signs off on this exact transaction (4-eyes: the requester cannot).
-    If the loan's bank key is in the HSM, the HSM then signs, after its own checks."""
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_approver)
     loan = session.get(Loan, req.loan_id)
@@ -962,6 +993,13 @@ def approve(
         raise Conflict(f"signing request {request_id} is {req.state}: nothing to approve")
     if KeyRole.bank.value not in req.required_seats.split(","):
         raise Conflict(f"a {req.action} is not signed by the bank")
+    if bank_hsm_key(session, loan.id or 0) is not None:
+        st = transaction_statement_of(session, request_id)
+        where = f"signer statement {st.id}" if st is not None else "its signer statement"
+        raise Conflict(
+            "the bank's signer holds this loan's key: approve by signing "
+            f"{where} (`custody approve {request_id} --key FILE`)"
+        )
     if ctx.actor == req.created_by:
         raise Conflict("the requester cannot approve their own request (4-eyes)")
     already = session.exec(
@@ -990,125 +1028,46 @@ def approve(
             decision="approved",
             data={"unsigned_txid": req.unsigned_txid},
         )
-    key = session.exec(
-        select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == KeyRole.bank)
-    ).first()
-    if key is None or key.hsm_key_label is None:
-        return HsmDecision(req)  # the bank signs on its own device and uploads
-    return hsm_sign(session, ctx, req, loan, key, signer, chain, fees, daily_limit_sats)
+    return HsmDecision(req)
 
 
-def hsm_sign(
+def automatic_liquidation_sign(
     session: Session,
     ctx: Context,
     req: SigningRequest,
-    loan: Loan,
-    key: LoanKey,
-    signer: Any,
+    signer: BankSigner | None,
     chain: Chain,
-    fees: FeePolicy,
-    daily_limit_sats: int,
 ) -> HsmDecision:
-    from hsm.policy import ApprovedAction, LoanContext, PolicyViolation
-    from hsm.psbt_signing import sign_psbt_with_report
+    """The bank's signer signs an automatic liquidation on its own valuation, or says why
+    not. The risk engine's view is a hint: the signer decides from its own figures."""
+    from custody.signer.service import bank_hsm_key, signer_loan_ref
 
-    bank = as_bank_hsm(signer)
-    if bank is None:
-        raise UpstreamUnavailable("no HSM is configured for this service")
-    assert loan.descriptor is not None and key.hsm_key_label is not None
-    if isinstance(bank, RemoteBankHsm):
-        return _remote_sign(session, ctx, req, loan, key, bank, chain)
-    signer = bank.signer
-    collateral = {
-        (dep.txid, dep.vout): (dep.amount_sats, addr.index, addr.change)
-        for dep, addr in session.exec(
-            select(Deposit, CollateralAddress).where(
-                Deposit.loan_id == loan.id,
-                Deposit.state == DepositState.confirmed,
-                col(Deposit.address_id) == col(CollateralAddress.id),
-            )
-        ).all()
-    }
-    ev = evidence(req)
-    loan_ctx = LoanContext(
-        network=ctx.network,
-        descriptor=loan.descriptor,
-        bank_key_ref=key.hsm_key_label,
-        collateral=collateral,
-        miner_return_address=loan.miner_return_address,
-        bank_liquidation_address=loan.bank_liquidation_address,
-    )
-    approved = ApprovedAction(
-        action=req.action,  # type: ignore[arg-type]
-        debt_kopecks=ev.get("debt_kopecks"),
-        price_rub_per_btc=Decimal(ev["price_rub_per_btc"]) if "price_rub_per_btc" in ev else None,
-        target_ltv_bps=ev.get("target_ltv_bps"),
-        change_address_index=ev.get("change_address_index"),
-        max_fee_sats=fees.max_fee_sats,
-        max_fee_rate_sat_vb=fees.ceiling_sat_vb,
-    )
-    ledger = _DbLedger(session, str(getattr(signer, "name", "hsm")))
-    now = datetime.now(UTC)
+    key = bank_hsm_key(session, req.loan_id)
+    if key is None:
+        return HsmDecision(req)
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured for this service")
+    valuation_id = evidence(req).get("valuation_id")
     try:
-        who = check_authorization(req.psbt, _authorization(session, req))
-        amount = input_total(req.psbt)
-        check_velocity(ledger, amount, daily_limit_sats, now)
-        signed = sign_psbt_with_report(signer, req.psbt, loan_ctx, approved)
+        signed = signer.sign(
+            signer_loan_ref(key),
+            str(req.action),
+            req.psbt,
+            automatic=True,
+            valuation_id=valuation_id,
+        )
     except PolicyViolation as refusal:
-        return _refused(session, ctx, req, key, "pkcs11", refusal)
-    ledger.add(req.unsigned_txid, amount, now)
-    return _signed(
-        session,
-        ctx,
-        req,
-        key,
-        "pkcs11",
-        signed.psbt,
-        chain,
-        who=who,
-        data={
-            "checks": list(signed.report.checks),
-            "fee_sats": signed.report.fee_sats,
-            "sats": amount,
-        },
-    )
-
-
-def _refused(
-    session: Session,
-    ctx: Context,
-    req: SigningRequest,
-    key: LoanKey,
-    signer: str,
-    refusal: Any,
-) -> HsmDecision:
-    """The signer said no: the reason goes to the audit log and back to the caller."""
-    record(
-        session,
-        actor=ctx.actor,
-        action="signer.refused",
-        loan_id=req.loan_id,
-        request_id=req.id,
-        decision="refused",
-        reason=refusal.reason,
-        data={"check": refusal.check, "signer": signer, "key": key.hsm_key_label},
-    )
-    return HsmDecision(req, refused=refusal.reason, check=refusal.check)
-
-
-def _signed(
-    session: Session,
-    ctx: Context,
-    req: SigningRequest,
-    key: LoanKey,
-    signer: str,
-    signed_psbt: str,
-    chain: Chain,
-    *,
-    who: str | None,
-    data: dict[str, Any],
-) -> HsmDecision:
-    """The signer signed: record it, then take its signatures like any upload (verified)."""
+        record(
+            session,
+            actor=ctx.actor,
+            action="signer.refused",
+            loan_id=req.loan_id,
+            request_id=req.id,
+            decision="refused",
+            reason=refusal.reason,
+            data={"check": refusal.check, "automatic": True},
+        )
+        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
     record(
         session,
         actor=ctx.actor,
@@ -1116,7 +1075,7 @@ def _signed(
         loan_id=req.loan_id,
         request_id=req.id,
         decision="signed",
-        reason=who,
-        data={"signer": signer, "key": key.hsm_key_label, **data},
+        reason=signed.authorized,
+        data={"automatic": True, "fee_sats": signed.report.get("fee_sats")},
     )
-    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed_psbt, chain, via="hsm"))
+    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed.psbt, chain, via="hsm"))

@@ -46,8 +46,7 @@ def funded_loan(
     for seat, seed in seeds.items():
         assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
     if hsm_bank:
-        r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
-        assert r.status_code == 201, r.text
+        world.hsm_bank_key(loan["id"])
     loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
     assert loan["state"] == "awaiting_deposit"
     deposit = node.faucet.pay(loan["collateral_address"], COLLATERAL)
@@ -86,9 +85,15 @@ def upload(world: World, who: str, rid: int, psbt_b64: str, *, binary: bool = Fa
     )
 
 
-def bank_sign(world: World, rid: int) -> Any:
-    """The bank approver approves; the bank's HSM key then signs (after its own checks)."""
-    return world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/approve")
+def bank_sign(world: World, rid: int, *staff: str) -> Any:
+    """An operator and an approver sign the signer's statement of the request on their
+    own machines; the bank's signer then signs (after its own checks). Returns the
+    statement's final view (state done, or the signer's refusal in `outcome`)."""
+    sid = world.call("bank_operator", "GET", f"/v1/signing-requests/{rid}").json()[
+        "signer_statement_id"
+    ]
+    assert sid is not None, "the request has no signer statement"
+    return world.sign_statement(sid, *staff)
 
 
 def the_psbt(world: World, who: str, rid: int) -> str:

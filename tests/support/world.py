@@ -19,7 +19,7 @@ from custody.auth.service import create_principal
 from custody.config import Settings
 from custody.db.models import AuditEvent, Party, PartyKind, Role
 from custody.db.session import transaction
-from custody.loans.service import LoanKeyGenerator
+from hsm.client import BankSigner
 
 # Regtest addresses for the loan terms (any valid bcrt1 address will do).
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
@@ -53,6 +53,7 @@ class World:
     party_ids: dict[str, int]
     settings: Settings
     engine: Engine
+    staff: dict[str, Any] = field(default_factory=dict)  # people enrolled in the bank signer
     _seq: list[int] = field(default_factory=lambda: [0])
 
     def h(self, who: str | None) -> dict[str, str]:
@@ -92,26 +93,54 @@ class World:
             json={"kind": "hd", "key": key or hd_key()},
         )
 
+    def sign_statement(
+        self, statement_id: int, *staff: str, submitter: str = "bank_operator"
+    ) -> Any:
+        """Enrolled people sign a signer statement on their own machines and send their
+        signatures (the last answer is returned)."""
+        view = self.call(submitter, "GET", f"/v1/signer-statements/{statement_id}")
+        assert view.status_code == 200, view.text
+        statement = view.json()["statement"]
+        answer = None
+        for who in staff or ("operator", "approver"):
+            answer = self.call(
+                submitter,
+                "POST",
+                f"/v1/signer-statements/{statement_id}/endorsements",
+                json=self.staff[who].endorse(statement),
+            )
+            assert answer.status_code == 200, answer.text
+        return answer
+
+    def hsm_bank_key(self, loan_id: int) -> dict[str, Any]:
+        """The bank's key made by its signer: the statement, signed by an operator and an
+        approver. Returns the statement's final view."""
+        r = self.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm")
+        assert r.status_code == 201, r.text
+        done: dict[str, Any] = self.sign_statement(r.json()["id"]).json()
+        assert done["state"] == "done", done
+        return done
+
     def funded_ready_loan(self, *, hsm_bank: bool = False) -> dict[str, Any]:
         """A loan with all three keys: awaiting its deposit, with a collateral address."""
         loan = self.create_loan()
         assert self.register(loan["id"], "miner").status_code == 200
-        if hsm_bank:
-            r = self.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
-            assert r.status_code == 201, r.text
-        else:
-            assert self.register(loan["id"], "bank").status_code == 200
         r = self.register(loan["id"], "arbiter")
         assert r.status_code == 200, r.text
-        out: dict[str, Any] = r.json()
+        if hsm_bank:
+            self.hsm_bank_key(loan["id"])
+        else:
+            assert self.register(loan["id"], "bank").status_code == 200
+        out: dict[str, Any] = self.call("bank_operator", "GET", f"/v1/loans/{loan['id']}").json()
         return out
 
 
 def build_world(
     engine: Engine,
     *,
-    hsm: LoanKeyGenerator | None = None,
+    signer: BankSigner | None = None,
     chain: Any = None,
+    staff: dict[str, Any] | None = None,
     network: str = "regtest",
     **settings_overrides: Any,
 ) -> World:
@@ -146,10 +175,15 @@ def build_world(
                 session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
             )
     client = TestClient(
-        create_app(settings, engine, hsm=hsm, chain=chain), raise_server_exceptions=False
+        create_app(settings, engine, signer=signer, chain=chain), raise_server_exceptions=False
     )
     return World(
-        client=client, api_keys=api_keys, party_ids=party_ids, settings=settings, engine=engine
+        client=client,
+        api_keys=api_keys,
+        party_ids=party_ids,
+        settings=settings,
+        engine=engine,
+        staff=staff or {},
     )
 
 

@@ -1,0 +1,520 @@
+"""The service's side of the bank's signer: statements people sign, carried to the signer.
+
+The signer trusts none of this: it checks every signature against the people enrolled in
+it, and every figure against its own records, node and price. The service's job is to
+build the statement from the loan's records, show it to people, collect their signatures
+and relay them; then apply what the signer did (a bank key, a repayment, signatures).
+
+Network calls happen outside any database transaction: a statement with enough signatures
+is read and committed, the signer is called, and the outcome is written in a new
+transaction (`execute`). A statement whose outcome was lost (a crash mid-call) stays open
+and is executed again; the signer makes that safe (a registration or repayment is recorded
+once, a used statement cannot be used twice).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+import structlog
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col, select
+
+from custody.audit.service import record
+from custody.auth.policy import require_role
+from custody.db.models import (
+    KeyKind,
+    KeyRole,
+    Loan,
+    LoanKey,
+    LoanState,
+    Role,
+    SignerEndorsement,
+    SignerStatement,
+    SigningRequest,
+    StatementState,
+    utcnow,
+)
+from custody.db.session import transaction
+from custody.loans.service import Context, _store_key, get_loan_or_404, loan_keys
+from hsm.client import BankSigner
+from hsm.signer import PolicyViolation, SignerError
+from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
+from pledge.keys import parse_fixed_key
+from pledge.statements import canonical_statement, iso, statement_digest
+
+__all__ = [
+    "KEY_LABEL_PREFIX",
+    "bank_hsm_key",
+    "endorse",
+    "execute",
+    "get_statement",
+    "registration_statement",
+    "request_bank_key",
+    "request_repayment",
+    "signer_loan_ref",
+    "statement_view",
+]
+
+log = structlog.get_logger(__name__)
+
+KEY_LABEL_PREFIX: Final = "pledge-loan:"
+STATEMENT_TTL: Final = timedelta(hours=24)
+# Refusals that more or other signatures can still fix: the statement stays open.
+RECOVERABLE: Final = frozenset(
+    {"approval_roles", "approval_unknown_person", "approval_signature", "approval_duplicate"}
+)
+STAFF: Final = (Role.bank_operator, Role.bank_approver)
+
+
+def signer_loan_ref(key: LoanKey) -> str:
+    label = key.hsm_key_label or ""
+    return label[len(KEY_LABEL_PREFIX) :] if label.startswith(KEY_LABEL_PREFIX) else label
+
+
+def bank_hsm_key(session: Session, loan_id: int) -> LoanKey | None:
+    """The loan's bank key when the bank's signer holds it (None: an xpub the bank signs
+    with on its own device)."""
+    key = session.exec(
+        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
+    ).first()
+    return key if key is not None and key.hsm_key_label is not None else None
+
+
+# -- reading -------------------------------------------------------------------------------
+
+
+def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
+    """Bank staff of the loan's bank, auditors and admins; nobody else learns it exists."""
+    role = ctx.principal.role
+    hidden = NotFound(f"signer statement {st.id} not found")
+    if role in (Role.auditor, Role.admin):
+        return
+    if role not in STAFF:
+        raise hidden
+    if st.loan_id is not None:
+        loan = session.get(Loan, st.loan_id)
+        if loan is None or loan.bank_party_id != ctx.principal.party_id:
+            raise hidden
+
+
+def get_statement(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
+    st = session.get(SignerStatement, statement_id)
+    if st is None:
+        raise NotFound(f"signer statement {statement_id} not found")
+    _check_view(session, ctx, st)
+    return st
+
+
+def statement_view(session: Session, st: SignerStatement) -> dict[str, Any]:
+    """What a person needs to check and sign: the statement, its exact bytes, its digest
+    (a passkey's challenge) and who has signed so far."""
+    body = json.loads(st.body)
+    people = session.exec(
+        select(SignerEndorsement.person)
+        .where(SignerEndorsement.statement_id == st.id)
+        .order_by(col(SignerEndorsement.id))
+    ).all()
+    return {
+        "id": st.id,
+        "kind": st.kind,
+        "loan_id": st.loan_id,
+        "request_id": st.request_id,
+        "state": str(st.state),
+        "statement": body,
+        "canonical": canonical_statement(body).decode("utf-8"),
+        "digest": statement_digest(body).hex(),
+        "signed_by": list(people),
+        "outcome": st.outcome,
+    }
+
+
+# -- creating statements --------------------------------------------------------------------
+
+
+def _open(
+    session: Session,
+    ctx: Context,
+    *,
+    kind: str,
+    body: dict[str, Any],
+    loan_id: int | None = None,
+    request_id: int | None = None,
+    nonce: str | None = None,
+) -> SignerStatement:
+    st = SignerStatement(
+        kind=kind,
+        loan_id=loan_id,
+        request_id=request_id,
+        nonce=nonce,
+        body=json.dumps(body, sort_keys=True),
+        state=StatementState.open,
+        created_by=ctx.actor,
+    )
+    session.add(st)
+    session.flush()
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.statement_opened",
+        loan_id=loan_id,
+        request_id=request_id,
+        data={"statement_id": st.id, "kind": kind, "digest": statement_digest(body).hex()},
+    )
+    return st
+
+
+def registration_statement(
+    session: Session, loan: Loan, network: str, *, loan_ref: str, expires_at: datetime
+) -> dict[str, Any]:
+    """The loan as the signer will record it. The signer makes the bank key and builds the
+    descriptor from the two HD keys here, so those must be registered first."""
+    assert loan.id is not None
+    keys = {KeyRole(k.role): k for k in loan_keys(session, loan.id)}
+    missing = [s.value for s in (KeyRole.miner, KeyRole.arbiter) if s not in keys]
+    if missing:
+        raise Conflict(
+            f"register the {' and '.join(missing)} key first: the bank's signer builds the "
+            "loan's descriptor from the miner's and the arbiter's keys when it makes its own",
+            field="key",
+        )
+
+    def hd(row: LoanKey) -> str:
+        assert row.kind == KeyKind.hd and row.fingerprint and row.origin_path and row.xpub
+        return f"[{row.fingerprint}{row.origin_path[1:]}]{row.xpub}"
+
+    created = loan.created_at if loan.created_at.tzinfo else loan.created_at.replace(tzinfo=UTC)
+    maturity = loan.maturity_at if loan.maturity_at.tzinfo else loan.maturity_at.replace(tzinfo=UTC)
+    return {
+        "kind": "register_loan",
+        "network": network,
+        "loan_ref": loan_ref,
+        "miner_key": hd(keys[KeyRole.miner]),
+        "arbiter_key": hd(keys[KeyRole.arbiter]),
+        "terms": {
+            "principal_kopecks": loan.principal_kopecks,
+            "interest_rate_bps": loan.interest_rate_bps,
+            "start_at": iso(created),
+            "maturity_at": iso(maturity),
+            "margin_call_ltv_bps": loan.margin_call_ltv_bps,
+            "liquidation_ltv_bps": loan.liquidation_ltv_bps,
+            "cure_window_hours": loan.cure_window_hours,
+            "required_confirmations": loan.required_confirmations or 1,
+            "target_ltv_bps": loan.target_ltv_bps or 6_000,
+        },
+        "miner_return_address": loan.miner_return_address,
+        "bank_liquidation_address": loan.bank_liquidation_address,
+        "expires_at": iso(expires_at),
+    }
+
+
+def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStatement:
+    """Open the registration statement of a loan's bank key (or return the open one).
+    Once an operator and an approver have signed it, the signer makes the key."""
+    require_role(ctx.principal, Role.bank_operator)
+    loan = get_loan_or_404(session, loan_id)
+    if loan.bank_party_id != ctx.principal.party_id:
+        raise NotFound(f"loan {loan_id} not found")
+    if loan.state != LoanState.draft:
+        raise Conflict(f"loan {loan_id} is {loan.state}: keys can only be added to a draft loan")
+    if any(k.role == KeyRole.bank for k in loan_keys(session, loan_id)):
+        raise Conflict(f"the bank key of loan {loan_id} is already registered", field="key")
+    existing = session.exec(
+        select(SignerStatement).where(
+            SignerStatement.loan_id == loan_id,
+            SignerStatement.kind == "register_loan",
+            SignerStatement.state == StatementState.open,
+        )
+    ).first()
+    if existing is not None:
+        return existing
+    body = registration_statement(
+        session,
+        loan,
+        ctx.network,
+        loan_ref=f"loan-{loan_id}-{secrets.token_hex(4)}",
+        expires_at=utcnow() + STATEMENT_TTL,
+    )
+    return _open(session, ctx, kind="register_loan", body=body, loan_id=loan_id)
+
+
+def request_repayment(
+    session: Session,
+    ctx: Context,
+    loan_id: int,
+    *,
+    amount_kopecks: int,
+    paid_at: datetime,
+    repayment_id: str | None = None,
+) -> SignerStatement:
+    """Open the statement of a repayment; the signer records it (and the service credits
+    the loan) once an operator and an approver have signed it."""
+    require_role(ctx.principal, Role.bank_operator)
+    loan = get_loan_or_404(session, loan_id)
+    if loan.bank_party_id != ctx.principal.party_id:
+        raise NotFound(f"loan {loan_id} not found")
+    key = bank_hsm_key(session, loan_id)
+    if key is None:
+        raise Conflict(f"loan {loan_id}'s bank key is not held by the bank's signer")
+    if paid_at.tzinfo is None:
+        raise InvalidInput("paid_at must carry a time zone", field="paid_at")
+    body = {
+        "kind": "repayment",
+        "network": ctx.network,
+        "loan_ref": signer_loan_ref(key),
+        "repayment_id": repayment_id or secrets.token_hex(8),
+        "amount_kopecks": amount_kopecks,
+        "paid_at": iso(paid_at),
+        "expires_at": iso(utcnow() + STATEMENT_TTL),
+    }
+    return _open(session, ctx, kind="repayment", body=body, loan_id=loan_id)
+
+
+def open_transaction_statement(
+    session: Session, ctx: Context, req: SigningRequest, prepared: dict[str, Any]
+) -> SignerStatement:
+    """The statement the signer issued for a signing request (its nonce is the key)."""
+    return _open(
+        session,
+        ctx,
+        kind="transaction",
+        body=prepared["statement"],
+        loan_id=req.loan_id,
+        request_id=req.id,
+        nonce=str(prepared["nonce"]),
+    )
+
+
+def transaction_statement_of(session: Session, request_id: int) -> SignerStatement | None:
+    return session.exec(
+        select(SignerStatement)
+        .where(SignerStatement.request_id == request_id, SignerStatement.kind == "transaction")
+        .order_by(col(SignerStatement.id).desc())
+    ).first()
+
+
+# -- signatures -----------------------------------------------------------------------------
+
+
+def endorse(
+    session: Session, ctx: Context, statement_id: int, person: str, signature: str
+) -> tuple[SignerStatement, bool]:
+    """Keep one person's signature; (statement, ready to take to the signer)."""
+    require_role(ctx.principal, *STAFF, Role.admin)
+    st = get_statement(session, ctx, statement_id)
+    if st.state != StatementState.open:
+        raise Conflict(f"signer statement {statement_id} is {st.state}: it takes no signatures")
+    row = SignerEndorsement(
+        statement_id=statement_id,
+        person=person,
+        signature=signature,
+        submitted_by=ctx.actor,
+    )
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:
+        raise Conflict(
+            f"{person} has already signed signer statement {statement_id}", field="person"
+        ) from None
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.statement_signed",
+        loan_id=st.loan_id,
+        request_id=st.request_id,
+        data={"statement_id": statement_id, "person": person},
+    )
+    count = len(
+        session.exec(
+            select(SignerEndorsement.id).where(SignerEndorsement.statement_id == statement_id)
+        ).all()
+    )
+    return st, count >= 2
+
+
+@dataclass(frozen=True)
+class _Work:
+    kind: str
+    body: dict[str, Any]
+    approvals: list[dict[str, str]]
+    nonce: str | None
+    loan_id: int | None
+    request_id: int | None
+    psbt: str | None
+    action: str | None
+    loan_ref: str | None
+
+
+@dataclass(frozen=True)
+class _HsmEvidence:
+    label: str
+    public_key: bytes
+    local: bool
+    never_extractable: bool
+
+
+def execute(
+    engine: Engine, statement_id: int, signer: BankSigner | None, ctx: Context, chain: Any
+) -> dict[str, Any]:
+    """Take a statement with its signatures to the signer and apply what it did.
+    Three steps, no transaction open across the call. Returns the outcome."""
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured for this service")
+    with transaction(engine) as session:
+        st = session.get(SignerStatement, statement_id)
+        if st is None or st.state != StatementState.open:
+            return {"state": str(st.state) if st else "missing"}
+        rows = session.exec(
+            select(SignerEndorsement)
+            .where(SignerEndorsement.statement_id == statement_id)
+            .order_by(col(SignerEndorsement.id))
+        ).all()
+        psbt = action = loan_ref = None
+        if st.request_id is not None:
+            req = session.get(SigningRequest, st.request_id)
+            assert req is not None
+            psbt, action = req.psbt, str(req.action)
+            key = bank_hsm_key(session, req.loan_id)
+            loan_ref = signer_loan_ref(key) if key else None
+        work = _Work(
+            st.kind,
+            json.loads(st.body),
+            [{"person": r.person, "signature": r.signature} for r in rows],
+            st.nonce,
+            st.loan_id,
+            st.request_id,
+            psbt,
+            action,
+            loan_ref,
+        )
+    try:
+        result = _call(signer, work)
+    except PolicyViolation as refusal:
+        with transaction(engine) as session:
+            _refused(session, ctx, statement_id, refusal)
+        return {"state": "refused", "check": refusal.check, "reason": refusal.reason}
+    except (UpstreamUnavailable, SignerError) as exc:
+        with transaction(engine) as session:
+            st = session.get(SignerStatement, statement_id)
+            assert st is not None
+            st.outcome = f"the signer could not be reached: {exc.message}"
+            st.updated_at = utcnow()
+        return {"state": "open", "reason": exc.message}
+    with transaction(engine) as session:
+        _apply(session, ctx, statement_id, work, result, chain)
+    return {"state": "done", "result": result}
+
+
+def _call(signer: BankSigner, work: _Work) -> dict[str, Any]:
+    if work.kind == "register_loan":
+        return signer.register_loan(work.body, work.approvals)
+    if work.kind == "repayment":
+        return signer.record_repayment(work.body, work.approvals)
+    if work.kind == "enroll":
+        return signer.enroll(work.body, work.approvals)
+    if work.kind == "remove":
+        return signer.remove(work.body, work.approvals)
+    if work.kind == "desk_quote":
+        return signer.desk_quote(work.body, work.approvals)
+    if work.kind == "transaction":
+        assert work.psbt and work.action and work.loan_ref
+        signed = signer.sign(
+            work.loan_ref, work.action, work.psbt, nonce=work.nonce, approvals=work.approvals
+        )
+        return {"psbt": signed.psbt, "authorized": signed.authorized, "report": signed.report}
+    raise InvalidInput(f"unknown statement kind {work.kind!r}")
+
+
+def _refused(session: Session, ctx: Context, statement_id: int, refusal: PolicyViolation) -> None:
+    st = session.get(SignerStatement, statement_id)
+    assert st is not None
+    st.outcome = f"refused ({refusal.check}): {refusal.reason}"
+    st.updated_at = utcnow()
+    if refusal.check not in RECOVERABLE:
+        st.state = StatementState.refused
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.refused",
+        loan_id=st.loan_id,
+        request_id=st.request_id,
+        decision="refused",
+        reason=refusal.reason,
+        data={"statement_id": statement_id, "kind": st.kind, "check": refusal.check},
+    )
+    log.info("signer.refused", statement_id=statement_id, check=refusal.check)
+
+
+def _apply(
+    session: Session,
+    ctx: Context,
+    statement_id: int,
+    work: _Work,
+    result: dict[str, Any],
+    chain: Any,
+) -> None:
+    st = session.get(SignerStatement, statement_id)
+    assert st is not None
+    st.state = StatementState.done
+    st.updated_at = utcnow()
+    if work.kind == "register_loan":
+        loan = session.get(Loan, work.loan_id)
+        assert loan is not None
+        evidence = _HsmEvidence(
+            label=str(result["key_ref"]),
+            public_key=bytes.fromhex(str(result["public_key"])),
+            local=bool(result.get("local")),
+            never_extractable=bool(result.get("never_extractable")),
+        )
+        key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
+        _store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
+        if loan.descriptor != result["descriptor"]:
+            raise Conflict(
+                "the signer's descriptor for this loan differs from the service's: refusing "
+                "to hand out addresses"
+            )
+        st.outcome = f"bank key {evidence.label} made; registered by {result['registered_by']}"
+    elif work.kind == "repayment":
+        loan = session.get(Loan, work.loan_id)
+        assert loan is not None
+        if result.get("recorded"):
+            loan.credited_kopecks += int(work.body["amount_kopecks"])
+            loan.updated_at = utcnow()
+            session.add(loan)
+        st.outcome = f"repaid so far: {result.get('repaid_kopecks')} kopecks"
+        record(
+            session,
+            actor=ctx.actor,
+            action="loan.repayment_recorded",
+            loan_id=loan.id,
+            data={
+                "repayment_id": work.body["repayment_id"],
+                "amount_kopecks": work.body["amount_kopecks"],
+                "recorded": result.get("recorded"),
+            },
+        )
+    elif work.kind == "transaction":
+        from custody.signing import service as signing
+
+        assert work.request_id is not None
+        record(
+            session,
+            actor=ctx.actor,
+            action="signer.signed",
+            loan_id=work.loan_id,
+            request_id=work.request_id,
+            decision="signed",
+            reason=str(result.get("authorized")),
+            data={"statement_id": statement_id, "fee_sats": result["report"].get("fee_sats")},
+        )
+        signing.add_signatures(session, ctx, work.request_id, result["psbt"], chain, via="hsm")
+        st.outcome = str(result.get("authorized"))
+    else:
+        st.outcome = json.dumps(result, sort_keys=True, default=str)[:500]
+    session.add(st)

@@ -1,0 +1,136 @@
+"""The service and the bank's signer together, through the API: the bank key is made on a
+statement two enrolled people signed, a release is signed on their signatures over the
+signer's own statement, and a database attacker cannot talk the signer into more."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlmodel import Session
+from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
+from support.signer_world import SignerWorld
+from support.world import World, audit_actions
+
+from custody.chain.watcher import Watcher
+from custody.db.models import SignerStatement, SigningRequest
+from regtest.node import RegtestNode
+
+pytestmark = [pytest.mark.node, pytest.mark.hsm]
+
+
+def test_the_bank_key_needs_two_enrolled_people(world: World, bank_signer: SignerWorld) -> None:
+    loan = world.create_loan()
+    early = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
+    assert early.status_code == 409 and "miner" in early.json()["message"]
+    assert world.register(loan["id"], "miner").status_code == 200
+    assert world.register(loan["id"], "arbiter").status_code == 200
+    r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
+    assert r.status_code == 201, r.text
+    view = r.json()
+    assert view["kind"] == "register_loan" and view["state"] == "open"
+    assert view["statement"]["terms"]["principal_kopecks"] == loan["terms"]["principal_kopecks"]
+    # two operators are not 4 eyes: the signer refuses, the statement stays open
+    refused = world.sign_statement(view["id"], "operator", "operator2").json()
+    assert refused["state"] == "open" and "approval_roles" in refused["outcome"]
+    assert world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()["state"] == "draft"
+    before = bank_signer.registry().loan_count()
+    done = world.sign_statement(view["id"], "approver").json()
+    assert done["state"] == "done", done
+    after = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    assert after["state"] == "awaiting_deposit"
+    assert bank_signer.registry().loan_count() == before + 1
+    # the signer built the same descriptor from its own key and the two HD keys
+    ref = view["statement"]["loan_ref"]
+    assert bank_signer.client.loan(ref)["descriptor"] == after["descriptor"]
+    assert "signer.refused" in audit_actions(world.engine, loan_id=loan["id"])
+
+
+def test_a_release_signed_on_the_statement_is_broadcast(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    assert req["signer_statement_id"] is not None
+    psbt = the_psbt(world, "miner", req["id"])
+    assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
+    old_approve = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
+    assert old_approve.status_code == 409 and "custody approve" in old_approve.json()["message"]
+    before = bank_signer.c_sign_calls()
+    done = bank_sign(world, req["id"]).json()
+    assert done["state"] == "done", done
+    assert bank_signer.c_sign_calls() == before + 1
+    after = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+    assert after["state"] == "broadcast", after
+    regtest_node.mine(1)
+    watcher.step()
+    assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] == "released"
+
+
+def test_a_rewritten_psbt_in_the_database_is_refused(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """A database attacker redirects the release to their own address after the statement
+    was issued: the signer signs only the transaction it issued the statement for."""
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    from embit.psbt import PSBT
+
+    with Session(world.engine) as s:
+        row = s.get(SigningRequest, req["id"])
+        assert row is not None
+        changed = PSBT.from_string(row.psbt)
+        changed.locktime = 1
+        row.psbt = changed.to_string()
+        s.add(row)
+        s.commit()
+    before = bank_signer.c_sign_calls()
+    outcome = bank_sign(world, req["id"]).json()
+    assert outcome["state"] == "refused" and "approval_other_txid" in outcome["outcome"]
+    assert bank_signer.c_sign_calls() == before
+    assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
+
+
+def test_a_forged_statement_in_the_database_is_refused(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """A database attacker rewrites the statement people will sign (lower fee, other
+    amounts): the signer checks signatures over the statement it issued and kept."""
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    with Session(world.engine) as s:
+        st = s.get(SignerStatement, req["signer_statement_id"])
+        assert st is not None
+        body = json.loads(st.body)
+        body["fee_sats"] = 1
+        st.body = json.dumps(body)
+        s.add(st)
+        s.commit()
+    before = bank_signer.c_sign_calls()
+    outcome = bank_sign(world, req["id"]).json()
+    assert outcome["state"] == "open" and "approval_signature" in outcome["outcome"]
+    assert bank_signer.c_sign_calls() == before
+
+
+def test_a_cancelled_request_kills_its_approvals(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    sid = req["signer_statement_id"]
+    statement = world.call("bank_operator", "GET", f"/v1/signer-statements/{sid}").json()
+    approvals = bank_signer.approvals(statement["statement"])
+    r = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    # the attacker replays the collected approvals straight to the signer
+    from hsm.signer import PolicyViolation
+
+    with pytest.raises(PolicyViolation) as refused:
+        bank_signer.client.sign(
+            statement["statement"]["loan_ref"],
+            "release",
+            the_psbt(world, "miner", req["id"]),
+            nonce=statement["statement"]["nonce"],
+            approvals=approvals,
+        )
+    assert refused.value.check == "approval_cancelled"
