@@ -196,6 +196,144 @@ def _stop_on_signals(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
 
 
+def _key_passphrase() -> bytes | None:
+    import os
+
+    value = os.environ.get("CUSTODY_KEY_PASSPHRASE")
+    return value.encode() if value else None
+
+
+@app.command()
+def keygen(
+    out: Annotated[str, typer.Option(help="where to write the private key (PEM, mode 0600)")],
+) -> None:
+    """Make an approval key (Ed25519) on this machine; print the public key to enrol.
+    Set CUSTODY_KEY_PASSPHRASE to encrypt the file."""
+    import os
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = Path(out)
+    if path.exists():
+        typer.echo(f"custody keygen: {out} exists; refusing to overwrite a key", err=True)
+        raise typer.Exit(code=2)
+    key = ed25519.Ed25519PrivateKey.generate()
+    passphrase = _key_passphrase()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(pem)
+    public = key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    typer.echo(f"ed25519 public key: {public.hex()}")
+
+
+@app.command()
+def approve(
+    request_id: Annotated[int | None, typer.Argument(help="the signing request to approve")] = None,
+    key: Annotated[str, typer.Option(help="your approval key file (PEM)")] = "",
+    person: Annotated[str, typer.Option("--as", help="your name as enrolled in the signer")] = "",
+    statement_id: Annotated[
+        int | None, typer.Option("--statement", help="sign this signer statement instead")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask before signing")] = False,
+) -> None:
+    """Review and sign, on your own machine, what the bank's signer will act on.
+
+    For a signing request the PSBT is decoded here and must say exactly what the statement
+    says (txid, inputs, outputs, fee) before anything is signed. Uses CUSTODY_API_URL
+    (default http://127.0.0.1:8080) and CUSTODY_API_KEY."""
+    import os
+    from pathlib import Path
+
+    import httpx
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+    from custody.signer.review import decode_psbt, describe, mismatches
+    from pledge.statements import sign_statement
+
+    def fail(message: str) -> typer.Exit:
+        typer.echo(f"custody approve: {message}", err=True)
+        return typer.Exit(code=2)
+
+    if not key or not person:
+        raise fail("--key FILE and --as NAME are required")
+    if (request_id is None) == (statement_id is None):
+        raise fail("give a REQUEST_ID or --statement ID (one of them)")
+    try:
+        private = serialization.load_pem_private_key(
+            Path(key).read_bytes(),
+            password=_key_passphrase(),
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        raise fail(f"cannot read the key file {key}: {type(exc).__name__}") from None
+    if not isinstance(private, ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey):
+        raise fail("the key must be Ed25519 or ECDSA P-256")
+    base = os.environ.get("CUSTODY_API_URL", "http://127.0.0.1:8080").rstrip("/")
+    token = os.environ.get("CUSTODY_API_KEY", "")
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    def get(path: str) -> dict[str, object]:
+        r = client.get(path)
+        if r.status_code != 200:
+            raise fail(f"GET {path}: HTTP {r.status_code} {r.text[:200]}")
+        body: dict[str, object] = r.json()
+        return body
+
+    lines: list[str]
+    if request_id is not None:
+        req = get(f"/v1/signing-requests/{request_id}")
+        sid = req.get("signer_statement_id")
+        if not isinstance(sid, int):
+            raise fail(f"signing request {request_id} has no statement for the bank's signer")
+        statement_id = sid
+        view = get(f"/v1/signer-statements/{statement_id}")
+        statement = view["statement"]
+        assert isinstance(statement, dict)
+        psbt = str(get(f"/v1/signing-requests/{request_id}/psbt")["psbt"])
+        decoded = decode_psbt(psbt, str(statement.get("network")))
+        problems = mismatches(statement, decoded)
+        if problems:
+            raise fail("the statement does not match the transaction: " + "; ".join(problems))
+        listed = req.get("outputs")
+        roles = {
+            str(o["address"]): str(o["role"])
+            for o in (listed if isinstance(listed, list) else [])
+            if isinstance(o, dict)
+        }
+        lines = describe(statement, decoded, roles)
+    else:
+        view = get(f"/v1/signer-statements/{statement_id}")
+        statement = view["statement"]
+        assert isinstance(statement, dict)
+        lines = [f"{k}: {json.dumps(v)}" for k, v in sorted(statement.items())]
+    typer.echo("\n".join(lines))
+    if not yes and not typer.confirm(f"sign this as {person}?"):
+        raise typer.Exit(code=1)
+    signature = sign_statement(private, statement)
+    r = client.post(
+        f"/v1/signer-statements/{statement_id}/endorsements",
+        json={"person": person, "signature": signature},
+    )
+    if r.status_code != 200:
+        raise fail(f"the service refused the signature: HTTP {r.status_code} {r.text[:300]}")
+    outcome = r.json()
+    typer.echo(f"signed; statement {statement_id} is {outcome['state']}")
+    if outcome.get("outcome"):
+        typer.echo(str(outcome["outcome"]))
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain; exit 1 and name the first broken link if any."""

@@ -758,8 +758,10 @@ class PriceOracle:
     def fix(self) -> PriceFix:
         quotes, failed = self._collect()
         at = _aware_utc(self._clock(), "the oracle's clock")
-        if failed:
-            log.warning("price_sources_left_out %s", "; ".join(failed))
+        # An empty desk is the normal state (desk quotes are occasional): not a warning.
+        trouble = [f for f in failed if not f.startswith(f"{DESK_SOURCE}: no current")]
+        if trouble:
+            log.warning("price_sources_left_out %s", "; ".join(trouble))
         need = self.min_sources
         if len(quotes) < need:
             raise PolicyViolation(

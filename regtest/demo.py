@@ -1,16 +1,19 @@
 """`make demo`: the whole lending story on a regtest node, in one command.
 
 btcd on regtest, the service on SQLite behind its real HTTP API (loopback), the bank's
-keys in a SoftHSM2 token, and software HD signers playing the miner's and the
-arbiter's hardware wallets. Three loans of 0.5 BTC each:
+signer with its keys in a SoftHSM2 token (its own registry, node connection and price
+feed; people enrolled with Ed25519 approval keys), and software HD signers playing the
+miner's and the arbiter's hardware wallets. A local BTC/RUB feed plays the market; the
+service and the signer each read it themselves. Three loans of 0.5 BTC each:
 
-1. loan 1 is repaid: the bank asks for the release, the miner signs, a second bank
-   employee approves, the HSM signs, the collateral goes back to the miner;
+1. loan 1 is repaid: the bank asks for the release, the miner signs, the operator and a
+   second bank employee sign the signer's statement of that exact transaction, the
+   signer checks everything itself and signs, the collateral goes back to the miner;
 2. the price falls: loan 2 gets a margin call, the miner tops it up, it is cured;
 3. the price falls further: loan 3 (which ignored its own margin call) crosses the
-   liquidation LTV, the risk engine builds the liquidation, the HSM signs it under its
-   policy (price and LTV as evidence), the arbiter co-signs, the bank receives exactly
-   the debt and the miner the rest.
+   liquidation LTV; the signer's own valuation agrees, so it signs the liquidation with
+   no human approval, the arbiter co-signs, the bank receives exactly the debt and the
+   miner the rest.
 
 Every step is narrated; the final table is checked against the node itself (the
 process exits non-zero on any mismatch) and the audit hash chain is verified. On
@@ -33,6 +36,8 @@ from typing import Any
 
 import httpx
 import uvicorn
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit import bip32
 from embit.networks import NETWORKS
 from embit.transaction import Transaction
@@ -51,11 +56,17 @@ from custody.db.session import make_engine, transaction
 from custody.logging import configure_logging
 from custody.notify.events import AUDIENCE, notify_loan
 from custody.risk.engine import RiskEngine, RiskReport
-from custody.risk.prices import ManualPriceSource, MedianPriceSource
+from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
+from custody.signer.review import decode_psbt, describe
+from hsm.approvals import People
+from hsm.client import BankSigner, InProcessTransport
+from hsm.registry import Registry
 from hsm.software import SoftwareHDSigner
 from pledge.amounts import ltv_bps, sats_for_kopecks
+from pledge.statements import iso, sign_statement
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode, free_port, wait_until
+from regtest.price_feed import PriceFeed
 
 COLLATERAL_SATS = 50_000_000  # 0.5 BTC per loan
 TOP_UP_SATS = 50_000_000  # what the miner adds to cure loan 2's margin call
@@ -123,34 +134,64 @@ class Device:
 
 
 @dataclass
-class Board:
-    """The bank's price desk: a manual price behind the median the risk engine reads."""
+class Market:
+    """The BTC/RUB feed both the service's risk engine and the bank's signer poll."""
 
-    desk: ManualPriceSource = field(default_factory=lambda: ManualPriceSource("manual:desk"))
+    feed: PriceFeed
     median: MedianPriceSource = field(init=False)
 
     def __post_init__(self) -> None:
-        self.median = MedianPriceSource(
-            [self.desk], max_age=timedelta(minutes=10), max_spread_bps=200
+        source = HttpJsonPriceSource(
+            "feed", self.feed.url, field_path="data.price", time_path="data.time"
         )
+        self.median = MedianPriceSource([source], max_age=timedelta(minutes=10), max_spread_bps=200)
 
     def set(self, price: Decimal, *, age: timedelta = timedelta(0)) -> None:
-        self.desk.set(price, datetime.now(UTC) - age, by="demo-operator")
+        self.feed.set(str(price), datetime.now(UTC) - age if age else None)
         consensus = self.median.consensus()
         if consensus.quote is None:
             detail(f"BTC/RUB {price:,} quoted {age} ago; the median says: {consensus.reason}")
             return
         detail(
-            f"BTC/RUB {price:,} set on the desk; the median the engine reads: "
+            f"the feed quotes BTC/RUB {price:,}; the engine's median: "
             f"{consensus.quote.price_rub_per_btc:,} ({consensus.quote.source})"
         )
 
 
-def serve(settings: Settings, engine: Any, hsm: Any, chain: NodeRpc) -> tuple[str, uvicorn.Server]:
+@dataclass(frozen=True)
+class Person:
+    """A bank employee enrolled in the signer; the key stays on their own machine."""
+
+    name: str
+    role: str
+    key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
+
+    @property
+    def public_hex(self) -> str:
+        return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+    def endorse(self, statement: dict[str, Any]) -> dict[str, str]:
+        return {"person": self.name, "signature": sign_statement(self.key, statement)}
+
+
+def sign_statement_via_api(api: Api, who: str, sid: int, people: list[Person]) -> dict[str, Any]:
+    """Each person reviews the statement on their own machine and sends their signature."""
+    statement = api(who, "GET", f"/v1/signer-statements/{sid}")["statement"]
+    view: dict[str, Any] = {}
+    for person in people:
+        view = api(
+            who, "POST", f"/v1/signer-statements/{sid}/endorsements", json=person.endorse(statement)
+        )
+    return view
+
+
+def serve(
+    settings: Settings, engine: Any, signer: BankSigner, chain: NodeRpc
+) -> tuple[str, uvicorn.Server]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, engine, hsm=hsm, chain=chain),
+            create_app(settings, engine, signer=signer, chain=chain),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -269,25 +310,66 @@ def main() -> int:
     node = RegtestNode(name="demo")
     node.start()
     server: uvicorn.Server | None = None
-    hsm: Any = None
+    core: Any = None
+    feed = PriceFeed(str(START_PRICE)).start()
     try:
         node.mine(110)
         detail(f"node {node.rpc_url}, height {node.rpc.get_block_count()}")
 
-        say("Creating a SoftHSM2 token for the bank's keys")
-        from hsm.pkcs11_backend import Pkcs11Signer
+        say("The bank's signer: a SoftHSM2 token, its own registry, node and price feed")
+        from hsm.factory import build_core
+        from hsm.settings import SignerSettings
         from hsm.softhsm import create_token
 
         token = create_token(workdir / "softhsm", "demo-bank")
-        hsm = Pkcs11Signer(token.module_path, token.label, token.pin)
-        detail(f"token '{token.label}' via {token.module_path}")
+        signer_settings = SignerSettings(
+            network="regtest",
+            module=token.module_path,
+            token_label=token.label,
+            pin=token.pin,
+            state_db=workdir / "hsm-state.db",
+            node_rpc_url=node.rpc_url,
+            node_rpc_user=node.rpc_user,
+            node_rpc_password=node.rpc_password,
+            price_sources=[feed.source_config()],
+            price_max_age_seconds=600,
+            max_fee_sats=100_000,
+        )
+        detail(f"token '{token.label}' via {token.module_path}; price feed {feed.url}")
+
+        say("Enrolment ceremony on the signer's machine: two admins, then two bank employees")
+        admins = [Person("ada.admin", "admin"), Person("alan.admin", "admin")]
+        registry = Registry(signer_settings.state_db)
+        People(registry).bootstrap(
+            [(a.name, "ed25519", bytes.fromhex(a.public_hex)) for a in admins], datetime.now(UTC)
+        )
+        registry.close()
+        detail("`hsm enroll-bootstrap`: " + ", ".join(a.name for a in admins))
+        core = build_core(signer_settings)
+        signer = BankSigner(InProcessTransport(core))
+        olga, anton = (
+            Person("olga.operator", "bank_operator"),
+            Person("anton.approver", "bank_approver"),
+        )
+        for person in (olga, anton):
+            statement = {
+                "kind": "enroll",
+                "name": person.name,
+                "role": person.role,
+                "algorithm": "ed25519",
+                "public_key": person.public_hex,
+                "expires_at": iso(datetime.now(UTC) + timedelta(hours=1)),
+            }
+            signer.enroll(statement, [a.endorse(statement) for a in admins])
+            detail(f"enrolled {person.name} as {person.role}, signed by both admins")
+        staff = [olga, anton]
 
         say("Starting the service on SQLite behind its HTTP API (127.0.0.1 only)")
         db_url = f"sqlite:///{workdir / 'custody.db'}"
         settings = Settings(network="regtest", database_url=db_url)
         engine = make_engine(db_url)
         upgrade(engine)
-        base_url, server = serve(settings, engine, hsm, node.rpc)
+        base_url, server = serve(settings, engine, signer, node.rpc)
         api = Api(base_url)
         with transaction(engine) as session:
             _, api.keys["admin"] = create_principal(
@@ -310,6 +392,7 @@ def main() -> int:
             body = {"name": who, "role": role, "party_id": parties[party]["id"] if party else None}
             api.keys[who] = api("admin", "POST", "/v1/principals", 201, json=body)["api_key"]
         detail("bank operator, bank approver (the second pair of eyes), miner, arbiter, auditor")
+        detail("(API keys let them in; only the signer-enrolled approval keys move money)")
         devices = {who: Device(who) for who in ("miner", "arbiter")}
         detail(
             "devices: "
@@ -350,15 +433,21 @@ def main() -> int:
             )
         l1, l2, l3 = loan_ids
 
-        say("Keys: the miner and the arbiter register account keys, the HSM makes the bank's")
+        say("Keys: the miner and the arbiter register account keys; two bank employees sign")
+        detail("the loan's registration; then the signer makes the bank's key in the HSM")
         for n, lid in enumerate(loan_ids):
             for who, device in devices.items():
                 key = device.signer.account_key_text(account=n)
                 api(who, "PUT", f"/v1/loans/{lid}/keys/{who}", json={"kind": "hd", "key": key})
-            loan = api("operator", "POST", f"/v1/loans/{lid}/keys/bank/hsm", 201)
+            st = api("operator", "POST", f"/v1/loans/{lid}/keys/bank/hsm", 201)
+            done = sign_statement_via_api(api, "operator", st["id"], staff)
+            if done["state"] != "done":
+                raise SystemExit(f"the signer did not register loan {lid}: {done}")
+            loan = api("operator", "GET", f"/v1/loans/{lid}")
             bank_key = next(k for k in loan["keys"] if k["role"] == "bank")
             detail(
-                f"loan {lid}: bank key {bank_key['public_key'][:20]}... generated in the HSM "
+                f"loan {lid}: statement {st['id']} signed by {', '.join(done['signed_by'])}; "
+                f"bank key {bank_key['public_key'][:16]}... made in the HSM "
                 f"(never extractable={bank_key['hsm_never_extractable']}); "
                 f"{loan['state']} at {loan['collateral_address']}"
             )
@@ -382,17 +471,16 @@ def main() -> int:
             )
         )
 
-        say("The risk engine starts, reading a median over the bank's manual price desk")
-        board = Board()
+        say("The risk engine starts, reading the BTC/RUB feed (the signer reads it on its own)")
+        board = Market(feed)
         board.set(START_PRICE)
         risk = RiskEngine(
             engine,
             network="regtest",
             prices=board.median,
             chain=node.rpc,
-            signer=hsm,
+            signer=signer,
             fees=get_fee_policy(settings),
-            daily_limit_sats=settings.hsm_daily_limit_sats,
             notify=notify,
         )
         show_pass(risk.run_once(), api, loan_ids, START_PRICE)
@@ -409,10 +497,19 @@ def main() -> int:
         )
         signed = devices["miner"].sign(api, release["id"])
         detail(f"the miner signed on its device: {signed['signed_seats']}, {signed['state']}")
-        approved = api("approver", "POST", f"/v1/signing-requests/{release['id']}/approve")
+        sid = release["signer_statement_id"]
+        statement = api("approver", "GET", f"/v1/signer-statements/{sid}")["statement"]
+        psbt = api("approver", "GET", f"/v1/signing-requests/{release['id']}/psbt")["psbt"]
+        roles = {o["address"]: o["role"] for o in release["outputs"]}
+        detail("what `custody approve` shows each of them, decoded on their own machine:")
+        for line in describe(statement, decode_psbt(psbt, "regtest"), roles):
+            detail(f"  | {line}")
+        outcome = sign_statement_via_api(api, "approver", sid, staff)
+        approved = api("approver", "GET", f"/v1/signing-requests/{release['id']}")
         detail(
-            f"the bank approver approved; the HSM checked and signed: "
-            f"{approved['signed_seats']}, {approved['state']}"
+            f"signed by {', '.join(outcome['signed_by'])}; the signer checked its own records, "
+            f"node and their signatures and signed: {approved['signed_seats']}, "
+            f"{approved['state']}"
         )
         if approved["state"] != "broadcast":
             raise SystemExit(f"release not broadcast: {approved}")
@@ -443,7 +540,7 @@ def main() -> int:
             raise SystemExit(f"loan {l2} should be cured: {report}")
         detail(f"loan {l3}'s miner does nothing; its cure window is still open")
 
-        say("The desk's only feed goes stale: the engine pauses instead of guessing")
+        say("The only price feed goes stale: the engine pauses instead of guessing")
         board.set(DROP_2, age=timedelta(minutes=11))
         report = risk.run_once()
         detail(f"risk pass: paused={report.paused!r}, liquidations {report.liquidations}")
@@ -463,9 +560,9 @@ def main() -> int:
         debt_sats = sats_for_kopecks(LOANS[2][1], DROP_2)
         detail(
             f"request {rid} for loan {liq['loan_id']}: {liq['action']}, signed by "
-            f"{liq['signed_seats']} under the HSM's policy; evidence: LTV "
-            f"{evidence['ltv_bps']} bps at {evidence['price_rub_per_btc']} "
-            f"({evidence['price_source']})"
+            f"{liq['signed_seats']} with no human approval: the engine saw LTV "
+            f"{evidence['ltv_bps']} bps; the signer's own figures: "
+            f"{'; '.join(evidence['signer_reasons'])} ({liq['evidence']['price_source']})"
         )
         detail(
             f"bank {bank_out['amount_sats']} sats (= {rub(LOANS[2][1])} at {DROP_2:,}, "
@@ -540,8 +637,9 @@ def main() -> int:
     finally:
         if server is not None:
             server.should_exit = True
-        if hsm is not None:
-            hsm.close()
+        if core is not None:
+            core.close()
+        feed.stop()
         node.stop(keep_datadir=not ok)
         if ok:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from support.price_feed import PriceFeed, price_feed
+from regtest.price_feed import PriceFeed, price_feed
 from support.signer_world import SignerWorld, in_process_world, serve_world
 
 from hsm.softhsm import SoftHsmToken

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
-from support.price_feed import PriceFeed, price_feed
+from regtest.price_feed import PriceFeed, price_feed
 from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 

@@ -24,7 +24,7 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit.bip32 import HDKey as EmbitHDKey
-from support.price_feed import PriceFeed
+from regtest.price_feed import PriceFeed
 
 from custody.signing.psbt import CollateralInput, PayTo, PayToCollateral, build_psbt
 from hsm.approvals import People
