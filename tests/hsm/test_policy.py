@@ -411,7 +411,19 @@ def test_locktime_and_version() -> None:
     def height(psbt: PSBT) -> None:
         psbt.locktime = 499_999_999
 
-    assert check_psbt(tamper(release_psbt(loan), height), loan.ctx, RELEASE)
+    # a height locktime is post-dated unless the signer's own tip has reached it
+    dated = tamper(release_psbt(loan), height)
+    assert refused(dated, loan.ctx, RELEASE).check == "locktime"
+    from dataclasses import replace
+
+    low = replace(loan.ctx, tip_height=499_999_998)
+    assert refused(dated, low, RELEASE).check == "locktime"
+    assert check_psbt(dated, replace(loan.ctx, tip_height=499_999_999), RELEASE)
+
+    def version1(psbt: PSBT) -> None:
+        psbt.tx_version = 1
+
+    assert refused(tamper(release_psbt(loan), version1), loan.ctx, RELEASE).check == "tx_version"
 
 
 def test_garbage_and_bad_evidence() -> None:

@@ -14,8 +14,8 @@ The attacks are parametrized tables, one per theme, so the count is visible:
     REQUEST_ATTACKS          20  automatic flag, nonces, replays, cancelled/expired
                                  statements, statements moved to other PSBTs or actions,
                                  things that changed between prepare and sign
-    EVIDENCE_ATTACKS         14  valuations: verdict, id, owner; PSBTs priced on
-                                 figures other than the signer's
+    EVIDENCE_ATTACKS         16  valuations: verdict, id, owner, records changed since;
+                                 PSBTs priced on figures other than the signer's
     PRICE_FEED_ATTACKS       11  stale, future-dated and impossible prices from the feed
     DESK_QUOTE_ATTACKS       12  desk quotes: signers, keys, source, price, times
     COLLATERAL_ATTACKS        9  subsets, unknown, unconfirmed, foreign, spent, doubled
@@ -23,15 +23,17 @@ The attacks are parametrized tables, one per theme, so the count is visible:
     AMENDMENT_ATTACKS        11  payout changes without the right approvals, replays
     REPAYMENT_ATTACKS         8  unapproved, future-dated, malformed, conflicting
     PEOPLE_ATTACKS           14  enrolment and removal without two admins, and so on
-    SHAPE_ATTACKS            36  the transaction itself: locktime, version, sequences,
+    SHAPE_ATTACKS            37  the transaction itself: locktime, version, sequences,
                                  sighash, scripts, utxos, outputs, fee
-    RELEASE_SHAPE_ATTACKS     7  a release or partial liquidation paying the wrong way
+    RELEASE_SHAPE_ATTACKS     8  a release or partial liquidation paying the wrong way
     RAW_ATTACKS              27  hostile bytes through the one entry point
                             ---
-                            225  distinct attacks (x 2 transports)
+                            229  distinct attacks in tables (x 2 transports)
 
-plus tests/hsm/test_signer_limits.py (velocity and stale valuations, 5 more attacks in
-dedicated worlds). `test_the_corpus_is_what_the_docstring_says` keeps this count honest.
+plus 4 written out as their own tests (a removed person's approval, spent collateral
+named again, a loan registered twice with the same and with a new statement), and
+tests/hsm/test_signer_limits.py (velocity and stale valuations in dedicated worlds).
+`test_the_corpus_is_what_the_docstring_says` keeps these table counts honest.
 
 One behaviour is asserted as found rather than refused: a second loan may reuse an
 existing loan's miner and arbiter keys (its descriptor differs by the new bank key);
@@ -50,11 +52,12 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -77,9 +80,10 @@ from support.signer_world import (
 
 from custody.signing.psbt import PayTo, PayToCollateral
 from hsm.client import InProcessTransport
+from hsm.pkcs11_backend import key_ref_for_loan
 from hsm.registry import Registry
-from hsm.signer import PolicyViolation
-from pledge.statements import iso, sign_statement
+from hsm.signer import PolicyViolation, SignerRefused
+from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
@@ -117,7 +121,8 @@ def signer_registry(world: SignerWorld) -> Iterator[Registry]:
             registry.close()
 
 
-def refusals(world: SignerWorld, loan_ref: str, check: str) -> int:
+def refusals(world: SignerWorld, loan_ref: str | None, check: str) -> int:
+    """Refused rows with `check` in the signer's decision log (of one loan, or all)."""
     with signer_registry(world) as registry:
         return sum(
             1 for d in registry.decisions(loan_ref) if d.decision == "refused" and d.check == check
@@ -542,7 +547,7 @@ def _approved_with_a_valuation(world: SignerWorld) -> tuple[str, Call]:
 
 
 def _unknown_loan_sign(world: SignerWorld) -> tuple[str, Call]:
-    loan, psbt, prepared = released(world)
+    _, psbt, prepared = released(world)
     ghost = f"ghost-{secrets.token_hex(4)}"
     return ghost, lambda: world.client.sign(
         ghost, "release", psbt, nonce=prepared["nonce"],
@@ -550,7 +555,7 @@ def _unknown_loan_sign(world: SignerWorld) -> tuple[str, Call]:
 
 
 def _unknown_loan_prepare(world: SignerWorld) -> tuple[str, Call]:
-    loan, psbt, _ = released(world)
+    _, psbt, _ = released(world)
     ghost = f"ghost-{secrets.token_hex(4)}"
     return ghost, lambda: world.client.prepare(ghost, "release", psbt)
 
@@ -692,14 +697,30 @@ def _four_eyes_liquidation_of_a_repaid_loan(world: SignerWorld) -> tuple[str, Ca
                                                 valuation["valuation_id"])
 
 
-def _automatic_on_a_valuation_older_than_a_repayment(world: SignerWorld) -> tuple[str, Call]:
-    """The valuation said liquidate; a repayment two people recorded since then does
-    not change it (the valuation is the signer's snapshot), but it is re-checked on
-    signing against the loan's collateral: an underpaid bank is still refused."""
+def _repaid_after_valuation(world: SignerWorld) -> tuple[str, Call]:
+    """The signer said liquidate; then two people record that the debt was repaid in
+    full. The earlier valuation must not still pay the bank its debt a second time."""
     loan, valuation, psbt = liquidatable(world)
-    forged = {**valuation, "debt_kopecks": 1_000_000}
-    return loan.loan_ref, automatic(world, loan, world.liquidation_psbt(loan, forged),
-                                    valuation["valuation_id"])
+    repayment = repayment_statement(loan, amount_kopecks=int(valuation["debt_kopecks"]))
+    world.client.record_repayment(repayment, world.approvals(repayment))
+    return loan.loan_ref, automatic(world, loan, psbt, valuation["valuation_id"])
+
+
+def _amended_after_valuation(world: SignerWorld) -> tuple[str, Call]:
+    """The signer said liquidate (matured); then two people extend the maturity."""
+    loan, valuation, psbt = liquidatable(world)
+    terms = {**loan.terms, "maturity_at": at(days=365)()}
+    amendment = amend_statement(loan, terms=terms, bank_liquidation_address=loan.bank_liquidation)
+    world.client.amend_loan(amendment, world.approvals(amendment))
+    return loan.loan_ref, automatic(world, loan, psbt, valuation["valuation_id"])
+
+
+def _repaid_between_prepare_and_sign(world: SignerWorld) -> tuple[str, Call]:
+    loan, valuation, psbt = liquidatable(world)
+    prepared = world.prepare(loan, "liquidation", psbt, valuation["valuation_id"])
+    repayment = repayment_statement(loan, amount_kopecks=1_000_00)
+    world.client.record_repayment(repayment, world.approvals(repayment))
+    return loan.loan_ref, approved(world, loan, "liquidation", psbt, prepared)
 
 
 EVIDENCE_ATTACKS = [
@@ -721,8 +742,12 @@ EVIDENCE_ATTACKS = [
            "bank_overpaid"),
     Attack("psbt_with_debt_understated", _priced(debt_kopecks=lambda d: d // 2),
            "bank_underpaid"),
-    Attack("psbt_with_a_stale_smaller_debt", _automatic_on_a_valuation_older_than_a_repayment,
-           "bank_underpaid"),
+    Attack("automatic_on_a_valuation_older_than_a_full_repayment", _repaid_after_valuation,
+           "valuation_outdated"),
+    Attack("automatic_on_a_valuation_older_than_an_amendment", _amended_after_valuation,
+           "valuation_outdated"),
+    Attack("four_eyes_liquidation_repaid_between_prepare_and_sign",
+           _repaid_between_prepare_and_sign, "valuation_outdated"),
     Attack("four_eyes_liquidation_without_valuation", _four_eyes_liquidation_without_valuation,
            "valuation_missing"),
     Attack("four_eyes_partial_with_another_loans_valuation",
@@ -786,7 +811,7 @@ def desk_statement(**over: Any) -> dict[str, Any]:
 
 def _desk(approve: Approve = signed_by("operator", "approver"), **over: Any) -> Setup:
     def setup(world: SignerWorld) -> tuple[str, Call]:
-        statement = desk_statement(**over)
+        statement = desk_statement(**_resolved(over))
         approvals = approve(world, statement)
         return "-", lambda: world.client.desk_quote(statement, approvals)
 
@@ -800,7 +825,13 @@ def _desk_edited_after_signing(world: SignerWorld) -> tuple[str, Call]:
     return "-", lambda: world.client.desk_quote(moved, approvals)
 
 
-_NOW = datetime.now(UTC)
+def at(**delta: float) -> Callable[[], str]:
+    """A statement time relative to when the attack is set up (not to import time)."""
+    return lambda: iso(datetime.now(UTC) + timedelta(**delta))
+
+
+def _resolved(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v() if callable(v) else v for k, v in values.items()}
 
 DESK_QUOTE_ATTACKS = [
     Attack("desk_signed_by_unknown_people", _desk(strangers("bank_operator", "bank_approver")),
@@ -814,18 +845,17 @@ DESK_QUOTE_ATTACKS = [
     Attack("desk_price_nan", _desk(price_rub_per_btc="NaN"), "desk_quote"),
     Attack("desk_price_as_json_number", _desk(price_rub_per_btc=8000000), "desk_quote",
            "decimal string"),
-    Attack("desk_quote_stale", _desk(quoted_at=iso(_NOW - timedelta(hours=1)),
-                                     expires_at=iso(_NOW + timedelta(hours=1))),
+    Attack("desk_quote_stale", _desk(quoted_at=at(hours=-1),
+                                     expires_at=at(hours=1)),
            "desk_quote_stale"),
-    Attack("desk_quote_dated_ahead", _desk(quoted_at=iso(_NOW + timedelta(hours=1)),
-                                           expires_at=iso(_NOW + timedelta(hours=2))),
+    Attack("desk_quote_dated_ahead", _desk(quoted_at=at(hours=1),
+                                           expires_at=at(hours=2)),
            "desk_quote_future"),
-    Attack("desk_quote_expired", _desk(quoted_at=iso(_NOW - timedelta(minutes=5)),
-                                       expires_at=iso(_NOW - timedelta(minutes=1))),
+    Attack("desk_quote_expired", _desk(quoted_at=at(minutes=-5),
+                                       expires_at=at(minutes=-1)),
            "desk_quote_expired"),
-    Attack("desk_quote_not_in_utc", _desk(quoted_at=datetime.now(UTC).astimezone(
-        __import__("datetime").timezone(timedelta(hours=3))).isoformat(timespec="seconds")),
-        "desk_quote", "not in UTC"),
+    Attack("desk_quote_not_in_utc", _desk(quoted_at=lambda: datetime.now(UTC).astimezone(
+        timezone(timedelta(hours=3))).isoformat(timespec="seconds")), "desk_quote", "not in UTC"),
 ]
 
 
@@ -926,8 +956,8 @@ def test_spent_collateral_is_not_signed_again(world: SignerWorld) -> None:
     spent coin is refused at prepare."""
     loan, psbt, prepared = released(world)
     old = loan.coins[0]
-    signed = approved(world, loan, "release", psbt, prepared)()
-    world.broadcast(signed.psbt, loan, with_seat="miner")  # type: ignore[attr-defined]
+    signed: Any = approved(world, loan, "release", psbt, prepared)()
+    world.broadcast(signed.psbt, loan, with_seat="miner")
     world.fund(loan, 300_000, index=1)
     again = world.release_psbt(loan, [old, loan.coins[1]])
     assert_refused(world, loan.loan_ref, "input_unknown",
@@ -957,11 +987,11 @@ def _register(
 
 
 def put(**values: Any) -> Callable[[SignerWorld, dict[str, Any]], None]:
-    return lambda world, st: st.update(values)
+    return lambda world, st: st.update(_resolved(values))
 
 
 def put_terms(**values: Any) -> Callable[[SignerWorld, dict[str, Any]], None]:
-    return lambda world, st: st["terms"].update(values)
+    return lambda world, st: st["terms"].update(_resolved(values))
 
 
 def drop(key: str) -> Callable[[SignerWorld, dict[str, Any]], None]:
@@ -1018,9 +1048,9 @@ REGISTRATION_ATTACKS = [
            _register(edit_after=put_terms(principal_kopecks=900_000_00)), "approval_signature"),
     Attack("register_garbage_signature",
            _register(approve=with_signature("approver", "!!!!")), "approval_signature"),
-    Attack("register_expired", _register(put(expires_at=iso(_NOW - timedelta(minutes=5)))),
+    Attack("register_expired", _register(put(expires_at=at(minutes=-5))),
            "approval_expired"),
-    Attack("register_valid_8_days", _register(put(expires_at=iso(_NOW + timedelta(days=8)))),
+    Attack("register_valid_8_days", _register(put(expires_at=at(days=8))),
            "approval_expiry", "7 days"),
     Attack("register_mainnet_miner_address", _register(put(miner_return_address=MAINNET_ADDRESS)),
            "invalid_input", "mainnet"),
@@ -1053,7 +1083,7 @@ REGISTRATION_ATTACKS = [
     Attack("register_target_above_margin_call", _register(put_terms(target_ltv_bps=8_000)),
            "terms"),
     Attack("register_maturity_before_start",
-           _register(put_terms(maturity_at=iso(_NOW - timedelta(days=30)))), "terms"),
+           _register(put_terms(maturity_at=at(days=-30))), "terms"),
     Attack("register_time_without_zone", _register(put_terms(start_at="2025-01-01T00:00:00")),
            "statement_format"),
     Attack("register_same_payout_addresses", _register(_one_address), "payout_addresses"),
@@ -1071,9 +1101,12 @@ REGISTRATION_ATTACKS = [
 def test_bad_registrations_are_refused(world: SignerWorld, attack: Attack) -> None:
     loan_ref, call = attack.setup(world)
     assert_refused(world, loan_ref, attack.check, call, attack.reason)
-    with pytest.raises(PolicyViolation) as info:
-        world.client.loan(loan_ref) if loan_ref != "-" else world.client.loan("x" * 16)
-    assert info.value.check in ("unknown_loan", "malformed_request")
+    with signer_registry(world) as registry:
+        assert registry.loan(loan_ref) is None, "a refused registration recorded a loan"
+    transport = world.client.transport
+    if isinstance(transport, InProcessTransport):  # the serve process's token is its own
+        with pytest.raises(SignerRefused):
+            transport.core.hsm.key_info(key_ref_for_loan(loan_ref))  # no key was made
 
 
 def test_registering_a_loan_twice_is_refused(world: SignerWorld) -> None:
@@ -1146,11 +1179,10 @@ def _amend(approve: Approve = signed_by("operator", "approver"),
 
 def _amend_with_registration_approvals(world: SignerWorld) -> tuple[str, Call]:
     registration, _, _ = world.registration()
-    record = world.client.register_loan(registration, world.approvals(registration))
-    loan = Loan(record["loan_ref"], record, None, None, None,  # type: ignore[arg-type]
-                registration["terms"])
-    statement = amend_statement(loan)
-    return loan.loan_ref, lambda: world.client.amend_loan(
+    world.client.register_loan(registration, world.approvals(registration))
+    statement = {k: v for k, v in registration.items() if k not in ("miner_key", "arbiter_key")}
+    statement.update(kind="amend_loan", bank_liquidation_address=random_p2wpkh_address())
+    return registration["loan_ref"], lambda: world.client.amend_loan(
         statement, world.approvals(registration))
 
 
@@ -1197,7 +1229,7 @@ AMENDMENT_ATTACKS = [
            _amend(edit_before=lambda st: st.update(loan_ref=f"ghost-{secrets.token_hex(4)}")),
            "unknown_loan"),
     Attack("amend_expired",
-           _amend(edit_before=lambda st: st.update(expires_at=iso(_NOW - timedelta(hours=1)))),
+           _amend(edit_before=lambda st: st.update(expires_at=at(hours=-1)())),
            "approval_expired"),
     Attack("amend_ltvs_do_not_rise",
            _amend(edit_before=lambda st: st.update(
@@ -1264,7 +1296,7 @@ REPAYMENT_ATTACKS = [
            _repay(edit_after=lambda st: st.update(amount_kopecks=st["amount_kopecks"] * 100)),
            "approval_signature"),
     Attack("repayment_dated_in_the_future",
-           _repay(edit_before=lambda st: st.update(paid_at=iso(_NOW + timedelta(days=1)))),
+           _repay(edit_before=lambda st: st.update(paid_at=at(days=1)())),
            "repayment_future"),
     Attack("repayment_amount_as_string",
            _repay(edit_before=lambda st: st.update(amount_kopecks="100000")),
@@ -1497,7 +1529,7 @@ def _own_descriptor(loan: Loan) -> Script:
 SHAPE_ATTACKS = [
     Attack("locktime_above_the_tip", on_psbt(_locktime_above_tip), "locktime", "above"),
     Attack("locktime_next_block", on_psbt(_locktime_at_tip), "locktime"),
-    Attack("locktime_a_timestamp", _set_locktime := on_psbt(
+    Attack("locktime_a_timestamp", on_psbt(
         lambda w, loan, p: setattr(p, "locktime", 1_700_000_000)), "locktime", "timestamp"),
     Attack("tx_version_1", on_psbt(lambda w, loan, p: setattr(p, "tx_version", 1)),
            "tx_version"),
@@ -1618,6 +1650,8 @@ RELEASE_SHAPE_ATTACKS = [
            "foreign_output"),
     Attack("partial_outputs_name_two_loan_addresses", _partial(_partial_two_derivations),
            "output_derivation"),
+    Attack("partial_change_beyond_the_watched_addresses", _partial(
+        lambda w, loan, v, b64: w.partial_psbt(loan, v, change_index=5_000)), "change_index"),
 ]
 
 
@@ -1671,7 +1705,7 @@ def text(template: str) -> Callable[[SignerWorld, Loan, str], bytes]:
         "{psbt}", psbt).encode()
 
 
-def REF(loan: Loan, psbt: str) -> str:  # noqa: N802 - reads as a placeholder
+def REF(loan: Loan, psbt: str) -> str:
     return loan.loan_ref
 
 
@@ -1692,7 +1726,7 @@ def _registration_with(literal: str) -> Callable[[SignerWorld, Loan, str], bytes
 
 
 def _repayment_amount_string(world: SignerWorld, loan: Loan, psbt: str) -> bytes:
-    statement = repayment_statement(loan, amount_kopecks="100000")
+    statement = repayment_statement(loan, amount_kopecks="1e5")
     return json.dumps({"statement": statement, "approvals": world.approvals(statement)}).encode()
 
 
@@ -1722,12 +1756,12 @@ RAW_ATTACKS = [
         "psbt_format"),
     Raw("sign_psbt_truncated", "sign", j(loan_ref=REF, psbt=_truncated, **SIGN), 422,
         "psbt_format"),
-    Raw("sign_psbt_with_nul", "sign", j(loan_ref=REF, psbt=lambda lo, p: p + "\x00", **SIGN),
-        422, "psbt_format"),
+    Raw("prepare_psbt_with_nul", "prepare",
+        j(loan_ref=REF, action="release", psbt=lambda lo, p: p + "\x00"), 422, "psbt_format"),
     Raw("sign_psbt_empty", "sign", j(loan_ref=REF, psbt="", **SIGN), 400, "malformed_request"),
     Raw("prepare_psbt_truncated", "prepare",
         j(loan_ref=REF, action="release", psbt=_truncated), 422, "psbt_format"),
-    Raw("repayment_amount_as_string", "repayment", _repayment_amount_string, 422,
+    Raw("repayment_amount_as_exponent_string", "repayment", _repayment_amount_string, 422,
         "statement_format"),
     Raw("sign_automatic_nan_literal", "sign", text(
         '{"loan_ref": "{ref}", "action": "liquidation", "psbt": "{psbt}", "automatic": NaN}'),
@@ -1779,7 +1813,7 @@ RAW_ATTACKS = [
 def test_hostile_bytes_are_refused_never_500(world: SignerWorld, attack: Raw) -> None:
     loan, psbt, _ = released(world)
     body = attack.body(world, loan, psbt)
-    logged = refusals(world, "-", attack.check) + refusals(world, loan.loan_ref, attack.check)
+    logged = refusals(world, None, attack.check)
     before = world.c_sign_calls()
     status, answer = raw(world, attack.op, body)
     assert world.c_sign_calls() == before, "the token signed during an attack"
@@ -1788,8 +1822,7 @@ def test_hostile_bytes_are_refused_never_500(world: SignerWorld, attack: Raw) ->
     assert isinstance(answer, dict) and answer["error"] == "refused_by_signer", answer
     assert answer["check"] == attack.check, answer
     assert answer["message"]
-    after = refusals(world, "-", attack.check) + refusals(world, loan.loan_ref, attack.check)
-    assert after == logged + 1, "the refusal is not in the log"
+    assert refusals(world, None, attack.check) == logged + 1, "the refusal is not in the log"
 
 
 # --------------------------------------------------------------------------- the count
@@ -1817,7 +1850,6 @@ def test_the_corpus_is_what_the_docstring_says() -> None:
     assert len(names) == len(set(names)), "attack names must be distinct"
     doc = __doc__ or ""
     for table, attacks in TABLES.items():
-        assert f"{table} {len(attacks):>{23 - len(table) + 2}}" in doc.replace(
-            f"{table}", f"{table}"), (table, len(attacks))
-    assert f"{len(names)}  distinct attacks" in doc
+        assert re.search(rf"^ +{table} +{len(attacks)} ", doc, re.MULTILINE), (table, len(attacks))
+    assert re.search(rf"^ +{len(names)}  distinct attacks", doc, re.MULTILINE), len(names)
     assert len(names) >= 80
