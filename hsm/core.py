@@ -40,7 +40,7 @@ from hsm.messages import CancelBody, LoanRefBody, PrepareBody, SignBody, Stateme
 from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
 from hsm.psbt_signing import sign_checked_psbt
-from hsm.registry import LoanRecord, LoanTerms, Registry
+from hsm.registry import LoanRecord, LoanTerms, Registry, ts
 from hsm.signer import (
     PolicyViolation,
     SignerError,
@@ -52,7 +52,7 @@ from pledge.addresses import validate_address
 from pledge.amounts import kopecks_for_sats, ltv_bps
 from pledge.debt import outstanding_debt_kopecks
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
-from pledge.errors import CustodyError
+from pledge.errors import CustodyError, UpstreamUnavailable
 from pledge.keys import FixedKey, HDKey, parse_fixed_key, parse_hd_key
 from pledge.network import NetworkName, check_network
 from pledge.statements import iso, transaction_statement
@@ -334,7 +334,8 @@ class SignerCore:
             self._log_refusal(
                 loan_ref, PolicyViolation("unavailable", exc.message, field=None), detail
             )
-            status = 503 if isinstance(exc, SignerUnavailable) else 500
+            # busy / unavailable: retry later (503); anything else is the signer's own fault
+            status = 503 if isinstance(exc, UpstreamUnavailable) else 500
             return status, {"error": exc.code, "message": exc.message}
         except CustodyError as exc:  # a kernel rule refused the input
             return self._refused(
@@ -474,6 +475,13 @@ class SignerCore:
         keys: list[HDKey] = []
         for seat in ("miner_key", "arbiter_key"):
             keys.append(parse_hd_key(_str(st[seat], seat, 300), self.network, field=seat))
+        if keys[0].identity == keys[1].identity:
+            # Checked before the token makes a key: a refused registration leaves none.
+            raise PolicyViolation(
+                "invalid_input",
+                "the miner and arbiter keys are the same key: each party needs its own key",
+                field="arbiter_key",
+            )
         by = self.people.verify_quorum(
             st, self._endorsements(body), roles=(OPERATOR, APPROVER), now=self.clock()
         )
@@ -763,6 +771,26 @@ class SignerCore:
             )
         return stored[2]
 
+    def _still_current(self, loan: LoanRecord, valuation: Mapping[str, Any]) -> None:
+        """A valuation's debt is the signer's records at that moment: a repayment, a
+        confirmed partial liquidation or an amendment recorded since makes it wrong."""
+        _, repaid, credited = self.debt_kopecks(loan, self.clock())
+        since = ts(parse_time(valuation["at"], "valuation.at"))
+        amended = self.registry.read_one(
+            "SELECT 1 FROM amendment WHERE loan_ref = ? AND at >= ?", (loan.loan_ref, since)
+        )
+        if (
+            repaid != valuation["repaid_kopecks"]
+            or credited != valuation["credited_kopecks"]
+            or amended is not None
+        ):
+            raise PolicyViolation(
+                "valuation_outdated",
+                "the loan's repayments, credits or terms changed after the signer's "
+                "valuation: its debt no longer stands, ask for a new one",
+                field="valuation_id",
+            )
+
     def check_transaction(
         self,
         loan: LoanRecord,
@@ -808,10 +836,20 @@ class SignerCore:
                 )
         coins = self.confirmed(loan, self.coins(loan))
         change_index = _change_index(psbt, descriptor) if action == "partial_liquidation" else None
+        watched = loan.highest_index + self.address_gap
+        if change_index is not None and change_index[0] > watched:
+            # The signer scans a loan's addresses up to the highest in use plus the gap:
+            # change sent further is collateral it cannot see (or a scan it cannot finish).
+            raise PolicyViolation(
+                "change_index",
+                f"the partial liquidation's change goes to address index {change_index[0]}; "
+                f"the signer watches this loan's addresses up to index {watched}",
+            )
         debt: int | None = None
         price: Decimal | None = None
         if action != "release":
             assert valuation is not None
+            self._still_current(loan, valuation)
             debt = int(valuation["debt_kopecks"])
             price = Decimal(valuation["price_rub_per_btc"])
             if debt <= 0:

@@ -365,7 +365,18 @@ class Registry:
         by: Sequence[str],
         at: datetime,
     ) -> LoanRecord:
+        """Apply an amendment once: a statement already applied is refused, or an older
+        amendment sent again would revert the payout addresses a newer one set."""
+        text = json.dumps(statement, sort_keys=True)
         with self.tx() as db:
+            if db.execute(
+                "SELECT 1 FROM amendment WHERE loan_ref = ? AND statement = ?", (loan_ref, text)
+            ).fetchone():
+                raise PolicyViolation(
+                    "approval_replayed",
+                    "this amendment was already applied: its approvals cannot be used again",
+                    field="approvals",
+                )
             db.execute(
                 "UPDATE loan SET terms = ?, miner_return_address = ?, "
                 "bank_liquidation_address = ? WHERE loan_ref = ?",
@@ -378,7 +389,7 @@ class Registry:
             )
             db.execute(
                 "INSERT INTO amendment (loan_ref, at, statement, by) VALUES (?, ?, ?, ?)",
-                (loan_ref, ts(at), json.dumps(statement, sort_keys=True), ",".join(by)),
+                (loan_ref, ts(at), text, ",".join(by)),
             )
         loan = self.loan(loan_ref)
         assert loan is not None

@@ -26,7 +26,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 SERVICE_COMMANDS = {"api": "serve", "watcher": "watch", "risk": "risk", "notify": "notify"}
 # Fields whose defaults are only right for a developer laptop: deployment must set them.
 REQUIRED_FIELDS = {"database_url", "network", "node_rpc_url", "node_rpc_user", "node_rpc_password"}
-SECRET_VARS = {"CUSTODY_NODE_RPC_PASSWORD", "CUSTODY_HSM_PIN"}
+SECRET_VARS = {"CUSTODY_NODE_RPC_PASSWORD", "CUSTODY_HSM_SERVE_TOKEN"}
 BITCOIN_CORE_IMAGES = ("bitcoin/bitcoin", "lncm/bitcoind", "ruimarinho/bitcoin-core")
 
 _INTERPOLATION = re.compile(
