@@ -250,6 +250,7 @@ class SignerCore:
         approval_ttl: timedelta,
         valuation_max_age: timedelta,
         address_gap: int,
+        cure_watch_gap: timedelta = timedelta(minutes=15),
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
         self.network = check_network(network)
@@ -264,7 +265,7 @@ class SignerCore:
             max_age=price_max_age,
             max_spread_bps=price_max_spread_bps,
             min_sources=price_min_sources,
-            clock=clock,
+            clock=lambda: self.clock(),  # one clock for the whole signer, however it is set
         )
         self.daily_limit_sats = daily_limit_sats
         self.max_fee_sats = max_fee_sats
@@ -272,6 +273,7 @@ class SignerCore:
         self.approval_ttl = approval_ttl
         self.valuation_max_age = valuation_max_age
         self.address_gap = address_gap
+        self.cure_watch_gap = cure_watch_gap
         self.clock = clock
         self._sign_lock = threading.Lock()
         self._ops: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]]]] = {
@@ -327,8 +329,9 @@ class SignerCore:
         except PolicyViolation as exc:
             return self._refused(loan_ref, exc, detail)
         except SignerRefused as exc:
-            return self._refused(loan_ref, PolicyViolation(exc.code, exc.message, field=exc.field),
-                                 detail)
+            return self._refused(
+                loan_ref, PolicyViolation(exc.code, exc.message, field=exc.field), detail
+            )
         except (SignerUnavailable, SignerError) as exc:
             log.warning("signer.unavailable op=%s reason=%s", op, exc.message)
             self._log_refusal(
@@ -701,13 +704,23 @@ class SignerCore:
         reasons: list[str] = []
         ltv: int | None = ltv_bps(debt, collateral, price) if collateral > 0 else None
         call_seen = loan.call_seen_at
+        last = loan.last_valued_at
+        unwatched = call_seen is not None and (last is None or now - last > self.cure_watch_gap)
         if ltv is not None and ltv >= t.margin_call_ltv_bps:
-            if call_seen is None:
+            if unwatched and call_seen is not None:
+                # The signer did not watch the loan through this window (nobody asked it):
+                # the call may have been cured and come back meanwhile. It does not assume
+                # the window ran: it starts again now (a hostile caller can delay this by
+                # not asking, never hasten it).
+                reasons.append(
+                    f"the margin call seen at {iso(call_seen)} was not watched continuously "
+                    "by the signer: its cure window starts again"
+                )
                 call_seen = now
-                self.registry.set_call_seen(loan.loan_ref, now)
-        elif call_seen is not None:
+            call_seen = call_seen or now
+        else:
             call_seen = None
-            self.registry.set_call_seen(loan.loan_ref, None)
+        self.registry.set_call_seen(loan.loan_ref, call_seen, valued_at=now)
         verdict = "ok"
         if ltv is not None and ltv >= t.margin_call_ltv_bps:
             verdict = "margin_call"

@@ -60,5 +60,6 @@ def build_core(
         approval_ttl=timedelta(seconds=settings.approval_ttl_seconds),
         valuation_max_age=timedelta(seconds=settings.valuation_max_age_seconds),
         address_gap=settings.address_gap,
+        cure_watch_gap=timedelta(seconds=settings.cure_watch_gap_seconds),
         clock=clock,
     )

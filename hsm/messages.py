@@ -26,10 +26,10 @@ __all__ = [
 BankAction = Literal["release", "liquidation", "partial_liquidation"]
 BANK_ACTIONS: tuple[str, ...] = ("release", "liquidation", "partial_liquidation")
 
-LoanRef = Annotated[str, StringConstraints(min_length=1, max_length=64,
-                                           pattern=r"^[A-Za-z0-9._:-]+$")]
-Nonce = Annotated[str, StringConstraints(min_length=16, max_length=64,
-                                         pattern=r"^[A-Za-z0-9_-]+$")]
+LoanRef = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")
+]
+Nonce = Annotated[str, StringConstraints(min_length=16, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Psbt = Annotated[str, StringConstraints(min_length=1, max_length=900_000)]
 
 
@@ -78,4 +78,3 @@ class SignBody(_Body):
     nonce: Nonce | None = None
     approvals: list[EndorsementBody] = Field(default_factory=list, max_length=8)
     valuation_id: Nonce | None = None
-

@@ -280,8 +280,7 @@ class _Checker:
         if not psbt.inputs or not psbt.outputs:
             raise PolicyViolation("psbt_format", "the transaction has no inputs or no outputs")
         self.ok(
-            f"PSBT v0, tx version 2, locktime {locktime} (not after the tip), "
-            "no relative timelocks"
+            f"PSBT v0, tx version 2, locktime {locktime} (not after the tip), no relative timelocks"
         )
         return psbt, tx
 

@@ -58,7 +58,8 @@ CREATE TABLE IF NOT EXISTS loan (
     registered_by TEXT NOT NULL,
     created_at TEXT NOT NULL,
     highest_index INTEGER NOT NULL DEFAULT 0 CHECK (highest_index >= 0),
-    call_seen_at TEXT NULL
+    call_seen_at TEXT NULL,
+    last_valued_at TEXT NULL
 );
 CREATE TABLE IF NOT EXISTS amendment (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -201,6 +202,7 @@ class LoanRecord:
     created_at: datetime
     highest_index: int
     call_seen_at: datetime | None
+    last_valued_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +307,7 @@ class Registry:
             created_at=parse_ts(row["created_at"]),
             highest_index=int(row["highest_index"]),
             call_seen_at=parse_ts(row["call_seen_at"]) if row["call_seen_at"] else None,
+            last_valued_at=parse_ts(row["last_valued_at"]) if row["last_valued_at"] else None,
         )
 
     def loan(self, loan_ref: str) -> LoanRecord | None:
@@ -403,13 +406,16 @@ class Registry:
                 (index, loan_ref),
             )
 
-    def set_call_seen(self, loan_ref: str, at: datetime | None) -> None:
+    def set_call_seen(
+        self, loan_ref: str, at: datetime | None, *, valued_at: datetime | None = None
+    ) -> None:
         """When the signer itself first saw the loan at or over its margin-call LTV
-        (None: cured). Only the signer's own valuations write this."""
+        (None: cured), and when it last looked. Only the signer's valuations write this."""
         with self.tx() as db:
             db.execute(
-                "UPDATE loan SET call_seen_at = ? WHERE loan_ref = ?",
-                (ts(at) if at else None, loan_ref),
+                "UPDATE loan SET call_seen_at = ?, "
+                "last_valued_at = coalesce(?, last_valued_at) WHERE loan_ref = ?",
+                (ts(at) if at else None, ts(valued_at) if valued_at else None, loan_ref),
             )
 
     # -- repayments and credits ---------------------------------------------------------

@@ -53,6 +53,9 @@ class SignerSettings(BaseSettings):
     price_min_sources: int = Field(default=1, ge=1)
     desk_quote_max_age_seconds: int = Field(default=900, ge=1)
     valuation_max_age_seconds: int = Field(default=300, ge=1)
+    # A margin call counts towards its cure window only while the signer keeps looking at
+    # the loan at least this often (the risk engine asks every pass); a longer gap restarts it.
+    cure_watch_gap_seconds: int = Field(default=900, ge=1)
 
     @field_validator("max_fee_rate_sat_vb")
     @classmethod

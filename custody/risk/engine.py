@@ -36,6 +36,7 @@ from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
 from hsm.client import BankSigner
+from hsm.signer import PolicyViolation
 from pledge.errors import UpstreamUnavailable
 from pledge.network import NetworkName
 
@@ -164,6 +165,10 @@ class RiskEngine:
             margin_call_since=_aware(loan.margin_call_at) if loan.margin_call_at else None,
         )
         decision = evaluate(position, quote.price_rub_per_btc, now)
+        if decision.move != Move.liquidate and (
+            loan.state == LoanState.margin_call or decision.move == Move.margin_call
+        ):
+            self._let_the_signer_watch(session, loan)
         evidence = {
             "price_rub_per_btc": str(quote.price_rub_per_btc),
             "price_source": quote.source,
@@ -190,6 +195,19 @@ class RiskEngine:
             request_id = self._liquidate(session, loan, quote, evidence)
             if request_id is not None:
                 report.liquidations.append(request_id)
+
+    def _let_the_signer_watch(self, session: Session, loan: Loan) -> None:
+        """A margin call's cure window counts for the bank's signer only while it keeps
+        looking at the loan itself: ask it for a valuation on every pass of the window."""
+        from custody.signer.service import bank_hsm_key, signer_loan_ref
+
+        key = bank_hsm_key(session, loan.id or 0)
+        if key is None or self.signer is None:
+            return
+        try:
+            self.signer.valuation(signer_loan_ref(key))
+        except (PolicyViolation, UpstreamUnavailable) as exc:
+            log.warning("the bank's signer could not value a loan", loan_id=loan.id, error=str(exc))
 
     def _liquidate(
         self, session: Session, loan: Loan, quote: Quote, evidence: dict[str, Any]

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from regtest.price_feed import PriceFeed, price_feed
 from support.signer_world import SignerWorld, in_process_world, serve_world
 
 from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed, price_feed
 
 
 @pytest.fixture(scope="module")

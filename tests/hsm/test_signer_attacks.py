@@ -265,6 +265,21 @@ def other_loans_psbt(world: SignerWorld) -> PSBT:
     return PSBT.from_string(world.release_psbt(other))
 
 
+def test_the_honest_bases_of_the_attacks_are_signed(world: SignerWorld) -> None:
+    """Control: what the tables tamper with is signed when left alone, so each refusal
+    below is the tampering's doing."""
+    loan, psbt, prepared = released(world)
+    before = world.c_sign_calls()
+    assert approved(world, loan, "release", psbt, prepared)()
+    loan, valuation, psbt = liquidatable(world)
+    assert automatic(world, loan, psbt, valuation["valuation_id"])()
+    loan, valuation = margin_called(world)
+    psbt = world.partial_psbt(loan, valuation, change_index=3)
+    prepared = world.prepare(loan, "partial_liquidation", psbt, valuation["valuation_id"])
+    assert approved(world, loan, "partial_liquidation", psbt, prepared)()
+    assert world.c_sign_calls() == before + 3
+
+
 # --------------------------------------------------------------------------- forged approvals
 
 
