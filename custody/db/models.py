@@ -296,16 +296,6 @@ class Approval(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
 
 
-class SignerUsage(SQLModel, table=True):
-    """What the bank's signer signed, for its daily velocity limit."""
-
-    id: int | None = Field(default=None, primary_key=True)
-    signer: str = Field(sa_column=Column(String(120), nullable=False, index=True))
-    unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False))
-    sats: int = Field(sa_column=Column(BigInteger, nullable=False))
-    at: datetime = Field(nullable=False, index=True)
-
-
 class StatementState(StrEnum):
     open = "open"  # collecting signatures
     done = "done"  # the signer acted on it

@@ -1,4 +1,4 @@
-"""signer statements and endorsements
+"""signer statements and endorsements; the velocity ledger moves into the signer
 
 Revision ID: 0006
 Revises: 0005
@@ -18,6 +18,12 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # The daily limit is the bank signer's own record now (its registry), never the
+    # service's database: the service's copy goes.
+    with op.batch_alter_table("signerusage", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_signerusage_signer"))
+        batch_op.drop_index(batch_op.f("ix_signerusage_at"))
+    op.drop_table("signerusage")
     op.create_table(
         "signerstatement",
         sa.Column("id", sa.Integer(), nullable=False),
@@ -70,3 +76,15 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_signerstatement_request_id"))
         batch_op.drop_index(batch_op.f("ix_signerstatement_loan_id"))
     op.drop_table("signerstatement")
+    op.create_table(
+        "signerusage",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("signer", sa.String(length=120), nullable=False),
+        sa.Column("unsigned_txid", sa.String(length=64), nullable=False),
+        sa.Column("sats", sa.BigInteger(), nullable=False),
+        sa.Column("at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("signerusage", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_signerusage_at"), ["at"], unique=False)
+        batch_op.create_index(batch_op.f("ix_signerusage_signer"), ["signer"], unique=False)
