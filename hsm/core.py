@@ -297,7 +297,8 @@ class SignerCore:
 
     def close(self) -> None:
         """Close the token session, the node client and the registry (idempotent)."""
-        for part in (self.hsm, self.node, self.registry):
+        sources = tuple(getattr(self.prices, "sources", ()))
+        for part in (self.hsm, self.node, self.registry, *sources):
             close = getattr(part, "close", None)
             if close is not None:
                 close()
