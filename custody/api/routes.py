@@ -291,6 +291,7 @@ def create_signing_request(
                 "error": "refused_by_signer",
                 "message": req.reject_reason,
                 "field": "psbt",
+                "check": signing.evidence(req).get("signer_refusal", {}).get("check"),
                 "request_id": req.id,
             },
         )

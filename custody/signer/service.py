@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
-from custody.auth.policy import require_role
+from custody.auth.policy import require_role, seat_for
 from custody.db.models import (
     KeyKind,
     KeyRole,
@@ -41,7 +41,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
-from custody.loans.service import Context, _store_key, get_loan_or_404, loan_keys
+from custody.loans.service import Context, _store_key, get_loan, loan_keys
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
 from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
@@ -216,10 +216,9 @@ def registration_statement(
 def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStatement:
     """Open the registration statement of a loan's bank key (or return the open one).
     Once an operator and an approver have signed it, the signer makes the key."""
-    require_role(ctx.principal, Role.bank_operator)
-    loan = get_loan_or_404(session, loan_id)
-    if loan.bank_party_id != ctx.principal.party_id:
-        raise NotFound(f"loan {loan_id} not found")
+    # Who may see the loan first (others get 404, as everywhere), then who holds the seat.
+    loan = get_loan(session, ctx, loan_id)
+    seat_for(ctx.principal, loan, KeyRole.bank)
     if loan.state != LoanState.draft:
         raise Conflict(f"loan {loan_id} is {loan.state}: keys can only be added to a draft loan")
     if any(k.role == KeyRole.bank for k in loan_keys(session, loan_id)):
@@ -254,8 +253,8 @@ def request_repayment(
 ) -> SignerStatement:
     """Open the statement of a repayment; the signer records it (and the service credits
     the loan) once an operator and an approver have signed it."""
+    loan = get_loan(session, ctx, loan_id)  # others get 404, as everywhere
     require_role(ctx.principal, Role.bank_operator)
-    loan = get_loan_or_404(session, loan_id)
     if loan.bank_party_id != ctx.principal.party_id:
         raise NotFound(f"loan {loan_id} not found")
     key = bank_hsm_key(session, loan_id)
@@ -305,8 +304,9 @@ def endorse(
     session: Session, ctx: Context, statement_id: int, person: str, signature: str
 ) -> tuple[SignerStatement, bool]:
     """Keep one person's signature; (statement, ready to take to the signer)."""
-    require_role(ctx.principal, *STAFF, Role.admin)
+    # Who may not see it gets 404, as for a loan; who sees it without the right, 403.
     st = get_statement(session, ctx, statement_id)
+    require_role(ctx.principal, *STAFF, Role.admin)
     if st.state != StatementState.open:
         raise Conflict(f"signer statement {statement_id} is {st.state}: it takes no signatures")
     row = SignerEndorsement(

@@ -440,6 +440,9 @@ def _refused_request(
         data={"check": refusal.check},
     )
     req.reject_reason = f"refused by the bank's signer ({refusal.check}): {refusal.reason}"
+    ev = evidence(req)
+    ev["signer_refusal"] = {"check": refusal.check, "reason": refusal.reason}  # for the answer
+    req.evidence_json = json.dumps(ev, default=str)
     _close_cancelled(session, ctx, req, reason="refused by the bank's signer")
 
 

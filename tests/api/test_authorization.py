@@ -7,15 +7,18 @@ on both databases."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from support.signer_world import new_staff
 from support.world import WHO, World, build_world, hd_key
 
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
+from hsm.client import BankSigner
 
 ANON = "anonymous"
 EVERYONE = (*WHO, ANON)
@@ -28,7 +31,10 @@ class Case:
     path: Callable[[World, dict[str, Any]], str]
     expect: dict[str, int]  # who -> status; missing = 403 for authenticated, 401 for anonymous
     body: Callable[[World, dict[str, Any]], Any] | None = None
-    needs: str = "ready"  # which fixture loan: "ready" (all keys) or "draft" (fresh per call)
+    # which fixture: "ready" (all keys), "hsm" (bank key with the signer), or fresh per call:
+    # "draft" (no keys), "keyed" (miner's and arbiter's keys), "funded", "request",
+    # "statement" (an open bank-key registration statement), "price"
+    needs: str = "ready"
 
 
 def _visible(ok: int) -> dict[str, int]:
@@ -121,9 +127,65 @@ CASES: list[Case] = [
     Case(
         "POST",
         "/v1/loans/{loan_id}/keys/bank/hsm",
-        lambda w, c: f"/v1/loans/{c['draft']}/keys/bank/hsm",
+        lambda w, c: f"/v1/loans/{c['keyed']}/keys/bank/hsm",
+        # The miner's and arbiter's keys are in: the registration statement is opened.
         _act(("bank_operator",), 201),
+        needs="keyed",
+    ),
+    Case(
+        "POST",
+        "/v1/loans/{loan_id}/keys/bank/hsm",
+        lambda w, c: f"/v1/loans/{c['draft']}/keys/bank/hsm",
+        # Past the rules, a draft without the miner's and arbiter's keys: register them first.
+        _act(("bank_operator",), 409),
         needs="draft",
+    ),
+    Case(
+        "POST",
+        "/v1/loans/{loan_id}/repayments",
+        lambda w, c: f"/v1/loans/{c['hsm']}/repayments",
+        _act(("bank_operator",), 201),
+        body=lambda w, c: {
+            "amount_kopecks": 1_000_00,
+            "paid_at": datetime.now(UTC).isoformat(),
+            "repayment_id": f"r-{c['n']}",
+        },
+        needs="hsm",
+    ),
+    Case(
+        "GET",
+        "/v1/signer-statements/{statement_id}",
+        lambda w, c: f"/v1/signer-statements/{c['statement']}",
+        # Bank staff, auditors and admins; the loan's own miner and arbiter never see it.
+        {
+            "admin": 200,
+            "bank_operator": 200,
+            "bank_approver": 200,
+            "auditor": 200,
+            "miner": 404,
+            "arbiter": 404,
+            "other_miner": 404,
+            "other_arbiter": 404,
+        },
+        needs="statement",
+    ),
+    Case(
+        "POST",
+        "/v1/signer-statements/{statement_id}/endorsements",
+        lambda w, c: f"/v1/signer-statements/{c['statement']}/endorsements",
+        # One signature is kept (the signer is called at two); an auditor sees, never signs.
+        {
+            "admin": 200,
+            "bank_operator": 200,
+            "bank_approver": 200,
+            "auditor": 403,
+            "miner": 404,
+            "arbiter": 404,
+            "other_miner": 404,
+            "other_arbiter": 404,
+        },
+        body=lambda w, c: w.staff["operator"].endorse(c["statement_body"]),
+        needs="statement",
     ),
     Case(
         "POST",
@@ -283,22 +345,48 @@ def _expected(case: Case, who: str) -> int:
     return 401 if who == ANON else 403
 
 
-class _RecordingHsm:
-    """The matrix checks who may ask for a key, not the HSM (tested against SoftHSM2
-    elsewhere); a fresh random public key per call is all it needs."""
+class _RecordingSigner:
+    """The matrix checks who may open, read and sign statements, not the bank's signer
+    (tested against SoftHSM2 elsewhere): registering a loan answers a fresh random key
+    and the descriptor built from it, a repayment is recorded; nothing is checked."""
 
-    def generate_loan_key(self, loan_ref: str, **terms: str) -> Any:
-        import os
+    name = "recording"
 
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def call(self, op: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         from embit.ec import PrivateKey
 
-        class Evidence:
-            label = loan_ref
-            public_key = PrivateKey(os.urandom(32)).get_public_key().sec()
-            local = True
-            never_extractable = True
+        from pledge.descriptors import CollateralDescriptor
+        from pledge.keys import parse_fixed_key, parse_hd_key
 
-        return Evidence()
+        self.calls.append(op)
+        statement = payload["statement"]
+        if op == "register_loan":
+            public = PrivateKey(os.urandom(32)).get_public_key().sec().hex()
+            descriptor = CollateralDescriptor(
+                (
+                    parse_hd_key(statement["miner_key"], "regtest", field="miner_key"),
+                    parse_fixed_key(public, field="public_key"),
+                    parse_hd_key(statement["arbiter_key"], "regtest", field="arbiter_key"),
+                ),
+                "regtest",
+            )
+            return {
+                "key_ref": f"pledge-loan:{statement['loan_ref']}",
+                "public_key": public,
+                "descriptor": descriptor.descriptor,
+                "registered_by": ["olga.operator", "anton.approver"],
+                "local": True,
+                "never_extractable": True,
+            }
+        if op == "repayment":
+            return {"recorded": True, "repaid_kopecks": statement["amount_kopecks"]}
+        raise AssertionError(f"the matrix does not call the signer's {op!r}")
+
+    def close(self) -> None:
+        pass
 
 
 class _Chain:
@@ -375,12 +463,33 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         url = server.create_database(f"authz_{worker}")
     engine = make_engine(url)
     upgrade(engine)
-    return build_world(engine, hsm=_RecordingHsm(), chain=_Chain())
+    staff = {
+        "operator": new_staff("olga.operator", "bank_operator"),
+        "approver": new_staff("anton.approver", "bank_approver"),
+    }
+    return build_world(engine, signer=BankSigner(_RecordingSigner()), chain=_Chain(), staff=staff)
 
 
 @pytest.fixture(scope="module")
 def ready_loan(world: World) -> int:
     loan_id: int = world.funded_ready_loan()["id"]
+    return loan_id
+
+
+def _keyed_draft(world: World) -> int:
+    """A draft loan with the miner's and the arbiter's keys: ready for the bank's signer."""
+    loan_id: int = world.create_loan()["id"]
+    for seat in ("miner", "arbiter"):
+        r = world.register(loan_id, seat)
+        assert r.status_code == 200, r.text
+    return loan_id
+
+
+@pytest.fixture(scope="module")
+def hsm_loan(world: World) -> int:
+    """A loan whose bank key the (recording) bank's signer made, on two signatures."""
+    loan_id = _keyed_draft(world)
+    world.hsm_bank_key(loan_id)
     return loan_id
 
 
@@ -391,10 +500,18 @@ _counter = iter(range(1, 10**6))
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"{c.method} {c.path.__code__.co_consts}"[:60]
 )
-def test_endpoint_role_matrix(world: World, ready_loan: int, case: Case, who: str) -> None:
-    ctx: dict[str, Any] = {"ready": ready_loan, "n": next(_counter)}
+def test_endpoint_role_matrix(
+    world: World, ready_loan: int, hsm_loan: int, case: Case, who: str
+) -> None:
+    ctx: dict[str, Any] = {"ready": ready_loan, "hsm": hsm_loan, "n": next(_counter)}
     if case.needs == "draft":
         ctx["draft"] = world.create_loan()["id"]
+    if case.needs == "keyed":
+        ctx["keyed"] = _keyed_draft(world)
+    if case.needs == "statement":
+        r = world.call("bank_operator", "POST", f"/v1/loans/{_keyed_draft(world)}/keys/bank/hsm")
+        assert r.status_code == 201, r.text
+        ctx["statement"], ctx["statement_body"] = r.json()["id"], r.json()["statement"]
     if case.needs == "price":
         r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
         assert r.status_code == 201, r.text
@@ -441,3 +558,60 @@ def test_garbage_credentials_are_refused(world: World) -> None:
     for header in ("Bearer", "Bearer nope", "Basic abc", "pc_" + "a" * 43):
         r = world.client.get("/v1/loans", headers={"Authorization": header})
         assert r.status_code == 401 and r.json()["error"] == "not_authenticated"
+
+
+def _other_bank_operator(world: World) -> dict[str, str]:
+    """An operator of another bank: bank staff, but not of this loan's bank."""
+    from custody.auth.service import create_principal
+    from custody.db.models import Party, PartyKind, Role
+    from custody.db.session import transaction
+
+    with transaction(world.engine) as session:
+        party = Party(name=f"party-other-bank-{next(_counter)}", kind=PartyKind.bank)
+        session.add(party)
+        session.flush()
+        _, key = create_principal(
+            session,
+            name=f"user-other-bank-{party.id}",
+            role=Role.bank_operator,
+            party_id=party.id,
+            actor="test",
+        )
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_a_signer_statement_is_hidden_from_the_parties_and_other_banks(world: World) -> None:
+    """The loan's own miner and arbiter, other parties and another bank's operator can
+    neither read nor sign the loan's statement, and learn nothing from trying: the answer
+    is the one a statement that does not exist gets."""
+    from support.world import audit_actions
+
+    signer: _RecordingSigner = world.client.app.state.signer.transport  # type: ignore[attr-defined]
+    calls = len(signer.calls)
+    loan_id = _keyed_draft(world)
+    r = world.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm")
+    assert r.status_code == 201, r.text
+    sid, statement = r.json()["id"], r.json()["statement"]
+    missing = sid + 10_000
+    signature = world.staff["operator"].endorse(statement)
+    outsiders = {who: world.h(who) for who in ("miner", "arbiter", "other_miner", "other_arbiter")}
+    outsiders["another bank's operator"] = _other_bank_operator(world)
+    for who, headers in outsiders.items():
+        for target in (sid, missing):
+            read = world.client.get(f"/v1/signer-statements/{target}", headers=headers)
+            sent = world.client.post(
+                f"/v1/signer-statements/{target}/endorsements", json=signature, headers=headers
+            )
+            for answer in (read, sent):
+                assert answer.status_code == 404, (who, target, answer.text)
+                assert answer.json()["error"] == "not_found", (who, answer.text)
+                assert answer.json()["message"] == f"signer statement {target} not found"
+    view = world.call("bank_operator", "GET", f"/v1/signer-statements/{sid}").json()
+    assert view["state"] == "open" and view["signed_by"] == []
+    assert "signer.statement_signed" not in audit_actions(world.engine, loan_id=loan_id)
+    # The loan's own bank staff can: the same signature is kept.
+    kept = world.call(
+        "bank_approver", "POST", f"/v1/signer-statements/{sid}/endorsements", json=signature
+    )
+    assert kept.status_code == 200 and kept.json()["signed_by"] == ["olga.operator"], kept.text
+    assert kept.json()["state"] == "open" and len(signer.calls) == calls  # one is not two

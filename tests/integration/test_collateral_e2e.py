@@ -1,36 +1,68 @@
 """Issue acceptance: collateral addresses end to end on regtest, with the bank's key
-either an xpub or a key generated inside a real SoftHSM2 token."""
+either an xpub or a key the bank's signer generated inside a real SoftHSM2 token (on a
+registration statement an operator and an approver signed)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 from sqlalchemy.engine import Engine
+from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 
+from custody.signer.service import KEY_LABEL_PREFIX
 from hsm.pkcs11_backend import Pkcs11Signer
+from hsm.softhsm import SoftHsmToken
 from pledge.descriptors import parse_collateral_descriptor
 from regtest.node import RegtestNode
+from regtest.price_feed import price_feed
 
 
 @pytest.fixture
-def world(engine: Engine, pkcs11_signer: Pkcs11Signer) -> World:
-    return build_world(engine, hsm=pkcs11_signer)
+def bank_signer(
+    tmp_path: Path, regtest_node: RegtestNode, softhsm_token: SoftHsmToken
+) -> Iterator[SignerWorld]:
+    """The bank's signer in process, on the session's SoftHSM2 token."""
+    with (
+        price_feed() as feed,
+        in_process_world(tmp_path / "signer", regtest_node, feed, softhsm_token) as sw,
+    ):
+        yield sw
+
+
+@pytest.fixture
+def world(engine: Engine, bank_signer: SignerWorld) -> World:
+    return build_world(engine, signer=bank_signer.client, staff=bank_signer.staff)
 
 
 @pytest.mark.parametrize("bank_key", ["hd", "hsm"])
 def test_collateral_address_receives_and_survives_a_reorg(
-    world: World, regtest_node: RegtestNode, pkcs11_signer: Pkcs11Signer, bank_key: str
+    world: World,
+    regtest_node: RegtestNode,
+    bank_signer: SignerWorld,
+    pkcs11_signer: Pkcs11Signer,
+    bank_key: str,
 ) -> None:
     loan = world.funded_ready_loan(hsm_bank=bank_key == "hsm")
     address = loan["collateral_address"]
     bank = loan["keys"][1]
     assert bank["kind"] == bank_key
     if bank_key == "hsm":
-        # The public key in the descriptor is the one the token holds, and the token
-        # vouches the private half was born there and can never leave.
-        assert pkcs11_signer.public_key(bank["hsm_key_label"]).hex() == bank["public_key"]
+        # The public key in the descriptor is the one the token holds (read here through
+        # a session of our own, not the signer's), and the token vouches the private
+        # half was born there and can never leave.
+        label = bank["hsm_key_label"]
+        assert pkcs11_signer.public_key(label).hex() == bank["public_key"]
         assert bank["public_key"] in loan["descriptor"]
         assert bank["hsm_local"] is True and bank["hsm_never_extractable"] is True
+        info = pkcs11_signer.key_info(label)
+        assert info.local and info.never_extractable
+        # The signer built the same descriptor from its own records.
+        assert label.startswith(KEY_LABEL_PREFIX)
+        ref = label[len(KEY_LABEL_PREFIX) :]
+        assert bank_signer.client.loan(ref)["descriptor"] == loan["descriptor"]
 
     # The address is what the descriptor derives (both libraries, inside the parser).
     descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
-from regtest.price_feed import PriceFeed, price_feed
 from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 
 from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed, price_feed
 
 
 @pytest.fixture

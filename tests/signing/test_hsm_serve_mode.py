@@ -1,5 +1,6 @@
-"""Separate-process mode: the service's bank key lives behind `hsm serve` (its own
-process, token, registry and policy), reached over loopback."""
+"""Separate-process mode: the service's bank key lives behind `hsm serve` (its own process,
+SoftHSM2 token, registry, enrolled people, node connection and price feed), reached over
+loopback with its own bearer token."""
 
 from __future__ import annotations
 
@@ -11,52 +12,73 @@ from embit.psbt import PSBT
 from embit.script import address_to_scriptpubkey
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
-from support.hsm_serve import Server, _start
 from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
-from support.world import World, build_world
+from support.signer_world import SignerWorld, serve_world
+from support.world import World, audit_actions, build_world
 
 from custody.chain.watcher import Watcher
 from custody.db.models import SigningRequest
-from hsm.remote import RemoteSigner
+from custody.signer.service import KEY_LABEL_PREFIX
+from hsm.client import BankSigner, HttpTransport
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed
+
+pytestmark = [pytest.mark.node, pytest.mark.hsm]
 
 
 @pytest.fixture
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with _start(Path(tmp_path_factory.mktemp("hsm-serve"))) as srv:
-        yield srv
+def served(tmp_path: Path, regtest_node: RegtestNode, feed: PriceFeed) -> Iterator[SignerWorld]:
+    with serve_world(tmp_path / "hsm-serve", regtest_node, feed) as sw:
+        assert sw.transport == "hsm-serve"
+        yield sw
 
 
 @pytest.fixture
-def remote_world(engine: Engine, regtest_node: RegtestNode, server: Server) -> World:
-    return build_world(engine, chain=regtest_node.rpc, hsm=RemoteSigner(server.url, server.token))
+def remote_world(engine: Engine, regtest_node: RegtestNode, served: SignerWorld) -> World:
+    return build_world(engine, chain=regtest_node.rpc, signer=served.client, staff=served.staff)
+
+
+def _decisions(served: SignerWorld) -> list[tuple[str, str | None]]:
+    """The signer's own log of what it signed and refused (not what it merely recorded)."""
+    return [
+        (d.decision, d.txid)
+        for d in served.registry().decisions()
+        if d.decision in ("signed", "refused")
+    ]
 
 
 def test_release_signed_by_hsm_serve(
-    remote_world: World, regtest_node: RegtestNode, watcher: Watcher, server: Server
+    remote_world: World, regtest_node: RegtestNode, watcher: Watcher, served: SignerWorld
 ) -> None:
     world = remote_world
     f = funded_loan(world, regtest_node, watcher)  # the bank key is made by hsm serve
     bank = f.loan["keys"][1]
     assert bank["kind"] == "hsm" and bank["hsm_local"] and bank["hsm_never_extractable"]
-    registered = server.registry().loan(bank["hsm_key_label"].split(":", 1)[1])
+    ref = bank["hsm_key_label"][len(KEY_LABEL_PREFIX) :]
+    registered = served.registry().loan(ref)
     assert registered is not None
     assert registered.miner_return_address == f.loan["terms"]["miner_return_address"]
+    assert registered.descriptor == f.loan["descriptor"]  # built by the signer, the same
+    assert registered.public_key.hex() == bank["public_key"]
 
     req = request(world, "bank_operator", f.loan["id"], action="release")
+    assert req["signer_statement_id"] is not None
     upload(world, "miner", req["id"], sign(the_psbt(world, "miner", req["id"]), f.roots["miner"]))
-    r = bank_sign(world, req["id"])
-    assert r.status_code == 200 and r.json()["state"] == "broadcast", r.text
+    before = served.c_sign_calls()
+    done = bank_sign(world, req["id"]).json()
+    assert done["state"] == "done", done
+    assert served.c_sign_calls() == before + 1  # hsm serve's own count, from its /health
+    after = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+    assert after["state"] == "broadcast", after
     regtest_node.mine(1)
     watcher.step()
     assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] == "released"
-    [decision] = server.registry().decisions()
-    assert decision.decision == "signed" and decision.txid == req["unsigned_txid"]
+    assert _decisions(served) == [("signed", req["unsigned_txid"])]
 
 
 def test_hsm_serve_refuses_what_a_compromised_api_asks(
-    remote_world: World, regtest_node: RegtestNode, watcher: Watcher, server: Server
+    remote_world: World, regtest_node: RegtestNode, watcher: Watcher, served: SignerWorld
 ) -> None:
     world = remote_world
     f = funded_loan(world, regtest_node, watcher)
@@ -69,18 +91,40 @@ def test_hsm_serve_refuses_what_a_compromised_api_asks(
         row.psbt = evil.to_string()
         s.add(row)
         s.commit()
-    r = bank_sign(world, req["id"])
-    assert r.status_code == 422 and r.json()["error"] == "refused_by_signer", r.text
-    assert [d.decision for d in server.registry().decisions()] == ["refused"]
+    before = served.c_sign_calls()
+    outcome = bank_sign(world, req["id"]).json()
+    assert outcome["state"] == "refused" and "approval_other_txid" in outcome["outcome"], outcome
+    assert served.c_sign_calls() == before
+    assert [d for d, _ in _decisions(served)] == ["refused"]
+    assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
+    assert (
+        world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["signed_seats"] == []
+    )
 
 
 def test_without_the_signers_token_nothing_happens(
-    engine: Engine, regtest_node: RegtestNode, server: Server
+    engine: Engine, regtest_node: RegtestNode, served: SignerWorld
 ) -> None:
-    world = build_world(
-        engine, chain=regtest_node.rpc, hsm=RemoteSigner(server.url, "not-the-token-" + "x" * 30)
-    )
-    loan = world.create_loan()
-    r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
-    assert r.status_code == 503 and "credentials" in r.json()["message"], r.text
-    assert server.registry().loan_count() == 0
+    """A service holding the wrong bearer token gets nothing from hsm serve; the signed
+    statement stays open and goes through once the service has the right token."""
+    transport = served.client.transport
+    assert isinstance(transport, HttpTransport)
+    with BankSigner(HttpTransport(transport.url, "not-the-token-" + "x" * 30)) as wrong:
+        world = build_world(engine, chain=regtest_node.rpc, signer=wrong, staff=served.staff)
+        loan = world.create_loan()
+        assert world.register(loan["id"], "miner").status_code == 200
+        assert world.register(loan["id"], "arbiter").status_code == 200
+        r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
+        assert r.status_code == 201, r.text
+        sid = r.json()["id"]
+        stuck = world.sign_statement(sid).json()
+    assert stuck["state"] == "open" and "credentials" in stuck["outcome"], stuck
+    assert served.registry().loan_count() == 0
+    assert world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()["state"] == "draft"
+
+    world.client.app.state.signer = served.client  # the operator fixes the token
+    done = world.sign_statement(sid, "operator2").json()
+    assert done["state"] == "done", done
+    assert served.registry().loan_count() == 1
+    after = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    assert after["state"] == "awaiting_deposit"

@@ -1,5 +1,6 @@
 """Collateral moving for real: regtest btcd, the watcher, signing requests through the
-HTTP API, software HD signers for the miner's and arbiter's devices, SoftHSM2 for the bank."""
+HTTP API, software HD signers for the miner's and arbiter's devices, and for the bank its
+signer (SoftHSM2, its own registry, node and price feed) on two people's signatures."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from support.lending import (
     the_psbt,
     upload,
 )
+from support.signer_world import SignerWorld
 from support.world import World
 
 from custody.chain.watcher import Watcher
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed
 
 
 def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
@@ -48,7 +51,9 @@ def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
     early = sign(the_psbt(world, "miner", req["id"]), f.roots["bank"])
     r = upload(world, "bank_operator", req["id"], early)
     assert r.status_code == 409 and "approv" in r.json()["message"]
-    assert bank_sign(world, req["id"]).status_code == 200  # approval only: no HSM key here
+    assert req["signer_statement_id"] is None  # the signer does not hold this key
+    r = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
+    assert r.status_code == 200, r.text  # approval only: the bank's device signs next
     binary = world.call("bank_operator", "GET", f"/v1/signing-requests/{req['id']}/psbt.bin")
     assert binary.headers["content-type"] == "application/octet-stream"
     bank_signed = sign(base64.b64encode(binary.content).decode(), f.roots["bank"])
@@ -72,29 +77,36 @@ def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
 
 
 def test_liquidation_pays_the_bank_exactly_the_debt(
-    world: World, regtest_node: RegtestNode, watcher: Watcher
+    world: World, regtest_node: RegtestNode, watcher: Watcher, feed: PriceFeed
 ) -> None:
+    """At the signer's price, from its own feed: the price the request names is not used."""
     f = funded_loan(
         world, regtest_node, watcher, principal_kopecks=1_500_000_00, interest_rate_bps=0
     )
     lid = f.loan["id"]
+    feed.set("6000000")
     req = request(
         world,
         "bank_operator",
         lid,
         action="liquidation",
-        price_rub_per_btc="6000000",
+        price_rub_per_btc="9000000",  # what a bank operator claims; the signer prices it
         price_source="manual:test",
     )
     assert req["required_seats"] == ["bank", "arbiter"]
+    assert req["evidence"]["price_rub_per_btc"] == "6000000"
+    assert req["evidence"]["price_source"].startswith("bank signer valuation")
+    assert req["evidence"]["debt_kopecks"] == 1_500_000_00
     bank_out, miner_out = req["outputs"]
+    # 1,500,000 RUB at 6,000,000 RUB/BTC is exactly 0.25 BTC
     assert bank_out["role"] == "bank_liquidation" and bank_out["amount_sats"] == 25_000_000
     assert miner_out["amount_sats"] == COLLATERAL - 25_000_000 - req["fee_sats"]
     # Signatures in the other order: arbiter first.
     psbt = the_psbt(world, "arbiter", req["id"])
     assert upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"])).status_code == 200
     r = bank_sign(world, req["id"])
-    assert r.status_code == 200 and r.json()["state"] == "broadcast", r.text
+    assert r.status_code == 200 and r.json()["state"] == "done", r.text
+    assert _state(world, req["id"]) == "broadcast"
     regtest_node.mine(1)
     watcher.step()
     assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "liquidated"
@@ -104,6 +116,11 @@ def test_liquidation_pays_the_bank_exactly_the_debt(
     assert to_bank and to_bank["value_sat"] == 25_000_000
     assert to_bank["scriptPubKey"]["address"] == f.loan["terms"]["bank_liquidation_address"]
     assert to_miner and to_miner["value_sat"] == miner_out["amount_sats"]
+
+
+def _state(world: World, rid: int) -> str:
+    state: str = world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()["state"]
+    return state
 
 
 def test_dispute_release_signed_by_miner_and_arbiter(
@@ -147,11 +164,14 @@ def test_every_signing_order_finalizes_the_same_transaction(
         assert r.status_code == 200, r.text
         assert r.json()["state"] == "awaiting_signatures"  # the bank is required
         r = bank_sign(world, req["id"])
-        assert r.json()["signed_seats"] == ["miner", "bank", "arbiter"], r.text
+        assert r.json()["state"] == "done", r.text
+        signed = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+        assert signed["signed_seats"] == ["miner", "bank", "arbiter"], signed
     else:
         for seat in order:
             if seat == "bank":
                 r = bank_sign(world, req["id"])
+                assert r.json()["state"] == "done", r.text
             else:
                 r = upload(world, seat, req["id"], sign(psbt, f.roots[seat]))
             assert r.status_code == 200, r.text
@@ -166,9 +186,13 @@ def test_every_signing_order_finalizes_the_same_transaction(
 
 
 def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
-    world: World, regtest_node: RegtestNode, watcher: Watcher
+    world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    feed: PriceFeed,
+    bank_signer: SignerWorld,
 ) -> None:
-    # 1,500,000 RUB owed on 0.5 BTC at 4,000,000 RUB/BTC: LTV 75%.
+    # 1,500,000 RUB owed on 0.5 BTC at 4,000,000 RUB/BTC (the signer's feed): LTV 75%.
     f = funded_loan(
         world,
         regtest_node,
@@ -178,15 +202,17 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
         required_collateral_sats=COLLATERAL,
     )
     lid = f.loan["id"]
+    feed.set("4000000")
     req = request(
         world,
         "bank_operator",
         lid,
         action="partial_liquidation",
-        price_rub_per_btc="4000000",
+        price_rub_per_btc="5000000",  # the signer prices it, not the request
         price_source="manual:test",
         target_ltv_bps=6_000,
     )
+    assert req["evidence"]["price_rub_per_btc"] == "4000000"
     sold, kept = req["outputs"]
     assert sold["role"] == "bank_liquidation" and kept["role"] == "collateral_change"
     assert sold["amount_sats"] + kept["amount_sats"] + req["fee_sats"] == COLLATERAL
@@ -195,7 +221,7 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
     ]
     assert kept["address"] in addresses  # a new collateral address of the same loan
     psbt = the_psbt(world, "bank_operator", req["id"])
-    assert bank_sign(world, req["id"]).status_code == 200
+    assert bank_sign(world, req["id"]).json()["state"] == "done"
     r = upload(world, "arbiter", req["id"], sign(psbt, f.roots["arbiter"]))
     assert r.json()["state"] == "broadcast", r.text
     regtest_node.mine(1)
@@ -210,17 +236,24 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
     from pledge.amounts import ltv_bps
 
     assert 5_999 <= ltv_bps(debt, kept["amount_sats"], Decimal(4_000_000)) <= 6_000
+    # The signer credits the same sale once it sees it confirmed: both owe the same debt,
+    # and it sees the kept collateral at the change address.
+    ref = world.call("bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}")
+    valuation = bank_signer.client.valuation(ref.json()["statement"]["loan_ref"])
+    assert valuation["debt_kopecks"] == debt
+    assert valuation["collateral_sats"] == kept["amount_sats"]
 
 
 def test_fee_bump_replaces_a_stuck_release(
-    world: World, regtest_node: RegtestNode, watcher: Watcher
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
 ) -> None:
     f = funded_loan(world, regtest_node, watcher)
     lid = f.loan["id"]
     low = request(world, "bank_operator", lid, action="release", fee_rate_sat_vb="2")
     psbt = the_psbt(world, "miner", low["id"])
     upload(world, "miner", low["id"], sign(psbt, f.roots["miner"]))
-    assert bank_sign(world, low["id"]).json()["state"] == "broadcast"
+    assert bank_sign(world, low["id"]).json()["state"] == "done"
+    assert _state(world, low["id"]) == "broadcast"
 
     r = world.call(
         "bank_operator",
@@ -240,19 +273,28 @@ def test_fee_bump_replaces_a_stuck_release(
     assert high["replaces_id"] == low["id"] and high["state"] == "awaiting_signatures"
     assert high["fee_sats"] > low["fee_sats"]
     assert high["unsigned_txid"] != low["unsigned_txid"]
+    # The replacement is a new transaction: a new statement, of exactly it, signed again.
+    assert high["signer_statement_id"] not in (None, low["signer_statement_id"])
+    view = world.call(
+        "bank_operator", "GET", f"/v1/signer-statements/{high['signer_statement_id']}"
+    ).json()
+    assert view["state"] == "open" and view["signed_by"] == []
+    assert view["statement"]["unsigned_txid"] == high["unsigned_txid"]
+    assert view["statement"]["fee_sats"] == high["fee_sats"]
     psbt = the_psbt(world, "miner", high["id"])
     upload(world, "miner", high["id"], sign(psbt, f.roots["miner"]))
+    assert _state(world, high["id"]) == "awaiting_signatures"  # the old approvals do not carry
+    before = bank_signer.c_sign_calls()
     r = bank_sign(world, high["id"])
-    assert r.json()["state"] == "broadcast", r.text
+    assert r.json()["state"] == "done", r.text
+    assert bank_signer.c_sign_calls() == before + 1
+    assert _state(world, high["id"]) == "broadcast"
     mempool = regtest_node.rpc.get_raw_mempool()
     assert high["unsigned_txid"] in mempool and low["unsigned_txid"] not in mempool
 
     regtest_node.mine(1)
     watcher.step()
-    states = {
-        rid: world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()["state"]
-        for rid in (low["id"], high["id"])
-    }
+    states = {rid: _state(world, rid) for rid in (low["id"], high["id"])}
     assert states == {low["id"]: "replaced", high["id"]: "confirmed"}
     assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "released"
 
@@ -384,18 +426,50 @@ def test_bad_uploads_are_refused_and_change_nothing(
 
 
 def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
-    world: World, regtest_node: RegtestNode, watcher: Watcher
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
 ) -> None:
-    """A compromised API or database swaps the request's PSBT for one paying an attacker.
-    The signer checks it against the loan's own records, refuses, and says so in the log."""
+    """A compromised API or database makes the request's PSBT pay an attacker. The signer
+    checks every PSBT against its own records of the loan, refuses, and says so in the log:
+    one the service built from a rewritten loan record is refused before anyone is asked
+    to sign it; one swapped in after its statement was issued is refused at signing."""
     from embit.psbt import PSBT as EmbitPSBT
     from embit.script import address_to_scriptpubkey
     from sqlmodel import Session, select
 
-    from custody.db.models import AuditEvent, SigningRequest
+    from custody.db.models import AuditEvent, Loan, SigningRequest
 
     f = funded_loan(world, regtest_node, watcher)
-    req = request(world, "bank_operator", f.loan["id"], action="release")
+    lid = f.loan["id"]
+    before = bank_signer.c_sign_calls()
+
+    # 1. The loan's payout address is rewritten in the service's database: the service
+    # builds a release paying the attacker, the signer will not even issue a statement.
+    with Session(world.engine) as s:
+        loan = s.get(Loan, lid)
+        assert loan is not None
+        honest, loan.miner_return_address = loan.miner_return_address, random_p2wpkh_address()
+        s.add(loan)
+        s.commit()
+    r = world.call(
+        "bank_operator", "POST", f"/v1/loans/{lid}/signing-requests", json={"action": "release"}
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "refused_by_signer", r.text
+    assert r.json()["check"] == "foreign_output", r.text  # not the loan's registered payout
+    refused_id = r.json()["request_id"]
+    kept = world.call("miner", "GET", f"/v1/signing-requests/{refused_id}").json()
+    assert kept["state"] == "cancelled" and kept["signer_statement_id"] is None
+    assert r.json()["check"] in kept["reject_reason"]
+    assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "active"
+    with Session(world.engine) as s:
+        loan = s.get(Loan, lid)
+        assert loan is not None
+        loan.miner_return_address = honest
+        s.add(loan)
+        s.commit()
+
+    # 2. The PSBT itself is swapped after the signer issued its statement.
+    req = request(world, "bank_operator", lid, action="release")
     with Session(world.engine) as s:
         row = s.get(SigningRequest, req["id"])
         assert row is not None
@@ -404,18 +478,23 @@ def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
         row.psbt = evil.to_string()
         s.add(row)
         s.commit()
-    r = bank_sign(world, req["id"])
-    assert r.status_code == 422, r.text
-    assert r.json()["error"] == "refused_by_signer" and r.json()["check"]
+    outcome = bank_sign(world, req["id"]).json()
+    assert outcome["state"] == "refused", outcome
+    assert "approval_other_txid" in outcome["outcome"]
+
+    assert bank_signer.c_sign_calls() == before
     with Session(world.engine) as s:
-        refusal = s.exec(
-            select(AuditEvent).where(
-                AuditEvent.request_id == req["id"], AuditEvent.action == "signer.refused"
-            )
-        ).one()
-        assert refusal.decision == "refused" and refusal.reason
-        row = s.get(SigningRequest, req["id"])
-        assert row is not None and row.signed_seats == ""
+        for rid in (refused_id, req["id"]):
+            refusal = s.exec(
+                select(AuditEvent).where(
+                    AuditEvent.request_id == rid, AuditEvent.action == "signer.refused"
+                )
+            ).one()
+            assert refusal.decision == "refused" and refusal.reason
+            row = s.get(SigningRequest, rid)
+            assert row is not None and row.signed_seats == ""
     assert (
         world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["signed_seats"] == []
     )
+    decisions = [d for d in bank_signer.registry().decisions() if d.decision == "refused"]
+    assert len(decisions) == 2, decisions

@@ -1,54 +1,70 @@
-"""Automatic liquidation end to end on regtest with the real SoftHSM2 bank signer."""
+"""Automatic liquidation end to end on regtest with the real bank's signer (SoftHSM2): the
+risk engine's ladder proposes, the signer's own valuation (its price feed, its records of
+the loan, its clock) decides, prices and signs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 from sqlmodel import Session, select
 from support.lending import COLLATERAL, funded_loan, sign, the_psbt, upload
+from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
 from custody.chain.watcher import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
-from custody.risk.prices import Consensus, ManualPriceSource, MedianPriceSource
+from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource
 from custody.signing.service import FeePolicy
-from hsm.pkcs11_backend import Pkcs11Signer
+from hsm.client import InProcessTransport
 from pledge.amounts import sats_for_kopecks
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed
 
 DEBT = 1_500_000_00  # kopecks, no interest
 
 
 class Board:
-    """The bank desk's price (the real manual source) behind the real median: the test
-    moves the price, or lets it go stale."""
+    """The BTC/RUB feed the bank's signer reads, read by the service's real median too
+    (each through its own HTTP price source): the test moves the price, or lets it go
+    stale, for both at once. `offset` moves the service's price clock (and the feed's
+    timestamps with it) for a test that lets time pass."""
 
-    def __init__(self) -> None:
-        self.desk = ManualPriceSource("desk")
+    def __init__(self, feed: PriceFeed) -> None:
+        self.feed = feed
+        self.offset = timedelta(0)
+        source = HttpJsonPriceSource(
+            "feed", feed.url, field_path="data.price", time_path="data.time", clock=self.now
+        )
         self.median = MedianPriceSource(
-            [self.desk], max_age=timedelta(minutes=10), max_spread_bps=200
+            [source], max_age=timedelta(minutes=10), max_spread_bps=200, clock=self.now
         )
         self.set(6_000_000)
 
+    def now(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
     def set(self, price: int, *, age: timedelta = timedelta(0)) -> None:
-        self.desk.set(Decimal(price), datetime.now(UTC) - age, "bank_operator:test")
+        self.price = price
+        fresh = not age and not self.offset  # None: the feed dates each answer "now"
+        self.feed.set(str(price), None if fresh else self.now() - age)
 
     def consensus(self) -> Consensus:
         return self.median.consensus()
 
 
-def _engine(world: World, node: RegtestNode, signer: Pkcs11Signer, board: Board) -> RiskEngine:
+def _engine(world: World, node: RegtestNode, signer: SignerWorld, board: Board) -> RiskEngine:
     return RiskEngine(
         world.engine,
         network="regtest",
         prices=board,
         chain=node.rpc,
-        signer=signer,
+        signer=signer.client,
         fees=FeePolicy(),
-        daily_limit_sats=10 * 10**8,
     )
 
 
@@ -57,13 +73,40 @@ def _loan(world: World, lid: int) -> dict[str, Any]:
     return out
 
 
+@contextmanager
+def time_passes(
+    delta: timedelta, board: Board, risk: RiskEngine, signer: SignerWorld
+) -> Iterator[None]:
+    """`delta` later for everyone: the feed dates its quotes then, the service's price
+    median and risk engine judge by then, and so does the signer (in process: its one
+    clock), which decides maturity from its registered terms by its own clock."""
+    transport = signer.client.transport
+    assert isinstance(transport, InProcessTransport)
+    core = transport.core
+    real, real_risk = core.clock, risk.clock
+    board.offset = delta
+    board.set(board.price)
+    core.clock = lambda: real() + delta
+    risk.clock = lambda: real_risk() + delta
+    try:
+        yield
+    finally:
+        core.clock, risk.clock = real, real_risk
+        board.offset = timedelta(0)
+        board.set(board.price)
+
+
 def test_margin_call_cure_then_automatic_liquidation(
-    world: World, regtest_node: RegtestNode, watcher: Watcher, pkcs11_signer: Pkcs11Signer
+    world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    bank_signer: SignerWorld,
+    feed: PriceFeed,
 ) -> None:
     f = funded_loan(world, regtest_node, watcher, principal_kopecks=DEBT, interest_rate_bps=0)
     lid = f.loan["id"]
-    board = Board()
-    risk = _engine(world, regtest_node, pkcs11_signer, board)
+    board = Board(feed)
+    risk = _engine(world, regtest_node, bank_signer, board)
 
     assert risk.run_once().margin_calls == []  # 50% LTV
     board.set(4_000_000)  # 75%: exactly the margin call
@@ -81,12 +124,21 @@ def test_margin_call_cure_then_automatic_liquidation(
     paused = risk.run_once()
     assert paused.paused and "stale" in paused.paused and paused.liquidations == []
     board.set(2_200_000)  # fresh: 1.5M / (0.75 x 2.2M) = 91%
+    before = bank_signer.c_sign_calls()
     report = risk.run_once()
     [rid] = report.liquidations
+    assert report.errors == {}
     assert _loan(world, lid)["state"] == "liquidating"
     req = world.call("arbiter", "GET", f"/v1/signing-requests/{rid}").json()
-    assert req["signed_seats"] == ["bank"], req  # the HSM signed under its policy
+    assert req["signed_seats"] == ["bank"], req  # the signer signed on its own valuation
+    assert req["signer_statement_id"] is None  # nobody's approval: the signer decided
+    assert bank_signer.c_sign_calls() == before + 2  # one per input: deposit and top-up
     assert req["evidence"]["risk"]["ltv_bps"] >= 9_000
+    # priced by the signer's valuation (its feed, its debt), which it cites by id
+    assert req["evidence"]["price_source"].startswith("bank signer valuation")
+    assert req["evidence"]["valuation_id"] and req["evidence"]["price_rub_per_btc"] == "2200000"
+    assert req["evidence"]["debt_kopecks"] == DEBT
+    assert any("LTV" in why for why in req["evidence"]["risk"]["signer_reasons"])
     owed = sats_for_kopecks(DEBT, Decimal(2_200_000))
     bank_out, miner_out = req["outputs"]
     assert bank_out["amount_sats"] == owed
@@ -107,14 +159,21 @@ def test_margin_call_cure_then_automatic_liquidation(
     actions = audit_actions(world.engine, loan_id=lid)
     for expected in ("loan.state_changed", "signer.signed", "signing_request.confirmed"):
         assert expected in actions, expected
+    assert "risk.signer_disagrees" not in actions
     with Session(world.engine) as s:
-        paused = s.exec(select(AuditEvent).where(AuditEvent.action == "risk.paused")).one()
-        assert paused.reason and "stale" in paused.reason
+        paused_event = s.exec(select(AuditEvent).where(AuditEvent.action == "risk.paused")).one()
+        assert paused_event.reason and "stale" in paused_event.reason
 
 
 def test_default_at_maturity_liquidates(
-    world: World, regtest_node: RegtestNode, watcher: Watcher, pkcs11_signer: Pkcs11Signer
+    world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    bank_signer: SignerWorld,
+    feed: PriceFeed,
 ) -> None:
+    """The service's clock alone cannot call a default: the signer decides maturity from
+    the terms it registered, by its own clock."""
     f = funded_loan(
         world,
         regtest_node,
@@ -123,11 +182,37 @@ def test_default_at_maturity_liquidates(
         interest_rate_bps=0,
         maturity_at=(datetime.now(UTC) + timedelta(days=1)).isoformat(),
     )
-    board = Board()
-    risk = _engine(world, regtest_node, pkcs11_signer, board)
+    lid = f.loan["id"]
+    board = Board(feed)  # 50% LTV: only the maturity can end this loan
+    risk = _engine(world, regtest_node, bank_signer, board)
     assert risk.run_once().liquidations == []
-    risk.clock = lambda: datetime.now(UTC) + timedelta(days=1, seconds=1)
-    [rid] = risk.run_once().liquidations
+    later = timedelta(days=1, seconds=1)
+
+    # Only the service's risk clock runs ahead (its prices, and the signer, are today).
+    risk.clock = lambda: datetime.now(UTC) + later
+    before = bank_signer.c_sign_calls()
+    report = risk.run_once()
+    assert report.liquidations == [] and report.errors == {}
+    assert _loan(world, lid)["state"] == "active"
+    assert bank_signer.c_sign_calls() == before
+    with Session(world.engine) as s:
+        disagrees = s.exec(
+            select(AuditEvent).where(
+                AuditEvent.loan_id == lid, AuditEvent.action == "risk.signer_disagrees"
+            )
+        ).one()
+        assert disagrees.decision == "not_liquidated"
+        assert (disagrees.reason or "").endswith(": ok"), disagrees.reason  # its verdict
+    assert world.call("arbiter", "GET", f"/v1/loans/{lid}/signing-requests").json() == []
+
+    risk.clock = lambda: datetime.now(UTC)
+    with time_passes(later, board, risk, bank_signer):  # past maturity for the signer too
+        report = risk.run_once()
+    assert report.errors == {} and report.paused is None, report
+    [rid] = report.liquidations
     req = world.call("arbiter", "GET", f"/v1/signing-requests/{rid}").json()
     assert "default" in req["evidence"]["risk"]["reason"]
-    assert _loan(world, f.loan["id"])["state"] == "liquidating"
+    assert any("maturity" in why for why in req["evidence"]["risk"]["signer_reasons"])
+    assert req["signed_seats"] == ["bank"]
+    assert bank_signer.c_sign_calls() == before + 1
+    assert _loan(world, lid)["state"] == "liquidating"

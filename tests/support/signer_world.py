@@ -24,7 +24,6 @@ import httpx
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit.bip32 import HDKey as EmbitHDKey
-from regtest.price_feed import PriceFeed
 
 from custody.signing.psbt import CollateralInput, PayTo, PayToCollateral, build_psbt
 from hsm.approvals import People
@@ -40,6 +39,7 @@ from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
 from pledge.statements import iso, sign_statement
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed
 from regtest.wait import wait_until
 
 NETWORK = "regtest"
