@@ -190,6 +190,33 @@ def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep
     return signer_statements.statement_view(session, st)
 
 
+@router.post("/signer-statements/{statement_id}/retry", tags=["signing"])
+def retry_signer_statement(
+    statement_id: int, request: Request, settings: SettingsDep, signer: SignerDep
+) -> dict[str, Any]:
+    """Take a signed statement to the bank's signer again after its call failed or was lost."""
+    engine = request.app.state.engine
+    ctx = _context(request, settings)
+    with transaction(engine) as session:
+        signer_statements.ready_to_retry(session, ctx, statement_id)
+    signer_statements.execute(
+        engine, statement_id, signer, ctx, getattr(request.app.state, "chain", None)
+    )
+    with transaction(engine) as session:
+        st = signer_statements.get_statement(session, ctx, statement_id)
+        return signer_statements.statement_view(session, st)
+
+
+def _context(request: Request, settings: Any) -> Context:
+    """Authenticate in a short transaction of its own (routes that call the signer must
+    not hold the request's transaction open across that call)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    with transaction(request.app.state.engine) as session:
+        principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
+    return Context(principal=principal, network=settings.network)
+
+
 @router.post("/signer-statements/{statement_id}/endorsements", tags=["signing"])
 def endorse_signer_statement(
     statement_id: int,
@@ -202,11 +229,8 @@ def endorse_signer_statement(
     which checks them itself; no database transaction is open while it is called."""
     engine = request.app.state.engine
     chain = getattr(request.app.state, "chain", None)
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+    ctx = _context(request, settings)
     with transaction(engine) as session:
-        principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
-        ctx = Context(principal=principal, network=settings.network)
         st, ready = signer_statements.endorse(
             session, ctx, statement_id, body.person, body.signature
         )

@@ -7,9 +7,10 @@ and relay them; then apply what the signer did (a bank key, a repayment, signatu
 
 Network calls happen outside any database transaction: a statement with enough signatures
 is read and committed, the signer is called, and the outcome is written in a new
-transaction (`execute`). A statement whose outcome was lost (a crash mid-call) stays open
-and is executed again; the signer makes that safe (a registration or repayment is recorded
-once, a used statement cannot be used twice).
+transaction (`execute`). A statement whose outcome was lost (a crash mid-call, the signer
+unreachable) stays open with the reason and is taken to the signer again on request
+(`POST /v1/signer-statements/{id}/retry`); the signer makes that safe (a registration or
+repayment is recorded once, a used statement cannot be used twice).
 """
 
 from __future__ import annotations
@@ -300,6 +301,24 @@ def transaction_statement_of(session: Session, request_id: int) -> SignerStateme
 # -- signatures -----------------------------------------------------------------------------
 
 
+def ready_to_retry(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
+    """A statement whose signer call failed or was lost (a crash, an unreachable signer):
+    still open with two signatures, it may be taken to the signer again. The signer makes
+    that safe: a registration or repayment is recorded once, a statement used once."""
+    st = get_statement(session, ctx, statement_id)
+    require_role(ctx.principal, *STAFF, Role.admin)
+    if st.state != StatementState.open:
+        raise Conflict(f"signer statement {statement_id} is {st.state}: nothing to retry")
+    count = len(
+        session.exec(
+            select(SignerEndorsement.id).where(SignerEndorsement.statement_id == statement_id)
+        ).all()
+    )
+    if count < 2:
+        raise Conflict(f"signer statement {statement_id} has {count} signature(s); it needs 2")
+    return st
+
+
 def endorse(
     session: Session, ctx: Context, statement_id: int, person: str, signature: str
 ) -> tuple[SignerStatement, bool]:
@@ -309,23 +328,42 @@ def endorse(
     require_role(ctx.principal, *STAFF, Role.admin)
     if st.state != StatementState.open:
         raise Conflict(f"signer statement {statement_id} is {st.state}: it takes no signatures")
-    row = SignerEndorsement(
-        statement_id=statement_id,
-        person=person,
-        signature=signature,
-        submitted_by=ctx.actor,
-    )
-    try:
-        with session.begin_nested():
-            session.add(row)
-    except IntegrityError:
-        raise Conflict(
-            f"{person} has already signed signer statement {statement_id}", field="person"
-        ) from None
+    existing = session.exec(
+        select(SignerEndorsement).where(
+            SignerEndorsement.statement_id == statement_id, SignerEndorsement.person == person
+        )
+    ).first()
+    action = "signer.statement_signed"
+    if existing is not None:
+        if existing.signature == signature:
+            raise Conflict(
+                f"{person} has already signed signer statement {statement_id}", field="person"
+            )
+        # Only the signer can tell a good signature from a bad one. A bad one sent under
+        # someone's name (by mistake, or by another bank login) must not block them: their
+        # own, different signature replaces it, and the audit log keeps both posts.
+        existing.signature, existing.submitted_by = signature, ctx.actor
+        existing.created_at = utcnow()
+        session.add(existing)
+        action = "signer.statement_resigned"
+    else:
+        row = SignerEndorsement(
+            statement_id=statement_id,
+            person=person,
+            signature=signature,
+            submitted_by=ctx.actor,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+        except IntegrityError:
+            raise Conflict(
+                f"{person} has already signed signer statement {statement_id}", field="person"
+            ) from None
     record(
         session,
         actor=ctx.actor,
-        action="signer.statement_signed",
+        action=action,
         loan_id=st.loan_id,
         request_id=st.request_id,
         data={"statement_id": statement_id, "person": person},

@@ -189,6 +189,23 @@ CASES: list[Case] = [
     ),
     Case(
         "POST",
+        "/v1/signer-statements/{statement_id}/retry",
+        lambda w, c: f"/v1/signer-statements/{c['statement']}/retry",
+        # Without two signatures there is nothing to retry: the staff learn why (409).
+        {
+            "admin": 409,
+            "bank_operator": 409,
+            "bank_approver": 409,
+            "auditor": 403,
+            "miner": 404,
+            "arbiter": 404,
+            "other_miner": 404,
+            "other_arbiter": 404,
+        },
+        needs="statement",
+    ),
+    Case(
+        "POST",
         "/v1/loans/{loan_id}/addresses",
         lambda w, c: f"/v1/loans/{c['ready']}/addresses",
         _act(("miner", "bank_operator"), 201),

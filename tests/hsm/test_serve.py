@@ -153,7 +153,7 @@ def test_an_unavailable_or_busy_hsm_is_a_503(
     tmp_path: Path, regtest_node: RegtestNode, feed: PriceFeed, error: Exception
 ) -> None:
     from starlette.testclient import TestClient
-    from support.signer_world import SignerWorld, _bootstrap, _enroll_staff, _people
+    from support.signer_world import SignerWorld, bootstrap_admins, enroll_staff, new_people
 
     from hsm.client import InProcessTransport
     from hsm.factory import build_core
@@ -167,12 +167,12 @@ def test_an_unavailable_or_busy_hsm_is_a_503(
         node_rpc_password=regtest_node.rpc_password,
         price_sources=[feed.source_config()],
     )
-    people = _people()
+    people = new_people()
     admins = [people["admin1"], people["admin2"]]
-    _bootstrap(settings.state_db, admins)
+    bootstrap_admins(settings.state_db, admins)
     core = build_core(settings, hsm=_GoneToken(error))  # type: ignore[arg-type]
     client = BankSigner(InProcessTransport(core))
-    _enroll_staff(client, admins, [people["operator"], people["approver"]])
+    enroll_staff(client, admins, [people["operator"], people["approver"]])
     world = SignerWorld(
         "in-process", client, regtest_node, feed, people, lambda: 0, lambda: core.registry
     )

@@ -353,14 +353,24 @@ def test_faucet_after_halving(regtest_node: RegtestNode) -> None:
     height = rpc.get_block_count()
     if height < target:
         regtest_node.mine(target - height)
-    halved_hash = rpc.get_block_hash(HALVING_INTERVAL + 1)
-    coinbase = str(rpc.call("getblock", halved_hash, 1)["tx"][0])
-    out = rpc.get_tx_out(coinbase, 0)
-    if out is None:  # another test on this worker spent it already; take a later one
-        halved_hash = rpc.get_block_hash(HALVING_INTERVAL + 5)
-        coinbase = str(rpc.call("getblock", halved_hash, 1)["tx"][0])
-        out = rpc.get_tx_out(coinbase, 0)
-    assert out is not None and out["coinbase"] is True
+    # Other tests on this worker's node spend coinbases too: take the first unspent,
+    # mature one past the halving, mining a fresh one if they are all gone.
+    def unspent_halved_coinbase() -> tuple[str, dict[str, Any]] | None:
+        tip = rpc.get_block_count()
+        for h in range(HALVING_INTERVAL + 1, tip - COINBASE_MATURITY + 1):
+            txid = str(rpc.call("getblock", rpc.get_block_hash(h), 1)["tx"][0])
+            found = rpc.get_tx_out(txid, 0)
+            if found is not None:
+                return txid, found
+        return None
+
+    pick = unspent_halved_coinbase()
+    if pick is None:
+        regtest_node.mine(COINBASE_MATURITY + 1)
+        pick = unspent_halved_coinbase()
+    assert pick is not None
+    coinbase, out = pick
+    assert out["coinbase"] is True
     assert 2_500_000_000 <= out["value_sat"] < 5_000_000_000  # 25 BTC + fees
     payment = regtest_node.faucet.build_tx(
         [(random_p2wpkh_address(), 2_400_000_000)], spend=[Coin(coinbase, 0, out["value_sat"])]

@@ -134,3 +134,65 @@ def test_a_cancelled_request_kills_its_approvals(
             approvals=approvals,
         )
     assert refused.value.check == "approval_cancelled"
+
+
+def test_a_bad_signature_under_someones_name_does_not_block_them(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """Another bank login posts garbage as the approver: the signer refuses the pair, the
+    statement stays open, and the approver's own signature replaces the garbage."""
+    import base64
+
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    sid = req["signer_statement_id"]
+    statement = world.call("bank_operator", "GET", f"/v1/signer-statements/{sid}").json()
+    approver = bank_signer.staff["approver"]
+    garbage = {"person": approver.name, "signature": base64.b64encode(b"x" * 64).decode()}
+    r = world.call(
+        "bank_operator", "POST", f"/v1/signer-statements/{sid}/endorsements", json=garbage
+    )
+    assert r.status_code == 200 and r.json()["state"] == "open"
+    before = bank_signer.c_sign_calls()
+    refused = world.sign_statement(sid, "operator").json()
+    assert refused["state"] == "open" and "approval_signature" in refused["outcome"]
+    assert bank_signer.c_sign_calls() == before
+    good = approver.endorse(statement["statement"])
+    done = world.call(
+        "bank_approver", "POST", f"/v1/signer-statements/{sid}/endorsements", json=good
+    ).json()
+    assert done["state"] == "done", done
+    again = world.call(
+        "bank_approver", "POST", f"/v1/signer-statements/{sid}/endorsements", json=good
+    )
+    assert again.status_code == 409
+    actions = audit_actions(world.engine, request_id=req["id"])
+    assert "signer.statement_resigned" in actions and "signer.signed" in actions
+
+
+def test_a_lost_signer_call_is_retried(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """The signer cannot be reached when the second signature arrives: the statement
+    stays open with the reason, and a retry later finishes it without new signatures."""
+    from hsm.client import BankSigner, HttpTransport
+
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    sid = req["signer_statement_id"]
+    app = world.client.app
+    real = app.state.signer  # type: ignore[attr-defined]
+    app.state.signer = BankSigner(  # type: ignore[attr-defined]
+        HttpTransport("http://127.0.0.1:9", "t" * 40, timeout=2)
+    )
+    try:
+        lost = world.sign_statement(sid).json()
+    finally:
+        app.state.signer = real  # type: ignore[attr-defined]
+    assert lost["state"] == "open" and "could not be reached" in lost["outcome"]
+    early = world.call("auditor", "POST", f"/v1/signer-statements/{sid}/retry")
+    assert early.status_code == 403
+    done = world.call("bank_approver", "POST", f"/v1/signer-statements/{sid}/retry").json()
+    assert done["state"] == "done", done
+    twice = world.call("bank_approver", "POST", f"/v1/signer-statements/{sid}/retry")
+    assert twice.status_code == 409

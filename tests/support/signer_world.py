@@ -142,9 +142,9 @@ class SignerWorld:
         terms.update(overrides)
         return terms
 
-    def registration(self, loan_ref: str | None = None, **terms: Any) -> tuple[
-        dict[str, Any], SoftwareHDSigner, SoftwareHDSigner
-    ]:
+    def registration(
+        self, loan_ref: str | None = None, **terms: Any
+    ) -> tuple[dict[str, Any], SoftwareHDSigner, SoftwareHDSigner]:
         miner, arbiter = software_party(), software_party()
         statement = {
             "kind": "register_loan",
@@ -316,7 +316,7 @@ def signer_env(
     }
 
 
-def _enroll_staff(client: BankSigner, admins: Sequence[Staff], staff: Sequence[Staff]) -> None:
+def enroll_staff(client: BankSigner, admins: Sequence[Staff], staff: Sequence[Staff]) -> None:
     for person in staff:
         statement = {
             "kind": "enroll",
@@ -329,7 +329,7 @@ def _enroll_staff(client: BankSigner, admins: Sequence[Staff], staff: Sequence[S
         client.enroll(statement, [a.endorse(statement) for a in admins])
 
 
-def _people() -> dict[str, Staff]:
+def new_people() -> dict[str, Staff]:
     return {
         "admin1": new_staff("admin1", "admin"),
         "admin2": new_staff("admin2", "admin"),
@@ -340,7 +340,7 @@ def _people() -> dict[str, Staff]:
     }
 
 
-def _bootstrap(state_db: Path, admins: Sequence[Staff]) -> None:
+def bootstrap_admins(state_db: Path, admins: Sequence[Staff]) -> None:
     registry = Registry(state_db)
     try:
         People(registry).bootstrap(
@@ -361,13 +361,13 @@ def in_process_world(
     options: dict[str, Any] = {k[4:].lower(): v for k, v in env.items()}
     options["price_sources"] = json.loads(options["price_sources"])
     settings = SignerSettings(**options)
-    people = _people()
-    _bootstrap(settings.state_db, [people["admin1"], people["admin2"]])
+    people = new_people()
+    bootstrap_admins(settings.state_db, [people["admin1"], people["admin2"]])
     hsm = Pkcs11Signer(token.module_path, token.label, token.pin)
     core = build_core(settings, hsm=hsm)
     client = BankSigner(InProcessTransport(core, max_body_bytes=settings.max_body_bytes))
     try:
-        _enroll_staff(
+        enroll_staff(
             client,
             [people["admin1"], people["admin2"]],
             [people[k] for k in ("operator", "approver", "operator2", "approver2")],
@@ -413,7 +413,10 @@ def serve_process(base: Path, env_extra: dict[str, str]) -> Iterator[ServeProces
             stderr=subprocess.STDOUT,
         )
     server = ServeProcess(
-        f"http://127.0.0.1:{port}", env["HSM_SERVE_TOKEN"], proc, log_path,
+        f"http://127.0.0.1:{port}",
+        env["HSM_SERVE_TOKEN"],
+        proc,
+        log_path,
         Path(env["HSM_STATE_DB"]),
     )
     try:
@@ -452,12 +455,12 @@ def serve_world(
     token = create_token(base / "softhsm", "hsm-serve", set_env=False)
     env = signer_env(base, node, feed, token, **extra)
     env["SOFTHSM2_CONF"] = str(token.conf_path)
-    people = _people()
-    _bootstrap(Path(env["HSM_STATE_DB"]), [people["admin1"], people["admin2"]])
+    people = new_people()
+    bootstrap_admins(Path(env["HSM_STATE_DB"]), [people["admin1"], people["admin2"]])
     with serve_process(base, env) as server:
         client = BankSigner(HttpTransport(server.url, server.token, timeout=60))
         try:
-            _enroll_staff(
+            enroll_staff(
                 client,
                 [people["admin1"], people["admin2"]],
                 [people[k] for k in ("operator", "approver", "operator2", "approver2")],
