@@ -46,14 +46,12 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit import bip32
 from embit.ec import PublicKey, Signature
 from embit.psbt import PSBT
@@ -94,9 +92,10 @@ from hsm.registry import Registry
 from hsm.settings import SignerSettings
 from hsm.softhsm import SoftHsmToken, create_token
 from pledge.network import NetworkName
-from pledge.statements import iso, sign_statement
+from pledge.statements import iso
 from regtest.faucet import COINBASE_MATURITY
 from regtest.node import RegtestNode
+from regtest.people import Staff
 from regtest.price_feed import PriceFeed
 
 SEED = 20240917
@@ -122,36 +121,20 @@ _TPUB = bytes.fromhex("043587cf")
 
 
 @dataclass(frozen=True)
-class Person:
-    """One person enrolled in the signer; the Ed25519 key stays on "their machine"."""
-
-    name: str
-    role: str
-    key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
-
-    @property
-    def public_hex(self) -> str:
-        return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
-    def endorse(self, statement: dict[str, Any]) -> dict[str, str]:
-        return {"person": self.name, "signature": sign_statement(self.key, statement)}
+class BankPeople:
+    admins: tuple[Staff, Staff]
+    operator: Staff
+    approver: Staff
 
 
-@dataclass(frozen=True)
-class Staff:
-    admins: tuple[Person, Person]
-    operator: Person
-    approver: Person
-
-
-def enrolment_ceremony(state_db: Path, signer: BankSigner) -> Staff:
+def enrolment_ceremony(state_db: Path, signer: BankSigner) -> BankPeople:
     """Two admins bootstrapped into the empty signer, then an operator and an approver
-    enrolled by statements both admins sign (what `hsm enroll-bootstrap` and
-    `hsm enroll` do)."""
-    staff = Staff(
-        (Person("ada.admin", "admin"), Person("alan.admin", "admin")),
-        Person("olga.operator", "bank_operator"),
-        Person("anton.approver", "bank_approver"),
+    enrolled by statements both admins sign (`hsm enroll-bootstrap`, then the signer's
+    `enroll` operation)."""
+    staff = BankPeople(
+        (Staff("ada.admin", "admin"), Staff("alan.admin", "admin")),
+        Staff("olga.operator", "bank_operator"),
+        Staff("anton.approver", "bank_approver"),
     )
     registry = Registry(state_db)
     try:
@@ -294,7 +277,7 @@ class SetUp:
 def make_loans(
     engine: Engine,
     signer: BankSigner,
-    staff: Staff,
+    staff: BankPeople,
     chain: Any,
     count: int,
     setup: SetUp,

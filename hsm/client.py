@@ -15,17 +15,16 @@ a refusal is `PolicyViolation(check, reason)`, an unreachable signer `SignerUnav
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
-from urllib.parse import urlsplit
 
 import httpx
 from embit.psbt import PSBT
 
 from hsm.signer import PolicyViolation, SignerError, SignerUnavailable
+from hsm.urls import check_secret_url
 
 if TYPE_CHECKING:
     from hsm.core import SignerCore
@@ -37,8 +36,6 @@ __all__ = [
     "Signed",
     "Transport",
 ]
-
-_LOOPBACK_NAMES = frozenset({"localhost"})
 
 
 class Transport(Protocol):
@@ -90,32 +87,11 @@ class InProcessTransport:
         """The core's resources belong to whoever built it."""
 
 
-def check_signer_url(url: str) -> str:
-    """Loopback `http://` or any `https://`: the bearer token never crosses a network in clear."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.scheme == "https" and host:
-        return url.rstrip("/")
-    if parts.scheme == "http":
-        loopback = host in _LOOPBACK_NAMES
-        if not loopback:
-            try:
-                loopback = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                loopback = False
-        if loopback:
-            return url.rstrip("/")
-    raise ValueError(
-        "the signer URL must be https:// or http:// on the loopback interface "
-        "(127.0.0.1, ::1, localhost)"
-    )
-
-
 class HttpTransport:
     """`hsm serve` over HTTP with a bearer token. Thread-safe (httpx.Client is)."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 30.0) -> None:
-        self.url = check_signer_url(url)
+        self.url = check_secret_url(url, "the signer")
         if not token:
             raise ValueError("the signer token is required")
         self.name = f"hsm-serve:{self.url}"

@@ -33,7 +33,6 @@ never logged nor put in an error message.
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import json
 import threading
@@ -42,12 +41,12 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from types import TracebackType
 from typing import Any, Literal, Self
-from urllib.parse import urlsplit
 
 import httpx
 from embit.script import Script
 
 from hsm.signer import SignerUnavailable
+from hsm.urls import check_secret_url
 from pledge.network import NetworkName, embit_network
 
 __all__ = [
@@ -67,7 +66,6 @@ MAX_SATS = 21_000_000 * SATS_PER_BTC
 _NOT_FOUND = -5  # "No information available about address/transaction"
 _IN_WARMUP = -28
 
-_LOOPBACK_NAMES = frozenset({"localhost"})
 
 # Full rescans of an address history before giving up on a chain that keeps moving.
 _SCAN_ATTEMPTS = 3
@@ -123,30 +121,6 @@ def btc_to_sats(value: Decimal | float | int | str) -> int:
     return int(sats)
 
 
-def _check_url(url: str) -> str:
-    """https anywhere, plain http only on loopback: the RPC password must not cross a
-    network in clear. Credentials belong in ``user``/``password``, not in the URL."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.username is not None or parts.password is not None:
-        raise ValueError("pass the node's RPC credentials separately, not in its URL")
-    if parts.scheme == "https" and host:
-        return url
-    if parts.scheme == "http" and host:
-        loopback = host in _LOOPBACK_NAMES
-        if not loopback:
-            try:
-                loopback = ipaddress.ip_address(host).is_loopback
-            except ValueError:
-                loopback = False
-        if loopback:
-            return url
-    raise ValueError(
-        "the signer's node URL must be https:// or http:// on the loopback interface "
-        "(127.0.0.1, ::1, localhost)"
-    )
-
-
 def _check_outpoint(txid: str, vout: int) -> None:
     if len(txid) != 64 or any(c not in "0123456789abcdefABCDEF" for c in txid):
         raise ValueError("a txid is 64 hex digits")
@@ -173,7 +147,7 @@ class NodeReader:
         timeout: float = 10.0,
         scan_timeout: float = 120.0,
     ) -> None:
-        self.url = _check_url(url)
+        self.url = check_secret_url(url, "the signer's node")
         self.timeout = timeout
         self.scan_timeout = scan_timeout
         self._client = httpx.Client(

@@ -34,6 +34,7 @@ from typing import Any, Final, Protocol
 import httpx
 
 from hsm.signer import PolicyViolation
+from pledge.prices import MAX_PRICE, MIN_PRICE, price_problem
 
 __all__ = [
     "DESK_SOURCE",
@@ -54,13 +55,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAX_PRICE: Final = Decimal(10) ** 12  # RUB per BTC, exclusive: above is a unit or parse error
-# The smallest price a fix can express (fixes carry 8 decimal places): below it the mean
-# of two quotes could round to zero and no LTV could be computed.
-MIN_PRICE: Final = Decimal("0.00000001")
-# More decimal places than this is no real feed (a float prints at most 17 digits) and
-# would let a sum lose digits; with it every sum and mean below is exact.
-MAX_DECIMAL_PLACES: Final = 18
+# What a price may be (MAX_PRICE, MIN_PRICE, MAX_DECIMAL_PLACES, price_problem) is the
+# kernel's rule, shared with the service: pledge.prices.
 FIX_DECIMAL_PLACES: Final = 8
 _FIX_QUANTUM: Final = Decimal(1).scaleb(-FIX_DECIMAL_PLACES)
 _EXACT_PRECISION: Final = 80  # prices have <= 30 significant digits; sums and means fit
@@ -86,23 +82,6 @@ def _aware_utc(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
-def _price_problem(price: Decimal) -> str | None:
-    """Why `price` cannot be a BTC/RUB price, or None when it can."""
-    if not price.is_finite():
-        return "is not a finite number"
-    if price <= 0:
-        return "must be positive"
-    if price >= MAX_PRICE:
-        return "is not below the sanity ceiling 10**12"
-    if price < MIN_PRICE:
-        return f"is below the smallest expressible price {MIN_PRICE:f}"
-    exponent = price.normalize().as_tuple().exponent
-    assert isinstance(exponent, int)  # finite, checked above
-    if -exponent > MAX_DECIMAL_PLACES:
-        return f"has more than {MAX_DECIMAL_PLACES} decimal places"
-    return None
-
-
 def _short(value: object) -> str:
     """A bounded, quoted rendering of a refused value (a 64 KiB string must not become
     a 64 KiB log line)."""
@@ -125,7 +104,7 @@ def _price_from_text(text: str) -> tuple[Decimal | None, str | None]:
     price = _decimal_from_text(text)
     if price is None:
         return None, f"price {_short(text)} is not a number"
-    problem = _price_problem(price)
+    problem = price_problem(price)
     if problem is not None:
         return None, f"price {_short(text)} {problem}"
     return price, None
@@ -150,7 +129,7 @@ class Quote:
         # Programming errors, not refusals: every producer validates before building one.
         if not isinstance(self.price_rub_per_btc, Decimal):
             raise TypeError("price_rub_per_btc must be a Decimal, never a float")
-        problem = _price_problem(self.price_rub_per_btc)
+        problem = price_problem(self.price_rub_per_btc)
         if problem is not None:
             raise ValueError(f"price {problem}")
         if not self.source:
@@ -457,7 +436,7 @@ class HttpPriceSource:
 
     def _price(self, value: Any) -> Decimal:
         price = self._number(value, "price")
-        problem = _price_problem(price)
+        problem = price_problem(price)
         if problem is not None:
             raise self._refuse(f"price {_short(str(price))} {problem}")
         return price
@@ -631,7 +610,7 @@ class PriceFix:
     def __post_init__(self) -> None:
         if not isinstance(self.price_rub_per_btc, Decimal):
             raise TypeError("price_rub_per_btc must be a Decimal, never a float")
-        problem = _price_problem(self.price_rub_per_btc)
+        problem = price_problem(self.price_rub_per_btc)
         if problem is not None:
             raise ValueError(f"price {problem}")
         if not self.quotes:

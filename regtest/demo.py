@@ -36,8 +36,6 @@ from typing import Any
 
 import httpx
 import uvicorn
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit import bip32
 from embit.networks import NETWORKS
 from embit.transaction import Transaction
@@ -63,9 +61,10 @@ from hsm.client import BankSigner, InProcessTransport
 from hsm.registry import Registry
 from hsm.software import SoftwareHDSigner
 from pledge.amounts import ltv_bps, sats_for_kopecks
-from pledge.statements import iso, sign_statement
+from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode, free_port, wait_until
+from regtest.people import Staff
 from regtest.price_feed import PriceFeed
 
 COLLATERAL_SATS = 50_000_000  # 0.5 BTC per loan
@@ -158,23 +157,7 @@ class Market:
         )
 
 
-@dataclass(frozen=True)
-class Person:
-    """A bank employee enrolled in the signer; the key stays on their own machine."""
-
-    name: str
-    role: str
-    key: ed25519.Ed25519PrivateKey = field(default_factory=ed25519.Ed25519PrivateKey.generate)
-
-    @property
-    def public_hex(self) -> str:
-        return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
-    def endorse(self, statement: dict[str, Any]) -> dict[str, str]:
-        return {"person": self.name, "signature": sign_statement(self.key, statement)}
-
-
-def sign_statement_via_api(api: Api, who: str, sid: int, people: list[Person]) -> dict[str, Any]:
+def sign_statement_via_api(api: Api, who: str, sid: int, people: list[Staff]) -> dict[str, Any]:
     """Each person reviews the statement on their own machine and sends their signature."""
     statement = api(who, "GET", f"/v1/signer-statements/{sid}")["statement"]
     view: dict[str, Any] = {}
@@ -338,7 +321,7 @@ def main() -> int:
         detail(f"token '{token.label}' via {token.module_path}; price feed {feed.url}")
 
         say("Enrolment ceremony on the signer's machine: two admins, then two bank employees")
-        admins = [Person("ada.admin", "admin"), Person("alan.admin", "admin")]
+        admins = [Staff("ada.admin", "admin"), Staff("alan.admin", "admin")]
         registry = Registry(signer_settings.state_db)
         People(registry).bootstrap(
             [(a.name, "ed25519", bytes.fromhex(a.public_hex)) for a in admins], datetime.now(UTC)
@@ -348,8 +331,8 @@ def main() -> int:
         core = build_core(signer_settings)
         signer = BankSigner(InProcessTransport(core))
         olga, anton = (
-            Person("olga.operator", "bank_operator"),
-            Person("anton.approver", "bank_approver"),
+            Staff("olga.operator", "bank_operator"),
+            Staff("anton.approver", "bank_approver"),
         )
         for person in (olga, anton):
             statement = {

@@ -24,9 +24,7 @@ class PriceFeed:
             def do_GET(self) -> None:
                 feed.requests += 1
                 at = feed.quoted_at or datetime.now(UTC)
-                body = json.dumps(
-                    {"data": {"price": feed.price, "time": at.isoformat()}}
-                ).encode()
+                body = json.dumps({"data": {"price": feed.price, "time": at.isoformat()}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))

@@ -30,10 +30,10 @@ import httpx
 import structlog
 
 from pledge.errors import InvalidInput, UpstreamUnavailable
+from pledge.prices import price_problem
 
 log = structlog.get_logger(__name__)
 
-MAX_PRICE = Decimal(10) ** 12  # RUB per BTC; anything above is a unit or parsing mistake
 PRICE_DECIMAL_PLACES = 8
 _PRICE_QUANTUM = Decimal(1).scaleb(-PRICE_DECIMAL_PLACES)
 MAX_RESPONSE_BYTES = 1 << 20  # a price answer is small; a huge one is a wrong or hostile URL
@@ -67,7 +67,7 @@ class PriceQuote:
         # Programming errors, not user input: sources validate before building a quote.
         if not isinstance(self.price_rub_per_btc, Decimal):
             raise TypeError("price_rub_per_btc must be a Decimal, never a float")
-        problem = _price_problem(self.price_rub_per_btc)
+        problem = price_problem(self.price_rub_per_btc)
         if problem is not None:
             raise ValueError(f"price {problem}")
         if self.quoted_at.tzinfo is None or self.quoted_at.utcoffset() is None:
@@ -80,17 +80,6 @@ class PriceSource(Protocol):
     name: str
 
     def quote(self) -> PriceQuote: ...
-
-
-def _price_problem(price: Decimal) -> str | None:
-    """Why `price` cannot be a BTC/RUB price, or None when it can."""
-    if not price.is_finite():
-        return "is not a finite number"
-    if price <= 0:
-        return "must be positive"
-    if price > MAX_PRICE:
-        return f"is above the sanity ceiling {MAX_PRICE:f}"
-    return None
 
 
 def _decimal_places(price: Decimal) -> int:
@@ -124,7 +113,7 @@ class ManualPriceSource:
         if not isinstance(price, Decimal):
             # A float has already lost digits; an int would pass but say "be exact" once.
             raise InvalidInput("price must be a decimal number (not a float)", field="price")
-        problem = _price_problem(price)
+        problem = price_problem(price)
         if problem is not None:
             raise InvalidInput(f"price {problem}", field="price")
         if _decimal_places(price) > PRICE_DECIMAL_PLACES:
@@ -309,7 +298,7 @@ class HttpJsonPriceSource:
 
     def _price(self, value: Any) -> Decimal:
         price = self._number(value, "price")
-        problem = _price_problem(price)
+        problem = price_problem(price)
         if problem is not None:
             raise self._unavailable(f"price {price} {problem}")
         return price

@@ -136,7 +136,10 @@ def test_manual_refuses_bad_prices(price: Decimal, why: str) -> None:
 
 def test_manual_accepts_edges_and_refuses_naive_time_or_anonymous() -> None:
     source = ManualPriceSource("desk")
-    assert source.set(Decimal(10) ** 12, NOW, "ivan").source == "desk"
+    # the ceiling is the kernel's, shared with the bank's signer: 10**12 itself is refused
+    assert source.set(Decimal(10) ** 12 - 1, NOW, "ivan").source == "desk"
+    with pytest.raises(InvalidInput, match="sanity ceiling"):
+        source.set(Decimal(10) ** 12, NOW, "ivan")
     assert source.set(Decimal("1.000000000000"), NOW, "ivan").price_rub_per_btc == 1  # zeros only
     assert source.set(Decimal("0.00000001"), NOW, "ivan").price_rub_per_btc == Decimal("1E-8")
     with pytest.raises(InvalidInput) as caught:

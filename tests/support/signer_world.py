@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from embit.bip32 import HDKey as EmbitHDKey
 
 from custody.signing.psbt import CollateralInput, PayTo, PayToCollateral, build_psbt
@@ -36,35 +34,16 @@ from hsm.softhsm import SoftHsmToken, create_token
 from hsm.software import SoftwareHDSigner
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
-from pledge.statements import iso, sign_statement
+from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.people import Staff, new_staff
 from regtest.price_feed import PriceFeed
 from regtest.wait import wait_until
 
 NETWORK = "regtest"
 FEE_SATS = 2_000
 MAX_FEE_SATS = 20_000
-
-
-@dataclass(frozen=True)
-class Staff:
-    """One enrolled person and the private key on their own machine."""
-
-    name: str
-    role: str
-    key: ed25519.Ed25519PrivateKey
-
-    @property
-    def public_hex(self) -> str:
-        return self.key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
-
-    def endorse(self, statement: dict[str, Any]) -> dict[str, str]:
-        return {"person": self.name, "signature": sign_statement(self.key, statement)}
-
-
-def new_staff(name: str, role: str) -> Staff:
-    return Staff(name, role, ed25519.Ed25519PrivateKey.generate())
 
 
 def expires(minutes: float = 60) -> str:
