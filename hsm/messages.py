@@ -8,9 +8,11 @@ attempt to claim something, and is refused rather than ignored.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from pledge.actions import BANK_ACTIONS, BankAction
 
 __all__ = [
     "BANK_ACTIONS",
@@ -23,8 +25,6 @@ __all__ = [
     "StatementBody",
 ]
 
-BankAction = Literal["release", "liquidation", "partial_liquidation"]
-BANK_ACTIONS: tuple[str, ...] = ("release", "liquidation", "partial_liquidation")
 
 LoanRef = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")

@@ -21,13 +21,14 @@ import math
 from dataclasses import dataclass, field
 from decimal import Decimal
 from io import BytesIO
-from typing import Final, Literal, get_args
+from typing import Final
 
 from embit.psbt import PSBT, InputScope, read_string
 from embit.script import Script
 from embit.transaction import SIGHASH, Transaction, TransactionOutput
 
 from hsm.signer import PolicyViolation
+from pledge.actions import ACTIONS, LIQUIDATIONS, RELEASES, ActionName
 from pledge.addresses import address_script_pubkey
 from pledge.amounts import partial_liquidation_split, sats_for_kopecks
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
@@ -45,12 +46,8 @@ __all__ = [
     "evaluate_psbt",
 ]
 
-ActionName = Literal[
-    "release", "liquidation", "partial_liquidation", "dispute_release", "dispute_liquidation"
-]
-ACTIONS: Final[tuple[str, ...]] = get_args(ActionName)
-_RELEASES: Final = frozenset({"release", "dispute_release"})
-_LIQUIDATIONS: Final = frozenset({"liquidation", "dispute_liquidation"})
+_RELEASES: Final = RELEASES
+_LIQUIDATIONS: Final = LIQUIDATIONS
 
 MAX_PSBT_BASE64_CHARS: Final = 4_000_000
 LOCKTIME_THRESHOLD: Final = 500_000_000  # below: a block height; at or above: a timestamp

@@ -9,6 +9,7 @@ reads every import statement (including ones inside functions) with `ast`, so a 
 from __future__ import annotations
 
 import ast
+import typing
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,15 @@ def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from custody.loans import service\n    return service\n")
     assert _imports(sample) == [(2, "custody.loans")]
+
+
+@pytest.mark.unit
+def test_one_action_vocabulary() -> None:
+    """The service's actions and the signer's are the kernel's, name for name."""
+    from custody.db.models import SigningAction
+    from hsm.messages import SignBody
+    from pledge.actions import ACTIONS, BANK_ACTIONS
+
+    assert {a.value for a in SigningAction} == set(ACTIONS)
+    annotation = SignBody.model_fields["action"].annotation
+    assert set(typing.get_args(annotation)) == set(BANK_ACTIONS)

@@ -175,8 +175,9 @@ def test_liquidation_pays_the_bank_what_the_evidence_says() -> None:
         ("miner_return", 5_000_000 - FEE - 2_500_000),
     )
     assert sum(a for _, a in report.outputs) + report.fee_sats == report.total_in_sats
-    dispute = replace(LIQUIDATION, action="dispute_liquidation")
-    assert check_psbt(liquidation_psbt(loan), loan.ctx, dispute).action == "dispute_liquidation"
+    # an action outside the kernel's vocabulary is refused, however well the PSBT matches
+    unknown = replace(LIQUIDATION, action="dispute_liquidation")
+    assert refused(liquidation_psbt(loan), loan.ctx, unknown).check == "approved_action"
 
 
 def test_liquidation_tolerance_is_a_hard_bound() -> None:
