@@ -6,7 +6,7 @@ import base64
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from custody.api.deps import (
@@ -38,6 +38,7 @@ from custody.loans.schemas import (
     AddressOut,
     DepositOut,
     EndorsementIn,
+    EnrolmentIn,
     FeeBump,
     KeyIn,
     LoanCreate,
@@ -180,6 +181,33 @@ def record_repayment(
         paid_at=body.paid_at,
         repayment_id=body.repayment_id,
     )
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-people", status_code=201, tags=["signing"])
+def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """Open the statement that enrols a person (and their approval key) in the bank's
+    signer; two admins enrolled in the signer sign it."""
+    st = signer_statements.request_enrolment(
+        session,
+        ctx,
+        name=body.name,
+        role=body.role,
+        algorithm=body.algorithm,
+        public_key=body.public_key.lower(),
+    )
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-people/{name}/removal", status_code=201, tags=["signing"])
+def remove_person(
+    name: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")],
+    session: SessionDep,
+    ctx: ContextDep,
+) -> dict[str, Any]:
+    """Open the statement that removes a person from the bank's signer (two other
+    enrolled admins sign it); nothing changes until the signer has checked them."""
+    st = signer_statements.request_removal(session, ctx, name=name)
     return signer_statements.statement_view(session, st)
 
 

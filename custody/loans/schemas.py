@@ -214,6 +214,15 @@ class EndorsementIn(Strict):
     signature: str = Field(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9+/=]+$")
 
 
+class EnrolmentIn(Strict):
+    """A person to enrol in the bank's signer, with the public half of their approval key."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
+    role: Literal["admin", "bank_operator", "bank_approver"]
+    algorithm: Literal["ed25519", "p256"] = "ed25519"
+    public_key: str = Field(min_length=64, max_length=200, pattern=r"^[0-9a-fA-F]+$")
+
+
 class RepaymentIn(Strict):
     amount_kopecks: Annotated[StrictInt, Field(gt=0, le=10**15)]
     paid_at: AwareDatetime

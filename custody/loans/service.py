@@ -231,7 +231,7 @@ def register_key(
     loan = get_loan(session, ctx, loan_id)
     seat_for(ctx.principal, loan, seat)
     key = _parse_key(body, seat, ctx.network)
-    return _store_key(session, ctx, loan, seat, key)
+    return store_key(session, ctx, loan, seat, key)
 
 
 def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:
@@ -244,7 +244,7 @@ def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:
         raise Conflict(f"the {seat.value} key of loan {loan.id} is already registered", field="key")
 
 
-def _store_key(
+def store_key(
     session: Session,
     ctx: Context,
     loan: Loan,

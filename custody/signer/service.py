@@ -42,7 +42,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
-from custody.loans.service import Context, _store_key, get_loan, loan_keys
+from custody.loans.service import Context, get_loan, loan_keys, store_key
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
 from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
@@ -241,6 +241,30 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
         expires_at=utcnow() + STATEMENT_TTL,
     )
     return _open(session, ctx, kind="register_loan", body=body, loan_id=loan_id)
+
+
+def request_enrolment(
+    session: Session, ctx: Context, *, name: str, role: str, algorithm: str, public_key: str
+) -> SignerStatement:
+    """Open the statement that enrols a person in the bank's signer; two enrolled admins
+    sign it (`custody approve --statement ID`). The signer checks the key and the names."""
+    require_role(ctx.principal, Role.admin)
+    body = {
+        "kind": "enroll",
+        "name": name,
+        "role": role,
+        "algorithm": algorithm,
+        "public_key": public_key,
+        "expires_at": iso(utcnow() + STATEMENT_TTL),
+    }
+    return _open(session, ctx, kind="enroll", body=body)
+
+
+def request_removal(session: Session, ctx: Context, *, name: str) -> SignerStatement:
+    """Open the statement that removes a person from the signer (two other admins sign)."""
+    require_role(ctx.principal, Role.admin)
+    body = {"kind": "remove", "name": name, "expires_at": iso(utcnow() + STATEMENT_TTL)}
+    return _open(session, ctx, kind="remove", body=body)
 
 
 def request_repayment(
@@ -511,7 +535,7 @@ def _apply(
             never_extractable=bool(result.get("never_extractable")),
         )
         key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
-        _store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
+        store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
         if loan.descriptor != result["descriptor"]:
             raise Conflict(
                 "the signer's descriptor for this loan differs from the service's: refusing "

@@ -7,6 +7,7 @@ on both databases."""
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -186,6 +187,24 @@ CASES: list[Case] = [
         },
         body=lambda w, c: w.staff["operator"].endorse(c["statement_body"]),
         needs="statement",
+    ),
+    Case(
+        "POST",
+        "/v1/signer-people",
+        lambda w, c: "/v1/signer-people",
+        # Only an admin opens an enrolment; two admins enrolled in the signer sign it.
+        {**{who: 403 for who in WHO}, "admin": 201},
+        body=lambda w, c: {
+            "name": f"new.person{secrets.token_hex(3)}",
+            "role": "bank_approver",
+            "public_key": secrets.token_hex(32),
+        },
+    ),
+    Case(
+        "POST",
+        "/v1/signer-people/{name}/removal",
+        lambda w, c: "/v1/signer-people/anton.approver/removal",
+        {**{who: 403 for who in WHO}, "admin": 201},
     ),
     Case(
         "POST",

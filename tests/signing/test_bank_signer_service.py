@@ -196,3 +196,38 @@ def test_a_lost_signer_call_is_retried(
     assert done["state"] == "done", done
     twice = world.call("bank_approver", "POST", f"/v1/signer-statements/{sid}/retry")
     assert twice.status_code == 409
+
+
+def test_a_person_is_enrolled_through_the_service_by_two_signer_admins(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """An API admin only opens the enrolment: it takes effect when two admins enrolled in
+    the signer have signed it. The new approver can then approve; once removed, not."""
+    from regtest.people import new_staff
+
+    newcomer = new_staff("nina.approver", "bank_approver")
+    r = world.call(
+        "admin",
+        "POST",
+        "/v1/signer-people",
+        json={"name": newcomer.name, "role": "bank_approver", "public_key": newcomer.public_hex},
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert r.json()["statement"]["kind"] == "enroll"
+    world.staff["nina"] = newcomer
+    # an operator and an approver are not admins: the signer refuses, nothing changes
+    refused = world.sign_statement(sid, "operator", "approver", submitter="admin").json()
+    assert refused["state"] == "open" and "approval_roles" in refused["outcome"]
+    done = world.sign_statement(sid, "admin1", "admin2", submitter="admin").json()
+    assert done["state"] == "done", done
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    psbt = the_psbt(world, "miner", req["id"])
+    assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
+    assert bank_sign(world, req["id"], "operator", "nina").json()["state"] == "done"
+    gone = world.call("admin", "POST", f"/v1/signer-people/{newcomer.name}/removal")
+    assert gone.status_code == 201
+    removed = world.sign_statement(gone.json()["id"], "admin1", "admin2", submitter="admin")
+    assert removed.json()["state"] == "done"
+    assert bank_signer.client.health()["people"] == 6  # two admins and four staff remain
