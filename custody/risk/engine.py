@@ -227,7 +227,19 @@ class RiskEngine:
         if key is not None:
             if self.signer is None:
                 raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
-            valuation = self.signer.valuation(signer_loan_ref(key))
+            try:
+                valuation = self.signer.valuation(signer_loan_ref(key))
+            except PolicyViolation as refusal:  # e.g. its own price is stale: it will not say
+                record(
+                    session,
+                    actor=ACTOR,
+                    action="signer.refused",
+                    loan_id=loan.id,
+                    decision="refused",
+                    reason=refusal.reason,
+                    data={"check": refusal.check, "engine": evidence, "step": "valuation"},
+                )
+                return None
             if valuation["verdict"] != "liquidate":
                 record(
                     session,

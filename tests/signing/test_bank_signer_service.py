@@ -231,3 +231,39 @@ def test_a_person_is_enrolled_through_the_service_by_two_signer_admins(
     removed = world.sign_statement(gone.json()["id"], "admin1", "admin2", submitter="admin")
     assert removed.json()["state"] == "done"
     assert bank_signer.client.health()["people"] == 6  # two admins and four staff remain
+
+
+def test_the_engine_liquidates_nothing_when_the_signer_has_no_price(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """The service's price says liquidate; the signer's own feed is stale. The signer
+    will not value the loan, so nothing is liquidated, and the audit log says why."""
+    from datetime import UTC, datetime, timedelta
+    from decimal import Decimal
+
+    from custody.risk.engine import RiskEngine
+    from custody.risk.prices import ManualPriceSource as Manual
+    from custody.risk.prices import MedianPriceSource
+    from custody.signing.service import FeePolicy
+
+    f = funded_loan(world, regtest_node, watcher)
+    desk = Manual("desk")
+    desk.set(Decimal(1_000_000), datetime.now(UTC), by="test")  # a crash, per the service
+    engine = RiskEngine(
+        world.engine,
+        network="regtest",
+        prices=MedianPriceSource([desk], max_age=timedelta(minutes=10), max_spread_bps=200),
+        chain=regtest_node.rpc,
+        signer=bank_signer.client,
+        fees=FeePolicy(),
+    )
+    bank_signer.feed.set("1000000", quoted_at=datetime.now(UTC) - timedelta(hours=2))
+    before = bank_signer.c_sign_calls()
+    report = engine.run_once()
+    assert report.liquidations == [] and not report.errors, report
+    assert bank_signer.c_sign_calls() == before
+    actions = audit_actions(world.engine, loan_id=f.loan["id"])
+    assert "signer.refused" in actions
+    assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] != (
+        "liquidating"
+    )
