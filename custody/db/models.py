@@ -316,6 +316,9 @@ class SignerStatement(SQLModel, table=True):
     body: str = Field(sa_column=Column(Text, nullable=False))  # the statement, JSON
     state: StatementState = Field(sa_column=Column(String(16), nullable=False, index=True))
     outcome: str | None = Field(default=None, sa_column=Column(Text))
+    # What the signer answered (a signed PSBT, a key), kept before it is applied: if
+    # applying fails, a retry applies this again instead of asking the signer twice.
+    result: str | None = Field(default=None, sa_column=Column(Text))
     created_by: str = Field(sa_column=Column(String(120), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False)

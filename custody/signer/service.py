@@ -444,6 +444,7 @@ def execute(
             psbt, action = req.psbt, str(req.action)
             key = bank_hsm_key(session, req.loan_id)
             loan_ref = signer_loan_ref(key) if key else None
+        stored = json.loads(st.result) if st.result else None
         work = _Work(
             st.kind,
             json.loads(st.body),
@@ -455,6 +456,10 @@ def execute(
             action,
             loan_ref,
         )
+    if stored is not None:  # the signer acted before; only applying it failed
+        with transaction(engine) as session:
+            _apply(session, ctx, statement_id, work, stored, chain)
+        return {"state": "done", "result": stored}
     try:
         result = _call(signer, work)
     except PolicyViolation as refusal:
@@ -468,6 +473,12 @@ def execute(
             st.outcome = f"the signer could not be reached: {exc.message}"
             st.updated_at = utcnow()
         return {"state": "open", "reason": exc.message}
+    with transaction(engine) as session:  # keep what the signer did before applying it
+        st = session.get(SignerStatement, statement_id)
+        assert st is not None
+        st.result = json.dumps(result, sort_keys=True, default=str)
+        st.outcome = "the signer acted; applying its answer"
+        st.updated_at = utcnow()
     with transaction(engine) as session:
         _apply(session, ctx, statement_id, work, result, chain)
     return {"state": "done", "result": result}

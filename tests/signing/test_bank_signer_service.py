@@ -267,3 +267,65 @@ def test_the_engine_liquidates_nothing_when_the_signer_has_no_price(
     assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] != (
         "liquidating"
     )
+
+
+def test_a_signature_the_signer_made_is_not_lost_when_applying_it_fails(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """The signer signs, then the node is unreachable while the service broadcasts: the
+    signed PSBT is kept with the statement, and the retry applies it without asking the
+    signer again (its statement is used up: asking again would be refused)."""
+    from pledge.errors import UpstreamUnavailable
+
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    psbt = the_psbt(world, "miner", req["id"])
+    assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
+
+    class DownNode:
+        def __getattr__(self, name: str) -> object:
+            def down(*args: object, **kwargs: object) -> object:
+                raise UpstreamUnavailable("the node is down")
+
+            return down
+
+    app = world.client.app
+    real = app.state.chain  # type: ignore[attr-defined]
+    app.state.chain = DownNode()  # type: ignore[attr-defined]
+    before = bank_signer.c_sign_calls()
+    try:
+        r = world.call(
+            "bank_operator",
+            "POST",
+            f"/v1/signer-statements/{req['signer_statement_id']}/endorsements",
+            json=bank_signer.staff["operator"].endorse(
+                world.call(
+                    "bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}"
+                ).json()["statement"]
+            ),
+        )
+        assert r.status_code == 200
+        statement = world.call(
+            "bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}"
+        ).json()["statement"]
+        failed = world.call(
+            "bank_approver",
+            "POST",
+            f"/v1/signer-statements/{req['signer_statement_id']}/endorsements",
+            json=bank_signer.staff["approver"].endorse(statement),
+        )
+        assert failed.status_code == 503, failed.text
+    finally:
+        app.state.chain = real  # type: ignore[attr-defined]
+    signed_once = bank_signer.c_sign_calls()
+    assert signed_once == before + 1
+    view = world.call("bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}")
+    assert view.json()["state"] == "open" and "applying" in view.json()["outcome"]
+    done = world.call(
+        "bank_approver", "POST", f"/v1/signer-statements/{req['signer_statement_id']}/retry"
+    ).json()
+    assert done["state"] == "done", done
+    assert bank_signer.c_sign_calls() == signed_once  # not signed twice
+    assert world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["state"] == (
+        "broadcast"
+    )

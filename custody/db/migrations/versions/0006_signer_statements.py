@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("body", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("outcome", sa.Text(), nullable=True),
+        sa.Column("result", sa.Text(), nullable=True),
         sa.Column("created_by", sa.String(length=120), nullable=False),
         sa.Column("created_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("updated_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
