@@ -25,6 +25,7 @@ from custody.db.models import (
     Loan,
     LoanState,
     Principal,
+    RequestState,
     Role,
     SigningAction,
     SigningRequest,
@@ -35,7 +36,7 @@ from custody.loans.service import Context, change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing import service as signing
-from hsm.client import BankSigner
+from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
 from pledge.errors import UpstreamUnavailable
 from pledge.network import NetworkName
@@ -75,6 +76,19 @@ class RiskReport:
     cured: list[int] = field(default_factory=list)
     liquidations: list[int] = field(default_factory=list)  # signing request ids
     errors: dict[int, str] = field(default_factory=dict)
+
+
+UNSIGNED_GRACE = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class _SignerWork:
+    """What a loan's pass leaves for the bank's signer, done after its commit."""
+
+    loan_ref: str
+    liquidate: bool
+    quote: Any
+    evidence: dict[str, Any]
 
 
 def _robot() -> Principal:
@@ -122,6 +136,7 @@ class RiskEngine:
             self._paused = None
         quote = consensus.quote
         report.price = f"{quote.price_rub_per_btc} ({quote.source})"
+        self._reconcile_unsigned(now)  # first: a rebuilt loan is open again for this pass
         with Session(self.engine) as session:
             loan_ids = list(
                 session.exec(
@@ -135,18 +150,62 @@ class RiskEngine:
             assert loan_id is not None
             try:
                 with transaction(self.engine) as session:
-                    self._one(session, loan_id, quote, now, report)
+                    follow = self._one(session, loan_id, quote, now, report)
+                # The bank's signer is called with no database transaction open.
+                if follow is not None and follow.liquidate:
+                    request_id = self._liquidate_with_signer(loan_id, follow)
+                    if request_id is not None:
+                        report.liquidations.append(request_id)
+                elif follow is not None:
+                    self._let_the_signer_watch(loan_id, follow.loan_ref)
             except Exception as exc:  # one loan's trouble must not stop the others
                 report.errors[loan_id] = f"{type(exc).__name__}: {exc}"
                 log.error("risk pass failed for a loan", loan_id=loan_id, error=str(exc))
         return report
 
+    def _reconcile_unsigned(self, now: datetime) -> None:
+        """An automatic liquidation the signer never signed (a crash, or the signer down
+        between creating it and signing it) is cancelled, so this pass starts again from
+        fresh figures instead of leaving the loan liquidating with nobody to sign."""
+        from custody.signer.service import bank_hsm_key
+
+        cutoff = now - UNSIGNED_GRACE
+        with transaction(self.engine) as session:
+            stale = session.exec(
+                select(SigningRequest).where(
+                    SigningRequest.action == SigningAction.liquidation,
+                    SigningRequest.state == RequestState.awaiting_signatures,
+                    col(SigningRequest.created_by).startswith("risk_engine:"),
+                    col(SigningRequest.updated_at) < cutoff,
+                )
+            ).all()
+            ctx = Context(principal=_robot(), network=self.network)
+            for req in stale:
+                if (
+                    "bank" in req.signed_seats.split(",")
+                    or bank_hsm_key(session, req.loan_id) is None
+                ):
+                    continue
+                signing.cancel_unsigned(
+                    session,
+                    ctx,
+                    req,
+                    reason=("automatic liquidation never signed by the bank's signer: rebuilt"),
+                )
+
     def _one(
         self, session: Session, loan_id: int, quote: Quote, now: datetime, report: RiskReport
-    ) -> None:
+    ) -> _SignerWork | None:
+        """The engine's own view of one loan, in one transaction. What needs the bank's
+        signer (a valuation, a liquidation it must price and sign) is returned, to be
+        done after this transaction has committed."""
+        from custody.signer.service import bank_hsm_key, signer_loan_ref
+
         loan = session.get(Loan, loan_id)
         if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
-            return
+            return None
+        key = bank_hsm_key(session, loan_id)
+        loan_ref = signer_loan_ref(key) if key is not None else None
         collateral = session.exec(
             select(func.coalesce(func.sum(Deposit.amount_sats), 0)).where(
                 Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
@@ -165,10 +224,9 @@ class RiskEngine:
             margin_call_since=_aware(loan.margin_call_at) if loan.margin_call_at else None,
         )
         decision = evaluate(position, quote.price_rub_per_btc, now)
-        if decision.move != Move.liquidate and (
+        watch = decision.move != Move.liquidate and (
             loan.state == LoanState.margin_call or decision.move == Move.margin_call
-        ):
-            self._let_the_signer_watch(session, loan)
+        )
         evidence = {
             "price_rub_per_btc": str(quote.price_rub_per_btc),
             "price_source": quote.source,
@@ -192,30 +250,27 @@ class RiskEngine:
             loan.margin_call_at = None
             report.cured.append(loan_id)
         elif decision.move == Move.liquidate:
-            request_id = self._liquidate(session, loan, quote, evidence)
-            if request_id is not None:
-                report.liquidations.append(request_id)
+            if loan_ref is not None:
+                return _SignerWork(loan_ref, liquidate=True, quote=quote, evidence=evidence)
+            report.liquidations.append(self._liquidate(session, loan, quote, evidence))
+        if watch and loan_ref is not None:
+            return _SignerWork(loan_ref, liquidate=False, quote=quote, evidence=evidence)
+        return None
 
-    def _let_the_signer_watch(self, session: Session, loan: Loan) -> None:
+    def _let_the_signer_watch(self, loan_id: int, loan_ref: str) -> None:
         """A margin call's cure window counts for the bank's signer only while it keeps
         looking at the loan itself: ask it for a valuation on every pass of the window."""
-        from custody.signer.service import bank_hsm_key, signer_loan_ref
-
-        key = bank_hsm_key(session, loan.id or 0)
-        if key is None or self.signer is None:
+        if self.signer is None:
             return
         try:
-            self.signer.valuation(signer_loan_ref(key))
+            self.signer.valuation(loan_ref)
         except (PolicyViolation, UpstreamUnavailable) as exc:
-            log.warning("the bank's signer could not value a loan", loan_id=loan.id, error=str(exc))
+            log.warning("the bank's signer could not value a loan", loan_id=loan_id, error=str(exc))
 
     def _liquidate(
         self, session: Session, loan: Loan, quote: Quote, evidence: dict[str, Any]
-    ) -> int | None:
-        """Start a liquidation. When the bank's signer holds the bank key, its own
-        valuation decides and prices it; the engine's figures are only the hint."""
-        from custody.signer.service import bank_hsm_key, signer_loan_ref
-
+    ) -> int:
+        """Start a liquidation the bank signs on its own device (an xpub bank key)."""
         ctx = Context(principal=_robot(), network=self.network)
         params = signing.RequestParams(
             action=SigningAction.liquidation,
@@ -223,29 +278,55 @@ class RiskEngine:
             price_source=quote.source,
             risk_evidence={**evidence, "ltv_bps": evidence["ltv_bps"] or 0},
         )
-        key = bank_hsm_key(session, loan.id or 0)
-        if key is not None:
-            if self.signer is None:
-                raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
-            try:
-                valuation = self.signer.valuation(signer_loan_ref(key))
-            except PolicyViolation as refusal:  # e.g. its own price is stale: it will not say
+        req = signing.create_request(session, ctx, loan.id or 0, params, self.chain, self.fees)
+        self._started(session, loan, req, evidence)
+        self._notify(
+            session,
+            loan,
+            "signature.needed",
+            {"request_id": req.id, "seats": ["bank", "arbiter"], "action": "liquidation"},
+        )
+        assert req.id is not None
+        return req.id
+
+    def _started(
+        self, session: Session, loan: Loan, req: SigningRequest, evidence: dict[str, Any]
+    ) -> None:
+        self._notify(
+            session,
+            loan,
+            "liquidation.started",
+            {**evidence, "request_id": req.id, "unsigned_txid": req.unsigned_txid},
+        )
+
+    def _liquidate_with_signer(self, loan_id: int, work: _SignerWork) -> int | None:
+        """A liquidation of a loan whose bank key the signer holds: its own valuation
+        decides and prices it (the engine's figures are only the hint), then it signs.
+        Each call to the signer happens between two committed transactions."""
+        if self.signer is None:
+            raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
+        evidence = work.evidence
+        try:
+            valuation = self.signer.valuation(work.loan_ref)
+        except PolicyViolation as refusal:  # e.g. its own price is stale: it will not say
+            with transaction(self.engine) as session:
                 record(
                     session,
                     actor=ACTOR,
                     action="signer.refused",
-                    loan_id=loan.id,
+                    loan_id=loan_id,
                     decision="refused",
                     reason=refusal.reason,
                     data={"check": refusal.check, "engine": evidence, "step": "valuation"},
                 )
-                return None
-            if valuation["verdict"] != "liquidate":
+            return None
+        if valuation["verdict"] != "liquidate":
+            with transaction(self.engine) as session:
                 record(
                     session,
                     actor=ACTOR,
                     action="risk.signer_disagrees",
-                    loan_id=loan.id,
+                    loan_id=loan_id,
                     decision="not_liquidated",
                     reason=(
                         f"the bank's signer sees LTV {valuation['ltv_bps']} bps at "
@@ -253,40 +334,59 @@ class RiskEngine:
                     ),
                     data={"engine": evidence, "signer_valuation": valuation["valuation_id"]},
                 )
+            return None
+        params = signing.RequestParams(
+            action=SigningAction.liquidation,
+            price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
+            price_source="bank signer valuation " + str(valuation["valuation_id"]),
+            risk_evidence={**evidence, "signer_reasons": valuation["reasons"]},
+            debt_kopecks=int(valuation["debt_kopecks"]),
+            valuation_id=str(valuation["valuation_id"]),
+        )
+        ctx = Context(principal=_robot(), network=self.network)
+        with transaction(self.engine) as session:
+            loan = session.get(Loan, loan_id)
+            if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
+                return None  # another pass or person moved it meanwhile
+            req = signing.create_request(
+                session, ctx, loan_id, params, self.chain, self.fees, self.signer
+            )
+            self._started(session, loan, req, evidence)
+            request_id, psbt = req.id or 0, req.psbt
+        outcome: Signed | PolicyViolation
+        try:
+            outcome = self.signer.sign(
+                work.loan_ref,
+                "liquidation",
+                psbt,
+                automatic=True,
+                valuation_id=params.valuation_id,
+            )
+        except PolicyViolation as refusal:
+            outcome = refusal
+        # SignerUnavailable propagates: the request stays, and the next pass's reconcile
+        # cancels it if it is still unsigned by then.
+        with transaction(self.engine) as session:
+            decision = signing.record_automatic_signature(
+                session, ctx, request_id, outcome, self.chain
+            )
+            loan = session.get(Loan, loan_id)
+            assert loan is not None
+            if decision.refused:
+                log.error(
+                    "bank signer refused an automatic liquidation",
+                    loan_id=loan_id,
+                    check=decision.check,
+                    reason=decision.refused,
+                )
                 return None
-            params = signing.RequestParams(
-                action=SigningAction.liquidation,
-                price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
-                price_source="bank signer valuation " + str(valuation["valuation_id"]),
-                risk_evidence={**evidence, "signer_reasons": valuation["reasons"]},
-                debt_kopecks=int(valuation["debt_kopecks"]),
-                valuation_id=str(valuation["valuation_id"]),
+            self._notify(
+                session,
+                loan,
+                "signature.needed",
+                {"request_id": request_id, "seat": "arbiter", "action": "liquidation"},
             )
-        req = signing.create_request(
-            session, ctx, loan.id or 0, params, self.chain, self.fees, self.signer
-        )
-        self._notify(
-            session,
-            loan,
-            "liquidation.started",
-            {**evidence, "request_id": req.id, "unsigned_txid": req.unsigned_txid},
-        )
-        decision = signing.automatic_liquidation_sign(session, ctx, req, self.signer, self.chain)
-        if decision.refused:
-            log.error(
-                "bank signer refused an automatic liquidation",
-                loan_id=loan.id,
-                check=decision.check,
-                reason=decision.refused,
-            )
-        self._notify(
-            session,
-            loan,
-            "signature.needed",
-            {"request_id": req.id, "seat": "arbiter", "action": "liquidation"},
-        )
-        assert req.id is not None
-        return req.id
+        return request_id
 
     def _notify(self, session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
         if self.notify is not None:

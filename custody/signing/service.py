@@ -50,7 +50,7 @@ from custody.signing.psbt import (
     signers_per_input,
     unsigned_txid,
 )
-from hsm.client import BankSigner
+from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
 from pledge.addresses import address_script_pubkey
 from pledge.amounts import (
@@ -748,6 +748,11 @@ def _cancel_statement(
             )
 
 
+def cancel_unsigned(session: Session, ctx: Context, req: SigningRequest, *, reason: str) -> None:
+    """Cancel an automatic request nobody will sign as it is (the risk engine's reconcile)."""
+    _close_cancelled(session, ctx, req, reason=reason)
+
+
 def _close_cancelled(session: Session, ctx: Context, req: SigningRequest, *, reason: str) -> None:
     req.state, req.open_key, req.updated_at = RequestState.cancelled, None, utcnow()
     session.add(req)
@@ -1034,32 +1039,19 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
     return HsmDecision(req)
 
 
-def automatic_liquidation_sign(
+def record_automatic_signature(
     session: Session,
     ctx: Context,
-    req: SigningRequest,
-    signer: BankSigner | None,
+    request_id: int,
+    outcome: Signed | PolicyViolation,
     chain: Chain,
 ) -> HsmDecision:
-    """The bank's signer signs an automatic liquidation on its own valuation, or says why
-    not. The risk engine's view is a hint: the signer decides from its own figures."""
-    from custody.signer.service import bank_hsm_key, signer_loan_ref
-
-    key = bank_hsm_key(session, req.loan_id)
-    if key is None:
-        return HsmDecision(req)
-    if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured for this service")
-    valuation_id = evidence(req).get("valuation_id")
-    try:
-        signed = signer.sign(
-            signer_loan_ref(key),
-            str(req.action),
-            req.psbt,
-            automatic=True,
-            valuation_id=valuation_id,
-        )
-    except PolicyViolation as refusal:
+    """What the bank's signer did with an automatic liquidation, asked outside any
+    transaction: its signatures taken like any upload, or its refusal recorded (and the
+    request cancelled, so the next risk pass starts again from fresh figures)."""
+    req = session.get(SigningRequest, request_id)
+    assert req is not None
+    if isinstance(outcome, PolicyViolation):
         record(
             session,
             actor=ctx.actor,
@@ -1067,10 +1059,12 @@ def automatic_liquidation_sign(
             loan_id=req.loan_id,
             request_id=req.id,
             decision="refused",
-            reason=refusal.reason,
-            data={"check": refusal.check, "automatic": True},
+            reason=outcome.reason,
+            data={"check": outcome.check, "automatic": True},
         )
-        return HsmDecision(req, refused=refusal.reason, check=refusal.check)
+        req.reject_reason = f"refused by the bank's signer ({outcome.check}): {outcome.reason}"
+        _close_cancelled(session, ctx, req, reason="the bank's signer refused it")
+        return HsmDecision(req, refused=outcome.reason, check=outcome.check)
     record(
         session,
         actor=ctx.actor,
@@ -1078,7 +1072,7 @@ def automatic_liquidation_sign(
         loan_id=req.loan_id,
         request_id=req.id,
         decision="signed",
-        reason=signed.authorized,
-        data={"automatic": True, "fee_sats": signed.report.get("fee_sats")},
+        reason=outcome.authorized,
+        data={"automatic": True, "fee_sats": outcome.report.get("fee_sats")},
     )
-    return HsmDecision(add_signatures(session, ctx, req.id or 0, signed.psbt, chain, via="hsm"))
+    return HsmDecision(add_signatures(session, ctx, request_id, outcome.psbt, chain, via="hsm"))
