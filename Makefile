@@ -22,7 +22,7 @@ LINT_PATHS := pledge custody hsm regtest
 help:
 	@echo "make test       set up (apt, .venv, btcd) and run pytest -n 2 over tests/"
 	@echo "make demo       set up and run the regtest demo (python -m regtest.demo)"
-	@echo "make lint       ruff + mypy on $(LINT_PATHS)"
+	@echo "make lint       ruff + mypy on $(LINT_PATHS), then lint-imports (layer contracts)"
 	@echo "make bench      run the benchmarks"
 	@echo "make bootstrap  only the set-up"
 	@echo "make clean      remove caches (.cache incl. btcd and Go modules, tool caches)"
@@ -40,9 +40,13 @@ test: bootstrap
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests - failing" >&2; fi; \
 	exit $$rc
 
+# lint-imports checks the [tool.importlinter] contracts of pyproject.toml (ARCHITECTURE.md);
+# it runs from the repository root, which it puts on sys.path (bench/ and tests/ are not
+# installed). Its graph cache lives under .cache/ (git-ignored, removed by `make clean`).
 lint: bootstrap-venv
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/mypy $(LINT_PATHS)
+	cd $(ROOT) && $(VENV)/bin/lint-imports --no-logo --cache-dir $(ROOT)/.cache/import-linter
 
 demo: bootstrap
 	$(PYTHON_VENV) -m regtest.demo

@@ -1,9 +1,13 @@
 """Suite-wide fixtures. The real parts (btcd, SoftHSM2, PostgreSQL) come from the
-plugins below; a test that needs one fails, never skips, when it is missing."""
+plugins below; a test that needs one fails, never skips, when it is missing.
+
+Every test is marked by the real parts it needs (see `pytest_collection_modifyitems`):
+`node`, `hsm`, `postgres`, or `unit` when it needs none, so `pytest -m unit` is a fast
+run with no btcd, no SoftHSM2 token and no PostgreSQL server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -18,6 +22,58 @@ pytest_plugins = [
     "regtest.pg_pytest_plugin",
     "hsm.pytest_plugin",
 ]
+
+# The fixture that starts each real part. Everything needing one depends on it
+# (`faucet`, `regtest_fund`, `watcher` on `regtest_node`; `pkcs11_signer`, `bank_signer`,
+# `signer_world`, the signer worlds on `softhsm_token`; `postgres_url` on
+# `postgres_server`), and `item.fixturenames` is the test's whole fixture closure.
+REAL_PART_FIXTURES: Mapping[str, str] = {
+    "node": "regtest_node",
+    "hsm": "softhsm_token",
+    "postgres": "postgres_server",
+}
+# A fixture parametrized with this value asks for PostgreSQL at run time
+# (`request.getfixturevalue`), which the static closure cannot see: `db_url` (and so
+# `engine`, `world`, ...) and tests/api/test_authorization.py's `world`.
+POSTGRES_PARAM = "postgres"
+REAL_PARTS = frozenset(REAL_PART_FIXTURES)
+
+
+def real_parts(item: pytest.Item) -> set[str]:
+    """The real parts `item` needs, from its fixtures and its fixtures' parameters."""
+    names = set(getattr(item, "fixturenames", ()))
+    parts = {part for part, fixture in REAL_PART_FIXTURES.items() if fixture in names}
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        defs = item._fixtureinfo.name2fixturedefs  # type: ignore[attr-defined]
+        for name, value in callspec.params.items():
+            parametrized_fixture = name in defs and defs[name][-1].params is not None
+            if parametrized_fixture and value == POSTGRES_PARAM:
+                parts.add("postgres")
+    return parts
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test `node`/`hsm`/`postgres` by what it needs, else `unit`.
+
+    Explicit marks stay (a test that starts a process itself, without the fixtures,
+    says so with a mark); a test explicitly marked `unit` that needs a real part is an
+    error, since `-m unit` would then start it.
+    """
+    wrong: list[str] = []
+    for item in items:
+        explicit = {m.name for m in item.iter_markers() if m.name in REAL_PARTS | {"unit"}}
+        needs = real_parts(item) | (explicit & REAL_PARTS)
+        if "unit" in explicit and needs:
+            wrong.append(f"{item.nodeid} (needs {', '.join(sorted(needs))})")
+            continue
+        for part in sorted(needs - explicit):
+            item.add_marker(part)
+        if not needs and "unit" not in explicit:
+            item.add_marker("unit")
+    if wrong:
+        raise pytest.UsageError("marked unit but needs a real part:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

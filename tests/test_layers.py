@@ -9,8 +9,10 @@ reads every import statement (including ones inside functions) with `ast`, so a 
 from __future__ import annotations
 
 import ast
+import tomllib
 import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -53,6 +55,37 @@ def test_the_check_sees_a_lazy_import(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text("def f():\n    from custody.loans import service\n    return service\n")
     assert _imports(sample) == [(2, "custody.loans")]
+
+
+def _import_linter_contracts() -> list[dict[str, Any]]:
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    contracts: list[dict[str, Any]] = config["tool"]["importlinter"]["contracts"]
+    return contracts
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_import_linter_checks_the_same_rule(package: str) -> None:
+    """`make lint` (lint-imports) enforces this file's rules too, with indirect imports."""
+    assert any(
+        c["type"] == "forbidden"
+        and c["source_modules"] == [package]
+        and set(c["forbidden_modules"]) == FORBIDDEN[package]
+        for c in _import_linter_contracts()
+    ), f"no import-linter contract in pyproject.toml forbids {package} -> {FORBIDDEN[package]}"
+
+
+@pytest.mark.unit
+def test_the_api_contract_names_every_custody_module() -> None:
+    """Only custody.api and custody.cli may import custody.api. The import-linter contract
+    lists its source modules one by one: a new custody module must be added to it."""
+    (contract,) = [
+        c for c in _import_linter_contracts() if c.get("forbidden_modules") == ["custody.api"]
+    ]
+    here = ROOT / "custody"
+    modules = {f"custody.{p.stem}" for p in here.glob("*.py") if p.stem != "__init__"}
+    packages = {f"custody.{p.parent.name}" for p in here.glob("*/__init__.py")}
+    assert set(contract["source_modules"]) == (modules | packages) - {"custody.api", "custody.cli"}
 
 
 @pytest.mark.unit
