@@ -66,6 +66,9 @@ log = structlog.get_logger(__name__)
 
 KEY_LABEL_PREFIX: Final = "pledge-loan:"
 STATEMENT_TTL: Final = timedelta(hours=24)
+# The signer's terms carry one confirmation count per loan; when the loan names none, the
+# watcher's rule for large deposits (3) is what it gets, the cautious side of the two.
+SIGNER_CONFIRMATIONS: Final = 3
 # Refusals that more or other signatures can still fix: the statement stays open.
 RECOVERABLE: Final = frozenset(
     {"approval_roles", "approval_unknown_person", "approval_signature", "approval_duplicate"}
@@ -205,7 +208,7 @@ def registration_statement(
             "margin_call_ltv_bps": loan.margin_call_ltv_bps,
             "liquidation_ltv_bps": loan.liquidation_ltv_bps,
             "cure_window_hours": loan.cure_window_hours,
-            "required_confirmations": loan.required_confirmations or 1,
+            "required_confirmations": loan.required_confirmations or SIGNER_CONFIRMATIONS,
             "target_ltv_bps": loan.target_ltv_bps or 6_000,
         },
         "miner_return_address": loan.miner_return_address,

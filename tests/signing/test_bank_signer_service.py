@@ -30,6 +30,9 @@ def test_the_bank_key_needs_two_enrolled_people(world: World, bank_signer: Signe
     view = r.json()
     assert view["kind"] == "register_loan" and view["state"] == "open"
     assert view["statement"]["terms"]["principal_kopecks"] == loan["terms"]["principal_kopecks"]
+    # the loan names no confirmation count: the signer gets the watcher's cautious one
+    assert loan["terms"]["required_confirmations"] is None
+    assert view["statement"]["terms"]["required_confirmations"] == 3
     # two operators are not 4 eyes: the signer refuses, the statement stays open
     refused = world.sign_statement(view["id"], "operator", "operator2").json()
     assert refused["state"] == "open" and "approval_roles" in refused["outcome"]
