@@ -321,12 +321,15 @@ def audit_verify(session: SessionDep, principal: PrincipalDep) -> dict[str, Any]
 def create_signing_request(
     loan_id: int,
     body: SigningRequestCreate,
-    session: SessionDep,
-    ctx: ContextDep,
+    request: Request,
+    settings: SettingsDep,
     chain: ChainDep,
     fees: FeesDep,
     signer: SignerDep,
 ) -> SigningRequestOut | JSONResponse:
+    """Build the PSBT (and, when the bank's signer holds the key, have it issue the
+    statement to sign); the node and the signer are called with no transaction open."""
+    ctx = _context(request, settings)
     params = signing.RequestParams(
         action=SigningAction(body.action),
         fee_rate_sat_vb=body.fee_rate_sat_vb,
@@ -334,7 +337,7 @@ def create_signing_request(
         price_source=body.price_source,
         target_ltv_bps=body.target_ltv_bps,
     )
-    req = signing.create_request(session, ctx, loan_id, params, chain, fees, signer)
+    req = signing.open_request(request.app.state.engine, ctx, loan_id, params, chain, fees, signer)
     if req.reject_reason and req.state == "cancelled":
         # the signer refused the PSBT: the cancelled request and the audit row are kept
         return JSONResponse(
@@ -410,9 +413,17 @@ def retry_broadcast(
 
 @router.post("/signing-requests/{request_id}/cancel", tags=["signing"])
 def cancel_signing_request(
-    request_id: int, session: SessionDep, ctx: ContextDep, signer: SignerDep
+    request_id: int, request: Request, settings: SettingsDep, signer: SignerDep
 ) -> SigningRequestOut:
-    return request_out(signing.cancel(session, ctx, request_id, signer))
+    """Cancel it; its statement's approvals die with it (the signer is told after commit)."""
+    engine = request.app.state.engine
+    ctx = _context(request, settings)
+    with transaction(engine) as session:
+        req, nonce = signing.cancel(session, ctx, request_id)
+        out = request_out(req)
+    if nonce is not None:
+        signing.kill_statement(engine, ctx, req, nonce, signer)
+    return out
 
 
 @router.post("/signing-requests/{request_id}/bump", status_code=201, tags=["signing"])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
 
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
@@ -34,6 +35,7 @@ from custody.db.models import (
     SigningRequest,
     utcnow,
 )
+from custody.db.session import transaction
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import Context, change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
@@ -325,10 +327,15 @@ def create_request(
     chain: Chain,
     fees: FeePolicy,
     signer: BankSigner | None = None,
+    *,
+    issue_statement: bool = True,
 ) -> SigningRequest:
     """Build the request's PSBT. When the bank's signer holds the bank key it prices a
     liquidation itself (its own valuation) and issues the statement two bank people
-    sign; a refusal leaves the request cancelled with the signer's reason."""
+    sign; a refusal leaves the request cancelled with the signer's reason.
+
+    This runs inside the caller's transaction: `open_request` is the version that makes
+    every network call (node, signer) with no transaction open."""
     loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
@@ -361,8 +368,120 @@ def create_request(
         slot=slot,
         replaces=None,
     )
-    _bank_statement(session, ctx, req, params, signer)
+    if issue_statement:
+        _bank_statement(session, ctx, req, params, signer)
     return req
+
+
+class PrefetchedChain:
+    """The node's answers a request needs, fetched before its transaction opens: the
+    previous transactions of the loan's confirmed deposits and the fee estimate. Asked
+    for anything else (the collateral changed meanwhile), it refuses instead of calling."""
+
+    def __init__(self, chain: Chain, txids: list[str], conf_target: int) -> None:
+        self._txs = {txid: chain.get_raw_transaction(txid) for txid in dict.fromkeys(txids)}
+        self._estimate = chain.estimate_fee_rate_sat_vb(conf_target)
+
+    def get_raw_transaction(self, txid: str, block_hash: str | None = None) -> bytes:
+        raw = self._txs.get(txid)
+        if raw is None:
+            raise Conflict("the loan's collateral changed while the request was built: try again")
+        return raw
+
+    def estimate_fee_rate_sat_vb(self, conf_target: int) -> float | None:
+        return self._estimate
+
+    def test_mempool_accept(self, tx_hex: str, max_fee_rate_btc_kvb: float = 0.1) -> dict[str, Any]:
+        raise Conflict("building a request broadcasts nothing")
+
+    def send_raw_transaction(self, tx_hex: str) -> str:
+        raise Conflict("building a request broadcasts nothing")
+
+
+def open_request(
+    engine: Engine,
+    ctx: Context,
+    loan_id: int,
+    params: RequestParams,
+    chain: Chain,
+    fees: FeePolicy,
+    signer: BankSigner | None,
+) -> SigningRequest:
+    """`create_request` with every network call outside a database transaction: read what
+    is needed and commit; ask the signer for its valuation and the node for the inputs and
+    the fee; build and store the request; ask the signer for its statement; store it (or
+    the signer's refusal). A crash between the last two leaves a request with no statement:
+    it shows `signer_statement_id` null and is cancelled and asked for again."""
+    from custody.signer.service import bank_hsm_key, open_transaction_statement, signer_loan_ref
+
+    with transaction(engine) as session:
+        loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+        require_role(ctx.principal, *WHO_REQUESTS[params.action])
+        key = bank_hsm_key(session, loan_id)
+        loan_ref = signer_loan_ref(key) if key is not None else None
+        txids = list(
+            session.exec(
+                select(Deposit.txid).where(
+                    Deposit.loan_id == loan.id, Deposit.state == DepositState.confirmed
+                )
+            ).all()
+        )
+    if loan_ref is not None and params.valuation_id is None and params.action in (
+        SigningAction.liquidation,
+        SigningAction.partial_liquidation,
+    ):
+        if signer is None:
+            raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
+        params = _valued(params, signer.valuation(loan_ref))
+    prefetched = PrefetchedChain(chain, txids, fees.conf_target)
+    with transaction(engine) as session:
+        req = create_request(
+            session, ctx, loan_id, params, prefetched, fees, None, issue_statement=False
+        )
+        request_id, psbt = req.id or 0, req.psbt
+    needs_statement = (
+        loan_ref is not None
+        and KeyRole.bank in REQUIRED_SEATS[params.action]
+        and ctx.principal.role != Role.risk_engine
+    )
+    if not needs_statement:
+        return req
+    assert loan_ref is not None
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured for this service")
+    try:
+        prepared: dict[str, Any] | PolicyViolation = signer.prepare(
+            loan_ref, str(params.action), psbt, params.valuation_id
+        )
+    except PolicyViolation as refusal:
+        prepared = refusal
+    with transaction(engine) as session:
+        stored = session.get(SigningRequest, request_id)
+        assert stored is not None
+        req = stored
+        if isinstance(prepared, PolicyViolation):
+            _refused_request(session, ctx, req, prepared)
+        else:
+            st = open_transaction_statement(session, ctx, req, prepared)
+            ev = evidence(req)
+            ev["signer_statement_id"] = st.id
+            req.evidence_json = json.dumps(ev, default=str)
+            session.add(req)
+        return req
+
+
+def _valued(params: RequestParams, valuation: dict[str, Any]) -> RequestParams:
+    """The request priced by the bank signer's own valuation."""
+    return RequestParams(
+        action=params.action,
+        fee_rate_sat_vb=params.fee_rate_sat_vb,
+        price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
+        price_source="bank signer valuation " + str(valuation["valuation_id"]),
+        target_ltv_bps=params.target_ltv_bps,
+        risk_evidence=params.risk_evidence,
+        debt_kopecks=int(valuation["debt_kopecks"]),
+        valuation_id=str(valuation["valuation_id"]),
+    )
 
 
 def _priced_by_signer(
@@ -379,17 +498,7 @@ def _priced_by_signer(
         return params
     if signer is None:
         raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
-    valuation = signer.valuation(signer_loan_ref(key))
-    return RequestParams(
-        action=params.action,
-        fee_rate_sat_vb=params.fee_rate_sat_vb,
-        price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
-        price_source="bank signer valuation " + str(valuation["valuation_id"]),
-        target_ltv_bps=params.target_ltv_bps,
-        risk_evidence=params.risk_evidence,
-        debt_kopecks=int(valuation["debt_kopecks"]),
-        valuation_id=str(valuation["valuation_id"]),
-    )
+    return _valued(params, signer.valuation(signer_loan_ref(key)))
 
 
 def _bank_statement(
@@ -706,9 +815,11 @@ def retry_broadcast(
 # -- cancelling and fee bumps --------------------------------------------------------
 
 
-def cancel(
-    session: Session, ctx: Context, request_id: int, signer: BankSigner | None = None
-) -> SigningRequest:
+def cancel(session: Session, ctx: Context, request_id: int) -> tuple[SigningRequest, str | None]:
+    """Cancel an unbroadcast request; returns it with the nonce of the signer's statement
+    to kill, which the caller tells the signer once this transaction has committed
+    (`kill_statement`). Until then, or if the signer cannot be told, the statement is dead
+    here (cancelled) and expires there on its own."""
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, *WHO_REQUESTS[SigningAction(req.action)])
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
@@ -717,27 +828,31 @@ def cancel(
             "cancelled (a broadcast one can only be replaced by a fee bump)"
         )
     _close_cancelled(session, ctx, req, reason=f"{req.action} cancelled")
-    _cancel_statement(session, ctx, req, signer)
-    return req
+    return req, _cancel_statement(session, req)
 
 
-def _cancel_statement(
-    session: Session, ctx: Context, req: SigningRequest, signer: BankSigner | None
-) -> None:
-    """Kill the signer's statement of a cancelled request, so its approvals are dead.
-    If the signer cannot be told now, its statement still expires on its own."""
+def _cancel_statement(session: Session, req: SigningRequest) -> str | None:
     from custody.db.models import StatementState
     from custody.signer.service import transaction_statement_of
 
     st = transaction_statement_of(session, req.id or 0)
     if st is None or st.state != StatementState.open:
-        return
+        return None
     st.state, st.updated_at = StatementState.cancelled, utcnow()
     session.add(st)
-    if signer is not None and st.nonce:
-        try:
-            signer.cancel(st.nonce)
-        except (PolicyViolation, UpstreamUnavailable) as exc:
+    return st.nonce
+
+
+def kill_statement(
+    engine: Engine, ctx: Context, req: SigningRequest, nonce: str, signer: BankSigner | None
+) -> None:
+    """Tell the signer a cancelled request's statement is dead (no transaction open)."""
+    if signer is None:
+        return
+    try:
+        signer.cancel(nonce)
+    except (PolicyViolation, UpstreamUnavailable) as exc:
+        with transaction(engine) as session:
             record(
                 session,
                 actor=ctx.actor,

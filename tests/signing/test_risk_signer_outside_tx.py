@@ -131,3 +131,52 @@ def test_an_unsigned_automatic_liquidation_is_rebuilt_later(
     assert [r["state"] for r in requests] == ["cancelled", "awaiting_signatures"]
     assert requests[1]["signed_seats"] == ["bank"]
     assert "signing_request.cancelled" in audit_actions(world.engine, request_id=stuck["id"])
+
+
+class HeldPrepare(BankSigner):
+    """The real signer whose `prepare` waits until the test lets it go."""
+
+    def __init__(self, real: BankSigner) -> None:
+        super().__init__(real.transport)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def prepare(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self.entered.set()
+        assert self.release.wait(20), "the test never released the signer"
+        return super().prepare(*args, **kwargs)
+
+
+def test_a_request_waiting_on_the_signer_blocks_no_writer(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """`POST .../signing-requests` asks the signer for its statement with no transaction
+    open: while the signer is held, other writers (and other requests) go on."""
+    f = funded_loan(world, regtest_node, watcher)
+    held = HeldPrepare(bank_signer.client)
+    app = world.client.app
+    real = app.state.signer  # type: ignore[attr-defined]
+    app.state.signer = held  # type: ignore[attr-defined]
+    answer: dict[str, Any] = {}
+
+    def create() -> None:
+        r = world.call(
+            "bank_operator",
+            "POST",
+            f"/v1/loans/{f.loan['id']}/signing-requests",
+            json={"action": "release"},
+        )
+        answer.update(status=r.status_code, body=r.json())
+
+    creator = threading.Thread(target=create)
+    creator.start()
+    try:
+        assert held.entered.wait(20), "the request never reached the signer"
+        party = world.call("admin", "POST", "/v1/parties", json={"name": "p-held", "kind": "miner"})
+        assert party.status_code == 201, party.text  # a write while the signer is held
+    finally:
+        held.release.set()
+        creator.join(timeout=60)
+        app.state.signer = real  # type: ignore[attr-defined]
+    assert answer["status"] == 201, answer
+    assert answer["body"]["signer_statement_id"] is not None
