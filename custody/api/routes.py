@@ -388,12 +388,13 @@ def upload_signatures(
     request_id: int,
     request: Request,
     raw: RawBodyDep,
-    session: SessionDep,
-    ctx: ContextDep,
+    settings: SettingsDep,
     chain: ChainDep,
 ) -> SigningRequestOut:
     """A signed PSBT: JSON {"psbt": base64}, or the binary file (application/octet-stream).
-    Only new, verified signatures are kept; anything wrong refuses the whole upload."""
+    Only new, verified signatures are kept; anything wrong refuses the whole upload. At
+    quorum the transaction is broadcast after the signatures are committed."""
+    ctx = _context(request, settings)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             data: bytes | str = SignatureUpload.model_validate_json(raw).psbt
@@ -401,14 +402,28 @@ def upload_signatures(
             raise InvalidInput('body must be {"psbt": "<base64>"}', field="psbt") from exc
     else:
         data = raw
-    return request_out(signing.add_signatures(session, ctx, request_id, data, chain))
+    engine = request.app.state.engine
+    with transaction(engine) as session:
+        req = signing.add_signatures(session, ctx, request_id, data, chain, broadcast=False)
+        ready = req.state == "ready"
+    if ready:
+        signing.broadcast_ready(engine, ctx.actor, request_id, chain)
+    with transaction(engine) as session:
+        return request_out(signing.get_request(session, ctx, request_id))
 
 
 @router.post("/signing-requests/{request_id}/broadcast", tags=["signing"])
 def retry_broadcast(
-    request_id: int, session: SessionDep, ctx: ContextDep, chain: ChainDep
+    request_id: int, request: Request, settings: SettingsDep, chain: ChainDep
 ) -> SigningRequestOut:
-    return request_out(signing.retry_broadcast(session, ctx, request_id, chain))
+    """Broadcast a ready request again (the node refused it, or could not be reached)."""
+    engine = request.app.state.engine
+    ctx = _context(request, settings)
+    with transaction(engine) as session:
+        signing.check_ready(session, ctx, request_id)
+    signing.broadcast_ready(engine, ctx.actor, request_id, chain)
+    with transaction(engine) as session:
+        return request_out(signing.get_request(session, ctx, request_id))
 
 
 @router.post("/signing-requests/{request_id}/cancel", tags=["signing"])

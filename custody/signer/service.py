@@ -462,6 +462,7 @@ def execute(
     if stored is not None:  # the signer acted before; only applying it failed
         with transaction(engine) as session:
             _apply(session, ctx, statement_id, work, stored, chain)
+        _broadcast_if_ready(engine, ctx, statement_id, work, chain)
         return {"state": "done", "result": stored}
     try:
         result = _call(signer, work)
@@ -484,7 +485,30 @@ def execute(
         st.updated_at = utcnow()
     with transaction(engine) as session:
         _apply(session, ctx, statement_id, work, result, chain)
+    _broadcast_if_ready(engine, ctx, statement_id, work, chain)
     return {"state": "done", "result": result}
+
+
+def _broadcast_if_ready(
+    engine: Engine, ctx: Context, statement_id: int, work: _Work, chain: Any
+) -> None:
+    """With the bank's signature committed, a request at quorum is broadcast (no
+    transaction open). If the node cannot be reached the request stays ready and the
+    statement says how to go on."""
+    from custody.signing import service as signing
+
+    if work.kind != "transaction" or work.request_id is None or chain is None:
+        return
+    try:
+        signing.broadcast_ready(engine, ctx.actor, work.request_id, chain)
+    except UpstreamUnavailable as exc:
+        with transaction(engine) as session:
+            st = session.get(SignerStatement, statement_id)
+            assert st is not None
+            st.outcome = (
+                f"{st.outcome}; not broadcast yet ({exc.message}): "
+                f"POST /v1/signing-requests/{work.request_id}/broadcast"
+            )
 
 
 def _call(signer: BankSigner, work: _Work) -> dict[str, Any]:
@@ -589,7 +613,9 @@ def _apply(
             reason=str(result.get("authorized")),
             data={"statement_id": statement_id, "fee_sats": result["report"].get("fee_sats")},
         )
-        signing.add_signatures(session, ctx, work.request_id, result["psbt"], chain, via="hsm")
+        signing.add_signatures(
+            session, ctx, work.request_id, result["psbt"], chain, via="hsm", broadcast=False
+        )
         st.outcome = str(result.get("authorized"))
     else:
         st.outcome = json.dumps(result, sort_keys=True, default=str)[:500]

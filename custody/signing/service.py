@@ -692,7 +692,11 @@ def add_signatures(
     chain: Chain,
     *,
     via: str = "upload",
+    broadcast: bool = True,
 ) -> SigningRequest:
+    """Keep the new, verified signatures. At quorum the request is ready; with
+    `broadcast` it is broadcast in this transaction too, else the caller does it after
+    commit with `broadcast_ready` (no transaction open across the node's calls)."""
     req = get_request(session, ctx, request_id)
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
@@ -740,7 +744,7 @@ def add_signatures(
             loan_id=loan.id,
             request_id=req.id,
         )
-    if req.state == RequestState.ready:
+    if req.state == RequestState.ready and broadcast:
         _finalize_and_broadcast(session, ctx.actor, req, chain)
     return req
 
@@ -758,13 +762,21 @@ def _approved(session: Session, req: SigningRequest) -> bool:
     )
 
 
-def _finalize_and_broadcast(
-    session: Session, actor: str, req: SigningRequest, chain: Chain
-) -> None:
-    """Finalize (bdk checks every signature), have the node accept it, broadcast.
-    If the node refuses, the request stays ready with the node's reason."""
-    raw = finalize(req.psbt).hex()
+def _ask_the_node(chain: Chain, psbt: str) -> tuple[str, dict[str, Any]]:
+    """Finalize (bdk checks every signature), have the node check it, and broadcast what
+    it accepts. Network only: no session. Returns the raw transaction and the verdict."""
+    raw = finalize(psbt).hex()
     verdict = chain.test_mempool_accept(raw)
+    if verdict.get("allowed"):
+        with contextlib.suppress(RpcTxAlreadyKnown):  # an earlier attempt got through
+            chain.send_raw_transaction(raw)
+    return raw, verdict
+
+
+def _record_broadcast(
+    session: Session, actor: str, req: SigningRequest, verdict: dict[str, Any]
+) -> None:
+    """What the node said: rejected (the request stays ready with the reason) or sent."""
     if not verdict.get("allowed"):
         req.reject_reason = str(verdict.get("reject-reason") or verdict)
         session.add(req)
@@ -778,8 +790,6 @@ def _finalize_and_broadcast(
             reason=req.reject_reason,
         )
         return
-    with contextlib.suppress(RpcTxAlreadyKnown):  # an earlier attempt got through
-        chain.send_raw_transaction(raw)
     req.state, req.reject_reason, req.updated_at = RequestState.broadcast, None, utcnow()
     session.add(req)
     record(
@@ -801,14 +811,38 @@ def _finalize_and_broadcast(
         )
 
 
-def retry_broadcast(
-    session: Session, ctx: Context, request_id: int, chain: Chain
-) -> SigningRequest:
+def _finalize_and_broadcast(
+    session: Session, actor: str, req: SigningRequest, chain: Chain
+) -> None:
+    """Finalize, check and broadcast inside the caller's transaction (paths not yet moved
+    to `broadcast_ready`)."""
+    _, verdict = _ask_the_node(chain, req.psbt)
+    _record_broadcast(session, actor, req, verdict)
+
+
+def broadcast_ready(engine: Engine, actor: str, request_id: int, chain: Chain) -> None:
+    """Broadcast a ready request with no transaction open: read its PSBT, ask the node,
+    record the answer in a new transaction. If the outcome is lost (a crash after the
+    send), the request stays ready: a retry sends the same transaction again (the node
+    says it knows it) and the watcher closes the request when it is mined."""
+    with transaction(engine) as session:
+        req = session.get(SigningRequest, request_id)
+        if req is None or req.state != RequestState.ready:
+            return
+        psbt = req.psbt
+    _, verdict = _ask_the_node(chain, psbt)
+    with transaction(engine) as session:
+        req = session.get(SigningRequest, request_id)
+        if req is not None and req.state == RequestState.ready and req.psbt == psbt:
+            _record_broadcast(session, actor, req, verdict)
+
+
+def check_ready(session: Session, ctx: Context, request_id: int) -> SigningRequest:
+    """May this caller have this request broadcast (again)?"""
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_operator, Role.bank_approver)
     if req.state != RequestState.ready:
         raise Conflict(f"signing request {request_id} is {req.state}, not ready")
-    _finalize_and_broadcast(session, ctx.actor, req, chain)
     return req
 
 

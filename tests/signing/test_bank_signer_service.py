@@ -272,16 +272,18 @@ def test_the_engine_liquidates_nothing_when_the_signer_has_no_price(
     )
 
 
-def test_a_signature_the_signer_made_is_not_lost_when_applying_it_fails(
+def test_a_signature_the_signer_made_is_not_lost_when_the_node_is_down(
     world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
 ) -> None:
-    """The signer signs, then the node is unreachable while the service broadcasts: the
-    signed PSBT is kept with the statement, and the retry applies it without asking the
-    signer again (its statement is used up: asking again would be refused)."""
+    """The signer signs, then the node is unreachable when the service broadcasts: the
+    bank's signature is committed first, the request stays ready, the statement says how to
+    go on, and a later broadcast sends it without asking the signer again (its statement is
+    used up: asking again would be refused)."""
     from pledge.errors import UpstreamUnavailable
 
     f = funded_loan(world, regtest_node, watcher)
     req = request(world, "bank_operator", f.loan["id"], action="release")
+    sid = req["signer_statement_id"]
     psbt = the_psbt(world, "miner", req["id"])
     assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
 
@@ -297,38 +299,13 @@ def test_a_signature_the_signer_made_is_not_lost_when_applying_it_fails(
     app.state.chain = DownNode()  # type: ignore[attr-defined]
     before = bank_signer.c_sign_calls()
     try:
-        r = world.call(
-            "bank_operator",
-            "POST",
-            f"/v1/signer-statements/{req['signer_statement_id']}/endorsements",
-            json=bank_signer.staff["operator"].endorse(
-                world.call(
-                    "bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}"
-                ).json()["statement"]
-            ),
-        )
-        assert r.status_code == 200
-        statement = world.call(
-            "bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}"
-        ).json()["statement"]
-        failed = world.call(
-            "bank_approver",
-            "POST",
-            f"/v1/signer-statements/{req['signer_statement_id']}/endorsements",
-            json=bank_signer.staff["approver"].endorse(statement),
-        )
-        assert failed.status_code == 503, failed.text
+        view = world.sign_statement(sid).json()
     finally:
         app.state.chain = real  # type: ignore[attr-defined]
-    signed_once = bank_signer.c_sign_calls()
-    assert signed_once == before + 1
-    view = world.call("bank_operator", "GET", f"/v1/signer-statements/{req['signer_statement_id']}")
-    assert view.json()["state"] == "open" and "applying" in view.json()["outcome"]
-    done = world.call(
-        "bank_approver", "POST", f"/v1/signer-statements/{req['signer_statement_id']}/retry"
-    ).json()
-    assert done["state"] == "done", done
-    assert bank_signer.c_sign_calls() == signed_once  # not signed twice
-    assert world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()["state"] == (
-        "broadcast"
-    )
+    assert bank_signer.c_sign_calls() == before + 1
+    assert view["state"] == "done" and "not broadcast yet" in view["outcome"], view
+    ready = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
+    assert ready["state"] == "ready" and ready["signed_seats"] == ["miner", "bank"]
+    sent = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/broadcast")
+    assert sent.status_code == 200 and sent.json()["state"] == "broadcast", sent.text
+    assert bank_signer.c_sign_calls() == before + 1  # not signed twice

@@ -180,3 +180,44 @@ def test_a_request_waiting_on_the_signer_blocks_no_writer(
         app.state.signer = real  # type: ignore[attr-defined]
     assert answer["status"] == 201, answer
     assert answer["body"]["signer_statement_id"] is not None
+
+
+def test_a_broadcast_waiting_on_the_node_blocks_no_writer(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """The last signature is uploaded and the service broadcasts with no transaction
+    open: while the node is slow to answer, other writers go on."""
+    from support.lending import bank_sign, request, sign, the_psbt, upload
+
+    f = funded_loan(world, regtest_node, watcher)
+    req = request(world, "bank_operator", f.loan["id"], action="release")
+    assert bank_sign(world, req["id"]).json()["state"] == "done"  # the bank first
+    entered, release = threading.Event(), threading.Event()
+    node = regtest_node.rpc
+
+    class SlowNode:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(node, name)
+
+        def test_mempool_accept(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            entered.set()
+            assert release.wait(20), "the test never released the node"
+            return node.test_mempool_accept(*args, **kwargs)
+
+    app = world.client.app
+    app.state.chain = SlowNode()  # type: ignore[attr-defined]
+    answer: dict[str, Any] = {}
+    signed = sign(the_psbt(world, "miner", req["id"]), f.roots["miner"])
+    uploader = threading.Thread(
+        target=lambda: answer.update(r=upload(world, "miner", req["id"], signed))
+    )
+    uploader.start()
+    try:
+        assert entered.wait(20), "the upload never reached the node"
+        party = world.call("admin", "POST", "/v1/parties", json={"name": "p-slow", "kind": "miner"})
+        assert party.status_code == 201, party.text
+    finally:
+        release.set()
+        uploader.join(timeout=60)
+        app.state.chain = node  # type: ignore[attr-defined]
+    assert answer["r"].status_code == 200 and answer["r"].json()["state"] == "broadcast"
