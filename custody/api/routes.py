@@ -445,16 +445,19 @@ def cancel_signing_request(
 def bump_fee(
     request_id: int,
     body: FeeBump,
-    session: SessionDep,
-    ctx: ContextDep,
+    request: Request,
+    settings: SettingsDep,
     chain: ChainDep,
     fees: FeesDep,
     signer: SignerDep,
 ) -> SigningRequestOut:
-    """Replace a stuck broadcast request by one paying more (RBF); it must be signed again."""
-    return request_out(
-        signing.bump_fee(session, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
-    )
+    """Replace a stuck broadcast request by one paying more (RBF); it must be signed again.
+    The signer is asked for its valuation and statement with no transaction open."""
+    ctx = _context(request, settings)
+    engine = request.app.state.engine
+    req = signing.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
+    with transaction(engine) as session:
+        return request_out(signing.get_request(session, ctx, req.id or 0))
 
 
 @router.post("/signing-requests/{request_id}/approve", tags=["signing"])

@@ -412,7 +412,7 @@ def open_request(
     the fee; build and store the request; ask the signer for its statement; store it (or
     the signer's refusal). A crash between the last two leaves a request with no statement:
     it shows `signer_statement_id` null and is cancelled and asked for again."""
-    from custody.signer.service import bank_hsm_key, open_transaction_statement, signer_loan_ref
+    from custody.signer.service import bank_hsm_key, signer_loan_ref
 
     with transaction(engine) as session:
         loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
@@ -426,9 +426,14 @@ def open_request(
                 )
             ).all()
         )
-    if loan_ref is not None and params.valuation_id is None and params.action in (
-        SigningAction.liquidation,
-        SigningAction.partial_liquidation,
+    if (
+        loan_ref is not None
+        and params.valuation_id is None
+        and params.action
+        in (
+            SigningAction.liquidation,
+            SigningAction.partial_liquidation,
+        )
     ):
         if signer is None:
             raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
@@ -439,35 +444,9 @@ def open_request(
             session, ctx, loan_id, params, prefetched, fees, None, issue_statement=False
         )
         request_id, psbt = req.id or 0, req.psbt
-    needs_statement = (
-        loan_ref is not None
-        and KeyRole.bank in REQUIRED_SEATS[params.action]
-        and ctx.principal.role != Role.risk_engine
+    return _statement_after(
+        engine, ctx, request_id, psbt, params.action, loan_ref, params.valuation_id, signer
     )
-    if not needs_statement:
-        return req
-    assert loan_ref is not None
-    if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured for this service")
-    try:
-        prepared: dict[str, Any] | PolicyViolation = signer.prepare(
-            loan_ref, str(params.action), psbt, params.valuation_id
-        )
-    except PolicyViolation as refusal:
-        prepared = refusal
-    with transaction(engine) as session:
-        stored = session.get(SigningRequest, request_id)
-        assert stored is not None
-        req = stored
-        if isinstance(prepared, PolicyViolation):
-            _refused_request(session, ctx, req, prepared)
-        else:
-            st = open_transaction_statement(session, ctx, req, prepared)
-            ev = evidence(req)
-            ev["signer_statement_id"] = st.id
-            req.evidence_json = json.dumps(ev, default=str)
-            session.add(req)
-        return req
 
 
 def _valued(params: RequestParams, valuation: dict[str, Any]) -> RequestParams:
@@ -933,9 +912,13 @@ def bump_fee(
     chain: Chain,
     fees: FeePolicy,
     signer: BankSigner | None = None,
+    *,
+    valuation: dict[str, Any] | None = None,
+    issue_statement: bool = True,
 ) -> SigningRequest:
     """A replacement (BIP-125) of a broadcast request at a higher fee rate: same inputs,
-    same action, a new PSBT that needs its signatures again."""
+    same action, a new PSBT that needs its signatures again. `open_bump` is the version
+    with every signer call outside a transaction."""
     old = get_request(session, ctx, request_id)
     require_role(ctx.principal, *WHO_REQUESTS[SigningAction(old.action)])
     if old.state != RequestState.broadcast:
@@ -965,7 +948,11 @@ def bump_fee(
         price_source=ev_old.get("price_source"),
         target_ltv_bps=ev_old.get("target_ltv_bps"),
     )
-    params = _priced_by_signer(session, loan, params, signer)
+    params = (
+        _valued(params, valuation)
+        if valuation is not None
+        else _priced_by_signer(session, loan, params, signer)
+    )
     split, outputs, ev = _plan(
         session,
         ctx,
@@ -1008,8 +995,99 @@ def bump_fee(
         slot=f"rbf:{old.id}",
         replaces=old,
     )
-    _bank_statement(session, ctx, req, params, signer)
+    if issue_statement:
+        _bank_statement(session, ctx, req, params, signer)
     return req
+
+
+def open_bump(
+    engine: Engine,
+    ctx: Context,
+    request_id: int,
+    fee_rate: Decimal,
+    chain: Chain,
+    fees: FeePolicy,
+    signer: BankSigner | None,
+) -> SigningRequest:
+    """`bump_fee` with the signer's valuation and statement asked outside transactions."""
+    from custody.signer.service import bank_hsm_key, signer_loan_ref
+
+    with transaction(engine) as session:
+        old = get_request(session, ctx, request_id)
+        require_role(ctx.principal, *WHO_REQUESTS[SigningAction(old.action)])
+        key = bank_hsm_key(session, old.loan_id)
+        loan_ref = signer_loan_ref(key) if key is not None else None
+        action = SigningAction(old.action)
+    valuation = None
+    if loan_ref is not None and action in (
+        SigningAction.liquidation,
+        SigningAction.partial_liquidation,
+    ):
+        if signer is None:
+            raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
+        valuation = signer.valuation(loan_ref)
+    with transaction(engine) as session:
+        req = bump_fee(
+            session,
+            ctx,
+            request_id,
+            fee_rate,
+            chain,
+            fees,
+            None,
+            valuation=valuation,
+            issue_statement=False,
+        )
+        new_id, psbt, valuation_id = req.id or 0, req.psbt, evidence(req).get("valuation_id")
+    return _statement_after(engine, ctx, new_id, psbt, action, loan_ref, valuation_id, signer)
+
+
+def _statement_after(
+    engine: Engine,
+    ctx: Context,
+    request_id: int,
+    psbt: str,
+    action: SigningAction,
+    loan_ref: str | None,
+    valuation_id: str | None,
+    signer: BankSigner | None,
+) -> SigningRequest:
+    """Ask the signer for the statement of a stored request (no transaction open), then
+    store it, or its refusal, in a new transaction."""
+    from custody.signer.service import open_transaction_statement
+
+    needs = (
+        loan_ref is not None
+        and KeyRole.bank in REQUIRED_SEATS[action]
+        and ctx.principal.role != Role.risk_engine
+    )
+    if not needs:
+        with transaction(engine) as session:
+            found = session.get(SigningRequest, request_id)
+            assert found is not None
+            return found
+    assert loan_ref is not None
+    if signer is None:
+        raise UpstreamUnavailable("no bank signer is configured for this service")
+    try:
+        prepared: dict[str, Any] | PolicyViolation = signer.prepare(
+            loan_ref, str(action), psbt, valuation_id
+        )
+    except PolicyViolation as refusal:
+        prepared = refusal
+    with transaction(engine) as session:
+        stored = session.get(SigningRequest, request_id)
+        assert stored is not None
+        req = stored
+        if isinstance(prepared, PolicyViolation):
+            _refused_request(session, ctx, req, prepared)
+        else:
+            st = open_transaction_statement(session, ctx, req, prepared)
+            ev = evidence(req)
+            ev["signer_statement_id"] = st.id
+            req.evidence_json = json.dumps(ev, default=str)
+            session.add(req)
+        return req
 
 
 # -- the chain closes requests (called by the watcher) ---------------------------------
