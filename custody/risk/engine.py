@@ -85,7 +85,7 @@ UNSIGNED_GRACE = timedelta(seconds=60)
 class _SignerWork:
     """What a loan's pass leaves for the bank's signer, done after its commit."""
 
-    loan_ref: str
+    loan_ref: str | None  # None: the bank's key is an xpub, the signer is not involved
     liquidate: bool
     quote: Any
     evidence: dict[str, Any]
@@ -153,10 +153,14 @@ class RiskEngine:
                     follow = self._one(session, loan_id, quote, now, report)
                 # The bank's signer is called with no database transaction open.
                 if follow is not None and follow.liquidate:
-                    request_id = self._liquidate_with_signer(loan_id, follow)
+                    request_id = (
+                        self._liquidate_with_signer(loan_id, follow)
+                        if follow.loan_ref is not None
+                        else self._liquidate(loan_id, follow)
+                    )
                     if request_id is not None:
                         report.liquidations.append(request_id)
-                elif follow is not None:
+                elif follow is not None and follow.loan_ref is not None:
                     self._let_the_signer_watch(loan_id, follow.loan_ref)
             except Exception as exc:  # one loan's trouble must not stop the others
                 report.errors[loan_id] = f"{type(exc).__name__}: {exc}"
@@ -249,10 +253,8 @@ class RiskEngine:
             )
             loan.margin_call_at = None
             report.cured.append(loan_id)
-        elif decision.move == Move.liquidate:
-            if loan_ref is not None:
-                return _SignerWork(loan_ref, liquidate=True, quote=quote, evidence=evidence)
-            report.liquidations.append(self._liquidate(session, loan, quote, evidence))
+        elif decision.move == Move.liquidate:  # built after this commit: it calls the node
+            return _SignerWork(loan_ref, liquidate=True, quote=quote, evidence=evidence)
         if watch and loan_ref is not None:
             return _SignerWork(loan_ref, liquidate=False, quote=quote, evidence=evidence)
         return None
@@ -267,27 +269,43 @@ class RiskEngine:
         except (PolicyViolation, UpstreamUnavailable) as exc:
             log.warning("the bank's signer could not value a loan", loan_id=loan_id, error=str(exc))
 
-    def _liquidate(
-        self, session: Session, loan: Loan, quote: Quote, evidence: dict[str, Any]
-    ) -> int:
+    def _prefetched(self, loan_id: int) -> signing.PrefetchedChain:
+        """The node's answers the request will need, asked with no transaction open."""
+        with Session(self.engine) as session:
+            txids = list(
+                session.exec(
+                    select(Deposit.txid).where(
+                        Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
+                    )
+                ).all()
+            )
+        return signing.PrefetchedChain(self.chain, txids, self.fees.conf_target)
+
+    def _liquidate(self, loan_id: int, work: _SignerWork) -> int | None:
         """Start a liquidation the bank signs on its own device (an xpub bank key)."""
         ctx = Context(principal=_robot(), network=self.network)
+        quote, evidence = work.quote, work.evidence
         params = signing.RequestParams(
             action=SigningAction.liquidation,
             price_rub_per_btc=quote.price_rub_per_btc,
             price_source=quote.source,
             risk_evidence={**evidence, "ltv_bps": evidence["ltv_bps"] or 0},
         )
-        req = signing.create_request(session, ctx, loan.id or 0, params, self.chain, self.fees)
-        self._started(session, loan, req, evidence)
-        self._notify(
-            session,
-            loan,
-            "signature.needed",
-            {"request_id": req.id, "seats": ["bank", "arbiter"], "action": "liquidation"},
-        )
-        assert req.id is not None
-        return req.id
+        prefetched = self._prefetched(loan_id)
+        with transaction(self.engine) as session:
+            loan = session.get(Loan, loan_id)
+            if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
+                return None  # another pass or person moved it meanwhile
+            req = signing.create_request(session, ctx, loan_id, params, prefetched, self.fees)
+            self._started(session, loan, req, evidence)
+            self._notify(
+                session,
+                loan,
+                "signature.needed",
+                {"request_id": req.id, "seats": ["bank", "arbiter"], "action": "liquidation"},
+            )
+            assert req.id is not None
+            return req.id
 
     def _started(
         self, session: Session, loan: Loan, req: SigningRequest, evidence: dict[str, Any]
@@ -305,9 +323,10 @@ class RiskEngine:
         Each call to the signer happens between two committed transactions."""
         if self.signer is None:
             raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
-        evidence = work.evidence
+        assert work.loan_ref is not None
+        loan_ref, evidence = work.loan_ref, work.evidence
         try:
-            valuation = self.signer.valuation(work.loan_ref)
+            valuation = self.signer.valuation(loan_ref)
         except PolicyViolation as refusal:  # e.g. its own price is stale: it will not say
             with transaction(self.engine) as session:
                 record(
@@ -344,19 +363,20 @@ class RiskEngine:
             valuation_id=str(valuation["valuation_id"]),
         )
         ctx = Context(principal=_robot(), network=self.network)
+        prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
             loan = session.get(Loan, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
             req = signing.create_request(
-                session, ctx, loan_id, params, self.chain, self.fees, self.signer
+                session, ctx, loan_id, params, prefetched, self.fees, self.signer
             )
             self._started(session, loan, req, evidence)
             request_id, psbt = req.id or 0, req.psbt
         outcome: Signed | PolicyViolation
         try:
             outcome = self.signer.sign(
-                work.loan_ref,
+                loan_ref,
                 "liquidation",
                 psbt,
                 automatic=True,

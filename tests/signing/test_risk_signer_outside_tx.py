@@ -221,3 +221,29 @@ def test_a_broadcast_waiting_on_the_node_blocks_no_writer(
         uploader.join(timeout=60)
         app.state.chain = node  # type: ignore[attr-defined]
     assert answer["r"].status_code == 200 and answer["r"].json()["state"] == "broadcast"
+
+
+def test_an_xpub_bank_key_liquidation_is_built_after_the_loans_pass(
+    world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    bank_signer: SignerWorld,
+    feed: PriceFeed,
+) -> None:
+    """The bank signs on its own device: the engine prices the liquidation with its own
+    figures, builds it after the loan's pass committed, and nobody has signed it yet."""
+    f = funded_loan(
+        world, regtest_node, watcher, hsm_bank=False, principal_kopecks=DEBT, interest_rate_bps=0
+    )
+    feed.set("3000000")
+    before = bank_signer.c_sign_calls()
+    report = _engine(world, regtest_node, bank_signer.client, feed).run_once()
+    [rid] = report.liquidations
+    req = world.call("bank_operator", "GET", f"/v1/signing-requests/{rid}").json()
+    assert req["required_seats"] == ["bank", "arbiter"] and req["signed_seats"] == []
+    assert req["signer_statement_id"] is None
+    assert req["evidence"]["price_rub_per_btc"] == "3000000"
+    assert bank_signer.c_sign_calls() == before  # the signer holds no key of this loan
+    assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] == (
+        "liquidating"
+    )
