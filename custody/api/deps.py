@@ -4,7 +4,6 @@ when the endpoint returns (before the response is sent), rolled back on any erro
 from __future__ import annotations
 
 from collections.abc import Iterator
-from decimal import Decimal
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
@@ -79,11 +78,9 @@ ChainDep = Annotated[Chain, Depends(get_chain)]
 
 
 def get_fee_policy(settings: Annotated[Settings, Depends(get_settings_dep)]) -> FeePolicy:
-    return FeePolicy(
-        floor_sat_vb=Decimal(str(settings.fee_rate_floor_sat_vb)),
-        ceiling_sat_vb=Decimal(str(settings.fee_rate_ceiling_sat_vb)),
-        max_fee_sats=settings.max_fee_sats,
-    )
+    from custody.root import fee_policy
+
+    return fee_policy(settings)
 
 
 FeesDep = Annotated[FeePolicy, Depends(get_fee_policy)]
