@@ -368,9 +368,7 @@ class RiskEngine:
             loan = session.get(Loan, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
-            req = signing.create_request(
-                session, ctx, loan_id, params, prefetched, self.fees, self.signer
-            )
+            req = signing.create_request(session, ctx, loan_id, params, prefetched, self.fees)
             self._started(session, loan, req, evidence)
             request_id, psbt = req.id or 0, req.psbt
         outcome: Signed | PolicyViolation

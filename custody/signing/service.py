@@ -326,16 +326,11 @@ def create_request(
     params: RequestParams,
     chain: Chain,
     fees: FeePolicy,
-    signer: BankSigner | None = None,
-    *,
-    issue_statement: bool = True,
 ) -> SigningRequest:
-    """Build the request's PSBT. When the bank's signer holds the bank key it prices a
-    liquidation itself (its own valuation) and issues the statement two bank people
-    sign; a refusal leaves the request cancelled with the signer's reason.
-
-    This runs inside the caller's transaction: `open_request` is the version that makes
-    every network call (node, signer) with no transaction open."""
+    """Build and store the request's PSBT inside the caller's transaction, calling nothing
+    but `chain` (a `PrefetchedChain` keeps that off the network). When the bank's signer
+    holds the bank key, a liquidation must come priced by its valuation; `open_request`
+    asks for it, and for the signer's statement, with no transaction open."""
     loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
@@ -346,7 +341,7 @@ def create_request(
     if loan.state not in FROM_STATES[params.action]:
         raise Conflict(f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible")
     descriptor = loan_descriptor(session, loan, ctx.network)
-    params = _priced_by_signer(session, loan, params, signer)
+    _check_priced(session, loan, params)
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
     split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
@@ -368,8 +363,6 @@ def create_request(
         slot=slot,
         replaces=None,
     )
-    if issue_statement:
-        _bank_statement(session, ctx, req, params, signer)
     return req
 
 
@@ -440,9 +433,7 @@ def open_request(
         params = _valued(params, signer.valuation(loan_ref))
     prefetched = PrefetchedChain(chain, txids, fees.conf_target)
     with transaction(engine) as session:
-        req = create_request(
-            session, ctx, loan_id, params, prefetched, fees, None, issue_statement=False
-        )
+        req = create_request(session, ctx, loan_id, params, prefetched, fees)
         request_id, psbt = req.id or 0, req.psbt
     return _statement_after(
         engine, ctx, request_id, psbt, params.action, loan_ref, params.valuation_id, signer
@@ -463,54 +454,18 @@ def _valued(params: RequestParams, valuation: dict[str, Any]) -> RequestParams:
     )
 
 
-def _priced_by_signer(
-    session: Session, loan: Loan, params: RequestParams, signer: BankSigner | None
-) -> RequestParams:
+def _check_priced(session: Session, loan: Loan, params: RequestParams) -> None:
     """A liquidation of a loan whose bank key the signer holds is priced by the signer's
-    own valuation (its price, its debt): it would refuse any other figures."""
-    from custody.signer.service import bank_hsm_key, signer_loan_ref
+    own valuation (it refuses any other figures): refuse to build one without it."""
+    from custody.signer.service import bank_hsm_key
 
     if params.action not in (SigningAction.liquidation, SigningAction.partial_liquidation):
-        return params
-    key = bank_hsm_key(session, loan.id or 0)
-    if key is None or params.valuation_id is not None:
-        return params
-    if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
-    return _valued(params, signer.valuation(signer_loan_ref(key)))
-
-
-def _bank_statement(
-    session: Session,
-    ctx: Context,
-    req: SigningRequest,
-    params: RequestParams,
-    signer: BankSigner | None,
-) -> None:
-    """Ask the bank's signer to check the PSBT now and issue the statement an operator
-    and an approver will sign. An automatic liquidation needs none (the signer decides
-    on its own valuation)."""
-    from custody.signer.service import bank_hsm_key, open_transaction_statement, signer_loan_ref
-
-    if KeyRole.bank not in REQUIRED_SEATS[params.action]:
         return
-    key = bank_hsm_key(session, req.loan_id)
-    if key is None or ctx.principal.role == Role.risk_engine:
-        return
-    if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured for this service")
-    try:
-        prepared = signer.prepare(
-            signer_loan_ref(key), str(params.action), req.psbt, params.valuation_id
+    if params.valuation_id is None and bank_hsm_key(session, loan.id or 0) is not None:
+        raise Conflict(
+            "this liquidation must be priced by the bank signer's own valuation",
+            field="price_rub_per_btc",
         )
-    except PolicyViolation as refusal:
-        _refused_request(session, ctx, req, refusal)
-        return
-    st = open_transaction_statement(session, ctx, req, prepared)
-    ev = evidence(req)
-    ev["signer_statement_id"] = st.id
-    req.evidence_json = json.dumps(ev, default=str)
-    session.add(req)
 
 
 def _refused_request(
@@ -911,10 +866,8 @@ def bump_fee(
     fee_rate: Decimal,
     chain: Chain,
     fees: FeePolicy,
-    signer: BankSigner | None = None,
     *,
     valuation: dict[str, Any] | None = None,
-    issue_statement: bool = True,
 ) -> SigningRequest:
     """A replacement (BIP-125) of a broadcast request at a higher fee rate: same inputs,
     same action, a new PSBT that needs its signatures again. `open_bump` is the version
@@ -948,11 +901,9 @@ def bump_fee(
         price_source=ev_old.get("price_source"),
         target_ltv_bps=ev_old.get("target_ltv_bps"),
     )
-    params = (
-        _valued(params, valuation)
-        if valuation is not None
-        else _priced_by_signer(session, loan, params, signer)
-    )
+    if valuation is not None:
+        params = _valued(params, valuation)
+    _check_priced(session, loan, params)
     split, outputs, ev = _plan(
         session,
         ctx,
@@ -995,8 +946,6 @@ def bump_fee(
         slot=f"rbf:{old.id}",
         replaces=old,
     )
-    if issue_statement:
-        _bank_statement(session, ctx, req, params, signer)
     return req
 
 
@@ -1027,17 +976,7 @@ def open_bump(
             raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
         valuation = signer.valuation(loan_ref)
     with transaction(engine) as session:
-        req = bump_fee(
-            session,
-            ctx,
-            request_id,
-            fee_rate,
-            chain,
-            fees,
-            None,
-            valuation=valuation,
-            issue_statement=False,
-        )
+        req = bump_fee(session, ctx, request_id, fee_rate, chain, fees, valuation=valuation)
         new_id, psbt, valuation_id = req.id or 0, req.psbt, evidence(req).get("valuation_id")
     return _statement_after(engine, ctx, new_id, psbt, action, loan_ref, valuation_id, signer)
 
@@ -1279,18 +1218,7 @@ def record_automatic_signature(
     req = session.get(SigningRequest, request_id)
     assert req is not None
     if isinstance(outcome, PolicyViolation):
-        record(
-            session,
-            actor=ctx.actor,
-            action="signer.refused",
-            loan_id=req.loan_id,
-            request_id=req.id,
-            decision="refused",
-            reason=outcome.reason,
-            data={"check": outcome.check, "automatic": True},
-        )
-        req.reject_reason = f"refused by the bank's signer ({outcome.check}): {outcome.reason}"
-        _close_cancelled(session, ctx, req, reason="the bank's signer refused it")
+        _refused_request(session, ctx, req, outcome)
         return HsmDecision(req, refused=outcome.reason, check=outcome.check)
     record(
         session,
