@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 import httpx
 
 from hsm.signer import PolicyViolation
-from pledge.prices import MAX_PRICE, MIN_PRICE, price_problem
+from pledge.prices import MAX_PRICE, MIN_PRICE, check_quote, price_problem
 
 __all__ = [
     "DESK_SOURCE",
@@ -126,15 +126,8 @@ class Quote:
     quoted_at: datetime
 
     def __post_init__(self) -> None:
-        # Programming errors, not refusals: every producer validates before building one.
-        if not isinstance(self.price_rub_per_btc, Decimal):
-            raise TypeError("price_rub_per_btc must be a Decimal, never a float")
-        problem = price_problem(self.price_rub_per_btc)
-        if problem is not None:
-            raise ValueError(f"price {problem}")
-        if not self.source:
-            raise ValueError("a quote needs a source")
-        object.__setattr__(self, "quoted_at", _aware_utc(self.quoted_at, "quoted_at"))
+        at = check_quote(self.price_rub_per_btc, self.source, self.quoted_at)
+        object.__setattr__(self, "quoted_at", at)
 
     def to_json(self) -> dict[str, str]:
         return {

@@ -7,10 +7,17 @@ sum or mean of prices can carry exactly) with the same words.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Final
 
-__all__ = ["MAX_DECIMAL_PLACES", "MAX_PRICE", "MIN_PRICE", "price_problem"]
+__all__ = [
+    "MAX_DECIMAL_PLACES",
+    "MAX_PRICE",
+    "MIN_PRICE",
+    "check_quote",
+    "price_problem",
+]
 
 MAX_PRICE: Final = Decimal(10) ** 12  # RUB per BTC, exclusive: above is a unit or parsing slip
 MIN_PRICE: Final = Decimal("0.00000001")
@@ -32,3 +39,19 @@ def price_problem(price: Decimal) -> str | None:
     if -exponent > MAX_DECIMAL_PLACES:
         return f"has more than {MAX_DECIMAL_PLACES} decimal places"
     return None
+
+
+def check_quote(price: Decimal, source: str, quoted_at: datetime) -> datetime:
+    """The invariants of any quote object, on either side: a Decimal price that is a
+    price, a named source, an aware time. Returns the time in UTC. Raises TypeError or
+    ValueError: these are programming errors (every producer validates its input first)."""
+    if not isinstance(price, Decimal):
+        raise TypeError("price_rub_per_btc must be a Decimal, never a float")
+    problem = price_problem(price)
+    if problem is not None:
+        raise ValueError(f"price {problem}")
+    if not source:
+        raise ValueError("a quote needs a source")
+    if quoted_at.tzinfo is None or quoted_at.utcoffset() is None:
+        raise ValueError("quoted_at must be timezone-aware")
+    return quoted_at.astimezone(UTC)

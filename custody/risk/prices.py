@@ -30,7 +30,7 @@ import httpx
 import structlog
 
 from pledge.errors import InvalidInput, UpstreamUnavailable
-from pledge.prices import price_problem
+from pledge.prices import check_quote, price_problem
 
 log = structlog.get_logger(__name__)
 
@@ -64,15 +64,8 @@ class PriceQuote:
     quoted_at: datetime
 
     def __post_init__(self) -> None:
-        # Programming errors, not user input: sources validate before building a quote.
-        if not isinstance(self.price_rub_per_btc, Decimal):
-            raise TypeError("price_rub_per_btc must be a Decimal, never a float")
-        problem = price_problem(self.price_rub_per_btc)
-        if problem is not None:
-            raise ValueError(f"price {problem}")
-        if self.quoted_at.tzinfo is None or self.quoted_at.utcoffset() is None:
-            raise ValueError("quoted_at must be timezone-aware")
-        object.__setattr__(self, "quoted_at", self.quoted_at.astimezone(UTC))
+        at = check_quote(self.price_rub_per_btc, self.source, self.quoted_at)
+        object.__setattr__(self, "quoted_at", at)
 
 
 @runtime_checkable
