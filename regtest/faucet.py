@@ -288,6 +288,13 @@ class Faucet:
         self.payments[txid] = payment
         return txid
 
+    def broadcast(self, payment: Payment) -> str:
+        """Send a payment built with `build_tx` and forget the coins it spends: btcd's
+        gettxout still shows a mined output that only a mempool transaction spends, so a
+        coin spent behind the faucet's back would be picked again (a conflict)."""
+        with self._lock:
+            return self._broadcast(payment)
+
     # -- paying --------------------------------------------------------------------
 
     def pay(self, address: str, sats: int) -> tuple[str, int]:

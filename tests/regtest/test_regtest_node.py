@@ -375,7 +375,7 @@ def test_faucet_after_halving(regtest_node: RegtestNode) -> None:
     payment = regtest_node.faucet.build_tx(
         [(random_p2wpkh_address(), 2_400_000_000)], spend=[Coin(coinbase, 0, out["value_sat"])]
     )
-    assert rpc.send_raw_transaction(payment.tx_hex) == payment.txid
+    assert regtest_node.faucet.broadcast(payment) == payment.txid
     txid, vout = regtest_node.faucet.pay(random_p2wpkh_address(), 60_000)  # ordinary pay too
     regtest_node.mine(1)
     paid = rpc.get_tx_out(payment.txid, 0)
