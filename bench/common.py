@@ -11,9 +11,9 @@ from typing import TypeVar
 
 from sqlmodel import Session
 
+from custody.auth.context import Context
 from custody.auth.service import create_principal
 from custody.db.models import KeyRole, Party, PartyKind, Role
-from custody.loans.service import Context
 from pledge.network import NetworkName
 
 T = TypeVar("T")

@@ -61,6 +61,7 @@ from sqlmodel import Session, col, func, select
 
 from bench import Figure
 from bench.common import seat_contexts, timed
+from custody.auth.context import Context
 from custody.chain.watcher import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.models import (
@@ -78,11 +79,11 @@ from custody.db.models import (
 )
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
-from custody.loans.service import Context, create_loan, register_key
+from custody.loans.service import create_loan, register_key
 from custody.risk.engine import RiskEngine, RiskReport
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
 from custody.signer import service as signer_service
-from custody.signing.service import FeePolicy
+from custody.signing.chain import FeePolicy
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.core import SignerCore

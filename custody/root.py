@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
-from decimal import Decimal
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from custody.chain.rpc import NodeRpc
 from custody.config import Settings
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
-from custody.signing.service import FeePolicy
+from custody.signing.chain import FeePolicy
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -26,16 +25,7 @@ if TYPE_CHECKING:
     from custody.risk.prices import MedianPriceSource
     from hsm.client import BankSigner
 
-__all__ = ["Root", "fee_policy"]
-
-
-def fee_policy(settings: Settings) -> FeePolicy:
-    """The fee bounds for transactions the service builds (the API's dependency too)."""
-    return FeePolicy(
-        floor_sat_vb=Decimal(str(settings.fee_rate_floor_sat_vb)),
-        ceiling_sat_vb=Decimal(str(settings.fee_rate_ceiling_sat_vb)),
-        max_fee_sats=settings.max_fee_sats,
-    )
+__all__ = ["Root"]
 
 
 @dataclass
@@ -74,7 +64,7 @@ class Root:
 
     @cached_property
     def fees(self) -> FeePolicy:
-        return fee_policy(self.settings)
+        return FeePolicy.from_settings(self.settings)
 
     @cached_property
     def prices(self) -> MedianPriceSource:
@@ -99,7 +89,9 @@ class Root:
     def app(self) -> FastAPI:
         from custody.api.app import create_app
 
-        return create_app(self.settings, self.engine, signer=self.signer, chain=self.node)
+        return create_app(
+            self.settings, self.engine, signer=self.signer, chain=self.node, fees=self.fees
+        )
 
     def watcher(self) -> Watcher:
         from custody.chain.watcher import Watcher, WatcherConfig

@@ -42,7 +42,6 @@ from embit.transaction import Transaction
 from sqlmodel import Session
 
 from custody.api.app import create_app
-from custody.api.deps import get_fee_policy
 from custody.audit.service import verify_chain
 from custody.auth.service import create_principal
 from custody.chain.rpc import NodeRpc
@@ -56,6 +55,7 @@ from custody.notify.events import AUDIENCE, notify_loan
 from custody.risk.engine import RiskEngine, RiskReport
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
 from custody.signer.review import decode_psbt, describe
+from custody.signing.chain import FeePolicy
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.registry import Registry
@@ -463,7 +463,7 @@ def main() -> int:
             prices=board.median,
             chain=node.rpc,
             signer=signer,
-            fees=get_fee_policy(settings),
+            fees=FeePolicy.from_settings(settings),
             notify=notify,
         )
         show_pass(risk.run_once(), api, loan_ids, START_PRICE)

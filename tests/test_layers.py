@@ -103,3 +103,22 @@ def test_one_action_vocabulary() -> None:
     assert {a.value for a in SigningAction} == set(ACTIONS)
     annotation = SignBody.model_fields["action"].annotation
     assert set(typing.get_args(annotation)) == set(BANK_ACTIONS)
+
+
+@pytest.mark.unit
+def test_every_endpoints_module_is_forbidden_to_the_domain() -> None:
+    """Each domain's HTTP edge (`custody/<domain>/endpoints.py`) is named in the contract
+    that keeps the domain from importing it, and `custody.api.app` includes its router."""
+    (contract,) = [
+        c
+        for c in _import_linter_contracts()
+        if all(m.endswith(".endpoints") for m in c.get("forbidden_modules", ["x"]))
+    ]
+    found = {
+        f"custody.{p.parent.name}.endpoints" for p in (ROOT / "custody").glob("*/endpoints.py")
+    }
+    assert set(contract["forbidden_modules"]) == found
+    app_source = (ROOT / "custody" / "api" / "app.py").read_text()
+    for module in found:
+        domain = module.split(".")[1]
+        assert f"from custody.{domain} import endpoints" in app_source, module

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from custody.config import Settings
-from custody.root import Root, fee_policy
+from custody.root import Root
+from custody.signing.chain import FeePolicy
 from regtest.node import RegtestNode
 
 
@@ -55,7 +56,7 @@ def test_the_root_builds_each_part_once(tmp_path: Path) -> None:
     root = Root(Settings(database_url=f"sqlite:///{tmp_path / 'r.db'}"))
     try:
         assert root.engine is root.engine
-        assert root.fees == fee_policy(root.settings)
+        assert root.fees == FeePolicy.from_settings(root.settings)
         assert root.signer is None  # nothing configured: HSM keys answer 503, never a guess
     finally:
         root.close()

@@ -1,4 +1,4 @@
-"""The FastAPI application: routes under /v1, typed errors mapped to HTTP once."""
+"""The FastAPI application: each domain's routes under /v1, typed errors mapped to HTTP once."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
 
-from custody.api.routes import router
+from custody.api import ops
+from custody.audit import endpoints as audit
+from custody.auth import endpoints as auth
 from custody.config import Settings
-from custody.signing.service import Chain
+from custody.loans import endpoints as loans
+from custody.notify import endpoints as notify
+from custody.parties import endpoints as parties
+from custody.risk import endpoints as risk
+from custody.signer import endpoints as signer_statements
+from custody.signing import endpoints as signing
+from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
 from pledge.errors import CustodyError
 
@@ -32,6 +40,7 @@ def create_app(
     *,
     signer: BankSigner | None = None,
     chain: Chain | None = None,
+    fees: FeePolicy | None = None,
 ) -> FastAPI:
     app = FastAPI(
         title="Pledge custody",
@@ -44,7 +53,9 @@ def create_app(
     app.state.engine = engine
     app.state.signer = signer
     app.state.chain = chain
-    app.include_router(router)
+    app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
+    for domain in (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit):
+        app.include_router(domain.router)
 
     @app.exception_handler(CustodyError)
     async def _custody_error(_request: Request, exc: CustodyError) -> JSONResponse:

@@ -9,12 +9,12 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlmodel import Session
 
+from custody.auth.context import Context
 from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import transaction
-from custody.loans.service import Context
-from custody.signing.service import Chain, FeePolicy
+from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
 from pledge.errors import UpstreamUnavailable
 
@@ -77,10 +77,9 @@ def get_chain(request: Request) -> Chain:
 ChainDep = Annotated[Chain, Depends(get_chain)]
 
 
-def get_fee_policy(settings: Annotated[Settings, Depends(get_settings_dep)]) -> FeePolicy:
-    from custody.root import fee_policy
-
-    return fee_policy(settings)
+def get_fee_policy(request: Request) -> FeePolicy:
+    fees: FeePolicy = request.app.state.fees
+    return fees
 
 
 FeesDep = Annotated[FeePolicy, Depends(get_fee_policy)]
@@ -92,3 +91,14 @@ async def read_body(request: Request) -> bytes:
 
 
 RawBodyDep = Annotated[bytes, Depends(read_body)]
+
+
+def authenticate_briefly(request: Request, settings: Settings) -> Context:
+    """Authenticate in a short transaction of its own (routes that call the signer must
+    not hold the request's transaction open across that call)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    with transaction(request.app.state.engine) as session:
+        principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
+    return Context(principal=principal, network=settings.network)
+

@@ -47,7 +47,8 @@ from custody.db.models import (
 )
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
-from custody.signing import service as signing
+from custody.signing.chain_events import mined, unmined
+from custody.signing.repository import request_for_txid
 from pledge.errors import Conflict
 
 log = structlog.get_logger(__name__)
@@ -360,7 +361,7 @@ class Watcher:
             select(SigningRequest).where(col(SigningRequest.mined_height) > fork)
         ).all():
             touched.add(request.loan_id)
-            signing.unmined(session, request, ACTOR)
+            unmined(session, request, ACTOR)
         # Deposits whose own block survives can still lose confirmations.
         shallow = session.exec(
             select(Deposit.loan_id).where(
@@ -487,9 +488,9 @@ class Watcher:
             loan_id=dep.loan_id,
             data={**_dep_data(dep), "spent_by": spend.txid},
         )
-        request = signing.request_for_txid(session, spend.txid)
+        request = request_for_txid(session, spend.txid)
         if request is not None:
-            signing.mined(session, request, height, ACTOR)
+            mined(session, request, height, ACTOR)
         else:
             # Moving collateral needs two of three keys: outside the service that means a
             # compromised key or a party acting on its own.

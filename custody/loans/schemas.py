@@ -1,41 +1,19 @@
-"""Request and response bodies. Integers are strict: a float or a string where sats
-or kopecks are expected is refused, never coerced."""
+"""Loan request and response bodies: terms, keys, addresses, collateral, deposits."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Annotated, Literal
 
 from pydantic import (
     AwareDatetime,
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
     StrictInt,
     StrictStr,
 )
 
-MAX_SATS = 21_000_000 * 100_000_000
-MAX_KOPECKS = 10**17
-
-Sats = Annotated[StrictInt, Field(gt=0, le=MAX_SATS)]
-
-
-def _no_float(value: object) -> object:
-    """Prices arrive as strings (or integers): a JSON float has already lost digits."""
-    if isinstance(value, float):
-        raise ValueError("send the price as a decimal string, not a JSON number with a fraction")
-    return value
-
-
-Price = Annotated[Decimal, BeforeValidator(_no_float), Field(gt=0, max_digits=30, decimal_places=8)]
-Bps = Annotated[StrictInt, Field(gt=0, le=10_000)]
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from custody.schemas import MAX_KOPECKS, Bps, Price, Sats, Strict
 
 
 class LoanTermsIn(Strict):
@@ -142,113 +120,3 @@ class LoanOut(BaseModel):
     collateral_address: str | None
     collateral: CollateralOut
     created_at: datetime
-
-
-class PartyCreate(Strict):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=120)]
-    kind: Literal["miner", "bank", "arbiter"]
-
-
-class PartyOut(BaseModel):
-    id: int
-    name: str
-    kind: str
-
-
-class PrincipalCreate(Strict):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=120)]
-    role: Literal["miner", "bank_operator", "bank_approver", "arbiter", "auditor", "admin"]
-    party_id: StrictInt | None = None
-
-
-class PrincipalOut(BaseModel):
-    id: int
-    name: str
-    role: str
-    party_id: int | None
-    key_prefix: str
-
-
-class PrincipalCreated(PrincipalOut):
-    api_key: str = Field(description="Shown once; only its hash is stored.")
-
-
-class SigningRequestCreate(Strict):
-    action: Literal["release", "dispute_release", "liquidation", "partial_liquidation"]
-    fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)] | None = None
-    price_rub_per_btc: Price | None = None
-    price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
-    target_ltv_bps: Bps | None = None
-
-
-class SignatureUpload(Strict):
-    psbt: Annotated[StrictStr, Field(min_length=1, max_length=2_000_000)]
-
-
-class FeeBump(Strict):
-    fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)]
-
-
-class SigningRequestOut(BaseModel):
-    id: int
-    loan_id: int
-    action: str
-    state: str
-    unsigned_txid: str
-    required_seats: list[str]
-    signed_seats: list[str]
-    outputs: list[dict[str, object]]
-    fee_sats: int
-    evidence: dict[str, object]
-    replaces_id: int | None
-    mined_height: int | None
-    reject_reason: str | None
-    created_at: datetime
-    signer_statement_id: int | None = None  # what the bank's people sign (HSM-held key)
-
-
-class EndorsementIn(Strict):
-    """One enrolled person's signature over a signer statement (base64)."""
-
-    person: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
-    signature: str = Field(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9+/=]+$")
-
-
-class EnrolmentIn(Strict):
-    """A person to enrol in the bank's signer, with the public half of their approval key."""
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
-    role: Literal["admin", "bank_operator", "bank_approver"]
-    algorithm: Literal["ed25519", "p256"] = "ed25519"
-    public_key: str = Field(min_length=64, max_length=200, pattern=r"^[0-9a-fA-F]+$")
-
-
-class RepaymentIn(Strict):
-    amount_kopecks: Annotated[StrictInt, Field(gt=0, le=10**15)]
-    paid_at: AwareDatetime
-    repayment_id: str | None = Field(
-        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
-    )
-
-
-class PsbtOut(BaseModel):
-    psbt: str
-    unsigned_txid: str
-
-
-class PriceSet(Strict):
-    price_rub_per_btc: Price
-    quoted_at: AwareDatetime | None = None
-
-
-class PriceOut(BaseModel):
-    price_rub_per_btc: str
-    source: str
-    quoted_at: datetime
-    set_by: str
-
-
-class WebhookCreate(Strict):
-    url: Annotated[StrictStr, Field(min_length=1, max_length=500)]
-    secret: Annotated[StrictStr, Field(min_length=32, max_length=256)]
-    events: list[StrictStr] | Literal["*"] = "*"

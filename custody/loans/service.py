@@ -7,7 +7,6 @@ change and its record commit together or not at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
@@ -16,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
+from custody.auth.context import Context
 from custody.auth.policy import ensure_can_view, require_role, seat_for, visible_loans_clause
 from custody.db.models import (
     CollateralAddress,
@@ -26,7 +26,6 @@ from custody.db.models import (
     LoanState,
     Party,
     PartyKind,
-    Principal,
     Role,
     utcnow,
 )
@@ -50,18 +49,6 @@ class HsmKeyEvidence(Protocol):
     def local(self) -> bool: ...
     @property
     def never_extractable(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class Context:
-    """Who is asking and on which network the service runs."""
-
-    principal: Principal
-    network: NetworkName
-
-    @property
-    def actor(self) -> str:
-        return f"{self.principal.role}:{self.principal.name}"
 
 
 def required_collateral_for_ltv(principal_kopecks: int, price: Decimal, target_ltv_bps: int) -> int:

@@ -27,9 +27,8 @@ import structlog
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
-from custody.db.models import utcnow
+from custody.db.models import Outbox, Webhook, utcnow
 from custody.db.session import transaction
-from custody.notify.models import Outbox, Webhook
 
 log = structlog.get_logger(__name__)
 

@@ -24,8 +24,7 @@ from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
-from custody.db.models import Party, utcnow
-from custody.notify.models import Outbox, Webhook
+from custody.db.models import Outbox, Party, Webhook, utcnow
 from pledge.errors import InvalidInput, NotFound
 
 EVENT_TYPES: frozenset[str] = frozenset(

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 
 from custody.audit.service import record
+from custody.auth.context import Context
 from custody.db.models import (
     Deposit,
     DepositState,
@@ -32,10 +33,13 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.loans.debt import outstanding_debt_kopecks
-from custody.loans.service import Context, change_state
+from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
-from custody.signing import service as signing
+from custody.signing.approvals import record_automatic_signature
+from custody.signing.building import RequestParams, create_request
+from custody.signing.cancel import cancel_unsigned
+from custody.signing.chain import Chain, FeePolicy, PrefetchedChain
 from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
 from pledge.errors import UpstreamUnavailable
@@ -104,9 +108,9 @@ class RiskEngine:
         *,
         network: NetworkName,
         prices: Prices,
-        chain: signing.Chain,
+        chain: Chain,
         signer: BankSigner | None,
-        fees: signing.FeePolicy,
+        fees: FeePolicy,
         notify: Notify | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
@@ -190,7 +194,7 @@ class RiskEngine:
                     or bank_hsm_key(session, req.loan_id) is None
                 ):
                     continue
-                signing.cancel_unsigned(
+                cancel_unsigned(
                     session,
                     ctx,
                     req,
@@ -269,7 +273,7 @@ class RiskEngine:
         except (PolicyViolation, UpstreamUnavailable) as exc:
             log.warning("the bank's signer could not value a loan", loan_id=loan_id, error=str(exc))
 
-    def _prefetched(self, loan_id: int) -> signing.PrefetchedChain:
+    def _prefetched(self, loan_id: int) -> PrefetchedChain:
         """The node's answers the request will need, asked with no transaction open."""
         with Session(self.engine) as session:
             txids = list(
@@ -279,13 +283,13 @@ class RiskEngine:
                     )
                 ).all()
             )
-        return signing.PrefetchedChain(self.chain, txids, self.fees.conf_target)
+        return PrefetchedChain(self.chain, txids, self.fees.conf_target)
 
     def _liquidate(self, loan_id: int, work: _SignerWork) -> int | None:
         """Start a liquidation the bank signs on its own device (an xpub bank key)."""
         ctx = Context(principal=_robot(), network=self.network)
         quote, evidence = work.quote, work.evidence
-        params = signing.RequestParams(
+        params = RequestParams(
             action=SigningAction.liquidation,
             price_rub_per_btc=quote.price_rub_per_btc,
             price_source=quote.source,
@@ -296,7 +300,7 @@ class RiskEngine:
             loan = session.get(Loan, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
-            req = signing.create_request(session, ctx, loan_id, params, prefetched, self.fees)
+            req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
             self._started(session, loan, req, evidence)
             self._notify(
                 session,
@@ -354,7 +358,7 @@ class RiskEngine:
                     data={"engine": evidence, "signer_valuation": valuation["valuation_id"]},
                 )
             return None
-        params = signing.RequestParams(
+        params = RequestParams(
             action=SigningAction.liquidation,
             price_rub_per_btc=Decimal(valuation["price_rub_per_btc"]),
             price_source="bank signer valuation " + str(valuation["valuation_id"]),
@@ -368,7 +372,7 @@ class RiskEngine:
             loan = session.get(Loan, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
-            req = signing.create_request(session, ctx, loan_id, params, prefetched, self.fees)
+            req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
             self._started(session, loan, req, evidence)
             request_id, psbt = req.id or 0, req.psbt
         outcome: Signed | PolicyViolation
@@ -385,7 +389,7 @@ class RiskEngine:
         # SignerUnavailable propagates: the request stays, and the next pass's reconcile
         # cancels it if it is still unsigned by then.
         with transaction(self.engine) as session:
-            decision = signing.record_automatic_signature(
+            decision = record_automatic_signature(
                 session, ctx, request_id, outcome, self.chain
             )
             loan = session.get(Loan, loan_id)

@@ -10,9 +10,9 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
+from custody.auth.context import Context
 from custody.auth.policy import require_role
 from custody.db.models import PriceRecord, Role
-from custody.loans.service import Context
 from custody.risk.prices import ManualPriceSource, PriceQuote, PriceUnavailable
 
 

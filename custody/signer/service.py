@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from custody.audit.service import record
+from custody.auth.context import Context
 from custody.auth.policy import require_role, seat_for
 from custody.db.models import (
     KeyKind,
@@ -42,7 +43,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
-from custody.loans.service import Context, get_loan, loan_keys, store_key
+from custody.loans.service import get_loan, loan_keys, store_key
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
 from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
@@ -495,12 +496,12 @@ def _broadcast_if_ready(
     """With the bank's signature committed, a request at quorum is broadcast (no
     transaction open). If the node cannot be reached the request stays ready and the
     statement says how to go on."""
-    from custody.signing import service as signing
+    from custody.signing.broadcast import broadcast_ready
 
     if work.kind != "transaction" or work.request_id is None or chain is None:
         return
     try:
-        signing.broadcast_ready(engine, ctx.actor, work.request_id, chain)
+        broadcast_ready(engine, ctx.actor, work.request_id, chain)
     except UpstreamUnavailable as exc:
         with transaction(engine) as session:
             st = session.get(SignerStatement, statement_id)
@@ -600,7 +601,7 @@ def _apply(
             },
         )
     elif work.kind == "transaction":
-        from custody.signing import service as signing
+        from custody.signing.signatures import add_signatures
 
         assert work.request_id is not None
         record(
@@ -613,7 +614,7 @@ def _apply(
             reason=str(result.get("authorized")),
             data={"statement_id": statement_id, "fee_sats": result["report"].get("fee_sats")},
         )
-        signing.add_signatures(
+        add_signatures(
             session, ctx, work.request_id, result["psbt"], chain, via="hsm", broadcast=False
         )
         st.outcome = str(result.get("authorized"))

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from custody.db.models import Party, PartyKind
+from custody.db.models import Outbox, Party, PartyKind, Webhook
 from custody.db.session import transaction
 from custody.notify.delivery import (
     DeliveryWorker,
@@ -27,7 +27,6 @@ from custody.notify.delivery import (
     deliver_due,
     verify_signature,
 )
-from custody.notify.models import Outbox, Webhook
 from custody.notify.outbox import (
     deactivate_webhook,
     enqueue,

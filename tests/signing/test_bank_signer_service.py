@@ -247,7 +247,7 @@ def test_the_engine_liquidates_nothing_when_the_signer_has_no_price(
     from custody.risk.engine import RiskEngine
     from custody.risk.prices import ManualPriceSource as Manual
     from custody.risk.prices import MedianPriceSource
-    from custody.signing.service import FeePolicy
+    from custody.signing.chain import FeePolicy
 
     f = funded_loan(world, regtest_node, watcher)
     desk = Manual("desk")

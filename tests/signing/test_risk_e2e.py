@@ -19,7 +19,7 @@ from custody.chain.watcher import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource
-from custody.signing.service import FeePolicy
+from custody.signing.chain import FeePolicy
 from hsm.client import InProcessTransport
 from pledge.amounts import sats_for_kopecks
 from regtest.node import RegtestNode

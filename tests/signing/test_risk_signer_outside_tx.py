@@ -18,7 +18,7 @@ from custody.chain.watcher import Watcher
 from custody.db.session import transaction
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
-from custody.signing.service import FeePolicy
+from custody.signing.chain import FeePolicy
 from hsm.client import BankSigner
 from hsm.signer import SignerUnavailable
 from regtest.node import RegtestNode

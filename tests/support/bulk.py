@@ -17,11 +17,12 @@ from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
 
+from custody.auth.context import Context
 from custody.auth.service import create_principal
 from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Principal, Role
 from custody.db.session import transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
-from custody.loans.service import Context, create_loan, register_key
+from custody.loans.service import create_loan, register_key
 from pledge.network import NetworkName
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from sqlmodel import Session, col, select
 
 from custody.db.models import (
@@ -13,21 +11,8 @@ from custody.db.models import (
     DepositState,
     Loan,
     LoanKey,
-    Party,
-    Principal,
-    SigningRequest,
 )
-from custody.loans.schemas import (
-    AddressOut,
-    CollateralOut,
-    DepositOut,
-    KeyOut,
-    LoanOut,
-    PartyOut,
-    PrincipalOut,
-    SigningRequestOut,
-    TermsOut,
-)
+from custody.loans.schemas import AddressOut, CollateralOut, DepositOut, KeyOut, LoanOut, TermsOut
 from custody.loans.service import first_address, loan_keys
 
 
@@ -82,18 +67,6 @@ def address_out(row: CollateralAddress) -> AddressOut:
     return AddressOut(index=row.index, change=row.change, address=row.address)
 
 
-def party_out(party: Party) -> PartyOut:
-    assert party.id is not None
-    return PartyOut(id=party.id, name=party.name, kind=party.kind)
-
-
-def principal_out(p: Principal) -> PrincipalOut:
-    assert p.id is not None
-    return PrincipalOut(
-        id=p.id, name=p.name, role=p.role, party_id=p.party_id, key_prefix=p.key_prefix
-    )
-
-
 def collateral_out(session: Session, loan: Loan) -> CollateralOut:
     rows = session.exec(
         select(Deposit.state, Deposit.amount_sats, Deposit.excess_sats).where(
@@ -131,23 +104,3 @@ def deposits_out(session: Session, loan_id: int) -> list[DepositOut]:
     ]
 
 
-def request_out(req: SigningRequest) -> SigningRequestOut:
-    assert req.id is not None
-    ev = json.loads(req.evidence_json)
-    return SigningRequestOut(
-        id=req.id,
-        loan_id=req.loan_id,
-        action=req.action,
-        state=req.state,
-        unsigned_txid=req.unsigned_txid,
-        required_seats=req.required_seats.split(","),
-        signed_seats=[s for s in req.signed_seats.split(",") if s],
-        outputs=json.loads(req.outputs_json),
-        fee_sats=req.fee_sats,
-        evidence=ev,
-        replaces_id=req.replaces_id,
-        mined_height=req.mined_height,
-        reject_reason=req.reject_reason,
-        created_at=req.created_at,
-        signer_statement_id=ev.get("signer_statement_id"),
-    )

@@ -1,0 +1,45 @@
+"""Auth endpoints: who am I, and new principals (API users)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from custody.api.deps import (
+    PrincipalDep,
+    SessionDep,
+)
+from custody.auth.policy import require_role
+from custody.auth.schemas import PrincipalCreate, PrincipalCreated, PrincipalOut
+from custody.auth.service import create_principal
+from custody.db.models import Principal, Role
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/me", tags=["auth"])
+def me(principal: PrincipalDep) -> dict[str, Any]:
+    return principal_out(principal).model_dump()
+
+
+@router.post("/principals", status_code=201, tags=["auth"])
+def create_principal_endpoint(
+    body: PrincipalCreate, session: SessionDep, principal: PrincipalDep
+) -> PrincipalCreated:
+    require_role(principal, Role.admin)
+    created, api_key = create_principal(
+        session,
+        name=body.name,
+        role=Role(body.role),
+        party_id=body.party_id,
+        actor=f"{principal.role}:{principal.name}",
+    )
+    return PrincipalCreated(**principal_out(created).model_dump(), api_key=api_key)
+
+
+def principal_out(p: Principal) -> PrincipalOut:
+    assert p.id is not None
+    return PrincipalOut(
+        id=p.id, name=p.name, role=p.role, party_id=p.party_id, key_prefix=p.key_prefix
+    )

@@ -1,0 +1,32 @@
+"""Principal (API user) request and response bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    Field,
+    StrictInt,
+    StrictStr,
+)
+
+from custody.schemas import Strict
+
+
+class PrincipalCreate(Strict):
+    name: Annotated[StrictStr, Field(min_length=1, max_length=120)]
+    role: Literal["miner", "bank_operator", "bank_approver", "arbiter", "auditor", "admin"]
+    party_id: StrictInt | None = None
+
+
+class PrincipalOut(BaseModel):
+    id: int
+    name: str
+    role: str
+    party_id: int | None
+    key_prefix: str
+
+
+class PrincipalCreated(PrincipalOut):
+    api_key: str = Field(description="Shown once; only its hash is stored.")

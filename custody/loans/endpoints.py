@@ -1,0 +1,97 @@
+"""Loan endpoints: terms, key seats, collateral addresses, deposits and wallet exports."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Body, Query
+from fastapi.responses import PlainTextResponse, Response
+
+from custody.api.deps import (
+    ContextDep,
+    SessionDep,
+)
+from custody.bitcoin import exports
+from custody.db.models import KeyRole
+from custody.loans import service as loans
+from custody.loans.schemas import AddressOut, DepositOut, KeyIn, LoanCreate, LoanOut
+from custody.loans.views import address_out, deposits_out, loan_out
+
+router = APIRouter(prefix="/v1")
+
+
+ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
+
+
+@router.post("/loans", status_code=201, tags=["loans"])
+def create_loan(body: LoanCreate, session: SessionDep, ctx: ContextDep) -> LoanOut:
+    return loan_out(session, loans.create_loan(session, ctx, body))
+
+
+@router.get("/loans", tags=["loans"])
+def list_loans(
+    session: SessionDep,
+    ctx: ContextDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[LoanOut]:
+    return [
+        loan_out(session, loan)
+        for loan in loans.list_loans(session, ctx, limit=limit, offset=offset)
+    ]
+
+
+@router.get("/loans/{loan_id}", tags=["loans"])
+def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
+    return loan_out(session, loans.get_loan(session, ctx, loan_id))
+
+
+@router.put("/loans/{loan_id}/keys/{seat}", tags=["keys"])
+def register_key(
+    loan_id: int,
+    seat: KeyRole,
+    body: Annotated[KeyIn, Body()],
+    session: SessionDep,
+    ctx: ContextDep,
+) -> LoanOut:
+    return loan_out(session, loans.register_key(session, ctx, loan_id, seat, body))
+
+
+@router.post("/loans/{loan_id}/addresses", status_code=201, tags=["addresses"])
+def new_address(loan_id: int, session: SessionDep, ctx: ContextDep) -> AddressOut:
+    return address_out(loans.new_address(session, ctx, loan_id))
+
+
+@router.get("/loans/{loan_id}/addresses", tags=["addresses"])
+def list_addresses(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
+    return [address_out(a) for a in loans.list_addresses(session, ctx, loan_id)]
+
+
+@router.get("/loans/{loan_id}/deposits", tags=["deposits"])
+def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[DepositOut]:
+    loans.get_loan(session, ctx, loan_id)
+    return deposits_out(session, loan_id)
+
+
+@router.get("/loans/{loan_id}/export/{fmt}", tags=["exports"], response_model=None)
+def export(
+    loan_id: int, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
+) -> Response | dict[str, Any]:
+    """Wallet files for the parties to check the collateral address on their own devices.
+    A format that cannot express this loan answers 422 `unsupported` and says why."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    descriptor = loans.loan_descriptor(session, loan, ctx.network)
+    name = f"loan-{loan_id}"
+    if fmt == "descriptor":
+        return exports.export_descriptor(descriptor, name)
+    if fmt == "caravan":
+        return exports.export_caravan(descriptor, name)
+    if fmt == "coldcard":
+        return PlainTextResponse(
+            exports.export_coldcard(descriptor, name),
+            headers={"Content-Disposition": f'attachment; filename="{name}-coldcard.txt"'},
+        )
+    return PlainTextResponse(
+        exports.export_bsms(descriptor, name),
+        headers={"Content-Disposition": f'attachment; filename="{name}.bsms"'},
+    )

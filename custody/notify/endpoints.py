@@ -1,0 +1,48 @@
+"""Webhook endpoints: a party's subscriptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from custody.api.deps import (
+    PrincipalDep,
+    SessionDep,
+)
+from custody.db.models import Principal, Role
+from custody.notify.outbox import list_webhooks, register_webhook
+from custody.notify.schemas import WebhookCreate
+from pledge.errors import NotFound
+
+router = APIRouter(prefix="/v1")
+
+
+def _own_party(principal: Principal, party_id: int) -> None:
+    """Webhooks of a party: its own people, or an admin."""
+    if principal.role != Role.admin and principal.party_id != party_id:
+        raise NotFound(f"party {party_id} not found")
+
+
+@router.post("/parties/{party_id}/webhooks", status_code=201, tags=["notifications"])
+def create_webhook(
+    party_id: int, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
+) -> dict[str, Any]:
+    _own_party(principal, party_id)
+    view = register_webhook(
+        session,
+        party_id,
+        body.url,
+        body.secret,
+        body.events,
+        actor=f"{principal.role}:{principal.name}",
+    )
+    return view.as_dict()
+
+
+@router.get("/parties/{party_id}/webhooks", tags=["notifications"])
+def get_webhooks(
+    party_id: int, session: SessionDep, principal: PrincipalDep
+) -> list[dict[str, Any]]:
+    _own_party(principal, party_id)
+    return [v.as_dict() for v in list_webhooks(session, party_id)]

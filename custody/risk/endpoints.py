@@ -1,0 +1,43 @@
+"""Price endpoints: the desk's manual BTC/RUB price."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from custody.api.deps import (
+    ContextDep,
+    SessionDep,
+)
+from custody.auth.policy import require_role
+from custody.db.models import Role
+from custody.risk import manual as manual_prices
+from custody.risk.schemas import PriceOut, PriceSet
+from pledge.errors import NotFound
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/prices", status_code=201, tags=["risk"])
+def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
+    """Bank staff set the manual BTC/RUB price (audited); the risk engine reads it."""
+    row = manual_prices.set_price(session, ctx, body.price_rub_per_btc, body.quoted_at)
+    return PriceOut(
+        price_rub_per_btc=row.price_rub_per_btc,
+        source=row.source,
+        quoted_at=row.quoted_at,
+        set_by=row.set_by,
+    )
+
+
+@router.get("/prices/latest", tags=["risk"])
+def latest_price(session: SessionDep, ctx: ContextDep) -> PriceOut:
+    require_role(ctx.principal, Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin)
+    row = manual_prices.latest(session)
+    if row is None:
+        raise NotFound("no price has been set")
+    return PriceOut(
+        price_rub_per_btc=row.price_rub_per_btc,
+        source=row.source,
+        quoted_at=row.quoted_at,
+        set_by=row.set_by,
+    )

@@ -1,0 +1,122 @@
+"""Endpoints for the bank's signer: statements that register a loan's bank key, repayments and
+people, and the endorsements that take them to the signer (called with no transaction open)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+
+from custody.api.deps import (
+    ContextDep,
+    SessionDep,
+    SettingsDep,
+    SignerDep,
+    authenticate_briefly,
+)
+from custody.db.session import transaction
+from custody.signer import service as signer_statements
+from custody.signer.schemas import EndorsementIn, EnrolmentIn, RepaymentIn
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post("/loans/{loan_id}/keys/bank/hsm", status_code=201, tags=["keys"])
+def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """Open the statement that registers this loan with the bank's signer; once a bank
+    operator and an approver have signed it, the signer makes the bank key in its HSM
+    and builds the descriptor (the miner's and the arbiter's keys come first)."""
+    st = signer_statements.request_bank_key(session, ctx, loan_id)
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/loans/{loan_id}/repayments", status_code=201, tags=["keys"])
+def record_repayment(
+    loan_id: int, body: RepaymentIn, session: SessionDep, ctx: ContextDep
+) -> dict[str, Any]:
+    """Open the statement of a repayment; the bank's signer records it once signed."""
+    st = signer_statements.request_repayment(
+        session,
+        ctx,
+        loan_id,
+        amount_kopecks=body.amount_kopecks,
+        paid_at=body.paid_at,
+        repayment_id=body.repayment_id,
+    )
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-people", status_code=201, tags=["signing"])
+def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """Open the statement that enrols a person (and their approval key) in the bank's
+    signer; two admins enrolled in the signer sign it."""
+    st = signer_statements.request_enrolment(
+        session,
+        ctx,
+        name=body.name,
+        role=body.role,
+        algorithm=body.algorithm,
+        public_key=body.public_key.lower(),
+    )
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-people/{name}/removal", status_code=201, tags=["signing"])
+def remove_person(
+    name: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")],
+    session: SessionDep,
+    ctx: ContextDep,
+) -> dict[str, Any]:
+    """Open the statement that removes a person from the bank's signer (two other
+    enrolled admins sign it); nothing changes until the signer has checked them."""
+    st = signer_statements.request_removal(session, ctx, name=name)
+    return signer_statements.statement_view(session, st)
+
+
+@router.get("/signer-statements/{statement_id}", tags=["signing"])
+def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    """A statement for the bank's signer: its exact bytes to sign and who signed so far."""
+    st = signer_statements.get_statement(session, ctx, statement_id)
+    return signer_statements.statement_view(session, st)
+
+
+@router.post("/signer-statements/{statement_id}/retry", tags=["signing"])
+def retry_signer_statement(
+    statement_id: int, request: Request, settings: SettingsDep, signer: SignerDep
+) -> dict[str, Any]:
+    """Take a signed statement to the bank's signer again after its call failed or was lost."""
+    engine = request.app.state.engine
+    ctx = authenticate_briefly(request, settings)
+    with transaction(engine) as session:
+        signer_statements.ready_to_retry(session, ctx, statement_id)
+    signer_statements.execute(
+        engine, statement_id, signer, ctx, getattr(request.app.state, "chain", None)
+    )
+    with transaction(engine) as session:
+        st = signer_statements.get_statement(session, ctx, statement_id)
+        return signer_statements.statement_view(session, st)
+
+
+
+@router.post("/signer-statements/{statement_id}/endorsements", tags=["signing"])
+def endorse_signer_statement(
+    statement_id: int,
+    body: EndorsementIn,
+    request: Request,
+    settings: SettingsDep,
+    signer: SignerDep,
+) -> dict[str, Any]:
+    """One enrolled person's signature. With two, the statement goes to the bank's signer,
+    which checks them itself; no database transaction is open while it is called."""
+    engine = request.app.state.engine
+    chain = getattr(request.app.state, "chain", None)
+    ctx = authenticate_briefly(request, settings)
+    with transaction(engine) as session:
+        st, ready = signer_statements.endorse(
+            session, ctx, statement_id, body.person, body.signature
+        )
+    if ready:
+        signer_statements.execute(engine, statement_id, signer, ctx, chain)
+    with transaction(engine) as session:
+        st = signer_statements.get_statement(session, ctx, statement_id)
+        return signer_statements.statement_view(session, st)

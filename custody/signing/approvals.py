@@ -1,0 +1,119 @@
+"""The bank's signature: an approver's 4-eyes decision for an xpub bank key, and the automatic
+signature of the bank's signer for a liquidation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlmodel import Session, select
+
+from custody.audit.service import record
+from custody.auth.context import Context
+from custody.auth.policy import require_role
+from custody.db.models import (
+    Approval,
+    KeyRole,
+    Loan,
+    RequestState,
+    Role,
+    SigningRequest,
+)
+from custody.signing.building import refused_request
+from custody.signing.chain import Chain
+from custody.signing.repository import get_request
+from custody.signing.signatures import add_signatures
+from hsm.client import Signed
+from hsm.signer import PolicyViolation
+from pledge.errors import Conflict, NotFound
+
+
+@dataclass(frozen=True)
+class HsmDecision:
+    """What the bank's signer decided. A refusal is recorded and answered, not raised,
+    so its audit event commits with the request."""
+
+    request: SigningRequest
+    refused: str | None = None
+    check: str | None = None
+
+
+def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
+    """A bank approver signs off on this exact transaction (4-eyes: the requester cannot),
+    for a loan whose bank key is an xpub the bank signs with on its own device. When the
+    bank's signer holds the key, its approvals are signatures over its statement instead."""
+    from custody.signer.service import bank_hsm_key, transaction_statement_of
+
+    req = get_request(session, ctx, request_id)
+    require_role(ctx.principal, Role.bank_approver)
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    if loan.bank_party_id != ctx.principal.party_id:
+        raise NotFound(f"signing request {request_id} not found")
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(f"signing request {request_id} is {req.state}: nothing to approve")
+    if KeyRole.bank.value not in req.required_seats.split(","):
+        raise Conflict(f"a {req.action} is not signed by the bank")
+    if bank_hsm_key(session, loan.id or 0) is not None:
+        st = transaction_statement_of(session, request_id)
+        where = f"signer statement {st.id}" if st is not None else "its signer statement"
+        raise Conflict(
+            "the bank's signer holds this loan's key: approve by signing "
+            f"{where} (`custody approve {request_id} --key FILE`)"
+        )
+    if ctx.actor == req.created_by:
+        raise Conflict("the requester cannot approve their own request (4-eyes)")
+    already = session.exec(
+        select(Approval.id).where(
+            Approval.request_id == req.id,
+            Approval.principal == ctx.actor,
+            Approval.unsigned_txid == req.unsigned_txid,
+        )
+    ).first()
+    if already is None:
+        session.add(
+            Approval(
+                request_id=req.id or 0,
+                unsigned_txid=req.unsigned_txid,
+                principal_id=ctx.principal.id or 0,
+                principal=ctx.actor,
+                role=str(ctx.principal.role),
+            )
+        )
+        record(
+            session,
+            actor=ctx.actor,
+            action="signing_request.approved",
+            loan_id=loan.id,
+            request_id=req.id,
+            decision="approved",
+            data={"unsigned_txid": req.unsigned_txid},
+        )
+    return HsmDecision(req)
+
+
+def record_automatic_signature(
+    session: Session,
+    ctx: Context,
+    request_id: int,
+    outcome: Signed | PolicyViolation,
+    chain: Chain,
+) -> HsmDecision:
+    """What the bank's signer did with an automatic liquidation, asked outside any
+    transaction: its signatures taken like any upload, or its refusal recorded (and the
+    request cancelled, so the next risk pass starts again from fresh figures)."""
+    req = session.get(SigningRequest, request_id)
+    assert req is not None
+    if isinstance(outcome, PolicyViolation):
+        refused_request(session, ctx, req, outcome)
+        return HsmDecision(req, refused=outcome.reason, check=outcome.check)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signer.signed",
+        loan_id=req.loan_id,
+        request_id=req.id,
+        decision="signed",
+        reason=outcome.authorized,
+        data={"automatic": True, "fee_sats": outcome.report.get("fee_sats")},
+    )
+    return HsmDecision(add_signatures(session, ctx, request_id, outcome.psbt, chain, via="hsm"))

@@ -1,0 +1,209 @@
+"""Signing request endpoints: build, read, sign, broadcast, cancel, bump, approve. Routes that call
+the node or the signer do so between short transactions of their own."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from custody.api.deps import (
+    ChainDep,
+    ContextDep,
+    FeesDep,
+    RawBodyDep,
+    SessionDep,
+    SettingsDep,
+    SignerDep,
+    authenticate_briefly,
+)
+from custody.db.models import SigningAction, SigningRequest
+from custody.db.session import transaction
+from custody.signing import approvals, broadcast, building, cancel, repository, signatures
+from custody.signing.schemas import (
+    FeeBump,
+    PsbtOut,
+    SignatureUpload,
+    SigningRequestCreate,
+    SigningRequestOut,
+)
+from pledge.errors import InvalidInput
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post(
+    "/loans/{loan_id}/signing-requests", status_code=201, tags=["signing"], response_model=None
+)
+def create_signing_request(
+    loan_id: int,
+    body: SigningRequestCreate,
+    request: Request,
+    settings: SettingsDep,
+    chain: ChainDep,
+    fees: FeesDep,
+    signer: SignerDep,
+) -> SigningRequestOut | JSONResponse:
+    """Build the PSBT (and, when the bank's signer holds the key, have it issue the
+    statement to sign); the node and the signer are called with no transaction open."""
+    ctx = authenticate_briefly(request, settings)
+    params = building.RequestParams(
+        action=SigningAction(body.action),
+        fee_rate_sat_vb=body.fee_rate_sat_vb,
+        price_rub_per_btc=body.price_rub_per_btc,
+        price_source=body.price_source,
+        target_ltv_bps=body.target_ltv_bps,
+    )
+    req = building.open_request(request.app.state.engine, ctx, loan_id, params, chain, fees, signer)
+    if req.reject_reason and req.state == "cancelled":
+        # the signer refused the PSBT: the cancelled request and the audit row are kept
+        return JSONResponse(
+            status_code=422,
+            content={
+                "error": "refused_by_signer",
+                "message": req.reject_reason,
+                "field": "psbt",
+                "check": repository.evidence(req).get("signer_refusal", {}).get("check"),
+                "request_id": req.id,
+            },
+        )
+    return request_out(req)
+
+
+@router.get("/loans/{loan_id}/signing-requests", tags=["signing"])
+def list_signing_requests(
+    loan_id: int, session: SessionDep, ctx: ContextDep
+) -> list[SigningRequestOut]:
+    return [request_out(r) for r in repository.list_requests(session, ctx, loan_id)]
+
+
+@router.get("/signing-requests/{request_id}", tags=["signing"])
+def get_signing_request(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+    return request_out(repository.get_request(session, ctx, request_id))
+
+
+@router.get("/signing-requests/{request_id}/psbt", tags=["signing"])
+def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
+    """The PSBT with every signature collected so far (base64)."""
+    req = repository.get_request(session, ctx, request_id)
+    return PsbtOut(psbt=req.psbt, unsigned_txid=req.unsigned_txid)
+
+
+@router.get("/signing-requests/{request_id}/psbt.bin", tags=["signing"], response_model=None)
+def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Response:
+    """The same PSBT as a binary .psbt file, for air-gapped devices (SD card)."""
+    req = repository.get_request(session, ctx, request_id)
+    return Response(
+        base64.b64decode(req.psbt),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="request-{request_id}.psbt"'},
+    )
+
+
+@router.post("/signing-requests/{request_id}/signatures", tags=["signing"])
+def upload_signatures(
+    request_id: int,
+    request: Request,
+    raw: RawBodyDep,
+    settings: SettingsDep,
+    chain: ChainDep,
+) -> SigningRequestOut:
+    """A signed PSBT: JSON {"psbt": base64}, or the binary file (application/octet-stream).
+    Only new, verified signatures are kept; anything wrong refuses the whole upload. At
+    quorum the transaction is broadcast after the signatures are committed."""
+    ctx = authenticate_briefly(request, settings)
+    if request.headers.get("content-type", "").startswith("application/json"):
+        try:
+            data: bytes | str = SignatureUpload.model_validate_json(raw).psbt
+        except ValueError as exc:
+            raise InvalidInput('body must be {"psbt": "<base64>"}', field="psbt") from exc
+    else:
+        data = raw
+    engine = request.app.state.engine
+    with transaction(engine) as session:
+        req = signatures.add_signatures(session, ctx, request_id, data, chain, broadcast=False)
+        ready = req.state == "ready"
+    if ready:
+        broadcast.broadcast_ready(engine, ctx.actor, request_id, chain)
+    with transaction(engine) as session:
+        return request_out(repository.get_request(session, ctx, request_id))
+
+
+@router.post("/signing-requests/{request_id}/broadcast", tags=["signing"])
+def retry_broadcast(
+    request_id: int, request: Request, settings: SettingsDep, chain: ChainDep
+) -> SigningRequestOut:
+    """Broadcast a ready request again (the node refused it, or could not be reached)."""
+    engine = request.app.state.engine
+    ctx = authenticate_briefly(request, settings)
+    with transaction(engine) as session:
+        broadcast.check_ready(session, ctx, request_id)
+    broadcast.broadcast_ready(engine, ctx.actor, request_id, chain)
+    with transaction(engine) as session:
+        return request_out(repository.get_request(session, ctx, request_id))
+
+
+@router.post("/signing-requests/{request_id}/cancel", tags=["signing"])
+def cancel_signing_request(
+    request_id: int, request: Request, settings: SettingsDep, signer: SignerDep
+) -> SigningRequestOut:
+    """Cancel it; its statement's approvals die with it (the signer is told after commit)."""
+    engine = request.app.state.engine
+    ctx = authenticate_briefly(request, settings)
+    with transaction(engine) as session:
+        req, nonce = cancel.cancel(session, ctx, request_id)
+        out = request_out(req)
+    if nonce is not None:
+        cancel.kill_statement(engine, ctx, req, nonce, signer)
+    return out
+
+
+@router.post("/signing-requests/{request_id}/bump", status_code=201, tags=["signing"])
+def bump_fee(
+    request_id: int,
+    body: FeeBump,
+    request: Request,
+    settings: SettingsDep,
+    chain: ChainDep,
+    fees: FeesDep,
+    signer: SignerDep,
+) -> SigningRequestOut:
+    """Replace a stuck broadcast request by one paying more (RBF); it must be signed again.
+    The signer is asked for its valuation and statement with no transaction open."""
+    ctx = authenticate_briefly(request, settings)
+    engine = request.app.state.engine
+    req = building.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
+    with transaction(engine) as session:
+        return request_out(repository.get_request(session, ctx, req.id or 0))
+
+
+@router.post("/signing-requests/{request_id}/approve", tags=["signing"])
+def approve(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+    """A bank approver signs off on this exact transaction when the bank signs with its
+    own device (an xpub key). When the bank's signer holds the key, approvals are
+    signatures over its statement (`POST /v1/signer-statements/{id}/endorsements`)."""
+    return request_out(approvals.approve(session, ctx, request_id).request)
+
+
+def request_out(req: SigningRequest) -> SigningRequestOut:
+    assert req.id is not None
+    ev = json.loads(req.evidence_json)
+    return SigningRequestOut(
+        id=req.id,
+        loan_id=req.loan_id,
+        action=req.action,
+        state=req.state,
+        unsigned_txid=req.unsigned_txid,
+        required_seats=req.required_seats.split(","),
+        signed_seats=[s for s in req.signed_seats.split(",") if s],
+        outputs=json.loads(req.outputs_json),
+        fee_sats=req.fee_sats,
+        evidence=ev,
+        replaces_id=req.replaces_id,
+        mined_height=req.mined_height,
+        reject_reason=req.reject_reason,
+        created_at=req.created_at,
+        signer_statement_id=ev.get("signer_statement_id"),
+    )

@@ -1,0 +1,140 @@
+"""Collecting signatures: each upload is checked before it is kept; the request is ready once its
+two seats have signed."""
+
+from __future__ import annotations
+
+from sqlmodel import Session, select
+
+from custody.audit.service import record
+from custody.auth.context import Context
+from custody.auth.policy import require_role
+from custody.db.models import (
+    Approval,
+    KeyRole,
+    Loan,
+    RequestState,
+    Role,
+    SigningAction,
+    SigningRequest,
+    utcnow,
+)
+from custody.loans.service import loan_descriptor
+from custody.signing.broadcast import finalize_and_broadcast
+from custody.signing.chain import Chain
+from custody.signing.psbt import (
+    CollateralInput,
+    check_upload,
+    merge_signatures,
+    signers_per_input,
+)
+from custody.signing.repository import get_request, request_inputs
+from custody.signing.rules import REQUIRED_SEATS
+from pledge.descriptors import CollateralDescriptor
+from pledge.errors import Conflict
+from pledge.keys import HDKey
+
+
+def _seat_of_pubkeys(
+    session: Session, loan: Loan, descriptor: CollateralDescriptor, inputs: list[CollateralInput]
+) -> list[dict[bytes, KeyRole]]:
+    seats = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
+    out: list[dict[bytes, KeyRole]] = []
+    for item in inputs:
+        mapping: dict[bytes, KeyRole] = {}
+        for seat, key in zip(seats, descriptor.keys, strict=True):
+            pub = (
+                key.public_key(1 if item.change else 0, item.address_index)
+                if isinstance(key, HDKey)
+                else key.public_key
+            )
+            mapping[pub] = seat
+        out.append(mapping)
+    return out
+
+
+def _signed_seats(req: SigningRequest, per_input: list[dict[bytes, KeyRole]]) -> set[KeyRole]:
+    """Seats that have signed every input."""
+    signed = signers_per_input(req.psbt)
+    seats: set[KeyRole] | None = None
+    for pubs, mapping in zip(signed, per_input, strict=True):
+        here = {mapping[p] for p in pubs if p in mapping}
+        seats = here if seats is None else seats & here
+    return seats or set()
+
+
+def add_signatures(
+    session: Session,
+    ctx: Context,
+    request_id: int,
+    uploaded: bytes | str,
+    chain: Chain,
+    *,
+    via: str = "upload",
+    broadcast: bool = True,
+) -> SigningRequest:
+    """Keep the new, verified signatures. At quorum the request is ready; with
+    `broadcast` it is broadcast in this transaction too, else the caller does it after
+    commit with `broadcast_ready` (no transaction open across the node's calls)."""
+    req = get_request(session, ctx, request_id)
+    loan = session.get(Loan, req.loan_id)
+    assert loan is not None
+    if via != "hsm":  # the HSM path was authorised by the signer's own boundary checks
+        require_role(
+            ctx.principal, Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver
+        )
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
+    descriptor = loan_descriptor(session, loan, ctx.network)
+    inputs = request_inputs(req)
+    new = check_upload(req.psbt, uploaded, descriptor, inputs)
+    per_input = _seat_of_pubkeys(session, loan, descriptor, inputs)
+    bank_signs = any(
+        per_input[i].get(pub) == KeyRole.bank for i, sigs in new.items() for pub in sigs
+    )
+    if bank_signs and via != "hsm" and not _approved(session, req):
+        raise Conflict(
+            "the bank's signature needs a bank approver's approval of this "
+            "transaction first (4-eyes)"
+        )
+    seats_now = sorted({per_input[i][pub].value for i, sigs in new.items() for pub in sigs})
+    req.psbt = merge_signatures(req.psbt, new)
+    done = _signed_seats(req, per_input)
+    req.signed_seats = ",".join(
+        s.value for s in (KeyRole.miner, KeyRole.bank, KeyRole.arbiter) if s in done
+    )
+    req.updated_at = utcnow()
+    session.add(req)
+    record(
+        session,
+        actor=ctx.actor,
+        action="signing_request.signed",
+        loan_id=loan.id,
+        request_id=req.id,
+        data={"seats": seats_now, "via": via, "signed_seats": req.signed_seats},
+    )
+    required = set(REQUIRED_SEATS[SigningAction(req.action)])
+    if required <= done and req.state == RequestState.awaiting_signatures:
+        req.state = RequestState.ready
+        record(
+            session,
+            actor=ctx.actor,
+            action="signing_request.ready",
+            loan_id=loan.id,
+            request_id=req.id,
+        )
+    if req.state == RequestState.ready and broadcast:
+        finalize_and_broadcast(session, ctx.actor, req, chain)
+    return req
+
+
+def _approved(session: Session, req: SigningRequest) -> bool:
+    return (
+        session.exec(
+            select(Approval.id).where(
+                Approval.request_id == req.id,
+                Approval.unsigned_txid == req.unsigned_txid,
+                Approval.principal != req.created_by,
+            )
+        ).first()
+        is not None
+    )
