@@ -42,7 +42,7 @@ from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.chain.blocks import scan_block
 from custody.chain.rpc import NodeRpc
-from custody.chain.watcher import Watcher, WatcherConfig
+from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,

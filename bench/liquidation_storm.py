@@ -19,7 +19,7 @@ and arbiter keys, each registered with the signer by a registration statement th
 operator and the approver sign (`custody.signer.service.request_bank_key` / `endorse` /
 `execute`: the signer makes the bank key in the token and the service stores it); each
 loan's first address paid `COLLATERAL_SATS` on chain (`faucet.pay_many`, `--batch`
-outputs per transaction, one block each), and the real `custody.chain.watcher.Watcher`
+outputs per transaction, one block each), and the real `custody.watcher.service.Watcher`
 run over those blocks, which records the deposits confirmed and makes the loans active.
 (Each PSBT carries its funding transaction whole, so a bigger batch makes bigger PSBTs and
 node answers; 100 loans measured the same with 5 and 100 outputs per transaction.)
@@ -62,7 +62,7 @@ from sqlmodel import Session, col, func, select
 from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.auth.context import Context
-from custody.chain.watcher import Watcher, WatcherConfig
+from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,

@@ -79,7 +79,7 @@ def build_database(path: Path, count: int) -> None:
 def probe(path: str) -> None:
     """Fresh interpreter: import everything, then let a Watcher load the scripts."""
     from custody.chain.rpc import NodeRpc
-    from custody.chain.watcher import Watcher
+    from custody.watcher.service import Watcher
     from custody.db.session import make_engine
 
     engine = make_engine(f"sqlite:///{path}")

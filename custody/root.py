@@ -1,6 +1,8 @@
 """The composition root: settings, database engine, node client, bank signer, fee policy
 and price sources are built here, once, for every process (`custody serve | watch | risk |
-notify`). Nothing else reads the environment or wires these parts by hand."""
+notify`), the demo, the benchmarks and the tests. Nothing else wires these parts by hand: a
+caller that made a part itself (the demo's in-process signer over SoftHSM, a test's price
+feed) hands it over with `Root.assemble`, and everything else is built from the settings."""
 
 from __future__ import annotations
 
@@ -20,9 +22,8 @@ from custody.signing.chain import FeePolicy
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from custody.chain.watcher import Watcher
-    from custody.risk.engine import RiskEngine
-    from custody.risk.prices import MedianPriceSource
+    from custody.risk.engine import Notify, Prices, RiskEngine
+    from custody.watcher.service import Watcher
     from hsm.client import BankSigner
 
 __all__ = ["Root"]
@@ -34,6 +35,28 @@ class Root:
 
     settings: Settings
     _closers: list[object] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def assemble(
+        cls,
+        settings: Settings,
+        *,
+        engine: Engine | None = None,
+        node: NodeRpc | None = None,
+        signer: BankSigner | None = None,
+        prices: Prices | None = None,
+        fees: FeePolicy | None = None,
+    ) -> Root:
+        """A root with some parts already made (by the demo, a benchmark or a test); the
+        caller keeps closing what it made. `signer=None` means: built from the settings."""
+        root = cls(settings)
+        given: dict[str, object] = {
+            "engine": engine, "node": node, "signer": signer, "prices": prices, "fees": fees
+        }
+        for name, part in given.items():
+            if part is not None:
+                root.__dict__[name] = part  # what the cached_property would have built
+        return root
 
     @cached_property
     def engine(self) -> Engine:
@@ -67,7 +90,7 @@ class Root:
         return FeePolicy.from_settings(self.settings)
 
     @cached_property
-    def prices(self) -> MedianPriceSource:
+    def prices(self) -> Prices:
         from custody.risk.manual import DbManualPriceSource
         from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource, PriceSource
 
@@ -93,13 +116,14 @@ class Root:
             self.settings, self.engine, signer=self.signer, chain=self.node, fees=self.fees
         )
 
-    def watcher(self) -> Watcher:
-        from custody.chain.watcher import Watcher, WatcherConfig
+    def watcher(self, *, holder: str | None = None) -> Watcher:
+        from custody.watcher.service import Watcher, WatcherConfig
 
         s = self.settings
         return Watcher(
             self.engine,
             self.node,
+            holder=holder,
             config=WatcherConfig(
                 confirmations_small=s.confirmations_small,
                 confirmations_large=s.confirmations_large,
@@ -109,7 +133,7 @@ class Root:
             ),
         )
 
-    def risk_engine(self) -> RiskEngine:
+    def risk_engine(self, *, notify: Notify | None = None) -> RiskEngine:
         from custody.risk.engine import RiskEngine
 
         return RiskEngine(
@@ -119,6 +143,7 @@ class Root:
             chain=self.node,
             signer=self.signer,
             fees=self.fees,
+            notify=notify,
         )
 
     def close(self) -> None:

@@ -41,21 +41,18 @@ from embit.networks import NETWORKS
 from embit.transaction import Transaction
 from sqlmodel import Session
 
-from custody.api.app import create_app
 from custody.audit.service import verify_chain
 from custody.auth.service import create_principal
 from custody.chain.rpc import NodeRpc
-from custody.chain.watcher import Watcher, WatcherConfig
 from custody.config import Settings
-from custody.db.migrate import upgrade
 from custody.db.models import Loan, Role
-from custody.db.session import make_engine, transaction
+from custody.db.session import transaction
 from custody.logging import configure_logging
 from custody.notify.events import AUDIENCE, notify_loan
-from custody.risk.engine import RiskEngine, RiskReport
+from custody.risk.engine import RiskReport
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
+from custody.root import Root
 from custody.signer.review import decode_psbt, describe
-from custody.signing.chain import FeePolicy
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.registry import Registry
@@ -168,13 +165,11 @@ def sign_statement_via_api(api: Api, who: str, sid: int, people: list[Staff]) ->
     return view
 
 
-def serve(
-    settings: Settings, engine: Any, signer: BankSigner, chain: NodeRpc
-) -> tuple[str, uvicorn.Server]:
+def serve(root: Root) -> tuple[str, uvicorn.Server]:
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(settings, engine, signer=signer, chain=chain),
+            root.app(),
             host="127.0.0.1",
             port=port,
             log_level="warning",
@@ -294,6 +289,7 @@ def main() -> int:
     node.start()
     server: uvicorn.Server | None = None
     core: Any = None
+    root: Root | None = None
     feed = PriceFeed(str(START_PRICE)).start()
     try:
         node.mine(110)
@@ -348,11 +344,21 @@ def main() -> int:
         staff = [olga, anton]
 
         say("Starting the service on SQLite behind its HTTP API (127.0.0.1 only)")
-        db_url = f"sqlite:///{workdir / 'custody.db'}"
-        settings = Settings(network="regtest", database_url=db_url)
-        engine = make_engine(db_url)
-        upgrade(engine)
-        base_url, server = serve(settings, engine, signer, node.rpc)
+        board = Market(feed)
+        board.set(START_PRICE)
+        settings = Settings(
+            network="regtest",
+            database_url=f"sqlite:///{workdir / 'custody.db'}",
+            node_rpc_url=node.rpc_url,
+            node_rpc_user=node.rpc_user,
+            node_rpc_password=node.rpc_password,
+            watch_start_height=node.rpc.get_block_count() + 1,
+        )
+        # The service's parts come from its composition root, as in `custody serve`; only
+        # the bank's signer (in-process, over SoftHSM) and the price board are the demo's.
+        root = Root.assemble(settings, signer=signer, prices=board.median)
+        engine = root.engine
+        base_url, server = serve(root)
         api = Api(base_url)
         with transaction(engine) as session:
             _, api.keys["admin"] = create_principal(
@@ -436,9 +442,7 @@ def main() -> int:
             )
 
         say("The watcher follows the node; the miner pays the three collateral addresses")
-        watcher = Watcher(
-            engine, node.rpc, config=WatcherConfig(start_height=node.rpc.get_block_count() + 1)
-        )
+        watcher = root.watcher()
         watcher.acquire()
         for lid in loan_ids:
             address = api("miner", "GET", f"/v1/loans/{lid}")["collateral_address"]
@@ -455,17 +459,7 @@ def main() -> int:
         )
 
         say("The risk engine starts, reading the BTC/RUB feed (the signer reads it on its own)")
-        board = Market(feed)
-        board.set(START_PRICE)
-        risk = RiskEngine(
-            engine,
-            network="regtest",
-            prices=board.median,
-            chain=node.rpc,
-            signer=signer,
-            fees=FeePolicy.from_settings(settings),
-            notify=notify,
-        )
+        risk = root.risk_engine(notify=notify)
         show_pass(risk.run_once(), api, loan_ids, START_PRICE)
 
         say(f"Loan {l1} is repaid: the bank operator asks for the release")
@@ -620,6 +614,8 @@ def main() -> int:
     finally:
         if server is not None:
             server.should_exit = True
+        if root is not None:
+            root.close()
         if core is not None:
             core.close()
         feed.stop()

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping
 import pytest
 from sqlalchemy.engine import Engine
 
-from custody.chain.watcher import Watcher, WatcherConfig
+from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
 from regtest.node import RegtestNode

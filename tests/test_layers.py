@@ -122,3 +122,15 @@ def test_every_endpoints_module_is_forbidden_to_the_domain() -> None:
     for module in found:
         domain = module.split(".")[1]
         assert f"from custody.{domain} import endpoints" in app_source, module
+
+
+@pytest.mark.unit
+def test_the_layers_contract_places_every_custody_package() -> None:
+    """A new custody package or top-level module must be given a layer, or the rule that
+    imports only go down (and that no two packages import each other) does not see it."""
+    (contract,) = [c for c in _import_linter_contracts() if c.get("type") == "layers"]
+    placed = {m.strip() for layer in contract["layers"] for m in layer.split("|")}
+    here = ROOT / "custody"
+    modules = {f"custody.{p.stem}" for p in here.glob("*.py") if p.stem != "__init__"}
+    packages = {f"custody.{p.parent.name}" for p in here.glob("*/__init__.py")}
+    assert placed == (modules | packages) - {"custody.hwi_cli"}

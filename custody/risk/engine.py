@@ -40,6 +40,7 @@ from custody.signing.approvals import record_automatic_signature
 from custody.signing.building import RequestParams, create_request
 from custody.signing.cancel import cancel_unsigned
 from custody.signing.chain import Chain, FeePolicy, PrefetchedChain
+from custody.signing.statements import bank_hsm_key, signer_loan_ref
 from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
 from pledge.errors import UpstreamUnavailable
@@ -175,7 +176,6 @@ class RiskEngine:
         """An automatic liquidation the signer never signed (a crash, or the signer down
         between creating it and signing it) is cancelled, so this pass starts again from
         fresh figures instead of leaving the loan liquidating with nobody to sign."""
-        from custody.signer.service import bank_hsm_key
 
         cutoff = now - UNSIGNED_GRACE
         with transaction(self.engine) as session:
@@ -207,7 +207,6 @@ class RiskEngine:
         """The engine's own view of one loan, in one transaction. What needs the bank's
         signer (a valuation, a liquidation it must price and sign) is returned, to be
         done after this transaction has committed."""
-        from custody.signer.service import bank_hsm_key, signer_loan_ref
 
         loan = session.get(Loan, loan_id)
         if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):

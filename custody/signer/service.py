@@ -44,6 +44,9 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.loans.service import get_loan, loan_keys, store_key
+from custody.signing.broadcast import broadcast_ready
+from custody.signing.signatures import add_signatures
+from custody.signing.statements import bank_hsm_key, open_statement, signer_loan_ref
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
 from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
@@ -51,21 +54,17 @@ from pledge.keys import parse_fixed_key
 from pledge.statements import canonical_statement, iso, statement_digest
 
 __all__ = [
-    "KEY_LABEL_PREFIX",
-    "bank_hsm_key",
     "endorse",
     "execute",
     "get_statement",
     "registration_statement",
     "request_bank_key",
     "request_repayment",
-    "signer_loan_ref",
     "statement_view",
 ]
 
 log = structlog.get_logger(__name__)
 
-KEY_LABEL_PREFIX: Final = "pledge-loan:"
 STATEMENT_TTL: Final = timedelta(hours=24)
 # The signer's terms carry one confirmation count per loan; when the loan names none, the
 # watcher's rule for large deposits (3) is what it gets, the cautious side of the two.
@@ -75,20 +74,6 @@ RECOVERABLE: Final = frozenset(
     {"approval_roles", "approval_unknown_person", "approval_signature", "approval_duplicate"}
 )
 STAFF: Final = (Role.bank_operator, Role.bank_approver)
-
-
-def signer_loan_ref(key: LoanKey) -> str:
-    label = key.hsm_key_label or ""
-    return label[len(KEY_LABEL_PREFIX) :] if label.startswith(KEY_LABEL_PREFIX) else label
-
-
-def bank_hsm_key(session: Session, loan_id: int) -> LoanKey | None:
-    """The loan's bank key when the bank's signer holds it (None: an xpub the bank signs
-    with on its own device)."""
-    key = session.exec(
-        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
-    ).first()
-    return key if key is not None and key.hsm_key_label is not None else None
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -140,38 +125,6 @@ def statement_view(session: Session, st: SignerStatement) -> dict[str, Any]:
 
 
 # -- creating statements --------------------------------------------------------------------
-
-
-def _open(
-    session: Session,
-    ctx: Context,
-    *,
-    kind: str,
-    body: dict[str, Any],
-    loan_id: int | None = None,
-    request_id: int | None = None,
-    nonce: str | None = None,
-) -> SignerStatement:
-    st = SignerStatement(
-        kind=kind,
-        loan_id=loan_id,
-        request_id=request_id,
-        nonce=nonce,
-        body=json.dumps(body, sort_keys=True),
-        state=StatementState.open,
-        created_by=ctx.actor,
-    )
-    session.add(st)
-    session.flush()
-    record(
-        session,
-        actor=ctx.actor,
-        action="signer.statement_opened",
-        loan_id=loan_id,
-        request_id=request_id,
-        data={"statement_id": st.id, "kind": kind, "digest": statement_digest(body).hex()},
-    )
-    return st
 
 
 def registration_statement(
@@ -244,7 +197,7 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
         loan_ref=f"loan-{loan_id}-{secrets.token_hex(4)}",
         expires_at=utcnow() + STATEMENT_TTL,
     )
-    return _open(session, ctx, kind="register_loan", body=body, loan_id=loan_id)
+    return open_statement(session, ctx, kind="register_loan", body=body, loan_id=loan_id)
 
 
 def request_enrolment(
@@ -261,14 +214,14 @@ def request_enrolment(
         "public_key": public_key,
         "expires_at": iso(utcnow() + STATEMENT_TTL),
     }
-    return _open(session, ctx, kind="enroll", body=body)
+    return open_statement(session, ctx, kind="enroll", body=body)
 
 
 def request_removal(session: Session, ctx: Context, *, name: str) -> SignerStatement:
     """Open the statement that removes a person from the signer (two other admins sign)."""
     require_role(ctx.principal, Role.admin)
     body = {"kind": "remove", "name": name, "expires_at": iso(utcnow() + STATEMENT_TTL)}
-    return _open(session, ctx, kind="remove", body=body)
+    return open_statement(session, ctx, kind="remove", body=body)
 
 
 def request_repayment(
@@ -300,30 +253,7 @@ def request_repayment(
         "paid_at": iso(paid_at),
         "expires_at": iso(utcnow() + STATEMENT_TTL),
     }
-    return _open(session, ctx, kind="repayment", body=body, loan_id=loan_id)
-
-
-def open_transaction_statement(
-    session: Session, ctx: Context, req: SigningRequest, prepared: dict[str, Any]
-) -> SignerStatement:
-    """The statement the signer issued for a signing request (its nonce is the key)."""
-    return _open(
-        session,
-        ctx,
-        kind="transaction",
-        body=prepared["statement"],
-        loan_id=req.loan_id,
-        request_id=req.id,
-        nonce=str(prepared["nonce"]),
-    )
-
-
-def transaction_statement_of(session: Session, request_id: int) -> SignerStatement | None:
-    return session.exec(
-        select(SignerStatement)
-        .where(SignerStatement.request_id == request_id, SignerStatement.kind == "transaction")
-        .order_by(col(SignerStatement.id).desc())
-    ).first()
+    return open_statement(session, ctx, kind="repayment", body=body, loan_id=loan_id)
 
 
 # -- signatures -----------------------------------------------------------------------------
@@ -496,7 +426,6 @@ def _broadcast_if_ready(
     """With the bank's signature committed, a request at quorum is broadcast (no
     transaction open). If the node cannot be reached the request stays ready and the
     statement says how to go on."""
-    from custody.signing.broadcast import broadcast_ready
 
     if work.kind != "transaction" or work.request_id is None or chain is None:
         return
@@ -601,7 +530,6 @@ def _apply(
             },
         )
     elif work.kind == "transaction":
-        from custody.signing.signatures import add_signatures
 
         assert work.request_id is not None
         record(

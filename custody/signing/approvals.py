@@ -22,6 +22,7 @@ from custody.signing.building import refused_request
 from custody.signing.chain import Chain
 from custody.signing.repository import get_request
 from custody.signing.signatures import add_signatures
+from custody.signing.statements import bank_hsm_key, transaction_statement_of
 from hsm.client import Signed
 from hsm.signer import PolicyViolation
 from pledge.errors import Conflict, NotFound
@@ -41,7 +42,6 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
     """A bank approver signs off on this exact transaction (4-eyes: the requester cannot),
     for a loan whose bank key is an xpub the bank signs with on its own device. When the
     bank's signer holds the key, its approvals are signatures over its statement instead."""
-    from custody.signer.service import bank_hsm_key, transaction_statement_of
 
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_approver)

@@ -47,6 +47,7 @@ from custody.signing.psbt import (
 )
 from custody.signing.repository import evidence, get_request, request_inputs
 from custody.signing.rules import FROM_STATES, REQUIRED_SEATS, STATE_WHILE_OPEN, WHO_REQUESTS
+from custody.signing.statements import bank_hsm_key, open_transaction_statement, signer_loan_ref
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation
 from pledge.addresses import address_script_pubkey
@@ -275,7 +276,6 @@ def open_request(
     the fee; build and store the request; ask the signer for its statement; store it (or
     the signer's refusal). A crash between the last two leaves a request with no statement:
     it shows `signer_statement_id` null and is cancelled and asked for again."""
-    from custody.signer.service import bank_hsm_key, signer_loan_ref
 
     with transaction(engine) as session:
         loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
@@ -327,7 +327,6 @@ def _valued(params: RequestParams, valuation: dict[str, Any]) -> RequestParams:
 def _check_priced(session: Session, loan: Loan, params: RequestParams) -> None:
     """A liquidation of a loan whose bank key the signer holds is priced by the signer's
     own valuation (it refuses any other figures): refuse to build one without it."""
-    from custody.signer.service import bank_hsm_key
 
     if params.action not in (SigningAction.liquidation, SigningAction.partial_liquidation):
         return
@@ -557,7 +556,6 @@ def open_bump(
     signer: BankSigner | None,
 ) -> SigningRequest:
     """`bump_fee` with the signer's valuation and statement asked outside transactions."""
-    from custody.signer.service import bank_hsm_key, signer_loan_ref
 
     with transaction(engine) as session:
         old = get_request(session, ctx, request_id)
@@ -591,7 +589,6 @@ def _statement_after(
 ) -> SigningRequest:
     """Ask the signer for the statement of a stored request (no transaction open), then
     store it, or its refusal, in a new transaction."""
-    from custody.signer.service import open_transaction_statement
 
     needs = (
         loan_ref is not None

@@ -20,6 +20,7 @@ from custody.db.session import transaction
 from custody.loans.service import change_state
 from custody.signing.repository import get_request
 from custody.signing.rules import WHO_REQUESTS
+from custody.signing.statements import transaction_statement_of
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation
 from pledge.errors import Conflict, UpstreamUnavailable
@@ -43,7 +44,6 @@ def cancel(session: Session, ctx: Context, request_id: int) -> tuple[SigningRequ
 
 def _cancel_statement(session: Session, req: SigningRequest) -> str | None:
     from custody.db.models import StatementState
-    from custody.signer.service import transaction_statement_of
 
     st = transaction_statement_of(session, req.id or 0)
     if st is None or st.state != StatementState.open:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import Engine
 from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 
-from custody.signer.service import KEY_LABEL_PREFIX
+from custody.signing.statements import KEY_LABEL_PREFIX
 from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.softhsm import SoftHsmToken
 from pledge.descriptors import parse_collateral_descriptor

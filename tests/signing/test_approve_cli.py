@@ -21,7 +21,7 @@ from support.lending import funded_loan, request, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World
 
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from custody.db.models import SignerStatement
 from pledge.statements import iso
 from regtest.node import RegtestNode, free_port, wait_until

@@ -21,7 +21,7 @@ from support.lending import (
 from support.signer_world import SignerWorld
 from support.world import World
 
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed

@@ -13,7 +13,7 @@ import pytest
 from support.lending import funded_loan
 from support.world import World
 
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from custody.notify.delivery import deliver_due, verify_signature
 from regtest.node import RegtestNode
 

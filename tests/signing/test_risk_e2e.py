@@ -15,7 +15,7 @@ from support.lending import COLLATERAL, funded_loan, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource

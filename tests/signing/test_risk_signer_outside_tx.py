@@ -14,7 +14,7 @@ from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
 from custody.audit.service import record
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from custody.db.session import transaction
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource

@@ -13,7 +13,7 @@ from embit import bip32
 from embit.networks import NETWORKS
 from support.world import World, hd_key
 
-from custody.chain.watcher import Watcher
+from custody.watcher.service import Watcher
 from hsm.software import SoftwareHDSigner
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode

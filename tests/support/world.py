@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from custody.api.app import create_app
 from custody.auth.service import create_principal
 from custody.config import Settings
 from custody.db.models import AuditEvent, Party, PartyKind, Role
 from custody.db.session import transaction
+from custody.root import Root
 from hsm.client import BankSigner
 
 # Regtest addresses for the loan terms (any valid bcrt1 address will do).
@@ -174,9 +174,8 @@ def build_world(
             _, api_keys[who] = create_principal(
                 session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
             )
-    client = TestClient(
-        create_app(settings, engine, signer=signer, chain=chain), raise_server_exceptions=False
-    )
+    app = Root.assemble(settings, engine=engine, node=chain, signer=signer).app()
+    client = TestClient(app, raise_server_exceptions=False)
     return World(
         client=client,
         api_keys=api_keys,

@@ -12,7 +12,7 @@ from sqlmodel import Session, select
 from support.spend import spend_outside_the_service
 from support.world import World, audit_actions, build_world, hd_key
 
-from custody.chain.watcher import Watcher, WatcherBusy, WatcherConfig
+from custody.watcher.service import Watcher, WatcherBusy, WatcherConfig
 from custody.db.models import AuditEvent, Deposit
 from pledge.descriptors import parse_collateral_descriptor
 from regtest.faucet import random_p2wpkh_address

@@ -31,7 +31,7 @@ from sqlmodel import Session, col, select
 from support.bulk import ReadyLoan, create_ready_loans
 
 from custody.audit.service import verify_chain
-from custody.chain.watcher import ACTOR, Watcher, WatcherConfig
+from custody.watcher.service import ACTOR, Watcher, WatcherConfig
 from custody.db.models import AuditEvent, ChainCursor, Deposit, DepositState, Loan, LoanState
 from regtest.node import RegtestNode, wait_until
 

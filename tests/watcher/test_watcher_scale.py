@@ -16,7 +16,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from support.bulk import create_ready_loans
 
-from custody.chain.watcher import ACTOR, Watcher
+from custody.watcher.service import ACTOR, Watcher
 from custody.db.models import AuditEvent, Deposit, DepositState, Loan, LoanState
 from regtest.node import RegtestNode
 
