@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from custody.chain.watcher import Watcher
     from custody.risk.engine import RiskEngine
     from custody.risk.prices import MedianPriceSource
+    from custody.signing.reconcile import Reconciler
     from hsm.client import BankSigner
 
 __all__ = ["Root", "fee_policy"]
@@ -127,6 +128,17 @@ class Root:
             chain=self.node,
             signer=self.signer,
             fees=self.fees,
+        )
+
+    def reconciler(self) -> Reconciler:
+        from custody.signing.reconcile import Reconciler
+
+        return Reconciler(
+            self.engine,
+            network=self.settings.network,
+            chain=self.node,
+            signer=self.signer,
+            grace=timedelta(seconds=self.settings.reconcile_grace_seconds),
         )
 
     def close(self) -> None:
