@@ -197,8 +197,18 @@ class Watcher:
                 session.add(lease)
                 session.commit()
         if self._pg_lock is not None:
-            self._pg_lock.close()  # closing the session releases the advisory lock
-            self._pg_lock = None
+            # Unlock explicitly: close() only returns the connection to the pool, where
+            # the session-level advisory lock would outlive this watcher.
+            try:
+                self._pg_lock.execute(
+                    text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WATCHER_LOCK}
+                )
+                self._pg_lock.commit()
+            except Exception:  # a broken connection: drop it, which ends its session
+                self._pg_lock.invalidate()
+            finally:
+                self._pg_lock.close()
+                self._pg_lock = None
 
     def _renew_lease(self) -> None:
         now = utcnow()
