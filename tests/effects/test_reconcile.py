@@ -8,12 +8,12 @@ PostgreSQL."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from sqlmodel import Session, col, select
+from support.effects import Crash, CrashingNode, CrashingSigner
 from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World
@@ -26,67 +26,6 @@ from hsm.client import BankSigner
 from regtest.node import RegtestNode
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
-
-
-class Crash(Exception):
-    """The service's process dies here."""
-
-
-def _crash_around(call: Callable[[], Any], when: str) -> Any:
-    if when == "before":
-        raise Crash("before the call")
-    call()
-    raise Crash("after the call: its answer is lost")
-
-
-class CrashingSigner(BankSigner):
-    """The real signer; `op` crashes the service once, before or after reaching it."""
-
-    def __init__(self, real: BankSigner, op: str, when: str) -> None:
-        super().__init__(real.transport)
-        self.op, self.when, self.crashed = op, when, False
-
-    def _once(self, op: str, call: Callable[[], Any]) -> Any:
-        if op != self.op or self.crashed:
-            return call()
-        self.crashed = True
-        return _crash_around(call, self.when)
-
-    def prepare(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self._once("prepare", lambda: BankSigner.prepare(self, *args, **kwargs))  # type: ignore[no-any-return]
-
-    def sign(self, *args: Any, **kwargs: Any) -> Any:
-        return self._once("sign", lambda: BankSigner.sign(self, *args, **kwargs))
-
-    def register_loan(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self._once(  # type: ignore[no-any-return]
-            "register_loan", lambda: BankSigner.register_loan(self, *args, **kwargs)
-        )
-
-    def record_repayment(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self._once(  # type: ignore[no-any-return]
-            "record_repayment", lambda: BankSigner.record_repayment(self, *args, **kwargs)
-        )
-
-
-class CrashingNode:
-    """The real node; the broadcast crashes the service once: before the node is asked
-    (`before`), or after `sendrawtransaction` reached it (`after`)."""
-
-    def __init__(self, real: Any, when: str) -> None:
-        self.real, self.when = real, when
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.real, name)
-
-    def test_mempool_accept(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if self.when == "before":
-            raise Crash("before the broadcast")
-        result: dict[str, Any] = self.real.test_mempool_accept(*args, **kwargs)
-        return result
-
-    def send_raw_transaction(self, tx_hex: str) -> str:
-        return str(_crash_around(lambda: self.real.send_raw_transaction(tx_hex), "after"))
 
 
 def _reconciler(world: World, node: RegtestNode, signer: BankSigner, **kw: Any) -> Reconciler:
