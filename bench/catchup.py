@@ -42,7 +42,6 @@ from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.chain.blocks import scan_block
 from custody.chain.rpc import NodeRpc
-from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
@@ -56,6 +55,7 @@ from custody.db.models import (
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
+from custody.watcher.service import Watcher, WatcherConfig
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 

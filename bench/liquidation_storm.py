@@ -62,7 +62,6 @@ from sqlmodel import Session, col, func, select
 from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.auth.context import Context
-from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
@@ -84,6 +83,7 @@ from custody.risk.engine import RiskEngine, RiskReport
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
 from custody.signer import service as signer_service
 from custody.signing.chain import FeePolicy
+from custody.watcher.service import Watcher, WatcherConfig
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.core import SignerCore

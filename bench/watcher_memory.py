@@ -79,8 +79,8 @@ def build_database(path: Path, count: int) -> None:
 def probe(path: str) -> None:
     """Fresh interpreter: import everything, then let a Watcher load the scripts."""
     from custody.chain.rpc import NodeRpc
-    from custody.watcher.service import Watcher
     from custody.db.session import make_engine
+    from custody.watcher.service import Watcher
 
     engine = make_engine(f"sqlite:///{path}")
     watcher = Watcher(engine, NodeRpc("http://127.0.0.1:9", "unused", "unused"))

@@ -89,7 +89,39 @@ def watch(
             return
         stop = threading.Event()
         _stop_on_signals(stop)
-        watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
+        # Unknown outcomes (a crash between a call and its record) are reconciled at start
+        # and then periodically, only while this process holds the watcher's lease, in a
+        # thread of their own so a slow signer never holds up the chain.
+        reconciler = threading.Thread(
+            target=root.reconciler().run,
+            args=(stop, root.settings.reconcile_seconds),
+            kwargs={"only_while": watcher.holding},
+            name="reconcile",
+            daemon=True,
+        )
+        reconciler.start()
+        try:
+            watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
+        finally:
+            stop.set()
+            reconciler.join(timeout=60)
+    finally:
+        root.close()
+
+
+@app.command()
+def reconcile() -> None:
+    """Reconcile once what a crash may have left half done (a request without its
+    signer statement, a statement taken to the signer with no answer recorded, a ready
+    request the node may already have), print what was found, exit."""
+    import dataclasses
+
+    root = _root()
+    try:
+        report = root.reconciler().run_once()
+        typer.echo(json.dumps(dataclasses.asdict(report), default=str))
+        if report.errors:
+            raise typer.Exit(code=1)
     finally:
         root.close()
 

@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     watch_start_height: int | None = None  # first block to scan; default: the tip at first start
     watch_poll_seconds: float = 1.0
     watch_lease_seconds: float = 30.0
+    # Intents whose outcome is unknown (a crash between a call to the node or the signer
+    # and the record of its answer) are reconciled by `custody watch` this often, once
+    # older than the grace (longer than any call may take).
+    reconcile_seconds: float = 30.0
+    reconcile_grace_seconds: float = 120.0
 
     # Fees for transactions the service builds: the node's estimate, held in these bounds.
     fee_rate_floor_sat_vb: float = 2.0

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from custody.risk.engine import Notify, Prices, RiskEngine
+    from custody.signer.reconcile import Reconciler
     from custody.watcher.service import Watcher
     from hsm.client import BankSigner
 
@@ -144,6 +145,17 @@ class Root:
             signer=self.signer,
             fees=self.fees,
             notify=notify,
+        )
+
+    def reconciler(self) -> Reconciler:
+        from custody.signer.reconcile import Reconciler
+
+        return Reconciler(
+            self.engine,
+            network=self.settings.network,
+            chain=self.node,
+            signer=self.signer,
+            grace=timedelta(seconds=self.settings.reconcile_grace_seconds),
         )
 
     def close(self) -> None:

@@ -12,9 +12,9 @@ from collections.abc import Iterator, Mapping
 import pytest
 from sqlalchemy.engine import Engine
 
-from custody.watcher.service import Watcher, WatcherConfig
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
+from custody.watcher.service import Watcher, WatcherConfig
 from regtest.node import RegtestNode
 
 pytest_plugins = [

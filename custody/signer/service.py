@@ -54,9 +54,12 @@ from pledge.keys import parse_fixed_key
 from pledge.statements import canonical_statement, iso, statement_digest
 
 __all__ = [
+    "TAKEN_TO_SIGNER",
+    "UNREACHABLE",
     "endorse",
     "execute",
     "get_statement",
+    "may_have_acted",
     "registration_statement",
     "request_bank_key",
     "request_repayment",
@@ -355,17 +358,40 @@ class _HsmEvidence:
     never_extractable: bool
 
 
+# The intent, committed before the signer is called: a statement still open with this
+# outcome and no `result` after a crash is one whose outcome is unknown (the signer may
+# or may not have acted); `custody.signer.reconcile` takes it to the signer again.
+TAKEN_TO_SIGNER: Final = "taken to the signer; its answer is not recorded yet"
+UNREACHABLE: Final = "the signer could not be reached"
+
+
+def may_have_acted(st: SignerStatement) -> bool:
+    """Was this open statement taken to the signer before without an answer recorded (a
+    crash mid-call, a timeout)? Then the signer may already have acted on it."""
+    outcome = st.outcome or ""
+    return st.result is None and (outcome == TAKEN_TO_SIGNER or outcome.startswith(UNREACHABLE))
+
+
 def execute(
     engine: Engine, statement_id: int, signer: BankSigner | None, ctx: Context, chain: Any
 ) -> dict[str, Any]:
     """Take a statement with its signatures to the signer and apply what it did.
-    Three steps, no transaction open across the call. Returns the outcome."""
+    Three steps, no transaction open across the call. Returns the outcome.
+
+    The intent is committed first (`TAKEN_TO_SIGNER`). If an earlier call's answer was
+    lost (`may_have_acted`), the signer may already have acted: a repayment it says it
+    already recorded is credited unless another statement credited it, and a
+    registration it already has is taken from its own record of the loan."""
     if signer is None:
         raise UpstreamUnavailable("no bank signer is configured for this service")
     with transaction(engine) as session:
         st = session.get(SignerStatement, statement_id)
         if st is None or st.state != StatementState.open:
             return {"state": str(st.state) if st else "missing"}
+        answer_lost = may_have_acted(st)
+        if st.result is None:
+            st.outcome, st.updated_at = TAKEN_TO_SIGNER, utcnow()
+            session.add(st)
         rows = session.exec(
             select(SignerEndorsement)
             .where(SignerEndorsement.statement_id == statement_id)
@@ -398,14 +424,17 @@ def execute(
     try:
         result = _call(signer, work)
     except PolicyViolation as refusal:
-        with transaction(engine) as session:
-            _refused(session, ctx, statement_id, refusal)
-        return {"state": "refused", "check": refusal.check, "reason": refusal.reason}
+        recovered = _registered_before(signer, work, refusal) if answer_lost else None
+        if recovered is None:
+            with transaction(engine) as session:
+                _refused(session, ctx, statement_id, refusal)
+            return {"state": "refused", "check": refusal.check, "reason": refusal.reason}
+        result = recovered
     except (UpstreamUnavailable, SignerError) as exc:
         with transaction(engine) as session:
             st = session.get(SignerStatement, statement_id)
             assert st is not None
-            st.outcome = f"the signer could not be reached: {exc.message}"
+            st.outcome = f"{UNREACHABLE}: {exc.message}"
             st.updated_at = utcnow()
         return {"state": "open", "reason": exc.message}
     with transaction(engine) as session:  # keep what the signer did before applying it
@@ -415,9 +444,22 @@ def execute(
         st.outcome = "the signer acted; applying its answer"
         st.updated_at = utcnow()
     with transaction(engine) as session:
-        _apply(session, ctx, statement_id, work, result, chain)
+        _apply(session, ctx, statement_id, work, result, chain, answer_lost=answer_lost)
     _broadcast_if_ready(engine, ctx, statement_id, work, chain)
     return {"state": "done", "result": result}
+
+
+def _registered_before(
+    signer: BankSigner, work: _Work, refusal: PolicyViolation
+) -> dict[str, Any] | None:
+    """A registration whose answer was lost, refused now because the signer has the loan:
+    its own record of the loan is the answer (the token's key attributes are not in it)."""
+    if work.kind != "register_loan" or refusal.check != "loan_registered":
+        return None
+    loan = signer.loan(str(work.body["loan_ref"]))
+    if loan.get("descriptor") is None or loan.get("public_key") is None:
+        return None
+    return {**loan, "recovered": True}
 
 
 def _broadcast_if_ready(
@@ -488,6 +530,8 @@ def _apply(
     work: _Work,
     result: dict[str, Any],
     chain: Any,
+    *,
+    answer_lost: bool = False,
 ) -> None:
     st = session.get(SignerStatement, statement_id)
     assert st is not None
@@ -513,7 +557,10 @@ def _apply(
     elif work.kind == "repayment":
         loan = session.get(Loan, work.loan_id)
         assert loan is not None
-        if result.get("recorded"):
+        credit = bool(result.get("recorded")) or (
+            answer_lost and not _credited_elsewhere(session, statement_id, work)
+        )
+        if credit:
             loan.credited_kopecks += int(work.body["amount_kopecks"])
             loan.updated_at = utcnow()
             session.add(loan)
@@ -527,6 +574,7 @@ def _apply(
                 "repayment_id": work.body["repayment_id"],
                 "amount_kopecks": work.body["amount_kopecks"],
                 "recorded": result.get("recorded"),
+                "credited": credit,
             },
         )
     elif work.kind == "transaction":
@@ -549,3 +597,17 @@ def _apply(
     else:
         st.outcome = json.dumps(result, sort_keys=True, default=str)[:500]
     session.add(st)
+
+
+def _credited_elsewhere(session: Session, statement_id: int, work: _Work) -> bool:
+    """Did another statement of this loan already credit this repayment id?"""
+    others = session.exec(
+        select(SignerStatement).where(
+            SignerStatement.loan_id == work.loan_id,
+            SignerStatement.kind == "repayment",
+            SignerStatement.state == StatementState.done,
+            col(SignerStatement.id) != statement_id,
+        )
+    ).all()
+    repayment_id = work.body["repayment_id"]
+    return any(json.loads(o.body).get("repayment_id") == repayment_id for o in others)

@@ -42,7 +42,7 @@ def _ask_the_node(chain: Chain, psbt: str) -> tuple[str, dict[str, Any]]:
     return raw, verdict
 
 
-def _record_broadcast(
+def record_broadcast(
     session: Session, actor: str, req: SigningRequest, verdict: dict[str, Any]
 ) -> None:
     """What the node said: rejected (the request stays ready with the reason) or sent."""
@@ -86,7 +86,7 @@ def finalize_and_broadcast(
     """Finalize, check and broadcast inside the caller's transaction (paths not yet moved
     to `broadcast_ready`)."""
     _, verdict = _ask_the_node(chain, req.psbt)
-    _record_broadcast(session, actor, req, verdict)
+    record_broadcast(session, actor, req, verdict)
 
 
 def broadcast_ready(engine: Engine, actor: str, request_id: int, chain: Chain) -> None:
@@ -103,7 +103,7 @@ def broadcast_ready(engine: Engine, actor: str, request_id: int, chain: Chain) -
     with transaction(engine) as session:
         req = session.get(SigningRequest, request_id)
         if req is not None and req.state == RequestState.ready and req.psbt == psbt:
-            _record_broadcast(session, actor, req, verdict)
+            record_broadcast(session, actor, req, verdict)
 
 
 def check_ready(session: Session, ctx: Context, request_id: int) -> SigningRequest:

@@ -167,6 +167,9 @@ class Watcher:
         self._watched = _Watched()
         self._mempool_seen: set[str] = set()
         self._pg_lock: Connection | None = None
+        # Set while this watcher holds the database's lease: work that must run once per
+        # database (reconciling unknown outcomes, `custody watch`) runs only then.
+        self.holding = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -184,8 +187,10 @@ class Watcher:
             self._pg_lock = conn
         self._renew_lease()
         self._reload_watched()
+        self.holding.set()
 
     def release(self) -> None:
+        self.holding.clear()
         with Session(self.engine) as session:
             lease = session.get(WatcherLease, 1)
             if lease is not None and lease.holder == self.holder:
@@ -193,8 +198,18 @@ class Watcher:
                 session.add(lease)
                 session.commit()
         if self._pg_lock is not None:
-            self._pg_lock.close()  # closing the session releases the advisory lock
-            self._pg_lock = None
+            # Unlock explicitly: close() only returns the connection to the pool, where
+            # the session-level advisory lock would outlive this watcher.
+            try:
+                self._pg_lock.execute(
+                    text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WATCHER_LOCK}
+                )
+                self._pg_lock.commit()
+            except Exception:  # a broken connection: drop it, which ends its session
+                self._pg_lock.invalidate()
+            finally:
+                self._pg_lock.close()
+                self._pg_lock = None
 
     def _renew_lease(self) -> None:
         now = utcnow()
@@ -285,42 +300,69 @@ class Watcher:
     def _cursor(self, tip: int) -> ChainCursor:
         with Session(self.engine, expire_on_commit=False) as session:
             cursor = session.get(ChainCursor, 1)
+        if cursor is not None:
+            return cursor
+        # The first step: ask the node for the base block with no transaction open
+        # (SQLite opens every one as BEGIN IMMEDIATE, holding the write lock).
+        start = self.config.start_height if self.config.start_height is not None else tip
+        base = max(start - 1, 0)
+        base_hash = self.rpc.get_block_hash(base)
+        with Session(self.engine, expire_on_commit=False) as session:
+            cursor = session.get(ChainCursor, 1)
             if cursor is None:
-                start = self.config.start_height if self.config.start_height is not None else tip
-                base = max(start - 1, 0)
-                cursor = ChainCursor(
-                    id=1, height=base, block_hash=self.rpc.get_block_hash(base), node_tip_height=tip
-                )
+                cursor = ChainCursor(id=1, height=base, block_hash=base_hash, node_tip_height=tip)
                 session.add(cursor)
                 session.commit()
                 log.info("watcher starts", from_height=base + 1)
             return cursor
 
-    def _rollback_to_fork(self, cursor: ChainCursor, tip: int) -> int:
-        """Undo every applied block above the last one the node still has, in one transaction."""
+    def _find_fork(self, cursor: ChainCursor, tip: int) -> tuple[list[ChainBlock], int, str]:
+        """The applied blocks at or below the cursor (newest first) and the highest of them
+        the node still has, as (blocks, fork height, fork hash). The blocks are read in a
+        short session and the node is asked with none open: the answer is re-checked
+        against the database before anything is written."""
         with Session(self.engine, expire_on_commit=False) as session:
-            blocks = session.exec(
-                select(ChainBlock)
-                .where(col(ChainBlock.height) <= cursor.height)
-                .order_by(col(ChainBlock.height).desc())
-            ).all()
-            fork_height, fork_hash = None, None
-            for block in blocks:
-                if block.height <= tip and self.rpc.get_block_hash(block.height) == block.hash:
-                    fork_height, fork_hash = block.height, block.hash
-                    break
-            if fork_height is None:
-                # Nothing we applied is still in the chain: back to the block before the first.
-                first = blocks[-1] if blocks else None
-                fork_height = (first.height - 1) if first else max(cursor.height - 1, 0)
-                fork_hash = self.rpc.get_block_hash(fork_height)
-            assert fork_hash is not None
-            orphaned = [b for b in blocks if b.height > fork_height]
+            blocks = list(
+                session.exec(
+                    select(ChainBlock)
+                    .where(col(ChainBlock.height) <= cursor.height)
+                    .order_by(col(ChainBlock.height).desc())
+                ).all()
+            )
+        for block in blocks:
+            if block.height <= tip and self.rpc.get_block_hash(block.height) == block.hash:
+                return blocks, block.height, block.hash
+        # Nothing we applied is still in the chain: back to the block before the first.
+        first = blocks[-1] if blocks else None
+        fork_height = (first.height - 1) if first else max(cursor.height - 1, 0)
+        return blocks, fork_height, self.rpc.get_block_hash(fork_height)
+
+    def _rollback_to_fork(self, cursor: ChainCursor, tip: int) -> int:
+        """Undo every applied block above the last one the node still has, in one short
+        transaction opened only once the node has answered. If the database moved
+        meanwhile (the cursor or the applied blocks differ from what was read), nothing
+        is written and the next step looks again; if the node moved, the next step's
+        hash comparison finds the new fork."""
+        blocks, fork_height, fork_hash = self._find_fork(cursor, tip)
+        orphaned_ids = {(b.height, b.hash) for b in blocks if b.height > fork_height}
+        with Session(self.engine, expire_on_commit=False) as session:
+            db_cursor = session.get(ChainCursor, 1)
+            assert db_cursor is not None
+            orphaned = list(
+                session.exec(
+                    select(ChainBlock)
+                    .where(col(ChainBlock.height) > fork_height)
+                    .order_by(col(ChainBlock.height).desc())
+                ).all()
+            )
+            if (db_cursor.height, db_cursor.block_hash) != (cursor.height, cursor.block_hash) or {
+                (b.height, b.hash) for b in orphaned
+            } != orphaned_ids:
+                log.warning("the chain records moved while the node was asked; retrying")
+                return 0
             touched = self._undo_blocks(session, fork_height, orphaned)
             for block in orphaned:
                 session.delete(block)
-            db_cursor = session.get(ChainCursor, 1)
-            assert db_cursor is not None
             db_cursor.height, db_cursor.block_hash = fork_height, fork_hash
             db_cursor.node_tip_height, db_cursor.updated_at = tip, utcnow()
             session.add(db_cursor)
@@ -596,6 +638,9 @@ class Watcher:
     # -- mempool ---------------------------------------------------------------------
 
     def _sync_mempool(self) -> tuple[int, int]:
+        """Pending deposits from the mempool, and unmined ones that left it. Everything
+        the node is asked (the mempool, its new transactions, whether a vanished one was
+        mined) is asked before the one write transaction opens."""
         mempool = set(self.rpc.get_raw_mempool())
         new = mempool - self._mempool_seen
         found: list[FoundOutput] = []
@@ -605,6 +650,16 @@ class Watcher:
             except RpcNotFound:
                 continue  # mined or evicted since we listed it; blocks will tell
             found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
+        with Session(self.engine) as session:
+            unmined_txids = set(
+                session.exec(
+                    select(Deposit.txid).where(
+                        Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
+                    )
+                ).all()
+            )
+        asked = unmined_txids - mempool
+        mined_elsewhere = {txid for txid in asked if self._mined_beyond_cursor(txid)}
         added = removed = 0
         with Session(self.engine, autoflush=False) as session:
             rows = _Rows.load(session, self._watched, found, [])
@@ -620,7 +675,9 @@ class Watcher:
                 )
             ).all()
             for dep in unmined:
-                if dep.txid in mempool or self._mined_beyond_cursor(dep.txid):
+                # Only what the node was asked about: a deposit that appeared since is
+                # judged on the next step.
+                if dep.txid in mempool or dep.txid in mined_elsewhere or dep.txid not in asked:
                     continue
                 dep.state, dep.updated_at = DepositState.removed, utcnow()
                 session.add(dep)

@@ -18,8 +18,8 @@ from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upl
 from support.signer_world import SignerWorld, in_process_world
 from support.world import World, audit_actions, build_world
 
-from custody.watcher.service import Watcher
 from custody.db.models import Approval, AuditEvent, SigningRequest
+from custody.watcher.service import Watcher
 from hsm.signer import PolicyViolation
 from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode

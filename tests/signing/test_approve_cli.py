@@ -21,8 +21,8 @@ from support.lending import funded_loan, request, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World
 
-from custody.watcher.service import Watcher
 from custody.db.models import SignerStatement
+from custody.watcher.service import Watcher
 from pledge.statements import iso
 from regtest.node import RegtestNode, free_port, wait_until
 

@@ -12,8 +12,8 @@ from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upl
 from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
-from custody.watcher.service import Watcher
 from custody.db.models import SignerStatement, SigningRequest
+from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]

@@ -16,9 +16,9 @@ from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upl
 from support.signer_world import SignerWorld, serve_world
 from support.world import World, audit_actions, build_world
 
-from custody.watcher.service import Watcher
 from custody.db.models import SigningRequest
 from custody.signing.statements import KEY_LABEL_PREFIX
+from custody.watcher.service import Watcher
 from hsm.client import BankSigner, HttpTransport
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode

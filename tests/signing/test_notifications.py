@@ -13,8 +13,8 @@ import pytest
 from support.lending import funded_loan
 from support.world import World
 
-from custody.watcher.service import Watcher
 from custody.notify.delivery import deliver_due, verify_signature
+from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
 
 SECRET = "a-shared-secret-of-the-miner-0123456789"

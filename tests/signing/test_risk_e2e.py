@@ -15,11 +15,11 @@ from support.lending import COLLATERAL, funded_loan, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
-from custody.watcher.service import Watcher
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource
 from custody.signing.chain import FeePolicy
+from custody.watcher.service import Watcher
 from hsm.client import InProcessTransport
 from pledge.amounts import sats_for_kopecks
 from regtest.node import RegtestNode

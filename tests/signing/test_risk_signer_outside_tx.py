@@ -14,11 +14,11 @@ from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
 from custody.audit.service import record
-from custody.watcher.service import Watcher
 from custody.db.session import transaction
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
 from custody.signing.chain import FeePolicy
+from custody.watcher.service import Watcher
 from hsm.client import BankSigner
 from hsm.signer import SignerUnavailable
 from regtest.node import RegtestNode

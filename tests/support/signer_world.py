@@ -75,6 +75,11 @@ def software_party() -> SoftwareHDSigner:
 
 
 class SignerWorld:
+    # `hsm serve` worlds: where it listens and its bearer token (to reach it another way,
+    # e.g. through regtest.slow_proxy).
+    serve_url: str | None = None
+    serve_token: str | None = None
+
     def __init__(
         self,
         transport: str,
@@ -444,7 +449,7 @@ def serve_world(
                 [people["admin1"], people["admin2"]],
                 [people[k] for k in ("operator", "approver", "operator2", "approver2")],
             )
-            yield SignerWorld(
+            sw = SignerWorld(
                 "hsm-serve",
                 client,
                 node,
@@ -453,5 +458,7 @@ def serve_world(
                 sign_calls=lambda: int(client.health()["c_sign_calls"]),
                 registry=lambda: Registry(server.state_db),
             )
+            sw.serve_url, sw.serve_token = server.url, server.token
+            yield sw
         finally:
             client.close()

@@ -12,8 +12,8 @@ from sqlmodel import Session, select
 from support.spend import spend_outside_the_service
 from support.world import World, audit_actions, build_world, hd_key
 
-from custody.watcher.service import Watcher, WatcherBusy, WatcherConfig
 from custody.db.models import AuditEvent, Deposit
+from custody.watcher.service import Watcher, WatcherBusy, WatcherConfig
 from pledge.descriptors import parse_collateral_descriptor
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode

@@ -31,8 +31,8 @@ from sqlmodel import Session, col, select
 from support.bulk import ReadyLoan, create_ready_loans
 
 from custody.audit.service import verify_chain
-from custody.watcher.service import ACTOR, Watcher, WatcherConfig
 from custody.db.models import AuditEvent, ChainCursor, Deposit, DepositState, Loan, LoanState
+from custody.watcher.service import ACTOR, Watcher, WatcherConfig
 from regtest.node import RegtestNode, wait_until
 
 DEFAULT_SEED = 0xC0FFEE

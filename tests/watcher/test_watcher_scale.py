@@ -16,8 +16,8 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from support.bulk import create_ready_loans
 
-from custody.watcher.service import ACTOR, Watcher
 from custody.db.models import AuditEvent, Deposit, DepositState, Loan, LoanState
+from custody.watcher.service import ACTOR, Watcher
 from regtest.node import RegtestNode
 
 LOANS = 500
