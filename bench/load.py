@@ -91,7 +91,7 @@ CLIENTS = 1
 SEED = 20240610
 NETWORK: NetworkName = "regtest"
 START_MARGIN = 0.2  # seconds between planning a rate and its first request
-SETTLE_SECONDS = 10.0  # at most this long for the servers to drain between rates, else
+SETTLE_SECONDS = 5.0  # at most this long for the servers to drain between rates, else
 # they are restarted (what they still hold would be measured as the next rate's latency)
 SETTLE_FAST_MS = 50.0  # a server is idle again when a health check answers this fast
 SERVER_START_TIMEOUT = 60.0
@@ -250,11 +250,14 @@ class ServerProcess:
         assert self._proc is not None
         return self._proc.pid
 
-    def start(self, attempts: int = 3) -> None:
-        """Start and wait until `/v1/health` answers; a lost port race is retried."""
+    def launch(self) -> None:
+        """Start the process on a free port (`wait_ready` waits for it to answer)."""
+        self.port = _free_loopback_port()
+        self._launch()
+
+    def wait_ready(self, attempts: int = 3) -> None:
+        """Wait until `/v1/health` answers; a lost port race is relaunched on another."""
         for attempt in range(attempts):
-            self.port = _free_loopback_port()
-            self._launch()
             try:
                 wait_until(
                     self._healthy,
@@ -268,6 +271,7 @@ class ServerProcess:
                 self.stop()
                 if not lost_race or attempt == attempts - 1:
                     raise
+                self.launch()
 
     def _launch(self) -> None:
         env = {
@@ -332,21 +336,44 @@ class ServerProcess:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
-    def stop(self) -> None:
-        """SIGTERM (uvicorn shuts down cleanly), SIGKILL if it does not exit in 5 s
-        (it waits for its requests, and a stuck one can take 30 s)."""
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM: uvicorn finishes its requests, then exits)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `grace` seconds (it waits for
+        the requests it holds, and a stuck one can take 30 s)."""
         if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.terminate()
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
+            self.terminate()
+            try:
+                self._proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
             self._proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def restart(servers: Sequence[ServerProcess], population: Population) -> None:
+    """Drop what the servers still hold (SIGTERM to all, SIGKILL after 1 s), start them
+    again on new ports and warm them up."""
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.stop(grace=1.0)
+    start_all(servers)
+    warm_up(population, servers)
+
+
+def start_all(servers: Sequence[ServerProcess]) -> None:
+    """Launch every server, then wait for each (they import and migrate side by side)."""
+    for server in servers:
+        server.launch()
+    for server in servers:
+        server.wait_ready()
 
 
 @contextmanager
@@ -355,7 +382,7 @@ def serving(backend: Backend, base: Path, stack: ExitStack) -> Iterator[str]:
     if backend == "sqlite":
         yield f"sqlite:///{base / 'custody.db'}"
         return
-    pg = PostgresServer(base_dir=base)
+    pg = PostgresServer()  # its own temp dir: the cluster's user must reach it
     stack.callback(pg.stop)
     pg.start()
     yield pg.create_database("bench_load")
@@ -558,6 +585,17 @@ def warm_up(population: Population, servers: Sequence[ServerProcess]) -> None:
 # -- the figures -----------------------------------------------------------------------
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    try:
+        ticks = [int(t) for t in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    total = sum(ticks[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (`q` in [0, 1]) of `values`; 0 for none."""
     if not values:
@@ -574,6 +612,7 @@ class RateResult:
     wall_seconds: float  # from the first due time until the last answer
     server_cpu: float  # cores busy, summed over the server processes
     client_cpu: float  # cores busy in the client process(es)
+    machine_cpu: float  # cores busy on the whole machine (PostgreSQL, other users too)
     settle_seconds: float | None = 0.0  # None: the servers did not drain in time
 
     @property
@@ -653,7 +692,7 @@ class BackendReport:
         head = (
             f"{tag} {'rate':>5} {'sent':>6} {'ok':>6} {'errors':>6} {'p50 ms':>8} "
             f"{'p99 ms':>8} {'max ms':>8} {'lag p99':>8} {'lag max':>8} {'srv CPU':>7} "
-            f"{'cli CPU':>7} {'drain s':>7}  errors by kind"
+            f"{'cli CPU':>7} {'all CPU':>7} {'drain s':>7}  errors by kind"
         )
         lines = [head]
         for r in self.rows:
@@ -662,8 +701,8 @@ class BackendReport:
             lines.append(
                 f"{tag} {r.rate:>5} {r.sent:>6} {r.ok:>6} {sum(r.errors.values()):>6} "
                 f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.lag_ms(0.99):>8.1f} "
-                f"{r.lag_ms(1.0):>8.1f} {r.server_cpu:>7.2f} {r.client_cpu:>7.2f} {drain:>7}  "
-                f"{kinds}"
+                f"{r.lag_ms(1.0):>8.1f} {r.server_cpu:>7.2f} {r.client_cpu:>7.2f} "
+                f"{r.machine_cpu:>7.2f} {drain:>7}  {kinds}"
             )
         names = [k.name for k in MIX]
         lines.append(f"{tag} p99 ms by request: {'rate':>5} " + " ".join(f"{n:>11}" for n in names))
@@ -760,7 +799,7 @@ def measure_backend(
             ]
             for server in servers:
                 stack.callback(server.stop)
-                server.start()
+            start_all(servers)
             warm_up(population, servers)
             report.addresses_before = address_count(url)
             report.setup_seconds = time.perf_counter() - t0
@@ -779,12 +818,15 @@ def measure_backend(
                 count = max(1, round(rate * duration))
                 requests = plan(population, [s.port for s in servers], count, rng)
                 cpu0 = sum(s.cpu_seconds() for s in servers)
+                busy0 = machine_busy()
                 t1 = time.monotonic()
                 outcomes, client_cpu = send_schedule(requests, rate, client)
                 wall = time.monotonic() - t1 - START_MARGIN
                 server_cpu = sum(s.cpu_seconds() for s in servers) - cpu0
+                busy1 = machine_busy()
+                cores = (os.cpu_count() or 1) * (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1)
                 row = RateResult(
-                    rate, duration, outcomes, wall, server_cpu / wall, client_cpu / wall
+                    rate, duration, outcomes, wall, server_cpu / wall, client_cpu / wall, cores
                 )
                 report.rows.append(row)
                 print(
@@ -804,10 +846,7 @@ def measure_backend(
                     flush=True,
                 )
                 t2 = time.monotonic()
-                for server in servers:
-                    server.stop()
-                    server.start()
-                warm_up(population, servers)
+                restart(servers, population)
                 report.restarts += 1
                 print(f" ({time.monotonic() - t2:.1f} s)", flush=True)
             report.addresses_after = address_count(url)
@@ -846,9 +885,10 @@ def print_report(report: BackendReport) -> None:
     print(
         f"load[{report.backend}]: latency from each request's due time, over every request "
         f"sent (a timeout counts as {report.client.timeout:g} s); lag = how late the client "
-        f"started it; CPU in cores busy; drain = until a health check answers in "
-        f"<= {SETTLE_FAST_MS:g} ms ('restart': not in {SETTLE_SECONDS:g} s, so the servers were "
-        f"restarted before the next rate); new addresses in the database "
+        f"started it; CPU in cores busy (srv: the custody servers, cli: the client, all: "
+        f"the whole machine, with PostgreSQL and anyone else); drain = until a health check "
+        f"answers in <= {SETTLE_FAST_MS:g} ms ('restart': not in {SETTLE_SECONDS:g} s, so the "
+        f"servers were restarted before the next rate); new addresses in the database "
         f"{report.addresses_after - report.addresses_before} ({report.new_addresses_ok()} "
         f"answered 201)"
     )
