@@ -16,9 +16,13 @@ latency is measured from that due time, so a server that falls behind shows it a
 (no coordinated omission). An answer that is not the expected status, a failed connection
 and no answer within `--timeout` (2 s) are errors; latencies are over every request sent,
 a timed-out one counting as the time it was given up at. The client's lag (how late it
-really started each request) is reported: if it is large, the client and not the server is
-the limit (`--clients N` spreads the schedule over N processes). After each rate the
-servers are given time to finish what they still hold before the next rate starts.
+really started each request) is reported: if it is large, the client (see its CPU) or a
+busy machine, not the server, is the limit (`--clients N` spreads the schedule over N
+processes; `bench.http1` is a lean HTTP/1.1 client, as httpx costs ~5x the CPU per
+request, `--http httpx` to compare). After each rate the servers get `SETTLE_SECONDS` to
+finish what they still hold (until a health check answers within `SETTLE_FAST_MS`); if
+they do not, they are restarted, so each rate is measured on its own and not on the
+backlog of the one before.
 
 Set-up (not timed): a fresh database (an SQLite file, or a database in a throwaway
 PostgreSQL server from regtest.postgres), migrated and populated through custody's own
@@ -29,7 +33,8 @@ sent once to every server before the ladder, which stops the benchmark if any an
 other than expected.
 
 ``python -m bench load [--backend sqlite|postgres|both] [--rates 25,50,100,200,400]
-[--duration S] [--timeout S] [--clients N] [--loans N] [--miners N]`` runs it alone.
+[--duration S] [--timeout S] [--clients N] [--http raw|httpx] [--loans N] [--miners N]``
+runs it alone; `python -m bench` runs it with every other benchmark, at 5 s per rate.
 """
 
 from __future__ import annotations
@@ -436,14 +441,18 @@ async def _drive(
     without waiting for earlier answers; wait at most `timeout` for each answer."""
     loop = asyncio.get_running_loop()
     connections = Connections()
-    client = httpx.AsyncClient(
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
-        timeout=httpx.Timeout(None),
-        trust_env=False,
+    client = (
+        httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=None),
+            timeout=httpx.Timeout(None),
+            trust_env=False,
+        )
+        if http == "httpx"
+        else None
     )
 
     async def status_of(p: Planned) -> int:
-        if http == "raw":
+        if client is None:
             return await connections.request("127.0.0.1", p.port, p.method, p.path, p.headers)
         url = f"http://127.0.0.1:{p.port}{p.path}"
         return (await client.request(p.method, url, headers=p.headers)).status_code
@@ -472,7 +481,8 @@ async def _drive(
         return list(await asyncio.gather(*tasks))
     finally:
         connections.close()
-        await client.aclose()
+        if client is not None:
+            await client.aclose()
 
 
 @dataclass(frozen=True)
@@ -709,7 +719,7 @@ class BackendReport:
         lines = [head]
         for r in self.rows:
             kinds = ", ".join(f"{k} {n}" for k, n in sorted(r.errors.items())) or "-"
-            drain = "restart" if r.settle_seconds is None else f"{r.settle_seconds:.1f}"
+            drain = "no" if r.settle_seconds is None else f"{r.settle_seconds:.1f}"
             lines.append(
                 f"{tag} {r.rate:>5} {r.sent:>6} {r.ok:>6} {sum(r.errors.values()):>6} "
                 f"{r.p50_ms:>8.1f} {r.p99_ms:>8.1f} {r.max_ms:>8.1f} {r.lag_ms(0.99):>8.1f} "
@@ -826,7 +836,7 @@ def measure_backend(
                 f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
                 flush=True,
             )
-            for rate in rates:
+            for step, rate in enumerate(rates, 1):
                 count = max(1, round(rate * duration))
                 requests = plan(population, [s.port for s in servers], count, rng)
                 cpu0 = sum(s.cpu_seconds() for s in servers)
@@ -852,6 +862,9 @@ def measure_backend(
                 if row.settle_seconds is not None:
                     print(f"; drained in {row.settle_seconds:.1f} s", flush=True)
                     continue
+                if step == len(rates):  # the last rate: nothing left to measure
+                    print(f"; NOT drained after {SETTLE_SECONDS:g} s", flush=True)
+                    break
                 print(
                     f"; NOT drained after {SETTLE_SECONDS:g} s: servers restarted",
                     end="",
@@ -899,7 +912,7 @@ def print_report(report: BackendReport) -> None:
         f"sent (a timeout counts as {report.client.timeout:g} s); lag = how late the client "
         f"started it; CPU in cores busy (srv: the custody servers, cli: the client, all: "
         f"the whole machine, with PostgreSQL and anyone else); drain = until a health check "
-        f"answers in <= {SETTLE_FAST_MS:g} ms ('restart': not in {SETTLE_SECONDS:g} s, so the "
+        f"answers in <= {SETTLE_FAST_MS:g} ms ('no': not in {SETTLE_SECONDS:g} s, so the "
         f"servers were restarted before the next rate); new addresses in the database "
         f"{report.addresses_made} ({report.new_addresses_ok()} "
         f"answered 201)"
