@@ -1,21 +1,44 @@
-"""Run every benchmark, print every figure, exit non-zero if any target failed."""
+"""Run every benchmark, print every figure, exit non-zero if any target failed.
+
+``python -m bench <name> [options]`` runs one benchmark alone with its own options
+(``python -m bench load --help``)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from bench import Figure, block_scan, catchup, liquidation_storm, watcher_memory
+from bench import Figure, block_scan, catchup, liquidation_storm, load, watcher_memory
 
 BENCHMARKS: list[tuple[str, Callable[[], list[Figure]]]] = [
     ("block_scan", block_scan.run),
     ("catchup", catchup.run),
     ("liquidation_storm", liquidation_storm.run),
     ("watcher_memory", watcher_memory.run),
+    # Shorter rates than `python -m bench load` (10 s each) keep the whole run reasonable.
+    ("load", lambda: load.run(duration=load.ALL_BENCH_DURATION)),
 ]
 
+# The benchmarks that run alone with options of their own.
+SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
+    "catchup": catchup.main,
+    "liquidation_storm": liquidation_storm.main,
+    "load": load.main,
+}
 
-def main() -> int:
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args:
+        command = SUBCOMMANDS.get(args[0])
+        if command is None:
+            print(
+                f"python -m bench: unknown benchmark {args[0]!r} (run alone: "
+                f"{', '.join(SUBCOMMANDS)}; no arguments runs them all)",
+                file=sys.stderr,
+            )
+            return 2
+        return command(args[1:])
     figures: list[Figure] = []
     for name, run in BENCHMARKS:
         print(f"== {name}")
