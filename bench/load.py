@@ -67,13 +67,14 @@ from sqlmodel import Session, create_engine, func, select
 
 from bench import Figure
 from bench.http1 import Connections
+from custody.auth.context import Context
 from custody.auth.service import create_principal
 from custody.bitcoin.testkeys import make_test_key_text
 from custody.db.migrate import upgrade
 from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Role
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
-from custody.loans.service import Context, create_loan, register_key
+from custody.loans.service import create_loan, register_key
 from custody.risk.manual import set_price
 from pledge.network import NetworkName
 from regtest.postgres import PostgresServer
