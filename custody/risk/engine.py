@@ -36,12 +36,11 @@ from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.risk.ladder import LoanPosition, Move, evaluate
-from custody.signing.approvals import HsmDecision, record_automatic_signature
+from custody.signing.approvals import record_automatic_signature
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.building import RequestParams, create_request
 from custody.signing.cancel import cancel_unsigned
 from custody.signing.chain import Chain, FeePolicy, PrefetchedChain
-from custody.signing.signatures import add_signatures
 from custody.signing.statements import bank_hsm_key, signer_loan_ref
 from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
@@ -390,7 +389,7 @@ class RiskEngine:
         # SignerUnavailable propagates: the request stays, and the next pass's reconcile
         # cancels it if it is still unsigned by then.
         with transaction(self.engine) as session:
-            decision = self._record_signature(session, ctx, request_id, outcome)
+            decision = record_automatic_signature(session, ctx, request_id, outcome)
             loan = session.get(Loan, loan_id)
             assert loan is not None
             if decision.refused:
@@ -411,30 +410,6 @@ class RiskEngine:
         if ready:  # the arbiter had signed first: broadcast with no transaction open
             broadcast_ready(self.engine, ACTOR, request_id, self.chain)
         return request_id
-
-    def _record_signature(
-        self, session: Session, ctx: Context, request_id: int, outcome: Signed | PolicyViolation
-    ) -> HsmDecision:
-        """`record_automatic_signature` without its broadcast inside this transaction: at
-        quorum the request is only marked ready, and broadcast after the commit."""
-        if isinstance(outcome, PolicyViolation):  # a refusal never reaches the node
-            return record_automatic_signature(session, ctx, request_id, outcome, self.chain)
-        req = session.get(SigningRequest, request_id)
-        assert req is not None
-        record(
-            session,
-            actor=ctx.actor,
-            action="signer.signed",
-            loan_id=req.loan_id,
-            request_id=req.id,
-            decision="signed",
-            reason=outcome.authorized,
-            data={"automatic": True, "fee_sats": outcome.report.get("fee_sats")},
-        )
-        signed = add_signatures(
-            session, ctx, request_id, outcome.psbt, self.chain, via="hsm", broadcast=False
-        )
-        return HsmDecision(signed)
 
     def _notify(self, session: Session, loan: Loan, event: str, data: dict[str, Any]) -> None:
         if self.notify is not None:

@@ -591,7 +591,7 @@ def _apply(
             data={"statement_id": statement_id, "fee_sats": result["report"].get("fee_sats")},
         )
         add_signatures(
-            session, ctx, work.request_id, result["psbt"], chain, via="hsm", broadcast=False
+            session, ctx, work.request_id, result["psbt"], via="hsm"
         )
         st.outcome = str(result.get("authorized"))
     else:

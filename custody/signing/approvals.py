@@ -19,7 +19,6 @@ from custody.db.models import (
     SigningRequest,
 )
 from custody.signing.building import refused_request
-from custody.signing.chain import Chain
 from custody.signing.repository import get_request
 from custody.signing.signatures import add_signatures
 from custody.signing.statements import bank_hsm_key, transaction_statement_of
@@ -96,11 +95,11 @@ def record_automatic_signature(
     ctx: Context,
     request_id: int,
     outcome: Signed | PolicyViolation,
-    chain: Chain,
 ) -> HsmDecision:
     """What the bank's signer did with an automatic liquidation, asked outside any
-    transaction: its signatures taken like any upload, or its refusal recorded (and the
-    request cancelled, so the next risk pass starts again from fresh figures)."""
+    transaction: its signatures taken like any upload (at quorum the caller broadcasts
+    after commit), or its refusal recorded (and the request cancelled, so the next risk
+    pass starts again from fresh figures)."""
     req = session.get(SigningRequest, request_id)
     assert req is not None
     if isinstance(outcome, PolicyViolation):
@@ -116,4 +115,4 @@ def record_automatic_signature(
         reason=outcome.authorized,
         data={"automatic": True, "fee_sats": outcome.report.get("fee_sats")},
     )
-    return HsmDecision(add_signatures(session, ctx, request_id, outcome.psbt, chain, via="hsm"))
+    return HsmDecision(add_signatures(session, ctx, request_id, outcome.psbt, via="hsm"))

@@ -80,15 +80,6 @@ def record_broadcast(
         )
 
 
-def finalize_and_broadcast(
-    session: Session, actor: str, req: SigningRequest, chain: Chain
-) -> None:
-    """Finalize, check and broadcast inside the caller's transaction (paths not yet moved
-    to `broadcast_ready`)."""
-    _, verdict = _ask_the_node(chain, req.psbt)
-    record_broadcast(session, actor, req, verdict)
-
-
 def broadcast_ready(engine: Engine, actor: str, request_id: int, chain: Chain) -> None:
     """Broadcast a ready request with no transaction open: read its PSBT, ask the node,
     record the answer in a new transaction. If the outcome is lost (a crash after the

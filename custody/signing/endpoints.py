@@ -123,7 +123,7 @@ def upload_signatures(
         data = raw
     engine = request.app.state.engine
     with transaction(engine) as session:
-        req = signatures.add_signatures(session, ctx, request_id, data, chain, broadcast=False)
+        req = signatures.add_signatures(session, ctx, request_id, data)
         ready = req.state == "ready"
     if ready:
         broadcast.broadcast_ready(engine, ctx.actor, request_id, chain)

@@ -19,8 +19,6 @@ from custody.db.models import (
     utcnow,
 )
 from custody.loans.service import loan_descriptor
-from custody.signing.broadcast import finalize_and_broadcast
-from custody.signing.chain import Chain
 from custody.signing.psbt import (
     CollateralInput,
     check_upload,
@@ -67,14 +65,12 @@ def add_signatures(
     ctx: Context,
     request_id: int,
     uploaded: bytes | str,
-    chain: Chain,
     *,
     via: str = "upload",
-    broadcast: bool = True,
 ) -> SigningRequest:
-    """Keep the new, verified signatures. At quorum the request is ready; with
-    `broadcast` it is broadcast in this transaction too, else the caller does it after
-    commit with `broadcast_ready` (no transaction open across the node's calls)."""
+    """Keep the new, verified signatures. At quorum the request is ready, and the caller
+    broadcasts it after commit with `broadcast_ready` (no transaction is ever open across
+    the node's calls)."""
     req = get_request(session, ctx, request_id)
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
@@ -122,8 +118,6 @@ def add_signatures(
             loan_id=loan.id,
             request_id=req.id,
         )
-    if req.state == RequestState.ready and broadcast:
-        finalize_and_broadcast(session, ctx.actor, req, chain)
     return req
 
 
