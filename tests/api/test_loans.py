@@ -260,7 +260,7 @@ def test_exports_say_plainly_when_a_format_cannot_hold_an_hsm_key(world: World) 
     world.register(loan["id"], "arbiter")
     for fmt in ("coldcard", "caravan"):
         r = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/{fmt}")
-        assert r.status_code == 422 and r.json()["error"] == "unsupported", r.text
+        assert r.status_code == 422 and r.json()["error"] == "export_unsupported", r.text
         assert "xpub" in r.json()["message"]
     ok = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/descriptor")
     assert ok.status_code == 200

@@ -324,14 +324,14 @@ def test_two_concurrent_requests_for_one_loan_cannot_both_be_created(
 ) -> None:
     import threading
 
-    from fastapi.testclient import TestClient
+    from support.declared import CheckedClient
 
     f = funded_loan(world, regtest_node, watcher)
     statuses: list[int] = []
     barrier = threading.Barrier(2)
 
     def ask(action: str) -> None:
-        client = TestClient(world.client.app, raise_server_exceptions=False)
+        client = CheckedClient(world.client.app, raise_server_exceptions=False)
         body: dict[str, Any] = {"action": action}
         if action == "liquidation":
             body.update(price_rub_per_btc="6000000", price_source="manual")
