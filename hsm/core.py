@@ -331,7 +331,7 @@ class SignerCore:
             return self._refused(loan_ref, exc, detail)
         except SignerRefused as exc:
             return self._refused(
-                loan_ref, PolicyViolation(exc.code, exc.message, field=exc.field), detail
+                loan_ref, PolicyViolation(exc.check, exc.message, field=exc.field), detail
             )
         except (SignerUnavailable, SignerError) as exc:
             log.warning("signer.unavailable op=%s reason=%s", op, exc.message)

@@ -54,10 +54,14 @@ class SignerError(CustodyError):
 
 
 class SignerRefused(SignerError, InvalidInput):
-    """The signer will not do this: bad input or a policy says no."""
+    """The signer will not do this: bad input or a policy says no.
+
+    `check` names the refusal in the signer's decision log; it is the log's own vocabulary,
+    kept apart from the HTTP `code` (a PolicyViolation sets it per rule)."""
 
     status_code = 422
     code = "signer_refused"
+    check = "invalid_input"
 
 
 class PolicyViolation(SignerRefused):
@@ -83,6 +87,7 @@ class SignerKeyNotFound(SignerRefused, NotFound):
 
     status_code = 404
     code = "signer_key_not_found"
+    check = "not_found"
 
 
 class SignerKeyExists(SignerRefused, Conflict):
@@ -90,6 +95,7 @@ class SignerKeyExists(SignerRefused, Conflict):
 
     status_code = 409
     code = "signer_key_exists"
+    check = "conflict"
 
 
 class SignerUnavailable(SignerError, UpstreamUnavailable):
