@@ -51,7 +51,7 @@ def _answer(status: int, body: Any) -> dict[str, Any]:
         raise SignerError(f"the signer answered HTTP {status} without a JSON object")
     if status == 200:
         return body
-    if body.get("error") == "refused_by_signer":
+    if body.get("error") == PolicyViolation.code:
         field = body.get("field")
         raise PolicyViolation(
             str(body.get("check") or "unknown"),

@@ -331,7 +331,7 @@ class SignerCore:
             return self._refused(loan_ref, exc, detail)
         except SignerRefused as exc:
             return self._refused(
-                loan_ref, PolicyViolation(exc.code, exc.message, field=exc.field), detail
+                loan_ref, PolicyViolation(exc.check, exc.message, field=exc.field), detail
             )
         except (SignerUnavailable, SignerError) as exc:
             log.warning("signer.unavailable op=%s reason=%s", op, exc.message)
@@ -361,7 +361,7 @@ class SignerCore:
         self._log_refusal(loan_ref, refusal, detail)
         status = 400 if refusal.check == "malformed_request" else 422
         return status, {
-            "error": "refused_by_signer",
+            "error": PolicyViolation.code,
             "check": refusal.check,
             "message": refusal.reason,
             "field": refusal.field,
@@ -374,7 +374,7 @@ class SignerCore:
         )
         self._log_refusal("-", refusal, {"bytes": size})
         return 413, {
-            "error": "refused_by_signer",
+            "error": PolicyViolation.code,
             "check": refusal.check,
             "message": refusal.reason,
             "field": None,

@@ -9,11 +9,14 @@ Errors are translated at the backend's edge into the small typed set below.
 They subclass `pledge.errors` types so the API maps them to HTTP once,
 with no signer-specific code in the API layer:
 
-- `SignerRefused` (422 invalid_input): the request is not acceptable (bad
-  digest length, malformed key reference, policy). Retrying will not help.
-- `SignerKeyNotFound` (404) / `SignerKeyExists` (409): refusals about the key
-  itself; they are `SignerRefused` so "catch refused" stays one clause.
-- `SignerUnavailable` (503 upstream_unavailable): module, token, login or
+- `SignerRefused` (422 signer_refused): the request is not acceptable (bad
+  digest length, malformed key reference). Retrying will not help.
+- `PolicyViolation` (422 refused_by_signer): a rule of the signer says no; the
+  answer carries the rule's `check` too.
+- `SignerKeyNotFound` (404 signer_key_not_found) / `SignerKeyExists` (409
+  signer_key_exists): refusals about the key itself; they are `SignerRefused`
+  so "catch refused" stays one clause.
+- `SignerUnavailable` (503 signer_unavailable): module, token, login or
   device problems. The operator must act (or retry later).
 - `SignerBusy` (503 signer_busy): the signer could not serve the request in
   time (lock contention, session limits). Retrying soon is reasonable.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import abc
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from pledge.errors import Conflict, CustodyError, InvalidInput, NotFound, UpstreamUnavailable
 
@@ -51,10 +54,14 @@ class SignerError(CustodyError):
 
 
 class SignerRefused(SignerError, InvalidInput):
-    """The signer will not do this: bad input or a policy says no."""
+    """The signer will not do this: bad input or a policy says no.
+
+    `check` names the refusal in the signer's decision log; it is the log's own vocabulary,
+    kept apart from the HTTP `code` (a PolicyViolation sets it per rule)."""
 
     status_code = 422
-    code = "invalid_input"
+    code = "signer_refused"
+    check = "invalid_input"
 
 
 class PolicyViolation(SignerRefused):
@@ -64,33 +71,38 @@ class PolicyViolation(SignerRefused):
     `reason` is the human sentence. Every refusal the signer makes is one of these, so
     both transports and both logs carry the same (check, reason) pair."""
 
-    code = "policy_violation"
+    code = "refused_by_signer"
 
     def __init__(self, check: str, reason: str, *, field: str | None = "psbt") -> None:
         super().__init__(f"the bank's signer refused: {reason}", field=field)
         self.check = check
         self.reason = reason
 
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "check": self.check}
+
 
 class SignerKeyNotFound(SignerRefused, NotFound):
     """No key behind this key reference (404, like any unknown resource)."""
 
     status_code = 404
-    code = "not_found"
+    code = "signer_key_not_found"
+    check = "not_found"
 
 
 class SignerKeyExists(SignerRefused, Conflict):
     """A key already exists where the policy allows exactly one (one key per loan)."""
 
     status_code = 409
-    code = "conflict"
+    code = "signer_key_exists"
+    check = "conflict"
 
 
 class SignerUnavailable(SignerError, UpstreamUnavailable):
     """The signing device/module/token cannot be used right now (or the login failed)."""
 
     status_code = 503
-    code = "upstream_unavailable"
+    code = "signer_unavailable"
 
 
 class SignerBusy(SignerError, UpstreamUnavailable):

@@ -14,7 +14,7 @@ from typing import Final
 import bdkpython as bdk
 from embit.script import address_to_scriptpubkey
 
-from pledge.errors import CustodyError, InvalidInput
+from pledge.errors import InvalidInput, LibraryDisagreement
 from pledge.network import NETWORK_NAMES, NetworkName, bdk_network, check_network
 
 MAX_ADDRESS_TEXT: Final = 100
@@ -94,7 +94,7 @@ def validate_address(text: str, network: NetworkName, *, field: str) -> str:
     except Exception:
         from_embit = b""
     if from_embit != script:
-        raise CustodyError(
+        raise LibraryDisagreement(
             "bdkpython and embit disagree on this address's output script: refusing it",
             field=field,
         )

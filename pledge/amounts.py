@@ -16,7 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
 
-from pledge.errors import Conflict, InvalidInput
+from pledge.errors import (
+    CollateralBelowFee,
+    FullLiquidationNeeded,
+    InvalidInput,
+    NoConfirmedCollateral,
+    NothingToSell,
+)
 
 SATS_PER_BTC = 100_000_000
 KOPECKS_PER_RUB = 100
@@ -83,14 +89,14 @@ def _fold_dust(
         else:
             kept[role] = amount
     if not kept:
-        raise Conflict("every output would be dust: the collateral cannot pay the fee")
+        raise CollateralBelowFee("every output would be dust: the collateral cannot pay the fee")
     return Split(total_in, kept, fee, notes)
 
 
 def release_split(total_in: int, fee: int, miner_dust: int) -> Split:
     """Loan repaid: everything but the fee goes back to the miner."""
     if total_in - fee < miner_dust:
-        raise Conflict(
+        raise CollateralBelowFee(
             f"the collateral ({total_in} sats) does not cover the fee ({fee} sats) plus dust"
         )
     return Split(total_in, {"miner_return": total_in - fee}, fee)
@@ -110,7 +116,9 @@ def liquidation_split(
     the shortfall is stated."""
     available = total_in - fee
     if available <= 0:
-        raise Conflict(f"the collateral ({total_in} sats) does not cover the fee ({fee} sats)")
+        raise CollateralBelowFee(
+            f"the collateral ({total_in} sats) does not cover the fee ({fee} sats)"
+        )
     owed = sats_for_kopecks(debt_kopecks, price_rub_per_btc)
     notes: list[str] = [
         f"debt {debt_kopecks} kopecks at {price_rub_per_btc} RUB/BTC = {owed} sats (rounded up)"
@@ -146,13 +154,15 @@ def partial_liquidation_split(
     remaining = total_in - fee
     sell_exact = (debt_sats - t * remaining) / (1 - t)
     if sell_exact <= 0:
-        raise Conflict("LTV is already at or below the target: nothing to sell")
+        raise NothingToSell("LTV is already at or below the target: nothing to sell")
     sell = int(sell_exact.to_integral_value(rounding=ROUND_CEILING))
     change = remaining - sell
     if change < change_dust:
-        raise Conflict("restoring the target LTV needs all the collateral: liquidate in full")
+        raise FullLiquidationNeeded(
+            "restoring the target LTV needs all the collateral: liquidate in full"
+        )
     if sell < bank_dust:
-        raise Conflict(f"the sale ({sell} sats) would be below dust: nothing worth selling")
+        raise NothingToSell(f"the sale ({sell} sats) would be below dust: nothing worth selling")
     credited = kopecks_for_sats(sell, price_rub_per_btc)
     notes = [
         f"sell {sell} sats at {price_rub_per_btc} RUB/BTC, crediting {credited} kopecks, "
@@ -164,7 +174,7 @@ def partial_liquidation_split(
 def ltv_bps(debt_kopecks: int, collateral_sats: int, price_rub_per_btc: Decimal) -> int:
     """Debt / (collateral x price), in basis points, rounded up (the cautious side)."""
     if collateral_sats <= 0:
-        raise Conflict("no confirmed collateral: LTV is undefined")
+        raise NoConfirmedCollateral("no confirmed collateral: LTV is undefined")
     value = (
         Decimal(debt_kopecks)
         * SATS_PER_BTC

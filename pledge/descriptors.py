@@ -18,7 +18,7 @@ from embit import hashes
 from embit.descriptor import Descriptor as EmbitDescriptor
 from embit.descriptor.checksum import checksum as embit_checksum
 
-from pledge.errors import CustodyError, InvalidInput
+from pledge.errors import InvalidInput, LibraryDisagreement
 from pledge.keys import (
     MULTIPATH_SUFFIX,
     CollateralKey,
@@ -45,13 +45,6 @@ _PARSE_CACHE_SIZE: Final = 4_096
 _DERIVE_CACHE_SIZE: Final = 16_384
 PARTIES: Final = ("miner", "bank", "arbiter")
 _DESCRIPTOR_RE: Final = re.compile(r"wsh\(sortedmulti\(2,([^()]*)\)\)")
-
-
-class LibraryDisagreement(CustodyError):
-    """bdkpython and embit computed different results: never hand either out."""
-
-    status_code = 500
-    code = "internal_error"
 
 
 def descriptor_checksum(desc_without_checksum: str) -> str:

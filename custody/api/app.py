@@ -22,7 +22,7 @@ from custody.signer import endpoints as signer_statements
 from custody.signing import endpoints as signing
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
-from pledge.errors import CustodyError
+from pledge.errors import CustodyError, InvalidInput
 
 log = structlog.get_logger(__name__)
 
@@ -71,7 +71,7 @@ def create_app(
         return JSONResponse(
             status_code=422,
             content={
-                "error": "invalid_input",
+                "error": InvalidInput.code,
                 "message": f"{first['field']}: {first['message']}",
                 "field": first["field"],
                 "errors": errors,

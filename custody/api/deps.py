@@ -14,9 +14,9 @@ from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import transaction
+from custody.errors import NodeNotConfigured
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
-from pledge.errors import UpstreamUnavailable
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -70,7 +70,7 @@ SignerDep = Annotated[BankSigner | None, Depends(get_signer)]
 def get_chain(request: Request) -> Chain:
     chain: Chain | None = getattr(request.app.state, "chain", None)
     if chain is None:
-        raise UpstreamUnavailable("no Bitcoin node is configured for this service")
+        raise NodeNotConfigured("no Bitcoin node is configured for this service")
     return chain
 
 

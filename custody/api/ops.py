@@ -17,7 +17,8 @@ router = APIRouter(prefix="/v1")
 
 @router.get("/health", tags=["ops"])
 def health(request: Request, session: SessionDep) -> dict[str, Any]:
-    """Liveness plus the watcher's position: its last block and how far it lags the node."""
+    """Liveness plus the watcher's position: its last block and how far it lags the node.
+    It needs no key and declares no error of its own (a database fault is a plain 500)."""
     cursor = session.get(ChainCursor, 1)
     watcher: dict[str, Any] | None = None
     if cursor is not None:

@@ -10,20 +10,35 @@ from custody.api.deps import (
     PrincipalDep,
     SessionDep,
 )
+from custody.api.errors import errors_for
 from custody.auth.policy import require_role
 from custody.auth.schemas import PrincipalCreate, PrincipalCreated, PrincipalOut
 from custody.auth.service import create_principal
 from custody.db.models import Principal, Role
+from custody.errors import PartyKindMismatch, PrincipalNameTaken, RoleNotAllowed, UnknownParty
+from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
 
 
-@router.get("/me", tags=["auth"])
+@router.get("/me", tags=["auth"], responses=errors_for(NotAuthenticated, InvalidInput))
 def me(principal: PrincipalDep) -> dict[str, Any]:
     return principal_out(principal).model_dump()
 
 
-@router.post("/principals", status_code=201, tags=["auth"])
+@router.post(
+    "/principals",
+    status_code=201,
+    tags=["auth"],
+    responses=errors_for(
+        NotAuthenticated,
+        RoleNotAllowed,
+        InvalidInput,
+        UnknownParty,
+        PartyKindMismatch,
+        PrincipalNameTaken,
+    ),
+)
 def create_principal_endpoint(
     body: PrincipalCreate, session: SessionDep, principal: PrincipalDep
 ) -> PrincipalCreated:

@@ -10,7 +10,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from sqlmodel import col, false, true
 
 from custody.db.models import KeyRole, Loan, Principal, Role
-from pledge.errors import Forbidden, NotFound
+from custody.errors import LoanNotFound, RoleNotAllowed, SeatNotYours
 
 BANK_STAFF = frozenset({Role.bank_operator, Role.bank_approver})
 READ_ALL = frozenset(
@@ -21,7 +21,7 @@ READ_ALL = frozenset(
 def require_role(principal: Principal, *roles: Role) -> None:
     if principal.role not in roles:
         allowed = ", ".join(sorted(r.value for r in roles))
-        raise Forbidden(f"role {principal.role} may not do this (allowed: {allowed})")
+        raise RoleNotAllowed(f"role {principal.role} may not do this (allowed: {allowed})")
 
 
 def can_view_loan(principal: Principal, loan: Loan) -> bool:
@@ -49,7 +49,7 @@ def visible_loans_clause(principal: Principal) -> ColumnElement[bool]:
 
 def ensure_can_view(principal: Principal, loan: Loan | None, loan_id: int) -> Loan:
     if loan is None or not can_view_loan(principal, loan):
-        raise NotFound(f"loan {loan_id} not found")
+        raise LoanNotFound(f"loan {loan_id} not found")
     return loan
 
 
@@ -61,6 +61,6 @@ def seat_for(principal: Principal, loan: Loan, seat: KeyRole) -> None:
         KeyRole.arbiter: (Role.arbiter, loan.arbiter_party_id),
     }[seat]
     if principal.role != expected[0] or principal.party_id != expected[1]:
-        raise Forbidden(
+        raise SeatNotYours(
             f"only the loan's {seat.value} seat ({expected[0].value}) registers this key"
         )

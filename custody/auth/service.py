@@ -12,7 +12,8 @@ from sqlmodel import Session, select
 
 from custody.audit.service import record
 from custody.db.models import Party, PartyKind, Principal, Role
-from pledge.errors import Conflict, InvalidInput, NotAuthenticated
+from custody.errors import PartyKindMismatch, PrincipalNameTaken, UnknownParty
+from pledge.errors import InvalidInput, NotAuthenticated
 
 KEY_PREFIX = "pc_"
 
@@ -57,9 +58,9 @@ def create_principal(
             )
         party = session.get(Party, party_id)
         if party is None:
-            raise InvalidInput(f"party {party_id} does not exist", field="party_id")
+            raise UnknownParty(f"party {party_id} does not exist", field="party_id")
         if party.kind != wanted_kind:
-            raise InvalidInput(
+            raise PartyKindMismatch(
                 f"role {role.value} needs a {wanted_kind.value} party, party {party_id} is a "
                 f"{party.kind}",
                 field="party_id",
@@ -67,7 +68,7 @@ def create_principal(
     elif party_id is not None:
         raise InvalidInput(f"role {role.value} does not belong to a party", field="party_id")
     if session.exec(select(Principal).where(Principal.name == name)).first() is not None:
-        raise Conflict(f"a principal named {name!r} already exists", field="name")
+        raise PrincipalNameTaken(f"a principal named {name!r} already exists", field="name")
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
     principal = Principal(
         name=name,

@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 from typing import Any, Final
 
+from custody.errors import ExportUnsupported
 from pledge.descriptors import PARTIES, CollateralDescriptor
-from pledge.errors import Unsupported
 from pledge.keys import HDKey
 
 MAX_WALLET_NAME: Final = 20
@@ -53,7 +53,7 @@ def sanitise_wallet_name(name: str, max_len: int = MAX_WALLET_NAME) -> str:
 
 def _require_all_hd(cd: CollateralDescriptor, fmt: str) -> list[HDKey]:
     if cd.has_fixed_key:
-        raise Unsupported(
+        raise ExportUnsupported(
             f"{fmt} cannot describe this loan: one of its keys is a fixed HSM key, and "
             "Coldcard (and Ledger) register a multisig wallet only when every key is an "
             f"xpub. Verify and sign this loan with {FIXED_KEY_SIGNERS}."

@@ -32,7 +32,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from pledge.errors import CustodyError, InvalidInput, Unsupported, UpstreamUnavailable
+from custody.errors import NodeUnavailable
+from pledge.errors import CustodyError, InvalidInput, Unsupported
 
 __all__ = [
     "NodeKind",
@@ -69,15 +70,13 @@ _IN_WARMUP = -28
 _UNIMPLEMENTED = -1  # btcd: "Command unimplemented" (also Core's generic misc error)
 
 
-class RpcUnavailable(UpstreamUnavailable):
+class RpcUnavailable(NodeUnavailable):
     """The node could not be asked: connection refused, timeout, auth rejected,
     warming up, or an answer that is not JSON-RPC. Retrying later may help.
 
     A timeout on ``sendrawtransaction`` is ambiguous (the node may have taken the
     transaction): callers must re-check by txid rather than assume failure.
     """
-
-    code = "node_unavailable"
 
 
 class RpcError(CustodyError):

@@ -11,24 +11,60 @@ from custody.api.deps import (
     ContextDep,
     SessionDep,
 )
+from custody.api.errors import errors_for
 from custody.bitcoin import exports
 from custody.db.models import KeyRole
+from custody.errors import (
+    AddressAlreadyIssued,
+    AddressLimitReached,
+    ExportUnsupported,
+    HdKeyRequired,
+    KeyInTwoSeats,
+    KeyOfAnotherParty,
+    KeySeatTaken,
+    KeySetReused,
+    KeysIncomplete,
+    LoanNotFound,
+    LoanNotInState,
+    OperatorWithoutBank,
+    PartyKindMismatch,
+    RoleNotAllowed,
+    SeatNotYours,
+    SingleAddressDescriptor,
+    UnknownParty,
+)
 from custody.loans import service as loans
 from custody.loans.schemas import AddressOut, DepositOut, KeyIn, LoanCreate, LoanOut
 from custody.loans.views import address_out, deposits_out, loan_out
+from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
+
+# Who may not see a loan learns nothing more than that it is not found.
+_READ_LOAN = (NotAuthenticated, InvalidInput, LoanNotFound)
 
 
 ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
 
 
-@router.post("/loans", status_code=201, tags=["loans"])
+@router.post(
+    "/loans",
+    status_code=201,
+    tags=["loans"],
+    responses=errors_for(
+        NotAuthenticated,
+        RoleNotAllowed,
+        InvalidInput,
+        OperatorWithoutBank,
+        UnknownParty,
+        PartyKindMismatch,
+    ),
+)
 def create_loan(body: LoanCreate, session: SessionDep, ctx: ContextDep) -> LoanOut:
     return loan_out(session, loans.create_loan(session, ctx, body))
 
 
-@router.get("/loans", tags=["loans"])
+@router.get("/loans", tags=["loans"], responses=errors_for(NotAuthenticated, InvalidInput))
 def list_loans(
     session: SessionDep,
     ctx: ContextDep,
@@ -41,12 +77,26 @@ def list_loans(
     ]
 
 
-@router.get("/loans/{loan_id}", tags=["loans"])
+@router.get("/loans/{loan_id}", tags=["loans"], responses=errors_for(*_READ_LOAN))
 def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
     return loan_out(session, loans.get_loan(session, ctx, loan_id))
 
 
-@router.put("/loans/{loan_id}/keys/{seat}", tags=["keys"])
+@router.put(
+    "/loans/{loan_id}/keys/{seat}",
+    tags=["keys"],
+    responses=errors_for(
+        *_READ_LOAN,
+        SeatNotYours,
+        HdKeyRequired,
+        LoanNotInState,
+        KeySeatTaken,
+        KeyInTwoSeats,
+        KeyOfAnotherParty,
+        KeySetReused,
+        AddressAlreadyIssued,
+    ),
+)
 def register_key(
     loan_id: int,
     seat: KeyRole,
@@ -57,28 +107,46 @@ def register_key(
     return loan_out(session, loans.register_key(session, ctx, loan_id, seat, body))
 
 
-@router.post("/loans/{loan_id}/addresses", status_code=201, tags=["addresses"])
+@router.post(
+    "/loans/{loan_id}/addresses",
+    status_code=201,
+    tags=["addresses"],
+    responses=errors_for(
+        *_READ_LOAN,
+        RoleNotAllowed,
+        KeysIncomplete,
+        LoanNotInState,
+        SingleAddressDescriptor,
+        AddressLimitReached,
+        AddressAlreadyIssued,
+    ),
+)
 def new_address(loan_id: int, session: SessionDep, ctx: ContextDep) -> AddressOut:
     return address_out(loans.new_address(session, ctx, loan_id))
 
 
-@router.get("/loans/{loan_id}/addresses", tags=["addresses"])
+@router.get("/loans/{loan_id}/addresses", tags=["addresses"], responses=errors_for(*_READ_LOAN))
 def list_addresses(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
     return [address_out(a) for a in loans.list_addresses(session, ctx, loan_id)]
 
 
-@router.get("/loans/{loan_id}/deposits", tags=["deposits"])
+@router.get("/loans/{loan_id}/deposits", tags=["deposits"], responses=errors_for(*_READ_LOAN))
 def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[DepositOut]:
     loans.get_loan(session, ctx, loan_id)
     return deposits_out(session, loan_id)
 
 
-@router.get("/loans/{loan_id}/export/{fmt}", tags=["exports"], response_model=None)
+@router.get(
+    "/loans/{loan_id}/export/{fmt}",
+    tags=["exports"],
+    response_model=None,
+    responses=errors_for(*_READ_LOAN, KeysIncomplete, ExportUnsupported),
+)
 def export(
     loan_id: int, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
 ) -> Response | dict[str, Any]:
     """Wallet files for the parties to check the collateral address on their own devices.
-    A format that cannot express this loan answers 422 `unsupported` and says why."""
+    A format that cannot express this loan answers 422 `export_unsupported` and says why."""
     loan = loans.get_loan(session, ctx, loan_id)
     descriptor = loans.loan_descriptor(session, loan, ctx.network)
     name = f"loan-{loan_id}"

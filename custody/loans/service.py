@@ -29,10 +29,26 @@ from custody.db.models import (
     Role,
     utcnow,
 )
+from custody.errors import (
+    AddressAlreadyIssued,
+    AddressLimitReached,
+    HdKeyRequired,
+    KeyInTwoSeats,
+    KeyOfAnotherParty,
+    KeySeatTaken,
+    KeySetReused,
+    KeysIncomplete,
+    LoanNotFound,
+    LoanNotInState,
+    OperatorWithoutBank,
+    PartyKindMismatch,
+    SingleAddressDescriptor,
+    UnknownParty,
+)
 from custody.loans.schemas import HDKeyIn, HSMPublicKeyIn, LoanCreate
 from pledge.addresses import validate_address
 from pledge.descriptors import CollateralDescriptor
-from pledge.errors import Conflict, InvalidInput, NotFound
+from pledge.errors import InvalidInput
 from pledge.keys import CollateralKey, FixedKey, HDKey, parse_fixed_key, parse_hd_key
 from pledge.network import NetworkName
 
@@ -66,16 +82,18 @@ def required_collateral_for_ltv(principal_kopecks: int, price: Decimal, target_l
 def _party(session: Session, party_id: int, kind: PartyKind, field: str) -> Party:
     party = session.get(Party, party_id)
     if party is None:
-        raise InvalidInput(f"party {party_id} does not exist", field=field)
+        raise UnknownParty(f"party {party_id} does not exist", field=field)
     if party.kind != kind:
-        raise InvalidInput(f"party {party_id} is a {party.kind}, not a {kind.value}", field=field)
+        raise PartyKindMismatch(
+            f"party {party_id} is a {party.kind}, not a {kind.value}", field=field
+        )
     return party
 
 
 def create_loan(session: Session, ctx: Context, body: LoanCreate) -> Loan:
     require_role(ctx.principal, Role.bank_operator)
     if ctx.principal.party_id is None:
-        raise InvalidInput("this operator belongs to no bank party", field="principal")
+        raise OperatorWithoutBank("this operator belongs to no bank party", field="principal")
     terms = body.terms
     _party(session, body.miner_party_id, PartyKind.miner, "miner_party_id")
     _party(session, body.arbiter_party_id, PartyKind.arbiter, "arbiter_party_id")
@@ -206,7 +224,7 @@ def _parse_key(
     if isinstance(body, HDKeyIn):
         return parse_hd_key(body.key, network, field="key")
     if seat != KeyRole.bank:
-        raise InvalidInput(
+        raise HdKeyRequired(
             f"the {seat.value} key must be an HD key from a hardware wallet", field="kind"
         )
     return parse_fixed_key(body.public_key, field="public_key")
@@ -223,12 +241,16 @@ def register_key(
 
 def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:
     if loan.state != LoanState.draft:
-        raise Conflict(f"loan {loan.id} is {loan.state}: keys can only be added to a draft loan")
+        raise LoanNotInState(
+            f"loan {loan.id} is {loan.state}: keys can only be added to a draft loan"
+        )
     taken = session.exec(
         select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == seat)
     ).first()
     if taken is not None:
-        raise Conflict(f"the {seat.value} key of loan {loan.id} is already registered", field="key")
+        raise KeySeatTaken(
+            f"the {seat.value} key of loan {loan.id} is already registered", field="key"
+        )
 
 
 def store_key(
@@ -250,7 +272,7 @@ def store_key(
     others = loan_keys(session, loan.id)
     for other in others:
         if other.identity == key.identity:
-            raise InvalidInput(
+            raise KeyInTwoSeats(
                 f"this key is already the loan's {other.role} key: each seat needs its own key",
                 field="key",
             )
@@ -259,7 +281,7 @@ def store_key(
         select(LoanKey).where(LoanKey.identity == key.identity, LoanKey.party_id != party_id)
     ).first()
     if foreign is not None:
-        raise Conflict("this key is registered to another party", field="key")
+        raise KeyOfAnotherParty("this key is registered to another party", field="key")
 
     row = LoanKey(
         loan_id=loan.id,
@@ -320,7 +342,7 @@ def collateral_descriptor(
 
 def loan_descriptor(session: Session, loan: Loan, network: NetworkName) -> CollateralDescriptor:
     if loan.descriptor is None or loan.id is None:
-        raise Conflict(f"loan {loan.id} has no descriptor yet: all three keys are needed")
+        raise KeysIncomplete(f"loan {loan.id} has no descriptor yet: all three keys are needed")
     return collateral_descriptor(loan_keys(session, loan.id), network)
 
 
@@ -329,7 +351,7 @@ def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKe
     key_set = "|".join(sorted(descriptor.key_set_identity))
     clash = session.exec(select(Loan.id).where(Loan.key_set == key_set)).first()
     if clash is not None:
-        raise Conflict(
+        raise KeySetReused(
             "this key set is already used by another loan: every loan needs a fresh key set",
             field="key",
         )
@@ -346,7 +368,7 @@ def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKe
     try:
         session.flush()
     except IntegrityError as exc:  # a concurrent loan took the same key set first
-        raise Conflict("this key set is already used by another loan", field="key") from exc
+        raise KeySetReused("this key set is already used by another loan", field="key") from exc
     hand_out_address(session, ctx, loan, descriptor)
 
 
@@ -355,9 +377,11 @@ def hand_out_address(
 ) -> CollateralAddress:
     index = loan.next_address_index
     if index > 0 and not descriptor.has_wildcard:
-        raise Conflict("this loan's descriptor has no wildcard: it has exactly one address")
+        raise SingleAddressDescriptor(
+            "this loan's descriptor has no wildcard: it has exactly one address"
+        )
     if index >= MAX_ADDRESSES_PER_LOAN:
-        raise Conflict(f"a loan may hand out at most {MAX_ADDRESSES_PER_LOAN} addresses")
+        raise AddressLimitReached(f"a loan may hand out at most {MAX_ADDRESSES_PER_LOAN} addresses")
     address = descriptor.address(index)
     row = CollateralAddress(
         loan_id=loan.id or 0,
@@ -374,7 +398,7 @@ def hand_out_address(
         session.flush()
     except IntegrityError as exc:
         # Unique address/script across all loans: a reuse would be a bug or an attack.
-        raise Conflict(f"address {address} is already handed out") from exc
+        raise AddressAlreadyIssued(f"address {address} is already handed out") from exc
     record(
         session,
         actor=ctx.actor,
@@ -389,9 +413,9 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
     loan = get_loan(session, ctx, loan_id)
     require_role(ctx.principal, Role.miner, Role.bank_operator)
     if loan.state in (LoanState.draft,):
-        raise Conflict(f"loan {loan_id} is a draft: all three keys are needed first")
+        raise KeysIncomplete(f"loan {loan_id} is a draft: all three keys are needed first")
     if loan.state in (LoanState.released, LoanState.liquidated):
-        raise Conflict(f"loan {loan_id} is {loan.state}: it takes no more collateral")
+        raise LoanNotInState(f"loan {loan_id} is {loan.state}: it takes no more collateral")
     return hand_out_address(session, ctx, loan, loan_descriptor(session, loan, ctx.network))
 
 
@@ -418,5 +442,5 @@ def first_address(session: Session, loan_id: int) -> str | None:
 def get_loan_or_404(session: Session, loan_id: int) -> Loan:
     loan = session.get(Loan, loan_id)
     if loan is None:
-        raise NotFound(f"loan {loan_id} not found")
+        raise LoanNotFound(f"loan {loan_id} not found")
     return loan

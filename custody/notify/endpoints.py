@@ -10,10 +10,12 @@ from custody.api.deps import (
     PrincipalDep,
     SessionDep,
 )
+from custody.api.errors import errors_for
 from custody.db.models import Principal, Role
+from custody.errors import PartyNotFound
 from custody.notify.outbox import list_webhooks, register_webhook
 from custody.notify.schemas import WebhookCreate
-from pledge.errors import NotFound
+from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
 
@@ -21,10 +23,15 @@ router = APIRouter(prefix="/v1")
 def _own_party(principal: Principal, party_id: int) -> None:
     """Webhooks of a party: its own people, or an admin."""
     if principal.role != Role.admin and principal.party_id != party_id:
-        raise NotFound(f"party {party_id} not found")
+        raise PartyNotFound(f"party {party_id} not found")
 
 
-@router.post("/parties/{party_id}/webhooks", status_code=201, tags=["notifications"])
+@router.post(
+    "/parties/{party_id}/webhooks",
+    status_code=201,
+    tags=["notifications"],
+    responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound),
+)
 def create_webhook(
     party_id: int, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
@@ -40,7 +47,11 @@ def create_webhook(
     return view.as_dict()
 
 
-@router.get("/parties/{party_id}/webhooks", tags=["notifications"])
+@router.get(
+    "/parties/{party_id}/webhooks",
+    tags=["notifications"],
+    responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound),
+)
 def get_webhooks(
     party_id: int, session: SessionDep, principal: PrincipalDep
 ) -> list[dict[str, Any]]:

@@ -25,7 +25,8 @@ from sqlmodel import Session, col, select
 
 from custody.audit.service import record
 from custody.db.models import Outbox, Party, Webhook, utcnow
-from pledge.errors import InvalidInput, NotFound
+from custody.errors import PartyNotFound, WebhookNotFound
+from pledge.errors import InvalidInput
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {
@@ -140,7 +141,7 @@ def register_webhook(
 ) -> WebhookView:
     """Subscribe ``party_id``'s endpoint, in the caller's transaction (audited)."""
     if session.get(Party, party_id) is None:
-        raise NotFound(f"party {party_id} not found", field="party_id")
+        raise PartyNotFound(f"party {party_id} not found", field="party_id")
     url = validate_url(url)
     if len(secret) < MIN_SECRET_LENGTH:
         raise InvalidInput(
@@ -168,7 +169,7 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
     """Stop future events (already queued ones are given up at delivery time)."""
     hook = session.get(Webhook, webhook_id)
     if hook is None:
-        raise NotFound(f"webhook {webhook_id} not found", field="webhook_id")
+        raise WebhookNotFound(f"webhook {webhook_id} not found", field="webhook_id")
     hook.active = False
     session.add(hook)
     record(session, actor=actor, action="webhook.deactivated", data={"webhook_id": webhook_id})

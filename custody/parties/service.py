@@ -7,14 +7,14 @@ from sqlmodel import Session, col, select
 from custody.audit.service import record
 from custody.auth.policy import READ_ALL, require_role
 from custody.db.models import Party, PartyKind, Principal, Role
-from pledge.errors import Conflict, NotFound
+from custody.errors import PartyNameTaken, PartyNotFound
 
 
 def create_party(session: Session, principal: Principal, *, name: str, kind: PartyKind) -> Party:
     require_role(principal, Role.admin, Role.bank_operator)
     name = name.strip()
     if session.exec(select(Party).where(Party.name == name)).first() is not None:
-        raise Conflict(f"a party named {name!r} already exists", field="name")
+        raise PartyNameTaken(f"a party named {name!r} already exists", field="name")
     party = Party(name=name, kind=kind)
     session.add(party)
     session.flush()
@@ -38,5 +38,5 @@ def list_parties(session: Session, principal: Principal) -> list[Party]:
 def get_party(session: Session, principal: Principal, party_id: int) -> Party:
     party = session.get(Party, party_id)
     if party is None or (principal.role not in READ_ALL and principal.party_id != party_id):
-        raise NotFound(f"party {party_id} not found")
+        raise PartyNotFound(f"party {party_id} not found")
     return party

@@ -8,16 +8,23 @@ from custody.api.deps import (
     ContextDep,
     SessionDep,
 )
+from custody.api.errors import errors_for
 from custody.auth.policy import require_role
 from custody.db.models import Role
+from custody.errors import PriceNotSet, RoleNotAllowed
 from custody.risk import manual as manual_prices
 from custody.risk.schemas import PriceOut, PriceSet
-from pledge.errors import NotFound
+from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
 
 
-@router.post("/prices", status_code=201, tags=["risk"])
+@router.post(
+    "/prices",
+    status_code=201,
+    tags=["risk"],
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
+)
 def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
     """Bank staff set the manual BTC/RUB price (audited); the risk engine reads it."""
     row = manual_prices.set_price(session, ctx, body.price_rub_per_btc, body.quoted_at)
@@ -29,12 +36,16 @@ def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
     )
 
 
-@router.get("/prices/latest", tags=["risk"])
+@router.get(
+    "/prices/latest",
+    tags=["risk"],
+    responses=errors_for(NotAuthenticated, InvalidInput, RoleNotAllowed, PriceNotSet),
+)
 def latest_price(session: SessionDep, ctx: ContextDep) -> PriceOut:
     require_role(ctx.principal, Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin)
     row = manual_prices.latest(session)
     if row is None:
-        raise NotFound("no price has been set")
+        raise PriceNotSet("no price has been set")
     return PriceOut(
         price_rub_per_btc=row.price_rub_per_btc,
         source=row.source,

@@ -32,6 +32,7 @@ from custody.db.models import (
     SigningRequest,
 )
 from custody.db.session import transaction
+from custody.errors import SignerNotConfigured
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
@@ -326,7 +327,7 @@ class RiskEngine:
         decides and prices it (the engine's figures are only the hint), then it signs.
         Each call to the signer happens between two committed transactions."""
         if self.signer is None:
-            raise UpstreamUnavailable("no bank signer is configured: it decides liquidations")
+            raise SignerNotConfigured("no bank signer is configured: it decides liquidations")
         assert work.loan_ref is not None
         loan_ref, evidence = work.loan_ref, work.evidence
         try:

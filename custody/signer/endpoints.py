@@ -14,14 +14,79 @@ from custody.api.deps import (
     SignerDep,
     authenticate_briefly,
 )
+from custody.api.errors import errors_for
+from custody.chain.rpc import RpcError
 from custody.db.session import transaction
+from custody.errors import (
+    AddressAlreadyIssued,
+    AlreadyEndorsed,
+    BadSignature,
+    BankKeyNotInSigner,
+    KeyInTwoSeats,
+    KeyOfAnotherParty,
+    KeySeatTaken,
+    KeySetReused,
+    KeysIncomplete,
+    LoanNotFound,
+    LoanNotInState,
+    NoNewSignature,
+    PsbtMismatch,
+    RoleNotAllowed,
+    SeatNotYours,
+    SignerDescriptorMismatch,
+    SignerNotConfigured,
+    SignerStatementNotFound,
+    SignerStatementNotInState,
+    SignerStatementUnsigned,
+    SigningRequestNotInState,
+)
 from custody.signer import service as signer_statements
 from custody.signer.schemas import EndorsementIn, EnrolmentIn, RepaymentIn
+from custody.signing.psbt import CannotFinalize
+from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
 
+# A signed statement taken to the bank's signer, and what applying its answer may meet:
+# the loan's bank key stored (as any key), or its signatures added to the request.
+_TO_THE_SIGNER = (
+    NotAuthenticated,
+    InvalidInput,
+    SignerStatementNotFound,
+    RoleNotAllowed,
+    SignerStatementNotInState,
+    SignerNotConfigured,
+    LoanNotInState,
+    KeySeatTaken,
+    KeyInTwoSeats,
+    KeyOfAnotherParty,
+    KeySetReused,
+    AddressAlreadyIssued,
+    SignerDescriptorMismatch,
+    KeysIncomplete,
+    SigningRequestNotInState,
+    PsbtMismatch,
+    BadSignature,
+    NoNewSignature,
+    CannotFinalize,
+    RpcError,
+)
 
-@router.post("/loans/{loan_id}/keys/bank/hsm", status_code=201, tags=["keys"])
+
+@router.post(
+    "/loans/{loan_id}/keys/bank/hsm",
+    status_code=201,
+    tags=["keys"],
+    responses=errors_for(
+        NotAuthenticated,
+        InvalidInput,
+        LoanNotFound,
+        SeatNotYours,
+        LoanNotInState,
+        KeySeatTaken,
+        KeysIncomplete,
+    ),
+)
 def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
     """Open the statement that registers this loan with the bank's signer; once a bank
     operator and an approver have signed it, the signer makes the bank key in its HSM
@@ -30,7 +95,14 @@ def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict
     return signer_statements.statement_view(session, st)
 
 
-@router.post("/loans/{loan_id}/repayments", status_code=201, tags=["keys"])
+@router.post(
+    "/loans/{loan_id}/repayments",
+    status_code=201,
+    tags=["keys"],
+    responses=errors_for(
+        NotAuthenticated, InvalidInput, LoanNotFound, RoleNotAllowed, BankKeyNotInSigner
+    ),
+)
 def record_repayment(
     loan_id: int, body: RepaymentIn, session: SessionDep, ctx: ContextDep
 ) -> dict[str, Any]:
@@ -46,7 +118,12 @@ def record_repayment(
     return signer_statements.statement_view(session, st)
 
 
-@router.post("/signer-people", status_code=201, tags=["signing"])
+@router.post(
+    "/signer-people",
+    status_code=201,
+    tags=["signing"],
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
+)
 def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
     """Open the statement that enrols a person (and their approval key) in the bank's
     signer; two admins enrolled in the signer sign it."""
@@ -61,7 +138,12 @@ def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dic
     return signer_statements.statement_view(session, st)
 
 
-@router.post("/signer-people/{name}/removal", status_code=201, tags=["signing"])
+@router.post(
+    "/signer-people/{name}/removal",
+    status_code=201,
+    tags=["signing"],
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
+)
 def remove_person(
     name: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")],
     session: SessionDep,
@@ -73,14 +155,22 @@ def remove_person(
     return signer_statements.statement_view(session, st)
 
 
-@router.get("/signer-statements/{statement_id}", tags=["signing"])
+@router.get(
+    "/signer-statements/{statement_id}",
+    tags=["signing"],
+    responses=errors_for(NotAuthenticated, InvalidInput, SignerStatementNotFound),
+)
 def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
     """A statement for the bank's signer: its exact bytes to sign and who signed so far."""
     st = signer_statements.get_statement(session, ctx, statement_id)
     return signer_statements.statement_view(session, st)
 
 
-@router.post("/signer-statements/{statement_id}/retry", tags=["signing"])
+@router.post(
+    "/signer-statements/{statement_id}/retry",
+    tags=["signing"],
+    responses=errors_for(*_TO_THE_SIGNER, SignerStatementUnsigned),
+)
 def retry_signer_statement(
     statement_id: int, request: Request, settings: SettingsDep, signer: SignerDep
 ) -> dict[str, Any]:
@@ -97,8 +187,11 @@ def retry_signer_statement(
         return signer_statements.statement_view(session, st)
 
 
-
-@router.post("/signer-statements/{statement_id}/endorsements", tags=["signing"])
+@router.post(
+    "/signer-statements/{statement_id}/endorsements",
+    tags=["signing"],
+    responses=errors_for(*_TO_THE_SIGNER, AlreadyEndorsed),
+)
 def endorse_signer_statement(
     statement_id: int,
     body: EndorsementIn,

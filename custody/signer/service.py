@@ -43,13 +43,26 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
+from custody.errors import (
+    AlreadyEndorsed,
+    BankKeyNotInSigner,
+    KeySeatTaken,
+    KeysIncomplete,
+    LoanNotFound,
+    LoanNotInState,
+    SignerDescriptorMismatch,
+    SignerNotConfigured,
+    SignerStatementNotFound,
+    SignerStatementNotInState,
+    SignerStatementUnsigned,
+)
 from custody.loans.service import get_loan, loan_keys, store_key
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.signatures import add_signatures
 from custody.signing.statements import bank_hsm_key, open_statement, signer_loan_ref
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
-from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
+from pledge.errors import InvalidInput, UpstreamUnavailable
 from pledge.keys import parse_fixed_key
 from pledge.statements import canonical_statement, iso, statement_digest
 
@@ -85,7 +98,7 @@ STAFF: Final = (Role.bank_operator, Role.bank_approver)
 def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
     """Bank staff of the loan's bank, auditors and admins; nobody else learns it exists."""
     role = ctx.principal.role
-    hidden = NotFound(f"signer statement {st.id} not found")
+    hidden = SignerStatementNotFound(f"signer statement {st.id} not found")
     if role in (Role.auditor, Role.admin):
         return
     if role not in STAFF:
@@ -99,7 +112,7 @@ def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
 def get_statement(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
     st = session.get(SignerStatement, statement_id)
     if st is None:
-        raise NotFound(f"signer statement {statement_id} not found")
+        raise SignerStatementNotFound(f"signer statement {statement_id} not found")
     _check_view(session, ctx, st)
     return st
 
@@ -139,7 +152,7 @@ def registration_statement(
     keys = {KeyRole(k.role): k for k in loan_keys(session, loan.id)}
     missing = [s.value for s in (KeyRole.miner, KeyRole.arbiter) if s not in keys]
     if missing:
-        raise Conflict(
+        raise KeysIncomplete(
             f"register the {' and '.join(missing)} key first: the bank's signer builds the "
             "loan's descriptor from the miner's and the arbiter's keys when it makes its own",
             field="key",
@@ -181,9 +194,11 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
     loan = get_loan(session, ctx, loan_id)
     seat_for(ctx.principal, loan, KeyRole.bank)
     if loan.state != LoanState.draft:
-        raise Conflict(f"loan {loan_id} is {loan.state}: keys can only be added to a draft loan")
+        raise LoanNotInState(
+            f"loan {loan_id} is {loan.state}: keys can only be added to a draft loan"
+        )
     if any(k.role == KeyRole.bank for k in loan_keys(session, loan_id)):
-        raise Conflict(f"the bank key of loan {loan_id} is already registered", field="key")
+        raise KeySeatTaken(f"the bank key of loan {loan_id} is already registered", field="key")
     existing = session.exec(
         select(SignerStatement).where(
             SignerStatement.loan_id == loan_id,
@@ -241,10 +256,10 @@ def request_repayment(
     loan = get_loan(session, ctx, loan_id)  # others get 404, as everywhere
     require_role(ctx.principal, Role.bank_operator)
     if loan.bank_party_id != ctx.principal.party_id:
-        raise NotFound(f"loan {loan_id} not found")
+        raise LoanNotFound(f"loan {loan_id} not found")
     key = bank_hsm_key(session, loan_id)
     if key is None:
-        raise Conflict(f"loan {loan_id}'s bank key is not held by the bank's signer")
+        raise BankKeyNotInSigner(f"loan {loan_id}'s bank key is not held by the bank's signer")
     if paid_at.tzinfo is None:
         raise InvalidInput("paid_at must carry a time zone", field="paid_at")
     body = {
@@ -269,14 +284,18 @@ def ready_to_retry(session: Session, ctx: Context, statement_id: int) -> SignerS
     st = get_statement(session, ctx, statement_id)
     require_role(ctx.principal, *STAFF, Role.admin)
     if st.state != StatementState.open:
-        raise Conflict(f"signer statement {statement_id} is {st.state}: nothing to retry")
+        raise SignerStatementNotInState(
+            f"signer statement {statement_id} is {st.state}: nothing to retry"
+        )
     count = len(
         session.exec(
             select(SignerEndorsement.id).where(SignerEndorsement.statement_id == statement_id)
         ).all()
     )
     if count < 2:
-        raise Conflict(f"signer statement {statement_id} has {count} signature(s); it needs 2")
+        raise SignerStatementUnsigned(
+            f"signer statement {statement_id} has {count} signature(s); it needs 2"
+        )
     return st
 
 
@@ -288,7 +307,9 @@ def endorse(
     st = get_statement(session, ctx, statement_id)
     require_role(ctx.principal, *STAFF, Role.admin)
     if st.state != StatementState.open:
-        raise Conflict(f"signer statement {statement_id} is {st.state}: it takes no signatures")
+        raise SignerStatementNotInState(
+            f"signer statement {statement_id} is {st.state}: it takes no signatures"
+        )
     existing = session.exec(
         select(SignerEndorsement).where(
             SignerEndorsement.statement_id == statement_id, SignerEndorsement.person == person
@@ -297,7 +318,7 @@ def endorse(
     action = "signer.statement_signed"
     if existing is not None:
         if existing.signature == signature:
-            raise Conflict(
+            raise AlreadyEndorsed(
                 f"{person} has already signed signer statement {statement_id}", field="person"
             )
         # Only the signer can tell a good signature from a bad one. A bad one sent under
@@ -318,7 +339,7 @@ def endorse(
             with session.begin_nested():
                 session.add(row)
         except IntegrityError:
-            raise Conflict(
+            raise AlreadyEndorsed(
                 f"{person} has already signed signer statement {statement_id}", field="person"
             ) from None
     record(
@@ -383,7 +404,7 @@ def execute(
     already recorded is credited unless another statement credited it, and a
     registration it already has is taken from its own record of the loan."""
     if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured for this service")
+        raise SignerNotConfigured("no bank signer is configured for this service")
     with transaction(engine) as session:
         st = session.get(SignerStatement, statement_id)
         if st is None or st.state != StatementState.open:
@@ -549,7 +570,7 @@ def _apply(
         key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
         store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
         if loan.descriptor != result["descriptor"]:
-            raise Conflict(
+            raise SignerDescriptorMismatch(
                 "the signer's descriptor for this loan differs from the service's: refusing "
                 "to hand out addresses"
             )

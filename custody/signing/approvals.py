@@ -18,13 +18,19 @@ from custody.db.models import (
     Role,
     SigningRequest,
 )
+from custody.errors import (
+    ApproveViaSignerStatement,
+    BankDoesNotSign,
+    SelfApproval,
+    SigningRequestNotFound,
+    SigningRequestNotInState,
+)
 from custody.signing.building import refused_request
 from custody.signing.repository import get_request
 from custody.signing.signatures import add_signatures
 from custody.signing.statements import bank_hsm_key, transaction_statement_of
 from hsm.client import Signed
 from hsm.signer import PolicyViolation
-from pledge.errors import Conflict, NotFound
 
 
 @dataclass(frozen=True)
@@ -47,20 +53,22 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
     loan = session.get(Loan, req.loan_id)
     assert loan is not None
     if loan.bank_party_id != ctx.principal.party_id:
-        raise NotFound(f"signing request {request_id} not found")
+        raise SigningRequestNotFound(f"signing request {request_id} not found")
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
-        raise Conflict(f"signing request {request_id} is {req.state}: nothing to approve")
+        raise SigningRequestNotInState(
+            f"signing request {request_id} is {req.state}: nothing to approve"
+        )
     if KeyRole.bank.value not in req.required_seats.split(","):
-        raise Conflict(f"a {req.action} is not signed by the bank")
+        raise BankDoesNotSign(f"a {req.action} is not signed by the bank")
     if bank_hsm_key(session, loan.id or 0) is not None:
         st = transaction_statement_of(session, request_id)
         where = f"signer statement {st.id}" if st is not None else "its signer statement"
-        raise Conflict(
+        raise ApproveViaSignerStatement(
             "the bank's signer holds this loan's key: approve by signing "
             f"{where} (`custody approve {request_id} --key FILE`)"
         )
     if ctx.actor == req.created_by:
-        raise Conflict("the requester cannot approve their own request (4-eyes)")
+        raise SelfApproval("the requester cannot approve their own request (4-eyes)")
     already = session.exec(
         select(Approval.id).where(
             Approval.request_id == req.id,

@@ -22,13 +22,13 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
+from custody.errors import SigningRequestNotInState
 from custody.notify.events import notify_loan
 from custody.signing.chain import Chain
 from custody.signing.psbt import (
     finalize,
 )
 from custody.signing.repository import get_request
-from pledge.errors import Conflict
 
 
 def _ask_the_node(chain: Chain, psbt: str) -> tuple[str, dict[str, Any]]:
@@ -102,5 +102,5 @@ def check_ready(session: Session, ctx: Context, request_id: int) -> SigningReque
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_operator, Role.bank_approver)
     if req.state != RequestState.ready:
-        raise Conflict(f"signing request {request_id} is {req.state}, not ready")
+        raise SigningRequestNotInState(f"signing request {request_id} is {req.state}, not ready")
     return req

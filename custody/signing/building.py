@@ -31,6 +31,19 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
+from custody.errors import (
+    CollateralChanged,
+    FeeAboveCap,
+    FeeBumpTooSmall,
+    FeeRateOutOfRange,
+    LoanNotFound,
+    LoanNotInState,
+    NodeUnavailable,
+    PricedBySigner,
+    RequestAlreadyOpen,
+    SignerNotConfigured,
+    SigningRequestNotInState,
+)
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
@@ -61,7 +74,7 @@ from pledge.amounts import (
     release_split,
 )
 from pledge.descriptors import CollateralDescriptor
-from pledge.errors import Conflict, InvalidInput, NotFound, UpstreamUnavailable
+from pledge.errors import InvalidInput, NoConfirmedCollateral, UpstreamUnavailable
 
 
 @dataclass(frozen=True)
@@ -88,7 +101,7 @@ def _collateral_inputs(session: Session, loan: Loan, chain: Chain) -> list[Colla
         .order_by(col(Deposit.id))
     ).all()
     if not rows:
-        raise Conflict(f"loan {loan.id} has no confirmed collateral to move")
+        raise NoConfirmedCollateral(f"loan {loan.id} has no confirmed collateral to move")
     try:
         return [
             CollateralInput(
@@ -101,18 +114,16 @@ def _collateral_inputs(session: Session, loan: Loan, chain: Chain) -> list[Colla
             )
             for dep, addr in rows
         ]
-    except UpstreamUnavailable:
+    except (UpstreamUnavailable, CollateralChanged):
         raise
     except Exception as exc:  # the node must know every transaction we recorded
-        raise UpstreamUnavailable(
-            f"the node could not return a collateral transaction: {exc}"
-        ) from exc
+        raise NodeUnavailable(f"the node could not return a collateral transaction: {exc}") from exc
 
 
 def _fee_rate(params: RequestParams, chain: Chain, policy: FeePolicy) -> tuple[Decimal, str]:
     if params.fee_rate_sat_vb is not None:
         if not policy.floor_sat_vb <= params.fee_rate_sat_vb <= policy.ceiling_sat_vb:
-            raise InvalidInput(
+            raise FeeRateOutOfRange(
                 f"fee rate must be between {policy.floor_sat_vb} and {policy.ceiling_sat_vb} "
                 "sat/vB",
                 field="fee_rate_sat_vb",
@@ -230,12 +241,16 @@ def create_request(
     loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
-        raise NotFound(f"loan {loan_id} not found")
+        raise LoanNotFound(f"loan {loan_id} not found")
     slot = f"loan:{loan_id}"
     if session.exec(select(SigningRequest.id).where(SigningRequest.open_key == slot)).first():
-        raise Conflict(f"loan {loan_id} already has an open signing request: finish or cancel it")
+        raise RequestAlreadyOpen(
+            f"loan {loan_id} already has an open signing request: finish or cancel it"
+        )
     if loan.state not in FROM_STATES[params.action]:
-        raise Conflict(f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible")
+        raise LoanNotInState(
+            f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible"
+        )
     descriptor = loan_descriptor(session, loan, ctx.network)
     _check_priced(session, loan, params)
     inputs = _collateral_inputs(session, loan, chain)
@@ -245,7 +260,7 @@ def create_request(
     if params.risk_evidence is not None:
         ev["risk"] = params.risk_evidence
     if split.fee > fees.max_fee_sats:
-        raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
+        raise FeeAboveCap(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
     req = _store(
         session,
         ctx,
@@ -299,7 +314,7 @@ def open_request(
         )
     ):
         if signer is None:
-            raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
+            raise SignerNotConfigured("no bank signer is configured: it prices this liquidation")
         params = _valued(params, signer.valuation(loan_ref))
     prefetched = PrefetchedChain(chain, txids, fees.conf_target)
     with transaction(engine) as session:
@@ -331,7 +346,7 @@ def _check_priced(session: Session, loan: Loan, params: RequestParams) -> None:
     if params.action not in (SigningAction.liquidation, SigningAction.partial_liquidation):
         return
     if params.valuation_id is None and bank_hsm_key(session, loan.id or 0) is not None:
-        raise Conflict(
+        raise PricedBySigner(
             "this liquidation must be priced by the bank signer's own valuation",
             field="price_rub_per_btc",
         )
@@ -418,7 +433,7 @@ def _store(
         with session.begin_nested():  # a savepoint, so the failure leaves the session usable
             session.add(req)
     except IntegrityError as exc:  # a concurrent request took the slot first
-        raise Conflict(f"loan {loan.id} already has an open signing request") from exc
+        raise RequestAlreadyOpen(f"loan {loan.id} already has an open signing request") from exc
     record(
         session,
         actor=ctx.actor,
@@ -472,7 +487,7 @@ def bump_fee(
     old = get_request(session, ctx, request_id)
     require_role(ctx.principal, *WHO_REQUESTS[SigningAction(old.action)])
     if old.state != RequestState.broadcast:
-        raise Conflict(
+        raise SigningRequestNotInState(
             f"signing request {request_id} is {old.state}: only a broadcast one is bumped"
         )
     loan = session.get(Loan, old.loan_id)
@@ -482,11 +497,11 @@ def bump_fee(
     ev_old = evidence(old)
     old_rate = Decimal(ev_old["fee_rate_sat_vb"])
     if fee_rate <= old_rate:
-        raise InvalidInput(
+        raise FeeBumpTooSmall(
             f"the new fee rate must be above {old_rate} sat/vB", field="fee_rate_sat_vb"
         )
     if fee_rate > fees.ceiling_sat_vb:
-        raise InvalidInput(
+        raise FeeRateOutOfRange(
             f"the fee rate cap is {fees.ceiling_sat_vb} sat/vB", field="fee_rate_sat_vb"
         )
     params = RequestParams(
@@ -523,12 +538,12 @@ def bump_fee(
         ],
     )
     if split.fee < min_fee:
-        raise InvalidInput(
+        raise FeeBumpTooSmall(
             f"a replacement must pay at least {min_fee} sats; raise the fee rate",
             field="fee_rate_sat_vb",
         )
     if split.fee > fees.max_fee_sats:
-        raise Conflict(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
+        raise FeeAboveCap(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
     ev["fee_rate_note"] = f"fee bump of request {old.id}"
     req = _store(
         session,
@@ -569,7 +584,7 @@ def open_bump(
         SigningAction.partial_liquidation,
     ):
         if signer is None:
-            raise UpstreamUnavailable("no bank signer is configured: it prices this liquidation")
+            raise SignerNotConfigured("no bank signer is configured: it prices this liquidation")
         valuation = signer.valuation(loan_ref)
     with transaction(engine) as session:
         req = bump_fee(session, ctx, request_id, fee_rate, chain, fees, valuation=valuation)
@@ -602,7 +617,7 @@ def _statement_after(
             return found
     assert loan_ref is not None
     if signer is None:
-        raise UpstreamUnavailable("no bank signer is configured for this service")
+        raise SignerNotConfigured("no bank signer is configured for this service")
     try:
         prepared: dict[str, Any] | PolicyViolation = signer.prepare(
             loan_ref, str(action), psbt, valuation_id

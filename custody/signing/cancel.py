@@ -17,13 +17,14 @@ from custody.db.models import (
     utcnow,
 )
 from custody.db.session import transaction
+from custody.errors import SigningRequestNotInState
 from custody.loans.service import change_state
 from custody.signing.repository import get_request
 from custody.signing.rules import WHO_REQUESTS
 from custody.signing.statements import transaction_statement_of
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation
-from pledge.errors import Conflict, UpstreamUnavailable
+from pledge.errors import UpstreamUnavailable
 
 
 def cancel(session: Session, ctx: Context, request_id: int) -> tuple[SigningRequest, str | None]:
@@ -34,7 +35,7 @@ def cancel(session: Session, ctx: Context, request_id: int) -> tuple[SigningRequ
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, *WHO_REQUESTS[SigningAction(req.action)])
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
-        raise Conflict(
+        raise SigningRequestNotInState(
             f"signing request {request_id} is {req.state}: only an unbroadcast request can be "
             "cancelled (a broadcast one can only be replaced by a fee bump)"
         )

@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any, Protocol
 
 from custody.config import Settings
-from pledge.errors import Conflict
+from custody.errors import CollateralChanged, NoBroadcastWhileBuilding
 
 
 class Chain(Protocol):
@@ -51,14 +51,16 @@ class PrefetchedChain:
     def get_raw_transaction(self, txid: str, block_hash: str | None = None) -> bytes:
         raw = self._txs.get(txid)
         if raw is None:
-            raise Conflict("the loan's collateral changed while the request was built: try again")
+            raise CollateralChanged(
+                "the loan's collateral changed while the request was built: try again"
+            )
         return raw
 
     def estimate_fee_rate_sat_vb(self, conf_target: int) -> float | None:
         return self._estimate
 
     def test_mempool_accept(self, tx_hex: str, max_fee_rate_btc_kvb: float = 0.1) -> dict[str, Any]:
-        raise Conflict("building a request broadcasts nothing")
+        raise NoBroadcastWhileBuilding("building a request broadcasts nothing")
 
     def send_raw_transaction(self, tx_hex: str) -> str:
-        raise Conflict("building a request broadcasts nothing")
+        raise NoBroadcastWhileBuilding("building a request broadcasts nothing")

@@ -7,7 +7,7 @@ import base64
 import json
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from custody.api.deps import (
     ChainDep,
@@ -19,9 +19,40 @@ from custody.api.deps import (
     SignerDep,
     authenticate_briefly,
 )
+from custody.api.errors import errors_for
+from custody.chain.rpc import RpcError
 from custody.db.models import SigningAction, SigningRequest
 from custody.db.session import transaction
+from custody.errors import (
+    AddressAlreadyIssued,
+    AddressLimitReached,
+    ApproveViaSignerStatement,
+    BadSignature,
+    BankApprovalRequired,
+    BankDoesNotSign,
+    CollateralChanged,
+    FeeAboveCap,
+    FeeBumpTooSmall,
+    FeeRateOutOfRange,
+    KeysIncomplete,
+    LoanNotFound,
+    LoanNotInState,
+    NodeNotConfigured,
+    NodeUnavailable,
+    NoNewSignature,
+    PricedBySigner,
+    PsbtMismatch,
+    RequestAlreadyOpen,
+    RequestRefusedBySigner,
+    RoleNotAllowed,
+    SelfApproval,
+    SignerNotConfigured,
+    SigningRequestNotFound,
+    SigningRequestNotInState,
+    SingleAddressDescriptor,
+)
 from custody.signing import approvals, broadcast, building, cancel, repository, signatures
+from custody.signing.psbt import CannotFinalize
 from custody.signing.schemas import (
     FeeBump,
     PsbtOut,
@@ -29,13 +60,60 @@ from custody.signing.schemas import (
     SigningRequestCreate,
     SigningRequestOut,
 )
-from pledge.errors import InvalidInput
+from hsm.signer import PolicyViolation, SignerError, SignerUnavailable
+from pledge.errors import (
+    CollateralBelowFee,
+    FullLiquidationNeeded,
+    InvalidInput,
+    NoConfirmedCollateral,
+    NotAuthenticated,
+    NothingToSell,
+)
 
 router = APIRouter(prefix="/v1")
 
+_READ = (NotAuthenticated, InvalidInput, SigningRequestNotFound)
+# Finalizing a request at quorum and having the node check and send it.
+_BROADCAST = (NodeNotConfigured, CannotFinalize, NodeUnavailable, RpcError)
+# Building a transaction: the node's inputs and fee, the kernel's amounts, and when the
+# bank's signer holds the bank key, its valuation and its statement.
+_BUILD = (
+    NotAuthenticated,
+    InvalidInput,
+    RoleNotAllowed,
+    KeysIncomplete,
+    PricedBySigner,
+    FeeRateOutOfRange,
+    FeeAboveCap,
+    CollateralBelowFee,
+    NothingToSell,
+    FullLiquidationNeeded,
+    NodeNotConfigured,
+    NodeUnavailable,
+    RpcError,
+    SignerNotConfigured,
+    SignerUnavailable,
+    SignerError,
+    PolicyViolation,
+)
+
 
 @router.post(
-    "/loans/{loan_id}/signing-requests", status_code=201, tags=["signing"], response_model=None
+    "/loans/{loan_id}/signing-requests",
+    status_code=201,
+    tags=["signing"],
+    responses=errors_for(
+        *_BUILD,
+        LoanNotFound,
+        RequestAlreadyOpen,
+        LoanNotInState,
+        NoConfirmedCollateral,
+        CollateralChanged,
+        SingleAddressDescriptor,
+        AddressLimitReached,
+        AddressAlreadyIssued,
+        RequestRefusedBySigner,
+    ),
 )
 def create_signing_request(
     loan_id: int,
@@ -45,7 +123,7 @@ def create_signing_request(
     chain: ChainDep,
     fees: FeesDep,
     signer: SignerDep,
-) -> SigningRequestOut | JSONResponse:
+) -> SigningRequestOut:
     """Build the PSBT (and, when the bank's signer holds the key, have it issue the
     statement to sign); the node and the signer are called with no transaction open."""
     ctx = authenticate_briefly(request, settings)
@@ -59,39 +137,45 @@ def create_signing_request(
     req = building.open_request(request.app.state.engine, ctx, loan_id, params, chain, fees, signer)
     if req.reject_reason and req.state == "cancelled":
         # the signer refused the PSBT: the cancelled request and the audit row are kept
-        return JSONResponse(
-            status_code=422,
-            content={
-                "error": "refused_by_signer",
-                "message": req.reject_reason,
-                "field": "psbt",
-                "check": repository.evidence(req).get("signer_refusal", {}).get("check"),
-                "request_id": req.id,
-            },
+        refusal = repository.evidence(req).get("signer_refusal", {})
+        raise RequestRefusedBySigner(
+            str(refusal.get("check")),
+            str(refusal.get("reason")),
+            message=req.reject_reason,
+            request_id=req.id or 0,
         )
     return request_out(req)
 
 
-@router.get("/loans/{loan_id}/signing-requests", tags=["signing"])
+@router.get(
+    "/loans/{loan_id}/signing-requests",
+    tags=["signing"],
+    responses=errors_for(NotAuthenticated, InvalidInput, LoanNotFound),
+)
 def list_signing_requests(
     loan_id: int, session: SessionDep, ctx: ContextDep
 ) -> list[SigningRequestOut]:
     return [request_out(r) for r in repository.list_requests(session, ctx, loan_id)]
 
 
-@router.get("/signing-requests/{request_id}", tags=["signing"])
+@router.get("/signing-requests/{request_id}", tags=["signing"], responses=errors_for(*_READ))
 def get_signing_request(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
     return request_out(repository.get_request(session, ctx, request_id))
 
 
-@router.get("/signing-requests/{request_id}/psbt", tags=["signing"])
+@router.get("/signing-requests/{request_id}/psbt", tags=["signing"], responses=errors_for(*_READ))
 def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
     """The PSBT with every signature collected so far (base64)."""
     req = repository.get_request(session, ctx, request_id)
     return PsbtOut(psbt=req.psbt, unsigned_txid=req.unsigned_txid)
 
 
-@router.get("/signing-requests/{request_id}/psbt.bin", tags=["signing"], response_model=None)
+@router.get(
+    "/signing-requests/{request_id}/psbt.bin",
+    tags=["signing"],
+    response_model=None,
+    responses=errors_for(*_READ),
+)
 def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Response:
     """The same PSBT as a binary .psbt file, for air-gapped devices (SD card)."""
     req = repository.get_request(session, ctx, request_id)
@@ -102,7 +186,21 @@ def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Resp
     )
 
 
-@router.post("/signing-requests/{request_id}/signatures", tags=["signing"])
+@router.post(
+    "/signing-requests/{request_id}/signatures",
+    tags=["signing"],
+    responses=errors_for(
+        *_READ,
+        RoleNotAllowed,
+        SigningRequestNotInState,
+        KeysIncomplete,
+        PsbtMismatch,
+        BadSignature,
+        NoNewSignature,
+        BankApprovalRequired,
+        *_BROADCAST,
+    ),
+)
 def upload_signatures(
     request_id: int,
     request: Request,
@@ -131,7 +229,11 @@ def upload_signatures(
         return request_out(repository.get_request(session, ctx, request_id))
 
 
-@router.post("/signing-requests/{request_id}/broadcast", tags=["signing"])
+@router.post(
+    "/signing-requests/{request_id}/broadcast",
+    tags=["signing"],
+    responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState, *_BROADCAST),
+)
 def retry_broadcast(
     request_id: int, request: Request, settings: SettingsDep, chain: ChainDep
 ) -> SigningRequestOut:
@@ -145,7 +247,11 @@ def retry_broadcast(
         return request_out(repository.get_request(session, ctx, request_id))
 
 
-@router.post("/signing-requests/{request_id}/cancel", tags=["signing"])
+@router.post(
+    "/signing-requests/{request_id}/cancel",
+    tags=["signing"],
+    responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState),
+)
 def cancel_signing_request(
     request_id: int, request: Request, settings: SettingsDep, signer: SignerDep
 ) -> SigningRequestOut:
@@ -160,7 +266,18 @@ def cancel_signing_request(
     return out
 
 
-@router.post("/signing-requests/{request_id}/bump", status_code=201, tags=["signing"])
+@router.post(
+    "/signing-requests/{request_id}/bump",
+    status_code=201,
+    tags=["signing"],
+    responses=errors_for(
+        *_BUILD,
+        SigningRequestNotFound,
+        SigningRequestNotInState,
+        FeeBumpTooSmall,
+        RequestAlreadyOpen,
+    ),
+)
 def bump_fee(
     request_id: int,
     body: FeeBump,
@@ -179,7 +296,18 @@ def bump_fee(
         return request_out(repository.get_request(session, ctx, req.id or 0))
 
 
-@router.post("/signing-requests/{request_id}/approve", tags=["signing"])
+@router.post(
+    "/signing-requests/{request_id}/approve",
+    tags=["signing"],
+    responses=errors_for(
+        *_READ,
+        RoleNotAllowed,
+        SigningRequestNotInState,
+        BankDoesNotSign,
+        ApproveViaSignerStatement,
+        SelfApproval,
+    ),
+)
 def approve(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
     """A bank approver signs off on this exact transaction when the bank signs with its
     own device (an xpub key). When the bank's signer holds the key, approvals are

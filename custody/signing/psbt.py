@@ -33,6 +33,7 @@ from embit.script import Script, Witness
 from embit.transaction import SIGHASH, Transaction, TransactionInput, TransactionOutput
 from embit.util import secp256k1
 
+from custody.errors import BadSignature, NoNewSignature, PsbtMismatch
 from pledge.addresses import address_script_pubkey
 from pledge.descriptors import PARTIES, CollateralDescriptor
 from pledge.errors import Conflict, InvalidInput
@@ -522,8 +523,9 @@ def _signature_problem(sig: bytes, pub: bytes, digest: bytes) -> str | None:
     return None
 
 
-def _fail(message: str) -> InvalidInput:
-    return InvalidInput(message, field="psbt")
+def _fail(message: str, kind: type[InvalidInput] = BadSignature) -> InvalidInput:
+    """A refused upload, named for what is wrong with it (field `psbt`)."""
+    return kind(message, field="psbt")
 
 
 def _check_partial(ctx: _InputContext, pub: bytes, sig: bytes) -> None:
@@ -609,7 +611,7 @@ def check_upload(
     request_tx = _global_tx(base64.b64decode(request_psbt_b64))
     difference = _tx_difference(request_tx, _global_tx(raw_upload), descriptor.network)
     if difference is not None:
-        raise _fail(f"this PSBT is not the requested transaction: {difference}")
+        raise _fail(f"this PSBT is not the requested transaction: {difference}", PsbtMismatch)
     contexts = _input_contexts(request, descriptor, inputs)
 
     new: dict[int, dict[bytes, bytes]] = {}
@@ -621,16 +623,20 @@ def check_upload(
                 "only SIGHASH_ALL is accepted"
             )
         if theirs.witness_utxo is not None and theirs.witness_utxo.serialize() != ctx.witness_utxo:
-            raise _fail(f"input {n} carries a different witness_utxo (amount or script)")
+            raise _fail(
+                f"input {n} carries a different witness_utxo (amount or script)", PsbtMismatch
+            )
         if theirs.witness_script is not None and theirs.witness_script.data != ctx.witness_script:
-            raise _fail(f"input {n} carries a different witness_script")
+            raise _fail(f"input {n} carries a different witness_script", PsbtMismatch)
         if (
             theirs.non_witness_utxo is not None
             and theirs.non_witness_utxo.serialize() != ctx.non_witness_utxo
         ):
-            raise _fail(f"input {n} carries a different previous transaction")
+            raise _fail(f"input {n} carries a different previous transaction", PsbtMismatch)
         if theirs.redeem_script is not None:
-            raise _fail(f"input {n} carries a redeem script: the collateral is native segwit")
+            raise _fail(
+                f"input {n} carries a redeem script: the collateral is native segwit", PsbtMismatch
+            )
 
         sigs: dict[bytes, bytes] = {
             pub.sec(): bytes(sig) for pub, sig in theirs.partial_sigs.items()
@@ -646,7 +652,9 @@ def check_upload(
         if fresh:
             new[n] = fresh
     if not new:
-        raise _fail("no new signature: the upload carries no signature the request lacks")
+        raise _fail(
+            "no new signature: the upload carries no signature the request lacks", NoNewSignature
+        )
     _parse_bdk(raw_upload, "psbt")
     return new
 

@@ -9,23 +9,25 @@ from typing import Any
 from sqlmodel import Session, col, select
 
 from custody.auth.context import Context
-from custody.auth.policy import ensure_can_view
+from custody.auth.policy import can_view_loan, ensure_can_view
 from custody.db.models import (
     Loan,
     SigningRequest,
 )
+from custody.errors import SigningRequestNotFound
 from custody.signing.psbt import (
     CollateralInput,
 )
 from custody.signing.rules import OPEN
-from pledge.errors import NotFound
 
 
 def get_request(session: Session, ctx: Context, request_id: int) -> SigningRequest:
+    """The request, if the caller may see its loan; else 404 as if it did not exist (naming
+    neither the loan nor that the request exists)."""
     req = session.get(SigningRequest, request_id)
-    if req is None:
-        raise NotFound(f"signing request {request_id} not found")
-    ensure_can_view(ctx.principal, session.get(Loan, req.loan_id), req.loan_id)
+    loan = session.get(Loan, req.loan_id) if req is not None else None
+    if req is None or loan is None or not can_view_loan(ctx.principal, loan):
+        raise SigningRequestNotFound(f"signing request {request_id} not found")
     return req
 
 

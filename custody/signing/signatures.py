@@ -18,6 +18,7 @@ from custody.db.models import (
     SigningRequest,
     utcnow,
 )
+from custody.errors import BankApprovalRequired, SigningRequestNotInState
 from custody.loans.service import loan_descriptor
 from custody.signing.psbt import (
     CollateralInput,
@@ -28,7 +29,6 @@ from custody.signing.psbt import (
 from custody.signing.repository import get_request, request_inputs
 from custody.signing.rules import REQUIRED_SEATS
 from pledge.descriptors import CollateralDescriptor
-from pledge.errors import Conflict
 from pledge.keys import HDKey
 
 
@@ -79,7 +79,9 @@ def add_signatures(
             ctx.principal, Role.miner, Role.arbiter, Role.bank_operator, Role.bank_approver
         )
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
-        raise Conflict(f"signing request {request_id} is {req.state}: it takes no signatures")
+        raise SigningRequestNotInState(
+            f"signing request {request_id} is {req.state}: it takes no signatures"
+        )
     descriptor = loan_descriptor(session, loan, ctx.network)
     inputs = request_inputs(req)
     new = check_upload(req.psbt, uploaded, descriptor, inputs)
@@ -88,7 +90,7 @@ def add_signatures(
         per_input[i].get(pub) == KeyRole.bank for i, sigs in new.items() for pub in sigs
     )
     if bank_signs and via != "hsm" and not _approved(session, req):
-        raise Conflict(
+        raise BankApprovalRequired(
             "the bank's signature needs a bank approver's approval of this "
             "transaction first (4-eyes)"
         )

@@ -60,7 +60,9 @@ _LIVE = (DepositState.pending, DepositState.confirmed)
 
 
 class WatcherBusy(Conflict):
-    """Another watcher holds this database."""
+    """Another watcher holds this database (one writer per database: its lease)."""
+
+    code = "watcher_busy"
 
 
 @dataclass(frozen=True)

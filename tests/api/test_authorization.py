@@ -640,7 +640,7 @@ def test_a_signer_statement_is_hidden_from_the_parties_and_other_banks(world: Wo
             )
             for answer in (read, sent):
                 assert answer.status_code == 404, (who, target, answer.text)
-                assert answer.json()["error"] == "not_found", (who, answer.text)
+                assert answer.json()["error"] == "signer_statement_not_found", (who, answer.text)
                 assert answer.json()["message"] == f"signer statement {target} not found"
     view = world.call("bank_operator", "GET", f"/v1/signer-statements/{sid}").json()
     assert view["state"] == "open" and view["signed_by"] == []

@@ -102,6 +102,7 @@ def test_the_same_key_set_as_another_loan_is_refused(world: World) -> None:
     r = world.register(second["id"], "arbiter", keys["arbiter"])
     assert r.status_code == 409, r.text
     assert "key set" in r.json()["message"] and r.json()["field"] == "key"
+    assert r.json()["error"] == "key_set_reused"
     assert _counts(world.engine) == before
     assert world.call("miner", "GET", f"/v1/loans/{second['id']}").json()["state"] == "draft"
 
@@ -111,12 +112,14 @@ def test_a_seat_cannot_be_registered_twice(world: World) -> None:
     assert world.register(loan["id"], "miner").status_code == 200
     r = world.register(loan["id"], "miner")
     assert r.status_code == 409 and "already registered" in r.json()["message"]
+    assert r.json()["error"] == "key_seat_taken"
 
 
 def test_keys_after_completion_are_refused(world: World) -> None:
     loan = world.funded_ready_loan()
     r = world.register(loan["id"], "miner")
     assert r.status_code == 409 and "draft" in r.json()["message"]
+    assert r.json()["error"] == "loan_not_in_state"
 
 
 BAD_TERMS: list[tuple[dict[str, Any], str]] = [
@@ -242,7 +245,7 @@ def test_exports(world: World) -> None:
     assert world.call("miner", "GET", f"/v1/loans/{lid}/export/pdf").status_code == 422
     draft = world.create_loan()
     r = world.call("miner", "GET", f"/v1/loans/{draft['id']}/export/descriptor")
-    assert r.status_code == 409
+    assert r.status_code == 409 and r.json()["error"] == "keys_incomplete"
 
 
 def test_exports_say_plainly_when_a_format_cannot_hold_an_hsm_key(world: World) -> None:
@@ -260,7 +263,7 @@ def test_exports_say_plainly_when_a_format_cannot_hold_an_hsm_key(world: World) 
     world.register(loan["id"], "arbiter")
     for fmt in ("coldcard", "caravan"):
         r = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/{fmt}")
-        assert r.status_code == 422 and r.json()["error"] == "unsupported", r.text
+        assert r.status_code == 422 and r.json()["error"] == "export_unsupported", r.text
         assert "xpub" in r.json()["message"]
     ok = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/descriptor")
     assert ok.status_code == 200

@@ -54,6 +54,7 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
     assert r.status_code == 403
     r = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
     assert r.status_code == 409 and f"signer statement {sid}" in r.json()["message"], r.text
+    assert r.json()["error"] == "approve_via_signer_statement"
     assert (
         upload(
             world, "miner", req["id"], sign(the_psbt(world, "miner", req["id"]), f.roots["miner"])
@@ -73,6 +74,7 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
             json=world.staff["operator"].endorse(statement),
         )
         assert again.status_code == 409 and "already signed" in again.json()["message"]
+        assert again.json()["error"] == "already_endorsed"
     assert _statement(world, sid)["signed_by"] == ["olga.operator"]
     assert bank_signer.c_sign_calls() == before  # one person: the signer was not called
     assert _request(world, req["id"])["signed_seats"] == ["miner"]
@@ -89,6 +91,7 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
         json=world.staff["approver2"].endorse(statement),
     )
     assert late.status_code == 409  # done: nothing left to sign
+    assert late.json()["error"] == "signer_statement_not_in_state"
     # The signer used the statement up: the same approvals, replayed to it, sign nothing.
     with pytest.raises(PolicyViolation) as replayed:
         bank_signer.client.sign(
@@ -147,6 +150,7 @@ def test_an_approval_does_not_cover_a_changed_psbt(
         json=world.staff["approver2"].endorse(outcome["statement"]),
     )
     assert more.status_code == 409  # a refused statement takes no more signatures
+    assert more.json()["error"] == "signer_statement_not_in_state"
 
 
 def test_the_daily_limit_stops_the_signer(

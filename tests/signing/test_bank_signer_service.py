@@ -23,6 +23,7 @@ def test_the_bank_key_needs_two_enrolled_people(world: World, bank_signer: Signe
     loan = world.create_loan()
     early = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
     assert early.status_code == 409 and "miner" in early.json()["message"]
+    assert early.json()["error"] == "keys_incomplete"
     assert world.register(loan["id"], "miner").status_code == 200
     assert world.register(loan["id"], "arbiter").status_code == 200
     r = world.call("bank_operator", "POST", f"/v1/loans/{loan['id']}/keys/bank/hsm")
@@ -59,6 +60,7 @@ def test_a_release_signed_on_the_statement_is_broadcast(
     assert upload(world, "miner", req["id"], sign(psbt, f.roots["miner"])).status_code == 200
     old_approve = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
     assert old_approve.status_code == 409 and "custody approve" in old_approve.json()["message"]
+    assert old_approve.json()["error"] == "approve_via_signer_statement"
     before = bank_signer.c_sign_calls()
     done = bank_sign(world, req["id"]).json()
     assert done["state"] == "done", done
@@ -168,7 +170,7 @@ def test_a_bad_signature_under_someones_name_does_not_block_them(
     again = world.call(
         "bank_approver", "POST", f"/v1/signer-statements/{sid}/endorsements", json=good
     )
-    assert again.status_code == 409
+    assert again.status_code == 409 and again.json()["error"] == "signer_statement_not_in_state"
     actions = audit_actions(world.engine, request_id=req["id"])
     assert "signer.statement_resigned" in actions and "signer.signed" in actions
 
@@ -198,7 +200,7 @@ def test_a_lost_signer_call_is_retried(
     done = world.call("bank_approver", "POST", f"/v1/signer-statements/{sid}/retry").json()
     assert done["state"] == "done", done
     twice = world.call("bank_approver", "POST", f"/v1/signer-statements/{sid}/retry")
-    assert twice.status_code == 409
+    assert twice.status_code == 409 and twice.json()["error"] == "signer_statement_not_in_state"
 
 
 def test_a_person_is_enrolled_through_the_service_by_two_signer_admins(

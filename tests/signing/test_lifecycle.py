@@ -51,6 +51,7 @@ def test_release_signed_by_miner_and_bank_returns_everything_to_the_miner(
     early = sign(the_psbt(world, "miner", req["id"]), f.roots["bank"])
     r = upload(world, "bank_operator", req["id"], early)
     assert r.status_code == 409 and "approv" in r.json()["message"]
+    assert r.json()["error"] == "bank_approval_required"
     assert req["signer_statement_id"] is None  # the signer does not hold this key
     r = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
     assert r.status_code == 200, r.text  # approval only: the bank's device signs next
@@ -312,6 +313,7 @@ def test_cancel_returns_the_loan_and_frees_the_slot(
         json={"action": "liquidation", "price_rub_per_btc": "6000000", "price_source": "manual"},
     )
     assert r.status_code == 409 and "open signing request" in r.json()["message"]
+    assert r.json()["error"] == "request_already_open"
     r = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     assert world.call("miner", "GET", f"/v1/loans/{lid}").json()["state"] == "active"
@@ -324,14 +326,14 @@ def test_two_concurrent_requests_for_one_loan_cannot_both_be_created(
 ) -> None:
     import threading
 
-    from fastapi.testclient import TestClient
+    from support.declared import CheckedClient
 
     f = funded_loan(world, regtest_node, watcher)
     statuses: list[int] = []
     barrier = threading.Barrier(2)
 
     def ask(action: str) -> None:
-        client = TestClient(world.client.app, raise_server_exceptions=False)
+        client = CheckedClient(world.client.app, raise_server_exceptions=False)
         body: dict[str, Any] = {"action": action}
         if action == "liquidation":
             body.update(price_rub_per_btc="6000000", price_source="manual")
@@ -454,7 +456,7 @@ def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
         "bank_operator", "POST", f"/v1/loans/{lid}/signing-requests", json={"action": "release"}
     )
     assert r.status_code == 422, r.text
-    assert r.json()["error"] == "refused_by_signer", r.text
+    assert r.json()["error"] == "request_refused_by_signer", r.text
     assert r.json()["check"] == "foreign_output", r.text  # not the loan's registered payout
     refused_id = r.json()["request_id"]
     kept = world.call("miner", "GET", f"/v1/signing-requests/{refused_id}").json()

@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from embit import bip32
-from fastapi.testclient import TestClient
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from support.declared import CheckedClient
 
 from custody.auth.service import create_principal
 from custody.config import Settings
@@ -48,7 +48,7 @@ def hd_key(network_coin: int = 1, account: int = 0, seed: bytes | None = None) -
 
 @dataclass
 class World:
-    client: TestClient
+    client: CheckedClient  # fails the test on any error answer its route does not declare
     api_keys: dict[str, str]
     party_ids: dict[str, int]
     settings: Settings
@@ -175,7 +175,7 @@ def build_world(
                 session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
             )
     app = Root.assemble(settings, engine=engine, node=chain, signer=signer).app()
-    client = TestClient(app, raise_server_exceptions=False)
+    client = CheckedClient(app, raise_server_exceptions=False)
     return World(
         client=client,
         api_keys=api_keys,

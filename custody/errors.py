@@ -1,0 +1,355 @@
+"""The service's errors, named for what happened.
+
+Each class is a subclass of its category in `pledge.errors` (so `except Conflict` still
+catches every conflict) with its own stable `code`: the `error` a client reads in the
+JSON answer `{"error": code, "message": ..., "field"?: ...}`. The category gives the HTTP
+status. The first line of each docstring is what the OpenAPI document says about it.
+
+`InvalidInput` itself stays the answer for "this field is wrong" (its `field` says which);
+the business refusals that happen to be answered 422 have names of their own below.
+
+This module imports nothing of the service (only the kernel's and the signer's bases), so
+every domain (and `auth`, below them all) may raise from it. The signer's errors
+(`hsm.signer`), the kernel's (`pledge.errors`) and the few that live next to their code
+(`custody.signing.psbt.CannotFinalize`, `custody.risk.prices.PriceUnavailable`,
+`custody.chain.rpc.RpcError`) complete the set.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hsm.signer import PolicyViolation
+from pledge.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    Unsupported,
+    UpstreamUnavailable,
+)
+
+# -- who may do what -------------------------------------------------------------------------
+
+
+class RoleNotAllowed(Forbidden):
+    """The caller's role may not do this (the message lists the roles that may)."""
+
+    code = "role_not_allowed"
+
+
+class SeatNotYours(Forbidden):
+    """Only the party holding a key seat of the loan registers that seat's key."""
+
+    code = "seat_not_yours"
+
+
+class PrincipalNameTaken(Conflict):
+    """A principal (API user) of that name already exists."""
+
+    code = "principal_name_taken"
+
+
+# -- parties ---------------------------------------------------------------------------------
+
+
+class PartyNotFound(NotFound):
+    """No such party, or the caller may not see it."""
+
+    code = "party_not_found"
+
+
+class PartyNameTaken(Conflict):
+    """A party of that name already exists."""
+
+    code = "party_name_taken"
+
+
+class UnknownParty(InvalidInput):
+    """The request names a party that does not exist (`field` says where)."""
+
+    code = "unknown_party"
+
+
+class PartyKindMismatch(InvalidInput):
+    """The named party is of the wrong kind here (e.g. a miner where an arbiter is needed)."""
+
+    code = "party_kind_mismatch"
+
+
+class OperatorWithoutBank(InvalidInput):
+    """This bank operator belongs to no bank party, so the loan would have no bank."""
+
+    code = "operator_without_bank"
+
+
+# -- loans, keys, addresses ------------------------------------------------------------------
+
+
+class LoanNotFound(NotFound):
+    """No such loan, or the caller may not see it (no existence oracle)."""
+
+    code = "loan_not_found"
+
+
+class LoanNotInState(Conflict):
+    """The loan's state does not allow this (keys only on a draft, no collateral once
+    released or liquidated, no release of a draft...)."""
+
+    code = "loan_not_in_state"
+
+
+class KeysIncomplete(Conflict):
+    """This step needs keys of the loan that are not registered yet."""
+
+    code = "keys_incomplete"
+
+
+class KeySeatTaken(Conflict):
+    """The key of this seat of the loan is already registered."""
+
+    code = "key_seat_taken"
+
+
+class KeyOfAnotherParty(Conflict):
+    """This key is already registered to another party (a key belongs to one party)."""
+
+    code = "key_of_another_party"
+
+
+class KeyInTwoSeats(InvalidInput):
+    """This key already holds another seat of the loan: each seat needs its own key."""
+
+    code = "key_in_two_seats"
+
+
+class KeySetReused(Conflict):
+    """Another loan already uses this set of three keys: every loan needs a fresh set."""
+
+    code = "key_set_reused"
+
+
+class HdKeyRequired(InvalidInput):
+    """The miner's and the arbiter's seats take only an HD key from a hardware wallet."""
+
+    code = "hd_key_required"
+
+
+class SingleAddressDescriptor(Conflict):
+    """The loan's descriptor has no wildcard: it has exactly one address."""
+
+    code = "single_address_descriptor"
+
+
+class AddressLimitReached(Conflict):
+    """The loan has handed out as many collateral addresses as it may."""
+
+    code = "address_limit_reached"
+
+
+class AddressAlreadyIssued(Conflict):
+    """The next address is already handed out (to this or another loan): never reused."""
+
+    code = "address_already_issued"
+
+
+class ExportUnsupported(Unsupported):
+    """The wallet format cannot describe this loan (e.g. a fixed HSM key); the message
+    says which format can."""
+
+    code = "export_unsupported"
+
+
+# -- signing requests ------------------------------------------------------------------------
+
+
+class SigningRequestNotFound(NotFound):
+    """No such signing request, or the caller may not see it."""
+
+    code = "signing_request_not_found"
+
+
+class SigningRequestNotInState(Conflict):
+    """The signing request's state does not allow this (signatures only while open, a
+    broadcast only when ready, a fee bump only once broadcast...)."""
+
+    code = "signing_request_not_in_state"
+
+
+class RequestAlreadyOpen(Conflict):
+    """The loan already has an open signing request: finish or cancel it first."""
+
+    code = "request_already_open"
+
+
+class FeeAboveCap(Conflict):
+    """The transaction's fee would be above the service's absolute fee cap."""
+
+    code = "fee_above_cap"
+
+
+class FeeRateOutOfRange(InvalidInput):
+    """The requested fee rate is outside the service's floor and ceiling."""
+
+    code = "fee_rate_out_of_range"
+
+
+class FeeBumpTooSmall(InvalidInput):
+    """A replacement must pay a higher rate and more than the original's fee plus its
+    own relay (BIP-125)."""
+
+    code = "fee_bump_too_small"
+
+
+class PricedBySigner(Conflict):
+    """The bank's signer holds this loan's bank key: its own valuation prices a
+    liquidation, not figures from the request."""
+
+    code = "priced_by_signer"
+
+
+class CollateralChanged(Conflict):
+    """The loan's collateral changed while the request was being built: try again."""
+
+    code = "collateral_changed"
+
+
+class NoBroadcastWhileBuilding(Conflict):
+    """Building a request broadcasts nothing (a guard of the prefetched chain)."""
+
+    code = "no_broadcast_while_building"
+
+
+class PsbtMismatch(InvalidInput):
+    """The uploaded PSBT is not the requested transaction (other inputs, outputs or
+    scripts)."""
+
+    code = "psbt_mismatch"
+
+
+class BadSignature(InvalidInput):
+    """A signature in the uploaded PSBT is invalid, foreign or malformed."""
+
+    code = "bad_signature"
+
+
+class NoNewSignature(InvalidInput):
+    """The uploaded PSBT carries no signature the request still lacks."""
+
+    code = "no_new_signature"
+
+
+class BankApprovalRequired(Conflict):
+    """The bank's signature needs a bank approver's approval of this transaction first
+    (4-eyes)."""
+
+    code = "bank_approval_required"
+
+
+class BankDoesNotSign(Conflict):
+    """This action is not signed by the bank, so there is nothing for it to approve."""
+
+    code = "bank_does_not_sign"
+
+
+class ApproveViaSignerStatement(Conflict):
+    """The bank's signer holds this loan's key: approvers sign its statement instead."""
+
+    code = "approve_via_signer_statement"
+
+
+class SelfApproval(Conflict):
+    """The requester cannot approve their own request (4-eyes)."""
+
+    code = "self_approval"
+
+
+# -- statements for the bank's signer --------------------------------------------------------
+
+
+class SignerStatementNotFound(NotFound):
+    """No such signer statement, or the caller may not see it."""
+
+    code = "signer_statement_not_found"
+
+
+class SignerStatementNotInState(Conflict):
+    """The signer statement is no longer open (done, refused or cancelled)."""
+
+    code = "signer_statement_not_in_state"
+
+
+class SignerStatementUnsigned(Conflict):
+    """The signer statement does not have its two signatures yet: nothing to retry."""
+
+    code = "signer_statement_unsigned"
+
+
+class AlreadyEndorsed(Conflict):
+    """This person has already sent this signature for the statement."""
+
+    code = "already_endorsed"
+
+
+class BankKeyNotInSigner(Conflict):
+    """The loan's bank key is not held by the bank's signer (it takes no statement)."""
+
+    code = "bank_key_not_in_signer"
+
+
+class SignerDescriptorMismatch(Conflict):
+    """The signer's descriptor for the loan differs from the service's: no address is
+    handed out."""
+
+    code = "signer_descriptor_mismatch"
+
+
+# -- prices, notifications -------------------------------------------------------------------
+
+
+class PriceNotSet(NotFound):
+    """No manual price has been set yet."""
+
+    code = "price_not_set"
+
+
+class WebhookNotFound(NotFound):
+    """No such webhook."""
+
+    code = "webhook_not_found"
+
+
+# -- what the service depends on -------------------------------------------------------------
+
+
+class NodeNotConfigured(UpstreamUnavailable):
+    """This service runs without a Bitcoin node, which this needs."""
+
+    code = "node_not_configured"
+
+
+class NodeUnavailable(UpstreamUnavailable):
+    """The Bitcoin node could not be asked, or could not answer what it must know."""
+
+    code = "node_unavailable"
+
+
+class SignerNotConfigured(UpstreamUnavailable):
+    """This service runs without the bank's signer, which this needs."""
+
+    code = "signer_not_configured"
+
+
+class RequestRefusedBySigner(PolicyViolation):
+    """The bank's signer refused the new request's PSBT: the request is kept, cancelled,
+    and the answer gives its `request_id` and the signer's rule (`check`)."""
+
+    code = "request_refused_by_signer"
+
+    def __init__(self, check: str, reason: str, *, message: str, request_id: int) -> None:
+        super().__init__(check, reason, field="psbt")
+        self.message = message
+        self.request_id = request_id
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "request_id": self.request_id}

@@ -1,0 +1,207 @@
+"""Each route declares its errors in the OpenAPI document (GET /v1/openapi.json), and the
+test client holds the routes to it (`support.declared.CheckedClient`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import create_engine
+from support.declared import CheckedClient, UndeclaredError, declared_codes
+
+from custody.api.app import create_app
+from custody.api.errors import errors_for
+from custody.config import Settings
+from custody.errors import LoanNotFound, RequestAlreadyOpen
+from pledge.errors import Conflict, InvalidInput
+
+
+def _app() -> FastAPI:
+    return create_app(
+        Settings(network="regtest", database_url="sqlite://"), create_engine("sqlite://")
+    )
+
+
+@pytest.fixture(scope="module")
+def document() -> dict[str, Any]:
+    with CheckedClient(_app()) as client:
+        r = client.get("/v1/openapi.json")
+    assert r.status_code == 200
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def _codes(doc: dict[str, Any], method: str, path: str) -> dict[int, set[str]]:
+    responses = doc["paths"][path][method]["responses"]
+    return {
+        int(status): set(
+            response["content"]["application/json"]["schema"]["properties"]["error"]["enum"]
+        )
+        for status, response in responses.items()
+        if status[0] in "45"
+    }
+
+
+@pytest.mark.unit
+def test_reading_a_loan_answers_exactly_these_errors(document: dict[str, Any]) -> None:
+    assert _codes(document, "get", "/v1/loans/{loan_id}") == {
+        401: {"not_authenticated"},
+        404: {"loan_not_found"},
+        422: {"invalid_input"},
+    }
+
+
+@pytest.mark.unit
+def test_creating_a_signing_request_names_each_of_its_conflicts(document: dict[str, Any]) -> None:
+    codes = _codes(document, "post", "/v1/loans/{loan_id}/signing-requests")
+    assert codes[409] == {
+        "address_already_issued",
+        "address_limit_reached",
+        "collateral_below_fee",
+        "collateral_changed",
+        "fee_above_cap",
+        "full_liquidation_needed",
+        "keys_incomplete",
+        "loan_not_in_state",
+        "no_confirmed_collateral",
+        "nothing_to_sell",
+        "priced_by_signer",
+        "request_already_open",
+        "single_address_descriptor",
+    }
+    assert codes[422] == {
+        "invalid_input",
+        "fee_rate_out_of_range",
+        "refused_by_signer",
+        "request_refused_by_signer",
+    }
+    assert codes[503] == {
+        "node_not_configured",
+        "node_unavailable",
+        "signer_not_configured",
+        "signer_unavailable",
+    }
+    assert codes[404] == {"loan_not_found"} and codes[403] == {"role_not_allowed"}
+    schema = document["paths"]["/v1/loans/{loan_id}/signing-requests"]["post"]["responses"]["422"][
+        "content"
+    ]["application/json"]["schema"]
+    assert {"check", "request_id", "errors", "field"} <= set(schema["properties"])
+
+
+@pytest.mark.unit
+def test_registering_a_key_and_approving_name_their_conflicts(document: dict[str, Any]) -> None:
+    key = _codes(document, "put", "/v1/loans/{loan_id}/keys/{seat}")
+    assert key[409] == {
+        "address_already_issued",
+        "key_of_another_party",
+        "key_seat_taken",
+        "key_set_reused",
+        "loan_not_in_state",
+    }
+    assert key[422] == {"invalid_input", "hd_key_required", "key_in_two_seats"}
+    assert key[403] == {"seat_not_yours"}
+    approve = _codes(document, "post", "/v1/signing-requests/{request_id}/approve")
+    assert approve[409] == {
+        "approve_via_signer_statement",
+        "bank_does_not_sign",
+        "self_approval",
+        "signing_request_not_in_state",
+    }
+
+
+@pytest.mark.unit
+def test_the_description_says_when_each_code_happens(document: dict[str, Any]) -> None:
+    text = document["paths"]["/v1/loans/{loan_id}/signing-requests"]["post"]["responses"]["409"][
+        "description"
+    ]
+    assert "- `request_already_open`: The loan already has an open signing request" in text
+    assert text.count("\n- `") == 12  # one line per code
+
+
+@pytest.mark.unit
+def test_every_route_declares_its_errors(document: dict[str, Any]) -> None:
+    """Every route but the health check needs a key; every route with a parameter can be
+    refused by validation (`invalid_input`, not FastAPI's default schema); every error
+    entry names its codes."""
+    assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
+    seen = 0
+    for path, operations in document["paths"].items():
+        for method, op in operations.items():
+            seen += 1
+            errors = {s: r for s, r in op["responses"].items() if s[0] in "45"}
+            for status, response in errors.items():
+                schema = response["content"]["application/json"]["schema"]
+                assert schema["properties"]["error"]["enum"], (method, path, status)
+            if path == "/v1/health":
+                assert errors == {}
+                continue
+            assert _codes(document, method, path)[401] == {"not_authenticated"}, (method, path)
+            if "{" in path or method in ("post", "put"):
+                assert "invalid_input" in _codes(document, method, path)[422], (method, path)
+            if "_id}" in path:  # a thing looked up by its id may not exist
+                assert 404 in _codes(document, method, path), (method, path)
+    assert seen >= 35
+
+
+@pytest.mark.unit
+def test_two_errors_with_one_code_cannot_be_declared() -> None:
+    class Twin(Conflict):
+        code = "request_already_open"
+
+    with pytest.raises(ValueError, match="declared twice"):
+        errors_for(RequestAlreadyOpen, Twin)
+    assert errors_for(LoanNotFound, LoanNotFound).keys() == {404}
+
+
+def _app_with_probe() -> FastAPI:
+    """The real app (its error handlers) with one more route, which declares only
+    `loan_not_found` (and validation) and answers what it is asked to."""
+    app = _app()
+
+    def probe(what: str) -> dict[str, str]:
+        if what == "loan":
+            raise LoanNotFound("loan 1 not found")
+        if what == "open":
+            raise RequestAlreadyOpen("loan 1 already has an open signing request")
+        return {"ok": what}
+
+    app.add_api_route(
+        "/v1/probe/{what}", probe, methods=["GET"], responses=errors_for(LoanNotFound, InvalidInput)
+    )
+    return app
+
+
+@pytest.mark.unit
+def test_the_client_fails_a_test_on_an_undeclared_code() -> None:
+    client = CheckedClient(_app_with_probe(), raise_server_exceptions=False)
+    assert client.get("/v1/probe/fine").status_code == 200
+    assert client.get("/v1/probe/loan").json()["error"] == "loan_not_found"  # declared
+    with pytest.raises(UndeclaredError, match="declares no 409"):
+        client.get("/v1/probe/open")
+    assert declared_codes(client.app, "GET", "/v1/probe/{what}") == {
+        404: frozenset({"loan_not_found"}),
+        422: frozenset({"invalid_input"}),
+    }
+
+
+@pytest.mark.unit
+def test_the_client_fails_a_test_on_an_undeclared_code_of_a_declared_status() -> None:
+    client = CheckedClient(_app(), raise_server_exceptions=False)
+    # /v1/me declares 401 not_authenticated only: any other 401 code would be refused.
+    assert client.get("/v1/me").status_code == 401  # declared: passes
+    app = _app()
+
+    def other(n: int) -> None:
+        raise RequestAlreadyOpen("busy")
+
+    app.add_api_route("/v1/other/{n}", other, methods=["POST"], responses=errors_for(Conflict))
+    with pytest.raises(UndeclaredError, match=r"declares only \['conflict'\]"):
+        CheckedClient(app, raise_server_exceptions=False).post("/v1/other/1")
+
+
+@pytest.mark.unit
+def test_an_unknown_path_is_the_routers_not_a_route_answer() -> None:
+    client = CheckedClient(_app(), raise_server_exceptions=False)
+    assert client.get("/v1/no-such-thing").status_code == 404
+    assert client.delete("/v1/loans/1").status_code == 405
