@@ -10,6 +10,7 @@ answers a code its entry does not list.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from custody.errors import RequestRefusedBySigner
@@ -55,6 +56,27 @@ def _schema(status: int, errors: list[ErrorClass]) -> dict[str, Any]:
     }
 
 
+# What the app answers for an exception nobody meant to report (custody.api.app): the
+# same body on every route, with nothing of the failure in it.
+_INTERNAL: dict[str, Any] = {
+    "description": "- `internal_error`: an unexpected failure; the answer says nothing "
+    "more, the operator's log has the trace",
+    "content": {
+        "application/json": {
+            "schema": {
+                "title": "Error500",
+                "type": "object",
+                "required": ["error", "message"],
+                "properties": {
+                    "error": {"type": "string", "enum": ["internal_error"]},
+                    "message": {"type": "string"},
+                },
+            }
+        }
+    },
+}
+
+
 def errors_for(*errors: ErrorClass) -> dict[int | str, dict[str, Any]]:
     """FastAPI `responses=` declaring these errors, grouped by HTTP status. Two classes
     with one code would make the answer ambiguous: refused."""
@@ -71,4 +93,17 @@ def errors_for(*errors: ErrorClass) -> dict[int | str, dict[str, Any]]:
             "description": "\n".join(f"- `{e.code}`: {summary(e)}" for e in group),
             "content": {"application/json": {"schema": _schema(status, group)}},
         }
+    # Any route may fail unexpectedly (custody.api.app answers `internal_error`).
+    internal = responses.setdefault(500, copy.deepcopy(_INTERNAL))
+    if internal is not _INTERNAL and "internal_error" not in _enum(internal):
+        _enum(internal).append("internal_error")
+        _enum(internal).sort()
+        internal["description"] += "\n" + _INTERNAL["description"]
     return responses
+
+
+def _enum(response: dict[str, Any]) -> list[str]:
+    enum: list[str] = response["content"]["application/json"]["schema"]["properties"]["error"][
+        "enum"
+    ]
+    return enum

@@ -49,6 +49,7 @@ def test_reading_a_loan_answers_exactly_these_errors(document: dict[str, Any]) -
         401: {"not_authenticated"},
         404: {"loan_not_found"},
         422: {"invalid_input"},
+        500: {"internal_error"},
     }
 
 
@@ -137,6 +138,8 @@ def test_every_route_declares_its_errors(document: dict[str, Any]) -> None:
                 assert errors == {}
                 continue
             assert _codes(document, method, path)[401] == {"not_authenticated"}, (method, path)
+            # an exception nobody meant to report: the same bare body everywhere
+            assert "internal_error" in _codes(document, method, path)[500], (method, path)
             if "{" in path or method in ("post", "put"):
                 assert "invalid_input" in _codes(document, method, path)[422], (method, path)
             if "_id}" in path:  # a thing looked up by its id may not exist
@@ -151,7 +154,7 @@ def test_two_errors_with_one_code_cannot_be_declared() -> None:
 
     with pytest.raises(ValueError, match="declared twice"):
         errors_for(RequestAlreadyOpen, Twin)
-    assert errors_for(LoanNotFound, LoanNotFound).keys() == {404}
+    assert errors_for(LoanNotFound, LoanNotFound).keys() == {404, 500}  # 500: internal_error
 
 
 def _app_with_probe() -> FastAPI:
@@ -182,6 +185,7 @@ def test_the_client_fails_a_test_on_an_undeclared_code() -> None:
     assert declared_codes(client.app, "GET", "/v1/probe/{what}") == {
         404: frozenset({"loan_not_found"}),
         422: frozenset({"invalid_input"}),
+        500: frozenset({"internal_error"}),
     }
 
 
