@@ -20,7 +20,7 @@ from regtest.node import RegtestNode
 pytest_plugins = [
     "regtest.pytest_plugin",
     "regtest.pg_pytest_plugin",
-    "hsm.pytest_plugin",
+    "regtest.hsm_pytest_plugin",
 ]
 
 # The fixture that starts each real part. Everything needing one depends on it

@@ -33,9 +33,9 @@ from custody.hwi_cli import check_api_url, hwi_app
 from custody.signing.psbt import CollateralInput, PayTo, build_psbt
 from hsm.hwi_backend import HwiDevice, single_branch_descriptor
 from hsm.signer import SignerBusy, SignerRefused, SignerUnavailable
-from hsm.software import SoftwareHDSigner
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import parse_hd_key
+from regtest.software_signer import SoftwareHDSigner
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 API = "http://127.0.0.1:8080"

@@ -16,9 +16,9 @@ from support.signer_world import ServeProcess, serve_process, signer_env
 
 from hsm.client import BankSigner, HttpTransport
 from hsm.signer import SignerBusy, SignerUnavailable
-from hsm.softhsm import create_token
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
+from regtest.softhsm import create_token
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 
