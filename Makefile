@@ -48,11 +48,13 @@ lint: bootstrap-venv
 	$(VENV)/bin/mypy $(LINT_PATHS)
 	cd $(ROOT) && $(VENV)/bin/lint-imports --no-logo --cache-dir $(ROOT)/.cache/import-linter
 
+# The test kit (regtest/) and bench/ are in no wheel: they are imported from the repository
+# root, which `python -m` puts on sys.path when run from there.
 demo: bootstrap
-	$(PYTHON_VENV) -m regtest.demo
+	cd $(ROOT) && $(PYTHON_VENV) -m regtest.demo
 
 bench: bootstrap
-	@if [ -f bench/__main__.py ]; then \
+	@cd $(ROOT); if [ -f bench/__main__.py ]; then \
 		$(PYTHON_VENV) -m bench; \
 	elif [ -f bench/run.py ]; then \
 		$(PYTHON_VENV) bench/run.py; \
