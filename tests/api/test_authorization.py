@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support.signer_world import new_staff
 from support.world import WHO, World, build_world, hd_key
 
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
 from hsm.client import BankSigner
+from regtest.people import new_staff
 
 ANON = "anonymous"
 EVERYONE = (*WHO, ANON)

@@ -176,7 +176,7 @@ def test_liquidation_pays_the_bank_what_the_evidence_says() -> None:
     )
     assert sum(a for _, a in report.outputs) + report.fee_sats == report.total_in_sats
     # an action outside the kernel's vocabulary is refused, however well the PSBT matches
-    unknown = replace(LIQUIDATION, action="dispute_liquidation")
+    unknown = replace(LIQUIDATION, action="dispute_liquidation")  # type: ignore[arg-type]
     assert refused(liquidation_psbt(loan), loan.ctx, unknown).check == "approved_action"
 
 

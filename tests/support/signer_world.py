@@ -32,6 +32,7 @@ from hsm.registry import Registry
 from hsm.settings import SignerSettings
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
@@ -41,7 +42,7 @@ from regtest.softhsm import SoftHsmToken, create_token
 from regtest.software_signer import SoftwareHDSigner
 from regtest.wait import wait_until
 
-NETWORK = "regtest"
+NETWORK: NetworkName = "regtest"
 FEE_SATS = 2_000
 MAX_FEE_SATS = 20_000
 
