@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -42,14 +43,27 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
+def database_name(request: pytest.FixtureRequest, prefix: str = "t") -> str:
+    """A database name unique in this session, readable in the server's log."""
     worker = _slug(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     stem = _slug(request.node.name)[:40]
-    name = f"t_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
-    url = postgres_server.create_database(name)
+    return f"{prefix}_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
+
+
+@contextmanager
+def temporary_database(
+    server: PostgresServer, name: str, *, template: str | None = None
+) -> Iterator[str]:
+    """Create a database (empty, or a copy of `template`), yield its URL, drop it after."""
+    url = server.create_database(name, template=template)
     try:
         yield url
     finally:
-        postgres_server.drop_database(name)
+        server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
+    with temporary_database(postgres_server, database_name(request)) as url:
+        yield url
