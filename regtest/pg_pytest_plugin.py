@@ -11,8 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -43,27 +42,38 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-def database_name(request: pytest.FixtureRequest, prefix: str = "t") -> str:
+def _database_name(request: pytest.FixtureRequest) -> str:
     """A database name unique in this session, readable in the server's log."""
     worker = _slug(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     stem = _slug(request.node.name)[:40]
-    return f"{prefix}_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
+    return f"t_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
 
 
-@contextmanager
-def temporary_database(
-    server: PostgresServer, name: str, *, template: str | None = None
-) -> Iterator[str]:
-    """Create a database (empty, or a copy of `template`), yield its URL, drop it after."""
-    url = server.create_database(name, template=template)
-    try:
-        yield url
-    finally:
-        server.drop_database(name)
+MakeDatabase = Callable[..., str]
 
 
 @pytest.fixture
-def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
+def postgres_database(
+    postgres_server: PostgresServer, request: pytest.FixtureRequest
+) -> Iterator[MakeDatabase]:
+    """`make(template=None) -> url`: databases of this test's own, empty or copies of a
+    template database (cheap: see PostgresServer.create_database), dropped after it."""
+    made: list[str] = []
+
+    def make(*, template: str | None = None) -> str:
+        name = _database_name(request)
+        url = postgres_server.create_database(name, template=template)
+        made.append(name)
+        return url
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_database: MakeDatabase) -> str:
     """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
-    with temporary_database(postgres_server, database_name(request)) as url:
-        yield url
+    return postgres_database()

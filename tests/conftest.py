@@ -8,7 +8,7 @@ run with no btcd, no SoftHSM2 token and no PostgreSQL server."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from support.databases import copy_sqlite, migrate
 from custody.chain.watcher import Watcher, WatcherConfig
 from custody.db.session import make_engine
 from regtest.node import RegtestNode
-from regtest.pg_pytest_plugin import database_name, temporary_database
 from regtest.postgres import PostgresServer
 
 pytest_plugins = [
@@ -85,7 +84,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # TEMPLATE for PostgreSQL. tests/test_migrations.py runs the migrations on empty databases.
 @pytest.fixture(scope="session")
 def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A SQLite file migrated by Alembic, never opened again: tests get copies."""
+    """A SQLite file migrated by Alembic once; tests get copies of it, never the file itself."""
     path = tmp_path_factory.mktemp("template") / "custody.db"
     migrate(f"sqlite:///{path}")
     return path
@@ -100,20 +99,16 @@ def postgres_template(postgres_server: PostgresServer) -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def db_url(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A database of this test's own, at the latest migration; every database-touching test
     runs on both backends."""
     if request.param == "sqlite":
         path = tmp_path_factory.mktemp("db") / "custody.db"
         copy_sqlite(request.getfixturevalue("sqlite_template"), path)
-        yield f"sqlite:///{path}"
-        return
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    template: str = request.getfixturevalue("postgres_template")
-    with temporary_database(server, database_name(request), template=template) as url:
-        yield url
+        return f"sqlite:///{path}"
+    # postgres_database drops what it made after the test
+    make: Callable[..., str] = request.getfixturevalue("postgres_database")
+    return make(template=request.getfixturevalue("postgres_template"))
 
 
 @pytest.fixture

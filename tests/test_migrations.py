@@ -6,7 +6,7 @@ the migrations run for real, on an empty database, and the copies are shown to b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -77,15 +77,11 @@ def test_sqlite_copies_of_the_template_are_apart(sqlite_template: Path, tmp_path
 
 
 def test_postgres_copies_of_the_template_are_apart(
-    postgres_server: PostgresServer, postgres_template: str
+    postgres_database: Callable[..., str], postgres_server: PostgresServer, postgres_template: str
 ) -> None:
-    first = postgres_server.create_database("copy_first", template=postgres_template)
-    second = postgres_server.create_database("copy_second", template=postgres_template)
-    try:
-        _forget_the_revision(first)
-        assert _revision_rows(first) == 0
-        assert _revision_rows(second) == 1
-        assert _revision_rows(postgres_server.url(postgres_template)) == 1
-    finally:
-        postgres_server.drop_database("copy_first")
-        postgres_server.drop_database("copy_second")
+    first = postgres_database(template=postgres_template)
+    second = postgres_database(template=postgres_template)
+    _forget_the_revision(first)
+    assert _revision_rows(first) == 0
+    assert _revision_rows(second) == 1
+    assert _revision_rows(postgres_server.url(postgres_template)) == 1

@@ -138,6 +138,18 @@ def test_the_unpacked_wheel_imports_and_migrates_without_the_test_kit(
         check=False,
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    # the miner's tool runs from the wheel alone too (`python -m pledge_hwi` = `pledge-hwi`)
+    miner = subprocess.run(
+        [sys.executable, "-m", "pledge_hwi", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert miner.returncode == 0, miner.stderr
+    assert "show-address" in miner.stdout and "sign-file" in miner.stdout
 
 
 def _dockerfile_copies() -> set[str]:
