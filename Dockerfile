@@ -5,9 +5,12 @@ FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml ./
+# The product's packages only (pyproject.toml [tool.setuptools.packages.find]); the test
+# kit (regtest/), tests/ and bench/ stay out (tests/test_packaging.py checks both lists).
+COPY pledge ./pledge
+COPY pledge_hwi ./pledge_hwi
 COPY custody ./custody
 COPY hsm ./hsm
-COPY regtest ./regtest
 # Build wheels here so the runtime stage carries neither sources nor build tools.
 RUN pip wheel --wheel-dir /wheels .
 

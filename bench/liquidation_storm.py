@@ -91,13 +91,13 @@ from hsm.factory import build_core
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.registry import Registry
 from hsm.settings import SignerSettings
-from hsm.softhsm import SoftHsmToken, create_token
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import COINBASE_MATURITY
 from regtest.node import RegtestNode
 from regtest.people import Staff
 from regtest.price_feed import PriceFeed
+from regtest.softhsm import SoftHsmToken, create_token
 
 SEED = 20240917
 LOANS = 1_000

@@ -69,7 +69,6 @@ from bench import Figure
 from bench.http1 import Connections
 from custody.auth.context import Context
 from custody.auth.service import create_principal
-from custody.bitcoin.testkeys import make_test_key_text
 from custody.db.migrate import upgrade
 from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Role
 from custody.db.session import make_engine, transaction
@@ -78,6 +77,7 @@ from custody.loans.service import create_loan, register_key
 from custody.risk.manual import set_price
 from pledge.network import NetworkName
 from regtest.postgres import PostgresServer
+from regtest.testkeys import make_test_key_text
 from regtest.wait import wait_until
 
 Backend = Literal["sqlite", "postgres"]

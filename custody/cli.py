@@ -13,7 +13,6 @@ from custody.config import Settings, get_settings
 from custody.db.migrate import upgrade
 from custody.db.models import Role
 from custody.db.session import make_engine, transaction
-from custody.hwi_cli import hwi_app
 from custody.logging import configure_logging
 from custody.root import Root
 
@@ -22,7 +21,6 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
-app.add_typer(hwi_app, name="hwi")
 
 
 def _settings() -> Settings:

@@ -56,13 +56,13 @@ from custody.signer.review import decode_psbt, describe
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.registry import Registry
-from hsm.software import SoftwareHDSigner
 from pledge.amounts import ltv_bps, sats_for_kopecks
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode, free_port, wait_until
 from regtest.people import Staff
 from regtest.price_feed import PriceFeed
+from regtest.software_signer import SoftwareHDSigner
 
 COLLATERAL_SATS = 50_000_000  # 0.5 BTC per loan
 TOP_UP_SATS = 50_000_000  # what the miner adds to cure loan 2's margin call
@@ -298,7 +298,7 @@ def main() -> int:
         say("The bank's signer: a SoftHSM2 token, its own registry, node and price feed")
         from hsm.factory import build_core
         from hsm.settings import SignerSettings
-        from hsm.softhsm import create_token
+        from regtest.softhsm import create_token
 
         token = create_token(workdir / "softhsm", "demo-bank")
         signer_settings = SignerSettings(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -42,14 +42,38 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer, request: pytest.FixtureRequest) -> Iterator[str]:
-    """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
+def _database_name(request: pytest.FixtureRequest) -> str:
+    """A database name unique in this session, readable in the server's log."""
     worker = _slug(os.environ.get("PYTEST_XDIST_WORKER", "main"))
     stem = _slug(request.node.name)[:40]
-    name = f"t_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
-    url = postgres_server.create_database(name)
+    return f"t_{worker}_{next(_counter)}_{stem}"[:63].rstrip("_")
+
+
+MakeDatabase = Callable[..., str]
+
+
+@pytest.fixture
+def postgres_database(
+    postgres_server: PostgresServer, request: pytest.FixtureRequest
+) -> Iterator[MakeDatabase]:
+    """`make(template=None) -> url`: databases of this test's own, empty or copies of a
+    template database (cheap: see PostgresServer.create_database), dropped after it."""
+    made: list[str] = []
+
+    def make(*, template: str | None = None) -> str:
+        name = _database_name(request)
+        url = postgres_server.create_database(name, template=template)
+        made.append(name)
+        return url
+
     try:
-        yield url
+        yield make
     finally:
-        postgres_server.drop_database(name)
+        for name in made:
+            postgres_server.drop_database(name)
+
+
+@pytest.fixture
+def postgres_url(postgres_database: MakeDatabase) -> str:
+    """SQLAlchemy URL of a fresh, empty database, dropped after the test."""
+    return postgres_database()

@@ -230,11 +230,23 @@ class PostgresServer:
             **kwargs,
         )
 
-    def create_database(self, name: str) -> str:
-        """Create an empty database and return its SQLAlchemy URL."""
+    def create_database(self, name: str, *, template: str | None = None) -> str:
+        """Create a database and return its SQLAlchemy URL: empty, or a copy of `template`.
+
+        A copy is how tests get a migrated schema cheaply: PostgreSQL copies the template's
+        files instead of running the migrations again. Nobody may be connected to the
+        template while it is copied (PostgreSQL refuses)."""
         self._check_name(name)
+        query = sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name))
         with self.connect(autocommit=True) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            if template is not None:
+                self._check_name(template)
+                query = sql.SQL("{} TEMPLATE {}").format(query, sql.Identifier(template))
+                if conn.info.server_version >= 150000:
+                    # Copying files beats WAL-logging every page here (fsync is off, so
+                    # the checkpoint it costs is cheap): ~25 ms instead of ~175 ms.
+                    query = sql.SQL("{} STRATEGY FILE_COPY").format(query)
+            conn.execute(query)
         return self.url(name)
 
     def drop_database(self, name: str) -> None:

@@ -7,20 +7,23 @@ run with no btcd, no SoftHSM2 token and no PostgreSQL server."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
+from support.databases import copy_sqlite, migrate
 
-from custody.db.migrate import upgrade
 from custody.db.session import make_engine
 from custody.watcher.service import Watcher, WatcherConfig
 from regtest.node import RegtestNode
+from regtest.postgres import PostgresServer
 
 pytest_plugins = [
     "regtest.pytest_plugin",
     "regtest.pg_pytest_plugin",
-    "hsm.pytest_plugin",
+    "regtest.hsm_pytest_plugin",
 ]
 
 # The fixture that starts each real part. Everything needing one depends on it
@@ -76,13 +79,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         raise pytest.UsageError("marked unit but needs a real part:\n  " + "\n  ".join(wrong))
 
 
+# Alembic builds the schema once per test process (xdist worker) and backend, into a
+# template; each test gets its own copy of it: a file copy for SQLite, CREATE DATABASE ...
+# TEMPLATE for PostgreSQL. tests/test_migrations.py runs the migrations on empty databases.
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated by Alembic once; tests get copies of it, never the file itself."""
+    path = tmp_path_factory.mktemp("template") / "custody.db"
+    migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_template(postgres_server: PostgresServer) -> str:
+    """A PostgreSQL database migrated by Alembic, left with no connection so it can be copied."""
+    name = f"template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
+    migrate(postgres_server.create_database(name))
+    return name
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Every database-touching test runs on both backends."""
+    """A database of this test's own, at the latest migration; every database-touching test
+    runs on both backends."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'custody.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
+        path = tmp_path_factory.mktemp("db") / "custody.db"
+        copy_sqlite(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    # postgres_database drops what it made after the test
+    make: Callable[..., str] = request.getfixturevalue("postgres_database")
+    return make(template=request.getfixturevalue("postgres_template"))
 
 
 @pytest.fixture
@@ -92,9 +118,9 @@ def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture
 def engine(db_url: str) -> Iterator[Engine]:
-    """A migrated database: schema built by Alembic, exactly as in production."""
+    """A migrated database: schema built by Alembic, exactly as in production (once per
+    session, copied per test)."""
     eng = make_engine(db_url)
-    upgrade(eng)
     yield eng
     eng.dispose()
 

@@ -1,7 +1,8 @@
 """The code boundary between the service and the bank's signer, checked on the source.
 
 `hsm/` (the signer) must not run the service's code, and the kernel (`pledge/`) must run
-neither: an edit in `custody/` must never change what the bank's key will sign. The check
+neither: an edit in `custody/` must never change what the bank's key will sign; the miner's tool
+(`pledge_hwi/`) runs neither the service's code nor the bank's signer. The check
 reads every import statement (including ones inside functions) with `ast`, so a lazy
 `from custody... import` inside a function body is caught too.
 """
@@ -19,8 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN: dict[str, frozenset[str]] = {
-    "pledge": frozenset({"custody", "hsm", "regtest", "bench", "tests"}),
-    "hsm": frozenset({"custody", "regtest", "bench", "tests"}),
+    "pledge": frozenset({"pledge_hwi", "custody", "hsm", "regtest", "bench", "tests"}),
+    "hsm": frozenset({"custody", "pledge_hwi", "regtest", "bench", "tests"}),
+    "pledge_hwi": frozenset({"custody", "hsm", "regtest", "bench", "tests"}),
 }
 
 
@@ -133,4 +135,4 @@ def test_the_layers_contract_places_every_custody_package() -> None:
     here = ROOT / "custody"
     modules = {f"custody.{p.stem}" for p in here.glob("*.py") if p.stem != "__init__"}
     packages = {f"custody.{p.parent.name}" for p in here.glob("*/__init__.py")}
-    assert placed == (modules | packages) - {"custody.hwi_cli"}
+    assert placed == modules | packages

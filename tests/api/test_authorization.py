@@ -14,12 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support.signer_world import new_staff
 from support.world import WHO, World, build_world, hd_key
 
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
 from hsm.client import BankSigner
+from regtest.people import new_staff
 
 ANON = "anonymous"
 EVERYONE = (*WHO, ANON)
@@ -464,7 +464,7 @@ def _funded_loan(world: World) -> int:
     from custody.db.models import CollateralAddress, Deposit, DepositState, Loan, LoanState
 
     loan_id: int = world.funded_ready_loan()["id"]
-    chain: _Chain = world.client.app.state.chain  # type: ignore[attr-defined]
+    chain: _Chain = world.client.app.state.chain
     with Session(world.engine) as s:
         addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
         txid = chain.pay(bytes.fromhex(addr.script_pubkey_hex), 50_000_000)
@@ -622,7 +622,7 @@ def test_a_signer_statement_is_hidden_from_the_parties_and_other_banks(world: Wo
     is the one a statement that does not exist gets."""
     from support.world import audit_actions
 
-    signer: _RecordingSigner = world.client.app.state.signer.transport  # type: ignore[attr-defined]
+    signer: _RecordingSigner = world.client.app.state.signer.transport
     calls = len(signer.calls)
     loan_id = _keyed_draft(world)
     r = world.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm")

@@ -7,9 +7,9 @@ from collections.abc import Callable
 
 import pytest
 
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key_text
 from pledge.keys import FixedKey, HDKey, parse_fixed_key, parse_hd_key
 from pledge.network import NetworkName
+from regtest.testkeys import make_fixed_test_key, make_test_key_text
 
 
 def seed_for(label: str) -> bytes:

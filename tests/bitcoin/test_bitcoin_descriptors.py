@@ -14,15 +14,13 @@ from embit.bip32 import HDKey as EmbitHDKey
 from embit.descriptor import Descriptor as EmbitDescriptor
 from embit.script import Script, p2wsh
 
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key_text
 from pledge.descriptors import (
     CollateralDescriptor,
-    LibraryDisagreement,
     descriptor_checksum,
     has_valid_checksum,
     parse_collateral_descriptor,
 )
-from pledge.errors import InvalidInput
+from pledge.errors import InvalidInput, LibraryDisagreement
 from pledge.keys import (
     CollateralKey,
     FixedKey,
@@ -31,6 +29,7 @@ from pledge.keys import (
     parse_hd_key,
 )
 from pledge.network import NetworkName, embit_network
+from regtest.testkeys import make_fixed_test_key, make_test_key_text
 
 # ---------------------------------------------------------------------------
 # Published vectors. Source: bitcoin/bips, bip-0380.mediawiki "Test Vectors"

@@ -11,7 +11,6 @@ from embit import base58
 from embit.bip32 import HDKey as EmbitHDKey
 from embit.networks import NETWORKS
 
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key, make_test_key_text
 from pledge.errors import InvalidInput, Unsupported
 from pledge.keys import FixedKey, HDKey, parse_fixed_key, parse_hd_key
 from pledge.network import (
@@ -22,6 +21,7 @@ from pledge.network import (
     coin_type,
     embit_network,
 )
+from regtest.testkeys import make_fixed_test_key, make_test_key, make_test_key_text
 
 SEED = hashlib.sha256(b"keys-test").digest()
 

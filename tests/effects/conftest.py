@@ -13,9 +13,9 @@ from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 
 from custody.db.session import make_engine
-from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
+from regtest.softhsm import SoftHsmToken
 
 
 @pytest.fixture

@@ -140,7 +140,7 @@ def test_a_broadcast_held_by_the_node_blocks_no_writer(
     bank_signed = sign(the_psbt(world, "bank_operator", rid), f.roots["bank"])
 
     app = world.client.app
-    app.state.chain = slow_rpc  # type: ignore[attr-defined]
+    app.state.chain = slow_rpc
     proxy.hold(HOLD_SECONDS)
     answer: dict[str, Any] = {}
     started = time.monotonic()
@@ -156,7 +156,7 @@ def test_a_broadcast_held_by_the_node_blocks_no_writer(
         in_flight = uploader.is_alive()
     finally:
         uploader.join(timeout=60)
-        app.state.chain = regtest_node.rpc  # type: ignore[attr-defined]
+        app.state.chain = regtest_node.rpc
     held_for = time.monotonic() - started
     times.assert_bounded()
     assert in_flight, f"the writes ended only after the node answered ({times.seconds})"

@@ -79,7 +79,7 @@ def _request(world: World, rid: int) -> dict[str, Any]:
 
 
 def _swap_signer(world: World, signer: BankSigner) -> None:
-    world.client.app.state.signer = signer  # type: ignore[attr-defined]
+    world.client.app.state.signer = signer
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -136,10 +136,10 @@ def test_a_ready_request_is_settled_with_the_node(
     f = funded_loan(world, regtest_node, watcher)
     rid = request(world, "bank_operator", f.loan["id"], action="release")["id"]
     assert bank_sign(world, rid).json()["state"] == "done"  # the bank's signature first
-    world.client.app.state.chain = CrashingNode(regtest_node.rpc, when)  # type: ignore[attr-defined]
+    world.client.app.state.chain = CrashingNode(regtest_node.rpc, when)
     psbt = sign(the_psbt(world, "miner", rid), f.roots["miner"])
     assert upload(world, "miner", rid, psbt).status_code == 500
-    world.client.app.state.chain = regtest_node.rpc  # type: ignore[attr-defined]
+    world.client.app.state.chain = regtest_node.rpc
     assert _request(world, rid)["state"] == "ready"
     txid = _request(world, rid)["unsigned_txid"]
     assert (txid in regtest_node.rpc.get_raw_mempool()) == (when == "after")

@@ -59,7 +59,7 @@ def test_custody_watch_records_a_broadcast_lost_in_a_crash(
     r = world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/approve")
     assert r.status_code == 200, r.text
     bank_signed = sign(the_psbt(world, "bank_operator", rid), f.roots["bank"])
-    world.client.app.state.chain = CrashingNode(regtest_node.rpc, "after")  # type: ignore[attr-defined]
+    world.client.app.state.chain = CrashingNode(regtest_node.rpc, "after")
     assert upload(world, "bank_operator", rid, bank_signed).status_code == 500
     with Session(engine) as s:
         req = s.get(SigningRequest, rid)

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 from support.signer_world import SignerWorld, in_process_world, serve_world
 
-from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
+from regtest.softhsm import SoftHsmToken
 
 
 @pytest.fixture(scope="module")

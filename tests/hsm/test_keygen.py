@@ -13,8 +13,8 @@ from pkcs11 import exceptions as p11e
 
 from hsm.pkcs11_backend import SECP256K1_EC_PARAMS, Pkcs11Signer, key_id_for_loan
 from hsm.signer import Signer, SignerKeyExists, SignerKeyNotFound, SignerRefused
-from hsm.softhsm import SoftHsmToken
 from pledge.errors import Conflict, InvalidInput, NotFound
+from regtest.softhsm import SoftHsmToken
 
 pytestmark = pytest.mark.hsm
 

@@ -16,13 +16,13 @@ from embit.psbt import PSBT, OutputScope
 from embit.script import Script, address_to_scriptpubkey
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
 
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key
 from custody.signing.psbt import CollateralInput, PayTo, PayToCollateral, build_psbt
 from hsm.policy import ApprovedAction, LoanContext, PolicyViolation, check_psbt
 from hsm.signer import SignerRefused
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import parse_fixed_key, parse_hd_key
+from regtest.testkeys import make_fixed_test_key, make_test_key
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 BANK_LIQUIDATION = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry"
@@ -176,7 +176,7 @@ def test_liquidation_pays_the_bank_what_the_evidence_says() -> None:
     )
     assert sum(a for _, a in report.outputs) + report.fee_sats == report.total_in_sats
     # an action outside the kernel's vocabulary is refused, however well the PSBT matches
-    unknown = replace(LIQUIDATION, action="dispute_liquidation")
+    unknown = replace(LIQUIDATION, action="dispute_liquidation")  # type: ignore[arg-type]
     assert refused(liquidation_psbt(loan), loan.ctx, unknown).check == "approved_action"
 
 

@@ -21,7 +21,6 @@ from embit.psbt import PSBT, OutputScope
 from embit.script import Script, address_to_scriptpubkey
 from embit.transaction import SIGHASH, Transaction, TransactionInput, TransactionOutput
 
-from custody.bitcoin.testkeys import make_test_key
 from custody.signing.psbt import (
     CollateralInput,
     PayTo,
@@ -34,10 +33,11 @@ from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.policy import ApprovedAction, LoanContext, PolicyViolation
 from hsm.psbt_signing import sign_psbt_with, sign_psbt_with_report
 from hsm.signer import Signer, SignerError, SignerRefused
-from hsm.software import SoftwareHDSigner
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import parse_fixed_key, parse_hd_key
+from regtest.software_signer import SoftwareHDSigner
+from regtest.testkeys import make_test_key
 
 pytestmark = pytest.mark.hsm
 

@@ -15,8 +15,8 @@ from embit.ec import PublicKey, Signature
 
 from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.signer import SignerBusy, SignerUnavailable
-from hsm.softhsm import SoftHsmToken, create_token
 from pledge.errors import UpstreamUnavailable
+from regtest.softhsm import SoftHsmToken, create_token
 
 pytestmark = pytest.mark.hsm
 

@@ -16,9 +16,9 @@ from support.signer_world import ServeProcess, serve_process, signer_env
 
 from hsm.client import BankSigner, HttpTransport
 from hsm.signer import SignerBusy, SignerUnavailable
-from hsm.softhsm import create_token
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
+from regtest.softhsm import create_token
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 
@@ -170,7 +170,7 @@ def test_an_unavailable_or_busy_hsm_is_a_503(
     people = new_people()
     admins = [people["admin1"], people["admin2"]]
     bootstrap_admins(settings.state_db, admins)
-    core = build_core(settings, hsm=_GoneToken(error))  # type: ignore[arg-type]
+    core = build_core(settings, hsm=_GoneToken(error))
     client = BankSigner(InProcessTransport(core))
     enroll_staff(client, admins, [people["operator"], people["approver"]])
     world = SignerWorld(

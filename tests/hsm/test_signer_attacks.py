@@ -72,9 +72,7 @@ from support.signer_world import (
     NETWORK,
     Loan,
     SignerWorld,
-    Staff,
     expires,
-    new_staff,
     software_party,
 )
 
@@ -85,6 +83,7 @@ from hsm.registry import Registry
 from hsm.signer import PolicyViolation, SignerRefused
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
+from regtest.people import Staff, new_staff
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 

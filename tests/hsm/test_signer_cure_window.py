@@ -14,9 +14,9 @@ from support.signer_world import SignerWorld, in_process_world
 
 from hsm.client import InProcessTransport
 from hsm.core import SignerCore
-from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
+from regtest.softhsm import SoftHsmToken
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 

@@ -21,10 +21,10 @@ import pytest
 from support.signer_world import Loan, SignerWorld, in_process_world, serve_world
 
 from hsm.signer import PolicyViolation
-from hsm.softhsm import SoftHsmToken
 from pledge.statements import iso
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed
+from regtest.softhsm import SoftHsmToken
 from regtest.wait import wait_until
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]

@@ -17,9 +17,9 @@ from embit.transaction import SIGHASH, Transaction, TransactionInput, Transactio
 from custody.signing.psbt import CollateralInput, PayTo, build_psbt, finalize
 from hsm.pkcs11_backend import SECP256K1_ORDER
 from hsm.signer import SignerRefused
-from hsm.software import SoftwareHDSigner
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import HDKey, parse_hd_key
+from regtest.software_signer import SoftwareHDSigner
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 

@@ -14,10 +14,10 @@ from support.world import World, build_world
 
 from custody.signing.statements import KEY_LABEL_PREFIX
 from hsm.pkcs11_backend import Pkcs11Signer
-from hsm.softhsm import SoftHsmToken
 from pledge.descriptors import parse_collateral_descriptor
 from regtest.node import RegtestNode
 from regtest.price_feed import price_feed
+from regtest.softhsm import SoftHsmToken
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from support.world import World, audit_actions, build_world
 from custody.db.models import Approval, AuditEvent, SigningRequest
 from custody.watcher.service import Watcher
 from hsm.signer import PolicyViolation
-from hsm.softhsm import SoftHsmToken
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed
+from regtest.softhsm import SoftHsmToken
 
 
 def _statement(world: World, sid: int) -> dict[str, Any]:

@@ -186,14 +186,14 @@ def test_a_lost_signer_call_is_retried(
     req = request(world, "bank_operator", f.loan["id"], action="release")
     sid = req["signer_statement_id"]
     app = world.client.app
-    real = app.state.signer  # type: ignore[attr-defined]
-    app.state.signer = BankSigner(  # type: ignore[attr-defined]
+    real = app.state.signer
+    app.state.signer = BankSigner(
         HttpTransport("http://127.0.0.1:9", "t" * 40, timeout=2)
     )
     try:
         lost = world.sign_statement(sid).json()
     finally:
-        app.state.signer = real  # type: ignore[attr-defined]
+        app.state.signer = real
     assert lost["state"] == "open" and "could not be reached" in lost["outcome"]
     early = world.call("auditor", "POST", f"/v1/signer-statements/{sid}/retry")
     assert early.status_code == 403
@@ -297,13 +297,13 @@ def test_a_signature_the_signer_made_is_not_lost_when_the_node_is_down(
             return down
 
     app = world.client.app
-    real = app.state.chain  # type: ignore[attr-defined]
-    app.state.chain = DownNode()  # type: ignore[attr-defined]
+    real = app.state.chain
+    app.state.chain = DownNode()
     before = bank_signer.c_sign_calls()
     try:
         view = world.sign_statement(sid).json()
     finally:
-        app.state.chain = real  # type: ignore[attr-defined]
+        app.state.chain = real
     assert bank_signer.c_sign_calls() == before + 1
     assert view["state"] == "done" and "not broadcast yet" in view["outcome"], view
     ready = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()

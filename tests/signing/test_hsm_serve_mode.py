@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from embit.psbt import PSBT
 from embit.script import address_to_scriptpubkey
+from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
@@ -122,7 +123,9 @@ def test_without_the_signers_token_nothing_happens(
     assert served.registry().loan_count() == 0
     assert world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()["state"] == "draft"
 
-    world.client.app.state.signer = served.client  # the operator fixes the token
+    app = world.client.app
+    assert isinstance(app, FastAPI)
+    app.state.signer = served.client  # the operator fixes the token
     done = world.sign_statement(sid, "operator2").json()
     assert done["state"] == "done", done
     assert served.registry().loan_count() == 1

@@ -20,7 +20,6 @@ from embit.script import Script
 from embit.transaction import SIGHASH, Transaction, TransactionInput, TransactionOutput
 from embit.util import secp256k1
 
-from custody.bitcoin.testkeys import make_fixed_test_key, make_test_key
 from custody.signing.psbt import (
     RBF_SEQUENCE,
     CannotFinalize,
@@ -44,6 +43,7 @@ from pledge.descriptors import CollateralDescriptor
 from pledge.errors import InvalidInput
 from pledge.keys import CollateralKey, FixedKey, parse_fixed_key, parse_hd_key
 from pledge.network import NetworkName
+from regtest.testkeys import make_fixed_test_key, make_test_key
 
 NET: Final[NetworkName] = "regtest"
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"

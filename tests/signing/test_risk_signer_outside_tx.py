@@ -155,8 +155,8 @@ def test_a_request_waiting_on_the_signer_blocks_no_writer(
     f = funded_loan(world, regtest_node, watcher)
     held = HeldPrepare(bank_signer.client)
     app = world.client.app
-    real = app.state.signer  # type: ignore[attr-defined]
-    app.state.signer = held  # type: ignore[attr-defined]
+    real = app.state.signer
+    app.state.signer = held
     answer: dict[str, Any] = {}
 
     def create() -> None:
@@ -177,7 +177,7 @@ def test_a_request_waiting_on_the_signer_blocks_no_writer(
     finally:
         held.release.set()
         creator.join(timeout=60)
-        app.state.signer = real  # type: ignore[attr-defined]
+        app.state.signer = real
     assert answer["status"] == 201, answer
     assert answer["body"]["signer_statement_id"] is not None
 
@@ -205,7 +205,7 @@ def test_a_broadcast_waiting_on_the_node_blocks_no_writer(
             return node.test_mempool_accept(*args, **kwargs)
 
     app = world.client.app
-    app.state.chain = SlowNode()  # type: ignore[attr-defined]
+    app.state.chain = SlowNode()
     answer: dict[str, Any] = {}
     signed = sign(the_psbt(world, "miner", req["id"]), f.roots["miner"])
     uploader = threading.Thread(
@@ -219,7 +219,7 @@ def test_a_broadcast_waiting_on_the_node_blocks_no_writer(
     finally:
         release.set()
         uploader.join(timeout=60)
-        app.state.chain = node  # type: ignore[attr-defined]
+        app.state.chain = node
     assert answer["r"].status_code == 200 and answer["r"].json()["state"] == "broadcast"
 
 

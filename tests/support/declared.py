@@ -106,7 +106,7 @@ class CheckedClient(TestClient):
 
     app: FastAPI
 
-    def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:  # type: ignore[override]
-        response = super().request(method, url, **kwargs)
+    def request(self, method: str, url: Any, **kwargs: Any) -> httpx.Response:
+        response: httpx.Response = super().request(method, url, **kwargs)
         check_answer(self.app, response)
         return response

@@ -14,9 +14,9 @@ from embit.networks import NETWORKS
 from support.world import World, hd_key
 
 from custody.watcher.service import Watcher
-from hsm.software import SoftwareHDSigner
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.software_signer import SoftwareHDSigner
 
 COLLATERAL = 50_000_000
 

@@ -30,18 +30,19 @@ from hsm.factory import build_core
 from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.registry import Registry
 from hsm.settings import SignerSettings
-from hsm.softhsm import SoftHsmToken, create_token
-from hsm.software import SoftwareHDSigner
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 from regtest.people import Staff, new_staff
 from regtest.price_feed import PriceFeed
+from regtest.softhsm import SoftHsmToken, create_token
+from regtest.software_signer import SoftwareHDSigner
 from regtest.wait import wait_until
 
-NETWORK = "regtest"
+NETWORK: NetworkName = "regtest"
 FEE_SATS = 2_000
 MAX_FEE_SATS = 20_000
 

@@ -41,4 +41,5 @@ def spend_outside_the_service(
         assert psbt.sign_with(root) == 1, "the root did not recognise its key in the PSBT"
     result = bdk.Psbt(psbt.to_string()).finalize()
     assert result.could_finalize, result.errors
-    return result.psbt.extract_tx().serialize().hex()
+    raw: bytes = result.psbt.extract_tx().serialize()
+    return raw.hex()

@@ -97,7 +97,7 @@ def _write_conf(base_dir: Path) -> Path:
     conf = base_dir / "softhsm2.conf"
     if not conf.exists():
         conf.write_text(
-            "# throw-away SoftHSM2 config written by hsm.softhsm\n"
+            "# throw-away SoftHSM2 config written by regtest.softhsm\n"
             f"directories.tokendir = {token_dir}\n"
             "objectstore.backend = file\n"
             "log.level = ERROR\n"

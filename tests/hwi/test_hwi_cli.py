@@ -1,4 +1,4 @@
-"""`custody hwi ...` and the HWI layer under it, without a device.
+"""`pledge-hwi ...` and the HWI layer under it, without a device.
 
 Two seams: a fake device injected into the CLI (`deps.device_factory`), and a fake
 hwilib *client* under the real `HwiDevice` + real `hwilib.commands`, so HWI's own
@@ -28,14 +28,16 @@ from hwilib.descriptor import MultisigDescriptor, WSHDescriptor
 from hwilib.psbt import PSBT as HwiPsbt
 from typer.testing import CliRunner
 
-from custody import hwi_cli
-from custody.hwi_cli import check_api_url, hwi_app
 from custody.signing.psbt import CollateralInput, PayTo, build_psbt
-from hsm.hwi_backend import HwiDevice, single_branch_descriptor
-from hsm.signer import SignerBusy, SignerRefused, SignerUnavailable
-from hsm.software import SoftwareHDSigner
+from hsm.signer import SignerRefused
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import parse_hd_key
+from pledge_hwi import cli as hwi_cli
+from pledge_hwi.cli import app as hwi_app
+from pledge_hwi.cli import check_api_url
+from pledge_hwi.device import HwiDevice, single_branch_descriptor
+from pledge_hwi.errors import DeviceBusy, DeviceRefused, DeviceUnavailable
+from regtest.software_signer import SoftwareHDSigner
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 API = "http://127.0.0.1:8080"
@@ -211,7 +213,7 @@ def test_api_url_rules() -> None:
 def test_device_errors_surface_as_one_clear_line(
     loan: Loan, api: FakeApi, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    use_device(monkeypatch, FakeDevice(loan.signers[0], error=SignerUnavailable("no device")))
+    use_device(monkeypatch, FakeDevice(loan.signers[0], error=DeviceUnavailable("no device")))
     result = run("sign", "7", "--api-url", API)
     assert result.exit_code == 1
     assert "error: no device" in result.output
@@ -323,8 +325,12 @@ class FakeHwiClient:
     def sign_tx(self, psbt: HwiPsbt) -> HwiPsbt:
         if self.fail:
             raise self.fail
+        try:
+            signed = self.signer.sign_psbt(psbt.serialize())
+        except SignerRefused:  # as a real device holding none of the keys: nothing added
+            return psbt
         out = HwiPsbt()
-        out.deserialize(self.signer.sign_psbt(psbt.serialize()))
+        out.deserialize(signed)
         return out
 
     def display_multisig_address(self, addr_type: Any, multisig: MultisigDescriptor) -> str:
@@ -382,11 +388,11 @@ def test_hwi_device_address_agrees_with_the_descriptor(
 @pytest.mark.parametrize(
     ("error", "kind", "words"),
     [
-        (hwi_errors.DeviceConnectionError("USB gone"), SignerUnavailable, "USB gone"),
-        (hwi_errors.DeviceBusyError("busy"), SignerBusy, "busy"),
-        (hwi_errors.ActionCanceledError("user said no"), SignerRefused, "cancelled"),
-        (hwi_errors.BadArgumentError("bad desc"), SignerRefused, "bad desc"),
-        (OSError("permission denied"), SignerUnavailable, "OSError"),
+        (hwi_errors.DeviceConnectionError("USB gone"), DeviceUnavailable, "USB gone"),
+        (hwi_errors.DeviceBusyError("busy"), DeviceBusy, "busy"),
+        (hwi_errors.ActionCanceledError("user said no"), DeviceRefused, "cancelled"),
+        (hwi_errors.BadArgumentError("bad desc"), DeviceRefused, "bad desc"),
+        (OSError("permission denied"), DeviceUnavailable, "OSError"),
     ],
 )
 def test_hwi_errors_are_translated_at_the_edge(
@@ -409,12 +415,12 @@ def test_no_device_or_a_device_that_signs_nothing(
 ) -> None:
     stranger = FakeHwiClient(SoftwareHDSigner(_root(), "regtest"))
     monkeypatch.setattr(hwi_commands, "find_device", lambda **kw: stranger)
-    with pytest.raises(SignerRefused, match="nothing signed"):
+    with pytest.raises(DeviceRefused, match="the device added no signature"):
         HwiDevice("regtest", fingerprint="deadbeef").sign_psbt(loan.psbt)
     assert stranger.closed
     monkeypatch.setattr(hwi_commands, "find_device", lambda **kw: None)
-    with pytest.raises(SignerUnavailable, match="no hardware wallet found with fingerprint"):
+    with pytest.raises(DeviceUnavailable, match="no hardware wallet found with fingerprint"):
         HwiDevice("regtest", fingerprint="deadbeef").sign_psbt(loan.psbt)
     monkeypatch.setattr(hwi_commands, "enumerate", lambda **kw: [{}, {}])
-    with pytest.raises(SignerUnavailable, match="2 hardware wallets"):
+    with pytest.raises(DeviceUnavailable, match="2 hardware wallets"):
         HwiDevice("regtest").sign_psbt(loan.psbt)

@@ -3,7 +3,8 @@
 It signs PSBTs with embit's own signer (`PSBT.sign_with`), a code path independent
 of the service's PSBT builder and of `hsm.psbt_signing`, so a test where it
 co-signs proves the builder's derivation fields are what a real wallet needs.
-A seed in memory is not custody: mainnet is refused at construction.
+A seed in memory is not custody: mainnet is refused at construction, and the module
+lives in the test kit, not in `hsm/`, so no wheel or image of the product carries it.
 """
 
 from __future__ import annotations

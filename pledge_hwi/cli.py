@@ -1,7 +1,8 @@
-"""`custody hwi ...`: a miner or arbiter signs with a hardware wallet, or checks the
+"""`pledge-hwi ...`: a miner or arbiter signs with a hardware wallet, or checks the
 collateral address on the device's screen before depositing.
 
-Runs on the party's own machine and talks to the API over HTTP(S). The PSBT the
+Runs on the party's own machine, not the bank's (so it is its own command, not a
+`custody` subcommand), and talks to the API over HTTP(S). The PSBT the
 device returns is uploaded unchanged: the API verifies every signature itself.
 The API key is a bearer secret, so plain http is refused except to loopback
 (`--insecure` overrides, for a lab). Errors are one readable line and a non-zero
@@ -27,9 +28,9 @@ from pledge.descriptors import parse_collateral_descriptor
 from pledge.errors import CustodyError
 from pledge.network import NETWORK_NAMES, NetworkName, check_network, embit_network
 
-__all__ = ["Deps", "DeviceLike", "deps", "hwi_app"]
+__all__ = ["CliError", "Deps", "DeviceLike", "app", "check_api_url", "deps"]
 
-hwi_app = typer.Typer(
+app = typer.Typer(
     help="Sign with a hardware wallet (HWI) and check collateral addresses on its screen.",
     no_args_is_help=True,
 )
@@ -40,7 +41,7 @@ _TIMEOUT = httpx.Timeout(30.0)
 
 
 class DeviceLike(Protocol):
-    """What the CLI needs from a device (hsm.hwi_backend.HwiDevice provides it)."""
+    """What the CLI needs from a device (pledge_hwi.device.HwiDevice provides it)."""
 
     def sign_psbt(self, psbt_b64: str) -> str: ...
     def display_address(self, descriptor: str, index: int) -> str: ...
@@ -49,7 +50,7 @@ class DeviceLike(Protocol):
 def _real_device(
     network: NetworkName, fingerprint: str | None, device_type: str | None
 ) -> DeviceLike:
-    from hsm.hwi_backend import HwiDevice
+    from pledge_hwi.device import HwiDevice
 
     return HwiDevice(network, fingerprint=fingerprint, device_type=device_type)
 
@@ -219,7 +220,7 @@ def _run(body: Callable[[], int]) -> None:
         code = body()
     except CliError as exc:
         _fail(str(exc))
-    except CustodyError as exc:  # SignerUnavailable/Refused from the device layer
+    except CustodyError as exc:  # DeviceUnavailable/Refused from pledge_hwi.device
         _fail(exc.message)
     if code:
         raise typer.Exit(code)
@@ -228,7 +229,7 @@ def _run(body: Callable[[], int]) -> None:
 # -- commands -----------------------------------------------------------------------
 
 
-@hwi_app.command("sign")
+@app.command("sign")
 def sign(
     request_id: Annotated[str, typer.Argument(help="the signing request id")],
     api_url: ApiUrl = None,
@@ -261,7 +262,7 @@ def sign(
     _run(body)
 
 
-@hwi_app.command("show-address")
+@app.command("show-address")
 def show_address(
     loan_id: Annotated[str, typer.Argument(help="the loan id")],
     index: Annotated[int, typer.Option("--index", min=0, help="address index")] = 0,
@@ -324,7 +325,7 @@ def show_address(
     _run(body)
 
 
-@hwi_app.command("sign-file")
+@app.command("sign-file")
 def sign_file(
     in_path: Annotated[Path, typer.Argument(metavar="IN.psbt", help="PSBT to sign")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT.psbt", help="where to write it")],

@@ -2,7 +2,7 @@
 
 Deliberately thin: HWI already has one client per device; this wrapper picks the
 device, speaks the service's vocabulary (network names, collateral descriptors)
-and translates HWI's errors at the edge into the signer error set, so the CLI
+and translates HWI's errors at the edge into `pledge_hwi.errors`, so the CLI
 prints one clear sentence instead of a device library's traceback.
 
 What is checked here, because a device or its library could get it wrong: the
@@ -18,11 +18,11 @@ from typing import Any
 
 from embit.psbt import PSBT
 
-from hsm.signer import SignerBusy, SignerError, SignerRefused, SignerUnavailable
 from pledge.descriptors import add_checksum, parse_collateral_descriptor
 from pledge.errors import CustodyError
 from pledge.keys import HDKey
 from pledge.network import NetworkName, check_network
+from pledge_hwi.errors import DeviceBusy, DeviceError, DeviceRefused, DeviceUnavailable
 
 __all__ = ["HwiDevice", "single_branch_descriptor", "translate_hwi_error"]
 
@@ -39,14 +39,14 @@ def _chain(network: NetworkName) -> Any:
     return chains[check_network(network)]
 
 
-def translate_hwi_error(exc: BaseException, what: str) -> SignerError:
-    """Map an HWI (or USB) exception to SignerUnavailable/Busy/Refused/Error."""
+def translate_hwi_error(exc: BaseException, what: str) -> DeviceError:
+    """Map an HWI (or USB) exception to DeviceUnavailable/Busy/Refused/Error."""
     from hwilib import errors as e
 
     detail = exc.get_msg() if isinstance(exc, e.HWWError) else type(exc).__name__
     text = f"{what}: {detail}"
     if isinstance(exc, e.DeviceBusyError):
-        return SignerBusy(text)
+        return DeviceBusy(text)
     if isinstance(
         exc,
         e.DeviceConnectionError
@@ -56,9 +56,9 @@ def translate_hwi_error(exc: BaseException, what: str) -> SignerError:
         | e.NeedsRootError
         | e.DeviceAlreadyUnlockedError,
     ):
-        return SignerUnavailable(text)
+        return DeviceUnavailable(text)
     if isinstance(exc, e.ActionCanceledError):
-        return SignerRefused(f"{what}: cancelled on the device")
+        return DeviceRefused(f"{what}: cancelled on the device")
     if isinstance(
         exc,
         e.BadArgumentError
@@ -66,10 +66,10 @@ def translate_hwi_error(exc: BaseException, what: str) -> SignerError:
         | e.UnavailableActionError
         | e.NotImplementedError,
     ):
-        return SignerRefused(text)
+        return DeviceRefused(text)
     if isinstance(exc, OSError | ConnectionError | TimeoutError):
-        return SignerUnavailable(text)
-    return SignerError(text)
+        return DeviceUnavailable(text)
+    return DeviceError(text)
 
 
 def single_branch_descriptor(descriptor: str, network: NetworkName, index: int) -> str:
@@ -149,7 +149,7 @@ class HwiDevice:
                 if self.fingerprint is None and self.device_type is None:
                     found = commands.enumerate(password=self._password, chain=_chain(self.network))
                     if len(found) > 1:
-                        raise SignerUnavailable(
+                        raise DeviceUnavailable(
                             f"{what}: {len(found)} hardware wallets are connected; "
                             "pick one with --fingerprint"
                         )
@@ -160,7 +160,7 @@ class HwiDevice:
                     chain=_chain(self.network),
                 )
             if client is None:
-                raise SignerUnavailable(
+                raise DeviceUnavailable(
                     f"{what}: no hardware wallet found"
                     + (f" with fingerprint {self.fingerprint}" if self.fingerprint else "")
                     + " (plugged in and unlocked?)"
@@ -174,17 +174,20 @@ class HwiDevice:
         """Have the device sign; return its PSBT after checking it is the same transaction."""
         from hwilib import commands
 
-        before = _unsigned_tx(psbt_b64, "the PSBT to sign")
+        before = _parse(psbt_b64, "the PSBT to sign")
         what = "the hardware wallet could not sign"
         with self._client(what) as client, self._hwi(what):
             result = commands.signtx(client, psbt_b64)
         if "error" in result:
-            raise SignerRefused(f"{what}: {result['error']}")
+            raise DeviceRefused(f"{what}: {result['error']}")
         signed = str(result.get("psbt", ""))
-        if _unsigned_tx(signed, "the device's PSBT") != before:
-            raise SignerError("the device returned a PSBT for a different transaction: discarded")
-        if not result.get("signed", False) or signed == psbt_b64:
-            raise SignerRefused(
+        after = _parse(signed, "the device's PSBT")
+        if after.tx.serialize() != before.tx.serialize():
+            raise DeviceError("the device returned a PSBT for a different transaction: discarded")
+        # Counted, not compared as text: hwilib re-serialises a PSBT (global xpubs in another
+        # order), so its `signed` flag and string equality say nothing about signatures.
+        if not _signatures(after) - _signatures(before):
+            raise DeviceRefused(
                 "the device added no signature (is one of its keys in this loan? was it declined?)"
             )
         return signed
@@ -199,13 +202,21 @@ class HwiDevice:
         with self._client(what) as client, self._hwi(what):
             result = commands.displayaddress(client, desc=desc)
         if "error" in result:
-            raise SignerRefused(f"{what}: {result['error']}")
+            raise DeviceRefused(f"{what}: {result['error']}")
         return str(result["address"])
 
 
-def _unsigned_tx(psbt_b64: str, what: str) -> bytes:
+def _parse(psbt_b64: str, what: str) -> PSBT:
     try:
-        raw: bytes = PSBT.from_string(psbt_b64.strip()).tx.serialize()
+        return PSBT.from_string(psbt_b64.strip())
     except Exception as exc:
-        raise SignerRefused(f"{what} cannot be parsed ({type(exc).__name__})") from None
-    return raw
+        raise DeviceRefused(f"{what} cannot be parsed ({type(exc).__name__})") from None
+
+
+def _signatures(psbt: PSBT) -> set[tuple[int, bytes, bytes]]:
+    """(input index, public key, signature) of every partial signature in the PSBT."""
+    return {
+        (index, key.sec(), bytes(sig))
+        for index, inp in enumerate(psbt.inputs)
+        for key, sig in inp.partial_sigs.items()
+    }

@@ -1,8 +1,11 @@
-"""pytest fixtures for a real SoftHSM2 token (enable with `pytest_plugins = ["hsm.pytest_plugin"]`).
+"""pytest fixtures for a real SoftHSM2 token.
+
+Enable with `pytest_plugins = ["regtest.hsm_pytest_plugin"]`. Part of the test kit, not
+of the bank's signer: the product never creates SoftHSM2 tokens, so this ships in no wheel.
 
 The token is session-scoped, so with pytest-xdist each worker process gets its
 own token directory and config (SoftHSM2 allows one config per process; see
-`hsm.softhsm`). A missing SoftHSM2 makes the fixture raise: tests fail, never skip.
+`regtest.softhsm`). A missing SoftHSM2 makes the fixture raise: tests fail, never skip.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from hsm.pkcs11_backend import Pkcs11Signer
-from hsm.softhsm import SoftHsmToken, create_token
+from regtest.softhsm import SoftHsmToken, create_token
 
 
 @pytest.fixture(scope="session")
