@@ -65,7 +65,12 @@ def serve() -> None:
     root = _root()
     try:
         uvicorn.run(
-            root.app(), host=root.settings.api_host, port=root.settings.api_port, log_level="info"
+            root.app(),
+            host=root.settings.api_host,
+            port=root.settings.api_port,
+            log_level="info",
+            # Past this many connections and requests in flight: an immediate 503.
+            limit_concurrency=root.settings.api_limit_concurrency,
         )
     finally:
         root.close()

@@ -240,7 +240,7 @@ def _context(request: Request, settings: Any) -> Context:
     not hold the request's transaction open across that call)."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    with transaction(request.app.state.engine) as session:
+    with transaction(request.app.state.engine, write=False) as session:
         principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
     return Context(principal=principal, network=settings.network)
 
