@@ -23,6 +23,7 @@ from custody.api.views import (
     address_out,
     deposits_out,
     loan_out,
+    loans_out,
     party_out,
     principal_out,
     request_out,
@@ -137,10 +138,7 @@ def list_loans(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[LoanOut]:
-    return [
-        loan_out(session, loan)
-        for loan in loans.list_loans(session, ctx, limit=limit, offset=offset)
-    ]
+    return loans_out(session, loans.list_loans(session, ctx, limit=limit, offset=offset))
 
 
 @router.get("/loans/{loan_id}", tags=["loans"])
