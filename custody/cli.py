@@ -7,7 +7,6 @@ import threading
 from typing import Annotated
 
 import typer
-from sqlmodel import Session
 
 from custody.config import Settings, get_settings
 from custody.db.migrate import upgrade
@@ -289,7 +288,8 @@ def audit_verify() -> None:
     from custody.audit.service import verify_chain
 
     settings = _settings()
-    with Session(make_engine(settings.database_url)) as session:
+    # A read transaction: verifying a long chain must not hold up the writers.
+    with transaction(make_engine(settings.database_url), write=False) as session:
         report = verify_chain(session)
     typer.echo(json.dumps(report.as_dict()))
     if not report.ok:
