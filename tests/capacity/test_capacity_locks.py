@@ -222,3 +222,19 @@ def test_the_loan_list_costs_the_same_statements_for_one_loan_as_for_thirty(
         assert loan == alone
         assert [k["role"] for k in loan["keys"]] == ["miner", "bank", "arbiter"]
         assert loan["collateral_address"] and loan["collateral"]["required_sats"] == 50_000_000
+
+
+def test_no_connection_in_time_is_a_503_not_a_wait(db_url: str, engine: Engine) -> None:
+    """A request that cannot get a database connection within the pool's timeout is
+    told to retry (503, Retry-After), instead of queueing for ever."""
+    lender = ready_lender(engine)
+    tiny = make_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    try:
+        with TestClient(create_app(Settings(database_url="sqlite://"), tiny)) as c:
+            with tiny.connect():  # the only connection, busy
+                busy = c.get("/v1/me", headers=lender.headers())
+            assert busy.status_code == 503, busy.text
+            assert busy.json()["error"] == "busy" and busy.headers["retry-after"] == "1"
+            assert c.get("/v1/me", headers=lender.headers()).status_code == 200
+    finally:
+        tiny.dispose()
