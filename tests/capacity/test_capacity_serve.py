@@ -21,6 +21,7 @@ from support.custody_serve import custody_replicas, custody_serve, ready_lender
 from custody.audit.service import verify_chain
 from custody.db.models import AuditEvent, CollateralAddress, Loan
 from custody.db.session import transaction
+from regtest.wait import wait_until
 
 T = TypeVar("T")
 
@@ -111,18 +112,27 @@ def test_eighty_concurrent_reads_neither_freeze_the_service_nor_its_health(
 
 
 def test_overload_is_refused_at_once_with_503(db_url: str, engine: Engine, tmp_path: Path) -> None:
-    """Past `api_limit_concurrency` requests in flight the answer is an immediate 503,
-    and the service keeps answering the others."""
+    """Past `api_limit_concurrency` connections and requests in flight the answer is an
+    immediate 503 (uvicorn counts open connections too: on a slow machine all 80 may be
+    open before the first request is read, and then all 80 are refused), never a wait
+    or a 500; the service answers normally once the burst is over."""
     lender = ready_lender(engine)
-    with (
-        custody_serve(db_url, tmp_path, api_limit_concurrency="8") as server,
-        _client() as client,
-    ):
-        answers = concurrently(
-            80,
-            lambda _: client.get(f"{server.url}/v1/loans", headers=lender.headers()),
-        )
-        after = client.get(f"{server.url}/v1/loans", headers=lender.headers())
+    with custody_serve(db_url, tmp_path, api_limit_concurrency="8") as server:
+        with _client() as client:  # its kept-alive connections count until it closes
+            began = time.monotonic()
+            answers = concurrently(
+                80,
+                lambda _: client.get(f"{server.url}/v1/loans", headers=lender.headers()),
+            )
+            elapsed = time.monotonic() - began
+        after: list[httpx.Response] = []
+
+        def answers_normally() -> bool:
+            after.append(httpx.get(f"{server.url}/v1/loans", headers=lender.headers()))
+            return after[-1].status_code == 200
+
+        wait_until(answers_normally, timeout=10, message=lambda: f"GET /v1/loans: {after[-1]}")
     statuses = Counter(a.status_code for a in answers)
-    assert set(statuses) == {200, 503}, statuses
-    assert after.status_code == 200 and after.json()[0]["id"] == lender.loan_ids[0]
+    assert 503 in statuses and set(statuses) <= {200, 503}, statuses
+    assert elapsed < 20, f"80 answers took {elapsed:.1f}s"
+    assert after[-1].json()[0]["id"] == lender.loan_ids[0]
