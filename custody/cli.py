@@ -7,7 +7,6 @@ import threading
 from typing import Annotated
 
 import typer
-from sqlmodel import Session
 
 from custody.config import Settings, get_settings
 from custody.db.migrate import upgrade
@@ -63,7 +62,12 @@ def serve() -> None:
     root = _root()
     try:
         uvicorn.run(
-            root.app(), host=root.settings.api_host, port=root.settings.api_port, log_level="info"
+            root.app(),
+            host=root.settings.api_host,
+            port=root.settings.api_port,
+            log_level="info",
+            # Past this many connections and requests in flight: an immediate 503.
+            limit_concurrency=root.settings.api_limit_concurrency,
         )
     finally:
         root.close()
@@ -314,7 +318,8 @@ def audit_verify() -> None:
     from custody.audit.service import verify_chain
 
     settings = _settings()
-    with Session(make_engine(settings.database_url)) as session:
+    # A read transaction: verifying a long chain must not hold up the writers.
+    with transaction(make_engine(settings.database_url), write=False) as session:
         report = verify_chain(session)
     typer.echo(json.dumps(report.as_dict()))
     if not report.ok:

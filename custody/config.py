@@ -40,6 +40,17 @@ class Settings(BaseSettings):
     # API server. Loopback unless an operator deliberately says otherwise.
     api_host: str = "127.0.0.1"
     api_port: int = 8080
+    # Capacity. The API runs its endpoints on `api_threads` threads; each holds at most a
+    # database connection or two while it runs, so the pool (`db_pool_size` plus
+    # `db_max_overflow`, per process) should cover them. A request that waits longer than
+    # `db_pool_timeout_seconds` for a connection answers 503, and past
+    # `api_limit_concurrency` connections and requests in flight uvicorn answers 503 at
+    # once: overload is refused fast, never a queue that freezes the service.
+    api_threads: int = Field(default=40, ge=1)
+    api_limit_concurrency: int = Field(default=200, ge=1)
+    db_pool_size: int = Field(default=40, ge=1)
+    db_max_overflow: int = Field(default=10, ge=0)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
 
     # The bank's HSM (PKCS#11). The PIN is a secret: never logged, never returned.
     # The bank's signer. Separate process: `hsm serve` at this loopback/https URL with its

@@ -61,7 +61,13 @@ class Root:
 
     @cached_property
     def engine(self) -> Engine:
-        engine = make_engine(self.settings.database_url)
+        s = self.settings
+        engine = make_engine(
+            s.database_url,
+            pool_size=s.db_pool_size,
+            max_overflow=s.db_max_overflow,
+            pool_timeout=s.db_pool_timeout_seconds,
+        )
         upgrade(engine)  # safe to repeat; every process runs it at start
         return engine
 

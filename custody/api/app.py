@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from custody.api import ops
 from custody.audit import endpoints as audit
@@ -42,7 +46,15 @@ def create_app(
     chain: Chain | None = None,
     fees: FeePolicy | None = None,
 ) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # Sync endpoints and dependencies run on anyio's default thread pool: size it
+        # from the settings (the database pool is sized to match).
+        anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+        yield
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Pledge custody",
         version="0.1.0",
         docs_url="/v1/docs",
@@ -60,6 +72,16 @@ def create_app(
     @app.exception_handler(CustodyError)
     async def _custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+
+    @app.exception_handler(PoolTimeout)
+    async def _no_connection(_request: Request, _exc: PoolTimeout) -> JSONResponse:
+        # Every database connection stayed busy for the pool's timeout: overload.
+        log.warning("no database connection in time: answered 503")
+        return JSONResponse(
+            status_code=503,
+            content={"error": "busy", "message": "the service is at capacity: retry shortly"},
+            headers={"Retry-After": "1"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

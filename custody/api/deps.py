@@ -1,5 +1,13 @@
 """Request-scoped dependencies: one database session per request, committed once
-when the endpoint returns (before the response is sent), rolled back on any error."""
+when the endpoint returns (before the response is sent), rolled back on any error.
+
+A GET (or HEAD) gets a read-only transaction: no write lock, and no write. The caller
+is authenticated in a short read transaction of its own, so a request holds a database
+connection only while its own thread runs: FastAPI runs each sync dependency and the
+endpoint on separate trips to the thread pool, and a connection held across that wait
+let requests that had one queue for a thread behind requests that had a thread and
+queued for a connection (the whole service froze until the pool's timeout).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +26,13 @@ from custody.errors import NodeNotConfigured
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
 
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
 
 def get_session(request: Request) -> Iterator[Session]:
-    with transaction(request.app.state.engine) as session:
+    # The session connects lazily: on its first query, in the endpoint's thread.
+    write = request.method not in READ_METHODS
+    with transaction(request.app.state.engine, write=write) as session:
         yield session
 
 
@@ -36,7 +48,7 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
 def get_principal(
-    session: SessionDep,
+    request: Request,
     authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
     token = None
@@ -44,7 +56,9 @@ def get_principal(
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer":
             token = value.strip()
-    return authenticate(session, token)
+    # Its own read transaction, its connection back in the pool before this thread ends.
+    with transaction(request.app.state.engine, write=False) as session:
+        return authenticate(session, token)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -91,14 +105,3 @@ async def read_body(request: Request) -> bytes:
 
 
 RawBodyDep = Annotated[bytes, Depends(read_body)]
-
-
-def authenticate_briefly(request: Request, settings: Settings) -> Context:
-    """Authenticate in a short transaction of its own (routes that call the signer must
-    not hold the request's transaction open across that call)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    with transaction(request.app.state.engine) as session:
-        principal = authenticate(session, token.strip() if scheme.lower() == "bearer" else None)
-    return Context(principal=principal, network=settings.network)
-

@@ -3,7 +3,10 @@
 Each row's hash covers its own fields and the previous row's hash, so editing,
 inserting, reordering or deleting rows breaks the chain at a findable place.
 Appends are serialised (SQLite: BEGIN IMMEDIATE; PostgreSQL: a transaction-level
-advisory lock) so two writers can never chain onto the same parent.
+advisory lock) so two writers can never chain onto the same parent. Events wait in
+memory until their transaction commits, and only then take the chain's lock, read its
+tail and are chained and written: on PostgreSQL unrelated writers are serialised only
+for that last insert and the commit, not for their whole transaction.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session, col, select
 
 from custody.db.models import AuditEvent
-from custody.db.session import is_postgres
 
 GENESIS_HASH = "0" * 64
 _PG_AUDIT_LOCK = 0x5C0A_7D17  # advisory lock key reserved for the audit chain
@@ -56,11 +58,11 @@ def event_hash(event: AuditEvent) -> str:
 
 @dataclass
 class _Pending:
-    """This transaction's view of the chain: its tail, and events not yet written."""
+    """This transaction's events not yet written, and once it holds the chain's lock,
+    the chain's tail (the events written so far are then ours to chain onto)."""
 
-    tail_id: int
-    tail_hash: str
     rows: list[dict[str, Any]] = field(default_factory=list)
+    tail: tuple[int, str] | None = None
 
 
 _PENDING = "custody.audit.pending"
@@ -69,9 +71,29 @@ _PENDING = "custody.audit.pending"
 @sa_event.listens_for(SASession, "before_commit")
 def _write_pending(session: SASession) -> None:
     pending: _Pending | None = session.info.get(_PENDING)
-    if pending is not None and pending.rows:
-        session.execute(insert(AuditEvent), pending.rows)
-        pending.rows = []
+    if pending is None or not pending.rows or session.in_nested_transaction():
+        return  # a savepoint's release is not the commit: the events wait for it
+    # Every other change first, so the row locks it needs are taken before the chain's
+    # lock and the chain is held only for this insert and the commit itself.
+    session.flush()
+    if pending.tail is None:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(
+                text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_AUDIT_LOCK)
+            )
+        last = session.execute(
+            select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)
+        ).first()
+        pending.tail = (last[0], last[1]) if last else (0, GENESIS_HASH)
+    tail_id, tail_hash = pending.tail
+    now = datetime.now(UTC)
+    for row in pending.rows:  # in the order they were recorded
+        tail_id += 1
+        row.update(id=tail_id, at=now, prev_hash=tail_hash)
+        row["hash"] = tail_hash = _hash_fields(row)
+    session.execute(insert(AuditEvent), pending.rows)
+    pending.rows = []
+    pending.tail = (tail_id, tail_hash)
 
 
 @sa_event.listens_for(SASession, "after_transaction_end")
@@ -93,35 +115,22 @@ def record(
     reason: str | None = None,
     data: dict[str, Any] | None = None,
 ) -> None:
-    """Append one event inside the caller's transaction: written just before it commits,
-    dropped if it rolls back. The first event of a transaction takes the chain's lock
-    and reads its tail; later ones chain in memory (one INSERT for all at commit)."""
+    """Append one event inside the caller's transaction: chained and written just before
+    it commits (one INSERT for all its events), dropped if it rolls back."""
     pending: _Pending | None = session.info.get(_PENDING)
     if pending is None:
-        if is_postgres(session):
-            session.exec(  # type: ignore[call-overload]
-                text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_AUDIT_LOCK)
-            )
-        last = session.exec(
-            select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)
-        ).first()
-        pending = _Pending(last[0], last[1]) if last else _Pending(0, GENESIS_HASH)
-        session.info[_PENDING] = pending
-    row: dict[str, Any] = {
-        "id": pending.tail_id + 1,
-        "at": datetime.now(UTC),
-        "actor": actor,
-        "action": action,
-        "loan_id": loan_id,
-        "request_id": request_id,
-        "decision": decision,
-        "reason": reason,
-        "data": json.dumps(data or {}, sort_keys=True, separators=(",", ":"), default=str),
-        "prev_hash": pending.tail_hash,
-    }
-    row["hash"] = _hash_fields(row)
-    pending.rows.append(row)
-    pending.tail_id, pending.tail_hash = row["id"], row["hash"]
+        pending = session.info[_PENDING] = _Pending()
+    pending.rows.append(
+        {
+            "actor": actor,
+            "action": action,
+            "loan_id": loan_id,
+            "request_id": request_id,
+            "decision": decision,
+            "reason": reason,
+            "data": json.dumps(data or {}, sort_keys=True, separators=(",", ":"), default=str),
+        }
+    )
 
 
 @dataclass(frozen=True)

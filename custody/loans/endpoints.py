@@ -35,7 +35,7 @@ from custody.errors import (
 )
 from custody.loans import service as loans
 from custody.loans.schemas import AddressOut, DepositOut, KeyIn, LoanCreate, LoanOut
-from custody.loans.views import address_out, deposits_out, loan_out
+from custody.loans.views import address_out, deposits_out, loan_out, loans_out
 from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
@@ -71,10 +71,7 @@ def list_loans(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[LoanOut]:
-    return [
-        loan_out(session, loan)
-        for loan in loans.list_loans(session, ctx, limit=limit, offset=offset)
-    ]
+    return loans_out(session, loans.list_loans(session, ctx, limit=limit, offset=offset))
 
 
 @router.get("/loans/{loan_id}", tags=["loans"], responses=errors_for(*_READ_LOAN))

@@ -410,7 +410,12 @@ def hand_out_address(
 
 
 def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddress:
-    loan = get_loan(session, ctx, loan_id)
+    # Lock the loan row before reading its next index: concurrent hand-outs on one loan
+    # queue here and each gets the next index (PostgreSQL: FOR NO KEY UPDATE, which
+    # rows referencing the loan do not wait for; SQLite: the write transaction's BEGIN
+    # IMMEDIATE already holds the database), instead of racing to the same index.
+    locked = session.get(Loan, loan_id, with_for_update={"key_share": True})
+    loan = ensure_can_view(ctx.principal, locked, loan_id)
     require_role(ctx.principal, Role.miner, Role.bank_operator)
     if loan.state in (LoanState.draft,):
         raise KeysIncomplete(f"loan {loan_id} is a draft: all three keys are needed first")

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session, col, select
+from collections import defaultdict
+from collections.abc import Sequence
+
+from sqlmodel import Session, col, func, select
 
 from custody.db.models import (
     ChainCursor,
     CollateralAddress,
     Deposit,
     DepositState,
+    KeyRole,
     Loan,
     LoanKey,
 )
-from custody.loans.schemas import AddressOut, CollateralOut, DepositOut, KeyOut, LoanOut, TermsOut
-from custody.loans.service import first_address, loan_keys
+from custody.loans.schemas import (
+    AddressOut,
+    CollateralOut,
+    DepositOut,
+    KeyOut,
+    LoanOut,
+    TermsOut,
+)
+from custody.loans.service import SEAT_ORDER
 
 
 def key_out(key: LoanKey) -> KeyOut:
@@ -33,6 +44,54 @@ def key_out(key: LoanKey) -> KeyOut:
 
 
 def loan_out(session: Session, loan: Loan) -> LoanOut:
+    return loans_out(session, [loan])[0]
+
+
+def loans_out(session: Session, loans: Sequence[Loan]) -> list[LoanOut]:
+    """Loans as the API shows them, in three queries whatever their number: the keys,
+    the first addresses and the deposit sums of all of them at once (a page of the loan
+    list once cost three queries per loan)."""
+    ids = [loan.id for loan in loans if loan.id is not None]
+    if not ids:
+        return []
+    keys: dict[int, list[LoanKey]] = defaultdict(list)
+    for key in session.exec(select(LoanKey).where(col(LoanKey.loan_id).in_(ids))).all():
+        keys[key.loan_id].append(key)
+    first_addresses = dict(
+        session.exec(
+            select(CollateralAddress.loan_id, CollateralAddress.address).where(
+                col(CollateralAddress.loan_id).in_(ids),
+                col(CollateralAddress.change).is_(False),
+                CollateralAddress.index == 0,
+            )
+        ).all()
+    )
+    sums: dict[tuple[int, str], int] = {}
+    for loan_id, state, total in session.exec(
+        select(Deposit.loan_id, Deposit.state, func.sum(Deposit.amount_sats))
+        .where(col(Deposit.loan_id).in_(ids))
+        .group_by(col(Deposit.loan_id), col(Deposit.state))
+    ).all():
+        sums[(loan_id, state)] = int(total or 0)
+    return [
+        _loan_out(
+            loan,
+            sorted(keys[loan.id], key=lambda k: SEAT_ORDER.index(KeyRole(k.role))),
+            first_addresses.get(loan.id),
+            _collateral(
+                loan,
+                confirmed=sums.get((loan.id, DepositState.confirmed), 0),
+                pending=sums.get((loan.id, DepositState.pending), 0),
+            ),
+        )
+        for loan in loans
+        if loan.id is not None
+    ]
+
+
+def _loan_out(
+    loan: Loan, keys: list[LoanKey], collateral_address: str | None, collateral: CollateralOut
+) -> LoanOut:
     assert loan.id is not None
     return LoanOut(
         id=loan.id,
@@ -55,10 +114,10 @@ def loan_out(session: Session, loan: Loan) -> LoanOut:
             miner_return_address=loan.miner_return_address,
             bank_liquidation_address=loan.bank_liquidation_address,
         ),
-        keys=[key_out(k) for k in loan_keys(session, loan.id)],
+        keys=[key_out(k) for k in keys],
         descriptor=loan.descriptor,
-        collateral_address=first_address(session, loan.id),
-        collateral=collateral_out(session, loan),
+        collateral_address=collateral_address,
+        collateral=collateral,
         created_at=loan.created_at,
     )
 
@@ -67,16 +126,10 @@ def address_out(row: CollateralAddress) -> AddressOut:
     return AddressOut(index=row.index, change=row.change, address=row.address)
 
 
-def collateral_out(session: Session, loan: Loan) -> CollateralOut:
-    rows = session.exec(
-        select(Deposit.state, Deposit.amount_sats, Deposit.excess_sats).where(
-            Deposit.loan_id == loan.id
-        )
-    ).all()
-    confirmed = sum(a for s, a, _ in rows if s == DepositState.confirmed)
+def _collateral(loan: Loan, *, confirmed: int, pending: int) -> CollateralOut:
     return CollateralOut(
         confirmed_sats=confirmed,
-        pending_sats=sum(a for s, a, _ in rows if s == DepositState.pending),
+        pending_sats=pending,
         excess_sats=max(0, confirmed - loan.required_collateral_sats),
         required_sats=loan.required_collateral_sats,
     )
@@ -102,5 +155,3 @@ def deposits_out(session: Session, loan_id: int) -> list[DepositOut]:
         )
         for d in rows
     ]
-
-

@@ -144,7 +144,7 @@ class RiskEngine:
         quote = consensus.quote
         report.price = f"{quote.price_rub_per_btc} ({quote.source})"
         self._reconcile_unsigned(now)  # first: a rebuilt loan is open again for this pass
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:
             loan_ids = list(
                 session.exec(
                     select(Loan.id).where(
@@ -276,7 +276,7 @@ class RiskEngine:
 
     def _prefetched(self, loan_id: int) -> PrefetchedChain:
         """The node's answers the request will need, asked with no transaction open."""
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:
             txids = list(
                 session.exec(
                     select(Deposit.txid).where(

@@ -13,6 +13,7 @@ from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import require_role
 from custody.db.models import PriceRecord, Role
+from custody.db.session import transaction
 from custody.risk.prices import ManualPriceSource, PriceQuote, PriceUnavailable
 
 
@@ -50,7 +51,7 @@ class DbManualPriceSource:
         self.engine, self.name = engine, name
 
     def quote(self) -> PriceQuote:
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:
             row = latest(session)
         if row is None:
             raise PriceUnavailable(f"{self.name}: no price has been set")

@@ -10,9 +10,7 @@ from fastapi import APIRouter, Path, Request
 from custody.api.deps import (
     ContextDep,
     SessionDep,
-    SettingsDep,
     SignerDep,
-    authenticate_briefly,
 )
 from custody.api.errors import errors_for
 from custody.chain.rpc import RpcError
@@ -172,11 +170,10 @@ def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep
     responses=errors_for(*_TO_THE_SIGNER, SignerStatementUnsigned),
 )
 def retry_signer_statement(
-    statement_id: int, request: Request, settings: SettingsDep, signer: SignerDep
+    statement_id: int, request: Request, ctx: ContextDep, signer: SignerDep
 ) -> dict[str, Any]:
     """Take a signed statement to the bank's signer again after its call failed or was lost."""
     engine = request.app.state.engine
-    ctx = authenticate_briefly(request, settings)
     with transaction(engine) as session:
         signer_statements.ready_to_retry(session, ctx, statement_id)
     signer_statements.execute(
@@ -196,14 +193,13 @@ def endorse_signer_statement(
     statement_id: int,
     body: EndorsementIn,
     request: Request,
-    settings: SettingsDep,
+    ctx: ContextDep,
     signer: SignerDep,
 ) -> dict[str, Any]:
     """One enrolled person's signature. With two, the statement goes to the bank's signer,
     which checks them itself; no database transaction is open while it is called."""
     engine = request.app.state.engine
     chain = getattr(request.app.state, "chain", None)
-    ctx = authenticate_briefly(request, settings)
     with transaction(engine) as session:
         st, ready = signer_statements.endorse(
             session, ctx, statement_id, body.person, body.signature

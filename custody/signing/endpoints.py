@@ -15,9 +15,7 @@ from custody.api.deps import (
     FeesDep,
     RawBodyDep,
     SessionDep,
-    SettingsDep,
     SignerDep,
-    authenticate_briefly,
 )
 from custody.api.errors import errors_for
 from custody.chain.rpc import RpcError
@@ -119,14 +117,13 @@ def create_signing_request(
     loan_id: int,
     body: SigningRequestCreate,
     request: Request,
-    settings: SettingsDep,
+    ctx: ContextDep,
     chain: ChainDep,
     fees: FeesDep,
     signer: SignerDep,
 ) -> SigningRequestOut:
     """Build the PSBT (and, when the bank's signer holds the key, have it issue the
     statement to sign); the node and the signer are called with no transaction open."""
-    ctx = authenticate_briefly(request, settings)
     params = building.RequestParams(
         action=SigningAction(body.action),
         fee_rate_sat_vb=body.fee_rate_sat_vb,
@@ -205,13 +202,12 @@ def upload_signatures(
     request_id: int,
     request: Request,
     raw: RawBodyDep,
-    settings: SettingsDep,
+    ctx: ContextDep,
     chain: ChainDep,
 ) -> SigningRequestOut:
     """A signed PSBT: JSON {"psbt": base64}, or the binary file (application/octet-stream).
     Only new, verified signatures are kept; anything wrong refuses the whole upload. At
     quorum the transaction is broadcast after the signatures are committed."""
-    ctx = authenticate_briefly(request, settings)
     if request.headers.get("content-type", "").startswith("application/json"):
         try:
             data: bytes | str = SignatureUpload.model_validate_json(raw).psbt
@@ -235,11 +231,10 @@ def upload_signatures(
     responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState, *_BROADCAST),
 )
 def retry_broadcast(
-    request_id: int, request: Request, settings: SettingsDep, chain: ChainDep
+    request_id: int, request: Request, ctx: ContextDep, chain: ChainDep
 ) -> SigningRequestOut:
     """Broadcast a ready request again (the node refused it, or could not be reached)."""
     engine = request.app.state.engine
-    ctx = authenticate_briefly(request, settings)
     with transaction(engine) as session:
         broadcast.check_ready(session, ctx, request_id)
     broadcast.broadcast_ready(engine, ctx.actor, request_id, chain)
@@ -253,11 +248,10 @@ def retry_broadcast(
     responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState),
 )
 def cancel_signing_request(
-    request_id: int, request: Request, settings: SettingsDep, signer: SignerDep
+    request_id: int, request: Request, ctx: ContextDep, signer: SignerDep
 ) -> SigningRequestOut:
     """Cancel it; its statement's approvals die with it (the signer is told after commit)."""
     engine = request.app.state.engine
-    ctx = authenticate_briefly(request, settings)
     with transaction(engine) as session:
         req, nonce = cancel.cancel(session, ctx, request_id)
         out = request_out(req)
@@ -282,14 +276,13 @@ def bump_fee(
     request_id: int,
     body: FeeBump,
     request: Request,
-    settings: SettingsDep,
+    ctx: ContextDep,
     chain: ChainDep,
     fees: FeesDep,
     signer: SignerDep,
 ) -> SigningRequestOut:
     """Replace a stuck broadcast request by one paying more (RBF); it must be signed again.
     The signer is asked for its valuation and statement with no transaction open."""
-    ctx = authenticate_briefly(request, settings)
     engine = request.app.state.engine
     req = building.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
     with transaction(engine) as session:
