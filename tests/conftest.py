@@ -15,8 +15,10 @@ import pytest
 from sqlalchemy.engine import Engine
 from support.databases import copy_sqlite, migrate
 
+from custody.config import Settings
 from custody.db.session import make_engine
-from custody.watcher.service import Watcher, WatcherConfig
+from custody.root import Root
+from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
 from regtest.postgres import PostgresServer
 
@@ -129,11 +131,10 @@ def engine(db_url: str) -> Iterator[Engine]:
 def watcher(engine: Engine, regtest_node: RegtestNode) -> Iterator[Watcher]:
     """A watcher on this test's database, starting at the next block (the database knows
     nothing older), with the default confirmation rules (1 below 1 BTC, 3 from it)."""
-    w = Watcher(
-        engine,
-        regtest_node.rpc,
-        config=WatcherConfig(start_height=regtest_node.rpc.get_block_count() + 1),
+    settings = Settings(
+        network="regtest", watch_start_height=regtest_node.rpc.get_block_count() + 1
     )
+    w = Root.assemble(settings, engine=engine, node=regtest_node.rpc).watcher()
     w.acquire()
     yield w
     w.release()

@@ -177,6 +177,10 @@ def test_fixture_fails_not_skips_without_postgres(
     pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PG_BIN", "/nonexistent/pg/bin")
+    # The test kit is in no installed package: it is found from the repository root.
+    repo = str(Path(__file__).resolve().parents[1])
+    inherited = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([repo, inherited] if inherited else [repo]))
     pytester.makepyfile(
         """
         def test_needs_db(postgres_url):

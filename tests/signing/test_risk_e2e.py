@@ -18,7 +18,7 @@ from support.world import World, audit_actions
 from custody.db.models import AuditEvent
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource
-from custody.signing.chain import FeePolicy
+from custody.root import Root
 from custody.watcher.service import Watcher
 from hsm.client import InProcessTransport
 from pledge.amounts import sats_for_kopecks
@@ -58,14 +58,10 @@ class Board:
 
 
 def _engine(world: World, node: RegtestNode, signer: SignerWorld, board: Board) -> RiskEngine:
-    return RiskEngine(
-        world.engine,
-        network="regtest",
-        prices=board,
-        chain=node.rpc,
-        signer=signer.client,
-        fees=FeePolicy(),
+    parts = Root.assemble(
+        world.settings, engine=world.engine, node=node.rpc, signer=signer.client, prices=board
     )
+    return parts.risk_engine()
 
 
 def _loan(world: World, lid: int) -> dict[str, Any]:
