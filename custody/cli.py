@@ -66,6 +66,7 @@ def serve() -> None:
             host=root.settings.api_host,
             port=root.settings.api_port,
             log_level="info",
+            access_log=root.settings.api_access_log,
             # Past this many connections and requests in flight: an immediate 503.
             limit_concurrency=root.settings.api_limit_concurrency,
         )

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     # once: overload is refused fast, never a queue that freezes the service.
     api_threads: int = Field(default=40, ge=1)
     api_limit_concurrency: int = Field(default=200, ge=1)
+    # uvicorn's line per request (the audit log already records every change, with who)
+    api_access_log: bool = False
     db_pool_size: int = Field(default=40, ge=1)
     db_max_overflow: int = Field(default=10, ge=0)
     db_pool_timeout_seconds: float = Field(default=5.0, gt=0)

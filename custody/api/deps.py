@@ -11,17 +11,21 @@ queued for a connection (the whole service froze until the pool's timeout).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import weakref
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Header, Request
 from sqlmodel import Session
+from starlette.concurrency import run_in_threadpool
 
 from custody.auth.context import Context
 from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
-from custody.db.session import transaction
+from custody.db.session import read_only_engine, transaction
 from custody.errors import NodeNotConfigured
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
@@ -29,11 +33,51 @@ from hsm.client import BankSigner
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    # The session connects lazily: on its first query, in the endpoint's thread.
-    write = request.method not in READ_METHODS
-    with transaction(request.app.state.engine, write=write) as session:
-        yield session
+_WRITE_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _write_gate() -> anyio.Lock:
+    """One request-session writer at a time per process (per event loop)."""
+    loop = asyncio.get_running_loop()
+    gate = _WRITE_GATES.get(loop)
+    if gate is None:
+        gate = _WRITE_GATES[loop] = anyio.Lock()
+    return gate
+
+
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """The request's unit of work. It connects lazily: on its first query, in the
+    endpoint's thread.
+
+    A read session is closed on the event loop (a rollback: no disk, no thread needed).
+    A write session waits at the process's write gate first, on the event loop, holding
+    neither a thread nor a connection. Without it, concurrent writers each held a worker
+    thread while they waited for the database's write lock (SQLite's lock, a loan's row
+    lock), and the writer that had the lock could not get a thread back to commit: under
+    load every thread ended up waiting for a commit that needed one of them, until the
+    busy timeout. The database serializes writers anyway; here they queue without
+    blocking anybody else. Endpoints that call the node or the signer do not use this
+    session (their own short transactions), so the gate never waits on the network."""
+    engine = request.app.state.engine
+    if request.method in READ_METHODS:
+        session = Session(read_only_engine(engine), expire_on_commit=False)
+        try:
+            yield session
+        finally:
+            session.close()
+        return
+    async with _write_gate():
+        session = Session(engine, expire_on_commit=False)
+        try:
+            yield session
+            await run_in_threadpool(session.commit)
+        except BaseException:
+            await run_in_threadpool(session.rollback)
+            raise
+        finally:
+            session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -136,3 +136,29 @@ def test_overload_is_refused_at_once_with_503(db_url: str, engine: Engine, tmp_p
     assert 503 in statuses and set(statuses) <= {200, 503}, statuses
     assert elapsed < 20, f"80 answers took {elapsed:.1f}s"
     assert after[-1].json()[0]["id"] == lender.loan_ids[0]
+
+
+def test_writers_waiting_for_the_write_lock_never_take_every_thread(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """Four API threads, twenty concurrent hand-outs on one loan. Before the write gate
+    each waiting writer held a thread inside the database's lock wait, and the writer
+    holding the lock needed a thread back to commit: with more writers than threads the
+    service stood still until the busy timeout (30 s), and the waiters failed. Now writers
+    queue on the event loop and every hand-out succeeds, promptly."""
+    lender = ready_lender(engine)
+    loan_id = lender.loan_ids[0]
+    with custody_serve(db_url, tmp_path, api_threads="4") as server, _client() as client:
+        t0 = time.monotonic()
+        answers = concurrently(
+            20,
+            lambda i: client.post(
+                f"{server.url}/v1/loans/{loan_id}/addresses", headers=lender.headers("miner")
+            ),
+        )
+        seconds = time.monotonic() - t0
+        health = client.get(f"{server.url}/v1/health")
+    assert Counter(a.status_code for a in answers) == {201: 20}, [a.text for a in answers][:3]
+    assert sorted(a.json()["index"] for a in answers) == list(range(1, 21))
+    assert seconds < 15, f"twenty hand-outs took {seconds:.1f} s: writers blocked the threads"
+    assert health.status_code == 200
