@@ -42,6 +42,7 @@ from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.chain.blocks import scan_block
 from custody.chain.rpc import NodeRpc
+from custody.config import Settings
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
@@ -55,7 +56,7 @@ from custody.db.models import (
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
-from custody.watcher.service import Watcher, WatcherConfig
+from custody.root import Root
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -279,11 +280,8 @@ class CatchUp:
 
 def catch_up(engine: Engine, node: RegtestNode, start_height: int, *, profile: bool) -> CatchUp:
     """One `step()` from `start_height` to the tip; only the step is timed."""
-    watcher = Watcher(
-        engine,
-        node.rpc,
-        config=WatcherConfig(start_height=start_height, confirmations_small=1),
-    )
+    settings = Settings(network="regtest", watch_start_height=start_height, confirmations_small=1)
+    watcher = Root.assemble(settings, engine=engine, node=node.rpc).watcher()
     watcher.acquire()
     try:
         result, seconds, report = timed(watcher.step, profile=profile)

@@ -62,6 +62,7 @@ from sqlmodel import Session, col, func, select
 from bench import Figure
 from bench.common import seat_contexts, timed
 from custody.auth.context import Context
+from custody.config import Settings
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
@@ -79,11 +80,10 @@ from custody.db.models import (
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
-from custody.risk.engine import RiskEngine, RiskReport
+from custody.risk.engine import RiskReport
 from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
+from custody.root import Root
 from custody.signer import service as signer_service
-from custody.signing.chain import FeePolicy
-from custody.watcher.service import Watcher, WatcherConfig
 from hsm.approvals import People
 from hsm.client import BankSigner, InProcessTransport
 from hsm.core import SignerCore
@@ -360,7 +360,8 @@ def fund_loans(engine: Engine, node: RegtestNode, batch: int, setup: SetUp) -> i
 def watch(engine: Engine, node: RegtestNode, start_height: int, setup: SetUp) -> None:
     """The real deposit watcher over the funding blocks: deposits confirmed, loans active."""
     t0 = time.perf_counter()
-    watcher = Watcher(engine, node.rpc, config=WatcherConfig(start_height=start_height))
+    settings = Settings(network="regtest", watch_start_height=start_height)
+    watcher = Root.assemble(settings, engine=engine, node=node.rpc).watcher()
     watcher.acquire()
     try:
         result = watcher.step()
@@ -524,14 +525,14 @@ def storm(
         for method in REGISTRY_WRITES:
             clock.wrap(core.registry, method, "signer.registry.write")
         clock.wrap(node.rpc, "call", "service.chain.rpc")
-        risk = RiskEngine(
-            engine,
-            network=NETWORK,
-            prices=service_prices(feed),
-            chain=node.rpc,
+        parts = Root.assemble(
+            Settings(network=NETWORK),
+            engine=engine,
+            node=node.rpc,
             signer=signer,
-            fees=FeePolicy(),
+            prices=service_prices(feed),
         )
+        risk = parts.risk_engine()
         before = feed.requests
         report, seconds, text = timed(risk.run_once, profile=profile, top=50)
         return Storm(seconds, report, text, hsm.c_sign_calls, feed.requests - before, clock)
