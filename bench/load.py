@@ -238,6 +238,16 @@ def _free_loopback_port() -> int:
         return port
 
 
+SERVER_KNOBS = frozenset(
+    {
+        "CUSTODY_API_WORKERS",
+        "CUSTODY_API_THREADS",
+        "CUSTODY_DB_POOL_SIZE",
+        "CUSTODY_DB_MAX_OVERFLOW",
+    }
+)
+
+
 class ServerProcess:
     """One `custody serve` process on a free loopback port, its output in a log file."""
 
@@ -288,6 +298,8 @@ class ServerProcess:
             "CUSTODY_API_HOST": "127.0.0.1",
             "CUSTODY_API_PORT": str(self.port),
         }
+        # the server's capacity knobs, to try them: CUSTODY_API_WORKERS=2 python -m bench load
+        env.update({k: v for k, v in os.environ.items() if k in SERVER_KNOBS})
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "custody.cli", "serve"],

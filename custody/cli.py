@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -14,6 +14,9 @@ from custody.db.models import Role
 from custody.db.session import make_engine, transaction
 from custody.logging import configure_logging
 from custody.root import Root
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 app = typer.Typer(
     help="Pledge custody: Bitcoin loan collateral in 2-of-3 escrow.", no_args_is_help=True
@@ -54,22 +57,34 @@ def _root() -> Root:
     return Root(_settings())
 
 
+def api_app() -> FastAPI:
+    """The app of one API worker process (uvicorn's factory when `api_workers` > 1): each
+    worker builds its own parts from the same settings."""
+    return _root().app()
+
+
 @app.command()
 def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
     root = _root()
+    s = root.settings
+    options: dict[str, Any] = {
+        "host": s.api_host,
+        "port": s.api_port,
+        "log_level": "info",
+        "access_log": s.api_access_log,
+        # Past this many connections and requests in flight: an immediate 503.
+        "limit_concurrency": s.api_limit_concurrency,
+    }
     try:
-        uvicorn.run(
-            root.app(),
-            host=root.settings.api_host,
-            port=root.settings.api_port,
-            log_level="info",
-            access_log=root.settings.api_access_log,
-            # Past this many connections and requests in flight: an immediate 503.
-            limit_concurrency=root.settings.api_limit_concurrency,
-        )
+        if s.api_workers > 1:
+            root.engine  # noqa: B018 (migrate once, here, before the workers start)
+            root.close()
+            uvicorn.run("custody.cli:api_app", factory=True, workers=s.api_workers, **options)
+        else:
+            uvicorn.run(root.app(), **options)
     finally:
         root.close()
 

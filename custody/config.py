@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     # `api_limit_concurrency` connections and requests in flight uvicorn answers 503 at
     # once: overload is refused fast, never a queue that freezes the service.
     api_threads: int = Field(default=40, ge=1)
+    # API worker processes of one `custody serve` (each with its own threads and pool)
+    api_workers: int = Field(default=1, ge=1, le=64)
     api_limit_concurrency: int = Field(default=200, ge=1)
     # uvicorn's line per request (the audit log already records every change, with who)
     api_access_log: bool = False

@@ -162,3 +162,26 @@ def test_writers_waiting_for_the_write_lock_never_take_every_thread(
     assert sorted(a.json()["index"] for a in answers) == list(range(1, 21))
     assert seconds < 15, f"twenty hand-outs took {seconds:.1f} s: writers blocked the threads"
     assert health.status_code == 200
+
+
+def test_two_worker_processes_serve_one_database(
+    db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """`CUSTODY_API_WORKERS=2`: one `custody serve`, two processes (each its own threads,
+    pool and write gate) on one database: reads and concurrent hand-outs all answer, and
+    the indexes stay contiguous."""
+    lender = ready_lender(engine)
+    loan_id = lender.loan_ids[0]
+    with custody_serve(db_url, tmp_path, api_workers="2") as server, _client() as client:
+        answers = concurrently(
+            16,
+            lambda i: client.post(
+                f"{server.url}/v1/loans/{loan_id}/addresses", headers=lender.headers("miner")
+            )
+            if i % 2
+            else client.get(f"{server.url}/v1/loans/{loan_id}", headers=lender.headers("miner")),
+        )
+        started = server.log().count("Started server process")
+    assert started == 2, server.log()
+    assert Counter(a.status_code for a in answers) == {200: 8, 201: 8}, [a.text for a in answers]
+    assert sorted(a.json()["index"] for a in answers if a.status_code == 201) == list(range(1, 9))
