@@ -68,6 +68,8 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
+    from custody.api.server import NoDelayH11Protocol
+
     root = _root()
     s = root.settings
     options: dict[str, Any] = {
@@ -77,6 +79,7 @@ def serve() -> None:
         "access_log": s.api_access_log,
         # Past this many connections and requests in flight: an immediate 503.
         "limit_concurrency": s.api_limit_concurrency,
+        "http": NoDelayH11Protocol,
     }
     try:
         if s.api_workers > 1:
