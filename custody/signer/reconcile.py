@@ -199,7 +199,7 @@ class Reconciler:
     def _statements(self, cutoff: datetime, report: ReconcileReport) -> None:
         if self.signer is None:
             return
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             rows = session.exec(
                 select(SignerStatement).where(
                     SignerStatement.state == StatementState.open,
@@ -267,7 +267,7 @@ class Reconciler:
     def _unstated(self, cutoff: datetime, report: ReconcileReport) -> None:
         if self.signer is None:
             return
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             rows = session.exec(
                 select(SigningRequest).where(
                     SigningRequest.state == RequestState.awaiting_signatures,
@@ -364,7 +364,7 @@ class Reconciler:
     # -- ready requests ------------------------------------------------------------------
 
     def _ready(self, cutoff: datetime, report: ReconcileReport) -> None:
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             rows = [
                 (r.id or 0, r.unsigned_txid, r.psbt, r.reject_reason)
                 for r in session.exec(

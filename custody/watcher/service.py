@@ -45,6 +45,7 @@ from custody.db.models import (
     WatcherLease,
     utcnow,
 )
+from custody.db.session import transaction
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.signing.chain_events import mined, unmined
@@ -300,7 +301,7 @@ class Watcher:
     # -- cursor and reorgs -----------------------------------------------------------
 
     def _cursor(self, tip: int) -> ChainCursor:
-        with Session(self.engine, expire_on_commit=False) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             cursor = session.get(ChainCursor, 1)
         if cursor is not None:
             return cursor
@@ -323,7 +324,7 @@ class Watcher:
         the node still has, as (blocks, fork height, fork hash). The blocks are read in a
         short session and the node is asked with none open: the answer is re-checked
         against the database before anything is written."""
-        with Session(self.engine, expire_on_commit=False) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             blocks = list(
                 session.exec(
                     select(ChainBlock)
@@ -652,7 +653,7 @@ class Watcher:
             except RpcNotFound:
                 continue  # mined or evicted since we listed it; blocks will tell
             found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             unmined_txids = set(
                 session.exec(
                     select(Deposit.txid).where(
@@ -710,7 +711,7 @@ class Watcher:
     def _reload_watched(self) -> None:
         self._watched = _Watched()
         self._load_new_addresses()
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             rows = session.exec(
                 select(Deposit.txid, Deposit.vout).where(col(Deposit.state).in_(_LIVE))
             ).all()
@@ -719,7 +720,7 @@ class Watcher:
     def _load_new_addresses(self, page: int = 50_000) -> None:
         """Add addresses handed out since the last call; paged so a million of them
         never sit in memory twice (as rows and as the index)."""
-        with Session(self.engine) as session:
+        with transaction(self.engine, write=False) as session:  # reads only
             while True:
                 rows = session.exec(
                     select(CollateralAddress.id, CollateralAddress.script_pubkey_hex)
