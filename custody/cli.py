@@ -68,7 +68,7 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
-    from custody.api.server import NoDelayH11Protocol
+    from custody.api.server import uvicorn_options
 
     root = _root()
     s = root.settings
@@ -79,7 +79,7 @@ def serve() -> None:
         "access_log": s.api_access_log,
         # Past this many connections and requests in flight: an immediate 503.
         "limit_concurrency": s.api_limit_concurrency,
-        "http": NoDelayH11Protocol,
+        **uvicorn_options(),
     }
     try:
         if s.api_workers > 1:

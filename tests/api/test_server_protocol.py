@@ -10,7 +10,7 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from custody.api.server import NoDelayH11Protocol
+from custody.api.server import NoDelayHttpToolsProtocol
 
 
 class _Transport(asyncio.Transport):
@@ -41,7 +41,7 @@ def test_an_accepted_connection_gets_tcp_nodelay() -> None:
     try:
         # as uvicorn hands it over
         assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
-        protocol = NoDelayH11Protocol(
+        protocol = NoDelayHttpToolsProtocol(
             Config(_ok, lifespan="off"), ServerState(), app_state={}, _loop=loop
         )
         protocol.connection_made(_Transport(accepted))
