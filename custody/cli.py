@@ -60,7 +60,11 @@ def _root() -> Root:
 def api_app() -> FastAPI:
     """The app of one API worker process (uvicorn's factory when `api_workers` > 1): each
     worker builds its own parts from the same settings."""
-    return _root().app()
+    from custody.api.server import freeze_startup_heap
+
+    api = _root().app()
+    freeze_startup_heap()
+    return api
 
 
 @app.command()
@@ -68,7 +72,7 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
-    from custody.api.server import uvicorn_options
+    from custody.api.server import freeze_startup_heap, uvicorn_options
 
     root = _root()
     s = root.settings
@@ -87,7 +91,9 @@ def serve() -> None:
             root.close()
             uvicorn.run("custody.cli:api_app", factory=True, workers=s.api_workers, **options)
         else:
-            uvicorn.run(root.app(), **options)
+            api = root.app()
+            freeze_startup_heap()
+            uvicorn.run(api, **options)
     finally:
         root.close()
 

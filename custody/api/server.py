@@ -1,4 +1,5 @@
-"""How uvicorn serves the app: httptools' HTTP/1.1 parser on uvloop, Nagle's algorithm off.
+"""How uvicorn serves the app: httptools' HTTP/1.1 parser on uvloop, Nagle's algorithm off,
+and the start-up heap frozen out of the garbage collector's full passes.
 
 httptools and uvloop (uvicorn's "standard" choices) are C: measured on the load bench's
 mix, h11 and asyncio's selector loop cost about a millisecond of CPU per request, a sixth
@@ -14,6 +15,7 @@ connection makes the worker count irrelevant to latency.
 from __future__ import annotations
 
 import contextlib
+import gc
 import socket
 from asyncio import BaseTransport
 from typing import Any
@@ -36,6 +38,16 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: Any) -> None:
         set_nodelay(transport)
         super().connection_made(transport)
+
+
+def freeze_startup_heap() -> None:
+    """Move everything made so far (modules, the app, the ORM's mappers) out of the
+    collector's sight: each full collection walked ~180,000 such objects and stopped the
+    process for 85-165 ms under load (measured with gc.callbacks), which made a p99 of
+    200-400 ms by itself; after the freeze a full collection takes 5-10 ms. Called once
+    per server process after its app is built; objects made later are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 def uvicorn_options() -> dict[str, Any]:

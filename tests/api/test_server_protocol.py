@@ -50,3 +50,26 @@ def test_an_accepted_connection_gets_tcp_nodelay() -> None:
         loop.close()
         for s in (client, accepted, listener):
             s.close()
+
+
+@pytest.mark.unit
+def test_the_startup_heap_is_frozen_and_later_garbage_still_collected() -> None:
+    import gc
+    import weakref
+
+    from custody.api.server import freeze_startup_heap
+
+    class Node:
+        other: object = None
+
+    try:
+        freeze_startup_heap()
+        assert gc.get_freeze_count() > 0
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made after the freeze
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None
+    finally:
+        gc.unfreeze()
