@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import math
 import multiprocessing
 import os
@@ -327,13 +328,9 @@ class ServerProcess:
         raise RuntimeError(f"custody serve exited with code {code}:\n{self.log_tail()}")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time the process has used so far (from /proc)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time the process and its living children (uvicorn's worker
+        processes with `CUSTODY_API_WORKERS`) have used so far (from /proc)."""
+        return sum(_cpu_seconds(pid) for pid in _process_tree(self.pid))
 
     def log_errors(self) -> Counter[str]:
         """The exceptions the server logged (each traceback's last line, shortened)."""
@@ -374,6 +371,28 @@ class ServerProcess:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, from /proc/<pid>/task/*/children."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += _process_tree(int(child))
+    return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def restart(servers: Sequence[ServerProcess], population: Population) -> int:
@@ -507,6 +526,22 @@ class ClientConfig:
     http: Http = "raw"
 
 
+@contextmanager
+def _without_gc_pauses() -> Iterator[None]:
+    """The client's own garbage collector off while it sends: this process holds all of
+    custody's imports, and a full collection over them paused the client ~100 ms, which
+    the open loop then measured as server latency (lag max). Its few garbage cycles
+    wait until the rate is done."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def _client_process(
     conn: Connection, requests: list[Planned], rate: float, client: ClientConfig
 ) -> None:
@@ -515,7 +550,8 @@ def _client_process(
     conn.send("ready")
     start: float = conn.recv()
     cpu = time.process_time()
-    outcomes = asyncio.run(_drive(requests, rate, start, client.timeout, client.http))
+    with _without_gc_pauses():
+        outcomes = asyncio.run(_drive(requests, rate, start, client.timeout, client.http))
     conn.send((outcomes, time.process_time() - cpu))
     conn.close()
 
@@ -529,7 +565,8 @@ def send_schedule(
     if clients == 1:
         cpu = time.process_time()
         start = time.monotonic() + START_MARGIN
-        mine = asyncio.run(_drive(requests, rate, start, client.timeout, client.http))
+        with _without_gc_pauses():
+            mine = asyncio.run(_drive(requests, rate, start, client.timeout, client.http))
         return mine, time.process_time() - cpu
     ctx = multiprocessing.get_context("fork")
     pipes: list[Connection] = []
