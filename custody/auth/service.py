@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from custody.audit.service import record
-from custody.db.models import Party, PartyKind, Principal, Role
+from custody.auth import repository
+from custody.db.models import PartyKind, Principal, Role
 from custody.errors import PartyKindMismatch, PrincipalNameTaken, UnknownParty
 from pledge.errors import InvalidInput, NotAuthenticated
 
@@ -35,9 +36,7 @@ def hash_key(api_key: str) -> str:
 def authenticate(session: Session, api_key: str | None) -> Principal:
     if not api_key:
         raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    principal = session.exec(
-        select(Principal).where(Principal.key_hash == hash_key(api_key))
-    ).first()
+    principal = repository.principal_by_key_hash(session, hash_key(api_key))
     if principal is None or principal.disabled:
         raise NotAuthenticated("unknown or disabled API key")
     return principal
@@ -56,7 +55,7 @@ def create_principal(
             raise InvalidInput(
                 f"role {role.value} needs a {wanted_kind.value} party", field="party_id"
             )
-        party = session.get(Party, party_id)
+        party = repository.party(session, party_id)
         if party is None:
             raise UnknownParty(f"party {party_id} does not exist", field="party_id")
         if party.kind != wanted_kind:
@@ -67,7 +66,7 @@ def create_principal(
             )
     elif party_id is not None:
         raise InvalidInput(f"role {role.value} does not belong to a party", field="party_id")
-    if session.exec(select(Principal).where(Principal.name == name)).first() is not None:
+    if repository.principal_by_name(session, name) is not None:
         raise PrincipalNameTaken(f"a principal named {name!r} already exists", field="name")
     api_key = KEY_PREFIX + secrets.token_urlsafe(32)
     principal = Principal(

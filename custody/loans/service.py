@@ -12,7 +12,7 @@ from decimal import ROUND_CEILING, Decimal
 from typing import Any, Protocol
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
@@ -45,6 +45,8 @@ from custody.errors import (
     SingleAddressDescriptor,
     UnknownParty,
 )
+from custody.loans import repository
+from custody.loans.repository import SEAT_ORDER
 from custody.loans.schemas import HDKeyIn, HSMPublicKeyIn, LoanCreate
 from pledge.addresses import validate_address
 from pledge.descriptors import CollateralDescriptor
@@ -52,7 +54,6 @@ from pledge.errors import InvalidInput
 from pledge.keys import CollateralKey, FixedKey, HDKey, parse_fixed_key, parse_hd_key
 from pledge.network import NetworkName
 
-SEAT_ORDER = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
 MAX_ADDRESSES_PER_LOAN = 1_000
 
 
@@ -80,7 +81,7 @@ def required_collateral_for_ltv(principal_kopecks: int, price: Decimal, target_l
 
 
 def _party(session: Session, party_id: int, kind: PartyKind, field: str) -> Party:
-    party = session.get(Party, party_id)
+    party = repository.party(session, party_id)
     if party is None:
         raise UnknownParty(f"party {party_id} does not exist", field=field)
     if party.kind != kind:
@@ -199,23 +200,17 @@ def change_state(
 
 
 def get_loan(session: Session, ctx: Context, loan_id: int) -> Loan:
-    return ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+    return ensure_can_view(ctx.principal, repository.loan(session, loan_id), loan_id)
 
 
 def list_loans(session: Session, ctx: Context, *, limit: int = 100, offset: int = 0) -> list[Loan]:
-    query = (
-        select(Loan)
-        .where(visible_loans_clause(ctx.principal))
-        .order_by(col(Loan.id))
-        .offset(offset)
-        .limit(limit)
+    return repository.loans_page(
+        session, visible_loans_clause(ctx.principal), limit=limit, offset=offset
     )
-    return list(session.exec(query).all())
 
 
 def loan_keys(session: Session, loan_id: int) -> list[LoanKey]:
-    rows = session.exec(select(LoanKey).where(LoanKey.loan_id == loan_id)).all()
-    return sorted(rows, key=lambda k: SEAT_ORDER.index(KeyRole(k.role)))
+    return repository.keys_of_loan(session, loan_id)
 
 
 def _parse_key(
@@ -244,10 +239,8 @@ def _ensure_seat_open(session: Session, loan: Loan, seat: KeyRole) -> None:
         raise LoanNotInState(
             f"loan {loan.id} is {loan.state}: keys can only be added to a draft loan"
         )
-    taken = session.exec(
-        select(LoanKey).where(LoanKey.loan_id == loan.id, LoanKey.role == seat)
-    ).first()
-    if taken is not None:
+    assert loan.id is not None
+    if repository.key_in_seat(session, loan.id, seat) is not None:
         raise KeySeatTaken(
             f"the {seat.value} key of loan {loan.id} is already registered", field="key"
         )
@@ -277,10 +270,7 @@ def store_key(
                 field="key",
             )
     # A key belongs to one party for good: registering someone else's key is refused.
-    foreign = session.exec(
-        select(LoanKey).where(LoanKey.identity == key.identity, LoanKey.party_id != party_id)
-    ).first()
-    if foreign is not None:
+    if repository.key_of_another_party(session, key.identity, party_id) is not None:
         raise KeyOfAnotherParty("this key is registered to another party", field="key")
 
     row = LoanKey(
@@ -349,8 +339,7 @@ def loan_descriptor(session: Session, loan: Loan, network: NetworkName) -> Colla
 def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKey]) -> None:
     descriptor = collateral_descriptor(rows, ctx.network)
     key_set = "|".join(sorted(descriptor.key_set_identity))
-    clash = session.exec(select(Loan.id).where(Loan.key_set == key_set)).first()
-    if clash is not None:
+    if repository.loan_with_key_set(session, key_set) is not None:
         raise KeySetReused(
             "this key set is already used by another loan: every loan needs a fresh key set",
             field="key",
@@ -414,7 +403,7 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
     # queue here and each gets the next index (PostgreSQL: FOR NO KEY UPDATE, which
     # rows referencing the loan do not wait for; SQLite: the write transaction's BEGIN
     # IMMEDIATE already holds the database), instead of racing to the same index.
-    locked = session.get(Loan, loan_id, with_for_update={"key_share": True})
+    locked = repository.loan(session, loan_id, lock=True)
     loan = ensure_can_view(ctx.principal, locked, loan_id)
     require_role(ctx.principal, Role.miner, Role.bank_operator)
     if loan.state in (LoanState.draft,):
@@ -426,26 +415,11 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
 
 def list_addresses(session: Session, ctx: Context, loan_id: int) -> list[CollateralAddress]:
     get_loan(session, ctx, loan_id)
-    rows = session.exec(
-        select(CollateralAddress)
-        .where(CollateralAddress.loan_id == loan_id)
-        .order_by(col(CollateralAddress.change), col(CollateralAddress.index))
-    ).all()
-    return list(rows)
-
-
-def first_address(session: Session, loan_id: int) -> str | None:
-    return session.exec(
-        select(CollateralAddress.address).where(
-            CollateralAddress.loan_id == loan_id,
-            col(CollateralAddress.change).is_(False),
-            CollateralAddress.index == 0,
-        )
-    ).first()
+    return repository.addresses_of_loan(session, loan_id)
 
 
 def get_loan_or_404(session: Session, loan_id: int) -> Loan:
-    loan = session.get(Loan, loan_id)
+    loan = repository.loan(session, loan_id)
     if loan is None:
         raise LoanNotFound(f"loan {loan_id} not found")
     return loan

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session
 
-from custody.db.models import (
-    ChainCursor,
-    CollateralAddress,
-    Deposit,
-    DepositState,
-    KeyRole,
-    Loan,
-    LoanKey,
-)
+from custody.db.models import CollateralAddress, DepositState, Loan, LoanKey
+from custody.loans import repository
 from custody.loans.schemas import (
     AddressOut,
     CollateralOut,
@@ -24,7 +16,6 @@ from custody.loans.schemas import (
     LoanOut,
     TermsOut,
 )
-from custody.loans.service import SEAT_ORDER
 
 
 def key_out(key: LoanKey) -> KeyOut:
@@ -54,29 +45,13 @@ def loans_out(session: Session, loans: Sequence[Loan]) -> list[LoanOut]:
     ids = [loan.id for loan in loans if loan.id is not None]
     if not ids:
         return []
-    keys: dict[int, list[LoanKey]] = defaultdict(list)
-    for key in session.exec(select(LoanKey).where(col(LoanKey.loan_id).in_(ids))).all():
-        keys[key.loan_id].append(key)
-    first_addresses = dict(
-        session.exec(
-            select(CollateralAddress.loan_id, CollateralAddress.address).where(
-                col(CollateralAddress.loan_id).in_(ids),
-                col(CollateralAddress.change).is_(False),
-                CollateralAddress.index == 0,
-            )
-        ).all()
-    )
-    sums: dict[tuple[int, str], int] = {}
-    for loan_id, state, total in session.exec(
-        select(Deposit.loan_id, Deposit.state, func.sum(Deposit.amount_sats))
-        .where(col(Deposit.loan_id).in_(ids))
-        .group_by(col(Deposit.loan_id), col(Deposit.state))
-    ).all():
-        sums[(loan_id, state)] = int(total or 0)
+    keys = repository.keys_of_loans(session, ids)
+    first_addresses = repository.first_addresses(session, ids)
+    sums = repository.deposit_sums(session, ids)
     return [
         _loan_out(
             loan,
-            sorted(keys[loan.id], key=lambda k: SEAT_ORDER.index(KeyRole(k.role))),
+            keys.get(loan.id, []),
             first_addresses.get(loan.id),
             _collateral(
                 loan,
@@ -136,11 +111,8 @@ def _collateral(loan: Loan, *, confirmed: int, pending: int) -> CollateralOut:
 
 
 def deposits_out(session: Session, loan_id: int) -> list[DepositOut]:
-    cursor = session.get(ChainCursor, 1)
-    height = cursor.height if cursor else 0
-    rows = session.exec(
-        select(Deposit).where(Deposit.loan_id == loan_id).order_by(col(Deposit.id))
-    ).all()
+    height = repository.chain_height(session)
+    rows = repository.deposits_of_loan(session, loan_id)
     return [
         DepositOut(
             txid=d.txid,
