@@ -8,7 +8,7 @@ building a select and its cache key cost about as much CPU as running it (measur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, NamedTuple, TypeVar
 
 from sqlalchemy import bindparam
 from sqlalchemy.sql.elements import ColumnElement
@@ -25,7 +25,28 @@ from custody.db.models import (
 )
 
 _KEYS_OF_LOAN: Final = select(LoanKey).where(col(LoanKey.loan_id) == bindparam("loan_id"))
-_KEYS_OF_LOANS: Final = select(LoanKey).where(
+
+
+class KeyColumns(NamedTuple):
+    """The public columns of a key seat, what a loan's page shows of it. Reading columns
+    instead of LoanKey objects: a 50-loan listing's 150 keys took 1.8 ms as objects,
+    0.6 ms as columns."""
+
+    loan_id: int
+    role: str
+    kind: str
+    party_id: int
+    descriptor_key: str
+    fingerprint: str | None
+    origin_path: str | None
+    xpub: str | None
+    public_key_hex: str | None
+    hsm_key_label: str | None
+    hsm_local: bool | None
+    hsm_never_extractable: bool | None
+
+
+_KEYS_OF_LOANS: Final = select(*(getattr(LoanKey, name) for name in KeyColumns._fields)).where(
     col(LoanKey.loan_id).in_(bindparam("loan_ids", expanding=True))
 )
 _FIRST_ADDRESSES: Final = select(CollateralAddress.loan_id, CollateralAddress.address).where(
@@ -46,6 +67,7 @@ _ADDRESSES_OF_LOAN: Final = (
 _DEPOSITS_OF_LOAN: Final = (
     select(Deposit).where(col(Deposit.loan_id) == bindparam("loan_id")).order_by(col(Deposit.id))
 )
+_Key = TypeVar("_Key", LoanKey, KeyColumns)
 # Ranks for ordering a loan's keys miner, bank, arbiter (the descriptor's seat order).
 SEAT_ORDER: Final = (KeyRole.miner, KeyRole.bank, KeyRole.arbiter)
 _SEAT_RANK: Final = {seat: rank for rank, seat in enumerate(SEAT_ORDER)}
@@ -70,7 +92,7 @@ def party(session: Session, party_id: int) -> Party | None:
     return session.get(Party, party_id)
 
 
-def seat_order(keys: Sequence[LoanKey]) -> list[LoanKey]:
+def seat_order(keys: Sequence[_Key]) -> list[_Key]:
     return sorted(keys, key=lambda k: _SEAT_RANK[KeyRole(k.role)])
 
 
@@ -79,10 +101,11 @@ def keys_of_loan(session: Session, loan_id: int) -> list[LoanKey]:
     return seat_order(session.exec(_KEYS_OF_LOAN, params={"loan_id": loan_id}).all())
 
 
-def keys_of_loans(session: Session, loan_ids: Sequence[int]) -> dict[int, list[LoanKey]]:
+def keys_of_loans(session: Session, loan_ids: Sequence[int]) -> dict[int, list[KeyColumns]]:
     """Each loan's keys in seat order (a loan without keys is absent)."""
-    found: dict[int, list[LoanKey]] = {}
-    for key in session.exec(_KEYS_OF_LOANS, params={"loan_ids": list(loan_ids)}).all():
+    found: dict[int, list[KeyColumns]] = {}
+    for row in session.exec(_KEYS_OF_LOANS, params={"loan_ids": list(loan_ids)}).all():
+        key = KeyColumns(*row)
         found.setdefault(key.loan_id, []).append(key)
     return {loan_id: seat_order(keys) for loan_id, keys in found.items()}
 

@@ -8,6 +8,7 @@ from sqlmodel import Session
 
 from custody.db.models import CollateralAddress, DepositState, Loan, LoanKey
 from custody.loans import repository
+from custody.loans.repository import KeyColumns
 from custody.loans.schemas import (
     AddressOut,
     CollateralOut,
@@ -18,7 +19,7 @@ from custody.loans.schemas import (
 )
 
 
-def key_out(key: LoanKey) -> KeyOut:
+def key_out(key: LoanKey | KeyColumns) -> KeyOut:
     return KeyOut(
         role=key.role,
         kind=key.kind,
@@ -65,7 +66,10 @@ def loans_out(session: Session, loans: Sequence[Loan]) -> list[LoanOut]:
 
 
 def _loan_out(
-    loan: Loan, keys: list[LoanKey], collateral_address: str | None, collateral: CollateralOut
+    loan: Loan,
+    keys: Sequence[LoanKey | KeyColumns],
+    collateral_address: str | None,
+    collateral: CollateralOut,
 ) -> LoanOut:
     assert loan.id is not None
     return LoanOut(
