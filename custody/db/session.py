@@ -7,11 +7,22 @@ indexes, the audit chain) safe there. A read transaction (`transaction(engine,
 write=False)`, every GET of the API) takes no write lock: SQLite runs a plain deferred
 BEGIN on its WAL snapshot, PostgreSQL a READ ONLY transaction, and both refuse a write
 inside it, so a read can never queue behind a writer nor turn into one by mistake.
+
+On an SQLite file, writers from different processes (several API workers, the watcher,
+the risk engine) queue on an OS file lock next to the database before BEGIN IMMEDIATE,
+and give it back once their COMMIT or ROLLBACK has returned. SQLite's own busy handler
+sleeps 1, 2, 5, 10 ... 100 ms between tries: under load a writer that had lost a race
+went on sleeping long after the lock was free. The file lock is tried every millisecond,
+up to the same 30 s busy timeout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +41,8 @@ _READER = "_custody_reader"  # where an engine keeps its read-only twin
 DEFAULT_POOL_SIZE = 40
 DEFAULT_MAX_OVERFLOW = 10
 DEFAULT_POOL_TIMEOUT = 5.0
+SQLITE_BUSY_TIMEOUT = 30.0  # seconds a writer waits for the write lock, then fails
+_WRITE_LOCK_POLL = 0.001
 
 
 def make_engine(
@@ -48,10 +61,12 @@ def make_engine(
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(
             url,
-            connect_args={"check_same_thread": False, "timeout": 30},
+            connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT},
             **({} if _in_memory(parsed) else pool),
         )
         _configure_sqlite(engine)
+        if not _in_memory(parsed):
+            _WriteLocks(f"{parsed.database}-writer.lock").install(engine)
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
@@ -61,6 +76,93 @@ def make_engine(
 def _in_memory(url: URL) -> bool:
     """An in-memory SQLite database lives in one connection: no pool to size."""
     return url.database in (None, "", ":memory:") or url.query.get("mode") == "memory"
+
+
+class WriteLockTimeout(RuntimeError):
+    """Another writer held the database's write lock for the whole busy timeout."""
+
+
+class _WriteLocks:
+    """One open file per connection (flock is per open file, so threads of one process
+    queue on it as processes do), locked from BEGIN IMMEDIATE until the DBAPI COMMIT or
+    ROLLBACK returns: on every path, since the pool's reset goes through the dialect's
+    rollback too. A killed process's locks go with its files."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fds: dict[int, int] = {}  # id(DBAPI connection) -> its lock file
+        self._held: set[int] = set()
+        self._guard = threading.Lock()
+
+    def install(self, engine: Engine) -> None:
+        event.listen(engine, "connect", self._opened)
+        event.listen(engine.pool, "close", self._closed)
+        event.listen(engine.pool, "close_detached", self._closed_detached)
+        dialect = engine.dialect  # this engine's own instance: the wrappers stay local
+        dialect.do_commit = self._after(dialect.do_commit)  # type: ignore[method-assign,assignment]
+        dialect.do_rollback = self._after(dialect.do_rollback)  # type: ignore[method-assign,assignment]
+
+    def take(self, dbapi_connection: Any) -> None:
+        """Wait for the write lock (the caller then runs BEGIN IMMEDIATE)."""
+        key = id(_raw(dbapi_connection))
+        fd = self._fds.get(key)
+        if fd is None or key in self._held:
+            return
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise WriteLockTimeout(
+                        f"database is locked: no write lock within {SQLITE_BUSY_TIMEOUT:.0f} s"
+                    ) from None
+                time.sleep(_WRITE_LOCK_POLL)
+        with self._guard:
+            self._held.add(key)
+
+    def give_back(self, dbapi_connection: Any) -> None:
+        key = id(_raw(dbapi_connection))
+        with self._guard:
+            if key not in self._held:
+                return
+            self._held.discard(key)
+        fcntl.flock(self._fds[key], fcntl.LOCK_UN)
+
+    def _after(self, end: Callable[[Any], None]) -> Callable[[Any], None]:
+        def ended(dbapi_connection: Any) -> None:
+            try:
+                end(dbapi_connection)
+            finally:
+                self.give_back(dbapi_connection)
+
+        return ended
+
+    def _opened(self, dbapi_connection: Any, record: Any) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with self._guard:
+            self._fds[id(dbapi_connection)] = fd
+        record.info[_WRITE_LOCKS] = self
+
+    def _closed(self, dbapi_connection: Any, record: Any) -> None:
+        self._closed_detached(dbapi_connection)
+
+    def _closed_detached(self, dbapi_connection: Any) -> None:
+        self.give_back(dbapi_connection)
+        with self._guard:
+            fd = self._fds.pop(id(dbapi_connection), None)
+        if fd is not None:
+            os.close(fd)
+
+
+def _raw(connection: Any) -> Any:
+    """The DBAPI connection itself: the dialect's commit and rollback get the pool's
+    proxy of it."""
+    return getattr(connection, "dbapi_connection", connection)
+
+
+_WRITE_LOCKS = "custody_write_locks"  # connection record info: the engine's _WriteLocks
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -81,7 +183,19 @@ def _configure_sqlite(engine: Engine) -> None:
         if conn.info.get(_READ_ONLY, False) != read_only:  # switched only when it changes
             conn.exec_driver_sql(f"PRAGMA query_only={'ON' if read_only else 'OFF'}")
             conn.info[_READ_ONLY] = read_only
-        conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        if read_only:
+            conn.exec_driver_sql("BEGIN")
+            return
+        locks: _WriteLocks | None = conn.connection.info.get(_WRITE_LOCKS)
+        dbapi_connection = conn.connection.dbapi_connection
+        if locks is not None:
+            locks.take(dbapi_connection)
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            if locks is not None:
+                locks.give_back(dbapi_connection)
+            raise
 
 
 def read_only_engine(engine: Engine) -> Engine:
