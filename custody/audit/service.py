@@ -18,15 +18,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import event as sa_event
-from sqlalchemy import insert, text
 from sqlalchemy.orm import Session as SASession
 from sqlalchemy.orm import SessionTransaction
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
+from custody.audit import repository
 from custody.db.models import AuditEvent
 
 GENESIS_HASH = "0" * 64
-_PG_AUDIT_LOCK = 0x5C0A_7D17  # advisory lock key reserved for the audit chain
 
 
 def _canonical_time(at: datetime) -> str:
@@ -77,21 +76,15 @@ def _write_pending(session: SASession) -> None:
     # lock and the chain is held only for this insert and the commit itself.
     session.flush()
     if pending.tail is None:
-        if session.get_bind().dialect.name == "postgresql":
-            session.execute(
-                text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_AUDIT_LOCK)
-            )
-        last = session.execute(
-            select(AuditEvent.id, AuditEvent.hash).order_by(col(AuditEvent.id).desc()).limit(1)
-        ).first()
-        pending.tail = (last[0], last[1]) if last else (0, GENESIS_HASH)
+        repository.lock_chain(session)
+        pending.tail = repository.chain_tail(session) or (0, GENESIS_HASH)
     tail_id, tail_hash = pending.tail
     now = datetime.now(UTC)
     for row in pending.rows:  # in the order they were recorded
         tail_id += 1
         row.update(id=tail_id, at=now, prev_hash=tail_hash)
         row["hash"] = tail_hash = _hash_fields(row)
-    session.execute(insert(AuditEvent), pending.rows)
+    repository.insert_events(session, pending.rows)
     pending.rows = []
     pending.tail = (tail_id, tail_hash)
 
@@ -156,12 +149,7 @@ def verify_chain(session: Session, batch: int = 5000) -> ChainReport:
     count = 0
     last_id = 0
     while True:
-        rows = session.exec(
-            select(AuditEvent)
-            .where(col(AuditEvent.id) > last_id)
-            .order_by(col(AuditEvent.id))
-            .limit(batch)
-        ).all()
+        rows = repository.events_after(session, last_id, batch)
         if not rows:
             return ChainReport(ok=True, events=count)
         for row in rows:

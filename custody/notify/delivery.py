@@ -25,10 +25,10 @@ from typing import Any
 import httpx
 import structlog
 from sqlalchemy.engine import Engine
-from sqlmodel import col, select
 
-from custody.db.models import Outbox, Webhook, utcnow
+from custody.db.models import utcnow
 from custody.db.session import transaction
+from custody.notify import repository
 
 log = structlog.get_logger(__name__)
 
@@ -144,18 +144,7 @@ def render_body(event_id: str, event_type: str, created_at: datetime, payload: s
 def _claim(engine: Engine, now: datetime, batch: int, policy: RetryPolicy) -> list[_Claim]:
     lease_until = now + timedelta(seconds=policy.lease_seconds)
     with transaction(engine) as session:
-        rows = session.exec(
-            select(Outbox, Webhook)
-            .join(Webhook, col(Webhook.id) == col(Outbox.webhook_id))
-            .where(
-                col(Outbox.delivered_at).is_(None),
-                col(Outbox.dead_at).is_(None),
-                col(Outbox.next_attempt_at) <= now,
-            )
-            .order_by(col(Outbox.next_attempt_at), col(Outbox.id))
-            .limit(batch)
-            .with_for_update(skip_locked=True, of=Outbox)
-        ).all()
+        rows = repository.claim_due_events(session, now, batch)
         claims: list[_Claim] = []
         for row, hook in rows:
             assert row.id is not None and hook.id is not None
@@ -210,7 +199,7 @@ def _record_outcome(
 ) -> str:
     """Write one row's outcome; returns "delivered", "failed", "dead" or "stale"."""
     with transaction(engine) as session:
-        row = session.get(Outbox, claim.outbox_id, with_for_update=True)
+        row = repository.outbox_row_for_update(session, claim.outbox_id)
         if row is None or row.delivered_at is not None or row.dead_at is not None:
             return "stale"
         if error is None:

@@ -21,11 +21,12 @@ from urllib.parse import urlsplit
 from sqlalchemy import event as sa_event
 from sqlalchemy.orm import Session as SASession
 from sqlalchemy.orm import SessionTransaction
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
-from custody.db.models import Outbox, Party, Webhook, utcnow
+from custody.db.models import Outbox, Webhook, utcnow
 from custody.errors import PartyNotFound, WebhookNotFound
+from custody.notify import repository
 from pledge.errors import InvalidInput
 
 EVENT_TYPES: frozenset[str] = frozenset(
@@ -140,7 +141,7 @@ def register_webhook(
     actor: str = "system",
 ) -> WebhookView:
     """Subscribe ``party_id``'s endpoint, in the caller's transaction (audited)."""
-    if session.get(Party, party_id) is None:
+    if repository.party_by_id(session, party_id) is None:
         raise PartyNotFound(f"party {party_id} not found", field="party_id")
     url = validate_url(url)
     if len(secret) < MIN_SECRET_LENGTH:
@@ -167,7 +168,7 @@ def register_webhook(
 
 def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "system") -> None:
     """Stop future events (already queued ones are given up at delivery time)."""
-    hook = session.get(Webhook, webhook_id)
+    hook = repository.webhook_by_id(session, webhook_id)
     if hook is None:
         raise WebhookNotFound(f"webhook {webhook_id} not found", field="webhook_id")
     hook.active = False
@@ -177,10 +178,7 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
 
 
 def list_webhooks(session: Session, party_id: int | None = None) -> list[WebhookView]:
-    query = select(Webhook).order_by(col(Webhook.id))
-    if party_id is not None:
-        query = query.where(Webhook.party_id == party_id)
-    return [WebhookView.of(h) for h in session.exec(query).all()]
+    return [WebhookView.of(h) for h in repository.webhooks(session, party_id)]
 
 
 def _json_default(value: object) -> object:
@@ -206,11 +204,7 @@ def _active_hooks(session: Session) -> list[Webhook]:
     many events per block; subscriptions do not change under a writing transaction)."""
     cached: list[Webhook] | None = session.info.get(_HOOKS)
     if cached is None:
-        cached = list(
-            session.exec(
-                select(Webhook).where(col(Webhook.active).is_(True)).order_by(col(Webhook.id))
-            ).all()
-        )
+        cached = repository.active_webhooks(session)
         session.info[_HOOKS] = cached
     return cached
 

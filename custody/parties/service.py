@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.policy import READ_ALL, require_role
 from custody.db.models import Party, PartyKind, Principal, Role
 from custody.errors import PartyNameTaken, PartyNotFound
+from custody.parties import repository
 
 
 def create_party(session: Session, principal: Principal, *, name: str, kind: PartyKind) -> Party:
     require_role(principal, Role.admin, Role.bank_operator)
     name = name.strip()
-    if session.exec(select(Party).where(Party.name == name)).first() is not None:
+    if repository.party_named(session, name) is not None:
         raise PartyNameTaken(f"a party named {name!r} already exists", field="name")
     party = Party(name=name, kind=kind)
     session.add(party)
@@ -29,14 +30,13 @@ def create_party(session: Session, principal: Principal, *, name: str, kind: Par
 
 def list_parties(session: Session, principal: Principal) -> list[Party]:
     """Staff see every party; a miner or arbiter sees only its own."""
-    query = select(Party).order_by(col(Party.id))
     if principal.role not in READ_ALL:
-        query = query.where(Party.id == principal.party_id)
-    return list(session.exec(query).all())
+        return repository.parties_with_id(session, principal.party_id)
+    return repository.all_parties(session)
 
 
 def get_party(session: Session, principal: Principal, party_id: int) -> Party:
-    party = session.get(Party, party_id)
+    party = repository.party_by_id(session, party_id)
     if party is None or (principal.role not in READ_ALL and principal.party_id != party_id):
         raise PartyNotFound(f"party {party_id} not found")
     return party

@@ -13,6 +13,7 @@ from custody.auth.policy import require_role
 from custody.db.models import Role
 from custody.errors import PriceNotSet, RoleNotAllowed
 from custody.risk import manual as manual_prices
+from custody.risk import repository
 from custody.risk.schemas import PriceOut, PriceSet
 from pledge.errors import InvalidInput, NotAuthenticated
 
@@ -43,7 +44,7 @@ def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
 )
 def latest_price(session: SessionDep, ctx: ContextDep) -> PriceOut:
     require_role(ctx.principal, Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin)
-    row = manual_prices.latest(session)
+    row = repository.latest_price(session)
     if row is None:
         raise PriceNotSet("no price has been set")
     return PriceOut(

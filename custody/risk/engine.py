@@ -16,13 +16,11 @@ from typing import Any, Protocol
 
 import structlog
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, func, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.db.models import (
-    Deposit,
-    DepositState,
     Loan,
     LoanState,
     Principal,
@@ -36,12 +34,14 @@ from custody.errors import SignerNotConfigured
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
+from custody.risk import repository
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing.approvals import record_automatic_signature
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.building import RequestParams, create_request
 from custody.signing.cancel import cancel_unsigned
 from custody.signing.chain import Chain, FeePolicy, PrefetchedChain
+from custody.signing.repository import confirmed_txids
 from custody.signing.statements import bank_hsm_key, signer_loan_ref
 from hsm.client import BankSigner, Signed
 from hsm.signer import PolicyViolation
@@ -145,12 +145,8 @@ class RiskEngine:
         report.price = f"{quote.price_rub_per_btc} ({quote.source})"
         self._reconcile_unsigned(now)  # first: a rebuilt loan is open again for this pass
         with transaction(self.engine, write=False) as session:
-            loan_ids = list(
-                session.exec(
-                    select(Loan.id).where(
-                        col(Loan.state).in_([LoanState.active, LoanState.margin_call])
-                    )
-                ).all()
+            loan_ids = repository.loan_ids_in_states(
+                session, [LoanState.active, LoanState.margin_call]
             )
         report.loans = len(loan_ids)
         for loan_id in loan_ids:
@@ -181,14 +177,7 @@ class RiskEngine:
 
         cutoff = now - UNSIGNED_GRACE
         with transaction(self.engine) as session:
-            stale = session.exec(
-                select(SigningRequest).where(
-                    SigningRequest.action == SigningAction.liquidation,
-                    SigningRequest.state == RequestState.awaiting_signatures,
-                    col(SigningRequest.created_by).startswith("risk_engine:"),
-                    col(SigningRequest.updated_at) < cutoff,
-                )
-            ).all()
+            stale = repository.automatic_liquidations_awaiting_since(session, cutoff)
             ctx = Context(principal=_robot(), network=self.network)
             for req in stale:
                 if (
@@ -210,22 +199,18 @@ class RiskEngine:
         signer (a valuation, a liquidation it must price and sign) is returned, to be
         done after this transaction has committed."""
 
-        loan = session.get(Loan, loan_id)
+        loan = repository.loan_by_id(session, loan_id)
         if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
             return None
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None
-        collateral = session.exec(
-            select(func.coalesce(func.sum(Deposit.amount_sats), 0)).where(
-                Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
-            )
-        ).one()
+        collateral = repository.confirmed_collateral_sats(session, loan_id)
         debt = outstanding_debt_kopecks(loan, now)
         maturity = _aware(loan.maturity_at)
         position = LoanPosition(
             state=str(loan.state),
             debt_kopecks=debt,
-            collateral_sats=int(collateral),
+            collateral_sats=collateral,
             margin_call_ltv_bps=loan.margin_call_ltv_bps,
             liquidation_ltv_bps=loan.liquidation_ltv_bps,
             cure_window=timedelta(hours=loan.cure_window_hours),
@@ -242,7 +227,7 @@ class RiskEngine:
             "quoted_at": _aware(quote.quoted_at).isoformat(),
             "ltv_bps": decision.ltv_bps,
             "debt_kopecks": debt,
-            "collateral_sats": int(collateral),
+            "collateral_sats": collateral,
             "reason": decision.reason,
         }
         if decision.move == Move.margin_call:
@@ -277,13 +262,7 @@ class RiskEngine:
     def _prefetched(self, loan_id: int) -> PrefetchedChain:
         """The node's answers the request will need, asked with no transaction open."""
         with transaction(self.engine, write=False) as session:
-            txids = list(
-                session.exec(
-                    select(Deposit.txid).where(
-                        Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
-                    )
-                ).all()
-            )
+            txids = confirmed_txids(session, loan_id)
         return PrefetchedChain(self.chain, txids, self.fees.conf_target)
 
     def _liquidate(self, loan_id: int, work: _SignerWork) -> int | None:
@@ -298,7 +277,7 @@ class RiskEngine:
         )
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
-            loan = session.get(Loan, loan_id)
+            loan = repository.loan_by_id(session, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
             req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
@@ -370,7 +349,7 @@ class RiskEngine:
         ctx = Context(principal=_robot(), network=self.network)
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
-            loan = session.get(Loan, loan_id)
+            loan = repository.loan_by_id(session, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
             req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
@@ -391,7 +370,7 @@ class RiskEngine:
         # cancels it if it is still unsigned by then.
         with transaction(self.engine) as session:
             decision = record_automatic_signature(session, ctx, request_id, outcome)
-            loan = session.get(Loan, loan_id)
+            loan = repository.loan_by_id(session, loan_id)
             assert loan is not None
             if decision.refused:
                 log.error(
@@ -417,12 +396,6 @@ class RiskEngine:
             self.notify(session, loan, event, {"loan_id": loan.id, **data})
         elif event != "signature.needed":  # create_request already queued that one
             notify_loan(session, loan, event, data)
-
-
-def open_liquidation(session: Session, loan_id: int) -> SigningRequest | None:
-    return session.exec(
-        select(SigningRequest).where(SigningRequest.open_key == f"loan:{loan_id}")
-    ).first()
 
 
 def _aware(moment: datetime) -> datetime:

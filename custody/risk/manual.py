@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
@@ -15,6 +15,7 @@ from custody.auth.policy import require_role
 from custody.db.models import PriceRecord, Role
 from custody.db.session import transaction
 from custody.risk.prices import ManualPriceSource, PriceQuote, PriceUnavailable
+from custody.risk.repository import latest_price
 
 
 def set_price(
@@ -40,10 +41,6 @@ def set_price(
     return row
 
 
-def latest(session: Session) -> PriceRecord | None:
-    return session.exec(select(PriceRecord).order_by(col(PriceRecord.id).desc()).limit(1)).first()
-
-
 class DbManualPriceSource:
     """The latest staff-set price, as a PriceSource for the median."""
 
@@ -52,7 +49,7 @@ class DbManualPriceSource:
 
     def quote(self) -> PriceQuote:
         with transaction(self.engine, write=False) as session:
-            row = latest(session)
+            row = latest_price(session)
         if row is None:
             raise PriceUnavailable(f"{self.name}: no price has been set")
         at = row.quoted_at if row.quoted_at.tzinfo else row.quoted_at.replace(tzinfo=UTC)

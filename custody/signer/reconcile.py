@@ -34,9 +34,8 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import or_
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
@@ -46,23 +45,22 @@ from custody.db.models import (
     Principal,
     RequestState,
     Role,
-    SignerStatement,
     SigningAction,
     SigningRequest,
     StatementState,
     utcnow,
 )
 from custody.db.session import transaction
+from custody.signer import repository
 from custody.signer import service as statements
 from custody.signing.broadcast import broadcast_ready, record_broadcast
 from custody.signing.building import refused_request
-from custody.signing.repository import evidence
+from custody.signing.repository import evidence, transaction_statement_of
 from custody.signing.rules import REQUIRED_SEATS
 from custody.signing.statements import (
     bank_hsm_key,
     open_transaction_statement,
     signer_loan_ref,
-    transaction_statement_of,
 )
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
@@ -200,17 +198,12 @@ class Reconciler:
         if self.signer is None:
             return
         with transaction(self.engine, write=False) as session:  # reads only
-            rows = session.exec(
-                select(SignerStatement).where(
-                    SignerStatement.state == StatementState.open,
-                    col(SignerStatement.updated_at) < cutoff,
-                    or_(
-                        col(SignerStatement.result).is_not(None),
-                        col(SignerStatement.outcome) == statements.TAKEN_TO_SIGNER,
-                        col(SignerStatement.outcome).startswith(statements.UNREACHABLE),
-                    ),
-                )
-            ).all()
+            rows = repository.open_statements_with_outcome_unknown(
+                session,
+                cutoff,
+                taken=statements.TAKEN_TO_SIGNER,
+                unreachable=statements.UNREACHABLE,
+            )
             found = {
                 st.id or 0: (
                     "the signer's answer was stored but never applied"
@@ -230,7 +223,7 @@ class Reconciler:
             except (UpstreamUnavailable, SignerError) as exc:
                 outcome = {"state": "open", "reason": str(exc)}
             with transaction(self.engine) as session:
-                st = session.get(SignerStatement, statement_id)
+                st = repository.statement_by_id(session, statement_id)
                 assert st is not None
                 record(
                     session,
@@ -254,9 +247,7 @@ class Reconciler:
         """Finishing a statement, the reconciler acts for whoever opened it (what it
         makes, a bank key, is theirs), under its own name in the audit log."""
         role, _, name = actor.partition(":")
-        principal = session.exec(
-            select(Principal).where(Principal.name == name, Principal.role == role)
-        ).first()
+        principal = repository.principal_named(session, role, name)
         if principal is None:
             return self.ctx
         session.expunge(principal)
@@ -268,12 +259,9 @@ class Reconciler:
         if self.signer is None:
             return
         with transaction(self.engine, write=False) as session:  # reads only
-            rows = session.exec(
-                select(SigningRequest).where(
-                    SigningRequest.state == RequestState.awaiting_signatures,
-                    col(SigningRequest.updated_at) < cutoff,
-                )
-            ).all()
+            rows = repository.requests_in_state_updated_before(
+                session, RequestState.awaiting_signatures, cutoff
+            )
             work = [w for w in (self._needs_statement(session, r) for r in rows) if w]
         for item in work:
             self._reissue(item, report)
@@ -321,7 +309,7 @@ class Reconciler:
             prepared = refusal
         unused: str | None = None
         with transaction(self.engine) as session:
-            req = session.get(SigningRequest, item.request_id, with_for_update=True)
+            req = repository.request_by_id(session, item.request_id, for_update=True)
             assert req is not None
             if (
                 req.state != RequestState.awaiting_signatures
@@ -367,12 +355,9 @@ class Reconciler:
         with transaction(self.engine, write=False) as session:  # reads only
             rows = [
                 (r.id or 0, r.unsigned_txid, r.psbt, r.reject_reason)
-                for r in session.exec(
-                    select(SigningRequest).where(
-                        SigningRequest.state == RequestState.ready,
-                        col(SigningRequest.updated_at) < cutoff,
-                    )
-                ).all()
+                for r in repository.requests_in_state_updated_before(
+                    session, RequestState.ready, cutoff
+                )
             ]
         for request_id, txid, psbt, rejected in rows:
             if self._node_has(txid):
@@ -380,7 +365,7 @@ class Reconciler:
             elif rejected is None:  # never refused by the node: the send was lost
                 broadcast_ready(self.engine, ACTOR, request_id, self.chain)
                 with transaction(self.engine) as session:
-                    req = session.get(SigningRequest, request_id)
+                    req = repository.request_by_id(session, request_id)
                     assert req is not None
                     record(
                         session,
@@ -406,7 +391,7 @@ class Reconciler:
         self, request_id: int, txid: str, psbt: str, report: ReconcileReport
     ) -> None:
         with transaction(self.engine) as session:
-            req = session.get(SigningRequest, request_id, with_for_update=True)
+            req = repository.request_by_id(session, request_id, for_update=True)
             assert req is not None
             if req.state != RequestState.ready or req.psbt != psbt:
                 return  # the watcher or a person recorded it meanwhile

@@ -24,7 +24,7 @@ from typing import Any, Final
 import structlog
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
@@ -38,7 +38,6 @@ from custody.db.models import (
     Role,
     SignerEndorsement,
     SignerStatement,
-    SigningRequest,
     StatementState,
     utcnow,
 )
@@ -57,6 +56,7 @@ from custody.errors import (
     SignerStatementUnsigned,
 )
 from custody.loans.service import get_loan, loan_keys, store_key
+from custody.signer import repository
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.signatures import add_signatures
 from custody.signing.statements import bank_hsm_key, open_statement, signer_loan_ref
@@ -104,13 +104,13 @@ def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
     if role not in STAFF:
         raise hidden
     if st.loan_id is not None:
-        loan = session.get(Loan, st.loan_id)
+        loan = repository.loan_by_id(session, st.loan_id)
         if loan is None or loan.bank_party_id != ctx.principal.party_id:
             raise hidden
 
 
 def get_statement(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
-    st = session.get(SignerStatement, statement_id)
+    st = repository.statement_by_id(session, statement_id)
     if st is None:
         raise SignerStatementNotFound(f"signer statement {statement_id} not found")
     _check_view(session, ctx, st)
@@ -121,11 +121,7 @@ def statement_view(session: Session, st: SignerStatement) -> dict[str, Any]:
     """What a person needs to check and sign: the statement, its exact bytes, its digest
     (a passkey's challenge) and who has signed so far."""
     body = json.loads(st.body)
-    people = session.exec(
-        select(SignerEndorsement.person)
-        .where(SignerEndorsement.statement_id == st.id)
-        .order_by(col(SignerEndorsement.id))
-    ).all()
+    people = repository.endorsers(session, st.id)
     return {
         "id": st.id,
         "kind": st.kind,
@@ -199,13 +195,7 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
         )
     if any(k.role == KeyRole.bank for k in loan_keys(session, loan_id)):
         raise KeySeatTaken(f"the bank key of loan {loan_id} is already registered", field="key")
-    existing = session.exec(
-        select(SignerStatement).where(
-            SignerStatement.loan_id == loan_id,
-            SignerStatement.kind == "register_loan",
-            SignerStatement.state == StatementState.open,
-        )
-    ).first()
+    existing = repository.open_statement_of_loan(session, loan_id, "register_loan")
     if existing is not None:
         return existing
     body = registration_statement(
@@ -287,11 +277,7 @@ def ready_to_retry(session: Session, ctx: Context, statement_id: int) -> SignerS
         raise SignerStatementNotInState(
             f"signer statement {statement_id} is {st.state}: nothing to retry"
         )
-    count = len(
-        session.exec(
-            select(SignerEndorsement.id).where(SignerEndorsement.statement_id == statement_id)
-        ).all()
-    )
+    count = repository.endorsement_count(session, statement_id)
     if count < 2:
         raise SignerStatementUnsigned(
             f"signer statement {statement_id} has {count} signature(s); it needs 2"
@@ -310,11 +296,7 @@ def endorse(
         raise SignerStatementNotInState(
             f"signer statement {statement_id} is {st.state}: it takes no signatures"
         )
-    existing = session.exec(
-        select(SignerEndorsement).where(
-            SignerEndorsement.statement_id == statement_id, SignerEndorsement.person == person
-        )
-    ).first()
+    existing = repository.endorsement_by(session, statement_id, person)
     action = "signer.statement_signed"
     if existing is not None:
         if existing.signature == signature:
@@ -350,11 +332,7 @@ def endorse(
         request_id=st.request_id,
         data={"statement_id": statement_id, "person": person},
     )
-    count = len(
-        session.exec(
-            select(SignerEndorsement.id).where(SignerEndorsement.statement_id == statement_id)
-        ).all()
-    )
+    count = repository.endorsement_count(session, statement_id)
     return st, count >= 2
 
 
@@ -406,21 +384,17 @@ def execute(
     if signer is None:
         raise SignerNotConfigured("no bank signer is configured for this service")
     with transaction(engine) as session:
-        st = session.get(SignerStatement, statement_id)
+        st = repository.statement_by_id(session, statement_id)
         if st is None or st.state != StatementState.open:
             return {"state": str(st.state) if st else "missing"}
         answer_lost = may_have_acted(st)
         if st.result is None:
             st.outcome, st.updated_at = TAKEN_TO_SIGNER, utcnow()
             session.add(st)
-        rows = session.exec(
-            select(SignerEndorsement)
-            .where(SignerEndorsement.statement_id == statement_id)
-            .order_by(col(SignerEndorsement.id))
-        ).all()
+        rows = repository.endorsements(session, statement_id)
         psbt = action = loan_ref = None
         if st.request_id is not None:
-            req = session.get(SigningRequest, st.request_id)
+            req = repository.request_by_id(session, st.request_id)
             assert req is not None
             psbt, action = req.psbt, str(req.action)
             key = bank_hsm_key(session, req.loan_id)
@@ -453,13 +427,13 @@ def execute(
         result = recovered
     except (UpstreamUnavailable, SignerError) as exc:
         with transaction(engine) as session:
-            st = session.get(SignerStatement, statement_id)
+            st = repository.statement_by_id(session, statement_id)
             assert st is not None
             st.outcome = f"{UNREACHABLE}: {exc.message}"
             st.updated_at = utcnow()
         return {"state": "open", "reason": exc.message}
     with transaction(engine) as session:  # keep what the signer did before applying it
-        st = session.get(SignerStatement, statement_id)
+        st = repository.statement_by_id(session, statement_id)
         assert st is not None
         st.result = json.dumps(result, sort_keys=True, default=str)
         st.outcome = "the signer acted; applying its answer"
@@ -496,7 +470,7 @@ def _broadcast_if_ready(
         broadcast_ready(engine, ctx.actor, work.request_id, chain)
     except UpstreamUnavailable as exc:
         with transaction(engine) as session:
-            st = session.get(SignerStatement, statement_id)
+            st = repository.statement_by_id(session, statement_id)
             assert st is not None
             st.outcome = (
                 f"{st.outcome}; not broadcast yet ({exc.message}): "
@@ -525,7 +499,7 @@ def _call(signer: BankSigner, work: _Work) -> dict[str, Any]:
 
 
 def _refused(session: Session, ctx: Context, statement_id: int, refusal: PolicyViolation) -> None:
-    st = session.get(SignerStatement, statement_id)
+    st = repository.statement_by_id(session, statement_id)
     assert st is not None
     st.outcome = f"refused ({refusal.check}): {refusal.reason}"
     st.updated_at = utcnow()
@@ -554,12 +528,12 @@ def _apply(
     *,
     answer_lost: bool = False,
 ) -> None:
-    st = session.get(SignerStatement, statement_id)
+    st = repository.statement_by_id(session, statement_id)
     assert st is not None
     st.state = StatementState.done
     st.updated_at = utcnow()
     if work.kind == "register_loan":
-        loan = session.get(Loan, work.loan_id)
+        loan = repository.loan_by_id(session, work.loan_id)
         assert loan is not None
         evidence = _HsmEvidence(
             label=str(result["key_ref"]),
@@ -576,7 +550,7 @@ def _apply(
             )
         st.outcome = f"bank key {evidence.label} made; registered by {result['registered_by']}"
     elif work.kind == "repayment":
-        loan = session.get(Loan, work.loan_id)
+        loan = repository.loan_by_id(session, work.loan_id)
         assert loan is not None
         credit = bool(result.get("recorded")) or (
             answer_lost and not _credited_elsewhere(session, statement_id, work)
@@ -599,7 +573,6 @@ def _apply(
             },
         )
     elif work.kind == "transaction":
-
         assert work.request_id is not None
         record(
             session,
@@ -611,9 +584,7 @@ def _apply(
             reason=str(result.get("authorized")),
             data={"statement_id": statement_id, "fee_sats": result["report"].get("fee_sats")},
         )
-        add_signatures(
-            session, ctx, work.request_id, result["psbt"], via="hsm"
-        )
+        add_signatures(session, ctx, work.request_id, result["psbt"], via="hsm")
         st.outcome = str(result.get("authorized"))
     else:
         st.outcome = json.dumps(result, sort_keys=True, default=str)[:500]
@@ -622,13 +593,8 @@ def _apply(
 
 def _credited_elsewhere(session: Session, statement_id: int, work: _Work) -> bool:
     """Did another statement of this loan already credit this repayment id?"""
-    others = session.exec(
-        select(SignerStatement).where(
-            SignerStatement.loan_id == work.loan_id,
-            SignerStatement.kind == "repayment",
-            SignerStatement.state == StatementState.done,
-            col(SignerStatement.id) != statement_id,
-        )
-    ).all()
+    others = repository.done_statements_of_loan_except(
+        session, work.loan_id, "repayment", statement_id
+    )
     repayment_id = work.body["repayment_id"]
     return any(json.loads(o.body).get("repayment_id") == repayment_id for o in others)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
@@ -13,7 +13,6 @@ from custody.auth.policy import require_role
 from custody.db.models import (
     Approval,
     KeyRole,
-    Loan,
     RequestState,
     Role,
     SigningRequest,
@@ -26,9 +25,15 @@ from custody.errors import (
     SigningRequestNotInState,
 )
 from custody.signing.building import refused_request
-from custody.signing.repository import get_request
+from custody.signing.repository import (
+    approval_by,
+    get_request,
+    loan_by_id,
+    request_by_id,
+    transaction_statement_of,
+)
 from custody.signing.signatures import add_signatures
-from custody.signing.statements import bank_hsm_key, transaction_statement_of
+from custody.signing.statements import bank_hsm_key
 from hsm.client import Signed
 from hsm.signer import PolicyViolation
 
@@ -50,7 +55,7 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
 
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_approver)
-    loan = session.get(Loan, req.loan_id)
+    loan = loan_by_id(session, req.loan_id)
     assert loan is not None
     if loan.bank_party_id != ctx.principal.party_id:
         raise SigningRequestNotFound(f"signing request {request_id} not found")
@@ -69,13 +74,7 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
         )
     if ctx.actor == req.created_by:
         raise SelfApproval("the requester cannot approve their own request (4-eyes)")
-    already = session.exec(
-        select(Approval.id).where(
-            Approval.request_id == req.id,
-            Approval.principal == ctx.actor,
-            Approval.unsigned_txid == req.unsigned_txid,
-        )
-    ).first()
+    already = approval_by(session, req.id, req.unsigned_txid, ctx.actor)
     if already is None:
         session.add(
             Approval(
@@ -108,7 +107,7 @@ def record_automatic_signature(
     transaction: its signatures taken like any upload (at quorum the caller broadcasts
     after commit), or its refusal recorded (and the request cancelled, so the next risk
     pass starts again from fresh figures)."""
-    req = session.get(SigningRequest, request_id)
+    req = request_by_id(session, request_id)
     assert req is not None
     if isinstance(outcome, PolicyViolation):
         refused_request(session, ctx, req, outcome)

@@ -14,7 +14,6 @@ from custody.auth.context import Context
 from custody.auth.policy import require_role
 from custody.chain.rpc import RpcTxAlreadyKnown
 from custody.db.models import (
-    Loan,
     RequestState,
     Role,
     SigningAction,
@@ -28,7 +27,7 @@ from custody.signing.chain import Chain
 from custody.signing.psbt import (
     finalize,
 )
-from custody.signing.repository import get_request
+from custody.signing.repository import get_request, loan_by_id, request_by_id
 
 
 def _ask_the_node(chain: Chain, psbt: str) -> tuple[str, dict[str, Any]]:
@@ -70,7 +69,7 @@ def record_broadcast(
         data={"txid": req.unsigned_txid},
     )
     if req.action in (SigningAction.liquidation, SigningAction.partial_liquidation):
-        loan = session.get(Loan, req.loan_id)
+        loan = loan_by_id(session, req.loan_id)
         assert loan is not None
         notify_loan(
             session,
@@ -86,13 +85,13 @@ def broadcast_ready(engine: Engine, actor: str, request_id: int, chain: Chain) -
     send), the request stays ready: a retry sends the same transaction again (the node
     says it knows it) and the watcher closes the request when it is mined."""
     with transaction(engine) as session:
-        req = session.get(SigningRequest, request_id)
+        req = request_by_id(session, request_id)
         if req is None or req.state != RequestState.ready:
             return
         psbt = req.psbt
     _, verdict = _ask_the_node(chain, psbt)
     with transaction(engine) as session:
-        req = session.get(SigningRequest, request_id)
+        req = request_by_id(session, request_id)
         if req is not None and req.state == RequestState.ready and req.psbt == psbt:
             record_broadcast(session, actor, req, verdict)
 

@@ -13,15 +13,12 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import ensure_can_view, require_role
 from custody.db.models import (
-    CollateralAddress,
-    Deposit,
-    DepositState,
     KeyRole,
     Loan,
     RequestState,
@@ -58,7 +55,16 @@ from custody.signing.psbt import (
     estimate_vsize,
     unsigned_txid,
 )
-from custody.signing.repository import evidence, get_request, request_inputs
+from custody.signing.repository import (
+    confirmed_collateral,
+    confirmed_txids,
+    evidence,
+    get_request,
+    loan_by_id,
+    open_request_id,
+    request_by_id,
+    request_inputs,
+)
 from custody.signing.rules import FROM_STATES, REQUIRED_SEATS, STATE_WHILE_OPEN, WHO_REQUESTS
 from custody.signing.statements import bank_hsm_key, open_transaction_statement, signer_loan_ref
 from hsm.client import BankSigner
@@ -91,15 +97,7 @@ class RequestParams:
 
 def _collateral_inputs(session: Session, loan: Loan, chain: Chain) -> list[CollateralInput]:
     """Every confirmed, unspent collateral output of the loan, as the watcher recorded it."""
-    rows = session.exec(
-        select(Deposit, CollateralAddress)
-        .where(
-            Deposit.loan_id == loan.id,
-            Deposit.state == DepositState.confirmed,
-            col(Deposit.address_id) == col(CollateralAddress.id),
-        )
-        .order_by(col(Deposit.id))
-    ).all()
+    rows = confirmed_collateral(session, loan.id)
     if not rows:
         raise NoConfirmedCollateral(f"loan {loan.id} has no confirmed collateral to move")
     try:
@@ -238,12 +236,12 @@ def create_request(
     but `chain` (a `PrefetchedChain` keeps that off the network). When the bank's signer
     holds the bank key, a liquidation must come priced by its valuation; `open_request`
     asks for it, and for the signer's statement, with no transaction open."""
-    loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+    loan = ensure_can_view(ctx.principal, loan_by_id(session, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
         raise LoanNotFound(f"loan {loan_id} not found")
     slot = f"loan:{loan_id}"
-    if session.exec(select(SigningRequest.id).where(SigningRequest.open_key == slot)).first():
+    if open_request_id(session, slot):
         raise RequestAlreadyOpen(
             f"loan {loan_id} already has an open signing request: finish or cancel it"
         )
@@ -293,17 +291,11 @@ def open_request(
     it shows `signer_statement_id` null and is cancelled and asked for again."""
 
     with transaction(engine) as session:
-        loan = ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+        loan = ensure_can_view(ctx.principal, loan_by_id(session, loan_id), loan_id)
         require_role(ctx.principal, *WHO_REQUESTS[params.action])
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None
-        txids = list(
-            session.exec(
-                select(Deposit.txid).where(
-                    Deposit.loan_id == loan.id, Deposit.state == DepositState.confirmed
-                )
-            ).all()
-        )
+        txids = confirmed_txids(session, loan.id)
     if (
         loan_ref is not None
         and params.valuation_id is None
@@ -490,7 +482,7 @@ def bump_fee(
         raise SigningRequestNotInState(
             f"signing request {request_id} is {old.state}: only a broadcast one is bumped"
         )
-    loan = session.get(Loan, old.loan_id)
+    loan = loan_by_id(session, old.loan_id)
     assert loan is not None
     descriptor = loan_descriptor(session, loan, ctx.network)
     inputs = request_inputs(old)
@@ -612,7 +604,7 @@ def _statement_after(
     )
     if not needs:
         with transaction(engine) as session:
-            found = session.get(SigningRequest, request_id)
+            found = request_by_id(session, request_id)
             assert found is not None
             return found
     assert loan_ref is not None
@@ -625,7 +617,7 @@ def _statement_after(
     except PolicyViolation as refusal:
         prepared = refusal
     with transaction(engine) as session:
-        stored = session.get(SigningRequest, request_id)
+        stored = request_by_id(session, request_id)
         assert stored is not None
         req = stored
         if isinstance(prepared, PolicyViolation):

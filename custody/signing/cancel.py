@@ -9,7 +9,6 @@ from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import require_role
 from custody.db.models import (
-    Loan,
     LoanState,
     RequestState,
     SigningAction,
@@ -19,9 +18,8 @@ from custody.db.models import (
 from custody.db.session import transaction
 from custody.errors import SigningRequestNotInState
 from custody.loans.service import change_state
-from custody.signing.repository import get_request
+from custody.signing.repository import get_request, loan_by_id, transaction_statement_of
 from custody.signing.rules import WHO_REQUESTS
-from custody.signing.statements import transaction_statement_of
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation
 from pledge.errors import UpstreamUnavailable
@@ -90,7 +88,7 @@ def close_cancelled(session: Session, ctx: Context, req: SigningRequest, *, reas
         request_id=req.id,
         reason=reason,
     )
-    loan = session.get(Loan, req.loan_id)
+    loan = loan_by_id(session, req.loan_id)
     assert loan is not None
     if req.replaces_id is None and str(loan.state) != req.loan_state_before:
         change_state(

@@ -1,5 +1,7 @@
-"""Reading signing requests: by id (with the caller's view rights), per loan, by txid, and an RBF
-family."""
+"""The signing domain's queries: signing requests (by id with the caller's view rights, per loan,
+by txid, an RBF family), the loan and collateral a request is built from, approvals, and the bank
+keys and statements of the bank's signer. Queries only: the rules are in the modules that call
+these."""
 
 from __future__ import annotations
 
@@ -11,7 +13,14 @@ from sqlmodel import Session, col, select
 from custody.auth.context import Context
 from custody.auth.policy import can_view_loan, ensure_can_view
 from custody.db.models import (
+    Approval,
+    CollateralAddress,
+    Deposit,
+    DepositState,
+    KeyRole,
     Loan,
+    LoanKey,
+    SignerStatement,
     SigningRequest,
 )
 from custody.errors import SigningRequestNotFound
@@ -84,3 +93,90 @@ def rbf_family(session: Session, req: SigningRequest) -> list[SigningRequest]:
         for r in rows
         if mine & {i["txid"] + ":" + str(i["vout"]) for i in json.loads(r.inputs_json)}
     ]
+
+
+def request_by_id(session: Session, request_id: int) -> SigningRequest | None:
+    """The request, whoever asks (callers that answer a person use `get_request`)."""
+    return session.get(SigningRequest, request_id)
+
+
+def loan_by_id(session: Session, loan_id: int) -> Loan | None:
+    return session.get(Loan, loan_id)
+
+
+def open_request_id(session: Session, open_key: str) -> int | None:
+    """The id of the request holding a loan's open slot (`SigningRequest.open_key`), if any."""
+    return session.exec(
+        select(SigningRequest.id).where(SigningRequest.open_key == open_key)
+    ).first()
+
+
+def confirmed_collateral(
+    session: Session, loan_id: int | None
+) -> list[tuple[Deposit, CollateralAddress]]:
+    """The loan's confirmed deposits with the address each paid, oldest first."""
+    return list(
+        session.exec(
+            select(Deposit, CollateralAddress)
+            .where(
+                Deposit.loan_id == loan_id,
+                Deposit.state == DepositState.confirmed,
+                col(Deposit.address_id) == col(CollateralAddress.id),
+            )
+            .order_by(col(Deposit.id))
+        ).all()
+    )
+
+
+def confirmed_txids(session: Session, loan_id: int | None) -> list[str]:
+    """The txids of the loan's confirmed deposits (what the node is asked before building)."""
+    return list(
+        session.exec(
+            select(Deposit.txid).where(
+                Deposit.loan_id == loan_id, Deposit.state == DepositState.confirmed
+            )
+        ).all()
+    )
+
+
+def approval_by(
+    session: Session, request_id: int | None, unsigned_txid: str, principal: str
+) -> int | None:
+    """The id of `principal`'s approval of this exact transaction of the request, if any."""
+    return session.exec(
+        select(Approval.id).where(
+            Approval.request_id == request_id,
+            Approval.principal == principal,
+            Approval.unsigned_txid == unsigned_txid,
+        )
+    ).first()
+
+
+def approval_not_by(
+    session: Session, request_id: int | None, unsigned_txid: str, principal: str
+) -> int | None:
+    """The id of an approval of this exact transaction of the request by anyone but
+    `principal`, if any."""
+    return session.exec(
+        select(Approval.id).where(
+            Approval.request_id == request_id,
+            Approval.unsigned_txid == unsigned_txid,
+            Approval.principal != principal,
+        )
+    ).first()
+
+
+def bank_key(session: Session, loan_id: int) -> LoanKey | None:
+    """The loan's registered bank key, whoever holds it."""
+    return session.exec(
+        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
+    ).first()
+
+
+def transaction_statement_of(session: Session, request_id: int) -> SignerStatement | None:
+    """The newest signer statement issued for the request's transaction."""
+    return session.exec(
+        select(SignerStatement)
+        .where(SignerStatement.request_id == request_id, SignerStatement.kind == "transaction")
+        .order_by(col(SignerStatement.id).desc())
+    ).first()

@@ -3,13 +3,12 @@ two seats have signed."""
 
 from __future__ import annotations
 
-from sqlmodel import Session, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import require_role
 from custody.db.models import (
-    Approval,
     KeyRole,
     Loan,
     RequestState,
@@ -26,7 +25,7 @@ from custody.signing.psbt import (
     merge_signatures,
     signers_per_input,
 )
-from custody.signing.repository import get_request, request_inputs
+from custody.signing.repository import approval_not_by, get_request, loan_by_id, request_inputs
 from custody.signing.rules import REQUIRED_SEATS
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import HDKey
@@ -72,7 +71,7 @@ def add_signatures(
     broadcasts it after commit with `broadcast_ready` (no transaction is ever open across
     the node's calls)."""
     req = get_request(session, ctx, request_id)
-    loan = session.get(Loan, req.loan_id)
+    loan = loan_by_id(session, req.loan_id)
     assert loan is not None
     if via != "hsm":  # the HSM path was authorised by the signer's own boundary checks
         require_role(
@@ -124,13 +123,4 @@ def add_signatures(
 
 
 def _approved(session: Session, req: SigningRequest) -> bool:
-    return (
-        session.exec(
-            select(Approval.id).where(
-                Approval.request_id == req.id,
-                Approval.unsigned_txid == req.unsigned_txid,
-                Approval.principal != req.created_by,
-            )
-        ).first()
-        is not None
-    )
+    return approval_not_by(session, req.id, req.unsigned_txid, req.created_by) is not None

@@ -7,17 +7,17 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.db.models import (
-    KeyRole,
     LoanKey,
     SignerStatement,
     SigningRequest,
     StatementState,
 )
+from custody.signing.repository import bank_key
 from pledge.statements import statement_digest
 
 KEY_LABEL_PREFIX: Final = "pledge-loan:"
@@ -31,9 +31,7 @@ def signer_loan_ref(key: LoanKey) -> str:
 def bank_hsm_key(session: Session, loan_id: int) -> LoanKey | None:
     """The loan's bank key when the bank's signer holds it (None: an xpub the bank signs
     with on its own device)."""
-    key = session.exec(
-        select(LoanKey).where(LoanKey.loan_id == loan_id, LoanKey.role == KeyRole.bank)
-    ).first()
+    key = bank_key(session, loan_id)
     return key if key is not None and key.hsm_key_label is not None else None
 
 
@@ -82,11 +80,3 @@ def open_transaction_statement(
         request_id=req.id,
         nonce=str(prepared["nonce"]),
     )
-
-
-def transaction_statement_of(session: Session, request_id: int) -> SignerStatement | None:
-    return session.exec(
-        select(SignerStatement)
-        .where(SignerStatement.request_id == request_id, SignerStatement.kind == "transaction")
-        .order_by(col(SignerStatement.id).desc())
-    ).first()

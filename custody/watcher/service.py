@@ -18,16 +18,15 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from custody.audit.service import record
 from custody.chain.blocks import BlockScan, FoundOutput, FoundSpend, outpoint_key, scan_block
@@ -36,12 +35,10 @@ from custody.chain.rpc import NodeRpc, RpcNotFound
 from custody.db.models import (
     ChainBlock,
     ChainCursor,
-    CollateralAddress,
     Deposit,
     DepositState,
     Loan,
     LoanState,
-    SigningRequest,
     WatcherLease,
     utcnow,
 )
@@ -50,12 +47,12 @@ from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.signing.chain_events import mined, unmined
 from custody.signing.repository import request_for_txid
+from custody.watcher import repository
 from pledge.errors import Conflict
 
 log = structlog.get_logger(__name__)
 
 ACTOR = "system:watcher"
-_PG_WATCHER_LOCK = 0x5C0A_3A7C
 # Deposits in these states still hold an unspent outpoint we must watch.
 _LIVE = (DepositState.pending, DepositState.confirmed)
 
@@ -95,11 +92,6 @@ class _Watched:
     outpoints: set[bytes] = field(default_factory=set)
 
 
-def _chunks(ids: list[int], size: int = 500) -> Iterator[list[int]]:
-    for i in range(0, len(ids), size):
-        yield ids[i : i + size]
-
-
 @dataclass
 class _Rows:
     """The rows one block needs, loaded with one query per kind and held by strong
@@ -120,29 +112,18 @@ class _Rows:
         rows = cls()
         outputs, spends = list(outputs), list(spends)
         address_ids = sorted({watched.scripts[o.script_pubkey] for o in outputs})
-        for chunk in _chunks(address_ids):
-            rows.loan_of_address.update(
-                session.exec(
-                    select(CollateralAddress.id, CollateralAddress.loan_id).where(
-                        col(CollateralAddress.id).in_(chunk)
-                    )
-                ).all()  # type: ignore[arg-type]
-            )
+        rows.loan_of_address.update(repository.loans_of_addresses(session, address_ids))
         txids = sorted({o.txid for o in outputs} | {s.prev_txid for s in spends})
-        for i in range(0, len(txids), 500):
-            for dep in session.exec(
-                select(Deposit).where(col(Deposit.txid).in_(txids[i : i + 500]))
-            ).all():
-                rows.deposits[(dep.txid, dep.vout)] = dep
+        for dep in repository.deposits_of_txids(session, txids):
+            rows.deposits[(dep.txid, dep.vout)] = dep
         rows.keep_loans(session, sorted(set(rows.loan_of_address.values())))
         return rows
 
     def keep_loans(self, session: Session, ids: Iterable[int]) -> None:
         missing = [i for i in ids if i not in self.loans]
-        for chunk in _chunks(missing):
-            for loan in session.exec(select(Loan).where(col(Loan.id).in_(chunk))).all():
-                assert loan.id is not None
-                self.loans[loan.id] = loan
+        for loan in repository.loans_by_ids(session, missing):
+            assert loan.id is not None
+            self.loans[loan.id] = loan
 
     def loan(self, session: Session, loan_id: int) -> Loan:
         if loan_id not in self.loans:
@@ -180,9 +161,7 @@ class Watcher:
         """Take the single-watcher lease; raise WatcherBusy if someone else holds it."""
         if self.engine.dialect.name == "postgresql" and self._pg_lock is None:
             conn = self.engine.connect()
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_WATCHER_LOCK}
-            ).scalar()
+            got = repository.try_watcher_lock(conn)
             conn.commit()
             if not got:
                 conn.close()
@@ -195,7 +174,7 @@ class Watcher:
     def release(self) -> None:
         self.holding.clear()
         with Session(self.engine) as session:
-            lease = session.get(WatcherLease, 1)
+            lease = repository.lease(session)
             if lease is not None and lease.holder == self.holder:
                 lease.expires_at = utcnow()
                 session.add(lease)
@@ -204,9 +183,7 @@ class Watcher:
             # Unlock explicitly: close() only returns the connection to the pool, where
             # the session-level advisory lock would outlive this watcher.
             try:
-                self._pg_lock.execute(
-                    text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WATCHER_LOCK}
-                )
+                repository.release_watcher_lock(self._pg_lock)
                 self._pg_lock.commit()
             except Exception:  # a broken connection: drop it, which ends its session
                 self._pg_lock.invalidate()
@@ -217,7 +194,7 @@ class Watcher:
     def _renew_lease(self) -> None:
         now = utcnow()
         with Session(self.engine) as session:
-            lease = session.get(WatcherLease, 1)
+            lease = repository.lease(session)
             if lease is None:
                 lease = WatcherLease(id=1, holder=self.holder, expires_at=now)
             elif (
@@ -302,7 +279,7 @@ class Watcher:
 
     def _cursor(self, tip: int) -> ChainCursor:
         with transaction(self.engine, write=False) as session:  # reads only
-            cursor = session.get(ChainCursor, 1)
+            cursor = repository.cursor(session)
         if cursor is not None:
             return cursor
         # The first step: ask the node for the base block with no transaction open
@@ -311,7 +288,7 @@ class Watcher:
         base = max(start - 1, 0)
         base_hash = self.rpc.get_block_hash(base)
         with Session(self.engine, expire_on_commit=False) as session:
-            cursor = session.get(ChainCursor, 1)
+            cursor = repository.cursor(session)
             if cursor is None:
                 cursor = ChainCursor(id=1, height=base, block_hash=base_hash, node_tip_height=tip)
                 session.add(cursor)
@@ -325,13 +302,7 @@ class Watcher:
         short session and the node is asked with none open: the answer is re-checked
         against the database before anything is written."""
         with transaction(self.engine, write=False) as session:  # reads only
-            blocks = list(
-                session.exec(
-                    select(ChainBlock)
-                    .where(col(ChainBlock.height) <= cursor.height)
-                    .order_by(col(ChainBlock.height).desc())
-                ).all()
-            )
+            blocks = repository.blocks_at_or_below(session, cursor.height)
         for block in blocks:
             if block.height <= tip and self.rpc.get_block_hash(block.height) == block.hash:
                 return blocks, block.height, block.hash
@@ -349,15 +320,9 @@ class Watcher:
         blocks, fork_height, fork_hash = self._find_fork(cursor, tip)
         orphaned_ids = {(b.height, b.hash) for b in blocks if b.height > fork_height}
         with Session(self.engine, expire_on_commit=False) as session:
-            db_cursor = session.get(ChainCursor, 1)
+            db_cursor = repository.cursor(session)
             assert db_cursor is not None
-            orphaned = list(
-                session.exec(
-                    select(ChainBlock)
-                    .where(col(ChainBlock.height) > fork_height)
-                    .order_by(col(ChainBlock.height).desc())
-                ).all()
-            )
+            orphaned = repository.blocks_above(session, fork_height)
             if (db_cursor.height, db_cursor.block_hash) != (cursor.height, cursor.block_hash) or {
                 (b.height, b.hash) for b in orphaned
             } != orphaned_ids:
@@ -379,11 +344,7 @@ class Watcher:
     def _undo_blocks(self, session: Session, fork: int, orphaned: list[ChainBlock]) -> set[int]:
         hashes = {b.hash: b.height for b in orphaned}
         touched: set[int] = set()
-        mined = session.exec(
-            select(Deposit).where(
-                col(Deposit.block_height) > fork, Deposit.state != DepositState.removed
-            )
-        ).all()
+        mined = repository.deposits_mined_above(session, fork)
         for dep in mined:
             touched.add(dep.loan_id)
             record(
@@ -402,20 +363,13 @@ class Watcher:
                 dep.state = DepositState.pending
             dep.updated_at = utcnow()
             session.add(dep)
-        for request in session.exec(
-            select(SigningRequest).where(col(SigningRequest.mined_height) > fork)
-        ).all():
+        for request in repository.requests_mined_above(session, fork):
             touched.add(request.loan_id)
             unmined(session, request, ACTOR)
         # Deposits whose own block survives can still lose confirmations.
-        shallow = session.exec(
-            select(Deposit.loan_id).where(
-                Deposit.state == DepositState.confirmed,
-                col(Deposit.block_height) + col(Deposit.required_confirmations) - 1 > fork,
-            )
-        ).all()
+        shallow = repository.loan_ids_confirmed_above(session, fork)
         touched.update(shallow)
-        spent = session.exec(select(Deposit).where(col(Deposit.spent_height) > fork)).all()
+        spent = repository.deposits_spent_above(session, fork)
         for dep in spent:
             touched.add(dep.loan_id)
             record(
@@ -449,18 +403,14 @@ class Watcher:
             session.add(
                 ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
             )
-            cursor = session.get(ChainCursor, 1)
+            cursor = repository.cursor(session)
             assert cursor is not None
             cursor.height, cursor.block_hash = height, scan.block_hash
             cursor.node_tip_height, cursor.updated_at = max(tip, height), utcnow()
             session.add(cursor)
             session.flush()
             # Every mined, still-pending deposit gains a confirmation with this block.
-            waiting = session.exec(
-                select(Deposit.loan_id).where(
-                    Deposit.state == DepositState.pending, col(Deposit.block_height).is_not(None)
-                )
-            ).all()
+            waiting = repository.loan_ids_of_mined_pending(session)
             touched.update(waiting)
             self._settle(session, touched, height, reason="block", rows=rows)
             session.commit()
@@ -569,12 +519,9 @@ class Watcher:
         rows = rows or _Rows()
         session.flush()
         by_loan: dict[int, list[Deposit]] = {loan_id: [] for loan_id in ids}
-        for chunk in _chunks(ids):
-            rows.keep_loans(session, chunk)
-            for dep in session.exec(
-                select(Deposit).where(col(Deposit.loan_id).in_(chunk)).order_by(col(Deposit.id))
-            ).all():
-                by_loan[dep.loan_id].append(dep)
+        rows.keep_loans(session, ids)
+        for dep in repository.deposits_of_loans(session, ids):
+            by_loan[dep.loan_id].append(dep)
         for loan_id in ids:
             loan = rows.loan(session, loan_id)
             deposits = by_loan[loan_id]
@@ -654,13 +601,7 @@ class Watcher:
                 continue  # mined or evicted since we listed it; blocks will tell
             found.extend(scan_tx(raw, self._watched.scripts, self._watched.outpoints).outputs)
         with transaction(self.engine, write=False) as session:  # reads only
-            unmined_txids = set(
-                session.exec(
-                    select(Deposit.txid).where(
-                        Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
-                    )
-                ).all()
-            )
+            unmined_txids = set(repository.unmined_txids(session))
         asked = unmined_txids - mempool
         mined_elsewhere = {txid for txid in asked if self._mined_beyond_cursor(txid)}
         added = removed = 0
@@ -672,11 +613,7 @@ class Watcher:
                     self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
                     added += 1
             session.flush()
-            unmined = session.exec(
-                select(Deposit).where(
-                    Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
-                )
-            ).all()
+            unmined = repository.unmined_deposits(session)
             for dep in unmined:
                 # Only what the node was asked about: a deposit that appeared since is
                 # judged on the next step.
@@ -712,9 +649,7 @@ class Watcher:
         self._watched = _Watched()
         self._load_new_addresses()
         with transaction(self.engine, write=False) as session:  # reads only
-            rows = session.exec(
-                select(Deposit.txid, Deposit.vout).where(col(Deposit.state).in_(_LIVE))
-            ).all()
+            rows = repository.outpoints_in_states(session, _LIVE)
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
     def _load_new_addresses(self, page: int = 50_000) -> None:
@@ -722,12 +657,7 @@ class Watcher:
         never sit in memory twice (as rows and as the index)."""
         with transaction(self.engine, write=False) as session:  # reads only
             while True:
-                rows = session.exec(
-                    select(CollateralAddress.id, CollateralAddress.script_pubkey_hex)
-                    .where(col(CollateralAddress.id) > self._watched.last_address_id)
-                    .order_by(col(CollateralAddress.id))
-                    .limit(page)
-                ).all()
+                rows = repository.addresses_after(session, self._watched.last_address_id, page)
                 for address_id, spk_hex in rows:
                     assert address_id is not None
                     self._watched.scripts[bytes.fromhex(spk_hex)] = address_id

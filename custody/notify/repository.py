@@ -1,0 +1,59 @@
+"""The notify domain's queries: webhooks (by id, per party, the active ones) and the outbox rows
+the delivery worker claims and settles. Queries only: who is told what, and the retry policy,
+are in `outbox.py` and `delivery.py`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlmodel import Session, col, select
+
+from custody.db.models import Outbox, Party, Webhook
+
+
+def party_by_id(session: Session, party_id: int) -> Party | None:
+    return session.get(Party, party_id)
+
+
+def webhook_by_id(session: Session, webhook_id: int) -> Webhook | None:
+    return session.get(Webhook, webhook_id)
+
+
+def webhooks(session: Session, party_id: int | None = None) -> list[Webhook]:
+    """Every webhook (or only `party_id`'s), active or not, in id order."""
+    query = select(Webhook).order_by(col(Webhook.id))
+    if party_id is not None:
+        query = query.where(Webhook.party_id == party_id)
+    return list(session.exec(query).all())
+
+
+def active_webhooks(session: Session) -> list[Webhook]:
+    return list(
+        session.exec(
+            select(Webhook).where(col(Webhook.active).is_(True)).order_by(col(Webhook.id))
+        ).all()
+    )
+
+
+def claim_due_events(session: Session, now: datetime, limit: int) -> list[tuple[Outbox, Webhook]]:
+    """Up to `limit` undelivered, live outbox rows due by `now` (oldest due first) with their
+    webhook, their rows locked; rows another worker holds locked are skipped (PostgreSQL)."""
+    return list(
+        session.exec(
+            select(Outbox, Webhook)
+            .join(Webhook, col(Webhook.id) == col(Outbox.webhook_id))
+            .where(
+                col(Outbox.delivered_at).is_(None),
+                col(Outbox.dead_at).is_(None),
+                col(Outbox.next_attempt_at) <= now,
+            )
+            .order_by(col(Outbox.next_attempt_at), col(Outbox.id))
+            .limit(limit)
+            .with_for_update(skip_locked=True, of=Outbox)
+        ).all()
+    )
+
+
+def outbox_row_for_update(session: Session, outbox_id: int) -> Outbox | None:
+    """The outbox row, its row locked (PostgreSQL) for the outcome's write."""
+    return session.get(Outbox, outbox_id, with_for_update=True)

@@ -1,0 +1,221 @@
+"""The watcher's queries: its lease and cursor, the applied blocks, the deposits, addresses
+and loans a block touches, and the advisory lock that keeps one watcher per PostgreSQL
+database. Queries only: what a block, a reorg or the mempool does to them is in
+`service.py`. IN lists are sent in chunks of `CHUNK` ids (SQLite's bound-parameter limit)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from typing import TypeVar
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+from sqlmodel import Session, col, select
+
+from custody.db.models import (
+    ChainBlock,
+    ChainCursor,
+    CollateralAddress,
+    Deposit,
+    DepositState,
+    Loan,
+    SigningRequest,
+    WatcherLease,
+)
+
+CHUNK = 500
+_PG_WATCHER_LOCK = 0x5C0A_3A7C  # advisory lock key reserved for the watcher
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+# -- the single watcher ------------------------------------------------------------------
+
+
+def try_watcher_lock(conn: Connection) -> bool:
+    """Take the watcher's session-level advisory lock (PostgreSQL) if it is free: held as
+    long as `conn` is open."""
+    return bool(
+        conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _PG_WATCHER_LOCK}).scalar()
+    )
+
+
+def release_watcher_lock(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WATCHER_LOCK})
+
+
+def lease(session: Session) -> WatcherLease | None:
+    return session.get(WatcherLease, 1)
+
+
+# -- the cursor and applied blocks -------------------------------------------------------
+
+
+def cursor(session: Session) -> ChainCursor | None:
+    return session.get(ChainCursor, 1)
+
+
+def blocks_at_or_below(session: Session, height: int) -> list[ChainBlock]:
+    """Applied blocks at or below `height`, newest first."""
+    return list(
+        session.exec(
+            select(ChainBlock)
+            .where(col(ChainBlock.height) <= height)
+            .order_by(col(ChainBlock.height).desc())
+        ).all()
+    )
+
+
+def blocks_above(session: Session, height: int) -> list[ChainBlock]:
+    """Applied blocks above `height`, newest first."""
+    return list(
+        session.exec(
+            select(ChainBlock)
+            .where(col(ChainBlock.height) > height)
+            .order_by(col(ChainBlock.height).desc())
+        ).all()
+    )
+
+
+# -- what a block touches ------------------------------------------------------------------
+
+
+def loans_of_addresses(session: Session, address_ids: Sequence[int]) -> dict[int, int]:
+    """Address id -> loan id, for the given collateral addresses."""
+    found: dict[int, int] = {}
+    for chunk in _chunks(address_ids):
+        found.update(
+            session.exec(
+                select(CollateralAddress.id, CollateralAddress.loan_id).where(
+                    col(CollateralAddress.id).in_(chunk)
+                )
+            ).all()  # type: ignore[arg-type]
+        )
+    return found
+
+
+def deposits_of_txids(session: Session, txids: Sequence[str]) -> list[Deposit]:
+    """Every deposit paid by one of these transactions."""
+    return [
+        dep
+        for chunk in _chunks(txids)
+        for dep in session.exec(select(Deposit).where(col(Deposit.txid).in_(chunk))).all()
+    ]
+
+
+def loans_by_ids(session: Session, loan_ids: Sequence[int]) -> list[Loan]:
+    return [
+        loan
+        for chunk in _chunks(loan_ids)
+        for loan in session.exec(select(Loan).where(col(Loan.id).in_(chunk))).all()
+    ]
+
+
+def deposits_of_loans(session: Session, loan_ids: Sequence[int]) -> list[Deposit]:
+    """Every deposit of these loans; each loan's in id order."""
+    return [
+        dep
+        for chunk in _chunks(loan_ids)
+        for dep in session.exec(
+            select(Deposit).where(col(Deposit.loan_id).in_(chunk)).order_by(col(Deposit.id))
+        ).all()
+    ]
+
+
+def loan_ids_of_mined_pending(session: Session) -> list[int]:
+    """The loan of every pending deposit that is in a block (one row per deposit)."""
+    return list(
+        session.exec(
+            select(Deposit.loan_id).where(
+                Deposit.state == DepositState.pending, col(Deposit.block_height).is_not(None)
+            )
+        ).all()
+    )
+
+
+# -- what a reorg undoes -------------------------------------------------------------------
+
+
+def deposits_mined_above(session: Session, height: int) -> list[Deposit]:
+    """Deposits mined in a block above `height`, but for removed ones."""
+    return list(
+        session.exec(
+            select(Deposit).where(
+                col(Deposit.block_height) > height, Deposit.state != DepositState.removed
+            )
+        ).all()
+    )
+
+
+def requests_mined_above(session: Session, height: int) -> list[SigningRequest]:
+    return list(
+        session.exec(select(SigningRequest).where(col(SigningRequest.mined_height) > height)).all()
+    )
+
+
+def loan_ids_confirmed_above(session: Session, height: int) -> list[int]:
+    """The loan of every confirmed deposit whose last required confirmation is a block
+    above `height` (one row per deposit)."""
+    return list(
+        session.exec(
+            select(Deposit.loan_id).where(
+                Deposit.state == DepositState.confirmed,
+                col(Deposit.block_height) + col(Deposit.required_confirmations) - 1 > height,
+            )
+        ).all()
+    )
+
+
+def deposits_spent_above(session: Session, height: int) -> list[Deposit]:
+    return list(session.exec(select(Deposit).where(col(Deposit.spent_height) > height)).all())
+
+
+# -- the mempool and the watched set -------------------------------------------------------
+
+
+def unmined_txids(session: Session) -> list[str]:
+    """The transaction of every pending deposit not in a block yet (one row per deposit)."""
+    return list(
+        session.exec(
+            select(Deposit.txid).where(
+                Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
+            )
+        ).all()
+    )
+
+
+def unmined_deposits(session: Session) -> list[Deposit]:
+    """Pending deposits not in a block yet."""
+    return list(
+        session.exec(
+            select(Deposit).where(
+                Deposit.state == DepositState.pending, col(Deposit.block_height).is_(None)
+            )
+        ).all()
+    )
+
+
+def outpoints_in_states(
+    session: Session, states: Collection[DepositState]
+) -> list[tuple[str, int]]:
+    """(txid, vout) of every deposit in one of `states`."""
+    return list(
+        session.exec(select(Deposit.txid, Deposit.vout).where(col(Deposit.state).in_(states))).all()
+    )
+
+
+def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple[int | None, str]]:
+    """(id, scriptPubKey hex) of up to `limit` addresses handed out after `address_id`, in
+    id order."""
+    return list(
+        session.exec(
+            select(CollateralAddress.id, CollateralAddress.script_pubkey_hex)
+            .where(col(CollateralAddress.id) > address_id)
+            .order_by(col(CollateralAddress.id))
+            .limit(limit)
+        ).all()
+    )
