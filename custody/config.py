@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pledge.network import NetworkName
@@ -90,21 +90,12 @@ class Settings(BaseSettings):
     price_min_sources: int = 1
     risk_poll_seconds: float = 10.0
 
-    # Software (seed-in-memory) signers are for regtest and tests only.
-    allow_software_signers: bool = False
-
     @field_validator("api_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
         if not value:
             raise ValueError("api_host must not be empty")
         return value
-
-    @model_validator(mode="after")
-    def _no_software_keys_on_mainnet(self) -> Settings:
-        if self.network == "mainnet" and self.allow_software_signers:
-            raise ValueError("software signers are for regtest and tests only, never mainnet")
-        return self
 
     @property
     def is_mainnet(self) -> bool:
