@@ -63,6 +63,16 @@ def holds_watcher_lock(conn: Connection) -> bool:
     )
 
 
+def backend_pid(conn: Connection) -> int:
+    """The PostgreSQL session (server process) of `conn`."""
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def end_session(conn: Connection, pid: int) -> bool:
+    """End PostgreSQL session `pid`, and with it its session-level locks."""
+    return bool(conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar())
+
+
 def lease(session: Session) -> WatcherLease | None:
     return session.get(WatcherLease, 1)
 

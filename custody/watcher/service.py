@@ -33,12 +33,12 @@ take lock and lease again.
 Lease timing (`lease_seconds`, 5 s by default). A thread of its own renews the lease
 every third of it, so a step waiting on a slow node call (the RPC timeout may be longer
 than the lease) or applying a long catch-up keeps it: the renewal never waits for the
-node. It renews only while the step loop shows progress (a step starting, a write, a
-step ending): a step that shows none for `stuck_seconds` (more than any node call may
-take) lets the lease lapse, a standby takes over and the stuck watcher's next write is
-refused. A killed watcher's lease is taken over within a lease of its last renewal, and
-`release` hands it over at once. Clocks decide only when a standby may try; the
-generation decides who writes.
+node. It renews only while the watcher is alive: a step that shows no progress (its
+start, each of its writes) for `stuck_seconds` (more than any node call may take) is
+stuck, and the renewer stops renewing and ends the advisory lock's session, so a standby
+takes over and the stuck watcher's next write is refused. A killed watcher's lease is
+taken over within a lease of its last renewal, and `release` hands it over at once.
+Clocks decide only when a standby may try; the generation decides who writes.
 
 Stalls show. Each step's outcome is written on the lease row: the time of the last
 successful step, the last error (message, kind, time) and the failures in a row. After
@@ -211,13 +211,15 @@ class Watcher:
         self._watched = _Watched()
         self._mempool_seen: set[str] = set()
         self._pg_lock: Connection | None = None
+        self._pg_lock_pid: int | None = None  # the PostgreSQL session holding it
         self._lock_checked_at = 0.0
         # The lease's generation while this watcher holds it; why it lost it, once lost.
         self._generation: int | None = None
         self._lost: str | None = None
         # The cursor as this step last saw or wrote it: every write expects it there.
         self._position: tuple[int, str] | None = None
-        self._alive_at = time.monotonic()  # the step loop's last sign of life
+        self._alive_at = time.monotonic()  # the step's last sign of progress
+        self._stepping = False
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
         # Set while this watcher holds the database's lease: work that must run once per
@@ -347,7 +349,7 @@ class Watcher:
         raise error(reason)
 
     def _beat(self) -> None:
-        """The step loop is alive: the renewer may go on renewing."""
+        """The step made progress: the renewer may go on renewing."""
         self._alive_at = time.monotonic()
 
     # -- the lease renewer -------------------------------------------------------------
@@ -369,17 +371,18 @@ class Watcher:
             renewer.join(timeout=60)
 
     def _renew_while_alive(self, stop: threading.Event) -> None:
-        """Renew every third of the lease while the step loop shows progress; never calls
-        the node, so a step waiting on one keeps its lease."""
+        """Renew every third of the lease unless a step is stuck; never calls the node,
+        so a step waiting on one keeps its lease."""
         stuck = False
         while not stop.wait(self.config.lease_seconds / 3):
             quiet = time.monotonic() - self._alive_at
-            if quiet > self.config.stuck_seconds:
+            if self._stepping and quiet > self.config.stuck_seconds:
                 if not stuck:
                     log.error(
-                        "watcher step shows no progress: its lease is left to lapse",
+                        "watcher step shows no progress: its lease and lock are let go",
                         quiet_seconds=round(quiet, 1),
                     )
+                    self._end_lock_session()
                 stuck = True
                 continue
             stuck = False
@@ -401,6 +404,7 @@ class Watcher:
         conn = self.engine.connect()
         try:
             got = repository.try_watcher_lock(conn)
+            pid = repository.backend_pid(conn)
             conn.commit()
         except BaseException:
             conn.invalidate()
@@ -409,7 +413,22 @@ class Watcher:
         if not got:
             conn.close()
             raise WatcherBusy("another watcher holds this database's advisory lock")
-        self._pg_lock, self._lock_checked_at = conn, time.monotonic()
+        self._pg_lock, self._pg_lock_pid = conn, pid
+        self._lock_checked_at = time.monotonic()
+
+    def _end_lock_session(self) -> None:
+        """From another connection, end the session holding the advisory lock (the step
+        thread may be inside it): a standby can take the lock, and the stuck step, when
+        it wakes, finds the lock gone before it writes."""
+        pid, self._pg_lock_pid = self._pg_lock_pid, None
+        if pid is None:
+            return
+        try:
+            with self.engine.connect() as conn:
+                repository.end_session(conn, pid)
+                conn.commit()
+        except Exception as exc:  # then the lock is held until the step wakes
+            log.warning("could not end the advisory lock's session", error=str(exc))
 
     def _lock_alive(self) -> bool:
         """A cheap query on the lock's own connection: is it alive and still holding?"""
@@ -438,7 +457,7 @@ class Watcher:
         self._lock_checked_at = now
 
     def _drop_pg_lock(self) -> None:
-        conn, self._pg_lock = self._pg_lock, None
+        conn, self._pg_lock, self._pg_lock_pid = self._pg_lock, None, None
         if conn is None:
             return
         try:
@@ -511,15 +530,19 @@ class Watcher:
         if self._lost is not None:
             raise LeaseLost(self._lost)
         self._beat()
-        self._check_lock()  # every step: the advisory lock's connection is still ours
+        self._stepping = True
         try:
-            result = self._step()
-        except WatcherBusy:
-            raise
-        except Exception as exc:
-            self._record_step(error=exc)
-            raise
-        self._record_step(height=result.height)
+            self._check_lock()  # every step: the advisory lock's connection is still ours
+            try:
+                result = self._step()
+            except WatcherBusy:
+                raise
+            except Exception as exc:
+                self._record_step(error=exc)
+                raise
+            self._record_step(height=result.height)
+        finally:
+            self._stepping = False
         return result
 
     def _record_step(self, *, error: Exception | None = None, height: int | None = None) -> None:
