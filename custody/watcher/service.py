@@ -239,6 +239,7 @@ class Watcher:
         try:
             with transaction(self.engine) as session:
                 lease = repository.lease_locked(session)
+                previous: tuple[str | None, int] = (None, 0)
                 if lease is None:
                     lease = WatcherLease(id=1, holder=self.holder, expires_at=now, generation=0)
                 elif lease.holder != self.holder and _aware(lease.expires_at) > now:
@@ -246,7 +247,8 @@ class Watcher:
                         f"watcher {lease.holder} holds the lease until "
                         f"{_aware(lease.expires_at).isoformat()}"
                     )
-                previous = (lease.holder, lease.generation)
+                else:
+                    previous = (lease.holder, lease.generation)
                 lease.holder = self.holder
                 lease.generation += 1
                 lease.expires_at = now + timedelta(seconds=self.config.lease_seconds)

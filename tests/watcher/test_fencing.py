@@ -326,27 +326,34 @@ def test_the_lock_session_terminated_while_a_watcher_runs_never_makes_two_writer
             wait_until(lambda: lease_row(engine_a) is not None and at_tip(), timeout=30)
             paid = [regtest_node.faucet.pay(loans[0].address, 1_000_000)]
             regtest_node.mine(25)  # a catch-up in flight when the lock goes
-            first = {w.generation for w in writes}
+
+            def settled_after(generation: int) -> bool:
+                """A takeover since `generation` wrote, and the ledger is at the tip."""
+                newer = max(w.generation for w in writes) > generation
+                return newer and at_tip() and deposits_confirmed()
+
+            before = max(w.generation for w in writes)
             assert terminate_lock_sessions(engine_b) == 1
             b = RunningWatcher(
                 RecordingWatcher(engine_b, regtest_node.rpc, config=config, writes=writes)
             )
             wait_until(
-                lambda: at_tip() and deposits_confirmed() and len(lock_sessions(engine_b)) == 1,
+                partial(settled_after, before),
                 timeout=30,
-                message="one watcher at the tip again",
+                message="a watcher took lock and lease again and reached the tip",
             )
-            assert {w.generation for w in writes} - first, "nobody took the lease again"
 
             regtest_node.reorg(2)
             paid.append(regtest_node.faucet.pay(loans[1].address, 2_000_000))
             regtest_node.mine(1)
+            before = max(w.generation for w in writes)
             assert terminate_lock_sessions(engine_b) == 1
             wait_until(
-                lambda: at_tip() and deposits_confirmed() and len(lock_sessions(engine_b)) == 1,
+                partial(settled_after, before),
                 timeout=30,
                 message="a deposit confirmed after the second loss is counted",
             )
+            assert len(lock_sessions(engine_b)) == 1
         finally:
             errors = [a.close()] + ([b.close()] if b is not None else [])
         assert all(e is None or isinstance(e, LeaseLost) for e in errors), errors
@@ -396,7 +403,7 @@ def test_custody_watch_is_taken_over_within_seconds_of_a_sigkill(
             message=lambda: f"b takes over\n{log_tail(tmp_path / 'b.log')}",
         )
         took = time.monotonic() - killed_at
-        assert took < 5.0 + 1.5, f"takeover took {took:.1f}s"
+        assert took < 5.0 + 2.5, f"takeover took {took:.1f}s"
         paid = [regtest_node.faucet.pay(loan.address, 1_000_000)]
         regtest_node.mine(1)
 
@@ -459,9 +466,9 @@ def test_overlapping_watchers_frozen_and_killed_amid_reorgs(
             for p in procs:
                 p.start()
             node.mine(4)  # so that reorgs of depth 1-3 stay above the first block watched
-            tip = node.rpc.get_best_block_hash()
+            tip_hash = node.rpc.get_best_block_hash()
             wait_until(
-                lambda: (cursor := cursor_of(engine)) is not None and cursor[1] == tip,
+                lambda: (cursor := cursor_of(engine)) is not None and cursor[1] == tip_hash,
                 timeout=60,
                 message=lambda: log_tail(log_path),
             )
