@@ -229,8 +229,9 @@ class NodeRpc:
         with self._id_lock:
             return next(self._ids)
 
-    def call(self, method: str, *params: Any) -> Any:
+    def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         """Call ``method`` with positional ``params``; return ``result`` or raise.
+        ``timeout`` replaces the client's for this call (a health check's short one).
 
         Raises ``RpcUnavailable`` when the node cannot be asked and ``RpcError`` (or a
         subclass) when it answered with an error.
@@ -238,9 +239,14 @@ class NodeRpc:
         request_id = self._next_id()
         payload = {"jsonrpc": "1.0", "id": request_id, "method": method, "params": list(params)}
         try:
-            response = self._client.post(self.url, json=payload)
+            response = self._client.post(
+                self.url,
+                json=payload,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            )
         except httpx.TimeoutException as exc:
-            raise RpcUnavailable(f"node RPC {method} timed out after {self.timeout}s") from exc
+            waited = self.timeout if timeout is None else timeout
+            raise RpcUnavailable(f"node RPC {method} timed out after {waited}s") from exc
         except httpx.TransportError as exc:
             raise RpcUnavailable(
                 f"node RPC at {self.url} unreachable ({type(exc).__name__}: {exc})"
@@ -296,8 +302,8 @@ class NodeRpc:
         result: dict[str, Any] = self.call("getblockchaininfo")
         return result
 
-    def get_block_count(self) -> int:
-        return int(self.call("getblockcount"))
+    def get_block_count(self, *, timeout: float | None = None) -> int:
+        return int(self.call("getblockcount", timeout=timeout))
 
     def get_best_block_hash(self) -> str:
         return str(self.call("getbestblockhash"))

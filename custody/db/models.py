@@ -227,11 +227,25 @@ class ChainCursor(SQLModel, table=True):
 
 
 class WatcherLease(SQLModel, table=True):
-    """Only one watcher per database (SQLite; PostgreSQL also holds an advisory lock)."""
+    """Only one watcher per database, and what it last did (one row).
+
+    `generation` is the fence: a takeover increments it, and every write the watcher
+    makes first checks, in its own transaction, that the row still names it at its
+    generation (PostgreSQL also holds an advisory lock, which only speeds refusals).
+    The step fields are what `/v1/health` shows of a watcher that cannot move."""
 
     id: int = Field(default=1, primary_key=True)
     holder: str = Field(sa_column=Column(String(120), nullable=False))
     expires_at: datetime = Field(nullable=False)
+    generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    last_step_at: datetime | None = Field(default=None)
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    last_error_kind: str | None = Field(default=None, sa_column=Column(String(120)))
+    last_error_at: datetime | None = Field(default=None)
+    # Steps failed in a row; `stalled_since` is set when that reached the alert's
+    # threshold (the `watcher.stalled` event, once) and cleared by `watcher.recovered`.
+    failed_steps: int = Field(default=0, nullable=False)
+    stalled_since: datetime | None = Field(default=None)
 
 
 class SigningAction(StrEnum):

@@ -7,7 +7,8 @@ from typing import Any
 
 from sqlmodel import Session
 
-from custody.db.models import Loan
+from custody.db.models import Loan, PartyKind
+from custody.notify import repository
 from custody.notify.outbox import enqueue
 
 # Who is told, by seat. The bank hears everything about its loans.
@@ -42,4 +43,16 @@ def notify_loan(
         party_ids=[party[s] for s in who],
         event_type=event_type,
         payload={"loan_id": loan.id, **payload},
+    )
+
+
+def notify_operators(session: Session, event_type: str, payload: dict[str, Any]) -> None:
+    """An event about the service itself, not one loan (the deposit watcher stalled or
+    recovered): every bank's webhooks, since the bank runs the service and every loan
+    it lends against waits on it."""
+    enqueue(
+        session,
+        party_ids=repository.party_ids_of_kind(session, PartyKind.bank),
+        event_type=event_type,
+        payload=payload,
     )

@@ -40,6 +40,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "liquidation.confirmed",
         "release.ready_to_sign",
         "signature.needed",
+        "watcher.stalled",
+        "watcher.recovered",
     }
 )
 ALL_EVENTS = "*"

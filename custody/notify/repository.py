@@ -8,11 +8,21 @@ from datetime import datetime
 
 from sqlmodel import Session, col, select
 
-from custody.db.models import Outbox, Party, Webhook
+from custody.db.models import Outbox, Party, PartyKind, Webhook
 
 
 def party_by_id(session: Session, party_id: int) -> Party | None:
     return session.get(Party, party_id)
+
+
+def party_ids_of_kind(session: Session, kind: PartyKind) -> list[int]:
+    return [
+        party_id
+        for party_id in session.exec(
+            select(Party.id).where(Party.kind == kind).order_by(col(Party.id))
+        ).all()
+        if party_id is not None
+    ]
 
 
 def webhook_by_id(session: Session, webhook_id: int) -> Webhook | None:
