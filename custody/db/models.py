@@ -379,9 +379,7 @@ class Outbox(SQLModel, table=True):
     the same for every webhook and every replay of that fact, so a row per (webhook,
     event) is inserted once and receivers can de-duplicate by it."""
 
-    __table_args__ = (
-        UniqueConstraint("webhook_id", "event_id", name="uq_outbox_webhook_event"),
-    )
+    __table_args__ = (UniqueConstraint("webhook_id", "event_id", name="uq_outbox_webhook_event"),)
 
     id: int | None = Field(default=None, primary_key=True)
     event_id: str = Field(sa_column=Column(String(36), nullable=False))

@@ -42,21 +42,15 @@ def upgrade() -> None:
     if op.get_bind().dialect.name == "sqlite":
         with op.batch_alter_table("outbox", naming_convention=_SQLITE_NAMES) as batch_op:
             batch_op.drop_constraint("uq_outbox_event_id", type_="unique")
-            batch_op.create_unique_constraint(
-                "uq_outbox_webhook_event", ["webhook_id", "event_id"]
-            )
+            batch_op.create_unique_constraint("uq_outbox_webhook_event", ["webhook_id", "event_id"])
     else:
         op.drop_constraint(_PG_EVENT_ID_UNIQUE, "outbox", type_="unique")
-        op.create_unique_constraint(
-            "uq_outbox_webhook_event", "outbox", ["webhook_id", "event_id"]
-        )
+        op.create_unique_constraint("uq_outbox_webhook_event", "outbox", ["webhook_id", "event_id"])
 
 
 def downgrade() -> None:
     # Event ids repeat across webhooks now; going back keeps one row per event id.
-    op.execute(
-        "DELETE FROM outbox WHERE id NOT IN (SELECT min(id) FROM outbox GROUP BY event_id)"
-    )
+    op.execute("DELETE FROM outbox WHERE id NOT IN (SELECT min(id) FROM outbox GROUP BY event_id)")
     if op.get_bind().dialect.name == "sqlite":
         with op.batch_alter_table("outbox", naming_convention=_SQLITE_NAMES) as batch_op:
             batch_op.drop_constraint("uq_outbox_webhook_event", type_="unique")
