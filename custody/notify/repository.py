@@ -68,5 +68,6 @@ def insert_events_if_absent(session: SASession, rows: list[dict[str, Any]]) -> N
     any whose (webhook, event id) is already there (`uq_outbox_webhook_event`): ON CONFLICT
     DO NOTHING on both databases, so two writers of one fact never fail or double it."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-    statement = insert(Outbox).on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
+    table = Outbox.__table__  # type: ignore[attr-defined]  # Core: no RETURNING of ids
+    statement = insert(table).on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
     session.execute(statement, rows)
