@@ -229,10 +229,13 @@ def _forget_hooks(session: SASession, transaction: SessionTransaction) -> None:
 
 def _write_queued(session: SASession) -> None:
     """Write this transaction's events in one INSERT that skips those already there.
-    Listens first, so the rows are in before the audit chain takes its lock."""
+    After every other change (two writers of one fact first meet on the rows the fact
+    changed, never while holding each other's outbox rows), and before the audit chain
+    takes its lock (this listener runs first)."""
     queued: dict[tuple[int, str], dict[str, Any]] | None = session.info.get(_QUEUED)
     if not queued or session.in_nested_transaction():
         return  # a savepoint's release is not the commit: the rows wait for it
+    session.flush()
     repository.insert_events_if_absent(session, list(queued.values()))
     queued.clear()
 
