@@ -386,7 +386,12 @@ class RiskEngine:
                 session,
                 loan,
                 "signature.needed",
-                {"request_id": request_id, "seat": "arbiter", "action": "liquidation"},
+                {
+                    "request_id": request_id,
+                    "seat": "arbiter",
+                    "seats": ["arbiter"],
+                    "action": "liquidation",
+                },
             )
         if ready:  # the arbiter had signed first: broadcast with no transaction open
             broadcast_ready(self.engine, ACTOR, request_id, self.chain)

@@ -251,3 +251,18 @@ def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple
             .limit(limit)
         ).all()
     )
+
+
+def addresses_with_ids(
+    session: Session, address_ids: Sequence[int]
+) -> list[tuple[int | None, str]]:
+    """(id, scriptPubKey hex) of those of `address_ids` that exist (are committed)."""
+    return [
+        row
+        for chunk in _chunks(address_ids)
+        for row in session.exec(
+            select(CollateralAddress.id, CollateralAddress.script_pubkey_hex).where(
+                col(CollateralAddress.id).in_(chunk)
+            )
+        ).all()
+    ]

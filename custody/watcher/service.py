@@ -9,6 +9,12 @@ Invariants (each has a test):
   undone, loan states moved back with their own events) before the new branch;
 - a deposit is unique by (txid, vout); the mempool only ever adds pending ones,
   and one that leaves the mempool unmined is marked removed;
+- every change receivers must know of (a deposit seen, confirmed, unconfirmed by a
+  reorg, removed; a loan active, or back to awaiting_deposit) queues its webhook in
+  the transaction that makes it, with an id derived from the fact (notify/events.py):
+  a replay queues nothing, and the outbox tells the deposit table's story;
+- every mempool transaction is scanned against the addresses loaded after it was
+  listed, so a payment to an address handed out mid-step is pending in that step;
 - only one watcher writes to a database, whatever is killed, cut off or frozen.
 
 One writer. The lease row (`WatcherLease`) names its holder and a generation. Taking it
@@ -90,6 +96,9 @@ from pledge.errors import Conflict
 log = structlog.get_logger(__name__)
 
 ACTOR = "system:watcher"
+# Address ids skipped by a load, looked up again until they commit (see _load_new_addresses).
+ADDRESS_GAP_WINDOW = 1_000
+ADDRESS_GAP_SECONDS = 600.0
 # Deposits in these states still hold an unspent outpoint we must watch.
 _LIVE = (DepositState.pending, DepositState.confirmed)
 
@@ -210,6 +219,7 @@ class Watcher:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._watched = _Watched()
         self._mempool_seen: set[str] = set()
+        self._address_gaps: dict[int, float] = {}  # address id -> when first found missing
         self._pg_lock: Connection | None = None
         self._pg_lock_pid: int | None = None  # the PostgreSQL session holding it
         self._lock_checked_at = 0.0
@@ -594,6 +604,7 @@ class Watcher:
         if lease.failed_steps >= self.config.stall_steps and lease.stalled_since is None:
             lease.stalled_since = now
             data = {
+                "stalled_since": _aware(now).isoformat(),
                 "height": None if self._position is None else self._position[0],
                 "failed_steps": lease.failed_steps,
                 "last_step_at": None
@@ -719,6 +730,7 @@ class Watcher:
     def _undo_blocks(self, session: Session, fork: int, orphaned: list[ChainBlock]) -> set[int]:
         hashes = {b.hash: b.height for b in orphaned}
         touched: set[int] = set()
+        loans = _Rows()
         mined = repository.deposits_mined_above(session, fork)
         for dep in mined:
             touched.add(dep.loan_id)
@@ -733,6 +745,11 @@ class Watcher:
                     "orphaned_height": hashes.get(dep.block_hash or "", dep.block_height),
                 },
             )
+            if _announced_confirmed(dep):
+                # Before the block goes: the retraction names the confirmation it takes back.
+                _retract(
+                    session, loans.loan(session, dep.loan_id), dep, "its block was orphaned", 0
+                )
             dep.block_height, dep.block_hash, dep.excess_sats = None, None, 0
             if dep.state == DepositState.confirmed:
                 dep.state = DepositState.pending
@@ -754,9 +771,12 @@ class Watcher:
                 loan_id=dep.loan_id,
                 data={**_dep_data(dep), "orphaned_spend": dep.spent_txid},
             )
+            # Back to what it was before the spend (and was announced as): `_settle` then
+            # retracts a confirmation the shorter chain no longer gives it.
+            was_confirmed = _announced_confirmed(dep)
             dep.spent_txid, dep.spent_height = None, None
             if dep.state == DepositState.spent:
-                dep.state = DepositState.pending
+                dep.state = DepositState.confirmed if was_confirmed else DepositState.pending
             dep.updated_at = utcnow()
             session.add(dep)
         return touched
@@ -834,13 +854,16 @@ class Watcher:
             )
             notify_loan(session, loan, "deposit.seen", _dep_data(dep))
         elif height is not None and dep.block_height != height:
-            if dep.state == DepositState.removed:
+            revived = dep.state == DepositState.removed
+            if revived:
                 dep.state = DepositState.pending  # a transaction we gave up on was mined after all
             dep.block_height, dep.block_hash, dep.updated_at = height, block_hash, utcnow()
             session.add(dep)
             record(
                 session, actor=ACTOR, action="deposit.mined", loan_id=loan_id, data=_dep_data(dep)
             )
+            if revived:  # receivers were told it was removed: it is seen again (a new epoch)
+                notify_loan(session, rows.loan(session, loan_id), "deposit.seen", _dep_data(dep))
         return loan_id
 
     def _record_spend(
@@ -916,6 +939,7 @@ class Watcher:
                         reason=reason,
                         data={**_dep_data(dep), "confirmations": confs},
                     )
+                    _retract(session, loan, dep, "confirmations lost in a reorg", confs)
                 elif dep.state == DepositState.pending and confs >= dep.required_confirmations:
                     dep.state = DepositState.confirmed
                     dep.excess_sats = max(
@@ -958,16 +982,28 @@ class Watcher:
             reason=reason,
             data={"confirmed_sats": confirmed, "required_sats": loan.required_collateral_sats},
         )
+        facts = {"confirmed_sats": confirmed, "required_sats": loan.required_collateral_sats}
         if to == LoanState.active:
-            notify_loan(session, loan, "loan.active", {"confirmed_sats": confirmed})
+            notify_loan(session, loan, "loan.active", facts)
+        else:
+            notify_loan(session, loan, "loan.awaiting_deposit", {**facts, "reason": reason})
 
     # -- mempool ---------------------------------------------------------------------
 
     def _sync_mempool(self) -> tuple[int, int]:
         """Pending deposits from the mempool, and unmined ones that left it. Everything
         the node is asked (the mempool, its new transactions, whether a vanished one was
-        mined) is asked before the one write transaction opens."""
+        mined) is asked before the one write transaction opens.
+
+        The addresses are loaded again after the mempool is listed, not only at the step's
+        start: a transaction can only pay an address handed out (committed) before the
+        payer learnt it, so before the listing, and each listed transaction is scanned
+        against all of those. A payment to an address handed out while this step ran is
+        pending after this pass, and no scanned transaction can pay an address loaded
+        later, so none is ever scanned again (no rescan of the whole mempool, which would
+        cost one RPC per transaction, each time an address is handed out)."""
         mempool = set(self.rpc.get_raw_mempool())
+        self._load_new_addresses()
         new = mempool - self._mempool_seen
         found: list[FoundOutput] = []
         for txid in new:
@@ -998,14 +1034,18 @@ class Watcher:
                     continue
                 dep.state, dep.updated_at = DepositState.removed, utcnow()
                 session.add(dep)
+                gone = "left the mempool unmined (replaced, double-spent or evicted)"
                 record(
                     session,
                     actor=ACTOR,
                     action="deposit.removed",
                     loan_id=dep.loan_id,
-                    reason="left the mempool unmined (replaced, double-spent or evicted)",
+                    reason=gone,
                     data=_dep_data(dep),
                 )
+                loan = rows.loan(session, dep.loan_id)
+                notify_loan(session, loan, "deposit.removed", {**_dep_data(dep), "reason": gone})
+                dep.retractions += 1
                 self._watched.outpoints.discard(outpoint_key(dep.txid, dep.vout))
                 removed += 1
             session.commit()
@@ -1029,18 +1069,42 @@ class Watcher:
             rows = repository.outpoints_in_states(session, _LIVE)
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
-    def _load_new_addresses(self, page: int = 50_000) -> None:
+    def _load_new_addresses(self, page: int = 50_000) -> int:
         """Add addresses handed out since the last call; paged so a million of them
-        never sit in memory twice (as rows and as the index)."""
+        never sit in memory twice (as rows and as the index). Returns how many.
+
+        On PostgreSQL ids come from a sequence and hand-outs of different loans commit
+        in any order: one that took id 10 may commit after one that took 11, which was
+        loaded first. Ids skipped below the newest loaded one (the last `ADDRESS_GAP_WINDOW`,
+        for `ADDRESS_GAP_SECONDS`) are looked up again on every call, so such an address
+        is watched once it commits; a rolled-back hand-out's id never fills and expires."""
+        added = 0
+        now = time.monotonic()
+        watched, gaps = self._watched, self._address_gaps
         with transaction(self.engine, write=False) as session:  # reads only
+            if gaps:
+                for address_id, spk_hex in repository.addresses_with_ids(session, sorted(gaps)):
+                    assert address_id is not None
+                    watched.scripts[bytes.fromhex(spk_hex)] = address_id
+                    gaps.pop(address_id, None)
+                    added += 1
             while True:
-                rows = repository.addresses_after(session, self._watched.last_address_id, page)
+                rows = repository.addresses_after(session, watched.last_address_id, page)
                 for address_id, spk_hex in rows:
                     assert address_id is not None
-                    self._watched.scripts[bytes.fromhex(spk_hex)] = address_id
-                    self._watched.last_address_id = address_id
+                    low = max(watched.last_address_id + 1, address_id - ADDRESS_GAP_WINDOW)
+                    for missing in range(low, address_id):
+                        gaps[missing] = now
+                    watched.scripts[bytes.fromhex(spk_hex)] = address_id
+                    watched.last_address_id = address_id
+                    added += 1
                 if len(rows) < page:
-                    return
+                    break
+        floor = watched.last_address_id - ADDRESS_GAP_WINDOW
+        self._address_gaps = {
+            i: t for i, t in gaps.items() if i > floor and now - t < ADDRESS_GAP_SECONDS
+        }
+        return added
 
 
 def _dep_data(dep: Deposit) -> dict[str, Any]:
@@ -1049,5 +1113,30 @@ def _dep_data(dep: Deposit) -> dict[str, Any]:
         "vout": dep.vout,
         "amount_sats": dep.amount_sats,
         "block_height": dep.block_height,
+        "block_hash": dep.block_hash,
         "state": str(dep.state),
+        # The deposit's epoch: how often it was taken back before this (part of event ids).
+        "retractions": dep.retractions,
     }
+
+
+def _announced_confirmed(dep: Deposit) -> bool:
+    """Were receivers last told this deposit is confirmed? It is, or it was spent after
+    it confirmed: a block's spends are recorded before it settles, so a spend in block S
+    of a deposit mined in B came after its confirmation iff S - B >= required."""
+    if dep.state == DepositState.confirmed:
+        return True
+    return (
+        dep.state == DepositState.spent
+        and dep.block_height is not None
+        and dep.spent_height is not None
+        and dep.spent_height - dep.block_height >= dep.required_confirmations
+    )
+
+
+def _retract(session: Session, loan: Loan, dep: Deposit, why: str, confirmations: int) -> None:
+    """Tell the loan's parties a confirmed deposit is not any more (`deposit.unconfirmed`,
+    naming the block it had been confirmed in) and open the deposit's next epoch."""
+    data = {**_dep_data(dep), "state": str(DepositState.pending), "confirmations": confirmations}
+    notify_loan(session, loan, "deposit.unconfirmed", {**data, "reason": why})
+    dep.retractions += 1
