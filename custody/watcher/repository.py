@@ -230,14 +230,14 @@ def count_addresses_after(session: Session, address_id: int) -> int:
 
 def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple[int, str]]:
     """(id, scriptPubKey hex) of up to `limit` addresses handed out after `address_id`, in
-    id order."""
+    id order. A Core select: a million rows through the ORM's loading took seconds."""
+    table = CollateralAddress.__table__  # type: ignore[attr-defined]
     return [
         (found_id, spk_hex)
-        for found_id, spk_hex in session.exec(
-            select(CollateralAddress.id, CollateralAddress.script_pubkey_hex)
-            .where(col(CollateralAddress.id) > address_id)
-            .order_by(col(CollateralAddress.id))
+        for found_id, spk_hex in session.execute(
+            select(table.c.id, table.c.script_pubkey_hex)
+            .where(table.c.id > address_id)
+            .order_by(table.c.id)
             .limit(limit)
         ).all()
-        if found_id is not None
     ]

@@ -727,9 +727,9 @@ class Watcher:
             )
             while True:
                 rows = repository.addresses_after(session, watched.last_address_id, page)
-                for address_id, spk_hex in rows:
-                    watched.scripts.add(bytes.fromhex(spk_hex))
-                    watched.last_address_id = address_id
+                watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in rows)
+                if rows:
+                    watched.last_address_id = rows[-1][0]
                 if len(rows) < page:
                     return
 
