@@ -2,7 +2,12 @@
 
 Builds a SQLite database with one million handed-out addresses, then, in a fresh
 interpreter, lets a `Watcher` load them exactly as it does at start-up and reports
-the process's peak RSS (VmHWM), which must stay under 300 MB."""
+the process's peak RSS (VmHWM), which must stay at or under 150 MB (issue 11).
+
+Measured: with the scripts in a dict (script -> address id) the index took 170 MB and
+the process peaked at 250-254 MB; with `ScriptIndex` (scripts back to back, a table of
+positions, a bit filter) the index takes ~55 MB and the peak is ~138 MB, of which ~77 MB
+is the interpreter with the service imported."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from bench import Figure
 from bench.block_scan import _status_kb
 
 COUNT = 1_000_000
-TARGET_MB = 300.0
+TARGET_MB = 150.0
 
 
 def build_database(path: Path, count: int) -> None:
@@ -132,7 +137,9 @@ def run(count: int = COUNT) -> list[Figure]:
             result["count"] == count,
         ),
         Figure("watcher_memory.index_mb", index_mb, "MB", "info", True),
-        Figure("watcher_memory.peak_rss_mb", hwm_mb, "MB", f"< {TARGET_MB:g}", hwm_mb < TARGET_MB),
+        Figure(
+            "watcher_memory.peak_rss_mb", hwm_mb, "MB", f"<= {TARGET_MB:g}", hwm_mb <= TARGET_MB
+        ),
     ]
 
 

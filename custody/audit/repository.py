@@ -31,8 +31,9 @@ def chain_tail(session: SASession) -> tuple[int, str] | None:
 
 
 def insert_events(session: SASession, rows: list[dict[str, Any]]) -> None:
-    """Write chained events in one INSERT (each dict names every column)."""
-    session.execute(insert(AuditEvent), rows)
+    """Write chained events in one INSERT (each dict names every column): a Core insert
+    of the table, since the ORM's bulk insert costs more per row than the database."""
+    session.execute(insert(AuditEvent.__table__), rows)  # type: ignore[attr-defined]
 
 
 def events_after(session: Session, event_id: int, limit: int) -> list[AuditEvent]:

@@ -61,7 +61,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -72,8 +71,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from custody.audit.service import record
-from custody.chain.blocks import BlockScan, FoundOutput, FoundSpend, outpoint_key, scan_block
+from custody.chain.blocks import (
+    BlockScan,
+    FoundOutput,
+    FoundSpend,
+    ScriptIndex,
+    outpoint_key,
+    scan_block,
+)
 from custody.chain.blocks import scan_transaction as scan_tx
+from custody.chain.feed import BlockFeed
 from custody.chain.rpc import NodeRpc, RpcNotFound
 from custody.db.models import (
     ChainBlock,
@@ -82,6 +89,7 @@ from custody.db.models import (
     DepositState,
     Loan,
     LoanState,
+    SigningRequest,
     WatcherLease,
     utcnow,
 )
@@ -101,6 +109,8 @@ ADDRESS_GAP_WINDOW = 1_000
 ADDRESS_GAP_SECONDS = 600.0
 # Deposits in these states still hold an unspent outpoint we must watch.
 _LIVE = (DepositState.pending, DepositState.confirmed)
+# Addresses read per query when the watched set is loaded: 20,000 rows are ~4 MB.
+ADDRESS_PAGE = 20_000
 
 
 class WatcherBusy(Conflict):
@@ -152,11 +162,13 @@ class StepResult:
 
 @dataclass
 class _Watched:
-    """In-memory index of what to look for; reloaded from the database after a reorg
-    or a restart, extended as addresses are handed out."""
+    """In-memory index of what to look for: the scripts only ever grow (addresses are
+    never reused), extended as addresses are handed out; the outpoints are reloaded from
+    the database after a reorg or a restart."""
 
-    # scriptPubKey -> CollateralAddress.id; an int value keeps 1,000,000 scripts ~150 MB.
-    scripts: dict[bytes, int] = field(default_factory=dict)
+    # Exact and compact: 1,000,000 P2WSH scripts in ~50 MB (a dict took ~170 MB). Which
+    # address and loan a script is comes from the database, for the few that matched.
+    scripts: ScriptIndex = field(default_factory=ScriptIndex)
     last_address_id: int = 0
     outpoints: set[bytes] = field(default_factory=set)
 
@@ -164,28 +176,33 @@ class _Watched:
 @dataclass
 class _Rows:
     """The rows one block needs, loaded with one query per kind and held by strong
-    references (the session only keeps weak ones, so a re-get would query again)."""
+    references (the session only keeps weak ones, so a re-get would query again), and
+    the deposits it adds, written with one INSERT (`write`): building an ORM object per
+    deposit cost more than the rest of the block."""
 
-    loan_of_address: dict[int, int] = field(default_factory=dict)
+    address_of_script: dict[bytes, tuple[int, int]] = field(default_factory=dict)
     loans: dict[int, Loan] = field(default_factory=dict)
     deposits: dict[tuple[str, int], Deposit] = field(default_factory=dict)
+    new_deposits: dict[tuple[str, int], _NewDeposit] = field(default_factory=dict)
+    requests: dict[str, SigningRequest | None] = field(default_factory=dict)
 
     @classmethod
     def load(
         cls,
         session: Session,
-        watched: _Watched,
         outputs: Iterable[FoundOutput],
         spends: Iterable[FoundSpend],
     ) -> _Rows:
         rows = cls()
         outputs, spends = list(outputs), list(spends)
-        address_ids = sorted({watched.scripts[o.script_pubkey] for o in outputs})
-        rows.loan_of_address.update(repository.loans_of_addresses(session, address_ids))
+        scripts = sorted({o.script_pubkey for o in outputs})
+        for script, (address_id, loan) in repository.addresses_of_scripts(session, scripts).items():
+            assert loan.id is not None
+            rows.address_of_script[script] = (address_id, loan.id)
+            rows.loans[loan.id] = loan
         txids = sorted({o.txid for o in outputs} | {s.prev_txid for s in spends})
         for dep in repository.deposits_of_txids(session, txids):
             rows.deposits[(dep.txid, dep.vout)] = dep
-        rows.keep_loans(session, sorted(set(rows.loan_of_address.values())))
         return rows
 
     def keep_loans(self, session: Session, ids: Iterable[int]) -> None:
@@ -198,6 +215,56 @@ class _Rows:
         if loan_id not in self.loans:
             self.keep_loans(session, [loan_id])
         return self.loans[loan_id]
+
+    def request(self, session: Session, txid: str) -> SigningRequest | None:
+        """The signing request of a spending transaction, asked once per transaction (a
+        release spends every deposit of its loan in one)."""
+        if txid not in self.requests:
+            self.requests[txid] = request_for_txid(session, txid)
+        return self.requests[txid]
+
+    def write(self, session: Session) -> None:
+        """Insert the deposits recorded so far, in one statement."""
+        if self.new_deposits:
+            repository.insert_deposits(session, [d.row() for d in self.new_deposits.values()])
+            self.new_deposits.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class _NewDeposit:
+    """A deposit seen for the first time, until `_Rows.write` inserts it: the fields
+    `_dep_data` reads, and the rest of its row."""
+
+    loan_id: int
+    address_id: int
+    txid: str
+    vout: int
+    amount_sats: int
+    state: DepositState
+    block_height: int | None
+    block_hash: str | None
+    required_confirmations: int
+    first_seen_at: datetime
+    retractions: int = 0  # a first sighting has never been taken back
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "loan_id": self.loan_id,
+            "address_id": self.address_id,
+            "txid": self.txid,
+            "vout": self.vout,
+            "amount_sats": self.amount_sats,
+            "state": self.state,
+            "block_height": self.block_height,
+            "block_hash": self.block_hash,
+            "required_confirmations": self.required_confirmations,
+            "excess_sats": 0,
+            "spent_txid": None,
+            "spent_height": None,
+            "first_seen_at": self.first_seen_at,
+            "updated_at": self.first_seen_at,
+            "retractions": self.retractions,
+        }
 
 
 def _aware(moment: datetime) -> datetime:
@@ -634,18 +701,11 @@ class Watcher:
         self._position = (cursor.height, cursor.block_hash)
         self._load_new_addresses()
         if cursor.height < tip:
-            # Fetch block N+1 over RPC while block N is written. Scanning stays here, after
-            # N is applied, so a spend in N+1 of an output made in N is still recognised.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-fetch") as fetcher:
-                upcoming: Future[bytes] | None = fetcher.submit(
-                    self._fetch_block, cursor.height + 1
-                )
-                while upcoming is not None:
-                    raw = upcoming.result()
-                    height = cursor.height + 1
-                    upcoming = (
-                        fetcher.submit(self._fetch_block, height + 1) if height < tip else None
-                    )
+            # Blocks are fetched ahead by one thread while each is written. Scanning stays
+            # here, after the block before is applied, so a spend in N+1 of an output made
+            # in N is still recognised.
+            with BlockFeed(self.rpc, cursor.height + 1, tip) as feed:
+                for height, raw in feed:
                     scan = scan_block(raw, self._watched.scripts, self._watched.outpoints)
                     if scan.prev_block_hash != cursor.block_hash:
                         break  # the chain moved under us; the next step finds the fork
@@ -655,9 +715,6 @@ class Watcher:
         result.mempool_deposits, result.removed = self._sync_mempool()
         result.height = cursor.height
         return result
-
-    def _fetch_block(self, height: int) -> bytes:
-        return self.rpc.get_block_raw(self.rpc.get_block_hash(height))
 
     # -- cursor and reorgs -----------------------------------------------------------
 
@@ -784,11 +841,12 @@ class Watcher:
     # -- applying a block ------------------------------------------------------------
 
     def _apply_block(self, height: int, scan: BlockScan, tip: int) -> ChainCursor:
-        # No autoflush and one query per kind of row: catch-up is bound by database round
-        # trips, not by parsing (see `make bench`).
+        # No autoflush, one query per kind of row read and one INSERT per kind written:
+        # catch-up is bound by database round trips and ORM objects, not by parsing
+        # (see `make bench`).
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
             self._fence(session, (height - 1, scan.prev_block_hash))
-            rows = _Rows.load(session, self._watched, scan.outputs, scan.spends)
+            rows = _Rows.load(session, scan.outputs, scan.spends)
             touched: set[int] = set()
             for out in scan.outputs:
                 touched.add(self._record_output(session, out, height, scan.block_hash, rows))
@@ -796,6 +854,7 @@ class Watcher:
                 loan_id = self._record_spend(session, spend, height, rows)
                 if loan_id is not None:
                     touched.add(loan_id)
+            rows.write(session)
             session.add(
                 ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
             )
@@ -831,12 +890,15 @@ class Watcher:
         block_hash: str | None,
         rows: _Rows,
     ) -> int:
-        address_id = self._watched.scripts[out.script_pubkey]
-        loan_id = rows.loan_of_address[address_id]
+        """Record a payment to a watched script: a new deposit waits in `rows` for its
+        INSERT (`_Rows.write`, before the transaction reads deposits again)."""
+        address_id, loan_id = rows.address_of_script[out.script_pubkey]
         dep = rows.deposits.get((out.txid, out.vout))
         if dep is None:
+            if (out.txid, out.vout) in rows.new_deposits:
+                return loan_id
             loan = rows.loan(session, loan_id)
-            dep = Deposit(
+            new = _NewDeposit(
                 loan_id=loan_id,
                 address_id=address_id,
                 txid=out.txid,
@@ -846,13 +908,13 @@ class Watcher:
                 block_height=height,
                 block_hash=block_hash,
                 required_confirmations=self._required_confirmations(loan, out.value),
+                first_seen_at=utcnow(),
             )
-            session.add(dep)
-            rows.deposits[(out.txid, out.vout)] = dep
+            rows.new_deposits[(out.txid, out.vout)] = new
             record(
-                session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(dep)
+                session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(new)
             )
-            notify_loan(session, loan, "deposit.seen", _dep_data(dep))
+            notify_loan(session, loan, "deposit.seen", _dep_data(new))
         elif height is not None and dep.block_height != height:
             revived = dep.state == DepositState.removed
             if revived:
@@ -882,7 +944,7 @@ class Watcher:
             loan_id=dep.loan_id,
             data={**_dep_data(dep), "spent_by": spend.txid},
         )
-        request = request_for_txid(session, spend.txid)
+        request = rows.request(session, spend.txid)
         if request is not None:
             mined(session, request, height, ACTOR)
         else:
@@ -1019,12 +1081,13 @@ class Watcher:
         added = removed = 0
         with Session(self.engine, autoflush=False) as session:
             self._fence(session, self._position)
-            rows = _Rows.load(session, self._watched, found, [])
+            rows = _Rows.load(session, found, [])
             for out in found:
                 if (out.txid, out.vout) not in rows.deposits:
                     self._record_output(session, out, None, None, rows)
                     self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
                     added += 1
+            rows.write(session)
             session.flush()
             unmined = repository.unmined_deposits(session)
             for dep in unmined:
@@ -1063,15 +1126,18 @@ class Watcher:
     # -- the watched set -------------------------------------------------------------
 
     def _reload_watched(self) -> None:
-        self._watched = _Watched()
+        """The outpoints afresh (a reorg or a takeover changes them) and the addresses
+        handed out since the last load: those never change, so a reorg does not read a
+        million of them again."""
         self._load_new_addresses()
         with transaction(self.engine, write=False) as session:  # reads only
             rows = repository.outpoints_in_states(session, _LIVE)
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
-    def _load_new_addresses(self, page: int = 50_000) -> int:
+    def _load_new_addresses(self, page: int = ADDRESS_PAGE) -> int:
         """Add addresses handed out since the last call; paged so a million of them
-        never sit in memory twice (as rows and as the index). Returns how many.
+        never sit in memory twice (as rows and as the index), and the index sized for
+        all of them first (one allocation, no rebuilds while it fills). Returns how many.
 
         On PostgreSQL ids come from a sequence and hand-outs of different loans commit
         in any order: one that took id 10 may commit after one that took 11, which was
@@ -1085,17 +1151,20 @@ class Watcher:
             if gaps:
                 for address_id, spk_hex in repository.addresses_with_ids(session, sorted(gaps)):
                     assert address_id is not None
-                    watched.scripts[bytes.fromhex(spk_hex)] = address_id
+                    watched.scripts.add(bytes.fromhex(spk_hex))
                     gaps.pop(address_id, None)
                     added += 1
+            watched.scripts.reserve(
+                len(watched.scripts)
+                + repository.count_addresses_after(session, watched.last_address_id)
+            )
             while True:
                 rows = repository.addresses_after(session, watched.last_address_id, page)
                 for address_id, spk_hex in rows:
-                    assert address_id is not None
                     low = max(watched.last_address_id + 1, address_id - ADDRESS_GAP_WINDOW)
                     for missing in range(low, address_id):
                         gaps[missing] = now
-                    watched.scripts[bytes.fromhex(spk_hex)] = address_id
+                    watched.scripts.add(bytes.fromhex(spk_hex))
                     watched.last_address_id = address_id
                     added += 1
                 if len(rows) < page:
@@ -1107,7 +1176,7 @@ class Watcher:
         return added
 
 
-def _dep_data(dep: Deposit) -> dict[str, Any]:
+def _dep_data(dep: Deposit | _NewDeposit) -> dict[str, Any]:
     return {
         "txid": dep.txid,
         "vout": dep.vout,
