@@ -1,4 +1,5 @@
-"""Operations endpoints: health (the node's tip now, the watcher's position and stalls)."""
+"""Operations endpoints: health (the node's tip now, the watcher's position and stalls),
+and the same figures as Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -6,6 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from custody.chain.rpc import NodeRpc
 from custody.config import Settings
@@ -32,6 +38,10 @@ def health(request: Request) -> dict[str, Any]:
     for `watch_stall_polls` polls, or that many failed steps in a row). The database is
     read and its transaction closed before the node is asked. It needs no key and
     declares no error of its own (a database fault is a plain 500)."""
+    return _health(request)
+
+
+def _health(request: Request) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
     watcher = read_health(request.app.state.engine)
     node = _node(getattr(request.app.state, "chain", None), settings.health_node_timeout_seconds)
@@ -45,3 +55,47 @@ def health(request: Request) -> dict[str, Any]:
         if watcher is None
         else watcher.as_dict(now, quiet_limit, node["tip_height"]),
     }
+
+
+# name, help, where in the health body (watcher figures; booleans as 0/1)
+_WATCHER_GAUGES = (
+    ("custody_watcher_height", "Height the watcher has applied up to", "height"),
+    ("custody_watcher_lag_blocks", "Blocks between the node's tip and the watcher", "lag_blocks"),
+    (
+        "custody_watcher_seconds_since_step",
+        "Seconds since the watcher last made progress",
+        "seconds_since_step",
+    ),
+    ("custody_watcher_failed_steps", "Watcher steps failed in a row", "failed_steps"),
+    ("custody_watcher_stalled", "1 while the watcher is stalled", "stalled"),
+)
+
+
+class _HealthCollector(Collector):
+    """The health body as gauges, read once per scrape."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def collect(self) -> Any:
+        node = self.body["node"]
+        yield GaugeMetricFamily(
+            "custody_node_reachable", "1 if the node answered this scrape", int(node["reachable"])
+        )
+        if node["tip_height"] is not None:
+            yield GaugeMetricFamily(
+                "custody_node_tip_height", "The node's tip, read now", node["tip_height"]
+            )
+        watcher = self.body["watcher"]
+        for name, text, key in _WATCHER_GAUGES if watcher is not None else ():
+            if watcher[key] is not None:
+                yield GaugeMetricFamily(name, text, float(watcher[key]))
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+def metrics(request: Request) -> Response:
+    """The health figures in Prometheus' text format (no key, like health: serve it on
+    loopback or behind the scraper's network)."""
+    registry = CollectorRegistry()
+    registry.register(_HealthCollector(_health(request)))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

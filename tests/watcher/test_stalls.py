@@ -52,6 +52,20 @@ def _health(world: World) -> dict[str, Any]:
     return body
 
 
+def _metrics(world: World) -> dict[str, float]:
+    """`/v1/metrics`, parsed by Prometheus' own parser: sample name -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answer = world.call(None, "GET", "/v1/metrics")
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"].startswith("text/plain")
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
 def _count(engine: Engine, action: str) -> int:
     with Session(engine) as s:
         return s.exec(
@@ -108,6 +122,9 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
             )
 
         wait_until(watching, timeout=30, message=lambda: str(_health(world)))
+        seen = _metrics(world)
+        assert seen["custody_watcher_height"] == tip and seen["custody_node_tip_height"] == tip
+        assert seen["custody_watcher_stalled"] == 0 and seen["custody_node_reachable"] == 1
 
         proxy.hold()  # the node stops answering: every step times out
         held_at = time.monotonic()
@@ -131,6 +148,10 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
         assert "timed out" in w["last_error"]["message"]
         assert w["last_step_at"] < w["last_error"]["at"]
         assert w["height"] == tip
+        seen = _metrics(world)
+        assert seen["custody_watcher_stalled"] == 1 and seen["custody_node_reachable"] == 0
+        assert "custody_node_tip_height" not in seen
+        assert seen["custody_watcher_failed_steps"] >= STALL_POLLS
 
         # It keeps failing, and alerts once.
         failed = w["failed_steps"]
@@ -214,3 +235,4 @@ def test_health_answers_when_the_node_is_unreachable(
     assert body["node"]["reachable"] is False and "unreachable" in body["node"]["error"]
     assert body["watcher"]["height"] == regtest_node.rpc.get_block_count()
     assert body["watcher"]["last_error"] is None and body["watcher"]["stalled"] is False
+
