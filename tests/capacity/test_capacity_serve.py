@@ -183,7 +183,7 @@ def test_two_worker_processes_serve_one_database(
         )
         # The second worker may start after the first answered everything (busy cores).
         wait_until(
-            lambda: server.log().count("Started server process") == 2,
+            lambda: server.log().count("Started server process") >= 2,
             30,
             message=lambda: f"two worker processes in the log:\n{server.log()}",
         )
