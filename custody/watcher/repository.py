@@ -228,6 +228,18 @@ def count_addresses_after(session: Session, address_id: int) -> int:
     )
 
 
+def addresses_by_ids(session: Session, address_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """(id, scriptPubKey hex) of those of `address_ids` that exist (are committed)."""
+    table = CollateralAddress.__table__  # type: ignore[attr-defined]
+    return [
+        (found_id, spk_hex)
+        for chunk in _chunks(address_ids)
+        for found_id, spk_hex in session.execute(
+            select(table.c.id, table.c.script_pubkey_hex).where(table.c.id.in_(chunk))
+        ).all()
+    ]
+
+
 def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple[int, str]]:
     """(id, scriptPubKey hex) of up to `limit` addresses handed out after `address_id`, in
     id order. A Core select: a million rows through the ORM's loading took seconds."""

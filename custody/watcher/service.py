@@ -18,6 +18,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -65,6 +66,10 @@ ACTOR = "system:watcher"
 _LIVE = (DepositState.pending, DepositState.confirmed)
 # Addresses read per query when the watched set is loaded: 20,000 rows are ~4 MB.
 ADDRESS_PAGE = 20_000
+# How long an address id skipped by a later one is looked for, and how far below the
+# highest id seen: hand-outs are short transactions, so a late one is a recent id.
+ADDRESS_GAP_SECONDS = 600.0
+ADDRESS_GAP_WINDOW = 1_000
 
 
 class WatcherBusy(Conflict):
@@ -101,6 +106,11 @@ class _Watched:
     # address and loan a script is comes from the database, for the few that matched.
     scripts: ScriptIndex = field(default_factory=ScriptIndex)
     last_address_id: int = 0
+    # Ids below `last_address_id` not seen yet, with when they were first missed. On
+    # PostgreSQL a hand-out takes its id at its INSERT and shows at its COMMIT, so a
+    # later id can show first: the missing ones are asked for again on every load, until
+    # seen or for ADDRESS_GAP_SECONDS (a rolled back hand-out leaves its id unused).
+    gaps: dict[int, float] = field(default_factory=dict)
     outpoints: set[bytes] = field(default_factory=set)
 
 
@@ -716,22 +726,45 @@ class Watcher:
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
     def _load_new_addresses(self, page: int = ADDRESS_PAGE) -> None:
-        """Add addresses handed out since the last call; paged so a million of them
-        never sit in memory twice (as rows and as the index), and the index sized for
-        all of them first (one allocation, no rebuilds while it fills)."""
+        """Add addresses handed out since the last call, and any that an earlier call
+        found skipped (`_Watched.gaps`); paged so a million of them never sit in memory
+        twice (as rows and as the index), and the index sized for all of them first
+        (one allocation, no rebuilds while it fills)."""
         watched = self._watched
+        now = time.monotonic()
         with transaction(self.engine, write=False) as session:  # reads only
-            watched.scripts.reserve(
-                len(watched.scripts)
-                + repository.count_addresses_after(session, watched.last_address_id)
-            )
+            if watched.gaps:
+                late = repository.addresses_by_ids(session, sorted(watched.gaps))
+                watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in late)
+                for address_id, _ in late:
+                    del watched.gaps[address_id]
+                for address_id, missed_at in list(watched.gaps.items()):
+                    if now - missed_at > ADDRESS_GAP_SECONDS:
+                        del watched.gaps[address_id]
+            more = repository.count_addresses_after(session, watched.last_address_id)
+            watched.scripts.reserve(len(watched.scripts) + more)
             while True:
                 rows = repository.addresses_after(session, watched.last_address_id, page)
                 watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in rows)
-                if rows:
-                    watched.last_address_id = rows[-1][0]
+                self._note_gaps(rows, now)
                 if len(rows) < page:
-                    return
+                    break
+        floor = watched.last_address_id - ADDRESS_GAP_WINDOW
+        for address_id in [i for i in watched.gaps if i < floor]:
+            del watched.gaps[address_id]
+
+    def _note_gaps(self, rows: list[tuple[int, str]], now: float) -> None:
+        """Advance `last_address_id` over `rows` (in id order), noting the recent ids they
+        skip."""
+        watched = self._watched
+        if not rows:
+            return
+        expected, highest = watched.last_address_id + 1, rows[-1][0]
+        for address_id, _ in rows:
+            for missing in range(max(expected, highest - ADDRESS_GAP_WINDOW), address_id):
+                watched.gaps.setdefault(missing, now)
+            expected = address_id + 1
+        watched.last_address_id = highest
 
 
 def _dep_data(dep: Deposit | _NewDeposit) -> dict[str, Any]:
