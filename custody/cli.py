@@ -53,6 +53,10 @@ def create_admin(name: Annotated[str, typer.Argument(help="the admin's name")]) 
     typer.echo(api_key)
 
 
+# `custody watch` exits with this when another watcher took its lease over.
+LEASE_LOST_EXIT = 3
+
+
 def _root() -> Root:
     return Root(_settings())
 
@@ -103,6 +107,8 @@ def watch(
     once: Annotated[bool, typer.Option(help="apply what is there, then exit")] = False,
 ) -> None:
     """Follow the node and record deposits (one watcher per database)."""
+    from custody.watcher.service import LeaseLost
+
     root = _root()
     watcher = root.watcher()
     try:
@@ -129,6 +135,11 @@ def watch(
         reconciler.start()
         try:
             watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
+        except LeaseLost as exc:
+            # Another watcher took over: this one wrote nothing since and never will.
+            # Exit non-zero; restarted, it waits for the lease like any standby.
+            typer.echo(f"custody watch: {exc.message}", err=True)
+            raise typer.Exit(code=LEASE_LOST_EXIT) from exc
         finally:
             stop.set()
             reconciler.join(timeout=60)

@@ -70,7 +70,18 @@ class Settings(BaseSettings):
     large_deposit_sats: int = 100_000_000
     watch_start_height: int | None = None  # first block to scan; default: the tip at first start
     watch_poll_seconds: float = 1.0
-    watch_lease_seconds: float = 30.0
+    # One watcher per database: its lease is renewed every third of this by a thread
+    # of its own (so never lost during a slow node call), and a watcher that dies is
+    # taken over about this long after. The renewal stops once a step has shown no
+    # progress for `watch_stuck_seconds` (longer than any node call may take).
+    watch_lease_seconds: float = Field(default=5.0, gt=0)
+    watch_stuck_seconds: float = Field(default=120.0, gt=0)
+    # A watcher whose steps fail this many polls in a row raises `watcher.stalled`
+    # (once, then `watcher.recovered`); /v1/health says `stalled` when its last
+    # progress is older than this many polls. The health check asks the node for its
+    # tip with this timeout.
+    watch_stall_polls: int = Field(default=10, ge=1)
+    health_node_timeout_seconds: float = Field(default=2.0, gt=0)
     # Intents whose outcome is unknown (a crash between a call to the node or the signer
     # and the record of its answer) are reconciled by `custody watch` this often, once
     # older than the grace (longer than any call may take).
@@ -90,9 +101,6 @@ class Settings(BaseSettings):
     price_min_sources: int = 1
     risk_poll_seconds: float = 10.0
 
-    # Software (seed-in-memory) signers are for regtest and tests only.
-    allow_software_signers: bool = False
-
     @field_validator("api_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
@@ -101,9 +109,12 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _no_software_keys_on_mainnet(self) -> Settings:
-        if self.network == "mainnet" and self.allow_software_signers:
-            raise ValueError("software signers are for regtest and tests only, never mainnet")
+    def _stuck_outlasts_a_node_call(self) -> Settings:
+        if self.watch_stuck_seconds <= self.node_rpc_timeout:
+            raise ValueError(
+                "watch_stuck_seconds must exceed node_rpc_timeout: a step waiting for the "
+                "node would otherwise let its lease lapse"
+            )
         return self
 
     @property

@@ -137,6 +137,8 @@ class Root:
                 large_deposit_sats=s.large_deposit_sats,
                 start_height=s.watch_start_height,
                 lease_seconds=s.watch_lease_seconds,
+                stuck_seconds=s.watch_stuck_seconds,
+                stall_steps=s.watch_stall_polls,
             ),
         )
 

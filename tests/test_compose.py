@@ -137,7 +137,6 @@ def test_service_env_loads_into_settings(
     assert "@postgres:5432/" in settings.database_url
     assert settings.node_rpc_url == "http://bitcoind:8332"
     assert settings.node_rpc_password.get_secret_value() == "value-of-custody_node_rpc_password"
-    assert settings.allow_software_signers is False
     if service_name == "api":
         assert settings.api_host == "0.0.0.0"
         assert settings.api_port == 8080

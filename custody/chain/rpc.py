@@ -277,15 +277,16 @@ class NodeRpc:
         with self._id_lock:
             return next(self._ids)
 
-    def call(self, method: str, *params: Any) -> Any:
+    def call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
         """Call ``method`` with positional ``params``; return ``result`` or raise.
+        ``timeout`` replaces the client's for this call (a health check's short one).
 
         Raises ``RpcUnavailable`` when the node cannot be asked and ``RpcError`` (or a
         subclass) when it answered with an error.
         """
         request_id = self._next_id()
         payload = {"jsonrpc": "1.0", "id": request_id, "method": method, "params": list(params)}
-        response = self._post(method, payload)
+        response = self._post(method, payload, timeout)
         body = self._json_body(method, response)
         return _result(method, response.status_code, body, request_id)
 
@@ -312,11 +313,16 @@ class NodeRpc:
             raise RpcUnavailable(f"node RPC {method}: batch reply lacks ids {missing[:3]}")
         return [_result(method, response.status_code, by_id[i], i) for i in ids]
 
-    def _post(self, method: str, payload: Any) -> httpx.Response:
+    def _post(self, method: str, payload: Any, timeout: float | None = None) -> httpx.Response:
         try:
-            return self._client.post(self.url, json=payload)
+            return self._client.post(
+                self.url,
+                json=payload,
+                timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
+            )
         except httpx.TimeoutException as exc:
-            raise RpcUnavailable(f"node RPC {method} timed out after {self.timeout}s") from exc
+            waited = self.timeout if timeout is None else timeout
+            raise RpcUnavailable(f"node RPC {method} timed out after {waited}s") from exc
         except httpx.TransportError as exc:
             raise RpcUnavailable(
                 f"node RPC at {self.url} unreachable ({type(exc).__name__}: {exc})"
@@ -358,8 +364,8 @@ class NodeRpc:
         result: dict[str, Any] = self.call("getblockchaininfo")
         return result
 
-    def get_block_count(self) -> int:
-        return int(self.call("getblockcount"))
+    def get_block_count(self, *, timeout: float | None = None) -> int:
+        return int(self.call("getblockcount", timeout=timeout))
 
     def get_best_block_hash(self) -> str:
         return str(self.call("getbestblockhash"))

@@ -112,6 +112,9 @@ class Loan(SQLModel, table=True):
     )
     repaid_at: datetime | None = Field(default=None)
     margin_call_at: datetime | None = Field(default=None)  # start of the cure window
+    # How many state changes this loan has had (`loans.service.change_state` counts them):
+    # the n-th change is one fact, so its webhook has one id however often it is replayed.
+    state_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
     created_by: int = Field(foreign_key="principal.id")
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
@@ -203,6 +206,9 @@ class Deposit(SQLModel, table=True):
     excess_sats: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
     spent_txid: str | None = Field(default=None, sa_column=Column(String(64)))
     spent_height: int | None = Field(default=None, index=True)
+    # How many times a reorg or the mempool took this deposit back (unconfirmed, removed):
+    # part of its events' ids, so a confirmation after a retraction is news, a replay not.
+    retractions: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
     first_seen_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False)
 
@@ -227,11 +233,25 @@ class ChainCursor(SQLModel, table=True):
 
 
 class WatcherLease(SQLModel, table=True):
-    """Only one watcher per database (SQLite; PostgreSQL also holds an advisory lock)."""
+    """Only one watcher per database, and what it last did (one row).
+
+    `generation` is the fence: a takeover increments it, and every write the watcher
+    makes first checks, in its own transaction, that the row still names it at its
+    generation (PostgreSQL also holds an advisory lock, which only speeds refusals).
+    The step fields are what `/v1/health` shows of a watcher that cannot move."""
 
     id: int = Field(default=1, primary_key=True)
     holder: str = Field(sa_column=Column(String(120), nullable=False))
     expires_at: datetime = Field(nullable=False)
+    generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    last_step_at: datetime | None = Field(default=None)
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    last_error_kind: str | None = Field(default=None, sa_column=Column(String(120)))
+    last_error_at: datetime | None = Field(default=None)
+    # Steps failed in a row; `stalled_since` is set when that reached the alert's
+    # threshold (the `watcher.stalled` event, once) and cleared by `watcher.recovered`.
+    failed_steps: int = Field(default=0, nullable=False)
+    stalled_since: datetime | None = Field(default=None)
 
 
 class SigningAction(StrEnum):
@@ -368,11 +388,15 @@ class Webhook(SQLModel, table=True):
 
 
 class Outbox(SQLModel, table=True):
-    """One event for one webhook. Written in the transaction that caused the event;
-    ``event_id`` is stable across retries so receivers can de-duplicate by it."""
+    """One event for one webhook. Written in the transaction that caused the event.
+    ``event_id`` is derived from the fact the event reports (`notify.outbox.event_id`):
+    the same for every webhook and every replay of that fact, so a row per (webhook,
+    event) is inserted once and receivers can de-duplicate by it."""
+
+    __table_args__ = (UniqueConstraint("webhook_id", "event_id", name="uq_outbox_webhook_event"),)
 
     id: int | None = Field(default=None, primary_key=True)
-    event_id: str = Field(sa_column=Column(String(36), nullable=False, unique=True))
+    event_id: str = Field(sa_column=Column(String(36), nullable=False))
     webhook_id: int = Field(foreign_key="webhook.id", index=True)
     event_type: str = Field(sa_column=Column(String(64), nullable=False))
     payload: str = Field(sa_column=Column(Text, nullable=False))  # JSON

@@ -185,9 +185,11 @@ def change_state(
     data: dict[str, Any] | None = None,
 ) -> None:
     """Every loan state change goes through here: a state never moves without its own
-    audit event (DESIGN: a transition is a row in the audit log)."""
+    audit event (DESIGN: a transition is a row in the audit log). It is the loan's
+    `state_version`-th change, the number its webhook's id is derived from."""
     before = str(loan.state)
     loan.state, loan.updated_at = to, utcnow()
+    loan.state_version += 1
     session.add(loan)
     record(
         session,
@@ -195,7 +197,7 @@ def change_state(
         action="loan.state_changed",
         loan_id=loan.id,
         reason=reason,
-        data={"from": before, "to": to.value, **(data or {})},
+        data={"from": before, "to": to.value, "state_version": loan.state_version, **(data or {})},
     )
 
 

@@ -1,8 +1,13 @@
 """Subscriptions and the transactional outbox.
 
-``enqueue`` only INSERTs rows in the caller's session: the events become visible to the
-delivery worker exactly when the caller's transaction commits, and vanish with it if it
-rolls back. Nothing here talks to the network.
+``enqueue`` only queues rows in the caller's session, written by one INSERT as it commits:
+the events become visible to the delivery worker exactly when the caller's transaction
+commits, and vanish with it if it rolls back. Nothing here talks to the network.
+
+An event's id is derived from the fact it reports (``event_id``: its type and a key such as
+loan, outpoint, block and epoch), never drawn at random, and a row is unique per (webhook,
+event id) and inserted only if absent: a replayed state change, or a reorg that brings
+back exactly what was already announced, queues nothing new.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from sqlalchemy.orm import SessionTransaction
 from sqlmodel import Session
 
 from custody.audit.service import record
-from custody.db.models import Outbox, Webhook, utcnow
+from custody.db.models import Webhook, utcnow
 from custody.errors import PartyNotFound, WebhookNotFound
 from custody.notify import repository
 from pledge.errors import InvalidInput
@@ -33,18 +38,25 @@ EVENT_TYPES: frozenset[str] = frozenset(
     {
         "deposit.seen",
         "deposit.confirmed",
+        "deposit.unconfirmed",
+        "deposit.removed",
         "loan.active",
+        "loan.awaiting_deposit",
         "loan.margin_call",
         "liquidation.started",
         "liquidation.broadcast",
         "liquidation.confirmed",
         "release.ready_to_sign",
         "signature.needed",
+        "watcher.stalled",
+        "watcher.recovered",
     }
 )
 ALL_EVENTS = "*"
 MIN_SECRET_LENGTH = 32
 MAX_URL_LENGTH = 2000
+# Fixed for ever: event ids are uuid5(this, type and key), and receivers store them.
+EVENT_ID_NAMESPACE = uuid.UUID("3f9d1f0e-5b8a-4c2e-9a61-7c1d2e0b4a55")
 
 
 @dataclass(frozen=True)
@@ -197,6 +209,7 @@ def _subscribed(hook: Webhook, event_type: str) -> bool:
 
 
 _HOOKS = "custody.notify.active_hooks"
+_QUEUED = "custody.notify.queued"  # this transaction's outbox rows, by (webhook, event id)
 
 
 def _active_hooks(session: Session) -> list[Webhook]:
@@ -213,6 +226,29 @@ def _active_hooks(session: Session) -> list[Webhook]:
 def _forget_hooks(session: SASession, transaction: SessionTransaction) -> None:
     if transaction.parent is None:
         session.info.pop(_HOOKS, None)
+        session.info.pop(_QUEUED, None)  # written by the commit, or rolled back with it
+
+
+def _write_queued(session: SASession) -> None:
+    """Write this transaction's events in one INSERT that skips those already there.
+    After every other change (two writers of one fact first meet on the rows the fact
+    changed, never while holding each other's outbox rows), and before the audit chain
+    takes its lock (this listener runs first)."""
+    queued: dict[tuple[int, str], dict[str, Any]] | None = session.info.get(_QUEUED)
+    if not queued or session.in_nested_transaction():
+        return  # a savepoint's release is not the commit: the rows wait for it
+    session.flush()
+    repository.insert_events_if_absent(session, list(queued.values()))
+    queued.clear()
+
+
+sa_event.listen(SASession, "before_commit", _write_queued, insert=True)
+
+
+def event_id(event_type: str, key: str) -> str:
+    """The id of the event of `event_type` about the fact `key` names: a name-based UUID
+    (RFC 4122 version 5), the same wherever and however often that fact is reported."""
+    return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{event_type}\n{key}"))
 
 
 def enqueue(
@@ -221,11 +257,15 @@ def enqueue(
     party_ids: Iterable[int],
     event_type: str,
     payload: dict[str, Any],
+    key: str,
 ) -> list[str]:
-    """Queue ``event_type`` for every active webhook of ``party_ids`` that wants it.
+    """Queue the `event_type` event about the fact `key` for every active webhook of
+    `party_ids` that wants it.
 
-    Runs in the caller's transaction and never commits. Returns the new event ids (one
-    per webhook; empty if nobody subscribed)."""
+    Runs in the caller's transaction and never commits; the rows are written as it
+    commits, each only if that webhook does not have this event yet (a replay of the
+    same fact queues nothing). Returns the event's id once per webhook that wants it
+    (empty if nobody subscribed)."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event type {event_type!r}")
     body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_json_default)
@@ -234,21 +274,27 @@ def enqueue(
         return []
     hooks = [h for h in _active_hooks(session) if h.party_id in wanted]
     now = utcnow()
+    the_id = event_id(event_type, key)
+    queued: dict[tuple[int, str], dict[str, Any]] = session.info.setdefault(_QUEUED, {})
     event_ids: list[str] = []
     for hook in hooks:
         if not _subscribed(hook, event_type):
             continue
         assert hook.id is not None
-        event_id = str(uuid.uuid4())
-        session.add(
-            Outbox(
-                event_id=event_id,
-                webhook_id=hook.id,
-                event_type=event_type,
-                payload=body,
-                created_at=now,
-                next_attempt_at=now,
-            )
+        queued.setdefault(
+            (hook.id, the_id),
+            {
+                "event_id": the_id,
+                "webhook_id": hook.id,
+                "event_type": event_type,
+                "payload": body,
+                "created_at": now,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "delivered_at": None,
+                "dead_at": None,
+                "last_error": None,
+            },
         )
-        event_ids.append(event_id)
+        event_ids.append(the_id)
     return event_ids

@@ -5,14 +5,28 @@ are in `outbox.py` and `delivery.py`."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session as SASession
 from sqlmodel import Session, col, select
 
-from custody.db.models import Outbox, Party, Webhook
+from custody.db.models import Outbox, Party, PartyKind, Webhook
 
 
 def party_by_id(session: Session, party_id: int) -> Party | None:
     return session.get(Party, party_id)
+
+
+def party_ids_of_kind(session: Session, kind: PartyKind) -> list[int]:
+    return [
+        party_id
+        for party_id in session.exec(
+            select(Party.id).where(Party.kind == kind).order_by(col(Party.id))
+        ).all()
+        if party_id is not None
+    ]
 
 
 def webhook_by_id(session: Session, webhook_id: int) -> Webhook | None:
@@ -57,3 +71,13 @@ def claim_due_events(session: Session, now: datetime, limit: int) -> list[tuple[
 def outbox_row_for_update(session: Session, outbox_id: int) -> Outbox | None:
     """The outbox row, its row locked (PostgreSQL) for the outcome's write."""
     return session.get(Outbox, outbox_id, with_for_update=True)
+
+
+def insert_events_if_absent(session: SASession, rows: list[dict[str, Any]]) -> None:
+    """Insert outbox rows (each dict names every column but `id`) in one statement, skipping
+    any whose (webhook, event id) is already there (`uq_outbox_webhook_event`): ON CONFLICT
+    DO NOTHING on both databases, so two writers of one fact never fail or double it."""
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    table = Outbox.__table__  # type: ignore[attr-defined]  # Core: no RETURNING of ids
+    statement = insert(table).on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
+    session.execute(statement, rows)

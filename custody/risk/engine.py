@@ -31,6 +31,7 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.errors import SignerNotConfigured
+from custody.loans import repository as loans_repository
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
@@ -199,7 +200,7 @@ class RiskEngine:
         signer (a valuation, a liquidation it must price and sign) is returned, to be
         done after this transaction has committed."""
 
-        loan = repository.loan_by_id(session, loan_id)
+        loan = loans_repository.loan(session, loan_id)
         if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
             return None
         key = bank_hsm_key(session, loan_id)
@@ -277,7 +278,7 @@ class RiskEngine:
         )
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
-            loan = repository.loan_by_id(session, loan_id)
+            loan = loans_repository.loan(session, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
             req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
@@ -349,7 +350,7 @@ class RiskEngine:
         ctx = Context(principal=_robot(), network=self.network)
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
-            loan = repository.loan_by_id(session, loan_id)
+            loan = loans_repository.loan(session, loan_id)
             if loan is None or loan.state not in (LoanState.active, LoanState.margin_call):
                 return None  # another pass or person moved it meanwhile
             req = create_request(session, ctx, loan_id, params, prefetched, self.fees)
@@ -370,7 +371,7 @@ class RiskEngine:
         # cancels it if it is still unsigned by then.
         with transaction(self.engine) as session:
             decision = record_automatic_signature(session, ctx, request_id, outcome)
-            loan = repository.loan_by_id(session, loan_id)
+            loan = loans_repository.loan(session, loan_id)
             assert loan is not None
             if decision.refused:
                 log.error(
@@ -385,7 +386,12 @@ class RiskEngine:
                 session,
                 loan,
                 "signature.needed",
-                {"request_id": request_id, "seat": "arbiter", "action": "liquidation"},
+                {
+                    "request_id": request_id,
+                    "seat": "arbiter",
+                    "seats": ["arbiter"],
+                    "action": "liquidation",
+                },
             )
         if ready:  # the arbiter had signed first: broadcast with no transaction open
             broadcast_ready(self.engine, ACTOR, request_id, self.chain)

@@ -25,9 +25,6 @@ def loan_ids_in_states(session: Session, states: Collection[LoanState]) -> list[
     return list(session.exec(select(Loan.id).where(col(Loan.state).in_(states))).all())
 
 
-def loan_by_id(session: Session, loan_id: int) -> Loan | None:
-    return session.get(Loan, loan_id)
-
 
 def confirmed_collateral_sats(session: Session, loan_id: int) -> int:
     """The sum of the loan's confirmed deposits (0 for none)."""

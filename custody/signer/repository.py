@@ -11,7 +11,6 @@ from sqlalchemy import or_
 from sqlmodel import Session, col, select
 
 from custody.db.models import (
-    Loan,
     Principal,
     RequestState,
     SignerEndorsement,
@@ -19,10 +18,6 @@ from custody.db.models import (
     SigningRequest,
     StatementState,
 )
-
-
-def loan_by_id(session: Session, loan_id: int | None) -> Loan | None:
-    return session.get(Loan, loan_id)
 
 
 def statement_by_id(session: Session, statement_id: int) -> SignerStatement | None:

@@ -55,6 +55,7 @@ from custody.errors import (
     SignerStatementNotInState,
     SignerStatementUnsigned,
 )
+from custody.loans import repository as loans_repository
 from custody.loans.service import get_loan, loan_keys, store_key
 from custody.signer import repository
 from custody.signing.broadcast import broadcast_ready
@@ -104,7 +105,7 @@ def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
     if role not in STAFF:
         raise hidden
     if st.loan_id is not None:
-        loan = repository.loan_by_id(session, st.loan_id)
+        loan = loans_repository.loan(session, st.loan_id)
         if loan is None or loan.bank_party_id != ctx.principal.party_id:
             raise hidden
 
@@ -533,7 +534,8 @@ def _apply(
     st.state = StatementState.done
     st.updated_at = utcnow()
     if work.kind == "register_loan":
-        loan = repository.loan_by_id(session, work.loan_id)
+        assert work.loan_id is not None
+        loan = loans_repository.loan(session, work.loan_id)
         assert loan is not None
         evidence = _HsmEvidence(
             label=str(result["key_ref"]),
@@ -550,7 +552,8 @@ def _apply(
             )
         st.outcome = f"bank key {evidence.label} made; registered by {result['registered_by']}"
     elif work.kind == "repayment":
-        loan = repository.loan_by_id(session, work.loan_id)
+        assert work.loan_id is not None
+        loan = loans_repository.loan(session, work.loan_id)
         assert loan is not None
         credit = bool(result.get("recorded")) or (
             answer_lost and not _credited_elsewhere(session, statement_id, work)

@@ -24,11 +24,11 @@ from custody.errors import (
     SigningRequestNotFound,
     SigningRequestNotInState,
 )
+from custody.loans import repository as loans_repository
 from custody.signing.building import refused_request
 from custody.signing.repository import (
     approval_by,
     get_request,
-    loan_by_id,
     request_by_id,
     transaction_statement_of,
 )
@@ -55,7 +55,7 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
 
     req = get_request(session, ctx, request_id)
     require_role(ctx.principal, Role.bank_approver)
-    loan = loan_by_id(session, req.loan_id)
+    loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     if loan.bank_party_id != ctx.principal.party_id:
         raise SigningRequestNotFound(f"signing request {request_id} not found")

@@ -22,12 +22,13 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.errors import SigningRequestNotInState
+from custody.loans import repository as loans_repository
 from custody.notify.events import notify_loan
 from custody.signing.chain import Chain
 from custody.signing.psbt import (
     finalize,
 )
-from custody.signing.repository import get_request, loan_by_id, request_by_id
+from custody.signing.repository import get_request, request_by_id
 
 
 def _ask_the_node(chain: Chain, psbt: str) -> tuple[str, dict[str, Any]]:
@@ -69,7 +70,7 @@ def record_broadcast(
         data={"txid": req.unsigned_txid},
     )
     if req.action in (SigningAction.liquidation, SigningAction.partial_liquidation):
-        loan = loan_by_id(session, req.loan_id)
+        loan = loans_repository.loan(session, req.loan_id)
         assert loan is not None
         notify_loan(
             session,

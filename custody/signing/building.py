@@ -41,6 +41,7 @@ from custody.errors import (
     SignerNotConfigured,
     SigningRequestNotInState,
 )
+from custody.loans import repository as loans_repository
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
@@ -60,7 +61,6 @@ from custody.signing.repository import (
     confirmed_txids,
     evidence,
     get_request,
-    loan_by_id,
     open_request_id,
     request_by_id,
     request_inputs,
@@ -236,7 +236,7 @@ def create_request(
     but `chain` (a `PrefetchedChain` keeps that off the network). When the bank's signer
     holds the bank key, a liquidation must come priced by its valuation; `open_request`
     asks for it, and for the signer's statement, with no transaction open."""
-    loan = ensure_can_view(ctx.principal, loan_by_id(session, loan_id), loan_id)
+    loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id), loan_id)
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
         raise LoanNotFound(f"loan {loan_id} not found")
@@ -291,7 +291,7 @@ def open_request(
     it shows `signer_statement_id` null and is cancelled and asked for again."""
 
     with transaction(engine) as session:
-        loan = ensure_can_view(ctx.principal, loan_by_id(session, loan_id), loan_id)
+        loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id), loan_id)
         require_role(ctx.principal, *WHO_REQUESTS[params.action])
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None
@@ -482,7 +482,7 @@ def bump_fee(
         raise SigningRequestNotInState(
             f"signing request {request_id} is {old.state}: only a broadcast one is bumped"
         )
-    loan = loan_by_id(session, old.loan_id)
+    loan = loans_repository.loan(session, old.loan_id)
     assert loan is not None
     descriptor = loan_descriptor(session, loan, ctx.network)
     inputs = request_inputs(old)

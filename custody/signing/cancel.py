@@ -17,8 +17,9 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.errors import SigningRequestNotInState
+from custody.loans import repository as loans_repository
 from custody.loans.service import change_state
-from custody.signing.repository import get_request, loan_by_id, transaction_statement_of
+from custody.signing.repository import get_request, transaction_statement_of
 from custody.signing.rules import WHO_REQUESTS
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation
@@ -88,7 +89,7 @@ def close_cancelled(session: Session, ctx: Context, req: SigningRequest, *, reas
         request_id=req.id,
         reason=reason,
     )
-    loan = loan_by_id(session, req.loan_id)
+    loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     if req.replaces_id is None and str(loan.state) != req.loan_state_before:
         change_state(

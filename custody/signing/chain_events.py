@@ -12,9 +12,10 @@ from custody.db.models import (
     SigningRequest,
     utcnow,
 )
+from custody.loans import repository as loans_repository
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
-from custody.signing.repository import evidence, loan_by_id, rbf_family
+from custody.signing.repository import evidence, rbf_family
 from custody.signing.rules import OPEN, STATE_WHEN_DONE, STATE_WHILE_OPEN
 
 
@@ -50,7 +51,7 @@ def mined(session: Session, req: SigningRequest, height: int, actor: str) -> Non
                 request_id=sibling.id,
                 data={"by": req.id},
             )
-    loan = loan_by_id(session, req.loan_id)
+    loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     done = STATE_WHEN_DONE[SigningAction(req.action)]
     if req.action in (SigningAction.liquidation, SigningAction.partial_liquidation):
@@ -87,7 +88,7 @@ def unmined(session: Session, req: SigningRequest, actor: str) -> None:
         if sibling.state == RequestState.replaced:
             sibling.state, sibling.open_key = RequestState.broadcast, sibling.slot
             session.add(sibling)
-    loan = loan_by_id(session, req.loan_id)
+    loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     action = SigningAction(req.action)
     if STATE_WHEN_DONE[action] is not None:

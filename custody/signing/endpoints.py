@@ -132,8 +132,13 @@ def create_signing_request(
         target_ltv_bps=body.target_ltv_bps,
     )
     req = building.open_request(request.app.state.engine, ctx, loan_id, params, chain, fees, signer)
+    return request_out(_unless_refused(req))
+
+
+def _unless_refused(req: SigningRequest) -> SigningRequest:
+    """A request the bank's signer refused is kept, cancelled, with its audit row; the
+    answer is the refusal (422), for a new request and a fee bump alike."""
     if req.reject_reason and req.state == "cancelled":
-        # the signer refused the PSBT: the cancelled request and the audit row are kept
         refusal = repository.evidence(req).get("signer_refusal", {})
         raise RequestRefusedBySigner(
             str(refusal.get("check")),
@@ -141,7 +146,7 @@ def create_signing_request(
             message=req.reject_reason,
             request_id=req.id or 0,
         )
-    return request_out(req)
+    return req
 
 
 @router.get(
@@ -270,6 +275,7 @@ def cancel_signing_request(
         SigningRequestNotInState,
         FeeBumpTooSmall,
         RequestAlreadyOpen,
+        RequestRefusedBySigner,
     ),
 )
 def bump_fee(
@@ -284,7 +290,9 @@ def bump_fee(
     """Replace a stuck broadcast request by one paying more (RBF); it must be signed again.
     The signer is asked for its valuation and statement with no transaction open."""
     engine = request.app.state.engine
-    req = building.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
+    req = _unless_refused(
+        building.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
+    )
     with transaction(engine) as session:
         return request_out(repository.get_request(session, ctx, req.id or 0))
 

@@ -18,6 +18,7 @@ from custody.db.models import (
     utcnow,
 )
 from custody.errors import BankApprovalRequired, SigningRequestNotInState
+from custody.loans import repository as loans_repository
 from custody.loans.service import loan_descriptor
 from custody.signing.psbt import (
     CollateralInput,
@@ -25,7 +26,7 @@ from custody.signing.psbt import (
     merge_signatures,
     signers_per_input,
 )
-from custody.signing.repository import approval_not_by, get_request, loan_by_id, request_inputs
+from custody.signing.repository import approval_not_by, get_request, request_inputs
 from custody.signing.rules import REQUIRED_SEATS
 from pledge.descriptors import CollateralDescriptor
 from pledge.keys import HDKey
@@ -71,7 +72,7 @@ def add_signatures(
     broadcasts it after commit with `broadcast_ready` (no transaction is ever open across
     the node's calls)."""
     req = get_request(session, ctx, request_id)
-    loan = loan_by_id(session, req.loan_id)
+    loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     if via != "hsm":  # the HSM path was authorised by the signer's own boundary checks
         require_role(

@@ -48,8 +48,40 @@ def release_watcher_lock(conn: Connection) -> None:
     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_WATCHER_LOCK})
 
 
+def holds_watcher_lock(conn: Connection) -> bool:
+    """Whether `conn`'s own session still holds the watcher's advisory lock (a query on
+    it: raises if the connection died)."""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                " AND granted AND pid = pg_backend_pid()"
+                " AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = :k)"
+            ),
+            {"k": _PG_WATCHER_LOCK},
+        ).scalar()
+    )
+
+
+def backend_pid(conn: Connection) -> int:
+    """The PostgreSQL session (server process) of `conn`."""
+    return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def end_session(conn: Connection, pid: int) -> bool:
+    """End PostgreSQL session `pid`, and with it its session-level locks."""
+    return bool(conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid}).scalar())
+
+
 def lease(session: Session) -> WatcherLease | None:
     return session.get(WatcherLease, 1)
+
+
+def lease_locked(session: Session) -> WatcherLease | None:
+    """The lease row as committed now, locked until the caller's transaction ends: FOR
+    UPDATE on PostgreSQL; on SQLite every write transaction is BEGIN IMMEDIATE, so a
+    read inside one is already serialized with every other writer."""
+    return session.get(WatcherLease, 1, with_for_update=True, populate_existing=True)
 
 
 # -- the cursor and applied blocks -------------------------------------------------------
@@ -228,18 +260,6 @@ def count_addresses_after(session: Session, address_id: int) -> int:
     )
 
 
-def addresses_by_ids(session: Session, address_ids: Sequence[int]) -> list[tuple[int, str]]:
-    """(id, scriptPubKey hex) of those of `address_ids` that exist (are committed)."""
-    table = CollateralAddress.__table__  # type: ignore[attr-defined]
-    return [
-        (found_id, spk_hex)
-        for chunk in _chunks(address_ids)
-        for found_id, spk_hex in session.execute(
-            select(table.c.id, table.c.script_pubkey_hex).where(table.c.id.in_(chunk))
-        ).all()
-    ]
-
-
 def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple[int, str]]:
     """(id, scriptPubKey hex) of up to `limit` addresses handed out after `address_id`, in
     id order. A Core select: a million rows through the ORM's loading took seconds."""
@@ -251,5 +271,20 @@ def addresses_after(session: Session, address_id: int, limit: int) -> list[tuple
             .where(table.c.id > address_id)
             .order_by(table.c.id)
             .limit(limit)
+        ).all()
+    ]
+
+
+def addresses_with_ids(
+    session: Session, address_ids: Sequence[int]
+) -> list[tuple[int | None, str]]:
+    """(id, scriptPubKey hex) of those of `address_ids` that exist (are committed)."""
+    return [
+        row
+        for chunk in _chunks(address_ids)
+        for row in session.exec(
+            select(CollateralAddress.id, CollateralAddress.script_pubkey_hex).where(
+                col(CollateralAddress.id).in_(chunk)
+            )
         ).all()
     ]

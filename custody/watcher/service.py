@@ -9,7 +9,48 @@ Invariants (each has a test):
   undone, loan states moved back with their own events) before the new branch;
 - a deposit is unique by (txid, vout); the mempool only ever adds pending ones,
   and one that leaves the mempool unmined is marked removed;
-- only one watcher per database: a lease row, plus an advisory lock on PostgreSQL.
+- every change receivers must know of (a deposit seen, confirmed, unconfirmed by a
+  reorg, removed; a loan active, or back to awaiting_deposit) queues its webhook in
+  the transaction that makes it, with an id derived from the fact (notify/events.py):
+  a replay queues nothing, and the outbox tells the deposit table's story;
+- every mempool transaction is scanned against the addresses loaded after it was
+  listed, so a payment to an address handed out mid-step is pending in that step;
+- only one watcher writes to a database, whatever is killed, cut off or frozen.
+
+One writer. The lease row (`WatcherLease`) names its holder and a generation. Taking it
+(when it has expired, or is already this watcher's) increments the generation, in one
+transaction that reads the row locked and writes it. Every write transaction of the
+watcher (a block, a rollback, the mempool, the first cursor, a step's outcome, a
+renewal) starts with `_fence`: the lease row, locked, must still name this watcher at
+this generation, and the cursor must be where this step left it. If not, nothing is
+written, the reason is logged, `LeaseLost` (`CursorMoved`) is raised and `run` stops: a
+supervisor restarts it, and it then waits for the lease like any standby. The row stays
+locked until that transaction ends (FOR UPDATE on PostgreSQL; on SQLite every write
+transaction is BEGIN IMMEDIATE), so no takeover can commit between the check and the
+commit: a watcher that was frozen, cut off or slow is refused, never interleaved.
+
+The PostgreSQL advisory lock only turns standbys away early; it never stands in for the
+lease check. Its connection can die (a restart, failover, idle timeout; behind pgbouncer
+in transaction mode it means nothing), so every step, and every write a third of a lease
+after the last look, asks that connection whether it still holds the lock. A watcher
+whose lock is gone stops stepping (`LockLost`): `run` gives the lease back and waits to
+take lock and lease again.
+
+Lease timing (`lease_seconds`, 5 s by default). A thread of its own renews the lease
+every third of it, so a step waiting on a slow node call (the RPC timeout may be longer
+than the lease) or applying a long catch-up keeps it: the renewal never waits for the
+node. It renews only while the watcher is alive: a step that shows no progress (its
+start, each of its writes) for `stuck_seconds` (more than any node call may take) is
+stuck, and the renewer stops renewing and ends the advisory lock's session, so a standby
+takes over and the stuck watcher's next write is refused. A killed watcher's lease is
+taken over within a lease of its last renewal, and `release` hands it over at once.
+Clocks decide only when a standby may try; the generation decides who writes.
+
+Stalls show. Each step's outcome is written on the lease row: the time of the last
+successful step, the last error (message, kind, time) and the failures in a row. After
+`stall_steps` failures in a row the watcher records `watcher.stalled` once (an audit
+alert and the banks' webhook), and `watcher.recovered` when a step succeeds again;
+`/v1/health` shows all of it (see `health.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +67,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
 from custody.audit.service import record
@@ -53,7 +95,7 @@ from custody.db.models import (
 )
 from custody.db.session import transaction
 from custody.loans.service import change_state
-from custody.notify.events import notify_loan
+from custody.notify.events import notify_loan, notify_operators
 from custody.signing.chain_events import mined, unmined
 from custody.signing.repository import request_for_txid
 from custody.watcher import repository
@@ -62,14 +104,13 @@ from pledge.errors import Conflict
 log = structlog.get_logger(__name__)
 
 ACTOR = "system:watcher"
+# Address ids skipped by a load, looked up again until they commit (see _load_new_addresses).
+ADDRESS_GAP_WINDOW = 1_000
+ADDRESS_GAP_SECONDS = 600.0
 # Deposits in these states still hold an unspent outpoint we must watch.
 _LIVE = (DepositState.pending, DepositState.confirmed)
 # Addresses read per query when the watched set is loaded: 20,000 rows are ~4 MB.
 ADDRESS_PAGE = 20_000
-# How long an address id skipped by a later one is looked for, and how far below the
-# highest id seen: hand-outs are short transactions, so a late one is a recent id.
-ADDRESS_GAP_SECONDS = 600.0
-ADDRESS_GAP_WINDOW = 1_000
 
 
 class WatcherBusy(Conflict):
@@ -78,13 +119,36 @@ class WatcherBusy(Conflict):
     code = "watcher_busy"
 
 
+class LeaseLost(WatcherBusy):
+    """This watcher no longer holds the lease at its generation (taken over while it was
+    slow, frozen or cut off): it wrote nothing and must stop."""
+
+    code = "watcher_lease_lost"
+
+
+class CursorMoved(LeaseLost):
+    """The cursor is not where this watcher's step left it: something else wrote."""
+
+    code = "watcher_cursor_moved"
+
+
+class LockLost(WatcherBusy):
+    """PostgreSQL: the advisory lock's connection died or no longer holds the lock."""
+
+    code = "watcher_lock_lost"
+
+
 @dataclass(frozen=True)
 class WatcherConfig:
     confirmations_small: int = 1
     confirmations_large: int = 3
     large_deposit_sats: int = 100_000_000
     start_height: int | None = None
-    lease_seconds: float = 30.0
+    lease_seconds: float = 5.0
+    # No sign of life from the step loop for this long and the lease is left to lapse;
+    # more than any one node call may take (the settings refuse less than its timeout).
+    stuck_seconds: float = 120.0
+    stall_steps: int = 10  # failed steps in a row that raise `watcher.stalled`
 
 
 @dataclass
@@ -106,11 +170,6 @@ class _Watched:
     # address and loan a script is comes from the database, for the few that matched.
     scripts: ScriptIndex = field(default_factory=ScriptIndex)
     last_address_id: int = 0
-    # Ids below `last_address_id` not seen yet, with when they were first missed. On
-    # PostgreSQL a hand-out takes its id at its INSERT and shows at its COMMIT, so a
-    # later id can show first: the missing ones are asked for again on every load, until
-    # seen or for ADDRESS_GAP_SECONDS (a rolled back hand-out leaves its id unused).
-    gaps: dict[int, float] = field(default_factory=dict)
     outpoints: set[bytes] = field(default_factory=set)
 
 
@@ -186,6 +245,7 @@ class _NewDeposit:
     block_hash: str | None
     required_confirmations: int
     first_seen_at: datetime
+    retractions: int = 0  # a first sighting has never been taken back
 
     def row(self) -> dict[str, Any]:
         return {
@@ -203,6 +263,7 @@ class _NewDeposit:
             "spent_height": None,
             "first_seen_at": self.first_seen_at,
             "updated_at": self.first_seen_at,
+            "retractions": self.retractions,
         }
 
 
@@ -225,7 +286,19 @@ class Watcher:
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._watched = _Watched()
         self._mempool_seen: set[str] = set()
+        self._address_gaps: dict[int, float] = {}  # address id -> when first found missing
         self._pg_lock: Connection | None = None
+        self._pg_lock_pid: int | None = None  # the PostgreSQL session holding it
+        self._lock_checked_at = 0.0
+        # The lease's generation while this watcher holds it; why it lost it, once lost.
+        self._generation: int | None = None
+        self._lost: str | None = None
+        # The cursor as this step last saw or wrote it: every write expects it there.
+        self._position: tuple[int, str] | None = None
+        self._alive_at = time.monotonic()  # the step's last sign of progress
+        self._stepping = False
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
         # Set while this watcher holds the database's lease: work that must run once per
         # database (reconciling unknown outcomes, `custody watch`) runs only then.
         self.holding = threading.Event()
@@ -233,95 +306,399 @@ class Watcher:
     # -- lifecycle -----------------------------------------------------------------
 
     def acquire(self) -> None:
-        """Take the single-watcher lease; raise WatcherBusy if someone else holds it."""
-        if self.engine.dialect.name == "postgresql" and self._pg_lock is None:
-            conn = self.engine.connect()
-            got = repository.try_watcher_lock(conn)
-            conn.commit()
-            if not got:
-                conn.close()
-                raise WatcherBusy("another watcher holds this database's advisory lock")
-            self._pg_lock = conn
-        self._renew_lease()
-        self._reload_watched()
+        """Take the single-watcher lease with a new generation, fencing off every earlier
+        holder; raise WatcherBusy if another watcher holds it (on PostgreSQL, first: if
+        another session holds the advisory lock)."""
+        self._stop_renewer()
+        if self.engine.dialect.name == "postgresql":
+            self._take_pg_lock()
+        now = utcnow()
+        try:
+            with transaction(self.engine) as session:
+                lease = repository.lease_locked(session)
+                previous: tuple[str | None, int] = (None, 0)
+                if lease is None:
+                    lease = WatcherLease(id=1, holder=self.holder, expires_at=now, generation=0)
+                elif lease.holder != self.holder and _aware(lease.expires_at) > now:
+                    raise WatcherBusy(
+                        f"watcher {lease.holder} holds the lease until "
+                        f"{_aware(lease.expires_at).isoformat()}"
+                    )
+                else:
+                    previous = (lease.holder, lease.generation)
+                lease.holder = self.holder
+                lease.generation += 1
+                lease.expires_at = now + timedelta(seconds=self.config.lease_seconds)
+                session.add(lease)
+                generation = lease.generation
+        except IntegrityError as exc:  # another watcher wrote the very first lease meanwhile
+            raise WatcherBusy("another watcher took the lease meanwhile") from exc
+        self._generation, self._lost, self._position = generation, None, None
+        log.info(
+            "watcher lease taken",
+            holder=self.holder,
+            generation=generation,
+            previous_holder=previous[0],
+            previous_generation=previous[1],
+        )
+        self._beat()
+        self._start_renewer()
+        try:
+            self._reload_watched()
+        except BaseException:
+            self.release()
+            raise
         self.holding.set()
 
     def release(self) -> None:
+        """Give the lease back at once (expired: a standby takes it on its next try) and,
+        on PostgreSQL, the advisory lock, ending the session that held it."""
         self.holding.clear()
-        with Session(self.engine) as session:
-            lease = repository.lease(session)
-            if lease is not None and lease.holder == self.holder:
-                lease.expires_at = utcnow()
-                session.add(lease)
-                session.commit()
-        if self._pg_lock is not None:
-            # Unlock explicitly: close() only returns the connection to the pool, where
-            # the session-level advisory lock would outlive this watcher.
+        self._stop_renewer()
+        generation, self._generation, self._position = self._generation, None, None
+        if generation is not None:
             try:
-                repository.release_watcher_lock(self._pg_lock)
-                self._pg_lock.commit()
-            except Exception:  # a broken connection: drop it, which ends its session
-                self._pg_lock.invalidate()
-            finally:
-                self._pg_lock.close()
-                self._pg_lock = None
+                with transaction(self.engine) as session:
+                    lease = repository.lease_locked(session)
+                    if lease is not None and (lease.holder, lease.generation) == (
+                        self.holder,
+                        generation,
+                    ):
+                        lease.expires_at = utcnow() - timedelta(seconds=self.config.lease_seconds)
+                        session.add(lease)
+            except Exception as exc:  # the database is away: the lease expires by itself
+                log.warning("could not give the watcher lease back", error=str(exc))
+        self._drop_pg_lock()
 
-    def _renew_lease(self) -> None:
+    def _fence(
+        self,
+        session: Session,
+        at: tuple[int, str] | None = None,
+        *,
+        extend: bool = False,
+        check_lock: bool = True,
+    ) -> None:
+        """The first statement of every write transaction: lock the lease row and check it
+        still names this watcher at this generation and, given `at`, that the cursor is
+        still (height, hash) `at`; otherwise raise before anything is written. The lease
+        is extended when `extend`, or when half of it has run (a long catch-up renews
+        itself, between blocks, by time)."""
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        if check_lock:
+            self._check_lock(every=self.config.lease_seconds / 3)
+        lease = repository.lease_locked(session)
+        if lease is None or (lease.holder, lease.generation) != (self.holder, self._generation):
+            holder = (
+                "nobody" if lease is None else f"{lease.holder} at generation {lease.generation}"
+            )
+            self._lose(
+                LeaseLost,
+                f"the watcher lease is held by {holder}, not by {self.holder} at generation "
+                f"{self._generation}",
+            )
+        assert lease is not None
         now = utcnow()
-        with Session(self.engine) as session:
-            lease = repository.lease(session)
-            if lease is None:
-                lease = WatcherLease(id=1, holder=self.holder, expires_at=now)
-            elif (
-                lease.holder != self.holder
-                and _aware(lease.expires_at) > now
-                and self._pg_lock is None  # the advisory lock already proves we are alone
-            ):
-                raise WatcherBusy(
-                    f"watcher {lease.holder} holds the lease until {lease.expires_at.isoformat()}"
-                )
-            lease.holder = self.holder
-            lease.expires_at = now + timedelta(seconds=self.config.lease_seconds)
+        lease_time = timedelta(seconds=self.config.lease_seconds)
+        if extend or _aware(lease.expires_at) - now < lease_time / 2:
+            lease.expires_at = now + lease_time
             session.add(lease)
-            session.commit()
+        if at is not None:
+            cursor = repository.cursor(session)
+            found = None if cursor is None else (cursor.height, cursor.block_hash)
+            if found != at:
+                self._lose(
+                    CursorMoved, f"the cursor is at {found}, not at {at} as this step left it"
+                )
+        if check_lock:
+            self._beat()
+
+    def _lose(self, error: type[LeaseLost], reason: str) -> None:
+        """Stop writing for good (until acquired again): say why, and raise."""
+        if self._lost is None:
+            log.error(
+                "watcher stops writing",
+                reason=reason,
+                holder=self.holder,
+                generation=self._generation,
+            )
+        self._lost = reason
+        self.holding.clear()
+        self._stop_renewing.set()
+        raise error(reason)
+
+    def _beat(self) -> None:
+        """The step made progress: the renewer may go on renewing."""
+        self._alive_at = time.monotonic()
+
+    # -- the lease renewer -------------------------------------------------------------
+
+    def _start_renewer(self) -> None:
+        self._stop_renewing = threading.Event()
+        self._renewer = threading.Thread(
+            target=self._renew_while_alive,
+            args=(self._stop_renewing,),
+            name="watcher-lease",
+            daemon=True,
+        )
+        self._renewer.start()
+
+    def _stop_renewer(self) -> None:
+        self._stop_renewing.set()
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(timeout=60)
+
+    def _renew_while_alive(self, stop: threading.Event) -> None:
+        """Renew every third of the lease unless a step is stuck; never calls the node,
+        so a step waiting on one keeps its lease."""
+        stuck = False
+        while not stop.wait(self.config.lease_seconds / 3):
+            quiet = time.monotonic() - self._alive_at
+            if self._stepping and quiet > self.config.stuck_seconds:
+                if not stuck:
+                    log.error(
+                        "watcher step shows no progress: its lease and lock are let go",
+                        quiet_seconds=round(quiet, 1),
+                    )
+                    self._end_lock_session()
+                stuck = True
+                continue
+            stuck = False
+            try:
+                with transaction(self.engine) as session:
+                    self._fence(session, extend=True, check_lock=False)
+            except LeaseLost:
+                return
+            except Exception as exc:  # the database is briefly away: try again
+                log.warning("watcher lease renewal failed", error=str(exc), kind=type(exc).__name__)
+
+    # -- the PostgreSQL advisory lock ---------------------------------------------------
+
+    def _take_pg_lock(self) -> None:
+        if self._pg_lock is not None and not self._lock_alive():
+            self._drop_pg_lock()
+        if self._pg_lock is not None:
+            return
+        conn = self.engine.connect()
+        try:
+            got = repository.try_watcher_lock(conn)
+            pid = repository.backend_pid(conn)
+            conn.commit()
+        except BaseException:
+            conn.invalidate()
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            raise WatcherBusy("another watcher holds this database's advisory lock")
+        self._pg_lock, self._pg_lock_pid = conn, pid
+        self._lock_checked_at = time.monotonic()
+
+    def _end_lock_session(self) -> None:
+        """From another connection, end the session holding the advisory lock (the step
+        thread may be inside it): a standby can take the lock, and the stuck step, when
+        it wakes, finds the lock gone before it writes."""
+        pid, self._pg_lock_pid = self._pg_lock_pid, None
+        if pid is None:
+            return
+        try:
+            with self.engine.connect() as conn:
+                repository.end_session(conn, pid)
+                conn.commit()
+        except Exception as exc:  # then the lock is held until the step wakes
+            log.warning("could not end the advisory lock's session", error=str(exc))
+
+    def _lock_alive(self) -> bool:
+        """A cheap query on the lock's own connection: is it alive and still holding?"""
+        assert self._pg_lock is not None
+        try:
+            held = repository.holds_watcher_lock(self._pg_lock)
+            self._pg_lock.rollback()  # never idle in a transaction
+        except Exception as exc:
+            log.warning("the advisory lock's connection failed", error=str(exc))
+            return False
+        return held
+
+    def _check_lock(self, *, every: float = 0.0) -> None:
+        """Raise LockLost (and stop stepping) when the advisory lock is gone; looks at
+        most once per `every` seconds."""
+        if self.engine.dialect.name != "postgresql":
+            return
+        now = time.monotonic()
+        if self._pg_lock is not None and now - self._lock_checked_at < every:
+            return
+        if self._pg_lock is None or not self._lock_alive():
+            self._drop_pg_lock()
+            self.holding.clear()
+            log.error("watcher advisory lock lost: stepping stops", holder=self.holder)
+            raise LockLost("the advisory lock's connection died or no longer holds the lock")
+        self._lock_checked_at = now
+
+    def _drop_pg_lock(self) -> None:
+        conn, self._pg_lock, self._pg_lock_pid = self._pg_lock, None, None
+        if conn is None:
+            return
+        try:
+            repository.release_watcher_lock(conn)
+            conn.commit()
+        except Exception:  # a broken connection: dropping it ends its session anyway
+            pass
+        finally:
+            # Close the connection itself, not back to the pool: a pooled session would
+            # keep a session-level lock taken twice, or one the unlock did not reach.
+            conn.invalidate()
+            conn.close()
+
+    # -- running -----------------------------------------------------------------------
 
     def run(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
-        """Step until `stop` is set; errors are logged and retried on the next poll.
+        """Step until `stop` is set; a failed step is logged, recorded and retried on the
+        next poll.
 
         A watcher that died (even by SIGKILL) leaves its lease to expire: wait for it
-        rather than fail, so a supervisor can simply restart us."""
+        rather than fail, so a supervisor can simply restart us. A lost advisory lock
+        gives the lease back and waits for both again; a lost lease (another watcher
+        took over) raises LeaseLost: this one never writes again."""
+        while not stop.is_set():
+            if not self._wait_for_lease(stop, poll_seconds):
+                return
+            try:
+                self._step_until(stop, poll_seconds)
+            except LockLost as exc:
+                log.warning(
+                    "waiting to take the advisory lock and the lease again", reason=exc.message
+                )
+            finally:
+                self.release()
+
+    def _wait_for_lease(self, stop: threading.Event, poll_seconds: float) -> bool:
         while True:
             try:
                 self.acquire()
-                break
+                return True
             except WatcherBusy as exc:
                 log.info("waiting for the watcher lease", reason=exc.message)
-                if stop.wait(min(poll_seconds, 1.0)):
-                    return
-        try:
-            while not stop.is_set():
-                try:
-                    result = self.step()
-                    if result.blocks_applied or result.blocks_rolled_back:
-                        log.info("watcher step", **result.__dict__)
-                except WatcherBusy:
-                    raise  # someone took over our lease: never run two watchers
-                except Exception as exc:  # the node or database may be briefly away
-                    log.warning("watcher step failed", error=str(exc), kind=type(exc).__name__)
-                stop.wait(poll_seconds)
-        finally:
-            self.release()
+            except Exception as exc:  # the database is briefly away
+                log.warning(
+                    "could not take the watcher lease", error=str(exc), kind=type(exc).__name__
+                )
+            if stop.wait(min(poll_seconds, 1.0)):
+                return False
+
+    def _step_until(self, stop: threading.Event, poll_seconds: float) -> None:
+        while not stop.is_set():
+            try:
+                result = self.step()
+                if result.blocks_applied or result.blocks_rolled_back:
+                    log.info("watcher step", **result.__dict__)
+            except WatcherBusy:
+                raise  # the lease or the lock is lost: never run two watchers
+            except Exception as exc:  # the node or database may be briefly away
+                log.warning("watcher step failed", error=str(exc), kind=type(exc).__name__)
+            self._beat()
+            stop.wait(poll_seconds)
 
     # -- one step ------------------------------------------------------------------
 
     def step(self) -> StepResult:
-        self._renew_lease()
+        """One poll: the node's tip, a rollback if the chain forked, the new blocks, the
+        mempool. Its outcome is recorded on the lease row (what /v1/health shows)."""
+        if self._generation is None:
+            raise LeaseLost("this watcher does not hold the lease: acquire() first")
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        self._beat()
+        self._stepping = True
+        try:
+            self._check_lock()  # every step: the advisory lock's connection is still ours
+            try:
+                result = self._step()
+            except WatcherBusy:
+                raise
+            except Exception as exc:
+                self._record_step(error=exc)
+                raise
+            self._record_step(height=result.height)
+        finally:
+            self._stepping = False
+        return result
+
+    def _record_step(self, *, error: Exception | None = None, height: int | None = None) -> None:
+        """The step's outcome on the lease row. `stall_steps` failures in a row record
+        `watcher.stalled` once; the next success records `watcher.recovered`."""
+        now = utcnow()
+        try:
+            with transaction(self.engine) as session:
+                self._fence(session, extend=True)
+                lease = repository.lease(session)  # the row `_fence` locked
+                assert lease is not None
+                if error is None:
+                    self._record_success(session, lease, now, height)
+                else:
+                    self._record_failure(session, lease, now, error)
+                session.add(lease)
+        except WatcherBusy:
+            raise
+        except Exception as exc:  # the database itself may be what failed
+            log.warning(
+                "could not record the watcher step", error=str(exc), kind=type(exc).__name__
+            )
+        self._beat()
+
+    def _record_success(
+        self, session: Session, lease: WatcherLease, now: datetime, height: int | None
+    ) -> None:
+        if lease.stalled_since is not None:
+            data = {
+                "height": height,
+                "stalled_since": _aware(lease.stalled_since).isoformat(),
+                "failed_steps": lease.failed_steps,
+                "last_error": lease.last_error,
+            }
+            record(session, actor=ACTOR, action="watcher.recovered", data=data)
+            notify_operators(session, "watcher.recovered", data)
+            log.info("watcher recovered", **data)
+        lease.last_step_at, lease.failed_steps, lease.stalled_since = now, 0, None
+
+    def _record_failure(
+        self, session: Session, lease: WatcherLease, now: datetime, error: Exception
+    ) -> None:
+        message = str(getattr(error, "message", None) or error) or type(error).__name__
+        lease.last_error, lease.last_error_kind = message[:2000], type(error).__name__
+        lease.last_error_at = now
+        lease.failed_steps += 1
+        if lease.failed_steps >= self.config.stall_steps and lease.stalled_since is None:
+            lease.stalled_since = now
+            data = {
+                "stalled_since": _aware(now).isoformat(),
+                "height": None if self._position is None else self._position[0],
+                "failed_steps": lease.failed_steps,
+                "last_step_at": None
+                if lease.last_step_at is None
+                else _aware(lease.last_step_at).isoformat(),
+                "error": lease.last_error,
+                "kind": lease.last_error_kind,
+            }
+            record(
+                session,
+                actor=ACTOR,
+                action="watcher.stalled",
+                decision="alert",
+                reason=f"{lease.failed_steps} watcher steps failed in a row",
+                data=data,
+            )
+            notify_operators(session, "watcher.stalled", data)
+            log.error("watcher stalled", **data)
+
+    def _step(self) -> StepResult:
         result = StepResult()
         tip = self.rpc.get_block_count()
         cursor = self._cursor(tip)
         if cursor.height > tip or self.rpc.get_block_hash(cursor.height) != cursor.block_hash:
             result.blocks_rolled_back = self._rollback_to_fork(cursor, tip)
             cursor = self._cursor(tip)
+        self._position = (cursor.height, cursor.block_hash)
         self._load_new_addresses()
         if cursor.height < tip:
             # Blocks are fetched ahead by one thread while each is written. Scanning stays
@@ -333,9 +710,8 @@ class Watcher:
                     if scan.prev_block_hash != cursor.block_hash:
                         break  # the chain moved under us; the next step finds the fork
                     cursor = self._apply_block(height, scan, tip)
+                    self._position = (cursor.height, cursor.block_hash)
                     result.blocks_applied += 1
-                    if result.blocks_applied % 50 == 0:
-                        self._renew_lease()
         result.mempool_deposits, result.removed = self._sync_mempool()
         result.height = cursor.height
         return result
@@ -353,6 +729,7 @@ class Watcher:
         base = max(start - 1, 0)
         base_hash = self.rpc.get_block_hash(base)
         with Session(self.engine, expire_on_commit=False) as session:
+            self._fence(session)
             cursor = repository.cursor(session)
             if cursor is None:
                 cursor = ChainCursor(id=1, height=base, block_hash=base_hash, node_tip_height=tip)
@@ -385,6 +762,7 @@ class Watcher:
         blocks, fork_height, fork_hash = self._find_fork(cursor, tip)
         orphaned_ids = {(b.height, b.hash) for b in blocks if b.height > fork_height}
         with Session(self.engine, expire_on_commit=False) as session:
+            self._fence(session, (cursor.height, cursor.block_hash))
             db_cursor = repository.cursor(session)
             assert db_cursor is not None
             orphaned = repository.blocks_above(session, fork_height)
@@ -409,6 +787,7 @@ class Watcher:
     def _undo_blocks(self, session: Session, fork: int, orphaned: list[ChainBlock]) -> set[int]:
         hashes = {b.hash: b.height for b in orphaned}
         touched: set[int] = set()
+        loans = _Rows()
         mined = repository.deposits_mined_above(session, fork)
         for dep in mined:
             touched.add(dep.loan_id)
@@ -423,6 +802,11 @@ class Watcher:
                     "orphaned_height": hashes.get(dep.block_hash or "", dep.block_height),
                 },
             )
+            if _announced_confirmed(dep):
+                # Before the block goes: the retraction names the confirmation it takes back.
+                _retract(
+                    session, loans.loan(session, dep.loan_id), dep, "its block was orphaned", 0
+                )
             dep.block_height, dep.block_hash, dep.excess_sats = None, None, 0
             if dep.state == DepositState.confirmed:
                 dep.state = DepositState.pending
@@ -444,9 +828,12 @@ class Watcher:
                 loan_id=dep.loan_id,
                 data={**_dep_data(dep), "orphaned_spend": dep.spent_txid},
             )
+            # Back to what it was before the spend (and was announced as): `_settle` then
+            # retracts a confirmation the shorter chain no longer gives it.
+            was_confirmed = _announced_confirmed(dep)
             dep.spent_txid, dep.spent_height = None, None
             if dep.state == DepositState.spent:
-                dep.state = DepositState.pending
+                dep.state = DepositState.confirmed if was_confirmed else DepositState.pending
             dep.updated_at = utcnow()
             session.add(dep)
         return touched
@@ -458,6 +845,7 @@ class Watcher:
         # catch-up is bound by database round trips and ORM objects, not by parsing
         # (see `make bench`).
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
+            self._fence(session, (height - 1, scan.prev_block_hash))
             rows = _Rows.load(session, scan.outputs, scan.spends)
             touched: set[int] = set()
             for out in scan.outputs:
@@ -528,13 +916,16 @@ class Watcher:
             )
             notify_loan(session, loan, "deposit.seen", _dep_data(new))
         elif height is not None and dep.block_height != height:
-            if dep.state == DepositState.removed:
+            revived = dep.state == DepositState.removed
+            if revived:
                 dep.state = DepositState.pending  # a transaction we gave up on was mined after all
             dep.block_height, dep.block_hash, dep.updated_at = height, block_hash, utcnow()
             session.add(dep)
             record(
                 session, actor=ACTOR, action="deposit.mined", loan_id=loan_id, data=_dep_data(dep)
             )
+            if revived:  # receivers were told it was removed: it is seen again (a new epoch)
+                notify_loan(session, rows.loan(session, loan_id), "deposit.seen", _dep_data(dep))
         return loan_id
 
     def _record_spend(
@@ -610,6 +1001,7 @@ class Watcher:
                         reason=reason,
                         data={**_dep_data(dep), "confirmations": confs},
                     )
+                    _retract(session, loan, dep, "confirmations lost in a reorg", confs)
                 elif dep.state == DepositState.pending and confs >= dep.required_confirmations:
                     dep.state = DepositState.confirmed
                     dep.excess_sats = max(
@@ -652,16 +1044,28 @@ class Watcher:
             reason=reason,
             data={"confirmed_sats": confirmed, "required_sats": loan.required_collateral_sats},
         )
+        facts = {"confirmed_sats": confirmed, "required_sats": loan.required_collateral_sats}
         if to == LoanState.active:
-            notify_loan(session, loan, "loan.active", {"confirmed_sats": confirmed})
+            notify_loan(session, loan, "loan.active", facts)
+        else:
+            notify_loan(session, loan, "loan.awaiting_deposit", {**facts, "reason": reason})
 
     # -- mempool ---------------------------------------------------------------------
 
     def _sync_mempool(self) -> tuple[int, int]:
         """Pending deposits from the mempool, and unmined ones that left it. Everything
         the node is asked (the mempool, its new transactions, whether a vanished one was
-        mined) is asked before the one write transaction opens."""
+        mined) is asked before the one write transaction opens.
+
+        The addresses are loaded again after the mempool is listed, not only at the step's
+        start: a transaction can only pay an address handed out (committed) before the
+        payer learnt it, so before the listing, and each listed transaction is scanned
+        against all of those. A payment to an address handed out while this step ran is
+        pending after this pass, and no scanned transaction can pay an address loaded
+        later, so none is ever scanned again (no rescan of the whole mempool, which would
+        cost one RPC per transaction, each time an address is handed out)."""
         mempool = set(self.rpc.get_raw_mempool())
+        self._load_new_addresses()
         new = mempool - self._mempool_seen
         found: list[FoundOutput] = []
         for txid in new:
@@ -676,6 +1080,7 @@ class Watcher:
         mined_elsewhere = {txid for txid in asked if self._mined_beyond_cursor(txid)}
         added = removed = 0
         with Session(self.engine, autoflush=False) as session:
+            self._fence(session, self._position)
             rows = _Rows.load(session, found, [])
             for out in found:
                 if (out.txid, out.vout) not in rows.deposits:
@@ -692,14 +1097,18 @@ class Watcher:
                     continue
                 dep.state, dep.updated_at = DepositState.removed, utcnow()
                 session.add(dep)
+                gone = "left the mempool unmined (replaced, double-spent or evicted)"
                 record(
                     session,
                     actor=ACTOR,
                     action="deposit.removed",
                     loan_id=dep.loan_id,
-                    reason="left the mempool unmined (replaced, double-spent or evicted)",
+                    reason=gone,
                     data=_dep_data(dep),
                 )
+                loan = rows.loan(session, dep.loan_id)
+                notify_loan(session, loan, "deposit.removed", {**_dep_data(dep), "reason": gone})
+                dep.retractions += 1
                 self._watched.outpoints.discard(outpoint_key(dep.txid, dep.vout))
                 removed += 1
             session.commit()
@@ -725,46 +1134,50 @@ class Watcher:
             rows = repository.outpoints_in_states(session, _LIVE)
         self._watched.outpoints = {outpoint_key(txid, vout) for txid, vout in rows}
 
-    def _load_new_addresses(self, page: int = ADDRESS_PAGE) -> None:
-        """Add addresses handed out since the last call, and any that an earlier call
-        found skipped (`_Watched.gaps`); paged so a million of them never sit in memory
-        twice (as rows and as the index), and the index sized for all of them first
-        (one allocation, no rebuilds while it fills)."""
-        watched = self._watched
+    def _load_new_addresses(self, page: int = ADDRESS_PAGE) -> int:
+        """Add addresses handed out since the last call; paged so a million of them
+        never sit in memory twice (as rows and as the index), and the index sized for
+        all of them first (one allocation, no rebuilds while it fills). Returns how many.
+
+        On PostgreSQL ids come from a sequence and hand-outs of different loans commit
+        in any order: one that took id 10 may commit after one that took 11, which was
+        loaded first. Ids skipped below the newest loaded one (the last `ADDRESS_GAP_WINDOW`,
+        for `ADDRESS_GAP_SECONDS`) are looked up again on every call, so such an address
+        is watched once it commits; a rolled-back hand-out's id never fills and expires."""
+        added = 0
         now = time.monotonic()
+        watched, gaps = self._watched, self._address_gaps
         with transaction(self.engine, write=False) as session:  # reads only
-            if watched.gaps:
-                late = repository.addresses_by_ids(session, sorted(watched.gaps))
-                watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in late)
-                for address_id, _ in late:
-                    del watched.gaps[address_id]
-                for address_id, missed_at in list(watched.gaps.items()):
-                    if now - missed_at > ADDRESS_GAP_SECONDS:
-                        del watched.gaps[address_id]
-            more = repository.count_addresses_after(session, watched.last_address_id)
-            watched.scripts.reserve(len(watched.scripts) + more)
+            if gaps:
+                for address_id, spk_hex in repository.addresses_with_ids(session, sorted(gaps)):
+                    assert address_id is not None
+                    watched.scripts.add(bytes.fromhex(spk_hex))
+                    gaps.pop(address_id, None)
+                    added += 1
+            watched.scripts.reserve(
+                len(watched.scripts)
+                + repository.count_addresses_after(session, watched.last_address_id)
+            )
             while True:
                 rows = repository.addresses_after(session, watched.last_address_id, page)
-                watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in rows)
-                self._note_gaps(rows, now)
+                expected = watched.last_address_id + 1
+                for address_id, _ in rows:
+                    for missing in range(
+                        max(expected, address_id - ADDRESS_GAP_WINDOW), address_id
+                    ):
+                        gaps[missing] = now
+                    expected = address_id + 1
+                # One call for the page: the index's loop, not one per address.
+                added += watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in rows)
+                if rows:
+                    watched.last_address_id = rows[-1][0]
                 if len(rows) < page:
                     break
         floor = watched.last_address_id - ADDRESS_GAP_WINDOW
-        for address_id in [i for i in watched.gaps if i < floor]:
-            del watched.gaps[address_id]
-
-    def _note_gaps(self, rows: list[tuple[int, str]], now: float) -> None:
-        """Advance `last_address_id` over `rows` (in id order), noting the recent ids they
-        skip."""
-        watched = self._watched
-        if not rows:
-            return
-        expected, highest = watched.last_address_id + 1, rows[-1][0]
-        for address_id, _ in rows:
-            for missing in range(max(expected, highest - ADDRESS_GAP_WINDOW), address_id):
-                watched.gaps.setdefault(missing, now)
-            expected = address_id + 1
-        watched.last_address_id = highest
+        self._address_gaps = {
+            i: t for i, t in gaps.items() if i > floor and now - t < ADDRESS_GAP_SECONDS
+        }
+        return added
 
 
 def _dep_data(dep: Deposit | _NewDeposit) -> dict[str, Any]:
@@ -773,5 +1186,30 @@ def _dep_data(dep: Deposit | _NewDeposit) -> dict[str, Any]:
         "vout": dep.vout,
         "amount_sats": dep.amount_sats,
         "block_height": dep.block_height,
+        "block_hash": dep.block_hash,
         "state": str(dep.state),
+        # The deposit's epoch: how often it was taken back before this (part of event ids).
+        "retractions": dep.retractions,
     }
+
+
+def _announced_confirmed(dep: Deposit) -> bool:
+    """Were receivers last told this deposit is confirmed? It is, or it was spent after
+    it confirmed: a block's spends are recorded before it settles, so a spend in block S
+    of a deposit mined in B came after its confirmation iff S - B >= required."""
+    if dep.state == DepositState.confirmed:
+        return True
+    return (
+        dep.state == DepositState.spent
+        and dep.block_height is not None
+        and dep.spent_height is not None
+        and dep.spent_height - dep.block_height >= dep.required_confirmations
+    )
+
+
+def _retract(session: Session, loan: Loan, dep: Deposit, why: str, confirmations: int) -> None:
+    """Tell the loan's parties a confirmed deposit is not any more (`deposit.unconfirmed`,
+    naming the block it had been confirmed in) and open the deposit's next epoch."""
+    data = {**_dep_data(dep), "state": str(DepositState.pending), "confirmations": confirmations}
+    notify_loan(session, loan, "deposit.unconfirmed", {**data, "reason": why})
+    dep.retractions += 1

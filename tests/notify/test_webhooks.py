@@ -144,19 +144,26 @@ def test_flaky_receiver_gets_each_event_once_signed_with_growing_backoff(
 
     with transaction(engine) as s:
         ids = enqueue(
-            s, party_ids=[miner, bank], event_type="deposit.confirmed", payload={"loan_id": 7}
+            s,
+            party_ids=[miner, bank],
+            event_type="deposit.confirmed",
+            payload={"loan_id": 7},
+            key="loan=7/confirmed",
         )
         ids += enqueue(
             s,
             party_ids=[miner, bank, miner],
             event_type="loan.margin_call",
+            key="loan=7/margin-call",
             payload={"loan_id": 7, "ltv_bps": 8100},
         )
     assert len(ids) == 2 and len(set(ids)) == 2  # only the miner's hook wants these
 
     lost: list[str] = []
     with pytest.raises(RuntimeError), transaction(engine) as s:
-        lost = enqueue(s, party_ids=[miner], event_type="liquidation.started", payload={})
+        lost = enqueue(
+            s, party_ids=[miner], event_type="liquidation.started", payload={}, key="lost"
+        )
         s.flush()
         raise RuntimeError("the state change failed")
     assert len(lost) == 1
@@ -218,11 +225,15 @@ def test_retries_give_up_and_keep_the_row_and_deactivated_hooks_are_not_called(
         register_webhook(s, miner, f"{receiver.base}/down", SECRET_A, ["signature.needed"])
         gone = register_webhook(s, arbiter, f"{receiver.base}/gone", SECRET_B, "*")
     with transaction(engine) as s:
-        (down_id,) = enqueue(s, party_ids=[miner], event_type="signature.needed", payload={})
-        (gone_id,) = enqueue(s, party_ids=[arbiter], event_type="signature.needed", payload={})
+        (down_id,) = enqueue(
+            s, party_ids=[miner], event_type="signature.needed", payload={}, key="down"
+        )
+        (gone_id,) = enqueue(
+            s, party_ids=[arbiter], event_type="signature.needed", payload={}, key="gone"
+        )
         deactivate_webhook(s, gone.id)
     with transaction(engine) as s:  # deactivated: no new events at all
-        assert enqueue(s, party_ids=[arbiter], event_type="loan.active", payload={}) == []
+        assert enqueue(s, party_ids=[arbiter], event_type="loan.active", payload={}, key="") == []
 
     policy = RetryPolicy(max_attempts=3, base_seconds=1.0, cap_seconds=3.0)
     t0 = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)  # all rows due
@@ -278,7 +289,7 @@ def test_registration_is_validated_and_listings_never_show_the_secret(engine: En
     assert "secret" not in views[0].as_dict()
 
     with transaction(engine) as s, pytest.raises(ValueError):
-        enqueue(s, party_ids=[party], event_type="loan.exploded", payload={})
+        enqueue(s, party_ids=[party], event_type="loan.exploded", payload={}, key="boom")
 
 
 def test_concurrent_workers_deliver_each_event_exactly_once(
@@ -290,7 +301,9 @@ def test_concurrent_workers_deliver_each_event_exactly_once(
     ids: list[str] = []
     for n in range(40):
         with transaction(engine) as s:
-            ids += enqueue(s, party_ids=[party], event_type="deposit.seen", payload={"n": n})
+            ids += enqueue(
+                s, party_ids=[party], event_type="deposit.seen", payload={"n": n}, key=f"n={n}"
+            )
 
     stop = threading.Event()
     workers = [DeliveryWorker(engine, client, batch=3) for _ in range(3)]

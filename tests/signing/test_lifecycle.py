@@ -245,6 +245,43 @@ def test_partial_liquidation_sells_down_to_the_target_and_keeps_the_rest(
     assert valuation["collateral_sats"] == kept["amount_sats"]
 
 
+def test_a_fee_bump_the_signer_refuses_answers_422_and_the_stuck_one_stays(
+    world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
+) -> None:
+    """A replacement is checked like a new request: one built from a rewritten loan record
+    is refused by the signer, the answer says so (as for a new request), and the broadcast
+    original is untouched."""
+    from sqlmodel import Session
+
+    from custody.db.models import Loan
+
+    f = funded_loan(world, regtest_node, watcher)
+    lid = f.loan["id"]
+    low = request(world, "bank_operator", lid, action="release", fee_rate_sat_vb="2")
+    upload(world, "miner", low["id"], sign(the_psbt(world, "miner", low["id"]), f.roots["miner"]))
+    assert bank_sign(world, low["id"]).json()["state"] == "done"
+    assert _state(world, low["id"]) == "broadcast"
+    with Session(world.engine) as s:  # the replacement would pay an attacker
+        loan = s.get(Loan, lid)
+        assert loan is not None
+        loan.miner_return_address = random_p2wpkh_address()
+        s.add(loan)
+        s.commit()
+    r = world.call(
+        "bank_operator",
+        "POST",
+        f"/v1/signing-requests/{low['id']}/bump",
+        json={"fee_rate_sat_vb": "12"},
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == "request_refused_by_signer", r.text
+    assert r.json()["check"] == "foreign_output", r.text
+    refused = world.call("miner", "GET", f"/v1/signing-requests/{r.json()['request_id']}").json()
+    assert refused["state"] == "cancelled" and refused["replaces_id"] == low["id"]
+    assert _state(world, low["id"]) == "broadcast"
+    assert low["unsigned_txid"] in regtest_node.rpc.get_raw_mempool()
+
+
 def test_fee_bump_replaces_a_stuck_release(
     world: World, regtest_node: RegtestNode, watcher: Watcher, bank_signer: SignerWorld
 ) -> None:

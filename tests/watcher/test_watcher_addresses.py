@@ -67,7 +67,7 @@ def test_an_address_whose_id_commits_after_a_later_one_is_still_watched(
         watcher.step()
 
         assert bytes.fromhex(late_script) in watcher._watched.scripts
-        assert late_id not in watcher._watched.gaps
+        assert late_id not in watcher._address_gaps
         with Session(pg_engine) as session:
             dep = session.exec(select(Deposit).where(Deposit.txid == txid)).one()
         assert (dep.vout, dep.address_id, dep.loan_id) == (vout, late_id, first.loan_id)
