@@ -7,6 +7,7 @@ against this list by a test, so a typo in deployment config fails CI.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,10 @@ class Settings(BaseSettings):
     node_rpc_user: str = "custody"
     node_rpc_password: SecretStr = SecretStr("")
     node_rpc_timeout: float = 30.0
+    # Blocks over Bitcoin Core's REST interface (`-rest=1`; binary, no JSON): "auto" asks a
+    # node on this machine only (REST has no authentication), "on" any node (one on a
+    # private network, reachable through its `-rpcallowip`), "off" never.
+    node_rest: Literal["auto", "on", "off"] = "auto"
 
     # API server. Loopback unless an operator deliberately says otherwise.
     api_host: str = "127.0.0.1"

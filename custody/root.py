@@ -52,7 +52,11 @@ class Root:
         caller keeps closing what it made. `signer=None` means: built from the settings."""
         root = cls(settings)
         given: dict[str, object] = {
-            "engine": engine, "node": node, "signer": signer, "prices": prices, "fees": fees
+            "engine": engine,
+            "node": node,
+            "signer": signer,
+            "prices": prices,
+            "fees": fees,
         }
         for name, part in given.items():
             if part is not None:
@@ -79,6 +83,7 @@ class Root:
             s.node_rpc_user,
             s.node_rpc_password.get_secret_value(),
             timeout=s.node_rpc_timeout,
+            rest={"auto": None, "on": True, "off": False}[s.node_rest],
         )
         self._closers.append(node)
         return node

@@ -23,8 +23,9 @@ Blocks: Bitcoin Core serves them binary over its REST interface
 (``/rest/block/<hash>.bin``: half the bytes of RPC hex, no JSON to build or parse, a
 fraction of the node's CPU). ``get_block_raw`` asks once whether the node offers it
 and otherwise uses ``getblock <hash> 0`` (btcd has no REST). REST has no
-authentication, so it is used only on a loopback node URL, with the client's timeout;
-the block it returns must hash to the hash asked for. Block hashes for a range of
+authentication, so by default it is asked only of a loopback node URL (``rest=True``:
+any, e.g. a node on a private network that its ``-rpcallowip`` guards), with the
+client's timeout; the block it returns must hash to the hash asked for. Block hashes for a range of
 heights come in one batched JSON-RPC request (``get_block_hashes``).
 """
 
@@ -240,6 +241,7 @@ class NodeRpc:
         timeout: float = 30.0,
         *,
         mining_address: str | None = None,
+        rest: bool | None = None,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -257,7 +259,9 @@ class NodeRpc:
         self._id_lock = threading.Lock()
         self._kind: NodeKind | None = None
         # Whether the node serves binary blocks over REST: asked once (None: not yet).
-        self._rest: bool | None = None if _is_loopback(parts.hostname) else False
+        # `rest`: None asks only a node on this machine, True any node, False none.
+        allowed = _is_loopback(parts.hostname) if rest is None else rest
+        self._rest: bool | None = None if allowed else False
 
     def __repr__(self) -> str:
         return f"NodeRpc({self.url!r}, timeout={self.timeout})"

@@ -1160,13 +1160,17 @@ class Watcher:
             )
             while True:
                 rows = repository.addresses_after(session, watched.last_address_id, page)
-                for address_id, spk_hex in rows:
-                    low = max(watched.last_address_id + 1, address_id - ADDRESS_GAP_WINDOW)
-                    for missing in range(low, address_id):
+                expected = watched.last_address_id + 1
+                for address_id, _ in rows:
+                    for missing in range(
+                        max(expected, address_id - ADDRESS_GAP_WINDOW), address_id
+                    ):
                         gaps[missing] = now
-                    watched.scripts.add(bytes.fromhex(spk_hex))
-                    watched.last_address_id = address_id
-                    added += 1
+                    expected = address_id + 1
+                # One call for the page: the index's loop, not one per address.
+                added += watched.scripts.update(bytes.fromhex(spk_hex) for _, spk_hex in rows)
+                if rows:
+                    watched.last_address_id = rows[-1][0]
                 if len(rows) < page:
                     break
         floor = watched.last_address_id - ADDRESS_GAP_WINDOW

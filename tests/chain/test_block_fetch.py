@@ -21,6 +21,9 @@ import pytest
 
 from custody.chain.feed import HASH_BATCH, BlockFeed
 from custody.chain.rpc import NodeRpc, RpcBlockNotFound, RpcInvalidParams, RpcUnavailable
+from custody.config import Settings
+from custody.db.session import make_engine
+from custody.root import Root
 
 RestMode = Literal["core", "rest_off", "btcd", "wrong_block"]
 
@@ -221,11 +224,24 @@ def test_rest_keeps_the_clients_timeout_and_decides_nothing_on_it(
         double.close()
 
 
-def test_rest_is_never_tried_on_a_remote_node() -> None:
-    """REST has no authentication: only a node on this machine is asked for it."""
+def test_rest_is_asked_of_a_remote_node_only_when_configured() -> None:
+    """REST has no authentication: by default only a node on this machine is asked."""
     assert NodeRpc("http://192.0.2.7:8332", "u", "p").serves_rest is False
+    assert NodeRpc("http://bitcoind:8332", "u", "p").serves_rest is False
     assert NodeRpc("http://[::1]:8332", "u", "p").serves_rest is None
     assert NodeRpc("http://localhost:8332", "u", "p").serves_rest is None
+    assert NodeRpc("http://bitcoind:8332", "u", "p", rest=True).serves_rest is None
+    assert NodeRpc("http://127.0.0.1:8332", "u", "p", rest=False).serves_rest is False
+
+
+def test_the_setting_reaches_the_node_client() -> None:
+    for value, allowed in (("auto", False), ("on", True), ("off", False)):
+        settings = Settings(node_rpc_url="http://bitcoind:8332", node_rest=value)
+        root = Root.assemble(settings, engine=make_engine("sqlite://"))
+        try:
+            assert (root.node.serves_rest is None) == allowed
+        finally:
+            root.close()
 
 
 def test_block_hashes_come_in_one_batched_request(
