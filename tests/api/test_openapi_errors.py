@@ -122,9 +122,9 @@ def test_the_description_says_when_each_code_happens(document: dict[str, Any]) -
 
 @pytest.mark.unit
 def test_every_route_declares_its_errors(document: dict[str, Any]) -> None:
-    """Every route but the health check and its metrics needs a key; every route with a parameter can be
-    refused by validation (`invalid_input`, not FastAPI's default schema); every error
-    entry names its codes."""
+    """Every route but the health check and its metrics needs a key; every route with a
+    parameter can be refused by validation (`invalid_input`, not FastAPI's default
+    schema); every error entry names its codes."""
     assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
     seen = 0
     for path, operations in document["paths"].items():
