@@ -424,9 +424,13 @@ class NodeRpc:
                 raise RpcUnavailable(f"node REST block {block_hash}: the bytes are another block")
             self._rest = True
             return raw
+        if response.status_code == 503:  # Core warming up: ask again once it is up
+            if self._rest is None:
+                return None
+            raise RpcUnavailable(f"node REST block {block_hash}: warming up")
         if self._rest is None:
-            # Any other answer to the first question (404 with REST off, 405, 501, ...):
-            # this node does not serve REST; RPC from now on.
+            # Any other answer to the first question (404 with REST off, 403 from an
+            # address -rpcallowip refuses, 405, 501, ...): no REST here; RPC from now on.
             self._rest = False
             return None
         if response.status_code == 404:

@@ -25,7 +25,7 @@ from custody.config import Settings
 from custody.db.session import make_engine
 from custody.root import Root
 
-RestMode = Literal["core", "rest_off", "btcd", "wrong_block"]
+RestMode = Literal["core", "rest_off", "btcd", "wrong_block", "warming_up"]
 
 
 def make_chain(length: int) -> list[bytes]:
@@ -82,6 +82,9 @@ class NodeDouble:
                     double.hold_gets.wait(10)
                 if double.rest == "btcd":
                     self.close_connection = True  # btcd: no answer to a GET
+                    return
+                if double.rest == "warming_up":
+                    self.reply(503, b"Loading block index...", "text/plain")
                     return
                 found = re.fullmatch(r"/rest/block/([0-9a-f]{64})\.bin", self.path)
                 if double.rest == "rest_off" or found is None:
@@ -186,6 +189,18 @@ def test_without_rest_getblock_is_used_and_rest_is_asked_once(
     assert rpc.serves_rest is False
     assert len(double.gets) == 1
     assert double.getblock_calls() == 3
+
+
+def test_a_node_warming_up_is_asked_about_rest_again(
+    double: NodeDouble, rpc: NodeRpc, chain: list[bytes]
+) -> None:
+    """Core answers 503 while it loads its block index: that says nothing about REST."""
+    double.rest = "warming_up"
+    assert rpc.get_block_raw(block_hash(chain[1])) == chain[1]  # over RPC this time
+    assert rpc.serves_rest is None and double.getblock_calls() == 1
+    double.rest = "core"
+    assert rpc.get_block_raw(block_hash(chain[2])) == chain[2]
+    assert rpc.serves_rest is True and double.getblock_calls() == 1
 
 
 def test_a_rest_block_must_be_the_block_asked_for(
