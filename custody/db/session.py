@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -165,6 +166,21 @@ def _raw(connection: Any) -> Any:
 _WRITE_LOCKS = "custody_write_locks"  # connection record info: the engine's _WriteLocks
 
 
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL mode, retried while another process holds the database: switching a new
+    database's journal needs its exclusive lock, and SQLite refuses that at once (no busy
+    handler, a reader may not wait for a writer) while a second process is migrating it."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(_WRITE_LOCK_POLL)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, record: Any) -> None:
@@ -172,7 +188,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.close()
         record.info[_READ_ONLY] = False  # a new connection may write (query_only is off)

@@ -1,5 +1,5 @@
 """Every endpoint x every role. A miner never sees or acts on another miner's loan;
-an arbiter only on loans it arbitrates; nobody without a key gets anything but health.
+an arbiter only on loans it arbitrates; nobody without a key gets anything but health and its metrics.
 
 Runs on SQLite (the rules are in Python, not in the database); the loan tests run
 on both databases."""
@@ -61,6 +61,7 @@ def _act(ok_for: tuple[str, ...], ok: int) -> dict[str, int]:
 
 CASES: list[Case] = [
     Case("GET", "/v1/health", lambda w, c: "/v1/health", {who: 200 for who in EVERYONE}),
+    Case("GET", "/v1/metrics", lambda w, c: "/v1/metrics", {who: 200 for who in EVERYONE}),
     Case("GET", "/v1/me", lambda w, c: "/v1/me", {who: 200 for who in WHO}),
     Case(
         "POST",
