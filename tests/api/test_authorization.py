@@ -1,5 +1,6 @@
 """Every endpoint x every role. A miner never sees or acts on another miner's loan;
-an arbiter only on loans it arbitrates; nobody without a key gets anything but health and its metrics.
+an arbiter only on loans it arbitrates; nobody without a key gets anything but health
+and its metrics.
 
 Runs on SQLite (the rules are in Python, not in the database); the loan tests run
 on both databases."""
