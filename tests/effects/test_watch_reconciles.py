@@ -4,7 +4,6 @@ and recorded as broadcast, with no one asking. SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 from support.effects import CrashingNode
 from support.lending import funded_loan, request, sign, the_psbt, upload
+from support.watchers import watch_env
 from support.world import World, build_world
 
 from custody.db.models import AuditEvent, RequestState, SigningRequest
@@ -27,25 +27,9 @@ pytestmark = [pytest.mark.node]
 
 
 def _env(db_url: str, node: RegtestNode) -> dict[str, str]:
-    """The parent's environment minus any service or signer settings, plus the test's."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CUSTODY_", "HSM_", "SOFTHSM2_CONF"))
-        and k not in ("DATABASE_URL", "PYTEST_CURRENT_TEST")
-    }
-    return {
-        **base,
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": db_url,
-        "CUSTODY_NETWORK": "regtest",
-        "CUSTODY_NODE_RPC_URL": node.rpc_url,
-        "CUSTODY_NODE_RPC_USER": node.rpc_user,
-        "CUSTODY_NODE_RPC_PASSWORD": node.rpc_password,
-        "CUSTODY_WATCH_POLL_SECONDS": "0.1",
-        "CUSTODY_RECONCILE_SECONDS": "0.2",
-        "CUSTODY_RECONCILE_GRACE_SECONDS": "0",
-    }
+    return watch_env(
+        db_url, node, watch_poll_seconds="0.1", reconcile_seconds="0.2", reconcile_grace_seconds="0"
+    )
 
 
 def test_custody_watch_records_a_broadcast_lost_in_a_crash(

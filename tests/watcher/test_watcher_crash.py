@@ -29,6 +29,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col, select
 from support.bulk import ReadyLoan, create_ready_loans
+from support.watchers import watch_env
 
 from custody.audit.service import verify_chain
 from custody.db.models import AuditEvent, ChainCursor, Deposit, DepositState, Loan, LoanState
@@ -123,25 +124,13 @@ class WatcherProcesses:
 
 
 def _watch_env(db_url: str, node: RegtestNode, start_height: int) -> dict[str, str]:
-    """The parent's environment minus any ambient service settings, plus the test's."""
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("CUSTODY_") and k not in ("DATABASE_URL", "PYTEST_CURRENT_TEST")
-    }
-    return {
-        **base,
-        "PYTHONUNBUFFERED": "1",
-        "DATABASE_URL": db_url,
-        "CUSTODY_NETWORK": "regtest",
-        "CUSTODY_NODE_RPC_URL": node.rpc_url,
-        "CUSTODY_NODE_RPC_USER": node.rpc_user,
-        "CUSTODY_NODE_RPC_PASSWORD": node.rpc_password,
-        "CUSTODY_WATCH_START_HEIGHT": str(start_height),
-        "CUSTODY_WATCH_POLL_SECONDS": "0.02",
-        "CUSTODY_WATCH_LEASE_SECONDS": "1",
-        "CUSTODY_CONFIRMATIONS_SMALL": "1",
-    }
+    return watch_env(
+        db_url,
+        node,
+        watch_start_height=str(start_height),
+        watch_poll_seconds="0.02",
+        watch_lease_seconds="1",
+    )
 
 
 @pytest.fixture
