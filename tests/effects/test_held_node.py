@@ -43,15 +43,6 @@ def slow_rpc(regtest_node: RegtestNode, proxy: SlowProxy) -> Iterator[NodeRpc]:
         yield rpc
 
 
-def _loan(world: World, **terms: Any) -> dict[str, Any]:
-    """A loan with its three keys (the bank's an xpub) and its first collateral address."""
-    loan = world.create_loan(**terms)
-    for seat in ("miner", "bank", "arbiter"):
-        r = world.register(loan["id"], seat)
-        assert r.status_code == 200, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
 
 class HeldForkSearch(Watcher):
     """The real watcher; once it starts looking for the fork, the node's answers are held."""
@@ -76,8 +67,8 @@ def test_a_reorg_rolled_back_while_the_node_is_held_blocks_no_writer(
     slow_rpc: NodeRpc,
 ) -> None:
     world = node_world
-    loan = _loan(world, required_collateral_sats=50_000_000, required_confirmations=1)
-    other = _loan(world)
+    loan = world.keyed_loan(required_collateral_sats=50_000_000, required_confirmations=1)
+    other = world.keyed_loan()
     watcher = HeldForkSearch(
         engine,
         slow_rpc,
@@ -130,7 +121,7 @@ def test_a_broadcast_held_by_the_node_blocks_no_writer(
     through a node whose answers are held; the watcher, the API and another engine go on."""
     world = node_world
     f = funded_loan(world, regtest_node, watcher, hsm_bank=False)
-    other = _loan(world)
+    other = world.keyed_loan()
     req = request(world, "bank_operator", f.loan["id"], action="release")
     rid = req["id"]
     signed = sign(the_psbt(world, "miner", rid), f.roots["miner"])

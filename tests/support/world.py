@@ -93,6 +93,16 @@ class World:
             json={"kind": "hd", "key": key or hd_key()},
         )
 
+    def keyed_loan(self, **terms: Any) -> dict[str, Any]:
+        """A loan with its three HD keys registered (so it awaits its deposit at its
+        first collateral address), as the API shows it."""
+        loan = self.create_loan(**terms)
+        for seat in ("miner", "bank", "arbiter"):
+            r = self.register(loan["id"], seat)
+            assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
     def sign_statement(
         self, statement_id: int, *staff: str, submitter: str = "bank_operator"
     ) -> Any:

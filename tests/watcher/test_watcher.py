@@ -24,15 +24,6 @@ def world(engine: Engine) -> World:
     return build_world(engine)
 
 
-def _loan(world: World, **terms: Any) -> dict[str, Any]:
-    """A loan with all keys registered and its first collateral address."""
-    loan = world.create_loan(**terms)
-    for seat in ("miner", "bank", "arbiter"):
-        r = world.register(loan["id"], seat)
-        assert r.status_code == 200, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
 
 def _view(world: World, loan_id: int) -> dict[str, Any]:
     body: dict[str, Any] = world.call("miner", "GET", f"/v1/loans/{loan_id}").json()
@@ -47,7 +38,7 @@ def _deposits(world: World, loan_id: int) -> list[dict[str, Any]]:
 def test_mempool_then_confirmations_then_active(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
-    loan = _loan(world, required_collateral_sats=50_000_000, required_confirmations=2)
+    loan = world.keyed_loan(required_collateral_sats=50_000_000, required_confirmations=2)
     txid, vout = regtest_node.faucet.pay(loan["collateral_address"], 50_000_000)
 
     watcher.step()
@@ -77,8 +68,8 @@ def test_mempool_then_confirmations_then_active(
 def test_default_confirmations_depend_on_the_amount(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
-    small = _loan(world, required_collateral_sats=10_000_000)
-    large = _loan(world, required_collateral_sats=150_000_000)
+    small = world.keyed_loan(required_collateral_sats=10_000_000)
+    large = world.keyed_loan(required_collateral_sats=150_000_000)
     regtest_node.faucet.pay(small["collateral_address"], 10_000_000)
     regtest_node.faucet.pay(large["collateral_address"], 150_000_000)
     regtest_node.mine(1)
@@ -95,7 +86,7 @@ def test_default_confirmations_depend_on_the_amount(
 def test_partial_deposits_add_up_and_excess_is_recorded(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
-    loan = _loan(world, required_collateral_sats=50_000_000)
+    loan = world.keyed_loan(required_collateral_sats=50_000_000)
     second = world.call("miner", "POST", f"/v1/loans/{loan['id']}/addresses").json()["address"]
     regtest_node.faucet.pay(loan["collateral_address"], 30_000_000)
     regtest_node.mine(1)
@@ -118,7 +109,7 @@ def test_partial_deposits_add_up_and_excess_is_recorded(
 def test_reorg_rolls_back_and_reapplies(
     world: World, watcher: Watcher, regtest_node: RegtestNode, depth: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(depth)  # the deposit sits in the lowest of the blocks to orphan
     watcher.step()
@@ -147,7 +138,7 @@ def test_reorg_rolls_back_and_reapplies(
 def test_deposit_double_spent_in_a_reorg_disappears(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(1)
     watcher.step()
@@ -169,7 +160,7 @@ def test_deposit_double_spent_in_a_reorg_disappears(
 def test_a_shallow_reorg_can_take_confirmations_away(
     world: World, watcher: Watcher, regtest_node: RegtestNode
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000, required_confirmations=3)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000, required_confirmations=3)
     regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(3)
     watcher.step()

@@ -55,15 +55,6 @@ def bank_hook(world: World) -> int:
     return view.id
 
 
-def _loan(world: World, **terms: Any) -> dict[str, Any]:
-    loan = world.create_loan(**terms)
-    for seat in ("miner", "bank", "arbiter"):
-        r = world.register(loan["id"], seat)
-        assert r.status_code == 200, r.text
-    out: dict[str, Any] = r.json()
-    return out
-
-
 def _state(world: World, loan_id: int) -> str:
     state: str = world.call("miner", "GET", f"/v1/loans/{loan_id}").json()["state"]
     return state
@@ -97,7 +88,7 @@ def _replay(engine: Engine, rpc: NodeRpc, watcher: Watcher, snapshot: dict[str, 
 def test_a_reorg_that_mines_a_deposit_again_sends_each_fact_once(
     world: World, watcher: Watcher, regtest_node: RegtestNode, bank_hook: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(1)
     watcher.step()
@@ -144,7 +135,7 @@ def test_a_reorg_that_mines_a_deposit_again_sends_each_fact_once(
 def test_a_reorg_taking_a_deposit_away_sends_exactly_the_retractions_even_replayed(
     world: World, watcher: Watcher, regtest_node: RegtestNode, bank_hook: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000, required_confirmations=2)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000, required_confirmations=2)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(2)
     watcher.step()
@@ -186,7 +177,7 @@ def test_a_reorg_taking_a_deposit_away_sends_exactly_the_retractions_even_replay
 def test_a_deposit_double_spent_in_the_mempool_sends_removed_once(
     world: World, watcher: Watcher, regtest_node: RegtestNode, bank_hook: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     watcher.step()
     assert _deposit(world, loan["id"], txid)["state"] == "pending"
@@ -206,7 +197,7 @@ def test_a_deposit_double_spent_in_the_mempool_sends_removed_once(
 def test_a_confirmed_deposit_double_spent_in_a_reorg_is_retracted_then_removed_once(
     world: World, watcher: Watcher, regtest_node: RegtestNode, bank_hook: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(1)
     watcher.step()
@@ -274,7 +265,7 @@ def test_a_deposit_that_left_the_mempool_and_was_mined_after_all_is_seen_again(
 ) -> None:
     """Removed (replaced in the mempool), then the same transaction is back and mined:
     receivers told `removed` hear it is seen again, then confirmed."""
-    loan = _loan(world, required_collateral_sats=20_000_000)
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
     extra = _spare_coin(regtest_node)
     txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     watcher.step()
@@ -362,7 +353,7 @@ class _HandsOutMidStep(NodeRpc):
 def test_an_address_handed_out_mid_step_and_paid_shows_in_that_step(
     world: World, regtest_node: RegtestNode, bank_hook: int
 ) -> None:
-    loan = _loan(world, required_collateral_sats=50_000_000)
+    loan = world.keyed_loan(required_collateral_sats=50_000_000)
     rpc = _HandsOutMidStep(regtest_node.rpc_url, regtest_node.rpc_user, regtest_node.rpc_password)
     start = regtest_node.rpc.get_block_count() + 1
     watcher = Watcher(world.engine, rpc, config=WatcherConfig(start_height=start))
@@ -395,7 +386,7 @@ def test_an_address_committed_after_a_later_one_is_watched(
 ) -> None:
     """PostgreSQL hands out ids from a sequence: a hand-out that took the lower id can
     commit after one that took a higher id and was loaded first."""
-    first, second = _loan(world), _loan(world)
+    first, second = world.keyed_loan(), world.keyed_loan()
     watcher.step()
     with Session(world.engine) as session:
         miner = session.exec(select(Principal).where(Principal.name == "user-miner")).one()
@@ -425,7 +416,8 @@ def test_after_random_reorgs_the_outbox_tells_the_ledger(
     rng = random.Random(seed)
     node = regtest_node
     loans = [
-        _loan(world, required_collateral_sats=30_000_000, required_confirmations=c) for c in (1, 2)
+        world.keyed_loan(required_collateral_sats=30_000_000, required_confirmations=c)
+        for c in (1, 2)
     ]
     addresses = {loan["id"]: [loan["collateral_address"]] for loan in loans}
     base = node.rpc.get_block_count()
