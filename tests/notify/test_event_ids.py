@@ -120,7 +120,9 @@ def test_two_writers_of_one_fact_on_postgresql_queue_it_once_and_neither_fails(
         repository.insert_events_if_absent(first, [row])  # inserted, not committed
         writer = threading.Thread(target=second_writer)
         writer.start()
-        with engine.connect() as watch:
+        # Autocommit: pg_stat_activity is read once per transaction, so polling it inside
+        # one would keep showing the moment before the second writer arrived.
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
             wait_until(
                 lambda: (
                     watch.execute(
