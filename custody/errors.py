@@ -2,8 +2,10 @@
 
 Each class is a subclass of its category in `pledge.errors` (so `except Conflict` still
 catches every conflict) with its own stable `code`: the `error` a client reads in the
-JSON answer `{"error": code, "message": ..., "field"?: ...}`. The category gives the HTTP
-status. The first line of each docstring is what the OpenAPI document says about it.
+JSON answer `{"error": code, "message": ..., "field": ...}` (`field` null when no one field
+is wrong); the framework's own refusals (no such path, a wrong method, a body that is not
+JSON) are answered in the same shape, as the errors of the first section. The category
+gives the HTTP status. The first line of each docstring is what the OpenAPI document says about it.
 
 `InvalidInput` itself stays the answer for "this field is wrong" (its `field` says which);
 the business refusals that happen to be answered 422 have names of their own below.
@@ -21,13 +23,58 @@ from typing import Any
 
 from hsm.signer import PolicyViolation
 from pledge.errors import (
+    BadRequest,
     Conflict,
     Forbidden,
     InvalidInput,
+    MethodNotAllowed,
     NotFound,
+    TooLarge,
     Unsupported,
+    UnsupportedMediaType,
     UpstreamUnavailable,
 )
+
+# -- the request itself ----------------------------------------------------------------------
+
+
+class NoSuchRoute(NotFound):
+    """No route serves this path (the router's answer, before any route runs)."""
+
+    code = "no_such_route"
+
+
+class UnsupportedMethod(MethodNotAllowed):
+    """This path does not take this method; the `Allow` header lists those it does."""
+
+    code = "unsupported_method"
+
+
+class MalformedBody(BadRequest):
+    """The body cannot be read: it is not JSON (or not text) where JSON is expected."""
+
+    code = "malformed_body"
+
+
+class UnsupportedContentType(UnsupportedMediaType):
+    """The body's `Content-Type` is not one the route reads (JSON, or for a PSBT upload
+    also `application/octet-stream`)."""
+
+    code = "unsupported_content_type"
+
+
+class BodyTooLarge(TooLarge):
+    """The body is larger than this route reads."""
+
+    code = "body_too_large"
+
+
+class ServiceBusy(UpstreamUnavailable):
+    """The service is at capacity (no database connection came free in time): retry
+    after the `Retry-After` seconds."""
+
+    code = "busy"
+
 
 # -- who may do what -------------------------------------------------------------------------
 

@@ -37,6 +37,13 @@ class CustodyError(Exception):
 # -- categories -----------------------------------------------------------------------------
 
 
+class BadRequest(CustodyError):
+    """The request cannot be read at all (a body that is not JSON)."""
+
+    status_code = 400
+    code = "bad_request"
+
+
 class InvalidInput(CustodyError):
     """A field of the request is not acceptable (its `field` says which)."""
 
@@ -65,11 +72,32 @@ class NotFound(CustodyError):
     code = "not_found"
 
 
+class MethodNotAllowed(CustodyError):
+    """The path exists but does not take this method."""
+
+    status_code = 405
+    code = "method_not_allowed"
+
+
 class Conflict(CustodyError):
     """The request contradicts the current state (wrong loan state, duplicate key...)."""
 
     status_code = 409
     code = "conflict"
+
+
+class TooLarge(CustodyError):
+    """The request is larger than the service reads."""
+
+    status_code = 413
+    code = "too_large"
+
+
+class UnsupportedMediaType(CustodyError):
+    """The request's body is in a format the route does not read."""
+
+    status_code = 415
+    code = "unsupported_media_type"
 
 
 class Unsupported(CustodyError):

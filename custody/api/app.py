@@ -1,9 +1,12 @@
-"""The FastAPI application: each domain's routes under /v1, typed errors mapped to HTTP once."""
+"""The FastAPI application: each domain's routes under /v1, typed errors mapped to HTTP once,
+the framework's own refusals (no such path, a wrong method, a body that is not JSON) in the
+same `{error, message, field}` shape."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 import anyio.to_thread
@@ -11,13 +14,24 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custody.api import ops
+from custody.api.errors import media_type
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
 from custody.config import Settings
+from custody.errors import (
+    BodyTooLarge,
+    MalformedBody,
+    NoSuchRoute,
+    ServiceBusy,
+    UnsupportedContentType,
+    UnsupportedMethod,
+)
 from custody.loans import endpoints as loans
 from custody.notify import endpoints as notify
 from custody.parties import endpoints as parties
@@ -26,16 +40,122 @@ from custody.signer import endpoints as signer_statements
 from custody.signing import endpoints as signing
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
-from pledge.errors import CustodyError, InvalidInput
+from pledge.errors import CustodyError, InvalidInput, NotAuthenticated
 
 log = structlog.get_logger(__name__)
 
 
-def _field_name(loc: tuple[Any, ...]) -> str:
+def _field_name(loc: tuple[Any, ...]) -> str | None:
+    """The dotted field a validation error is about; None when it is the body as a whole."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     # Discriminated unions add the tag to the location: drop it, keep the field.
     parts = [p for p in parts if p not in ("hd", "hsm")]
-    return ".".join(parts) or "body"
+    return ".".join(parts) or None
+
+
+def error_body(error: CustodyError) -> dict[str, Any]:
+    """The one shape of every error answer: `error`, `message`, `field` (null when no one
+    field is wrong), then what a few errors add (`check`, `request_id`, `errors`)."""
+    extra = error.to_dict()
+    return {
+        "error": extra.pop("error"),
+        "message": extra.pop("message"),
+        "field": extra.pop("field", None),
+        **extra,
+    }
+
+
+def _answer(error: CustodyError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    out = dict(headers or {})
+    if error.status_code == 401:  # RFC 9110: a 401 names the scheme it wants
+        out.setdefault("WWW-Authenticate", "Bearer")
+    return JSONResponse(status_code=error.status_code, content=error_body(error), headers=out)
+
+
+def _snake(phrase: str) -> str:
+    return "_".join(phrase.lower().replace("-", " ").split())
+
+
+def _framework_error(exc: StarletteHTTPException) -> CustodyError | None:
+    """The named error for what the framework refused (Starlette's router, FastAPI's body
+    reading, a body-size limit); None for another status, whose HTTP name is its code."""
+    status = exc.status_code
+    if status == 404:
+        return NoSuchRoute("no route serves this path")
+    if status == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        return UnsupportedMethod(f"this path does not take this method (it takes: {allowed})")
+    if status == 400:
+        return MalformedBody("the request body could not be read")
+    if status == 413:
+        return BodyTooLarge("the request body is larger than this route reads")
+    if status == 415:
+        return UnsupportedContentType("this route does not read this Content-Type")
+    if status == 401:
+        return NotAuthenticated("an API key is needed: send 'Authorization: Bearer <key>'")
+    return None
+
+
+def _http_answer(exc: StarletteHTTPException) -> JSONResponse:
+    named = _framework_error(exc)
+    if named is not None:
+        return _answer(named, exc.headers)
+    try:
+        phrase = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        phrase = "error"
+    message = exc.detail if isinstance(exc.detail, str) else phrase
+    body = {"error": _snake(phrase), "message": message, "field": None}
+    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers)
+
+
+def _json_decode_message(error: Mapping[str, Any]) -> str:
+    reason = str((error.get("ctx") or {}).get("error") or "not JSON")
+    loc = tuple(error.get("loc", ()))
+    at = f" at character {loc[-1]}" if len(loc) > 1 and isinstance(loc[-1], int) else ""
+    return f"the request body is not valid JSON: {reason}{at}"
+
+
+def _not_json(request: Request) -> bool:
+    """A route that reads a JSON body got a body of another `Content-Type` (FastAPI then
+    validates the raw bytes, which fails): answered 415, not a puzzling 422. Checked once
+    validation fails, so an unauthenticated caller still gets its 401 first."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or route.body_field is None:
+        return False
+    content_type = request.headers.get("content-type")
+    if content_type is None and not _has_body(request):
+        return False  # no body at all: validation says which field is required
+    return media_type(content_type) != "application/json"
+
+
+def _has_body(request: Request) -> bool:
+    length = request.headers.get("content-length")
+    return "transfer-encoding" in request.headers or (length is not None and length != "0")
+
+
+def _validation_answer(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming every bad field (the first in `field`); 400 for a body that is not JSON;
+    415 for a body that is not declared JSON."""
+    if _not_json(request):
+        return _answer(UnsupportedContentType("this route reads only application/json bodies"))
+    details = list(exc.errors())
+    broken = next((e for e in details if e.get("type") == "json_invalid"), None)
+    if broken is not None:
+        return _answer(MalformedBody(_json_decode_message(broken)))
+    errors = [
+        {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
+        for e in details
+    ]
+    first = errors[0] if errors else {"field": None, "message": "invalid request"}
+    where = f"{first['field']}: " if first["field"] else "body: "
+    body = {
+        "error": InvalidInput.code,
+        "message": f"{where}{first['message']}",
+        "field": first["field"],
+        "errors": errors,
+    }
+    return JSONResponse(status_code=422, content=body)
 
 
 def create_app(
@@ -69,43 +189,31 @@ def create_app(
     for domain in (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit):
         app.include_router(domain.router)
 
+    # Every error answer, the framework's included, is one shape (`error_body`).
     @app.exception_handler(CustodyError)
     async def _custody_error(_request: Request, exc: CustodyError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content=exc.to_dict())
+        return _answer(exc)
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException subclasses it
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _http_answer(exc)
 
     @app.exception_handler(PoolTimeout)
     async def _no_connection(_request: Request, _exc: PoolTimeout) -> JSONResponse:
         # Every database connection stayed busy for the pool's timeout: overload.
         log.warning("no database connection in time: answered 503")
-        return JSONResponse(
-            status_code=503,
-            content={"error": "busy", "message": "the service is at capacity: retry shortly"},
-            headers={"Retry-After": "1"},
-        )
+        busy = ServiceBusy("the service is at capacity: retry shortly")
+        return _answer(busy, {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
-            for e in exc.errors()
-        ]
-        first = errors[0] if errors else {"field": "body", "message": "invalid request"}
-        return JSONResponse(
-            status_code=422,
-            content={
-                "error": InvalidInput.code,
-                "message": f"{first['field']}: {first['message']}",
-                "field": first["field"],
-                "errors": errors,
-            },
-        )
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_answer(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The traceback (no local variables) for the operator; the caller gets no detail.
         log.error("unhandled error", error_type=type(exc).__name__, exc_info=exc)
-        return JSONResponse(
-            status_code=500, content={"error": "internal_error", "message": "internal error"}
-        )
+        body = {"error": CustodyError.code, "message": "internal error", "field": None}
+        return JSONResponse(status_code=500, content=body)
 
     return app

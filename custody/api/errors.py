@@ -13,11 +13,41 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from custody.errors import RequestRefusedBySigner
+from custody.errors import (
+    BodyTooLarge,
+    MalformedBody,
+    RequestRefusedBySigner,
+    ServiceBusy,
+    UnsupportedContentType,
+)
 from hsm.signer import PolicyViolation
 from pledge.errors import CustodyError, InvalidInput
 
 ErrorClass = type[CustodyError]
+
+# What reading a route's body may meet: not JSON, another Content-Type, too large.
+BODY_ERRORS: tuple[ErrorClass, ...] = (MalformedBody, UnsupportedContentType, BodyTooLarge)
+
+_NULLABLE_STRING: dict[str, Any] = {"type": ["string", "null"]}
+
+
+def media_type(content_type: str | None) -> str | None:
+    """`application/json; charset=utf-8` -> `application/json` (`+json` types count as
+    JSON, as FastAPI reads them); None without a header."""
+    if not content_type:
+        return None
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind.startswith("application/") and kind.endswith("+json"):
+        return "application/json"
+    return kind
+
+
+def require_media_type(content_type: str | None, *accepted: str) -> str:
+    """The body's media type if the route reads it, else `UnsupportedContentType` (415)."""
+    kind = media_type(content_type)
+    if kind is not None and kind in accepted:
+        return kind
+    raise UnsupportedContentType(f"this route reads only {' or '.join(accepted)} bodies")
 
 
 def summary(error: ErrorClass) -> str:
@@ -31,14 +61,18 @@ def _schema(status: int, errors: list[ErrorClass]) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "error": {"type": "string", "enum": codes, "description": "what happened"},
         "message": {"type": "string", "description": "the same, for a person"},
-        "field": {"type": "string", "description": "the request field that is wrong"},
+        "field": {
+            **_NULLABLE_STRING,
+            "description": "the request field that is wrong (null: none in particular)",
+        },
     }
     if InvalidInput in errors:  # the request's own validation lists every bad field
         properties["errors"] = {
             "type": "array",
             "items": {
                 "type": "object",
-                "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                "properties": {"field": _NULLABLE_STRING, "message": {"type": "string"}},
+                "required": ["field", "message"],
             },
         }
     if any(issubclass(e, PolicyViolation) for e in errors):
@@ -51,7 +85,7 @@ def _schema(status: int, errors: list[ErrorClass]) -> dict[str, Any]:
     return {
         "title": f"Error{status}",
         "type": "object",
-        "required": ["error", "message"],
+        "required": ["error", "message", "field"],
         "properties": properties,
     }
 
@@ -66,10 +100,11 @@ _INTERNAL: dict[str, Any] = {
             "schema": {
                 "title": "Error500",
                 "type": "object",
-                "required": ["error", "message"],
+                "required": ["error", "message", "field"],
                 "properties": {
                     "error": {"type": "string", "enum": ["internal_error"]},
                     "message": {"type": "string"},
+                    "field": {"type": "null"},
                 },
             }
         }
@@ -78,10 +113,11 @@ _INTERNAL: dict[str, Any] = {
 
 
 def errors_for(*errors: ErrorClass) -> dict[int | str, dict[str, Any]]:
-    """FastAPI `responses=` declaring these errors, grouped by HTTP status. Two classes
-    with one code would make the answer ambiguous: refused."""
+    """FastAPI `responses=` declaring these errors, grouped by HTTP status, and what any
+    route may answer: `busy` (503, no database connection in time) and `internal_error`
+    (500). Two classes with one code would make the answer ambiguous: refused."""
     by_status: dict[int, list[ErrorClass]] = {}
-    for error in dict.fromkeys(errors):  # groups may overlap: each class once
+    for error in dict.fromkeys((*errors, ServiceBusy)):  # groups may overlap: each once
         group = by_status.setdefault(error.status_code, [])
         if any(e.code == error.code for e in group):
             raise ValueError(f"{error.__name__}: code {error.code!r} is declared twice")

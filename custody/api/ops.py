@@ -13,6 +13,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from custody.api.errors import errors_for
 from custody.chain.rpc import NodeRpc
 from custody.config import Settings
 from custody.watcher.health import read_health
@@ -31,13 +32,13 @@ def _node(chain: object, timeout: float) -> dict[str, Any]:
         return {"reachable": False, "tip_height": None, "error": message}
 
 
-@router.get("/health", tags=["ops"])
+@router.get("/health", tags=["ops"], responses=errors_for())
 def health(request: Request) -> dict[str, Any]:
     """Liveness, the node's tip read now, and the watcher: its height, its lag, the time
     of its last successful step, its last error and whether it is stalled (no progress
     for `watch_stall_polls` polls, or that many failed steps in a row). The database is
     read and its transaction closed before the node is asked. It needs no key and
-    declares no error of its own (a database fault is a plain 500)."""
+    declares no error of its own, only what any route may answer (500, 503 `busy`)."""
     return _health(request)
 
 
@@ -92,7 +93,7 @@ class _HealthCollector(Collector):
                 yield GaugeMetricFamily(name, text, float(watcher[key]))
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get("/metrics", tags=["ops"], response_class=Response, responses=errors_for())
 def metrics(request: Request) -> Response:
     """The health figures in Prometheus' text format (no key, like health: serve it on
     loopback or behind the scraper's network)."""

@@ -10,7 +10,7 @@ from custody.api.deps import (
     PrincipalDep,
     SessionDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.auth.policy import require_role
 from custody.auth.schemas import PrincipalCreate, PrincipalCreated, PrincipalOut
 from custody.auth.service import create_principal
@@ -37,6 +37,7 @@ def me(principal: PrincipalDep) -> dict[str, Any]:
         UnknownParty,
         PartyKindMismatch,
         PrincipalNameTaken,
+        *BODY_ERRORS,
     ),
 )
 def create_principal_endpoint(

@@ -11,7 +11,7 @@ from custody.api.deps import (
     ContextDep,
     SessionDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.bitcoin import exports
 from custody.db.models import KeyRole
 from custody.errors import (
@@ -58,6 +58,7 @@ ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
         OperatorWithoutBank,
         UnknownParty,
         PartyKindMismatch,
+        *BODY_ERRORS,
     ),
 )
 def create_loan(body: LoanCreate, session: SessionDep, ctx: ContextDep) -> LoanOut:
@@ -92,6 +93,7 @@ def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
         KeyOfAnotherParty,
         KeySetReused,
         AddressAlreadyIssued,
+        *BODY_ERRORS,
     ),
 )
 def register_key(

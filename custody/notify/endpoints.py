@@ -10,7 +10,7 @@ from custody.api.deps import (
     PrincipalDep,
     SessionDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.db.models import Principal, Role
 from custody.errors import PartyNotFound
 from custody.notify.outbox import list_webhooks, register_webhook
@@ -30,7 +30,7 @@ def _own_party(principal: Principal, party_id: int) -> None:
     "/parties/{party_id}/webhooks",
     status_code=201,
     tags=["notifications"],
-    responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound),
+    responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound, *BODY_ERRORS),
 )
 def create_webhook(
     party_id: int, body: WebhookCreate, session: SessionDep, principal: PrincipalDep

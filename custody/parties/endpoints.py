@@ -8,7 +8,7 @@ from custody.api.deps import (
     PrincipalDep,
     SessionDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.db.models import Party, PartyKind
 from custody.errors import PartyNameTaken, PartyNotFound, RoleNotAllowed
 from custody.parties import service as parties
@@ -22,7 +22,9 @@ router = APIRouter(prefix="/v1")
     "/parties",
     status_code=201,
     tags=["parties"],
-    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput, PartyNameTaken),
+    responses=errors_for(
+        NotAuthenticated, RoleNotAllowed, InvalidInput, PartyNameTaken, *BODY_ERRORS
+    ),
 )
 def create_party(body: PartyCreate, session: SessionDep, principal: PrincipalDep) -> PartyOut:
     return party_out(

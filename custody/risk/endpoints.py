@@ -8,7 +8,7 @@ from custody.api.deps import (
     ContextDep,
     SessionDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.auth.policy import require_role
 from custody.db.models import Role
 from custody.errors import PriceNotSet, RoleNotAllowed
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1")
     "/prices",
     status_code=201,
     tags=["risk"],
-    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput, *BODY_ERRORS),
 )
 def set_price(body: PriceSet, session: SessionDep, ctx: ContextDep) -> PriceOut:
     """Bank staff set the manual BTC/RUB price (audited); the risk engine reads it."""

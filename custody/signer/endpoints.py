@@ -12,7 +12,7 @@ from custody.api.deps import (
     SessionDep,
     SignerDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for
 from custody.chain.rpc import RpcError
 from custody.db.session import transaction
 from custody.errors import (
@@ -98,7 +98,12 @@ def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict
     status_code=201,
     tags=["keys"],
     responses=errors_for(
-        NotAuthenticated, InvalidInput, LoanNotFound, RoleNotAllowed, BankKeyNotInSigner
+        NotAuthenticated,
+        InvalidInput,
+        LoanNotFound,
+        RoleNotAllowed,
+        BankKeyNotInSigner,
+        *BODY_ERRORS,
     ),
 )
 def record_repayment(
@@ -120,7 +125,7 @@ def record_repayment(
     "/signer-people",
     status_code=201,
     tags=["signing"],
-    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput, *BODY_ERRORS),
 )
 def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
     """Open the statement that enrols a person (and their approval key) in the bank's
@@ -187,7 +192,7 @@ def retry_signer_statement(
 @router.post(
     "/signer-statements/{statement_id}/endorsements",
     tags=["signing"],
-    responses=errors_for(*_TO_THE_SIGNER, AlreadyEndorsed),
+    responses=errors_for(*_TO_THE_SIGNER, AlreadyEndorsed, *BODY_ERRORS),
 )
 def endorse_signer_statement(
     statement_id: int,

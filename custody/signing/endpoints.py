@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from custody.api.deps import (
     ChainDep,
@@ -17,7 +19,7 @@ from custody.api.deps import (
     SessionDep,
     SignerDep,
 )
-from custody.api.errors import errors_for
+from custody.api.errors import BODY_ERRORS, errors_for, require_media_type
 from custody.chain.rpc import RpcError
 from custody.db.models import SigningAction, SigningRequest
 from custody.db.session import transaction
@@ -35,6 +37,7 @@ from custody.errors import (
     KeysIncomplete,
     LoanNotFound,
     LoanNotInState,
+    MalformedBody,
     NodeNotConfigured,
     NodeUnavailable,
     NoNewSignature,
@@ -111,6 +114,7 @@ _BUILD = (
         AddressLimitReached,
         AddressAlreadyIssued,
         RequestRefusedBySigner,
+        *BODY_ERRORS,
     ),
 )
 def create_signing_request(
@@ -188,11 +192,28 @@ def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Resp
     )
 
 
+# The upload reads its body itself (JSON or the binary file), so FastAPI cannot describe
+# it: the document says what it takes, so that clients and fuzzers can call it.
+_SIGNATURE_UPLOAD: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": 'The signed PSBT: JSON `{"psbt": base64}`, or the binary .psbt file.',
+        "content": {
+            "application/json": {"schema": SignatureUpload.model_json_schema()},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+_UPLOAD_TYPES = ("application/json", "application/octet-stream")
+
+
 @router.post(
     "/signing-requests/{request_id}/signatures",
     tags=["signing"],
+    openapi_extra=_SIGNATURE_UPLOAD,
     responses=errors_for(
         *_READ,
+        *BODY_ERRORS,
         RoleNotAllowed,
         SigningRequestNotInState,
         KeysIncomplete,
@@ -213,13 +234,15 @@ def upload_signatures(
     """A signed PSBT: JSON {"psbt": base64}, or the binary file (application/octet-stream).
     Only new, verified signatures are kept; anything wrong refuses the whole upload. At
     quorum the transaction is broadcast after the signatures are committed."""
-    if request.headers.get("content-type", "").startswith("application/json"):
+    kind = require_media_type(request.headers.get("content-type"), *_UPLOAD_TYPES)
+    data: bytes | str = raw
+    if kind == "application/json":
         try:
-            data: bytes | str = SignatureUpload.model_validate_json(raw).psbt
-        except ValueError as exc:
+            data = SignatureUpload.model_validate_json(raw).psbt
+        except ValidationError as exc:
+            if any(e["type"] == "json_invalid" for e in exc.errors()):
+                raise MalformedBody("the request body is not valid JSON") from exc
             raise InvalidInput('body must be {"psbt": "<base64>"}', field="psbt") from exc
-    else:
-        data = raw
     engine = request.app.state.engine
     with transaction(engine) as session:
         req = signatures.add_signatures(session, ctx, request_id, data)
@@ -276,6 +299,7 @@ def cancel_signing_request(
         FeeBumpTooSmall,
         RequestAlreadyOpen,
         RequestRefusedBySigner,
+        *BODY_ERRORS,
     ),
 )
 def bump_fee(

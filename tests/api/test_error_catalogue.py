@@ -17,13 +17,17 @@ import custody.errors
 import hsm
 import pledge
 from pledge.errors import (
+    BadRequest,
     Conflict,
     CustodyError,
     Forbidden,
     InvalidInput,
+    MethodNotAllowed,
     NotAuthenticated,
     NotFound,
+    TooLarge,
     Unsupported,
+    UnsupportedMediaType,
     UpstreamUnavailable,
 )
 
@@ -37,6 +41,10 @@ CATEGORIES = (
     Conflict,
     Unsupported,
     UpstreamUnavailable,
+    BadRequest,
+    MethodNotAllowed,
+    TooLarge,
+    UnsupportedMediaType,
 )
 # Every named error has a code of its own: no exceptions.
 INHERITS_A_CATEGORY_CODE: set[str] = set()

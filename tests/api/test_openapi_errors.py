@@ -50,6 +50,7 @@ def test_reading_a_loan_answers_exactly_these_errors(document: dict[str, Any]) -
         404: {"loan_not_found"},
         422: {"invalid_input"},
         500: {"internal_error"},
+        503: {"busy"},
     }
 
 
@@ -78,12 +79,18 @@ def test_creating_a_signing_request_names_each_of_its_conflicts(document: dict[s
         "request_refused_by_signer",
     }
     assert codes[503] == {
+        "busy",
         "node_not_configured",
         "node_unavailable",
         "signer_not_configured",
         "signer_unavailable",
     }
     assert codes[404] == {"loan_not_found"} and codes[403] == {"role_not_allowed"}
+    assert (codes[400], codes[413], codes[415]) == (
+        {"malformed_body"},
+        {"body_too_large"},
+        {"unsupported_content_type"},
+    )
     schema = document["paths"]["/v1/loans/{loan_id}/signing-requests"]["post"]["responses"]["422"][
         "content"
     ]["application/json"]["schema"]
@@ -120,31 +127,90 @@ def test_the_description_says_when_each_code_happens(document: dict[str, Any]) -
     assert text.count("\n- `") == 12  # one line per code
 
 
+BODY_ERRORS = {400: {"malformed_body"}, 413: {"body_too_large"}, 415: {"unsupported_content_type"}}
+
+
+def _error_schemas(op: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        status: response["content"]["application/json"]["schema"]
+        for status, response in op["responses"].items()
+        if status[0] in "45"
+    }
+
+
 @pytest.mark.unit
 def test_every_route_declares_its_errors(document: dict[str, Any]) -> None:
-    """Every route but the health check and its metrics needs a key; every route with a
-    parameter can be refused by validation (`invalid_input`, not FastAPI's default
-    schema); every error entry names its codes."""
+    """Walks every operation of the document: each declares its errors, in the one error
+    shape; every route but the health check and its metrics needs a key; every route with
+    a parameter or a body can be refused by validation (`invalid_input`, not FastAPI's
+    default schema), and one with a body for its format and size; a thing looked up by
+    its id may not exist; any route may fail (500) or be at capacity (503 `busy`)."""
     assert "HTTPValidationError" not in document.get("components", {}).get("schemas", {})
     seen = 0
     for path, operations in document["paths"].items():
         for method, op in operations.items():
             seen += 1
-            errors = {s: r for s, r in op["responses"].items() if s[0] in "45"}
-            for status, response in errors.items():
-                schema = response["content"]["application/json"]["schema"]
-                assert schema["properties"]["error"]["enum"], (method, path, status)
+            where = (method, path)
+            schemas = _error_schemas(op)
+            assert schemas, where
+            for status, schema in schemas.items():
+                assert schema["type"] == "object", (where, status)
+                assert {"error", "message", "field"} <= set(schema["required"]), (where, status)
+                assert schema["properties"]["error"]["enum"], (where, status)
+                assert (
+                    schema["properties"]["message"] == {"type": "string"}
+                    or schema["properties"]["message"]["type"] == "string"
+                ), (where, status)
+                assert "null" in str(schema["properties"]["field"]["type"]), (where, status)
+            codes = _codes(document, method, path)
+            assert "internal_error" in codes[500] and "busy" in codes[503], where
             if path in ("/v1/health", "/v1/metrics"):
-                assert errors == {}
+                assert codes.keys() == {500, 503}, where
                 continue
-            assert _codes(document, method, path)[401] == {"not_authenticated"}, (method, path)
-            # an exception nobody meant to report: the same bare body everywhere
-            assert "internal_error" in _codes(document, method, path)[500], (method, path)
+            assert codes[401] == {"not_authenticated"}, where
             if "{" in path or method in ("post", "put"):
-                assert "invalid_input" in _codes(document, method, path)[422], (method, path)
-            if "_id}" in path:  # a thing looked up by its id may not exist
-                assert 404 in _codes(document, method, path), (method, path)
+                assert "invalid_input" in codes[422], where
+            if "_id}" in path:
+                assert 404 in codes, where
+            if "requestBody" in op:
+                for status, body_codes in BODY_ERRORS.items():
+                    assert body_codes <= codes.get(status, set()), (where, status)
     assert seen >= 35
+
+
+@pytest.mark.unit
+def test_every_route_of_the_app_is_in_the_document(document: dict[str, Any]) -> None:
+    """Nothing is served that the document hides (a fuzzer or a generated client would
+    never call it), and every route that reads a body says which."""
+    from fastapi.routing import APIRoute, iter_route_contexts
+
+    contexts = [
+        c for c in iter_route_contexts(_app().routes) if isinstance(c.original_route, APIRoute)
+    ]
+    served = {(method.lower(), c.path) for c in contexts for method in c.methods or ()}
+    assert len(served) >= 35
+    documented = {(m, p) for p, ops in document["paths"].items() for m in ops}
+    assert served == documented
+    # FastAPI describes the bodies it parses; the signature upload reads its own.
+    parsed = {(m.lower(), c.path) for c in contexts if c.body_field for m in c.methods or ()}
+    upload = ("post", "/v1/signing-requests/{request_id}/signatures")
+    takes_a_body = {
+        (m, p)
+        for p, ops in document["paths"].items()
+        for m, op in ops.items()
+        if "requestBody" in op
+    }
+    assert upload not in parsed and takes_a_body == parsed | {upload}
+
+
+@pytest.mark.unit
+def test_the_signature_upload_documents_both_of_its_formats(document: dict[str, Any]) -> None:
+    op = document["paths"]["/v1/signing-requests/{request_id}/signatures"]["post"]
+    content = op["requestBody"]["content"]
+    assert op["requestBody"]["required"] is True
+    assert content["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
+    json_body = content["application/json"]["schema"]
+    assert json_body["required"] == ["psbt"] and json_body["properties"]["psbt"]["type"] == "string"
 
 
 @pytest.mark.unit
@@ -154,7 +220,8 @@ def test_two_errors_with_one_code_cannot_be_declared() -> None:
 
     with pytest.raises(ValueError, match="declared twice"):
         errors_for(RequestAlreadyOpen, Twin)
-    assert errors_for(LoanNotFound, LoanNotFound).keys() == {404, 500}  # 500: internal_error
+    # 500 internal_error and 503 busy: what any route may answer
+    assert errors_for(LoanNotFound, LoanNotFound).keys() == {404, 500, 503}
 
 
 def _app_with_probe() -> FastAPI:
@@ -186,6 +253,7 @@ def test_the_client_fails_a_test_on_an_undeclared_code() -> None:
         404: frozenset({"loan_not_found"}),
         422: frozenset({"invalid_input"}),
         500: frozenset({"internal_error"}),
+        503: frozenset({"busy"}),
     }
 
 
