@@ -14,7 +14,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,7 +73,9 @@ def _answer(error: CustodyError, headers: Mapping[str, str] | None = None) -> JS
 
 
 def _snake(phrase: str) -> str:
-    return "_".join(phrase.lower().replace("-", " ").split())
+    """An HTTP reason phrase as a code: "I'm a Teapot" -> `im_a_teapot`."""
+    words = "".join(c for c in phrase.lower().replace("-", " ") if c.isalnum() or c == " ")
+    return "_".join(words.split())
 
 
 def _framework_error(exc: StarletteHTTPException) -> CustodyError | None:
@@ -96,17 +98,36 @@ def _framework_error(exc: StarletteHTTPException) -> CustodyError | None:
     return None
 
 
-def _http_answer(exc: StarletteHTTPException) -> JSONResponse:
+def _allowed_methods(request: Request) -> str | None:
+    """Every method some route takes on this path. Starlette's 405 lists only the first
+    route that matched the path (`GET /v1/loans` and `POST /v1/loans` are two routes)."""
+    path = request.scope.get("path", "")
+    methods = {
+        method
+        for context in iter_route_contexts(request.app.routes)
+        if context.methods and context.path_regex.match(path)
+        for method in context.methods
+    }
+    return ", ".join(sorted(methods)) or None
+
+
+def _http_answer(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        if allowed is not None:
+            headers["Allow"] = allowed
+        exc = StarletteHTTPException(405, exc.detail, headers)
     named = _framework_error(exc)
     if named is not None:
-        return _answer(named, exc.headers)
+        return _answer(named, headers)
     try:
         phrase = HTTPStatus(exc.status_code).phrase
     except ValueError:
         phrase = "error"
     message = exc.detail if isinstance(exc.detail, str) else phrase
     body = {"error": _snake(phrase), "message": message, "field": None}
-    return JSONResponse(status_code=exc.status_code, content=body, headers=exc.headers)
+    return JSONResponse(status_code=exc.status_code, content=body, headers=headers)
 
 
 def _json_decode_message(error: Mapping[str, Any]) -> str:
@@ -195,8 +216,8 @@ def create_app(
         return _answer(exc)
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException subclasses it
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _http_answer(exc)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _http_answer(request, exc)
 
     @app.exception_handler(PoolTimeout)
     async def _no_connection(_request: Request, _exc: PoolTimeout) -> JSONResponse:
