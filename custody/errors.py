@@ -101,9 +101,12 @@ class PrincipalNameTaken(Conflict):
 
 
 class PartyNotFound(NotFound):
-    """No such party, or the caller may not see it."""
+    """No such party, or the caller may not see it (no existence oracle)."""
 
     code = "party_not_found"
+
+    def __init__(self, message: str = "party not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
 class PartyNameTaken(Conflict):
@@ -137,6 +140,9 @@ class LoanNotFound(NotFound):
     """No such loan, or the caller may not see it (no existence oracle)."""
 
     code = "loan_not_found"
+
+    def __init__(self, message: str = "loan not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
 class LoanNotInState(Conflict):
@@ -211,9 +217,14 @@ class ExportUnsupported(Unsupported):
 
 
 class SigningRequestNotFound(NotFound):
-    """No such signing request, or the caller may not see it."""
+    """No such signing request, or the caller may not see it (no existence oracle)."""
 
     code = "signing_request_not_found"
+
+    def __init__(
+        self, message: str = "signing request not found", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
 
 
 class SigningRequestNotInState(Conflict):
@@ -315,9 +326,14 @@ class SelfApproval(Conflict):
 
 
 class SignerStatementNotFound(NotFound):
-    """No such signer statement, or the caller may not see it."""
+    """No such signer statement, or the caller may not see it (no existence oracle)."""
 
     code = "signer_statement_not_found"
+
+    def __init__(
+        self, message: str = "signer statement not found", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
 
 
 class SignerStatementNotInState(Conflict):
@@ -361,9 +377,12 @@ class PriceNotSet(NotFound):
 
 
 class WebhookNotFound(NotFound):
-    """No such webhook."""
+    """No such webhook, or the caller may not see it."""
 
     code = "webhook_not_found"
+
+    def __init__(self, message: str = "webhook not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
 # -- what the service depends on -------------------------------------------------------------

@@ -117,7 +117,8 @@ def errors_for(*errors: ErrorClass) -> dict[int | str, dict[str, Any]]:
     route may answer: `busy` (503, no database connection in time) and `internal_error`
     (500). Two classes with one code would make the answer ambiguous: refused."""
     by_status: dict[int, list[ErrorClass]] = {}
-    for error in dict.fromkeys((*errors, ServiceBusy)):  # groups may overlap: each once
+    every: tuple[ErrorClass, ...] = (*errors, ServiceBusy)
+    for error in dict.fromkeys(every):  # groups may overlap: each class once
         group = by_status.setdefault(error.status_code, [])
         if any(e.code == error.code for e in group):
             raise ValueError(f"{error.__name__}: code {error.code!r} is declared twice")

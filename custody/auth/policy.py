@@ -47,9 +47,11 @@ def visible_loans_clause(principal: Principal) -> ColumnElement[bool]:
     return false()
 
 
-def ensure_can_view(principal: Principal, loan: Loan | None, loan_id: int) -> Loan:
+def ensure_can_view(principal: Principal, loan: Loan | None) -> Loan:
+    """The loan, if it exists and the caller may see it; else the one 404 that a loan
+    that does not exist gets (same body: no id in it)."""
     if loan is None or not can_view_loan(principal, loan):
-        raise LoanNotFound(f"loan {loan_id} not found")
+        raise LoanNotFound()
     return loan
 
 

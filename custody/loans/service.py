@@ -202,7 +202,7 @@ def change_state(
 
 
 def get_loan(session: Session, ctx: Context, loan_id: int) -> Loan:
-    return ensure_can_view(ctx.principal, repository.loan(session, loan_id), loan_id)
+    return ensure_can_view(ctx.principal, repository.loan(session, loan_id))
 
 
 def list_loans(session: Session, ctx: Context, *, limit: int = 100, offset: int = 0) -> list[Loan]:
@@ -406,7 +406,7 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
     # rows referencing the loan do not wait for; SQLite: the write transaction's BEGIN
     # IMMEDIATE already holds the database), instead of racing to the same index.
     locked = repository.loan(session, loan_id, lock=True)
-    loan = ensure_can_view(ctx.principal, locked, loan_id)
+    loan = ensure_can_view(ctx.principal, locked)
     require_role(ctx.principal, Role.miner, Role.bank_operator)
     if loan.state in (LoanState.draft,):
         raise KeysIncomplete(f"loan {loan_id} is a draft: all three keys are needed first")
@@ -423,5 +423,5 @@ def list_addresses(session: Session, ctx: Context, loan_id: int) -> list[Collate
 def get_loan_or_404(session: Session, loan_id: int) -> Loan:
     loan = repository.loan(session, loan_id)
     if loan is None:
-        raise LoanNotFound(f"loan {loan_id} not found")
+        raise LoanNotFound()
     return loan

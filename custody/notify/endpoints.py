@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1")
 def _own_party(principal: Principal, party_id: int) -> None:
     """Webhooks of a party: its own people, or an admin."""
     if principal.role != Role.admin and principal.party_id != party_id:
-        raise PartyNotFound(f"party {party_id} not found")
+        raise PartyNotFound()
 
 
 @router.post(

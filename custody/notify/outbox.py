@@ -154,7 +154,7 @@ def register_webhook(
 ) -> WebhookView:
     """Subscribe ``party_id``'s endpoint, in the caller's transaction (audited)."""
     if repository.party_by_id(session, party_id) is None:
-        raise PartyNotFound(f"party {party_id} not found", field="party_id")
+        raise PartyNotFound()
     url = validate_url(url)
     if len(secret) < MIN_SECRET_LENGTH:
         raise InvalidInput(
@@ -182,7 +182,7 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
     """Stop future events (already queued ones are given up at delivery time)."""
     hook = repository.webhook_by_id(session, webhook_id)
     if hook is None:
-        raise WebhookNotFound(f"webhook {webhook_id} not found", field="webhook_id")
+        raise WebhookNotFound(field="webhook_id")
     hook.active = False
     session.add(hook)
     record(session, actor=actor, action="webhook.deactivated", data={"webhook_id": webhook_id})
@@ -190,6 +190,10 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
 
 
 def list_webhooks(session: Session, party_id: int | None = None) -> list[WebhookView]:
+    """Every webhook, or one party's; a party that does not exist is not found (as when
+    registering one), not an empty list."""
+    if party_id is not None and repository.party_by_id(session, party_id) is None:
+        raise PartyNotFound()
     return [WebhookView.of(h) for h in repository.webhooks(session, party_id)]
 
 

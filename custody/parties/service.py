@@ -38,5 +38,5 @@ def list_parties(session: Session, principal: Principal) -> list[Party]:
 def get_party(session: Session, principal: Principal, party_id: int) -> Party:
     party = repository.party_by_id(session, party_id)
     if party is None or (principal.role not in READ_ALL and principal.party_id != party_id):
-        raise PartyNotFound(f"party {party_id} not found")
+        raise PartyNotFound()
     return party

@@ -99,7 +99,7 @@ STAFF: Final = (Role.bank_operator, Role.bank_approver)
 def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
     """Bank staff of the loan's bank, auditors and admins; nobody else learns it exists."""
     role = ctx.principal.role
-    hidden = SignerStatementNotFound(f"signer statement {st.id} not found")
+    hidden = SignerStatementNotFound()
     if role in (Role.auditor, Role.admin):
         return
     if role not in STAFF:
@@ -113,7 +113,7 @@ def _check_view(session: Session, ctx: Context, st: SignerStatement) -> None:
 def get_statement(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
     st = repository.statement_by_id(session, statement_id)
     if st is None:
-        raise SignerStatementNotFound(f"signer statement {statement_id} not found")
+        raise SignerStatementNotFound()
     _check_view(session, ctx, st)
     return st
 
@@ -247,7 +247,7 @@ def request_repayment(
     loan = get_loan(session, ctx, loan_id)  # others get 404, as everywhere
     require_role(ctx.principal, Role.bank_operator)
     if loan.bank_party_id != ctx.principal.party_id:
-        raise LoanNotFound(f"loan {loan_id} not found")
+        raise LoanNotFound()
     key = bank_hsm_key(session, loan_id)
     if key is None:
         raise BankKeyNotInSigner(f"loan {loan_id}'s bank key is not held by the bank's signer")

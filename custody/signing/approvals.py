@@ -58,7 +58,7 @@ def approve(session: Session, ctx: Context, request_id: int) -> HsmDecision:
     loan = loans_repository.loan(session, req.loan_id)
     assert loan is not None
     if loan.bank_party_id != ctx.principal.party_id:
-        raise SigningRequestNotFound(f"signing request {request_id} not found")
+        raise SigningRequestNotFound()
     if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
         raise SigningRequestNotInState(
             f"signing request {request_id} is {req.state}: nothing to approve"

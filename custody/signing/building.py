@@ -236,10 +236,10 @@ def create_request(
     but `chain` (a `PrefetchedChain` keeps that off the network). When the bank's signer
     holds the bank key, a liquidation must come priced by its valuation; `open_request`
     asks for it, and for the signer's statement, with no transaction open."""
-    loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id), loan_id)
+    loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
     if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
-        raise LoanNotFound(f"loan {loan_id} not found")
+        raise LoanNotFound()
     slot = f"loan:{loan_id}"
     if open_request_id(session, slot):
         raise RequestAlreadyOpen(
@@ -291,7 +291,7 @@ def open_request(
     it shows `signer_statement_id` null and is cancelled and asked for again."""
 
     with transaction(engine) as session:
-        loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id), loan_id)
+        loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
         require_role(ctx.principal, *WHO_REQUESTS[params.action])
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None

@@ -36,12 +36,12 @@ def get_request(session: Session, ctx: Context, request_id: int) -> SigningReque
     req = session.get(SigningRequest, request_id)
     loan = session.get(Loan, req.loan_id) if req is not None else None
     if req is None or loan is None or not can_view_loan(ctx.principal, loan):
-        raise SigningRequestNotFound(f"signing request {request_id} not found")
+        raise SigningRequestNotFound()
     return req
 
 
 def list_requests(session: Session, ctx: Context, loan_id: int) -> list[SigningRequest]:
-    ensure_can_view(ctx.principal, session.get(Loan, loan_id), loan_id)
+    ensure_can_view(ctx.principal, session.get(Loan, loan_id))
     return list(
         session.exec(
             select(SigningRequest)

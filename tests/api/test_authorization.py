@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support.world import WHO, World, build_world, hd_key
+from support.offline import RecordingSigner, funded_loan, keyed_draft, offline_world
+from support.world import WHO, World, hd_key
 
 from custody.db.migrate import upgrade
 from custody.db.session import make_engine
-from hsm.client import BankSigner
-from regtest.people import new_staff
 
 ANON = "anonymous"
 EVERYONE = (*WHO, ANON)
@@ -383,114 +382,6 @@ def _expected(case: Case, who: str) -> int:
     return 401 if who == ANON else 403
 
 
-class _RecordingSigner:
-    """The matrix checks who may open, read and sign statements, not the bank's signer
-    (tested against SoftHSM2 elsewhere): registering a loan answers a fresh random key
-    and the descriptor built from it, a repayment is recorded; nothing is checked."""
-
-    name = "recording"
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def call(self, op: str, payload: Mapping[str, Any]) -> dict[str, Any]:
-        from embit.ec import PrivateKey
-
-        from pledge.descriptors import CollateralDescriptor
-        from pledge.keys import parse_fixed_key, parse_hd_key
-
-        self.calls.append(op)
-        statement = payload["statement"]
-        if op == "register_loan":
-            public = PrivateKey(os.urandom(32)).get_public_key().sec().hex()
-            descriptor = CollateralDescriptor(
-                (
-                    parse_hd_key(statement["miner_key"], "regtest", field="miner_key"),
-                    parse_fixed_key(public, field="public_key"),
-                    parse_hd_key(statement["arbiter_key"], "regtest", field="arbiter_key"),
-                ),
-                "regtest",
-            )
-            return {
-                "key_ref": f"pledge-loan:{statement['loan_ref']}",
-                "public_key": public,
-                "descriptor": descriptor.descriptor,
-                "registered_by": ["olga.operator", "anton.approver"],
-                "local": True,
-                "never_extractable": True,
-            }
-        if op == "repayment":
-            return {"recorded": True, "repaid_kopecks": statement["amount_kopecks"]}
-        raise AssertionError(f"the matrix does not call the signer's {op!r}")
-
-    def close(self) -> None:
-        pass
-
-
-class _Chain:
-    """Real transactions paying the loan's addresses, served as a node would: the
-    matrix checks who may do what, the lifecycle tests use a real btcd."""
-
-    def __init__(self) -> None:
-        self.txs: dict[str, bytes] = {}
-
-    def pay(self, script_pubkey: bytes, amount: int) -> str:
-        from embit.script import Script
-        from embit.transaction import Transaction, TransactionInput, TransactionOutput
-
-        tx = Transaction(
-            vin=[TransactionInput(os.urandom(32), 0)],
-            vout=[TransactionOutput(amount, Script(script_pubkey))],
-        )
-        txid: str = tx.txid().hex()
-        self.txs[txid] = tx.serialize()
-        return txid
-
-    def get_raw_transaction(self, txid: str, block_hash: str | None = None) -> bytes:
-        return self.txs[txid]
-
-    def estimate_fee_rate_sat_vb(self, conf_target: int) -> float | None:
-        return None
-
-    def test_mempool_accept(self, tx_hex: str, max_fee_rate_btc_kvb: float = 0.1) -> dict[str, Any]:
-        return {"allowed": True}
-
-    def send_raw_transaction(self, tx_hex: str) -> str:
-        return "00" * 32
-
-
-def _funded_loan(world: World) -> int:
-    """An active loan with one confirmed deposit, recorded as the watcher would."""
-    from sqlmodel import Session, select
-
-    from custody.db.models import CollateralAddress, Deposit, DepositState, Loan, LoanState
-
-    loan_id: int = world.funded_ready_loan()["id"]
-    chain: _Chain = world.client.app.state.chain
-    with Session(world.engine) as s:
-        addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
-        txid = chain.pay(bytes.fromhex(addr.script_pubkey_hex), 50_000_000)
-        s.add(
-            Deposit(
-                loan_id=loan_id,
-                address_id=addr.id or 0,
-                txid=txid,
-                vout=0,
-                amount_sats=50_000_000,
-                state=DepositState.confirmed,
-                block_height=1,
-                block_hash="00" * 32,
-                required_confirmations=1,
-            )
-        )
-        loan = s.get(Loan, loan_id)
-        assert loan is not None
-        loan.state = LoanState.active
-        s.add(loan)
-        s.commit()
-    return loan_id
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> World:
     if request.param == "sqlite":
@@ -501,11 +392,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         url = server.create_database(f"authz_{worker}")
     engine = make_engine(url)
     upgrade(engine)
-    staff = {
-        "operator": new_staff("olga.operator", "bank_operator"),
-        "approver": new_staff("anton.approver", "bank_approver"),
-    }
-    return build_world(engine, signer=BankSigner(_RecordingSigner()), chain=_Chain(), staff=staff)
+    return offline_world(engine)
 
 
 @pytest.fixture(scope="module")
@@ -514,19 +401,10 @@ def ready_loan(world: World) -> int:
     return loan_id
 
 
-def _keyed_draft(world: World) -> int:
-    """A draft loan with the miner's and the arbiter's keys: ready for the bank's signer."""
-    loan_id: int = world.create_loan()["id"]
-    for seat in ("miner", "arbiter"):
-        r = world.register(loan_id, seat)
-        assert r.status_code == 200, r.text
-    return loan_id
-
-
 @pytest.fixture(scope="module")
 def hsm_loan(world: World) -> int:
     """A loan whose bank key the (recording) bank's signer made, on two signatures."""
-    loan_id = _keyed_draft(world)
+    loan_id = keyed_draft(world)
     world.hsm_bank_key(loan_id)
     return loan_id
 
@@ -545,16 +423,16 @@ def test_endpoint_role_matrix(
     if case.needs == "draft":
         ctx["draft"] = world.create_loan()["id"]
     if case.needs == "keyed":
-        ctx["keyed"] = _keyed_draft(world)
+        ctx["keyed"] = keyed_draft(world)
     if case.needs == "statement":
-        r = world.call("bank_operator", "POST", f"/v1/loans/{_keyed_draft(world)}/keys/bank/hsm")
+        r = world.call("bank_operator", "POST", f"/v1/loans/{keyed_draft(world)}/keys/bank/hsm")
         assert r.status_code == 201, r.text
         ctx["statement"], ctx["statement_body"] = r.json()["id"], r.json()["statement"]
     if case.needs == "price":
         r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
         assert r.status_code == 201, r.text
     if case.needs in ("funded", "request"):
-        ctx["funded"] = _funded_loan(world)
+        ctx["funded"] = funded_loan(world)
     if case.needs == "request":
         r = world.call(
             "bank_operator",
@@ -624,9 +502,9 @@ def test_a_signer_statement_is_hidden_from_the_parties_and_other_banks(world: Wo
     is the one a statement that does not exist gets."""
     from support.world import audit_actions
 
-    signer: _RecordingSigner = world.client.app.state.signer.transport
+    signer: RecordingSigner = world.client.app.state.signer.transport
     calls = len(signer.calls)
-    loan_id = _keyed_draft(world)
+    loan_id = keyed_draft(world)
     r = world.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm")
     assert r.status_code == 201, r.text
     sid, statement = r.json()["id"], r.json()["statement"]
@@ -643,7 +521,7 @@ def test_a_signer_statement_is_hidden_from_the_parties_and_other_banks(world: Wo
             for answer in (read, sent):
                 assert answer.status_code == 404, (who, target, answer.text)
                 assert answer.json()["error"] == "signer_statement_not_found", (who, answer.text)
-                assert answer.json()["message"] == f"signer statement {target} not found"
+                assert answer.json()["message"] == "signer statement not found"
     view = world.call("bank_operator", "GET", f"/v1/signer-statements/{sid}").json()
     assert view["state"] == "open" and view["signed_by"] == []
     assert "signer.statement_signed" not in audit_actions(world.engine, loan_id=loan_id)

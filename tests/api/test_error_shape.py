@@ -59,7 +59,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 def _post(world: World, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
-    return world.client.post(path, content=content, headers={**world.h("admin"), **headers})
+    r: httpx.Response = world.client.post(
+        path, content=content, headers={**world.h("admin"), **headers}
+    )
+    return r
 
 
 def _conforms(value: Any, schema: dict[str, Any]) -> bool:

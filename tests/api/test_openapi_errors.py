@@ -173,8 +173,8 @@ def test_every_route_declares_its_errors(document: dict[str, Any]) -> None:
             if "_id}" in path:
                 assert 404 in codes, where
             if "requestBody" in op:
-                for status, body_codes in BODY_ERRORS.items():
-                    assert body_codes <= codes.get(status, set()), (where, status)
+                for body_status, body_codes in BODY_ERRORS.items():
+                    assert body_codes <= codes.get(body_status, set()), (where, body_status)
     assert seen >= 35
 
 
