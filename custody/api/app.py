@@ -53,6 +53,16 @@ def _field_name(loc: tuple[Any, ...]) -> str | None:
     return ".".join(parts) or None
 
 
+def _error_field(error: Mapping[str, Any]) -> str | None:
+    """The field of one validation error; for a union told apart by a tag (a key's `kind`)
+    whose tag is missing or unknown, the tag's field."""
+    loc = tuple(error.get("loc", ()))
+    if error.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+        tag = str((error.get("ctx") or {}).get("discriminator", "")).strip("'")
+        loc = (*loc, tag) if tag.isidentifier() else loc
+    return _field_name(loc)
+
+
 def error_body(error: CustodyError) -> dict[str, Any]:
     """The one shape of every error answer: `error`, `message`, `field` (null when no one
     field is wrong), then what a few errors add (`check`, `request_id`, `errors`)."""
@@ -164,10 +174,7 @@ def _validation_answer(request: Request, exc: RequestValidationError) -> JSONRes
     broken = next((e for e in details if e.get("type") == "json_invalid"), None)
     if broken is not None:
         return _answer(MalformedBody(_json_decode_message(broken)))
-    errors = [
-        {"field": _field_name(tuple(e.get("loc", ()))), "message": str(e.get("msg", ""))}
-        for e in details
-    ]
+    errors = [{"field": _error_field(e), "message": str(e.get("msg", ""))} for e in details]
     first = errors[0] if errors else {"field": None, "message": "invalid request"}
     where = f"{first['field']}: " if first["field"] else "body: "
     body = {

@@ -185,7 +185,8 @@ BAD_KEYS: list[tuple[dict[str, Any], str]] = [
     ),
     ({"kind": "hd", "key": "Ünïcode"}, "key"),
     ({"kind": "hsm", "public_key": "02" + "00" * 32}, "kind"),  # miners use HD keys
-    ({"kind": "nfc", "key": "x"}, "body"),
+    ({"kind": "nfc", "key": "x"}, "kind"),
+    ({"key": "x"}, "kind"),
     ({"kind": "hd"}, "key"),
     ({"kind": "hd", "key": 5}, "key"),
 ]
