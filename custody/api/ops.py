@@ -93,7 +93,18 @@ class _HealthCollector(Collector):
                 yield GaugeMetricFamily(name, text, float(watcher[key]))
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response, responses=errors_for())
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text exposition format",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        },
+        **errors_for(),
+    },
+)
 def metrics(request: Request) -> Response:
     """The health figures in Prometheus' text format (no key, like health: serve it on
     loopback or behind the scraper's network)."""

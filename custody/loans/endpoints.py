@@ -139,7 +139,17 @@ def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[De
     "/loans/{loan_id}/export/{fmt}",
     tags=["exports"],
     response_model=None,
-    responses=errors_for(*_READ_LOAN, KeysIncomplete, ExportUnsupported),
+    responses={
+        200: {
+            "description": "`descriptor` and `caravan`: a JSON wallet file; `coldcard` and "
+            "`bsms`: a text file (attachment)",
+            "content": {
+                "application/json": {"schema": {"type": "object"}},
+                "text/plain": {"schema": {"type": "string"}},
+            },
+        },
+        **errors_for(*_READ_LOAN, KeysIncomplete, ExportUnsupported),
+    },
 )
 def export(
     loan_id: int, fmt: ExportFormat, session: SessionDep, ctx: ContextDep

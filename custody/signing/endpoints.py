@@ -179,8 +179,16 @@ def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
 @router.get(
     "/signing-requests/{request_id}/psbt.bin",
     tags=["signing"],
-    response_model=None,
-    responses=errors_for(*_READ),
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The PSBT file (BIP-174 binary, attachment)",
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+        },
+        **errors_for(*_READ),
+    },
 )
 def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Response:
     """The same PSBT as a binary .psbt file, for air-gapped devices (SD card)."""
