@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import create_engine
-from support.declared import CheckedClient, UndeclaredError, declared_codes
+from support.declared import CheckedClient, MisshapenError, UndeclaredError, declared_codes
 
 from custody.api.app import create_app
 from custody.api.errors import errors_for
@@ -277,3 +277,23 @@ def test_an_unknown_path_is_the_routers_not_a_route_answer() -> None:
     client = CheckedClient(_app(), raise_server_exceptions=False)
     assert client.get("/v1/no-such-thing").status_code == 404
     assert client.delete("/v1/loans/1").status_code == 405
+
+
+@pytest.mark.unit
+def test_the_client_fails_a_test_on_an_error_of_another_shape() -> None:
+    from fastapi.responses import JSONResponse, PlainTextResponse
+
+    app = _app()
+
+    def detail() -> JSONResponse:
+        return JSONResponse({"detail": "the framework's default"}, status_code=409)
+
+    def text() -> PlainTextResponse:
+        return PlainTextResponse("Content Too Large", status_code=413)
+
+    app.add_api_route("/v1/detail", detail, methods=["GET"], responses=errors_for(Conflict))
+    app.add_api_route("/v1/text", text, methods=["GET"], responses=errors_for(Conflict))
+    client = CheckedClient(app, raise_server_exceptions=False)
+    for path in ("/v1/detail", "/v1/text"):
+        with pytest.raises(MisshapenError, match=r"is not \{error, message, field\}"):
+            client.get(path)

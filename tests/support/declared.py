@@ -2,7 +2,8 @@
 the service answers an error its OpenAPI entry does not list.
 
 Each route declares what it may answer (`custody.api.errors.errors_for`); the document a
-client is generated from says so. `CheckedClient` reads the app's own OpenAPI document
+client is generated from says so. Every error answer, the router's own too, must also be
+in the one error shape (`check_shape`). `CheckedClient` reads the app's own OpenAPI document
 and, for every answer with a 4xx/5xx status, finds the route that served it (by method
 and path template, from the document) and requires that status to be declared with the
 answer's `error` code in its enum. So every error-path test of the suite also checks
@@ -79,19 +80,41 @@ def declared_codes(app: FastAPI, method: str, template: str) -> dict[int, frozen
     }
 
 
-def check_answer(app: FastAPI, response: httpx.Response) -> None:
-    """Raise UndeclaredError if `response` is an error its route does not declare."""
-    if response.status_code < 400:
-        return
-    method, path = response.request.method, response.request.url.path
-    template = route_template(app, method, path)
-    if template is None:  # no such route (404) or method (405): the router's, not a route's
-        return
+class MisshapenError(AssertionError):
+    """An error answer that is not `{error, message, field}` JSON (the one error shape)."""
+
+
+def check_shape(response: httpx.Response) -> dict[str, Any]:
+    """The error body, if it has the one shape: JSON, `error` and `message` strings and
+    `field` a string or null, in that order; else MisshapenError."""
+    where = f"{response.request.method} {response.request.url.path} {response.status_code}"
     try:
         body: Any = response.json()
     except ValueError:
         body = None
-    code = body.get("error") if isinstance(body, dict) else None
+    if not (
+        response.headers.get("content-type", "").startswith("application/json")
+        and isinstance(body, dict)
+        and tuple(body)[:3] == ("error", "message", "field")
+        and isinstance(body["error"], str)
+        and isinstance(body["message"], str)
+        and (body["field"] is None or isinstance(body["field"], str))
+    ):
+        raise MisshapenError(f"{where} is not {{error, message, field}}: {response.text[:300]}")
+    return body
+
+
+def check_answer(app: FastAPI, response: httpx.Response) -> None:
+    """Raise UndeclaredError if `response` is an error its route does not declare, and
+    MisshapenError if it is not in the one error shape."""
+    if response.status_code < 400:
+        return
+    body = check_shape(response)
+    method, path = response.request.method, response.request.url.path
+    template = route_template(app, method, path)
+    if template is None:  # no such route (404) or method (405): the router's, not a route's
+        return
+    code = body["error"]
     where = f"{method} {template} answered {response.status_code} {code!r}"
     statuses = _declared(app)[(method, template)]
     if str(response.status_code) not in statuses:
