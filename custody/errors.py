@@ -22,12 +22,23 @@ from typing import Any
 from hsm.signer import PolicyViolation
 from pledge.errors import (
     Conflict,
+    ContentTooLarge,
     Forbidden,
     InvalidInput,
     NotFound,
     Unsupported,
     UpstreamUnavailable,
 )
+
+# -- the request itself ---------------------------------------------------------------------
+
+
+class BodyTooLarge(ContentTooLarge):
+    """The request body is larger than this route accepts (the limit is in the message);
+    the rest of it is not read."""
+
+    code = "body_too_large"
+
 
 # -- who may do what -------------------------------------------------------------------------
 

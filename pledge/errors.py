@@ -80,6 +80,13 @@ class Unsupported(CustodyError):
     code = "unsupported"
 
 
+class ContentTooLarge(CustodyError):
+    """The request is larger than the service reads."""
+
+    status_code = 413
+    code = "content_too_large"
+
+
 class UpstreamUnavailable(CustodyError):
     """A dependency (node, HSM) could not be reached."""
 

@@ -153,8 +153,7 @@ def register_webhook(
     actor: str = "system",
 ) -> WebhookView:
     """Subscribe ``party_id``'s endpoint, in the caller's transaction (audited)."""
-    if repository.party_by_id(session, party_id) is None:
-        raise PartyNotFound(f"party {party_id} not found", field="party_id")
+    _party_exists(session, party_id)
     url = validate_url(url)
     if len(secret) < MIN_SECRET_LENGTH:
         raise InvalidInput(
@@ -190,7 +189,18 @@ def deactivate_webhook(session: Session, webhook_id: int, *, actor: str = "syste
 
 
 def list_webhooks(session: Session, party_id: int | None = None) -> list[WebhookView]:
+    """Every webhook, or one party's: a party that does not exist is not found (404), as
+    when registering one, not an empty list."""
+    if party_id is not None:
+        _party_exists(session, party_id)
     return [WebhookView.of(h) for h in repository.webhooks(session, party_id)]
+
+
+def _party_exists(session: Session, party_id: int) -> None:
+    """The same 404 as every route naming a party in its path (no `field`: the path is not
+    a field of the body)."""
+    if repository.party_by_id(session, party_id) is None:
+        raise PartyNotFound(f"party {party_id} not found")
 
 
 def _json_default(value: object) -> object:

@@ -18,6 +18,7 @@ import hsm
 import pledge
 from pledge.errors import (
     Conflict,
+    ContentTooLarge,
     CustodyError,
     Forbidden,
     InvalidInput,
@@ -36,6 +37,7 @@ CATEGORIES = (
     NotFound,
     Conflict,
     Unsupported,
+    ContentTooLarge,
     UpstreamUnavailable,
 )
 # Every named error has a code of its own: no exceptions.
