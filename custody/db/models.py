@@ -13,7 +13,6 @@ from enum import StrEnum
 from sqlalchemy import BigInteger, Column, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-
 # Every id, and every column holding one, is 64-bit (what custody.schemas.ID_MAX bounds):
 # BIGINT on PostgreSQL. On SQLite INTEGER is already 64-bit, and only an INTEGER PRIMARY KEY
 # is the rowid alias that numbers new rows, so it stays INTEGER there.
@@ -337,7 +336,9 @@ class SignerStatement(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     kind: str = Field(sa_column=Column(String(32), nullable=False))
     loan_id: int | None = Field(default=None, sa_type=ID, foreign_key="loan.id", index=True)
-    request_id: int | None = Field(default=None, sa_type=ID, foreign_key="signingrequest.id", index=True)
+    request_id: int | None = Field(
+        default=None, sa_type=ID, foreign_key="signingrequest.id", index=True
+    )
     nonce: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
     body: str = Field(sa_column=Column(Text, nullable=False))  # the statement, JSON
     state: StatementState = Field(sa_column=Column(String(16), nullable=False, index=True))
