@@ -49,9 +49,6 @@ class RoutePolicy:
     body_limit: int | None
     needs_key: bool
 
-    def matches(self, method: str, path: str) -> bool:
-        return method in (self.route.methods or ()) and bool(self.route.path_regex.match(path))
-
 
 def _calls(dependant: Dependant) -> Iterator[Any]:
     yield dependant.call
@@ -102,16 +99,20 @@ class BoundedInput:
 
     def __init__(self, app: ASGIApp, *, policies: tuple[RoutePolicy, ...], engine: Engine) -> None:
         self.app = app
-        self.policies = policies
         self.engine = engine
+        # Per method, in the router's order (the first full match is the route).
+        self.by_method: dict[str, tuple[RoutePolicy, ...]] = {
+            method: tuple(p for p in policies if method in (p.route.methods or ()))
+            for method in {m for p in policies for m in (p.route.methods or ())}
+        }
 
     def policy(self, scope: Scope) -> RoutePolicy | None:
         path: str = scope["path"]
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        method = scope["method"]
-        return next((p for p in self.policies if p.matches(method, path)), None)
+        candidates = self.by_method.get(scope["method"], ())
+        return next((p for p in candidates if p.route.path_regex.match(path)), None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         policy = self.policy(scope) if scope["type"] == "http" else None
