@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from custody.api import ops
+from custody.api import limits, ops
 from custody.api.errors import media_type
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
@@ -214,7 +214,9 @@ def create_app(
     app.state.signer = signer
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
-    for domain in (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit):
+    domains = (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit)
+    limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
+    for domain in domains:
         app.include_router(domain.router)
 
     # Every error answer, the framework's included, is one shape (`error_body`).

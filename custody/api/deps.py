@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Request
+from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -26,7 +27,14 @@ from custody.auth.service import authenticate
 from custody.config import Settings
 from custody.db.models import Principal
 from custody.db.session import read_only_engine, transaction
-from custody.errors import NodeNotConfigured
+from custody.errors import (
+    LoanNotFound,
+    NodeNotConfigured,
+    PartyNotFound,
+    SignerStatementNotFound,
+    SigningRequestNotFound,
+)
+from custody.schemas import PathId
 from custody.signing.chain import Chain, FeePolicy
 from hsm.client import BankSigner
 
@@ -95,18 +103,41 @@ async def get_settings_dep(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_principal(
-    request: Request,
-    authorization: Annotated[str | None, Header()] = None,
-) -> Principal:
-    token = None
+# Where custody.api.limits leaves the outcome of authenticating a request before its body
+# is read: the Principal, or the exception to answer with.
+AUTHENTICATED = "custody.authenticated"
+
+
+def bearer_token(authorization: str | None) -> str | None:
     if authorization:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer":
-            token = value.strip()
-    # Its own read transaction, its connection back in the pool before this thread ends.
-    with transaction(request.app.state.engine, write=False) as session:
-        return authenticate(session, token)
+            return value.strip()
+    return None
+
+
+def authenticate_request(engine: Engine, authorization: str | None) -> Principal:
+    """The caller, in a read transaction of its own, its connection back in the pool before
+    this thread ends."""
+    with transaction(engine, write=False) as session:
+        return authenticate(session, bearer_token(authorization))
+
+
+async def get_principal(
+    request: Request,
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    """The caller: as custody.api.limits found it before reading the body (no second
+    transaction), else authenticated here (an app without that middleware)."""
+    outcome = request.scope.get(AUTHENTICATED)
+    if isinstance(outcome, Principal):
+        return outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    principal: Principal = await run_in_threadpool(
+        authenticate_request, request.app.state.engine, authorization
+    )
+    return principal
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
@@ -153,3 +184,23 @@ async def read_body(request: Request) -> bytes:
 
 
 RawBodyDep = Annotated[bytes, Depends(read_body)]
+
+
+# Path ids. One beyond what an id column holds names nothing: the route's own 404, the same
+# as for an id nobody has (custody.schemas.PathId), never a failed query.
+LoanId = Annotated[int, Path(), PathId(lambda loan_id: LoanNotFound(f"loan {loan_id} not found"))]
+PartyId = Annotated[
+    int, Path(), PathId(lambda party_id: PartyNotFound(f"party {party_id} not found"))
+]
+SigningRequestId = Annotated[
+    int,
+    Path(),
+    PathId(lambda request_id: SigningRequestNotFound(f"signing request {request_id} not found")),
+]
+SignerStatementId = Annotated[
+    int,
+    Path(),
+    PathId(
+        lambda statement_id: SignerStatementNotFound(f"signer statement {statement_id} not found")
+    ),
+]

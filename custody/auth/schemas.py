@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import (
     BaseModel,
     Field,
-    StrictInt,
-    StrictStr,
 )
 
-from custody.schemas import Strict
+from custody.schemas import Id, Name, Strict
 
 
 class PrincipalCreate(Strict):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=120)]
+    name: Name
     role: Literal["miner", "bank_operator", "bank_approver", "arbiter", "auditor", "admin"]
-    party_id: StrictInt | None = None
+    party_id: Id | None = None
 
 
 class PrincipalOut(BaseModel):

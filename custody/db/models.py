@@ -10,8 +10,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+# Every id, and every column holding one, is 64-bit (what custody.schemas.ID_MAX bounds):
+# BIGINT on PostgreSQL. On SQLite INTEGER is already 64-bit, and only an INTEGER PRIMARY KEY
+# is the rowid alias that numbers new rows, so it stays INTEGER there.
+ID = BigInteger().with_variant(Integer(), "sqlite")
 
 
 def utcnow() -> datetime:
@@ -61,7 +66,7 @@ class LoanState(StrEnum):
 
 
 class Party(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     name: str = Field(sa_column=Column(String(120), nullable=False, unique=True))
     kind: PartyKind = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
@@ -71,10 +76,10 @@ class Principal(SQLModel, table=True):
     """Someone (or something) holding an API key. Only the key's SHA-256 is stored:
     keys are 256-bit random tokens, so a fast hash is enough and lookups stay O(1)."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     name: str = Field(sa_column=Column(String(120), nullable=False, unique=True))
     role: Role = Field(sa_column=Column(String(32), nullable=False))
-    party_id: int | None = Field(default=None, foreign_key="party.id", index=True)
+    party_id: int | None = Field(default=None, sa_type=ID, foreign_key="party.id", index=True)
     key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
     key_prefix: str = Field(sa_column=Column(String(16), nullable=False))
     disabled: bool = Field(default=False, nullable=False)
@@ -82,11 +87,11 @@ class Principal(SQLModel, table=True):
 
 
 class Loan(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     state: LoanState = Field(sa_column=Column(String(32), nullable=False, index=True))
-    miner_party_id: int = Field(foreign_key="party.id", index=True)
-    bank_party_id: int = Field(foreign_key="party.id")
-    arbiter_party_id: int = Field(foreign_key="party.id", index=True)
+    miner_party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
+    bank_party_id: int = Field(sa_type=ID, foreign_key="party.id")
+    arbiter_party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
 
     principal_kopecks: int = Field(sa_column=Column(BigInteger, nullable=False))
     interest_rate_bps: int = Field(nullable=False)
@@ -116,7 +121,7 @@ class Loan(SQLModel, table=True):
     # the n-th change is one fact, so its webhook has one id however often it is replayed.
     state_version: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
-    created_by: int = Field(foreign_key="principal.id")
+    created_by: int = Field(sa_type=ID, foreign_key="principal.id")
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
     updated_at: datetime = Field(default_factory=utcnow, nullable=False)
 
@@ -126,10 +131,10 @@ class LoanKey(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("loan_id", "role", name="uq_loankey_loan_role"),)
 
-    id: int | None = Field(default=None, primary_key=True)
-    loan_id: int = Field(foreign_key="loan.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    loan_id: int = Field(sa_type=ID, foreign_key="loan.id", index=True)
     role: KeyRole = Field(sa_column=Column(String(16), nullable=False))
-    party_id: int = Field(foreign_key="party.id", index=True)
+    party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
     kind: KeyKind = Field(sa_column=Column(String(8), nullable=False))
     # Canonical identity of the key material (same xpub in another encoding = same identity).
     identity: str = Field(sa_column=Column(String(200), nullable=False, index=True))
@@ -142,7 +147,7 @@ class LoanKey(SQLModel, table=True):
     hsm_key_label: str | None = Field(default=None, sa_column=Column(String(64)))
     hsm_local: bool | None = Field(default=None)
     hsm_never_extractable: bool | None = Field(default=None)
-    created_by: int = Field(foreign_key="principal.id")
+    created_by: int = Field(sa_type=ID, foreign_key="principal.id")
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
 
 
@@ -153,8 +158,8 @@ class CollateralAddress(SQLModel, table=True):
         UniqueConstraint("loan_id", "change", "index", name="uq_address_loan_change_index"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
-    loan_id: int = Field(foreign_key="loan.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    loan_id: int = Field(sa_type=ID, foreign_key="loan.id", index=True)
     change: bool = Field(default=False, nullable=False)
     index: int = Field(nullable=False)
     address: str = Field(sa_column=Column(String(100), nullable=False, unique=True))
@@ -166,12 +171,12 @@ class AuditEvent(SQLModel, table=True):
     """Append-only, hash-chained: each row commits to the previous row's hash,
     so an edited, inserted or deleted row breaks the chain visibly."""
 
-    id: int = Field(primary_key=True)  # assigned by the audit service, gap-free
+    id: int = Field(primary_key=True, sa_type=ID)  # assigned by the audit service, gap-free
     at: datetime = Field(nullable=False)
     actor: str = Field(sa_column=Column(String(120), nullable=False))
     action: str = Field(sa_column=Column(String(64), nullable=False, index=True))
-    loan_id: int | None = Field(default=None, index=True)
-    request_id: int | None = Field(default=None)
+    loan_id: int | None = Field(default=None, index=True, sa_type=ID)
+    request_id: int | None = Field(default=None, sa_type=ID)
     decision: str | None = Field(default=None, sa_column=Column(String(32)))
     reason: str | None = Field(default=None, sa_column=Column(Text))
     data: str = Field(default="{}", sa_column=Column(Text, nullable=False))
@@ -192,9 +197,9 @@ class Deposit(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("txid", "vout", name="uq_deposit_outpoint"),)
 
-    id: int | None = Field(default=None, primary_key=True)
-    loan_id: int = Field(foreign_key="loan.id", index=True)
-    address_id: int = Field(foreign_key="collateraladdress.id")
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    loan_id: int = Field(sa_type=ID, foreign_key="loan.id", index=True)
+    address_id: int = Field(sa_type=ID, foreign_key="collateraladdress.id")
     txid: str = Field(sa_column=Column(String(64), nullable=False))
     vout: int = Field(nullable=False)
     amount_sats: int = Field(sa_column=Column(BigInteger, nullable=False))
@@ -225,7 +230,7 @@ class ChainCursor(SQLModel, table=True):
     """Where the watcher is (one row). Written in the same transaction as the block it
     applied, so a crash can never leave a block half-counted."""
 
-    id: int = Field(default=1, primary_key=True)
+    id: int = Field(default=1, primary_key=True, sa_type=ID)
     height: int = Field(nullable=False)
     block_hash: str = Field(sa_column=Column(String(64), nullable=False))
     node_tip_height: int = Field(nullable=False)
@@ -240,7 +245,7 @@ class WatcherLease(SQLModel, table=True):
     generation (PostgreSQL also holds an advisory lock, which only speeds refusals).
     The step fields are what `/v1/health` shows of a watcher that cannot move."""
 
-    id: int = Field(default=1, primary_key=True)
+    id: int = Field(default=1, primary_key=True, sa_type=ID)
     holder: str = Field(sa_column=Column(String(120), nullable=False))
     expires_at: datetime = Field(nullable=False)
     generation: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
@@ -276,8 +281,8 @@ class SigningRequest(SQLModel, table=True):
     `open_key` is set while the request is open and unique: one open request per loan
     (a fee bump is the one exception, keyed to the request it replaces)."""
 
-    id: int | None = Field(default=None, primary_key=True)
-    loan_id: int = Field(foreign_key="loan.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    loan_id: int = Field(sa_type=ID, foreign_key="loan.id", index=True)
     action: SigningAction = Field(sa_column=Column(String(32), nullable=False))
     state: RequestState = Field(sa_column=Column(String(32), nullable=False, index=True))
     slot: str = Field(sa_column=Column(String(64), nullable=False))  # "loan:7" or "rbf:12"
@@ -292,7 +297,7 @@ class SigningRequest(SQLModel, table=True):
     evidence_json: str = Field(sa_column=Column(Text, nullable=False))  # price, debt, fee, notes
     fee_sats: int = Field(sa_column=Column(BigInteger, nullable=False))
     loan_state_before: str = Field(sa_column=Column(String(32), nullable=False))
-    replaces_id: int | None = Field(default=None, foreign_key="signingrequest.id")
+    replaces_id: int | None = Field(default=None, sa_type=ID, foreign_key="signingrequest.id")
     mined_height: int | None = Field(default=None)
     reject_reason: str | None = Field(default=None, sa_column=Column(Text))
     created_by: str = Field(sa_column=Column(String(120), nullable=False))
@@ -307,10 +312,10 @@ class Approval(SQLModel, table=True):
         UniqueConstraint("request_id", "principal_id", "unsigned_txid", name="uq_approval_once"),
     )
 
-    id: int | None = Field(default=None, primary_key=True)
-    request_id: int = Field(foreign_key="signingrequest.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    request_id: int = Field(sa_type=ID, foreign_key="signingrequest.id", index=True)
     unsigned_txid: str = Field(sa_column=Column(String(64), nullable=False))
-    principal_id: int = Field(foreign_key="principal.id")
+    principal_id: int = Field(sa_type=ID, foreign_key="principal.id")
     principal: str = Field(sa_column=Column(String(160), nullable=False))  # "role:name"
     role: str = Field(sa_column=Column(String(32), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
@@ -328,10 +333,12 @@ class SignerStatement(SQLModel, table=True):
     waiting for or carrying the signatures of enrolled people. The signer verifies them;
     this row only carries them there, so nothing here is trusted by the signer."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     kind: str = Field(sa_column=Column(String(32), nullable=False))
-    loan_id: int | None = Field(default=None, foreign_key="loan.id", index=True)
-    request_id: int | None = Field(default=None, foreign_key="signingrequest.id", index=True)
+    loan_id: int | None = Field(default=None, sa_type=ID, foreign_key="loan.id", index=True)
+    request_id: int | None = Field(
+        default=None, sa_type=ID, foreign_key="signingrequest.id", index=True
+    )
     nonce: str | None = Field(default=None, sa_column=Column(String(64), unique=True))
     body: str = Field(sa_column=Column(Text, nullable=False))  # the statement, JSON
     state: StatementState = Field(sa_column=Column(String(16), nullable=False, index=True))
@@ -349,8 +356,8 @@ class SignerEndorsement(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("statement_id", "person", name="uq_endorsement_once"),)
 
-    id: int | None = Field(default=None, primary_key=True)
-    statement_id: int = Field(foreign_key="signerstatement.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    statement_id: int = Field(sa_type=ID, foreign_key="signerstatement.id", index=True)
     person: str = Field(sa_column=Column(String(64), nullable=False))
     signature: str = Field(sa_column=Column(Text, nullable=False))
     submitted_by: str = Field(sa_column=Column(String(120), nullable=False))
@@ -360,7 +367,7 @@ class SignerEndorsement(SQLModel, table=True):
 class PriceRecord(SQLModel, table=True):
     """A BTC/RUB price set by bank staff (the manual source), kept with who and when."""
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     price_rub_per_btc: str = Field(sa_column=Column(String(40), nullable=False))
     source: str = Field(sa_column=Column(String(120), nullable=False))
     quoted_at: datetime = Field(nullable=False)
@@ -378,8 +385,8 @@ class Webhook(SQLModel, table=True):
     stored in the clear to compute signatures, and must never leave through a listing,
     a log line or a repr (hence ``repr=False``)."""
 
-    id: int | None = Field(default=None, primary_key=True)
-    party_id: int = Field(foreign_key="party.id", index=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
     url: str = Field(sa_column=Column(String(2000), nullable=False))
     secret: str = Field(sa_column=Column(String(256), nullable=False), repr=False)
     events: str = Field(sa_column=Column(Text, nullable=False))  # "*" or "a.b,c.d"
@@ -395,9 +402,9 @@ class Outbox(SQLModel, table=True):
 
     __table_args__ = (UniqueConstraint("webhook_id", "event_id", name="uq_outbox_webhook_event"),)
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     event_id: str = Field(sa_column=Column(String(36), nullable=False))
-    webhook_id: int = Field(foreign_key="webhook.id", index=True)
+    webhook_id: int = Field(sa_type=ID, foreign_key="webhook.id", index=True)
     event_type: str = Field(sa_column=Column(String(64), nullable=False))
     payload: str = Field(sa_column=Column(Text, nullable=False))  # JSON
     created_at: datetime = Field(default_factory=utcnow, nullable=False)

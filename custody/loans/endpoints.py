@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse, Response
 
 from custody.api.deps import (
     ContextDep,
+    LoanId,
     SessionDep,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
@@ -36,6 +37,7 @@ from custody.errors import (
 from custody.loans import service as loans
 from custody.loans.schemas import AddressOut, DepositOut, KeyIn, LoanCreate, LoanOut
 from custody.loans.views import address_out, deposits_out, loan_out, loans_out
+from custody.schemas import ID_MAX
 from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
@@ -70,13 +72,13 @@ def list_loans(
     session: SessionDep,
     ctx: ContextDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=ID_MAX)] = 0,
 ) -> list[LoanOut]:
     return loans_out(session, loans.list_loans(session, ctx, limit=limit, offset=offset))
 
 
 @router.get("/loans/{loan_id}", tags=["loans"], responses=errors_for(*_READ_LOAN))
-def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
+def get_loan(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> LoanOut:
     return loan_out(session, loans.get_loan(session, ctx, loan_id))
 
 
@@ -97,7 +99,7 @@ def get_loan(loan_id: int, session: SessionDep, ctx: ContextDep) -> LoanOut:
     ),
 )
 def register_key(
-    loan_id: int,
+    loan_id: LoanId,
     seat: KeyRole,
     body: Annotated[KeyIn, Body()],
     session: SessionDep,
@@ -120,17 +122,17 @@ def register_key(
         AddressAlreadyIssued,
     ),
 )
-def new_address(loan_id: int, session: SessionDep, ctx: ContextDep) -> AddressOut:
+def new_address(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> AddressOut:
     return address_out(loans.new_address(session, ctx, loan_id))
 
 
 @router.get("/loans/{loan_id}/addresses", tags=["addresses"], responses=errors_for(*_READ_LOAN))
-def list_addresses(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
+def list_addresses(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> list[AddressOut]:
     return [address_out(a) for a in loans.list_addresses(session, ctx, loan_id)]
 
 
 @router.get("/loans/{loan_id}/deposits", tags=["deposits"], responses=errors_for(*_READ_LOAN))
-def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[DepositOut]:
+def list_deposits(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> list[DepositOut]:
     loans.get_loan(session, ctx, loan_id)
     return deposits_out(session, loan_id)
 
@@ -152,7 +154,7 @@ def list_deposits(loan_id: int, session: SessionDep, ctx: ContextDep) -> list[De
     },
 )
 def export(
-    loan_id: int, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
+    loan_id: LoanId, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
 ) -> Response | dict[str, Any]:
     """Wallet files for the parties to check the collateral address on their own devices.
     A format that cannot express this loan answers 422 `export_unsupported` and says why."""

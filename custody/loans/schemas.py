@@ -10,10 +10,11 @@ from pydantic import (
     BaseModel,
     Field,
     StrictInt,
-    StrictStr,
 )
 
-from custody.schemas import MAX_KOPECKS, Bps, Price, Sats, Strict
+from custody.schemas import MAX_KOPECKS, Bps, Id, Name, Price, Sats, Strict, Text
+
+Address = Annotated[str, Text(100)]
 
 
 class LoanTermsIn(Strict):
@@ -23,31 +24,31 @@ class LoanTermsIn(Strict):
     required_collateral_sats: Sats | None = None
     target_ltv_bps: Bps | None = None
     price_rub_per_btc: Price | None = None
-    price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
+    price_source: Name | None = None
     margin_call_ltv_bps: Bps = 7_500
     liquidation_ltv_bps: Bps = 9_000
     cure_window_hours: Annotated[StrictInt, Field(gt=0, le=24 * 90)] = 48
     required_confirmations: Annotated[StrictInt, Field(ge=1, le=100)] | None = None
-    miner_return_address: Annotated[StrictStr, Field(min_length=1, max_length=100)]
-    bank_liquidation_address: Annotated[StrictStr, Field(min_length=1, max_length=100)]
+    miner_return_address: Address
+    bank_liquidation_address: Address
 
 
 class LoanCreate(Strict):
-    miner_party_id: StrictInt
-    arbiter_party_id: StrictInt
+    miner_party_id: Id
+    arbiter_party_id: Id
     terms: LoanTermsIn
 
 
 class HDKeyIn(Strict):
     kind: Literal["hd"]
-    key: Annotated[StrictStr, Field(min_length=1, max_length=300)]
+    key: Annotated[str, Text(300)]
 
 
 class HSMPublicKeyIn(Strict):
     """An HSM key generated elsewhere, registered by its compressed public key."""
 
     kind: Literal["hsm"]
-    public_key: Annotated[StrictStr, Field(min_length=1, max_length=200)]
+    public_key: Annotated[str, Text(200)]
 
 
 KeyIn = Annotated[HDKeyIn | HSMPublicKeyIn, Field(discriminator="kind")]

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from custody.api.deps import (
+    PartyId,
     PrincipalDep,
     SessionDep,
 )
@@ -33,7 +34,7 @@ def _own_party(principal: Principal, party_id: int) -> None:
     responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound, *BODY_ERRORS),
 )
 def create_webhook(
-    party_id: int, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
+    party_id: PartyId, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     _own_party(principal, party_id)
     view = register_webhook(
@@ -53,7 +54,7 @@ def create_webhook(
     responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound),
 )
 def get_webhooks(
-    party_id: int, session: SessionDep, principal: PrincipalDep
+    party_id: PartyId, session: SessionDep, principal: PrincipalDep
 ) -> list[dict[str, Any]]:
     _own_party(principal, party_id)
     return [v.as_dict() for v in list_webhooks(session, party_id)]

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    Field,
-    StrictStr,
-)
+from pydantic import StrictStr
 
-from custody.schemas import Strict
+from custody.schemas import Strict, Text
 
 
 class WebhookCreate(Strict):
-    url: Annotated[StrictStr, Field(min_length=1, max_length=500)]
-    secret: Annotated[StrictStr, Field(min_length=32, max_length=256)]
+    url: Annotated[str, Text(500)]
+    # The HMAC key, kept exactly as sent (not trimmed).
+    secret: Annotated[str, Text(256, min_length=32, trim=False)]
+    # Names from a fixed set, checked by the service (an unknown one is a 422 on `events`).
     events: list[StrictStr] | Literal["*"] = "*"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from custody.api.deps import (
+    PartyId,
     PrincipalDep,
     SessionDep,
 )
@@ -42,7 +43,7 @@ def list_parties(session: SessionDep, principal: PrincipalDep) -> list[PartyOut]
     tags=["parties"],
     responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound),
 )
-def get_party(party_id: int, session: SessionDep, principal: PrincipalDep) -> PartyOut:
+def get_party(party_id: PartyId, session: SessionDep, principal: PrincipalDep) -> PartyOut:
     return party_out(parties.get_party(session, principal, party_id))
 
 

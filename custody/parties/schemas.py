@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import (
-    BaseModel,
-    Field,
-    StrictStr,
-)
+from pydantic import BaseModel
 
-from custody.schemas import Strict
+from custody.schemas import Name, Strict
 
 
 class PartyCreate(Strict):
-    name: Annotated[StrictStr, Field(min_length=1, max_length=120)]
+    name: Name
     kind: Literal["miner", "bank", "arbiter"]
 
 

@@ -9,8 +9,10 @@ from fastapi import APIRouter, Path, Request
 
 from custody.api.deps import (
     ContextDep,
+    LoanId,
     SessionDep,
     SignerDep,
+    SignerStatementId,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
 from custody.chain.rpc import RpcError
@@ -85,7 +87,7 @@ _TO_THE_SIGNER = (
         KeysIncomplete,
     ),
 )
-def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+def request_bank_key(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
     """Open the statement that registers this loan with the bank's signer; once a bank
     operator and an approver have signed it, the signer makes the bank key in its HSM
     and builds the descriptor (the miner's and the arbiter's keys come first)."""
@@ -107,7 +109,7 @@ def request_bank_key(loan_id: int, session: SessionDep, ctx: ContextDep) -> dict
     ),
 )
 def record_repayment(
-    loan_id: int, body: RepaymentIn, session: SessionDep, ctx: ContextDep
+    loan_id: LoanId, body: RepaymentIn, session: SessionDep, ctx: ContextDep
 ) -> dict[str, Any]:
     """Open the statement of a repayment; the bank's signer records it once signed."""
     st = signer_statements.request_repayment(
@@ -163,7 +165,9 @@ def remove_person(
     tags=["signing"],
     responses=errors_for(NotAuthenticated, InvalidInput, SignerStatementNotFound),
 )
-def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+def get_signer_statement(
+    statement_id: SignerStatementId, session: SessionDep, ctx: ContextDep
+) -> dict[str, Any]:
     """A statement for the bank's signer: its exact bytes to sign and who signed so far."""
     st = signer_statements.get_statement(session, ctx, statement_id)
     return signer_statements.statement_view(session, st)
@@ -175,7 +179,7 @@ def get_signer_statement(statement_id: int, session: SessionDep, ctx: ContextDep
     responses=errors_for(*_TO_THE_SIGNER, SignerStatementUnsigned),
 )
 def retry_signer_statement(
-    statement_id: int, request: Request, ctx: ContextDep, signer: SignerDep
+    statement_id: SignerStatementId, request: Request, ctx: ContextDep, signer: SignerDep
 ) -> dict[str, Any]:
     """Take a signed statement to the bank's signer again after its call failed or was lost."""
     engine = request.app.state.engine
@@ -195,7 +199,7 @@ def retry_signer_statement(
     responses=errors_for(*_TO_THE_SIGNER, AlreadyEndorsed, *BODY_ERRORS),
 )
 def endorse_signer_statement(
-    statement_id: int,
+    statement_id: SignerStatementId,
     body: EndorsementIn,
     request: Request,
     ctx: ContextDep,

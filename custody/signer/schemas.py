@@ -10,28 +10,29 @@ from pydantic import (
     StrictInt,
 )
 
-from custody.schemas import Strict
+from custody.schemas import Strict, Text
+
+# Identifiers of the bank's signer, sent exactly (not trimmed).
+_PERSON = Text(64, trim=False, pattern=r"^[a-z0-9._@-]+$")
 
 
 class EndorsementIn(Strict):
     """One enrolled person's signature over a signer statement (base64)."""
 
-    person: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
-    signature: str = Field(min_length=1, max_length=400, pattern=r"^[A-Za-z0-9+/=]+$")
+    person: Annotated[str, _PERSON]
+    signature: Annotated[str, Text(400, trim=False, pattern=r"^[A-Za-z0-9+/=]+$")]
 
 
 class EnrolmentIn(Strict):
     """A person to enrol in the bank's signer, with the public half of their approval key."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9._@-]+$")
+    name: Annotated[str, _PERSON]
     role: Literal["admin", "bank_operator", "bank_approver"]
     algorithm: Literal["ed25519", "p256"] = "ed25519"
-    public_key: str = Field(min_length=64, max_length=200, pattern=r"^[0-9a-fA-F]+$")
+    public_key: Annotated[str, Text(200, min_length=64, trim=False, pattern=r"^[0-9a-fA-F]+$")]
 
 
 class RepaymentIn(Strict):
     amount_kopecks: Annotated[StrictInt, Field(gt=0, le=10**15)]
     paid_at: AwareDatetime
-    repayment_id: str | None = Field(
-        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$"
-    )
+    repayment_id: Annotated[str, Text(64, trim=False, pattern=r"^[A-Za-z0-9._-]+$")] | None = None

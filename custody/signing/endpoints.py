@@ -15,9 +15,11 @@ from custody.api.deps import (
     ChainDep,
     ContextDep,
     FeesDep,
+    LoanId,
     RawBodyDep,
     SessionDep,
     SignerDep,
+    SigningRequestId,
 )
 from custody.api.errors import BODY_ERRORS, errors_for, require_media_type
 from custody.chain.rpc import RpcError
@@ -118,7 +120,7 @@ _BUILD = (
     ),
 )
 def create_signing_request(
-    loan_id: int,
+    loan_id: LoanId,
     body: SigningRequestCreate,
     request: Request,
     ctx: ContextDep,
@@ -159,18 +161,20 @@ def _unless_refused(req: SigningRequest) -> SigningRequest:
     responses=errors_for(NotAuthenticated, InvalidInput, LoanNotFound),
 )
 def list_signing_requests(
-    loan_id: int, session: SessionDep, ctx: ContextDep
+    loan_id: LoanId, session: SessionDep, ctx: ContextDep
 ) -> list[SigningRequestOut]:
     return [request_out(r) for r in repository.list_requests(session, ctx, loan_id)]
 
 
 @router.get("/signing-requests/{request_id}", tags=["signing"], responses=errors_for(*_READ))
-def get_signing_request(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+def get_signing_request(
+    request_id: SigningRequestId, session: SessionDep, ctx: ContextDep
+) -> SigningRequestOut:
     return request_out(repository.get_request(session, ctx, request_id))
 
 
 @router.get("/signing-requests/{request_id}/psbt", tags=["signing"], responses=errors_for(*_READ))
-def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
+def get_psbt(request_id: SigningRequestId, session: SessionDep, ctx: ContextDep) -> PsbtOut:
     """The PSBT with every signature collected so far (base64)."""
     req = repository.get_request(session, ctx, request_id)
     return PsbtOut(psbt=req.psbt, unsigned_txid=req.unsigned_txid)
@@ -190,7 +194,7 @@ def get_psbt(request_id: int, session: SessionDep, ctx: ContextDep) -> PsbtOut:
         **errors_for(*_READ),
     },
 )
-def get_psbt_file(request_id: int, session: SessionDep, ctx: ContextDep) -> Response:
+def get_psbt_file(request_id: SigningRequestId, session: SessionDep, ctx: ContextDep) -> Response:
     """The same PSBT as a binary .psbt file, for air-gapped devices (SD card)."""
     req = repository.get_request(session, ctx, request_id)
     return Response(
@@ -233,7 +237,7 @@ _UPLOAD_TYPES = ("application/json", "application/octet-stream")
     ),
 )
 def upload_signatures(
-    request_id: int,
+    request_id: SigningRequestId,
     request: Request,
     raw: RawBodyDep,
     ctx: ContextDep,
@@ -267,7 +271,7 @@ def upload_signatures(
     responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState, *_BROADCAST),
 )
 def retry_broadcast(
-    request_id: int, request: Request, ctx: ContextDep, chain: ChainDep
+    request_id: SigningRequestId, request: Request, ctx: ContextDep, chain: ChainDep
 ) -> SigningRequestOut:
     """Broadcast a ready request again (the node refused it, or could not be reached)."""
     engine = request.app.state.engine
@@ -284,7 +288,7 @@ def retry_broadcast(
     responses=errors_for(*_READ, RoleNotAllowed, SigningRequestNotInState),
 )
 def cancel_signing_request(
-    request_id: int, request: Request, ctx: ContextDep, signer: SignerDep
+    request_id: SigningRequestId, request: Request, ctx: ContextDep, signer: SignerDep
 ) -> SigningRequestOut:
     """Cancel it; its statement's approvals die with it (the signer is told after commit)."""
     engine = request.app.state.engine
@@ -311,7 +315,7 @@ def cancel_signing_request(
     ),
 )
 def bump_fee(
-    request_id: int,
+    request_id: SigningRequestId,
     body: FeeBump,
     request: Request,
     ctx: ContextDep,
@@ -341,7 +345,9 @@ def bump_fee(
         SelfApproval,
     ),
 )
-def approve(request_id: int, session: SessionDep, ctx: ContextDep) -> SigningRequestOut:
+def approve(
+    request_id: SigningRequestId, session: SessionDep, ctx: ContextDep
+) -> SigningRequestOut:
     """A bank approver signs off on this exact transaction when the bank signs with its
     own device (an xpub key). When the bank's signer holds the key, approvals are
     signatures over its statement (`POST /v1/signer-statements/{id}/endorsements`)."""

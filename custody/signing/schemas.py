@@ -9,22 +9,21 @@ from typing import Annotated, Literal
 from pydantic import (
     BaseModel,
     Field,
-    StrictStr,
 )
 
-from custody.schemas import Bps, Price, Strict
+from custody.schemas import Bps, Name, Price, Strict, Text
 
 
 class SigningRequestCreate(Strict):
     action: Literal["release", "dispute_release", "liquidation", "partial_liquidation"]
     fee_rate_sat_vb: Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=3)] | None = None
     price_rub_per_btc: Price | None = None
-    price_source: Annotated[StrictStr, Field(min_length=1, max_length=120)] | None = None
+    price_source: Name | None = None
     target_ltv_bps: Bps | None = None
 
 
 class SignatureUpload(Strict):
-    psbt: Annotated[StrictStr, Field(min_length=1, max_length=2_000_000)]
+    psbt: Annotated[str, Text(2_000_000)]
 
 
 class FeeBump(Strict):
