@@ -10,7 +10,7 @@ from custody.api.deps import (
 )
 from custody.api.errors import errors_for
 from custody.db.models import Party, PartyKind
-from custody.errors import PartyNameTaken, PartyNotFound, RoleNotAllowed
+from custody.errors import PartyNameTaken, PartyNotFound, RoleNotAllowed, SecondBankParty
 from custody.parties import service as parties
 from custody.parties.schemas import PartyCreate, PartyOut
 from pledge.errors import InvalidInput, NotAuthenticated
@@ -22,7 +22,9 @@ router = APIRouter(prefix="/v1")
     "/parties",
     status_code=201,
     tags=["parties"],
-    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput, PartyNameTaken),
+    responses=errors_for(
+        NotAuthenticated, RoleNotAllowed, InvalidInput, PartyNameTaken, SecondBankParty
+    ),
 )
 def create_party(body: PartyCreate, session: SessionDep, principal: PrincipalDep) -> PartyOut:
     return party_out(
