@@ -51,6 +51,7 @@ from custody.errors import (
 )
 from custody.risk import repository
 from custody.risk.prices import Consensus, ManualPriceSource, PriceQuote, PriceUnavailable
+from pledge.errors import InvalidInput
 
 log = structlog.get_logger(__name__)
 
@@ -166,15 +167,18 @@ def propose_price(
     confirms it."""
     require_role(ctx.principal, *DECIDERS)
     now = now or datetime.now(UTC)
-    # The source's own validation (decimal, positive, places, timezone, who).
-    quote = ManualPriceSource().set(price, quoted_at or now, ctx.actor)
+    try:  # the source's own validation (decimal, positive, places, timezone, who)
+        quote = ManualPriceSource().set(price, quoted_at or now, ctx.actor)
+    except InvalidInput as bad:  # named as the request names it
+        field = {"price": "price_rub_per_btc", "at": "quoted_at"}.get(bad.field or "", bad.field)
+        raise InvalidInput(bad.message, field=field) from None
     try:
         _check(quote.price_rub_per_btc, quote.quoted_at, policy=policy, feeds=feeds, now=now)
     except (PriceQuotedInFuture, PriceFarFromFeeds) as refused:
         log.warning("price_proposal_refused", actor=ctx.actor, code=refused.code)
         raise
     row = PriceRecord(
-        price_rub_per_btc=str(quote.price_rub_per_btc),
+        price_rub_per_btc=f"{quote.price_rub_per_btc:f}",  # never "1E-8"
         source=SOURCE,
         quoted_at=quote.quoted_at,
         state=PriceState.proposed,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import UTC, datetime
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
     Field,
@@ -14,9 +15,17 @@ from pydantic import (
 from custody.schemas import Price, Strict
 
 
+def _in_utc(at: datetime) -> datetime:
+    """Every time is kept in UTC; one that has no UTC (year 1 at +01:00) is refused."""
+    try:
+        return at.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the time is out of range") from None
+
+
 class PriceSet(Strict):
     price_rub_per_btc: Price
-    quoted_at: AwareDatetime | None = Field(
+    quoted_at: Annotated[AwareDatetime, AfterValidator(_in_utc)] | None = Field(
         default=None, description="When the price was true; default: now. Not in the future."
     )
 

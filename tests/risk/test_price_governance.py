@@ -511,3 +511,19 @@ def test_prices_set_by_one_person_before_the_migration_stay_history_and_unused(
     with pytest.raises(Exception, match="no price has been confirmed"):
         DbManualPriceSource(engine).quote()
     assert Decimal(row.price_rub_per_btc) == 1
+
+
+def test_bad_proposals_name_their_field_and_store_nothing(world: World) -> None:
+    before = _snapshot(world.engine)
+    for body, field in (
+        ({"price_rub_per_btc": "1e20"}, "price_rub_per_btc"),  # above the sanity ceiling
+        ({"price_rub_per_btc": "0"}, "price_rub_per_btc"),
+        ({"price_rub_per_btc": "1", "quoted_at": "0001-01-01T00:00:00+01:00"}, "quoted_at"),
+        ({"price_rub_per_btc": "1", "quoted_at": "9999-12-31T23:59:59-01:00"}, "quoted_at"),
+        ({"price_rub_per_btc": "1", "quoted_at": "2026-12-01T10:00:00"}, "quoted_at"),  # naive
+    ):
+        r = world.call("bank_operator", "POST", "/v1/prices", json=body)
+        assert r.status_code == 422 and r.json()["field"] == field, (body, r.text)
+    assert _snapshot(world.engine) == before
+    tiny = _propose(world, "bank_operator", "0.00000001").json()
+    assert tiny["price_rub_per_btc"] == "0.00000001"  # kept as written, never "1E-8"
