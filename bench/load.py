@@ -71,12 +71,13 @@ from bench import Figure
 from bench.http1 import Connections
 from custody.auth.context import Context
 from custody.auth.service import create_principal
+from custody.config import Settings
 from custody.db.migrate import upgrade
 from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Role
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
-from custody.risk.manual import set_price
+from custody.risk.manual import FeedCheck, PricePolicy, confirm_price, propose_price
 from pledge.network import NetworkName
 from regtest.postgres import PostgresServer
 from regtest.testkeys import make_test_key_text
@@ -173,9 +174,23 @@ def populate(engine: Engine, loans: int, miners: int, seed: int = SEED) -> Popul
                 session, name=f"load-miner-{m}", role=Role.miner, party_id=party, actor="bench"
             )
             miner_seats.append((Context(principal=principal, network=NETWORK), key))
+        approver, _ = create_principal(
+            session, name="load-approver", role=Role.bank_approver, party_id=bank, actor="bench"
+        )
         staff_ctx = Context(principal=staff, network=NETWORK)
         arbiter_ctx = Context(principal=arbiter_principal, network=NETWORK)
-        set_price(session, staff_ctx, Decimal(6_000_000))
+        # A manual price takes two people: the staff member proposes, the approver confirms.
+        policy = PricePolicy.from_settings(Settings())
+        proposal = propose_price(
+            session, staff_ctx, Decimal(6_000_000), None, policy=policy, feeds=FeedCheck(None)
+        )
+        confirm_price(
+            session,
+            Context(principal=approver, network=NETWORK),
+            proposal.id or 0,
+            policy=policy,
+            feeds=FeedCheck(None),
+        )
     owned: list[list[int]] = [[] for _ in range(miners)]
     maturity = datetime.now(UTC) + timedelta(days=180)
     for i in range(loans):

@@ -105,6 +105,15 @@ class Settings(BaseSettings):
     price_max_spread_bps: int = 200
     price_min_sources: int = 1
     risk_poll_seconds: float = 10.0
+    # The manual price (`POST /v1/prices`) is proposed by one person and takes effect only
+    # when a second confirms it, within `price_proposal_ttl_seconds`. It is refused (at the
+    # proposal, and again at the confirmation) when it is more than
+    # `price_manual_max_deviation_bps` away from the HTTP sources' median (when they have
+    # one), or dated more than `price_future_skew_seconds` ahead of our clock; the median
+    # leaves out quotes from further ahead than that too.
+    price_manual_max_deviation_bps: int = Field(default=500, ge=0, le=10_000)
+    price_proposal_ttl_seconds: int = Field(default=900, gt=0, le=7 * 24 * 3600)
+    price_future_skew_seconds: int = Field(default=30, ge=0, le=3600)
 
     @field_validator("api_host")
     @classmethod

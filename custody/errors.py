@@ -127,6 +127,13 @@ class PartyKindMismatch(InvalidInput):
     code = "party_kind_mismatch"
 
 
+class SecondBankParty(Conflict):
+    """A deployment serves one bank: it already has its bank party, and every bank
+    operator and approver belongs to it."""
+
+    code = "second_bank_party"
+
+
 class OperatorWithoutBank(InvalidInput):
     """This bank operator belongs to no bank party, so the loan would have no bank."""
 
@@ -371,9 +378,56 @@ class SignerDescriptorMismatch(Conflict):
 
 
 class PriceNotSet(NotFound):
-    """No manual price has been set yet."""
+    """No manual price has been confirmed yet."""
 
     code = "price_not_set"
+
+
+class PriceNotFound(NotFound):
+    """No such manual price (proposal)."""
+
+    code = "price_not_found"
+
+
+class PriceFarFromFeeds(InvalidInput):
+    """The manual price is further from the price feeds' median than the configured bound
+    allows (`price_manual_max_deviation_bps`)."""
+
+    code = "price_far_from_feeds"
+
+
+class PriceQuotedInFuture(InvalidInput):
+    """The manual price is dated further ahead of the service's clock than the allowed
+    clock skew (`price_future_skew_seconds`)."""
+
+    code = "price_quoted_in_future"
+
+
+class PriceNotProposed(Conflict):
+    """The manual price is no longer a proposal: it was already confirmed or rejected."""
+
+    code = "price_not_proposed"
+
+
+class PriceProposalExpired(Conflict):
+    """The manual price proposal was not confirmed in time (`price_proposal_ttl_seconds`):
+    propose it again."""
+
+    code = "price_proposal_expired"
+
+
+class PriceSuperseded(Conflict):
+    """A manual price quoted at the same time or later is already in effect: confirming
+    this older quote would turn the price back."""
+
+    code = "price_superseded"
+
+
+class SelfConfirmation(Conflict):
+    """The person who proposed a manual price cannot confirm it (4-eyes): another member
+    of the bank's staff must."""
+
+    code = "self_confirmation"
 
 
 class WebhookNotFound(NotFound):

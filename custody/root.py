@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from custody.risk.engine import Notify, Prices, RiskEngine
+    from custody.risk.manual import Feeds
+    from custody.risk.prices import MedianPriceSource, PriceSource
     from custody.signer.reconcile import Reconciler
     from custody.watcher.service import Watcher
     from hsm.client import BankSigner
@@ -46,6 +48,7 @@ class Root:
         node: NodeRpc | None = None,
         signer: BankSigner | None = None,
         prices: Prices | None = None,
+        price_feeds: Feeds | None = None,
         fees: FeePolicy | None = None,
     ) -> Root:
         """A root with some parts already made (by the demo, a benchmark or a test); the
@@ -56,6 +59,7 @@ class Root:
             "node": node,
             "signer": signer,
             "prices": prices,
+            "price_feeds": price_feeds,
             "fees": fees,
         }
         for name, part in given.items():
@@ -102,30 +106,56 @@ class Root:
         return FeePolicy.from_settings(self.settings)
 
     @cached_property
-    def prices(self) -> Prices:
-        from custody.risk.manual import DbManualPriceSource
-        from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource, PriceSource
+    def _http_price_sources(self) -> list[PriceSource]:
+        from custody.risk.prices import HttpJsonPriceSource
 
-        s = self.settings
-        sources: list[PriceSource] = [DbManualPriceSource(self.engine)]
-        sources += [
+        return [
             HttpJsonPriceSource(
                 c.name, c.url, c.field_path, timeout=c.timeout, time_path=c.time_path
             )
-            for c in s.price_sources
+            for c in self.settings.price_sources
         ]
+
+    def _median(self, sources: list[PriceSource], min_sources: int) -> MedianPriceSource:
+        from custody.risk.prices import MedianPriceSource
+
+        s = self.settings
         return MedianPriceSource(
             sources,
             max_age=timedelta(seconds=s.price_max_age_seconds),
             max_spread_bps=s.price_max_spread_bps,
-            min_sources=s.price_min_sources,
+            min_sources=min_sources,
+            future_skew=timedelta(seconds=s.price_future_skew_seconds),
         )
+
+    @cached_property
+    def prices(self) -> Prices:
+        """What the risk engine prices loans by: the median of the confirmed manual price
+        and the HTTP sources."""
+        from custody.risk.manual import DbManualPriceSource
+
+        sources: list[PriceSource] = [DbManualPriceSource(self.engine), *self._http_price_sources]
+        return self._median(sources, self.settings.price_min_sources)
+
+    @cached_property
+    def price_feeds(self) -> Feeds | None:
+        """The HTTP sources alone (never the manual price), which a manual price is held
+        to; None when none is configured."""
+        feeds = self._http_price_sources
+        if not feeds:
+            return None
+        return self._median(feeds, min(self.settings.price_min_sources, len(feeds)))
 
     def app(self) -> FastAPI:
         from custody.api.app import create_app
 
         return create_app(
-            self.settings, self.engine, signer=self.signer, chain=self.node, fees=self.fees
+            self.settings,
+            self.engine,
+            signer=self.signer,
+            chain=self.node,
+            fees=self.fees,
+            price_feeds=self.price_feeds,
         )
 
     def watcher(self, *, holder: str | None = None) -> Watcher:

@@ -356,7 +356,7 @@ def main() -> int:
         )
         # The service's parts come from its composition root, as in `custody serve`; only
         # the bank's signer (in-process, over SoftHSM) and the price board are the demo's.
-        root = Root.assemble(settings, signer=signer, prices=board.median)
+        root = Root.assemble(settings, signer=signer, prices=board.median, price_feeds=board.median)
         engine = root.engine
         base_url, server = serve(root)
         api = Api(base_url)
@@ -387,6 +387,32 @@ def main() -> int:
             "devices: "
             + ", ".join(f"{d.who} {d.signer.fingerprint} (software HD)" for d in devices.values())
             + "; bank: the HSM"
+        )
+
+        say("One deployment, one bank; and one person cannot move the price")
+        refused = api(
+            "admin", "POST", "/v1/parties", 409, json={"name": "Other Bank", "kind": "bank"}
+        )
+        detail(f"a second bank party: {refused['error']} ({refused['message']})")
+        refused = api("operator", "POST", "/v1/prices", 422, json={"price_rub_per_btc": "1"})
+        detail(f"the operator proposes 1 RUB/BTC: {refused['error']}")
+        detail(f"  ({refused['message']})")
+        near = START_PRICE - 50_000
+        proposal = api("operator", "POST", "/v1/prices", 201, json={"price_rub_per_btc": str(near)})
+        pid = proposal["id"]
+        detail(f"the operator proposes {near:,}: price {pid} {proposal['state']}, nothing moves")
+        own = api("operator", "POST", f"/v1/prices/{pid}/confirm", 409)
+        detail(f"the operator confirms it too: {own['error']} (4-eyes)")
+        withdrawn = api("approver", "POST", f"/v1/prices/{pid}/reject")
+        detail(
+            f"the approver turns it down (the feed is healthy): price {pid} {withdrawn['state']}; "
+            f"the risk engine reads confirmed prices only"
+        )
+        [shown] = api("auditor", "GET", "/v1/prices")
+        detail(
+            f"the auditor's price history: proposed by {shown['proposed_by']}, "
+            f"rejected by {shown['rejected_by']}; the miner may not look "
+            f"({api('miner', 'GET', '/v1/prices', 403)['error']})"
         )
 
         say("The bank operator creates three loans of 0.5 BTC collateral each")

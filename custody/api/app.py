@@ -36,6 +36,7 @@ from custody.loans import endpoints as loans
 from custody.notify import endpoints as notify
 from custody.parties import endpoints as parties
 from custody.risk import endpoints as risk
+from custody.risk.manual import Feeds
 from custody.signer import endpoints as signer_statements
 from custody.signing import endpoints as signing
 from custody.signing.chain import Chain, FeePolicy
@@ -193,6 +194,7 @@ def create_app(
     signer: BankSigner | None = None,
     chain: Chain | None = None,
     fees: FeePolicy | None = None,
+    price_feeds: Feeds | None = None,
 ) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -214,6 +216,7 @@ def create_app(
     app.state.signer = signer
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
+    app.state.price_feeds = price_feeds  # what a manual price is held to (custody.risk.manual)
     domains = (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit)
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Every id, and every column holding one, is 64-bit (what custody.schemas.ID_MAX bounds):
@@ -364,15 +364,39 @@ class SignerEndorsement(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
 
 
+class PriceState(StrEnum):
+    """A manual price's life: proposed by one person, then confirmed by a second (only
+    then may the risk engine use it) or rejected. `legacy`: set by one person before
+    prices needed two; kept as history, never used. A proposal past its `expires_at`
+    stays `proposed` here and is shown as expired."""
+
+    proposed = "proposed"
+    confirmed = "confirmed"
+    rejected = "rejected"
+    legacy = "legacy"
+
+
 class PriceRecord(SQLModel, table=True):
-    """A BTC/RUB price set by bank staff (the manual source), kept with who and when."""
+    """A BTC/RUB price proposed by bank staff (the manual source), with who proposed it and
+    who confirmed or rejected it, and when. Actors are `role:name`; the ids say which
+    principal, so 4-eyes compares principals, not names."""
+
+    __table_args__ = (Index("ix_pricerecord_state_confirmed_at", "state", "confirmed_at"),)
 
     id: int | None = Field(default=None, primary_key=True, sa_type=ID)
     price_rub_per_btc: str = Field(sa_column=Column(String(40), nullable=False))
     source: str = Field(sa_column=Column(String(120), nullable=False))
     quoted_at: datetime = Field(nullable=False)
-    set_by: str = Field(sa_column=Column(String(160), nullable=False))
-    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    state: PriceState = Field(sa_column=Column(String(16), nullable=False))
+    proposed_by: str = Field(sa_column=Column(String(160), nullable=False))
+    proposed_by_id: int | None = Field(default=None, foreign_key="principal.id", sa_type=ID)
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)  # proposed at
+    expires_at: datetime | None = None
+    confirmed_by: str | None = Field(default=None, sa_column=Column(String(160), nullable=True))
+    confirmed_by_id: int | None = Field(default=None, foreign_key="principal.id", sa_type=ID)
+    confirmed_at: datetime | None = None
+    rejected_by: str | None = Field(default=None, sa_column=Column(String(160), nullable=True))
+    rejected_at: datetime | None = None
 
 
 # Webhook subscriptions and the delivery outbox (custody/notify/ uses them).

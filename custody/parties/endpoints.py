@@ -11,7 +11,7 @@ from custody.api.deps import (
 )
 from custody.api.errors import BODY_ERRORS, errors_for
 from custody.db.models import Party, PartyKind
-from custody.errors import PartyNameTaken, PartyNotFound, RoleNotAllowed
+from custody.errors import PartyNameTaken, PartyNotFound, RoleNotAllowed, SecondBankParty
 from custody.parties import service as parties
 from custody.parties.schemas import PartyCreate, PartyOut
 from pledge.errors import InvalidInput, NotAuthenticated
@@ -24,7 +24,12 @@ router = APIRouter(prefix="/v1")
     status_code=201,
     tags=["parties"],
     responses=errors_for(
-        NotAuthenticated, RoleNotAllowed, InvalidInput, PartyNameTaken, *BODY_ERRORS
+        NotAuthenticated,
+        RoleNotAllowed,
+        InvalidInput,
+        PartyNameTaken,
+        SecondBankParty,
+        *BODY_ERRORS,
     ),
 )
 def create_party(body: PartyCreate, session: SessionDep, principal: PrincipalDep) -> PartyOut:

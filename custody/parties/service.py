@@ -1,4 +1,9 @@
-"""Parties: the miners, banks and arbiters that hold a loan's seats."""
+"""Parties: the miners, the bank and the arbiters that hold a loan's seats.
+
+One deployment serves one bank: its bank party is created once, and a second is refused
+(`SecondBankParty`). Bank staff (`bank_operator`, `bank_approver`) must belong to a bank
+party (`custody.auth.service`), so they all belong to that one. The admin and auditors
+belong to no party: they are the deployment's own, hence the bank's."""
 
 from __future__ import annotations
 
@@ -7,13 +12,22 @@ from sqlmodel import Session
 from custody.audit.service import record
 from custody.auth.policy import READ_ALL, require_role
 from custody.db.models import Party, PartyKind, Principal, Role
-from custody.errors import PartyNameTaken, PartyNotFound
+from custody.errors import PartyNameTaken, PartyNotFound, SecondBankParty
 from custody.parties import repository
 
 
 def create_party(session: Session, principal: Principal, *, name: str, kind: PartyKind) -> Party:
     require_role(principal, Role.admin, Role.bank_operator)
     name = name.strip()
+    if kind == PartyKind.bank:
+        repository.lock_bank_creation(session)
+        bank = repository.bank_party(session)
+        if bank is not None:
+            raise SecondBankParty(
+                f"this deployment serves one bank, party {bank.id} ({bank.name!r}): "
+                "a second bank party is refused",
+                field="kind",
+            )
     if repository.party_named(session, name) is not None:
         raise PartyNameTaken(f"a party named {name!r} already exists", field="name")
     party = Party(name=name, kind=kind)

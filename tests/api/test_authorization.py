@@ -34,7 +34,8 @@ class Case:
     body: Callable[[World, dict[str, Any]], Any] | None = None
     # which fixture: "ready" (all keys), "hsm" (bank key with the signer), or fresh per call:
     # "draft" (no keys), "keyed" (miner's and arbiter's keys), "funded", "request",
-    # "statement" (an open bank-key registration statement), "price"
+    # "statement" (an open bank-key registration statement), "price" (a confirmed manual
+    # price), "proposal" (one the bank operator proposed)
     needs: str = "ready"
 
 
@@ -342,6 +343,36 @@ CASES: list[Case] = [
         {"bank_operator": 200, "bank_approver": 200, "auditor": 200, "admin": 200},
         needs="price",
     ),
+    # The history says who proposed and who confirmed: staff and auditors only.
+    Case(
+        "GET",
+        "/v1/prices",
+        lambda w, c: "/v1/prices",
+        {"bank_operator": 200, "bank_approver": 200, "auditor": 200, "admin": 200},
+        needs="price",
+    ),
+    Case(
+        "GET",
+        "/v1/prices/{price_id}",
+        lambda w, c: f"/v1/prices/{c['price']}",
+        {"bank_operator": 200, "bank_approver": 200, "auditor": 200, "admin": 200},
+        needs="proposal",
+    ),
+    Case(
+        "POST",
+        "/v1/prices/{price_id}/confirm",
+        lambda w, c: f"/v1/prices/{c['price']}/confirm",
+        # The bank operator proposed it: 4-eyes, a second person confirms.
+        {"bank_operator": 409, "bank_approver": 200},
+        needs="proposal",
+    ),
+    Case(
+        "POST",
+        "/v1/prices/{price_id}/reject",
+        lambda w, c: f"/v1/prices/{c['price']}/reject",
+        {"bank_operator": 200, "bank_approver": 200},
+        needs="proposal",
+    ),
     Case(
         "POST",
         "/v1/parties/{party_id}/webhooks",
@@ -428,9 +459,13 @@ def test_endpoint_role_matrix(
         r = world.call("bank_operator", "POST", f"/v1/loans/{keyed_draft(world)}/keys/bank/hsm")
         assert r.status_code == 201, r.text
         ctx["statement"], ctx["statement_body"] = r.json()["id"], r.json()["statement"]
-    if case.needs == "price":
+    if case.needs in ("price", "proposal"):
         r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
         assert r.status_code == 201, r.text
+        ctx["price"] = r.json()["id"]
+    if case.needs == "price":
+        r = world.call("bank_approver", "POST", f"/v1/prices/{ctx['price']}/confirm")
+        assert r.status_code == 200, r.text
     if case.needs in ("funded", "request"):
         ctx["funded"] = funded_loan(world)
     if case.needs == "request":

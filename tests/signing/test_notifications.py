@@ -81,7 +81,9 @@ def test_a_deposit_notifies_the_miner_with_signed_webhooks(
 
 def test_prices_are_set_by_bank_staff_and_validated(world: World) -> None:
     r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6150000.25"})
-    assert r.status_code == 201 and r.json()["set_by"] == "bank_operator:user-bank_operator"
+    assert r.status_code == 201 and r.json()["proposed_by"] == "bank_operator:user-bank_operator"
+    r = world.call("bank_approver", "POST", f"/v1/prices/{r.json()['id']}/confirm")
+    assert r.status_code == 200 and r.json()["state"] == "confirmed", r.text
     assert (
         world.call("auditor", "GET", "/v1/prices/latest").json()["price_rub_per_btc"]
         == "6150000.25"

@@ -6,7 +6,7 @@ would have run out at 2^31. SQLite's INTEGER is already 64-bit (and its INTEGER 
 must stay the rowid alias), so there this is a no-op.
 
 Revision ID: 0010
-Revises: 0008
+Revises: 0009
 Create Date: 2026-12-10 10:00:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
-down_revision = "0008"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
@@ -35,7 +35,7 @@ ID_COLUMNS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("approval", ("id", "request_id", "principal_id")),
     ("signerstatement", ("id", "loan_id", "request_id")),
     ("signerendorsement", ("id", "statement_id")),
-    ("pricerecord", ("id",)),
+    ("pricerecord", ("id", "proposed_by_id", "confirmed_by_id")),
     ("webhook", ("id", "party_id")),
     ("outbox", ("id", "webhook_id")),
 )
