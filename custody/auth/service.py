@@ -128,14 +128,15 @@ def revoke_principal(
     """Revoke a principal's API key for good (the principal stays, for the audit trail's
     names); its next request answers 401. The last admin's key cannot be revoked:
     nobody could manage keys through the API any more."""
+    # The admins' rows first, always in id order, then the target (already among them if
+    # it is an admin): two admins revoking each other queue instead of deadlocking.
+    admins = repository.active_admins_for_update(session)
     principal = _target(session, principal_id, name)
-    if principal.role == Role.admin:
-        admins = repository.active_admins_for_update(session)
-        if [a.id for a in admins] == [principal.id]:
-            raise LastAdmin(
-                f"{principal.name!r} holds the last admin key: create another admin "
-                "(custody create-admin) before revoking it"
-            )
+    if [a.id for a in admins] == [principal.id]:
+        raise LastAdmin(
+            f"{principal.name!r} holds the last admin key: create another admin "
+            "(custody create-admin) before revoking it"
+        )
     principal.disabled = True
     session.add(principal)
     session.flush()
