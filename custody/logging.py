@@ -54,7 +54,8 @@ _NAMES = _SECRET_KEYS | {suffix.lstrip("_") for suffix in _SECRET_SUFFIXES}
 _NAMED = "|".join(sorted((re.escape(k) for k in _NAMES), key=len, reverse=True))
 # `secret='x'`, `"secret": "x"`, `secret=x`, `pin: 1234`, `hsm_serve_token=...`: the value.
 _KEY_VALUE = re.compile(
-    rf"(?i)(\b[\w-]*(?:{_NAMED})\b['\"]?\s*[:=]\s*)(?:'[^']*'|\"[^\"]*\"|[^\s,;&)}}\]]+)"
+    rf"(?i)(\b[\w-]*(?:{_NAMED})\b['\"]?\s*[:=]\s*)"
+    rf"(?:(?:bearer|basic)\s+[^\s,;&)}}\]'\"]+|'[^']*'|\"[^\"]*\"|[^\s,;&)}}\]]+)"
 )
 # SQLAlchemy's error text lists the statement's bound parameters (when the engine does
 # not hide them) on a line of their own: `[parameters: (...)]`, up to the line's end.
@@ -72,8 +73,8 @@ def redact_text(text: str) -> str:
         return text
     text = _SQL_PARAMETERS.sub(f"[parameters: {REDACTED}]", text)
     text = _API_KEY.sub(f"pc_{REDACTED}", text)
-    text = _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
-    return _KEY_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
 
 
 def _redact_value(value: Any) -> Any:
