@@ -130,3 +130,7 @@ def test_the_logging_layer_redacts_what_an_engine_and_callers_let_through() -> N
     assert "Authorization: ***" in log
     assert WEBHOOK_SECRET not in log and key not in log and "123456" not in log, log
     assert "Q" * 20 not in log, log
+
+
+def test_the_engine_hides_bound_parameters_on_both_databases(engine: Engine) -> None:
+    assert engine.hide_parameters
