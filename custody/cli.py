@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="The tamper-evident audit log.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+principal_app = typer.Typer(help="API users and their keys.", no_args_is_help=True)
+app.add_typer(principal_app, name="principal")
 
 
 def _settings() -> Settings:
@@ -51,6 +53,43 @@ def create_admin(name: Annotated[str, typer.Argument(help="the admin's name")]) 
             session, name=name, role=Role.admin, party_id=None, actor="cli"
         )
     typer.echo(api_key)
+
+
+def _principal_change(change: str, name: str) -> str | None:
+    """Revoke or rotate `name`'s key in one transaction (audited, actor `cli`); the new
+    key for a rotation. A refusal is printed and exits 2."""
+    from custody.auth.service import revoke_principal, rotate_key
+    from pledge.errors import CustodyError
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    try:
+        with transaction(engine) as session:
+            if change == "revoke":
+                revoke_principal(session, actor="cli", name=name)
+                return None
+            _, api_key = rotate_key(session, actor="cli", name=name)
+            return api_key
+    except CustodyError as exc:
+        typer.echo(f"custody principal {change}: {exc.message}", err=True)
+        raise typer.Exit(code=2) from exc
+    finally:
+        engine.dispose()
+
+
+@principal_app.command("revoke")
+def principal_revoke(name: Annotated[str, typer.Argument(help="the principal's name")]) -> None:
+    """Revoke a principal's API key: its next request answers 401, on every replica."""
+    _principal_change("revoke", name)
+    typer.echo(f"revoked the API key of {name}")
+
+
+@principal_app.command("rotate")
+def principal_rotate(name: Annotated[str, typer.Argument(help="the principal's name")]) -> None:
+    """Give a principal a new API key and print it (shown once, stored hashed); the old
+    key answers 401 from the next request on."""
+    typer.echo(_principal_change("rotate", name))
 
 
 # `custody watch` exits with this when another watcher took its lease over.
@@ -194,13 +233,16 @@ def notify() -> None:
     """Deliver queued webhooks (signed, retried with backoff) until stopped."""
     import httpx
 
+    from custody.netpolicy import UrlPolicy
     from custody.notify.delivery import DeliveryWorker
 
     root = _root()
     stop = threading.Event()
     _stop_on_signals(stop)
-    with httpx.Client(timeout=10.0, follow_redirects=False) as client:
-        DeliveryWorker(root.engine, client).run(stop, poll=1.0)
+    urls = UrlPolicy.for_network(root.settings.network)
+    # No proxy from the environment: the worker connects to the address it checked.
+    with httpx.Client(timeout=10.0, follow_redirects=False, trust_env=False) as client:
+        DeliveryWorker(root.engine, client, urls=urls).run(stop, poll=1.0)
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -97,6 +97,25 @@ class PrincipalNameTaken(Conflict):
     code = "principal_name_taken"
 
 
+class PrincipalNotFound(NotFound):
+    """No principal (API user) of that id or name."""
+
+    code = "principal_not_found"
+
+
+class PrincipalRevoked(Conflict):
+    """The principal's API key is revoked: it can be neither revoked again nor rotated."""
+
+    code = "principal_revoked"
+
+
+class LastAdmin(Conflict):
+    """Revoking this key would leave no admin able to manage API keys (create another
+    admin first: `custody create-admin`)."""
+
+    code = "last_admin"
+
+
 # -- parties ---------------------------------------------------------------------------------
 
 
@@ -437,6 +456,13 @@ class WebhookNotFound(NotFound):
 
     def __init__(self, message: str = "webhook not found", *, field: str | None = None) -> None:
         super().__init__(message, field=field)
+
+
+class UrlNotAllowed(InvalidInput):
+    """The webhook URL may not receive requests from the service: off regtest only https
+    to a host whose every address is public (no loopback, private, link-local, ...)."""
+
+    code = "url_not_allowed"
 
 
 # -- what the service depends on -------------------------------------------------------------

@@ -1,28 +1,170 @@
-"""structlog set-up: JSON lines on stderr. Secrets are pydantic SecretStr and are
-never passed to the logger; this module adds a last guard for known secret keys."""
+"""structlog set-up: JSON lines on stderr, with no secret in any of them.
+
+Secrets are pydantic SecretStr and are never passed to the logger on purpose; but an
+exception's text can carry them (a failed INSERT's bound parameters once put a webhook
+secret into the server log, with the traceback). So every line is redacted at the
+logging layer, whoever wrote it: the service's structlog events (a processor, after the
+traceback is formatted, so the traceback is redacted too) and the stdlib records of
+uvicorn, SQLAlchemy, httpx and the rest (a record factory: it sees every record of every
+logger, whatever handlers uvicorn installs later). Redacted are the values of keys named
+like secrets (`secret`, `api_key`, `pin`, `token`, `authorization`, ...), in an event's
+fields and in text (`secret='...'`, `"token": "..."`, `Authorization: Bearer ...`), our API
+keys wherever they appear (`pc_` and 43 random characters, `custody.auth.service`), and the
+bound parameters SQLAlchemy lists in an error.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import structlog
 
-_SECRET_KEYS = frozenset({"pin", "password", "api_key", "seed", "xprv", "passphrase", "secret"})
+REDACTED = "***"
+
+# Field names whose values are secrets, compared in lower case.
+_SECRET_KEYS = frozenset(
+    {
+        "pin",
+        "password",
+        "passwd",
+        "passphrase",
+        "secret",
+        "api_key",
+        "apikey",
+        "x-api-key",
+        "key",
+        "token",
+        "authorization",
+        "seed",
+        "xprv",
+        "cookie",
+    }
+)
+_SECRET_SUFFIXES = ("_secret", "_token", "_password", "_passphrase", "_pin", "_api_key")
+
+# Our API keys: "pc_" + secrets.token_urlsafe(32) (43 characters); shorter runs are the
+# shown `key_prefix` (6), which is no secret.
+_API_KEY = re.compile(r"\bpc_[A-Za-z0-9_-]{20,}")
+_BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
+_NAMES = _SECRET_KEYS | {suffix.lstrip("_") for suffix in _SECRET_SUFFIXES}
+_NAMED = "|".join(sorted((re.escape(k) for k in _NAMES), key=len, reverse=True))
+# `secret='x'`, `"secret": "x"`, `secret=x`, `pin: 1234`, `hsm_serve_token=...`: the value.
+_KEY_VALUE = re.compile(
+    rf"(?i)(\b[\w-]*(?:{_NAMED})\b['\"]?\s*[:=]\s*)"
+    rf"(?:(?:bearer|basic)\s+[^\s,;&)}}\]'\"]+|'[^']*'|\"[^\"]*\"|[^\s,;&)}}\]]+)"
+)
+# SQLAlchemy's error text lists the statement's bound parameters (when the engine does
+# not hide them) on a line of their own: `[parameters: (...)]`, up to the line's end.
+_SQL_PARAMETERS = re.compile(r"\[parameters: [^\n]*")
 
 
-def _drop_secrets(
+def _secret_name(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in _SECRET_KEYS or lowered.endswith(_SECRET_SUFFIXES)
+
+
+def redact_text(text: str) -> str:
+    """`text` with every secret-looking value replaced by `***`."""
+    if not text:
+        return text
+    text = _SQL_PARAMETERS.sub(f"[parameters: {REDACTED}]", text)
+    text = _API_KEY.sub(f"pc_{REDACTED}", text)
+    text = _KEY_VALUE.sub(lambda m: f"{m.group(1)}{REDACTED}", text)
+    return _BEARER.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _secret_name(k) else _redact_value(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(_redact_value(v) for v in value)
+    return value
+
+
+def redact_event(
     _logger: Any, _name: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
+    """The structlog processor: secret-named fields dropped, every text value scrubbed
+    (the formatted traceback included: it runs after `format_exc_info`)."""
     for key in list(event):
-        if key.lower() in _SECRET_KEYS:
-            event[key] = "***"
+        if _secret_name(key):
+            event[key] = REDACTED
+        else:
+            event[key] = _redact_value(event[key])
     return event
 
 
+def redact_record(record: logging.LogRecord) -> logging.LogRecord:
+    """A stdlib record with its message and traceback redacted, formatted here once
+    (the message's arguments are merged in; the traceback is kept as `exc_text`, which
+    formatters print instead of formatting `exc_info` again)."""
+    try:
+        message = record.getMessage()
+    except Exception:  # a bad format string: logging reports it later, with the raw parts
+        return record
+    clean = redact_text(message)
+    if clean != message:
+        args = record.args
+        if isinstance(args, tuple) and isinstance(record.msg, str):
+            # Keep the arguments (uvicorn's access formatter unpacks them), redacted one
+            # by one, if that is enough.
+            redacted = tuple(_redact_value(a) for a in args)
+            try:
+                enough = redact_text(record.msg % redacted) == record.msg % redacted
+            except (TypeError, ValueError):
+                enough = False
+            if enough:
+                record.args = redacted
+            else:
+                record.msg, record.args = clean, None
+        else:
+            record.msg, record.args = clean, None
+    if record.exc_info and not record.exc_text:
+        record.exc_text = logging.Formatter().formatException(record.exc_info)
+    if record.exc_text:
+        record.exc_text = redact_text(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redact_text(record.stack_info)
+    return record
+
+
+class RedactingFilter(logging.Filter):
+    """The same redaction as a filter, for a handler configured elsewhere."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record)
+        return True
+
+
+_installed_factory: Callable[..., logging.LogRecord] | None = None
+
+
+def _install_record_factory() -> None:
+    """Every stdlib record is redacted as it is made (once per process)."""
+    global _installed_factory
+    current = logging.getLogRecordFactory()
+    if current is _installed_factory:
+        return
+    previous = current
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        return redact_record(previous(*args, **kwargs))
+
+    logging.setLogRecordFactory(factory)
+    _installed_factory = factory
+
+
 def configure_logging(level: str = "INFO") -> None:
+    _install_record_factory()
     logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
     # One line per node RPC call drowns the watcher's own events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -31,8 +173,8 @@ def configure_logging(level: str = "INFO") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _drop_secrets,
             structlog.processors.format_exc_info,
+            redact_event,
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level)),

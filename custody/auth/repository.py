@@ -8,7 +8,7 @@ from typing import Final
 from sqlalchemy import bindparam
 from sqlmodel import Session, col, select
 
-from custody.db.models import Party, Principal
+from custody.db.models import Party, Principal, Role
 
 _BY_KEY_HASH: Final = select(Principal).where(col(Principal.key_hash) == bindparam("key_hash"))
 
@@ -23,3 +23,25 @@ def principal_by_name(session: Session, name: str) -> Principal | None:
 
 def party(session: Session, party_id: int) -> Party | None:
     return session.get(Party, party_id)
+
+
+def principal_for_update(session: Session, principal_id: int) -> Principal | None:
+    """The principal, its row locked (PostgreSQL) until the caller's transaction ends."""
+    return session.get(Principal, principal_id, with_for_update=True)
+
+
+def principal_by_name_for_update(session: Session, name: str) -> Principal | None:
+    return session.exec(select(Principal).where(Principal.name == name).with_for_update()).first()
+
+
+def active_admins_for_update(session: Session) -> list[Principal]:
+    """The admins whose keys work, their rows locked: two admins revoking each other at
+    once queue here, so the second sees the first's revocation."""
+    return list(
+        session.exec(
+            select(Principal)
+            .where(Principal.role == Role.admin, col(Principal.disabled).is_(False))
+            .order_by(col(Principal.id))
+            .with_for_update()
+        ).all()
+    )

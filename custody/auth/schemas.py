@@ -24,7 +24,10 @@ class PrincipalOut(BaseModel):
     role: str
     party_id: int | None
     key_prefix: str
+    revoked: bool = Field(description="The key is revoked: it answers 401.")
 
 
 class PrincipalCreated(PrincipalOut):
-    api_key: str = Field(description="Shown once; only its hash is stored.")
+    api_key: str = Field(
+        description="Shown once (the answer is `Cache-Control: no-store`); only its hash is stored."
+    )

@@ -32,7 +32,6 @@ heights come in one batched JSON-RPC request (``get_block_hashes``).
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import itertools
 import re
 import struct
@@ -45,6 +44,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from custody.errors import NodeUnavailable
+from custody.netpolicy import is_loopback_host
 from pledge.errors import CustodyError, InvalidInput, Unsupported
 
 __all__ = [
@@ -177,15 +177,6 @@ def _error_for(method: str, code: int, message: str) -> RpcError:
 _HASH_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def _is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _double_sha256(data: bytes) -> bytes:
     return hashlib.sha256(hashlib.sha256(data).digest()).digest()
 
@@ -260,7 +251,7 @@ class NodeRpc:
         self._kind: NodeKind | None = None
         # Whether the node serves binary blocks over REST: asked once (None: not yet).
         # `rest`: None asks only a node on this machine, True any node, False none.
-        allowed = _is_loopback(parts.hostname) if rest is None else rest
+        allowed = is_loopback_host(parts.hostname) if rest is None else rest
         self._rest: bool | None = None if allowed else False
 
     def __repr__(self) -> str:

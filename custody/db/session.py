@@ -53,6 +53,9 @@ def make_engine(
     max_overflow: int = DEFAULT_MAX_OVERFLOW,
     pool_timeout: float = DEFAULT_POOL_TIMEOUT,
 ) -> Engine:
+    """An engine whose errors never show bound parameters (`hide_parameters`): a failed
+    statement's text is logged with its traceback, and its parameters may be secrets (a
+    webhook's HMAC key, an API key's hash)."""
     parsed = make_url(url)
     pool: dict[str, Any] = {
         "pool_size": pool_size,
@@ -63,6 +66,7 @@ def make_engine(
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT},
+            hide_parameters=True,
             **({} if _in_memory(parsed) else pool),
         )
         _configure_sqlite(engine)
@@ -71,7 +75,7 @@ def make_engine(
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
-    return create_engine(url, pool_pre_ping=True, **pool)
+    return create_engine(url, pool_pre_ping=True, hide_parameters=True, **pool)
 
 
 def _in_memory(url: URL) -> bool:

@@ -8,6 +8,9 @@ across a network call, so a slow receiver cannot stall the rest of the service, 
 workers never send the same row at the same time. A worker that dies mid-batch only
 delays its rows until the lease runs out: delivery is at-least-once, and the stable
 event id lets receivers make it exactly-once.
+
+Each POST goes only where `custody.netpolicy` allows (off regtest: https to public
+addresses), to the address checked just before, and never follows a redirect.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from sqlalchemy.engine import Engine
 
 from custody.db.models import utcnow
 from custody.db.session import transaction
+from custody.netpolicy import Resolver, UrlPolicy, checked_addresses, parse_url, resolve_host
 from custody.notify import repository
+from pledge.errors import InvalidInput
 
 log = structlog.get_logger(__name__)
 
@@ -167,11 +172,23 @@ def _claim(engine: Engine, now: datetime, batch: int, policy: RetryPolicy) -> li
     return claims
 
 
-def _send(client: httpx.Client, claim: _Claim, at: datetime) -> str | None:
-    """POST one event; None on a 2xx, else a short reason (no body, no secret)."""
+def _send(
+    client: httpx.Client, claim: _Claim, at: datetime, urls: UrlPolicy, resolve: Resolver
+) -> str | None:
+    """POST one event; None on a 2xx, else a short reason (no body, no secret).
+
+    The host is resolved here and every address checked by `urls`, then the request goes
+    to the first of them: the address that was checked, not one a second lookup might
+    give (DNS rebinding). Host and TLS SNI (so the certificate check) keep the name."""
+    try:
+        target = parse_url(claim.url, urls)
+        address = checked_addresses(target, urls, resolve)[0]
+    except InvalidInput as exc:  # UrlNotAllowed among them: refused, nothing sent
+        return f"refused: {exc.message}"[:MAX_ERROR_LENGTH]
     body = render_body(claim.event_id, claim.event_type, claim.created_at, claim.payload)
     timestamp = _timestamp(at)
     headers = {
+        "Host": target.host_header,
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "X-Custody-Event-Id": claim.event_id,
@@ -179,9 +196,17 @@ def _send(client: httpx.Client, claim: _Claim, at: datetime) -> str | None:
         "X-Custody-Timestamp": timestamp,
         "X-Custody-Signature": sign(claim.secret, timestamp, body),
     }
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
     try:
-        # Never follow redirects: the URL was validated, wherever it points next was not.
-        response = client.post(claim.url, content=body, headers=headers, follow_redirects=False)
+        # Never follow redirects: the URL was checked, wherever it points next was not.
+        # A 3xx is a failed delivery like any other non-2xx.
+        response = client.post(
+            target.pinned(address),
+            content=body,
+            headers=headers,
+            extensions=extensions,
+            follow_redirects=False,
+        )
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         return f"{type(exc).__name__}: {exc}"[:MAX_ERROR_LENGTH]
     if 200 <= response.status_code < 300:
@@ -226,12 +251,15 @@ def deliver_due(
     engine: Engine,
     *,
     client: httpx.Client,
+    urls: UrlPolicy,
+    resolve: Resolver = resolve_host,
     now: datetime | None = None,
     batch: int = 100,
     policy: RetryPolicy = DEFAULT_POLICY,
     rng: random.Random | None = None,
 ) -> DeliveryReport:
-    """Send up to ``batch`` due events once each.
+    """Send up to ``batch`` due events once each, each only to an address `urls` allows
+    (`UrlPolicy.for_network(settings.network)`), as `resolve` finds it.
 
     ``now`` pins the clock (tests drive retries with it); by default each outcome is
     stamped with the real time it happened."""
@@ -239,7 +267,9 @@ def deliver_due(
     claims = _claim(engine, clock(), batch, policy)
     counts = {"delivered": 0, "failed": 0, "dead": 0, "stale": 0}
     for claim in claims:
-        error = _send(client, claim, clock()) if claim.active else "webhook deactivated"
+        error = (
+            _send(client, claim, clock(), urls, resolve) if claim.active else "webhook deactivated"
+        )
         outcome = _record_outcome(engine, claim, clock(), error, policy, rng)
         counts[outcome] += 1
         log.info(
@@ -268,19 +298,29 @@ class DeliveryWorker:
         engine: Engine,
         client: httpx.Client,
         *,
+        urls: UrlPolicy,
+        resolve: Resolver = resolve_host,
         batch: int = 100,
         policy: RetryPolicy = DEFAULT_POLICY,
         rng: random.Random | None = None,
     ) -> None:
         self.engine = engine
         self.client = client
+        self.urls = urls
+        self.resolve = resolve
         self.batch = batch
         self.policy = policy
         self.rng = rng
 
     def run_once(self) -> DeliveryReport:
         return deliver_due(
-            self.engine, client=self.client, batch=self.batch, policy=self.policy, rng=self.rng
+            self.engine,
+            client=self.client,
+            urls=self.urls,
+            resolve=self.resolve,
+            batch=self.batch,
+            policy=self.policy,
+            rng=self.rng,
         )
 
     def run(self, stop: threading.Event, poll: float = 1.0) -> None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from custody.api.deps import (
     PartyId,
     PrincipalDep,
     SessionDep,
+    SettingsDep,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
 from custody.db.models import Principal, Role
-from custody.errors import PartyNotFound
+from custody.db.session import transaction
+from custody.errors import PartyNotFound, UrlNotAllowed
+from custody.netpolicy import Resolver, UrlPolicy, check_url, resolve_host
 from custody.notify.outbox import list_webhooks, register_webhook
 from custody.notify.schemas import WebhookCreate
 from pledge.errors import InvalidInput, NotAuthenticated
@@ -27,24 +30,43 @@ def _own_party(principal: Principal, party_id: int) -> None:
         raise PartyNotFound()
 
 
+def _resolver(request: Request) -> Resolver:
+    """The DNS lookup webhook hosts are checked with (tests install their own answers as
+    `app.state.resolve`)."""
+    resolve: Resolver = getattr(request.app.state, "resolve", resolve_host)
+    return resolve
+
+
 @router.post(
     "/parties/{party_id}/webhooks",
     status_code=201,
     tags=["notifications"],
-    responses=errors_for(NotAuthenticated, InvalidInput, PartyNotFound, *BODY_ERRORS),
+    responses=errors_for(
+        NotAuthenticated, InvalidInput, UrlNotAllowed, PartyNotFound, *BODY_ERRORS
+    ),
 )
 def create_webhook(
-    party_id: PartyId, body: WebhookCreate, session: SessionDep, principal: PrincipalDep
+    party_id: PartyId,
+    body: WebhookCreate,
+    request: Request,
+    principal: PrincipalDep,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
+    """The URL's host is looked up (DNS) before the transaction opens, so a slow resolver
+    holds no database connection and no write lock."""
     _own_party(principal, party_id)
-    view = register_webhook(
-        session,
-        party_id,
-        body.url,
-        body.secret,
-        body.events,
-        actor=f"{principal.role}:{principal.name}",
-    )
+    urls = UrlPolicy.for_network(settings.network)
+    check_url(body.url.strip(), urls, _resolver(request))
+    with transaction(request.app.state.engine) as session:
+        view = register_webhook(
+            session,
+            party_id,
+            body.url,
+            body.secret,
+            body.events,
+            urls=urls,
+            actor=f"{principal.role}:{principal.name}",
+        )
     return view.as_dict()
 
 

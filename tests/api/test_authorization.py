@@ -35,7 +35,7 @@ class Case:
     # which fixture: "ready" (all keys), "hsm" (bank key with the signer), or fresh per call:
     # "draft" (no keys), "keyed" (miner's and arbiter's keys), "funded", "request",
     # "statement" (an open bank-key registration statement), "price" (a confirmed manual
-    # price), "proposal" (one the bank operator proposed)
+    # price), "proposal" (one the bank operator proposed), "principal" (a fresh auditor's key)
     needs: str = "ready"
 
 
@@ -70,6 +70,20 @@ CASES: list[Case] = [
         lambda w, c: "/v1/principals",
         {"admin": 201},
         body=lambda w, c: {"name": f"p-{c['n']}", "role": "auditor"},
+    ),
+    Case(
+        "POST",
+        "/v1/principals/{principal_id}/revoke",
+        lambda w, c: f"/v1/principals/{c['principal']}/revoke",
+        {"admin": 200},
+        needs="principal",
+    ),
+    Case(
+        "POST",
+        "/v1/principals/{principal_id}/rotate",
+        lambda w, c: f"/v1/principals/{c['principal']}/rotate",
+        {"admin": 200},
+        needs="principal",
     ),
     Case(
         "POST",
@@ -459,6 +473,12 @@ def test_endpoint_role_matrix(
         r = world.call("bank_operator", "POST", f"/v1/loans/{keyed_draft(world)}/keys/bank/hsm")
         assert r.status_code == 201, r.text
         ctx["statement"], ctx["statement_body"] = r.json()["id"], r.json()["statement"]
+    if case.needs == "principal":
+        r = world.call(
+            "admin", "POST", "/v1/principals", json={"name": f"t-{ctx['n']}", "role": "auditor"}
+        )
+        assert r.status_code == 201, r.text
+        ctx["principal"] = r.json()["id"]
     if case.needs in ("price", "proposal"):
         r = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
         assert r.status_code == 201, r.text

@@ -13,10 +13,13 @@ from sqlmodel import Session, col, select
 
 from custody.db.models import Outbox, Party, PartyKind
 from custody.db.session import transaction
+from custody.netpolicy import UrlPolicy
 from custody.notify import repository
 from custody.notify.events import event_key
 from custody.notify.outbox import enqueue, event_id, register_webhook
 from regtest.wait import wait_until
+
+LOCAL = UrlPolicy.for_network("regtest")  # the tests' receivers: plain http on loopback
 
 SECRET = "k" * 40
 FACT = "loan=7/txid=" + "ab" * 32 + "/vout=1/block_hash=" + "cd" * 32 + "/retractions=0"
@@ -29,8 +32,8 @@ def _hooks(engine: Engine) -> tuple[int, int, int, int]:
         s.add_all([miner, bank])
         s.flush()
         assert miner.id is not None and bank.id is not None
-        miner_hook = register_webhook(s, miner.id, "http://127.0.0.1:9/m", SECRET, "*")
-        bank_hook = register_webhook(s, bank.id, "http://127.0.0.1:9/b", SECRET, "*")
+        miner_hook = register_webhook(s, miner.id, "http://127.0.0.1:9/m", SECRET, "*", urls=LOCAL)
+        bank_hook = register_webhook(s, bank.id, "http://127.0.0.1:9/b", SECRET, "*", urls=LOCAL)
     return miner.id, bank.id, miner_hook.id, bank_hook.id
 
 

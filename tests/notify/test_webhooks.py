@@ -21,6 +21,7 @@ from sqlmodel import Session, col, select
 
 from custody.db.models import Outbox, Party, PartyKind, Webhook
 from custody.db.session import transaction
+from custody.netpolicy import UrlPolicy
 from custody.notify.delivery import (
     DeliveryWorker,
     RetryPolicy,
@@ -35,6 +36,8 @@ from custody.notify.outbox import (
 )
 from pledge.errors import InvalidInput, NotFound
 from regtest.wait import wait_until
+
+LOCAL = UrlPolicy.for_network("regtest")  # https anywhere, plain http to loopback
 
 SECRET_A = "a" * 16 + "-shared-secret-of-party-one-0123"
 SECRET_B = "b" * 16 + "-shared-secret-of-party-two-4567"
@@ -139,8 +142,8 @@ def test_flaky_receiver_gets_each_event_once_signed_with_growing_backoff(
     miner = _party(engine, "miner-1")
     bank = _party(engine, "bank-1", PartyKind.bank)
     with transaction(engine) as s:
-        register_webhook(s, miner, f"{receiver.base}/flaky", SECRET_A, "*")
-        register_webhook(s, bank, f"{receiver.base}/other", SECRET_B, ["loan.active"])
+        register_webhook(s, miner, f"{receiver.base}/flaky", SECRET_A, "*", urls=LOCAL)
+        register_webhook(s, bank, f"{receiver.base}/other", SECRET_B, ["loan.active"], urls=LOCAL)
 
     with transaction(engine) as s:
         ids = enqueue(
@@ -171,7 +174,7 @@ def test_flaky_receiver_gets_each_event_once_signed_with_growing_backoff(
 
     t0 = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)  # all rows due
     for step in range(30):
-        deliver_due(engine, client=client, now=t0 + timedelta(seconds=step))
+        deliver_due(engine, client=client, urls=LOCAL, now=t0 + timedelta(seconds=step))
 
     # Accepted exactly once each; the rolled-back event never existed; the bank's hook
     # (subscribed to loan.active only) got nothing.
@@ -212,7 +215,7 @@ def test_flaky_receiver_gets_each_event_once_signed_with_growing_backoff(
         assert row.delivered_at is not None and row.dead_at is None
         assert row.last_error == "HTTP 500"  # the failure before the success, kept
     # Nothing is due any more, however late it gets.
-    later = deliver_due(engine, client=client, now=t0 + timedelta(days=2))
+    later = deliver_due(engine, client=client, urls=LOCAL, now=t0 + timedelta(days=2))
     assert later.attempted == 0
 
 
@@ -222,8 +225,10 @@ def test_retries_give_up_and_keep_the_row_and_deactivated_hooks_are_not_called(
     miner = _party(engine, "miner-2")
     arbiter = _party(engine, "arbiter-2", PartyKind.arbiter)
     with transaction(engine) as s:
-        register_webhook(s, miner, f"{receiver.base}/down", SECRET_A, ["signature.needed"])
-        gone = register_webhook(s, arbiter, f"{receiver.base}/gone", SECRET_B, "*")
+        register_webhook(
+            s, miner, f"{receiver.base}/down", SECRET_A, ["signature.needed"], urls=LOCAL
+        )
+        gone = register_webhook(s, arbiter, f"{receiver.base}/gone", SECRET_B, "*", urls=LOCAL)
     with transaction(engine) as s:
         (down_id,) = enqueue(
             s, party_ids=[miner], event_type="signature.needed", payload={}, key="down"
@@ -238,7 +243,7 @@ def test_retries_give_up_and_keep_the_row_and_deactivated_hooks_are_not_called(
     policy = RetryPolicy(max_attempts=3, base_seconds=1.0, cap_seconds=3.0)
     t0 = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=1)  # all rows due
     reports = [
-        deliver_due(engine, client=client, now=t0 + timedelta(seconds=n), policy=policy)
+        deliver_due(engine, client=client, urls=LOCAL, now=t0 + timedelta(seconds=n), policy=policy)
         for n in range(20)
     ]
     assert sum(r.dead for r in reports) == 2
@@ -254,7 +259,7 @@ def test_retries_give_up_and_keep_the_row_and_deactivated_hooks_are_not_called(
     assert rows[down_id].attempts == 3 and rows[down_id].dead_at is not None
     assert rows[down_id].delivered_at is None and rows[down_id].last_error == "HTTP 500"
     assert rows[gone_id].dead_at is not None and rows[gone_id].last_error == "webhook deactivated"
-    assert deliver_due(engine, client=client, now=t0 + timedelta(days=1)).attempted == 0
+    assert deliver_due(engine, client=client, urls=LOCAL, now=t0 + timedelta(days=1)).attempted == 0
 
 
 def test_registration_is_validated_and_listings_never_show_the_secret(engine: Engine) -> None:
@@ -272,14 +277,16 @@ def test_registration_is_validated_and_listings_never_show_the_secret(engine: En
     ]
     for url, secret, events in bad:
         with pytest.raises(InvalidInput), transaction(engine) as s:
-            register_webhook(s, party, url, secret, events)  # type: ignore[arg-type]
+            register_webhook(s, party, url, secret, events, urls=LOCAL)  # type: ignore[arg-type]
     with pytest.raises(NotFound), transaction(engine) as s:
-        register_webhook(s, 999_999, "https://example.com/hook", SECRET_A, "*")
+        register_webhook(s, 999_999, "https://example.com/hook", SECRET_A, "*", urls=LOCAL)
 
     with transaction(engine) as s:
-        register_webhook(s, party, "https://example.com/hook", SECRET_A, "loan.active,deposit.seen")
-        register_webhook(s, party, "http://localhost:9/hook", SECRET_B, "*")
-        register_webhook(s, party, "http://[::1]:9/hook", SECRET_B, "*")
+        register_webhook(
+            s, party, "https://example.com/hook", SECRET_A, "loan.active,deposit.seen", urls=LOCAL
+        )
+        register_webhook(s, party, "http://localhost:9/hook", SECRET_B, "*", urls=LOCAL)
+        register_webhook(s, party, "http://[::1]:9/hook", SECRET_B, "*", urls=LOCAL)
     with Session(engine) as s:
         views = list_webhooks(s, party)
         stored = s.exec(select(Webhook)).all()
@@ -297,7 +304,7 @@ def test_concurrent_workers_deliver_each_event_exactly_once(
 ) -> None:
     party = _party(engine, "miner-4")
     with transaction(engine) as s:
-        register_webhook(s, party, f"{receiver.base}/ok", SECRET_A, "*")
+        register_webhook(s, party, f"{receiver.base}/ok", SECRET_A, "*", urls=LOCAL)
     ids: list[str] = []
     for n in range(40):
         with transaction(engine) as s:
@@ -306,7 +313,7 @@ def test_concurrent_workers_deliver_each_event_exactly_once(
             )
 
     stop = threading.Event()
-    workers = [DeliveryWorker(engine, client, batch=3) for _ in range(3)]
+    workers = [DeliveryWorker(engine, client, urls=LOCAL, batch=3) for _ in range(3)]
     threads = [threading.Thread(target=w.run, args=(stop, 0.02)) for w in workers]
     for t in threads:
         t.start()

@@ -13,6 +13,7 @@ import pytest
 from support.lending import funded_loan
 from support.world import World
 
+from custody.netpolicy import UrlPolicy
 from custody.notify.delivery import deliver_due, verify_signature
 from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
@@ -63,7 +64,7 @@ def test_a_deposit_notifies_the_miner_with_signed_webhooks(
     assert "secret" not in r.json()
     funded_loan(world, regtest_node, watcher)  # pays, mines, the watcher confirms
     with httpx.Client(trust_env=False) as client:
-        report = deliver_due(world.engine, client=client)
+        report = deliver_due(world.engine, client=client, urls=UrlPolicy.for_network("regtest"))
     assert report.delivered == 3, report
     types = [json.loads(g["body"])["type"] for g in got]
     assert sorted(types) == ["deposit.confirmed", "deposit.seen", "loan.active"]
@@ -76,7 +77,12 @@ def test_a_deposit_notifies_the_miner_with_signed_webhooks(
             "wrong" * 8, h["x-custody-timestamp"], g["body"], h["x-custody-signature"]
         )
     with httpx.Client(trust_env=False) as client:
-        assert deliver_due(world.engine, client=client).attempted == 0  # each event once
+        assert (
+            deliver_due(
+                world.engine, client=client, urls=UrlPolicy.for_network("regtest")
+            ).attempted
+            == 0
+        )  # each event once
 
 
 def test_prices_are_set_by_bank_staff_and_validated(world: World) -> None:

@@ -22,6 +22,7 @@ from support.world import World, build_world
 from custody.chain.rpc import NodeRpc
 from custody.db.models import AuditEvent, Deposit, Outbox
 from custody.db.session import make_engine, transaction
+from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher, WatcherConfig
 from regtest.node import RegtestNode, free_port
@@ -98,6 +99,7 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
             "http://127.0.0.1:9/hooks",
             SECRET,
             ["watcher.stalled", "watcher.recovered"],
+            urls=UrlPolicy.for_network("regtest"),
         )
     [loan] = create_ready_loans(engine, [1_000_000], seed="stalls")
     watcher = Watcher(
@@ -235,4 +237,3 @@ def test_health_answers_when_the_node_is_unreachable(
     assert body["node"]["reachable"] is False and "unreachable" in body["node"]["error"]
     assert body["watcher"]["height"] == regtest_node.rpc.get_block_count()
     assert body["watcher"]["last_error"] is None and body["watcher"]["stalled"] is False
-

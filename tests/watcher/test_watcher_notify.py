@@ -31,6 +31,7 @@ from custody.chain.rpc import NodeRpc
 from custody.db.models import Principal
 from custody.db.session import transaction
 from custody.loans.service import new_address
+from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher, WatcherConfig
 from pledge.descriptors import parse_collateral_descriptor
@@ -50,7 +51,12 @@ def bank_hook(world: World) -> int:
     """A webhook of the bank's that wants every event (never called: rows are counted)."""
     with transaction(world.engine) as session:
         view = register_webhook(
-            session, world.party_ids["bank"], "http://127.0.0.1:9/hook", SECRET, "*"
+            session,
+            world.party_ids["bank"],
+            "http://127.0.0.1:9/hook",
+            SECRET,
+            "*",
+            urls=UrlPolicy.for_network("regtest"),
         )
     return view.id
 
