@@ -10,24 +10,28 @@ import sys
 from pathlib import Path
 
 import httpx
+from sqlalchemy.engine import Engine
+from sqlmodel import select
 from support.dbsnapshot import changed_tables, snapshot
 from support.signer_world import free_port
 
+from custody.db.models import Party, PartyKind
+from custody.db.session import transaction
 from regtest.wait import wait_until
 
 HERE = Path(__file__).parent
 
 
-def test_snapshot_sees_a_changed_row_and_nothing_else(tmp_path: Path) -> None:
-    db = tmp_path / "s.db"
-    with sqlite3.connect(db) as conn:
-        conn.executescript("CREATE TABLE a (x); CREATE TABLE b (y); INSERT INTO a VALUES (1);")
-    url = f"sqlite:///{db}"
-    before = snapshot(url)
-    assert changed_tables(before, snapshot(url)) == []
-    with sqlite3.connect(db) as conn:
-        conn.execute("UPDATE a SET x = 2")
-    assert changed_tables(before, snapshot(url)) == ["a"]
+def test_snapshot_sees_a_changed_row_and_nothing_else(db_url: str, engine: Engine) -> None:
+    with transaction(engine) as session:
+        session.add(Party(name="p", kind=PartyKind.miner))
+    before = snapshot(db_url)
+    assert "party" in before and changed_tables(before, snapshot(db_url)) == []
+    with transaction(engine) as session:
+        party = session.exec(select(Party)).one()
+        party.name = "q"
+        session.add(party)
+    assert changed_tables(before, snapshot(db_url)) == ["party"]
 
 
 def test_a_refusal_that_wrote_a_row_fails_the_fuzz_run(tmp_path: Path) -> None:
