@@ -1,0 +1,147 @@
+"""Schemathesis over the whole OpenAPI, against a real `custody serve` on SQLite and on
+PostgreSQL, once per kind of caller (each staff role, a miner, an arbiter, nobody).
+
+Every operation, every phase (the schema's examples, its coverage of edges and bad
+values, random valid and invalid data, stateful sequences along the links Schemathesis
+finds), every check Schemathesis has: no 5xx, every status, content type, header and body
+as the OpenAPI declares, bad data refused, good data not refused but for the API's own
+reasons (tests/fuzz/schemathesis.toml), authentication not ignored. Plus our own check
+(tests/fuzz/st_hooks.py): the database is read before every request and compared after
+every 4xx; a refused request changes nothing.
+
+The seed is fixed, so CI runs the same requests every time; `FUZZ_SEED` and
+`FUZZ_MAX_EXAMPLES` explore further by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import Engine
+from support.custody_serve import custody_serve
+from support.lending import funded_loan, request
+from support.world import World, build_world
+
+from custody.db.session import transaction
+from custody.notify.outbox import register_webhook
+from custody.watcher.service import Watcher
+from regtest.node import RegtestNode
+
+HERE = Path(__file__).parent
+SEED = os.environ.get("FUZZ_SEED", "20261201")
+MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "12")
+CALLERS = ("admin", "bank_operator", "bank_approver", "auditor", "miner", "arbiter", None)
+
+
+def _populate(world: World, node: RegtestNode, watcher: Watcher) -> dict[str, list[int]]:
+    """Something of every kind for the ids in paths to find: loans in each early state, an
+    active loan with an open signing request, a webhook per party."""
+    draft = world.create_loan()
+    keyed = world.keyed_loan()
+    funded = funded_loan(world, node, watcher, hsm_bank=False)
+    req = request(world, "bank_operator", funded.loan["id"], action="release")
+    with transaction(world.engine) as session:
+        hooks = [
+            register_webhook(session, pid, f"http://127.0.0.1:9/{name}", "s" * 40, "*").id
+            for name, pid in world.party_ids.items()
+        ]
+    return {
+        "loan_id": [draft["id"], keyed["id"], funded.loan["id"]],
+        "request_id": [req["id"]],
+        "party_id": list(world.party_ids.values()),
+        "webhook_id": [h for h in hooks if h is not None],
+    }
+
+
+def _failures(report_dir: Path) -> list[str]:
+    out: list[str] = []
+    for xml in report_dir.rglob("*.xml"):
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            for bad in [*case.iter("failure"), *case.iter("error")]:
+                text = (bad.get("message") or "") + "\n" + (bad.text or "")
+                out.append(f"{case.get('name')}: {text.strip()[:1500]}")
+    return out
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
+def test_schemathesis_finds_no_server_error_no_mismatch_and_no_change_on_refusal(
+    db_url: str, engine: Engine, regtest_node: RegtestNode, watcher: Watcher, tmp_path: Path
+) -> None:
+    world = build_world(engine, chain=regtest_node.rpc)
+    ids = _populate(world, regtest_node, watcher)
+    watcher.release()  # its lease renewals would be changes nobody asked for
+    node = {
+        "node_rpc_url": regtest_node.rpc_url,
+        "node_rpc_user": regtest_node.rpc_user,
+        "node_rpc_password": regtest_node.rpc_password,
+    }
+    failures: list[str] = []
+    outputs: list[str] = []
+    with custody_serve(db_url, tmp_path / "serve", **node) as server:
+        for who in CALLERS:
+            reports = tmp_path / "reports" / (who or "anonymous")
+            auth = [] if who is None else ["-H", f"Authorization: Bearer {world.api_keys[who]}"]
+            env = {
+                **os.environ,
+                "SCHEMATHESIS_HOOKS": "st_hooks",
+                "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent)]),
+                "FUZZ_IDS": json.dumps(ids),
+                "FUZZ_DB_URL": db_url,
+            }
+            run = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "schemathesis.cli",
+                    "--config-file",
+                    str(HERE / "schemathesis.toml"),
+                    "run",
+                    f"{server.url}/v1/openapi.json",
+                    *auth,
+                    "--checks",
+                    "all",
+                    "--phases",
+                    "examples,coverage,fuzzing,stateful",
+                    "--max-examples",
+                    MAX_EXAMPLES,
+                    "--seed",
+                    SEED,
+                    "--workers",
+                    "1",  # one request at a time: the database check needs it
+                    "--max-redirects",
+                    "0",
+                    "--request-timeout",
+                    "20",
+                    "--report",
+                    "junit",
+                    "--report-dir",
+                    str(reports),
+                    "--no-color",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            outputs.append(
+                f"--- {who or 'anonymous'} (exit {run.returncode})\n{run.stdout[-4000:]}"
+            )
+            found = _failures(reports)
+            failures += [f"[{who or 'anonymous'}] {f}" for f in found]
+            if run.returncode != 0 and not found:
+                failures.append(
+                    f"[{who or 'anonymous'}] st exited {run.returncode}: {run.stderr[-3000:]}"
+                )
+    (tmp_path / "failures.txt").write_text("\n\n".join(failures) + "\n\n" + "\n".join(outputs))
+    assert not failures, (
+        f"all in {tmp_path / 'failures.txt'}\n"
+        + "\n\n".join(failures[:40])
+        + "\n\n"
+        + "\n".join(outputs)[-20000:]
+    )
