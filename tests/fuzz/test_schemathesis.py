@@ -29,6 +29,7 @@ from support.lending import funded_loan, request
 from support.world import World, build_world
 
 from custody.db.session import transaction
+from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
@@ -36,6 +37,7 @@ from regtest.node import RegtestNode
 HERE = Path(__file__).parent
 SEED = os.environ.get("FUZZ_SEED", "20261201")
 MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "12")
+LOCAL = UrlPolicy.for_network("regtest")
 CALLERS = ("admin", "bank_operator", "bank_approver", "auditor", "miner", "arbiter", None)
 
 
@@ -48,7 +50,9 @@ def _populate(world: World, node: RegtestNode, watcher: Watcher) -> dict[str, li
     req = request(world, "bank_operator", funded.loan["id"], action="release")
     with transaction(world.engine) as session:
         hooks = [
-            register_webhook(session, pid, f"http://127.0.0.1:9/{name}", "s" * 40, "*").id
+            register_webhook(
+                session, pid, f"http://127.0.0.1:9/{name}", "s" * 40, "*", urls=LOCAL
+            ).id
             for name, pid in world.party_ids.items()
         ]
     return {
