@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custody.api import limits, ops
-from custody.api.errors import media_type
+from custody.api.errors import error_body, media_type
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
 from custody.config import Settings
@@ -62,18 +62,6 @@ def _error_field(error: Mapping[str, Any]) -> str | None:
         tag = str((error.get("ctx") or {}).get("discriminator", "")).strip("'")
         loc = (*loc, tag) if tag.isidentifier() else loc
     return _field_name(loc)
-
-
-def error_body(error: CustodyError) -> dict[str, Any]:
-    """The one shape of every error answer: `error`, `message`, `field` (null when no one
-    field is wrong), then what a few errors add (`check`, `request_id`, `errors`)."""
-    extra = error.to_dict()
-    return {
-        "error": extra.pop("error"),
-        "message": extra.pop("message"),
-        "field": extra.pop("field", None),
-        **extra,
-    }
 
 
 def _answer(error: CustodyError, headers: Mapping[str, str] | None = None) -> JSONResponse:

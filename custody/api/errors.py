@@ -144,3 +144,15 @@ def _enum(response: dict[str, Any]) -> list[str]:
         "enum"
     ]
     return enum
+
+
+def error_body(error: CustodyError) -> dict[str, Any]:
+    """The one shape of every error answer: `error`, `message`, `field` (null when no one
+    field is wrong), then what a few errors add (`check`, `request_id`, `errors`)."""
+    extra = error.to_dict()
+    return {
+        "error": extra.pop("error"),
+        "message": extra.pop("message"),
+        "field": extra.pop("field", None),
+        **extra,
+    }

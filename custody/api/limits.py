@@ -34,7 +34,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from custody.api.deps import AUTHENTICATED, authenticate_request, get_principal, read_body
-from custody.api.errors import errors_for
+from custody.api.errors import error_body, errors_for
 from custody.errors import BodyTooLarge
 
 JSON_BODY_LIMIT = 64 * 1024
@@ -199,9 +199,9 @@ class _Replay:
 
 
 async def _refuse(scope: Scope, send: Send, limit: int) -> None:
-    """413 in the service's error shape (`CustodyError.to_dict`, as custody.api.app answers)."""
+    """413 in the service's one error shape (`error_body`, as custody.api.app answers)."""
     error = too_large(limit)
-    response = JSONResponse(status_code=error.status_code, content=error.to_dict())
+    response = JSONResponse(status_code=error.status_code, content=error_body(error))
     await response(scope, _never, send)
 
 
