@@ -65,7 +65,9 @@ ID_MIN = -(2**63)
 ID_MAX = 2**63 - 1
 
 # An id in a body: a row the database numbered, so positive, and never beyond the column.
-Id = Annotated[StrictInt, Field(ge=1, le=ID_MAX)]
+# Written as bounds a float holds exactly (0 and 2^63): FastAPI's OpenAPI model keeps them
+# as floats, and 2^63 - 1 would be published as 2^63, one more than is accepted.
+Id = Annotated[StrictInt, Field(gt=0, lt=ID_MAX + 1)]
 
 _INTEGER = re.compile(r"\s*[+-]?0*(\d+)\s*")
 

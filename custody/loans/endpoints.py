@@ -72,7 +72,7 @@ def list_loans(
     session: SessionDep,
     ctx: ContextDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    offset: Annotated[int, Query(ge=0, le=ID_MAX)] = 0,
+    offset: Annotated[int, Query(ge=0, lt=ID_MAX + 1)] = 0,  # an SQL OFFSET is 64-bit
 ) -> list[LoanOut]:
     return loans_out(session, loans.list_loans(session, ctx, limit=limit, offset=offset))
 

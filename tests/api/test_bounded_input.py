@@ -594,3 +594,24 @@ def test_each_body_route_declares_its_413_and_no_other_route_does(world: World) 
                 assert "413" not in responses, (method, path)
     assert ("post", "/v1/signing-requests/{request_id}/signatures") in with_body
     assert len(with_body) >= 12, with_body
+
+
+def test_the_openapi_document_publishes_the_id_bounds_exactly(world: World) -> None:
+    """FastAPI's OpenAPI model keeps bounds as floats: 2^63 - 1 would read back as 2^63 (one
+    id more than is accepted). Bounds a float holds exactly say precisely what is accepted,
+    so a client generating the largest allowed id gets an answer, not a 422."""
+    document = json.loads(json.dumps(world.client.app.openapi()))
+    schemas = document["components"]["schemas"]
+    for model, field in (
+        ("LoanCreate", "miner_party_id"),
+        ("LoanCreate", "arbiter_party_id"),
+        ("PrincipalCreate", "party_id"),
+    ):
+        prop = schemas[model]["properties"][field]
+        bounds = prop["anyOf"][0] if "anyOf" in prop else prop
+        assert bounds["exclusiveMaximum"] == ID_MAX + 1 and bounds["exclusiveMinimum"] == 0
+        assert int(bounds["exclusiveMaximum"]) - 1 == ID_MAX
+    (offset,) = [
+        p for p in document["paths"]["/v1/loans"]["get"]["parameters"] if p["name"] == "offset"
+    ]
+    assert offset["schema"]["exclusiveMaximum"] == ID_MAX + 1
