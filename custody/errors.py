@@ -102,6 +102,9 @@ class PrincipalNotFound(NotFound):
 
     code = "principal_not_found"
 
+    def __init__(self, message: str = "principal not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+
 
 class PrincipalRevoked(Conflict):
     """The principal's API key is revoked: it can be neither revoked again nor rotated."""
@@ -406,6 +409,9 @@ class PriceNotFound(NotFound):
     """No such manual price (proposal)."""
 
     code = "price_not_found"
+
+    def __init__(self, message: str = "price not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
 
 
 class PriceFarFromFeeds(InvalidInput):

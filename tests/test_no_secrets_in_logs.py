@@ -68,7 +68,7 @@ def test_a_failed_webhook_insert_logs_the_failure_but_no_secret(
             timeout=30,
         )
         assert r.status_code == 500, r.text
-        assert r.json() == {"error": "internal_error", "message": "internal error"}
+        assert r.json() == {"error": "internal_error", "message": "internal error", "field": None}
         assert WEBHOOK_SECRET not in r.text
         # The failure is logged (by the app, with its traceback): wait for it.
         wait_until(lambda: REFUSAL in server.log(), timeout=30, message=server.log)

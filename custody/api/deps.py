@@ -31,6 +31,8 @@ from custody.errors import (
     LoanNotFound,
     NodeNotConfigured,
     PartyNotFound,
+    PriceNotFound,
+    PrincipalNotFound,
     SignerStatementNotFound,
     SigningRequestNotFound,
 )
@@ -188,19 +190,9 @@ RawBodyDep = Annotated[bytes, Depends(read_body)]
 
 # Path ids. One beyond what an id column holds names nothing: the route's own 404, the same
 # as for an id nobody has (custody.schemas.PathId), never a failed query.
-LoanId = Annotated[int, Path(), PathId(lambda loan_id: LoanNotFound(f"loan {loan_id} not found"))]
-PartyId = Annotated[
-    int, Path(), PathId(lambda party_id: PartyNotFound(f"party {party_id} not found"))
-]
-SigningRequestId = Annotated[
-    int,
-    Path(),
-    PathId(lambda request_id: SigningRequestNotFound(f"signing request {request_id} not found")),
-]
-SignerStatementId = Annotated[
-    int,
-    Path(),
-    PathId(
-        lambda statement_id: SignerStatementNotFound(f"signer statement {statement_id} not found")
-    ),
-]
+LoanId = Annotated[int, Path(), PathId(lambda _: LoanNotFound())]
+PartyId = Annotated[int, Path(), PathId(lambda _: PartyNotFound())]
+SigningRequestId = Annotated[int, Path(), PathId(lambda _: SigningRequestNotFound())]
+SignerStatementId = Annotated[int, Path(), PathId(lambda _: SignerStatementNotFound())]
+PriceId = Annotated[int, Path(), PathId(lambda _: PriceNotFound())]
+PrincipalId = Annotated[int, Path(), PathId(lambda _: PrincipalNotFound())]

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Response
 
 from custody.api.deps import (
     PrincipalDep,
+    PrincipalId,
     SessionDep,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
@@ -84,7 +85,7 @@ def create_principal_endpoint(
     ),
 )
 def revoke_principal_endpoint(
-    principal_id: int, session: SessionDep, principal: PrincipalDep
+    principal_id: PrincipalId, session: SessionDep, principal: PrincipalDep
 ) -> PrincipalOut:
     """Revoke the principal's API key: from the next request on it answers 401."""
     require_role(principal, Role.admin)
@@ -102,7 +103,7 @@ def revoke_principal_endpoint(
     ),
 )
 def rotate_key_endpoint(
-    principal_id: int, session: SessionDep, principal: PrincipalDep, response: Response
+    principal_id: PrincipalId, session: SessionDep, principal: PrincipalDep, response: Response
 ) -> PrincipalCreated:
     """A new API key for the principal, shown once; the old one answers 401 from the next
     request on."""

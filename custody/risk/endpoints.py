@@ -12,6 +12,7 @@ from fastapi import APIRouter, Query, Request
 
 from custody.api.deps import (
     ContextDep,
+    PriceId,
     SessionDep,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
@@ -109,7 +110,7 @@ def latest_price(session: SessionDep, ctx: ContextDep) -> PriceOut:
     tags=["risk"],
     responses=errors_for(NotAuthenticated, InvalidInput, RoleNotAllowed, PriceNotFound),
 )
-def get_price(price_id: int, session: SessionDep, ctx: ContextDep) -> PriceOut:
+def get_price(price_id: PriceId, session: SessionDep, ctx: ContextDep) -> PriceOut:
     return price_out(manual.get_price(session, ctx, price_id))
 
 
@@ -129,7 +130,7 @@ def get_price(price_id: int, session: SessionDep, ctx: ContextDep) -> PriceOut:
         PriceFarFromFeeds,
     ),
 )
-def confirm_price(price_id: int, request: Request, ctx: ContextDep) -> PriceOut:
+def confirm_price(price_id: PriceId, request: Request, ctx: ContextDep) -> PriceOut:
     """A second member of the bank's staff confirms a proposed price (4-eyes): from then
     on the risk engine uses it. Checked again against the feeds as they are now."""
     require_role(ctx.principal, *manual.DECIDERS)
@@ -151,7 +152,7 @@ def confirm_price(price_id: int, request: Request, ctx: ContextDep) -> PriceOut:
         PriceProposalExpired,
     ),
 )
-def reject_price(price_id: int, request: Request, ctx: ContextDep) -> PriceOut:
+def reject_price(price_id: PriceId, request: Request, ctx: ContextDep) -> PriceOut:
     """Bank staff turn a proposed price down (its proposer too: a withdrawal)."""
     with transaction(request.app.state.engine) as session:
         return price_out(manual.reject_price(session, ctx, price_id))

@@ -208,7 +208,7 @@ def _open_proposal(session: Session, price_id: int, now: datetime) -> PriceRecor
     repository.lock_price_decisions(session)
     row = repository.price_by_id(session, price_id) if 1 <= price_id <= _MAX_ID else None
     if row is None:
-        raise PriceNotFound(f"price {price_id} not found")
+        raise PriceNotFound()
     if row.state != PriceState.proposed:
         raise PriceNotProposed(f"price {price_id} is {PriceState(row.state).value}, not a proposal")
     if row.expires_at is None or as_utc(row.expires_at) <= now:
@@ -292,7 +292,7 @@ def get_price(session: Session, ctx: Context, price_id: int) -> PriceRecord:
     require_role(ctx.principal, *READERS)
     row = repository.price_by_id(session, price_id) if 1 <= price_id <= _MAX_ID else None
     if row is None:
-        raise PriceNotFound(f"price {price_id} not found")
+        raise PriceNotFound()
     return row
 
 

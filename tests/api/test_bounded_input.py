@@ -172,7 +172,7 @@ def test_the_issue_s_loan_2147483648_is_not_found(world: World, unchanged: None)
     for the_id in (BEYOND_32, BEYOND_64):
         r = world.call("admin", "GET", f"/v1/loans/{the_id}")
         assert r.status_code == 404, r.text
-        assert r.json() == {"error": "loan_not_found", "message": f"loan {the_id} not found"}
+        assert r.json() == {"error": "loan_not_found", "message": "loan not found", "field": None}
 
 
 def test_a_path_id_that_is_no_integer_is_invalid_input(world: World, unchanged: None) -> None:
@@ -487,7 +487,8 @@ def test_listing_webhooks_of_no_party_is_the_404_registering_one_is(
         == registered.json()
         == {
             "error": "party_not_found",
-            "message": f"party {party} not found",
+            "message": "party not found",
+            "field": None,
         }
     )
 
@@ -514,6 +515,7 @@ def test_a_json_body_over_its_limit_is_413_whoever_sends_it(
     assert r.json() == {
         "error": "body_too_large",
         "message": f"the request body is larger than this route accepts ({JSON_BODY_LIMIT} bytes)",
+        "field": None,
     }
 
 

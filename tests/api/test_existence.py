@@ -29,6 +29,7 @@ class Lookup:
     target: str  # which of the world's objects its id names
     body: Callable[[dict[str, Any]], Any] | None = None
     outsiders: tuple[str, ...] = ("other_miner", "other_arbiter")
+    status: int = 404  # what an outsider gets, for both (403 where the role alone refuses)
 
     def path(self, object_id: int) -> str:
         name = self.route[self.route.index("{") + 1 : self.route.index("}")]
@@ -44,6 +45,8 @@ def _repayment(_objects: dict[str, Any]) -> dict[str, Any]:
 _NOT_STAFF = ("miner", "arbiter", "other_miner", "other_arbiter")
 # A party's webhooks are its own people's (and an admin's): every other principal is out.
 _NOT_OWN = ("bank_operator", "bank_approver", "auditor", "arbiter", "other_miner", "other_arbiter")
+# Principals are the admin's to manage: everyone else is refused by role, whatever the id.
+_NOT_ADMIN = ("bank_operator", "bank_approver", "auditor", "miner", "arbiter", "other_miner")
 
 LOOKUPS = (
     Lookup("GET", "/v1/loans/{loan_id}", "loan"),
@@ -97,6 +100,23 @@ LOOKUPS = (
         lambda o: {"url": "https://hooks.example/x", "secret": "s" * 40},
         outsiders=_NOT_OWN,
     ),
+    Lookup("GET", "/v1/prices/{price_id}", "price", outsiders=_NOT_STAFF, status=403),
+    Lookup("POST", "/v1/prices/{price_id}/confirm", "price", outsiders=_NOT_STAFF, status=403),
+    Lookup("POST", "/v1/prices/{price_id}/reject", "price", outsiders=_NOT_STAFF, status=403),
+    Lookup(
+        "POST",
+        "/v1/principals/{principal_id}/revoke",
+        "principal",
+        outsiders=_NOT_ADMIN,
+        status=403,
+    ),
+    Lookup(
+        "POST",
+        "/v1/principals/{principal_id}/rotate",
+        "principal",
+        outsiders=_NOT_ADMIN,
+        status=403,
+    ),
 )
 
 
@@ -126,7 +146,12 @@ def objects(world: World) -> dict[str, Any]:
     keyed = keyed_draft(world)
     r = world.call("bank_operator", "POST", f"/v1/loans/{keyed_draft(world)}/keys/bank/hsm")
     assert r.status_code == 201, r.text
+    price = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
+    assert price.status_code == 201, price.text
+    auditor = world.call("admin", "GET", "/v1/me").json()  # any principal id will do
     return {
+        "price": price.json()["id"],
+        "principal": auditor["id"],
         "loan": loan,
         "draft": world.create_loan()["id"],
         "keyed": keyed,
@@ -147,7 +172,11 @@ def test_an_outsider_cannot_tell_an_object_from_no_object(
     for who in lookup.outsiders:
         theirs = world.call(who, lookup.method, lookup.path(existing), json=body)
         nobodys = world.call(who, lookup.method, lookup.path(MISSING), json=body)
-        assert theirs.status_code == nobodys.status_code == 404, (who, theirs.text, nobodys.text)
+        assert theirs.status_code == nobodys.status_code == lookup.status, (
+            who,
+            theirs.text,
+            nobodys.text,
+        )
         assert theirs.content == nobodys.content, (who, theirs.text, nobodys.text)
         assert theirs.headers["content-type"] == nobodys.headers["content-type"]
         assert theirs.json()["field"] is None and str(existing) not in theirs.text
