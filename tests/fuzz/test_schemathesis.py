@@ -1,5 +1,5 @@
 """Schemathesis over the whole OpenAPI, against a real `custody serve` on SQLite and on
-PostgreSQL, once per kind of caller (each staff role, a miner, an arbiter, nobody).
+PostgreSQL, once per kind of caller (the admin, a bank operator, a miner, an arbiter, nobody).
 
 Every operation, every phase (the schema's examples, its coverage of edges and bad
 values, random valid and invalid data, stateful sequences along the links Schemathesis
@@ -20,12 +20,15 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
 from support.custody_serve import custody_serve
 from support.lending import funded_loan, request
+from support.signer_fixtures import feed
+from support.signer_world import SignerWorld, serve_world
 from support.world import World, build_world
 
 from custody.db.session import transaction
@@ -33,21 +36,38 @@ from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
+from regtest.price_feed import PriceFeed
+
+# `hsm serve` makes its SoftHSM2 token itself, without the fixture that marks a test `hsm`.
+pytestmark = [pytest.mark.node, pytest.mark.hsm]
+__all__ = ["feed"]  # the price feed fixture the signer reads
 
 HERE = Path(__file__).parent
 SEED = os.environ.get("FUZZ_SEED", "20261201")
-MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "12")
+MAX_EXAMPLES = os.environ.get("FUZZ_MAX_EXAMPLES", "8")
 LOCAL = UrlPolicy.for_network("regtest")
-CALLERS = ("admin", "bank_operator", "bank_approver", "auditor", "miner", "arbiter", None)
+# The bank's admin and operator (every staff route), a miner and an arbiter (the parties'
+# routes, and refusals of the staff's), nobody (every route's 401). The approver's and the
+# auditor's rights are the authorization matrix's (tests/api/test_authorization.py).
+CALLERS = ("admin", "bank_operator", "miner", "arbiter", None)
 
 
 def _populate(world: World, node: RegtestNode, watcher: Watcher) -> dict[str, list[int]]:
     """Something of every kind for the ids in paths to find: loans in each early state, an
-    active loan with an open signing request, a webhook per party."""
+    active loan (its bank key in the signer's HSM) with an open signing request, an open
+    signer statement, a proposed price, a webhook per party."""
     draft = world.create_loan()
     keyed = world.keyed_loan()
-    funded = funded_loan(world, node, watcher, hsm_bank=False)
+    funded = funded_loan(world, node, watcher, hsm_bank=True)
     req = request(world, "bank_operator", funded.loan["id"], action="release")
+    half_keyed = world.create_loan()["id"]
+    for seat in ("miner", "arbiter"):
+        assert world.register(half_keyed, seat).status_code == 200
+    statement = world.call("bank_operator", "POST", f"/v1/loans/{half_keyed}/keys/bank/hsm")
+    assert statement.status_code == 201, statement.text
+    price = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6e6"})
+    assert price.status_code == 201, price.text
+    me = world.call("bank_operator", "GET", "/v1/me").json()
     with transaction(world.engine) as session:
         hooks = [
             register_webhook(
@@ -58,6 +78,9 @@ def _populate(world: World, node: RegtestNode, watcher: Watcher) -> dict[str, li
     return {
         "loan_id": [draft["id"], keyed["id"], funded.loan["id"]],
         "request_id": [req["id"]],
+        "statement_id": [statement.json()["id"]],
+        "price_id": [price.json()["id"]],
+        "principal_id": [me["id"]],
         "party_id": list(world.party_ids.values()),
         "webhook_id": [h for h in hooks if h is not None],
     }
@@ -73,21 +96,36 @@ def _failures(report_dir: Path) -> list[str]:
     return out
 
 
+@pytest.fixture
+def signer(tmp_path: Path, regtest_node: RegtestNode, feed: PriceFeed) -> Iterator[SignerWorld]:
+    """The bank's signer as in production: `hsm serve` with its own SoftHSM2 token."""
+    with serve_world(tmp_path / "hsm", regtest_node, feed) as world:
+        yield world
+
+
 @pytest.mark.parametrize("db_url", ["sqlite", "postgres"], indirect=True)
 def test_schemathesis_finds_no_server_error_no_mismatch_and_no_change_on_refusal(
-    db_url: str, engine: Engine, regtest_node: RegtestNode, watcher: Watcher, tmp_path: Path
+    db_url: str,
+    engine: Engine,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    signer: SignerWorld,
+    tmp_path: Path,
 ) -> None:
-    world = build_world(engine, chain=regtest_node.rpc)
+    world = build_world(engine, chain=regtest_node.rpc, signer=signer.client, staff=signer.staff)
     ids = _populate(world, regtest_node, watcher)
     watcher.release()  # its lease renewals would be changes nobody asked for
-    node = {
+    assert signer.serve_url is not None and signer.serve_token is not None
+    parts = {
         "node_rpc_url": regtest_node.rpc_url,
         "node_rpc_user": regtest_node.rpc_user,
         "node_rpc_password": regtest_node.rpc_password,
+        "hsm_url": signer.serve_url,
+        "hsm_serve_token": signer.serve_token,
     }
     failures: list[str] = []
     outputs: list[str] = []
-    with custody_serve(db_url, tmp_path / "serve", **node) as server:
+    with custody_serve(db_url, tmp_path / "serve", **parts) as server:
         for who in CALLERS:
             reports = tmp_path / "reports" / (who or "anonymous")
             auth = [] if who is None else ["-H", f"Authorization: Bearer {world.api_keys[who]}"]

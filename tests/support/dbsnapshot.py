@@ -20,7 +20,10 @@ def _digest(rows: list[Any]) -> str:
 def _sqlite(path: str) -> dict[str, str]:
     conn = _open.get(path)
     if conn is None:
-        conn = _open[path] = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        # Schemathesis runs its phases in threads of their own, one request at a time.
+        conn = _open[path] = sqlite3.connect(
+            f"file:{path}?mode=ro", uri=True, check_same_thread=False
+        )
     tables = [
         name
         for (name,) in conn.execute(
