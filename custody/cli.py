@@ -132,7 +132,15 @@ def serve() -> None:
         if s.api_workers > 1:
             root.engine  # noqa: B018 (migrate once, here, before the workers start)
             root.close()
-            uvicorn.run("custody.cli:api_app", factory=True, workers=s.api_workers, **options)
+            # A worker that has not finished starting within uvicorn's default 5 s is killed
+            # and replaced, and on a loaded machine every replacement too: give it a minute.
+            uvicorn.run(
+                "custody.cli:api_app",
+                factory=True,
+                workers=s.api_workers,
+                timeout_worker_healthcheck=60,
+                **options,
+            )
         else:
             api = root.app()
             freeze_startup_heap()
