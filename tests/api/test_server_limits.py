@@ -197,6 +197,7 @@ def test_a_body_is_refused_as_soon_as_it_passes_the_limit(
         assert body == {
             "error": "body_too_large",
             "message": f"the request body is larger than this route accepts ({limit} bytes)",
+            "field": None,
         }
         growth = _send_the_rest(served, sock, sent, 64 * CHUNK)
     assert growth < 64 * 1024 * 1024, f"the server's memory grew {growth >> 20} MiB"
