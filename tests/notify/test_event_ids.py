@@ -7,9 +7,9 @@ import threading
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from support.databases import wait_for_a_lock_wait
 
 from custody.db.models import Outbox, Party, PartyKind
 from custody.db.session import transaction
@@ -17,7 +17,6 @@ from custody.netpolicy import UrlPolicy
 from custody.notify import repository
 from custody.notify.events import event_key
 from custody.notify.outbox import enqueue, event_id, register_webhook
-from regtest.wait import wait_until
 
 LOCAL = UrlPolicy.for_network("regtest")  # the tests' receivers: plain http on loopback
 
@@ -123,28 +122,7 @@ def test_two_writers_of_one_fact_on_postgresql_queue_it_once_and_neither_fails(
         repository.insert_events_if_absent(first, [row])  # inserted, not committed
         writer = threading.Thread(target=second_writer)
         writer.start()
-        # Autocommit: pg_stat_activity is read once per transaction, so polling it inside
-        # one would keep showing the moment before the second writer arrived.
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
-            wait_until(
-                lambda: (
-                    watch.execute(
-                        text(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                        )
-                    ).scalar_one()
-                    == 1
-                ),
-                timeout=20,
-                message=lambda: str(
-                    watch.execute(
-                        text(
-                            "SELECT state, wait_event_type, wait_event, query FROM pg_stat_activity"
-                        )
-                    ).all()
-                ),
-            )
+        wait_for_a_lock_wait(engine)
         first.commit()
     finally:
         first.close()

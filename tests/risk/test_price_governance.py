@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
+from support.databases import wait_for_a_lock_wait
 from support.world import World, build_world
 
 from custody.auth.context import Context
@@ -423,20 +424,7 @@ def _second_waits_then(
         first(session)
         thread = threading.Thread(target=run_second)
         thread.start()
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
-            wait_until(
-                lambda: (
-                    watch.execute(
-                        text(
-                            "SELECT count(*) FROM pg_stat_activity "
-                            "WHERE wait_event_type = 'Lock' AND datname = current_database()"
-                        )
-                    ).scalar_one()
-                    == 1
-                ),
-                timeout=20,
-                message="the second transaction to wait for the first",
-            )
+        wait_for_a_lock_wait(engine)
         session.commit()
     finally:
         session.close()
