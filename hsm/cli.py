@@ -2,7 +2,10 @@
 
 - `hsm serve`: the signer as its own loopback HTTP process;
 - `hsm enroll-bootstrap`: the first-time ceremony that enrols the first admins;
-- `hsm people`: who is enrolled (names, roles, algorithms; never keys' secrets).
+- `hsm people`: who is enrolled (names, roles, algorithms; never keys' secrets);
+- `hsm seed init|backup|restore|show`: the bank seed behind every HD bank key, made in
+  the token and split into SLIP-39 shares for named officers; restored into a new token
+  from enough of them (`hsm.seed`, `hsm.backup`).
 
 Configuration comes from the environment only (`HSM_*`, see `hsm.settings`; secrets never
 on the command line, where `ps` shows them). The PIN and the serve token are removed from
@@ -13,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Final
@@ -21,7 +26,9 @@ import typer
 from pydantic import ValidationError
 
 from hsm.approvals import People, public_key_from_text
+from hsm.backup import make_share_set, read_share_file, recover_seed, split_seed
 from hsm.registry import Registry
+from hsm.seed import BankSeed
 from hsm.settings import SignerSettings
 from hsm.signer import PolicyViolation, SignerError
 
@@ -144,6 +151,119 @@ def people() -> None:
             typer.echo(f"{person.name}\t{person.role}\t{person.algorithm}")
     finally:
         registry.close()
+
+
+seed_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="The bank seed: make it, back it up as SLIP-39 shares, restore it into a new token.",
+)
+app.add_typer(seed_app, name="seed")
+
+Officers = Annotated[
+    list[str], typer.Option("--officer", help="an officer who keeps one share (repeat, 2-16)")
+]
+Threshold = Annotated[int, typer.Option(help="how many shares restore the seed (at least 2)")]
+OutDir = Annotated[Path, typer.Option("--out", help="folder for the share files (removable media)")]
+
+
+@contextmanager
+def _seed() -> Iterator[tuple[BankSeed, Registry]]:
+    """The seed over the configured token and registry; the PIN leaves the environment."""
+    from hsm.pkcs11_backend import Pkcs11Signer
+
+    settings = _settings()
+    os.environ.pop("HSM_PIN", None)
+    if not settings.pin.get_secret_value():
+        raise _fail("HSM_PIN is required")
+    try:
+        token = Pkcs11Signer(settings.module, settings.token_label, settings.pin)
+    except SignerError as exc:
+        raise _fail(f"cannot open the token: {exc.message}") from None
+    registry = Registry(settings.state_db)
+    try:
+        yield BankSeed(token, registry, settings.network), registry
+    except PolicyViolation as exc:
+        raise _fail(exc.reason) from None
+    except SignerError as exc:
+        raise _fail(exc.message) from None
+    finally:
+        registry.close()
+        token.close()
+
+
+def _backup(
+    seed: BankSeed, registry: Registry, officers: list[str], threshold: int, out: Path
+) -> None:
+    paths = make_share_set(seed, registry, officers, threshold, out)
+    typer.echo(f"{threshold} of {len(paths)} SLIP-39 shares written, one file per officer:")
+    for officer, path in zip(officers, paths, strict=True):
+        typer.echo(f"  {officer}: {path}")
+    typer.echo("Hand each file to its officer; copy to paper or steel; then delete the files.")
+
+
+@seed_app.command("init")
+def seed_init(officer: Officers, threshold: Threshold, out: OutDir) -> None:
+    """Make the bank seed in the token (its random generator), seal it under a new AES key
+    that never leaves the token, and split it into shares for the officers at once."""
+    with _seed() as (seed, registry):
+        split_seed(b"\0" * 32, threshold, officer)  # refuse bad names before making anything
+        fingerprint = seed.create()
+        typer.echo(f"bank seed made in the token: fingerprint {fingerprint}")
+        _backup(seed, registry, officer, threshold, out)
+
+
+@seed_app.command("backup")
+def seed_backup(officer: Officers, threshold: Threshold, out: OutDir) -> None:
+    """A new share set of the existing seed (officers changed, a share was lost)."""
+    with _seed() as (seed, registry):
+        _backup(seed, registry, officer, threshold, out)
+
+
+@seed_app.command("restore")
+def seed_restore(
+    share: Annotated[list[Path], typer.Argument(help="share files (enough of one set)")],
+) -> None:
+    """Restore the bank seed from shares into this (new) token: a new AES key is made in it
+    and the seed sealed under it. Shares of another bank are refused (fingerprint check)."""
+    mnemonics = []
+    for path in share:
+        try:
+            mnemonics.append(read_share_file(path))
+        except PolicyViolation as exc:
+            raise _fail(exc.reason) from None
+    with _seed() as (seed, _):
+        try:
+            secret = recover_seed(mnemonics)
+        except PolicyViolation as exc:
+            raise _fail(exc.reason) from None
+        try:
+            fingerprint = seed.restore(secret)
+        finally:
+            for i in range(len(secret)):
+                secret[i] = 0
+    typer.echo(f"bank seed {fingerprint} restored and sealed in this token")
+
+
+@seed_app.command("show")
+def seed_show() -> None:
+    """The seed's fingerprint, its AES key's attributes on the token, its share sets."""
+    with _seed() as (seed, registry):
+        fingerprint = seed.fingerprint
+        if fingerprint is None:
+            typer.echo("no bank seed yet: `hsm seed init --officer ... --threshold M --out DIR`")
+            return
+        evidence = seed.key_evidence()
+        typer.echo(f"fingerprint:        {fingerprint}")
+        typer.echo(
+            f"AES key {evidence.label}: never_extractable={evidence.never_extractable} "
+            f"always_sensitive={evidence.always_sensitive} local={evidence.local}"
+        )
+        for fp, threshold, officers, at in registry.backups():
+            typer.echo(
+                f"share set {at.isoformat()}: {threshold} of {len(officers)} "
+                f"({', '.join(officers)}) {fp}"
+            )
 
 
 if __name__ == "__main__":  # `python -m hsm.cli serve`, as tests start it

@@ -41,6 +41,7 @@ from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
 from hsm.psbt_signing import sign_checked_psbt
 from hsm.registry import LoanRecord, LoanTerms, Registry, ts
+from hsm.seed import BankSeed, account_key_ref
 from hsm.signer import (
     PolicyViolation,
     SignerError,
@@ -63,8 +64,10 @@ log = logging.getLogger("hsm.core")
 
 _WINDOW: Final = timedelta(hours=24)
 MAX_PRINCIPAL_KOPECKS: Final = 10**15
+BANK_KEY_KINDS: Final = ("hd", "fixed")
 REGISTER_KEYS: Final = {
     "kind",
+    "bank_key",
     "network",
     "loan_ref",
     "miner_key",
@@ -240,6 +243,7 @@ class SignerCore:
         registry: Registry,
         node: NodeView,
         price_sources: Sequence[QuoteSource],
+        seed: BankSeed | None = None,
         price_max_age: timedelta,
         price_max_spread_bps: int,
         price_min_sources: int,
@@ -256,6 +260,12 @@ class SignerCore:
         self.network = check_network(network)
         self.hsm = hsm
         self.registry = registry
+        # The HD bank key: the seed sealed by this token's AES key (a token that cannot
+        # seal, as in some unit tests, holds fixed keys only).
+        if seed is None and hasattr(hsm, "seal"):
+            seed = BankSeed(hsm, registry, self.network)  # type: ignore[arg-type]
+        self.seed = seed
+        self._register_lock = threading.Lock()
         self.people = People(registry)
         self.node = node
         self.desk = DeskQuoteBook(self.verify_desk_quote, desk_max_age)
@@ -467,9 +477,18 @@ class SignerCore:
 
     def _register_loan(self, body: StatementBody) -> dict[str, Any]:
         """Record a loan from a statement an operator and an approver signed, make its
-        key in the token, and build its descriptor here (never taken from the caller)."""
+        bank key (an account of the bank seed, or a fixed key in the token, as the
+        statement says) and build its descriptor here (never taken from the caller)."""
         st = body.statement
-        exact_keys(st, set(REGISTER_KEYS))
+        # A statement written before the choice existed meant a fixed key.
+        exact_keys(st, set(REGISTER_KEYS) if "bank_key" in st else REGISTER_KEYS - {"bank_key"})
+        kind = st.get("bank_key", "fixed")
+        if kind not in BANK_KEY_KINDS:
+            raise PolicyViolation(
+                "invalid_input",
+                f"bank_key must be one of {', '.join(BANK_KEY_KINDS)}",
+                field="bank_key",
+            )
         if st["kind"] != "register_loan":
             raise PolicyViolation("statement_kind", "not a loan registration statement")
         self._check_network(st)
@@ -496,6 +515,34 @@ class SignerCore:
                 "a change needs an amendment signed by two people",
                 field="loan_ref",
             )
+        if kind == "hd":
+            record, info = self._register_hd(loan_ref, keys, terms, miner, bank, by)
+        else:
+            record, info = self._register_fixed(loan_ref, keys, terms, miner, bank, by)
+        self._log(
+            loan_ref,
+            "recorded",
+            f"loan registered by {', '.join(by)} ({kind} bank key)",
+            descriptor=record.descriptor,
+        )
+        log.info("signer.loan_registered loan=%s by=%s kind=%s", loan_ref, ",".join(by), kind)
+        return {
+            **self._loan_json(record),
+            "local": bool(info.local),
+            "never_extractable": bool(info.never_extractable),
+            "always_sensitive": bool(info.always_sensitive),
+        }
+
+    def _register_fixed(
+        self,
+        loan_ref: str,
+        keys: list[HDKey],
+        terms: LoanTerms,
+        miner: str,
+        bank: str,
+        by: tuple[str, ...],
+    ) -> tuple[LoanRecord, Any]:
+        """A secp256k1 key made in the token for this loan only; it never leaves it."""
         try:
             info = self.hsm.generate_loan_key(loan_ref)
         except SignerKeyExists:
@@ -522,19 +569,61 @@ class SignerCore:
                 call_seen_at=None,
             )
         )
-        self._log(
-            loan_ref,
-            "recorded",
-            f"loan registered by {', '.join(by)}",
-            descriptor=record.descriptor,
-        )
-        log.info("signer.loan_registered loan=%s by=%s", loan_ref, ",".join(by))
-        return {
-            **self._loan_json(record),
-            "local": bool(info.local),
-            "never_extractable": bool(info.never_extractable),
-            "always_sensitive": bool(info.always_sensitive),
-        }
+        return record, info
+
+    def _register_hd(
+        self,
+        loan_ref: str,
+        keys: list[HDKey],
+        terms: LoanTerms,
+        miner: str,
+        bank: str,
+        by: tuple[str, ...],
+    ) -> tuple[LoanRecord, Any]:
+        """The loan's own hardened BIP-48 account of the bank seed; the signer picks the
+        account number (the next unused), so no two loans share a bank key."""
+        if self.seed is None:
+            raise PolicyViolation(
+                "seed_missing", "this signer's token cannot hold a bank seed", field="bank_key"
+            )
+        if self.seed.fingerprint is None:
+            raise PolicyViolation(
+                "seed_missing",
+                "the signer has no bank seed yet: run `hsm seed init` (it makes the seed and "
+                "its SLIP-39 backup shares) before making HD bank keys",
+                field="bank_key",
+            )
+        if not self.registry.backups():
+            raise PolicyViolation(
+                "seed_not_backed_up",
+                "the bank seed has no SLIP-39 backup on record: run `hsm seed init` (or "
+                "`hsm seed backup`) before making HD bank keys, so losing the token cannot "
+                "lose them",
+                field="bank_key",
+            )
+        with self._register_lock:
+            account = self.registry.next_bank_account()
+            bank_key = self.seed.account_key(account)
+            descriptor = CollateralDescriptor((keys[0], bank_key, keys[1]), self.network)
+            record = self.registry.record_loan(
+                LoanRecord(
+                    loan_ref=loan_ref,
+                    network=self.network,
+                    key_ref=account_key_ref(bank_key.fingerprint, self.network, account),
+                    public_key=bank_key.public_key(0, 0),
+                    descriptor=descriptor.descriptor,
+                    terms=terms,
+                    miner_return_address=miner,
+                    bank_liquidation_address=bank,
+                    registered_by=by,
+                    created_at=self.clock(),
+                    highest_index=0,
+                    call_seen_at=None,
+                    bank_key_kind="hd",
+                    bank_account=account,
+                )
+            )
+        return record, self.seed.key_evidence()
 
     def _amend_loan(self, body: StatementBody) -> dict[str, Any]:
         st = body.statement
@@ -625,6 +714,8 @@ class SignerCore:
             "network": loan.network,
             "key_ref": loan.key_ref,
             "public_key": loan.public_key.hex(),
+            "bank_key_kind": loan.bank_key_kind,
+            "bank_key": _bank_key_text(loan),
             "descriptor": loan.descriptor,
             "terms": terms_statement(loan.terms),
             "miner_return_address": loan.miner_return_address,
@@ -1072,7 +1163,10 @@ class SignerCore:
             if checked.report.inputs:
                 top = max(p[0] for p in checked.input_paths)
                 self.registry.note_index(loan.loan_ref, top)
-            signed = sign_checked_psbt(self.hsm, checked, loan.key_ref)
+            holder = self.seed if loan.bank_key_kind == "hd" else self.hsm
+            if holder is None:
+                raise PolicyViolation("seed_missing", "this signer holds no bank seed")
+            signed = sign_checked_psbt(holder, checked, loan.key_ref)
             self.registry.record_usage(loan.loan_ref, txid, amount, now)
             if nonce is not None:
                 self.registry.close_statement(nonce, "used")
@@ -1115,6 +1209,12 @@ def _loan_ref_of(parsed: BaseModel) -> str:
     if isinstance(statement, dict) and isinstance(statement.get("loan_ref"), str):
         return str(statement["loan_ref"])[:64]
     return "-"
+
+
+def _bank_key_text(loan: LoanRecord) -> str:
+    """The loan's bank key as its descriptor has it: `[fp/48h/..]xpub` or the hex key."""
+    bank = parse_collateral_descriptor(loan.descriptor, check_network(loan.network)).keys[1]
+    return bank.key_expression if isinstance(bank, HDKey) else bank.public_key_hex
 
 
 def _change_index(psbt: PSBT, descriptor: CollateralDescriptor) -> tuple[int, bool] | None:

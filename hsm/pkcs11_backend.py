@@ -59,7 +59,7 @@ from hsm.signer import (
     SignerUnavailable,
 )
 
-__all__ = ["SECP256K1_EC_PARAMS", "HsmKeyInfo", "Pkcs11Signer"]
+__all__ = ["SECP256K1_EC_PARAMS", "HsmKeyInfo", "Pkcs11Signer", "SealedBlob", "SecretKeyInfo"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,35 @@ class HsmKeyInfo:
     def label(self) -> str:
         """The PKCS#11 CKA_LABEL; identical to `key_ref` for this backend."""
         return self.key_ref
+
+
+@dataclass(frozen=True, slots=True)
+class SecretKeyInfo:
+    """An AES key as the token describes it: the evidence that it was made inside the
+    token and can be used there only (no export, no wrap, no unwrap)."""
+
+    label: str
+    local: bool
+    never_extractable: bool
+    always_sensitive: bool
+    extractable: bool
+    wrap: bool
+    unwrap: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SealedBlob:
+    """A secret encrypted by the token's AES key (AES-256-GCM, 96-bit IV, 128-bit tag)."""
+
+    key_label: str
+    iv: bytes
+    ciphertext: bytes
+
+
+_AES_KEY_BITS = 256
+_GCM_IV_BYTES = 12
+_GCM_TAG_BITS = 128
+_SECRET_LABEL_RE = re.compile(r"pledge-[a-z0-9-]{1,48}")
 
 
 def key_ref_for_loan(loan_ref: str) -> str:
@@ -588,3 +617,135 @@ class Pkcs11Signer(Signer):
         der = _low_s_der(self._run("sign", op))
         _verify(public_key, digest, der)
         return der
+
+    # -- the token's AES key and random generator (the HD bank seed's protection) -----------
+
+    @staticmethod
+    def _check_secret_label(label: str) -> str:
+        if not isinstance(label, str) or not _SECRET_LABEL_RE.fullmatch(label):
+            raise SignerRefused("malformed AES key label", field="key_label")
+        return label
+
+    @staticmethod
+    def _secret_keys(session: Any, label: str) -> list[Any]:
+        return list(
+            session.get_objects(
+                {
+                    Attribute.CLASS: ObjectClass.SECRET_KEY,
+                    Attribute.KEY_TYPE: KeyType.AES,
+                    Attribute.LABEL: label,
+                }
+            )
+        )
+
+    def _one_secret_key(self, session: Any, label: str) -> Any:
+        found = self._secret_keys(session, label)
+        if not found:
+            raise SignerKeyNotFound(f"no AES key {label!r} on the token", field="key_label")
+        if len(found) > 1:
+            raise SignerError(f"{len(found)} AES keys carry label {label!r}; refusing to guess")
+        return found[0]
+
+    @staticmethod
+    def _secret_info(label: str, obj: Any) -> SecretKeyInfo:
+        return SecretKeyInfo(
+            label=label,
+            local=bool(obj[Attribute.LOCAL]),
+            never_extractable=bool(obj[Attribute.NEVER_EXTRACTABLE]),
+            always_sensitive=bool(obj[Attribute.ALWAYS_SENSITIVE]),
+            extractable=bool(obj[Attribute.EXTRACTABLE]),
+            wrap=bool(obj[Attribute.WRAP]),
+            unwrap=bool(obj[Attribute.UNWRAP]),
+        )
+
+    def random_bytes(self, count: int) -> bytearray:
+        """`count` bytes from the token's random generator (C_GenerateRandom)."""
+        if not 1 <= count <= 1024:
+            raise SignerRefused("random byte count must be 1..1024", field="count")
+        raw: bytes = self._run("random", lambda session: session.generate_random(count * 8))
+        if len(raw) != count:
+            raise SignerError(f"the token returned {len(raw)} random bytes, not {count}")
+        return bytearray(raw)
+
+    def generate_secret_key(self, label: str) -> SecretKeyInfo:
+        """Make the AES-256 key that seals the bank's seed: born in the token, sensitive,
+        never extractable, usable only to encrypt and decrypt (no wrap: it cannot be used to
+        export another key either). One per label; a second is refused."""
+        label = self._check_secret_label(label)
+
+        def op(session: Any) -> SecretKeyInfo:
+            if self._secret_keys(session, label):
+                raise SignerKeyExists(f"the token already has an AES key {label!r}")
+            key = session.generate_key(
+                KeyType.AES,
+                _AES_KEY_BITS,
+                label=label,
+                store=True,
+                template={
+                    Attribute.TOKEN: True,
+                    Attribute.PRIVATE: True,
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: True,
+                    Attribute.DECRYPT: True,
+                    Attribute.WRAP: False,
+                    Attribute.UNWRAP: False,
+                    Attribute.SIGN: False,
+                    Attribute.VERIFY: False,
+                    Attribute.DERIVE: False,
+                },
+            )
+            return self._secret_info(label, key)
+
+        info = self._run("AES key generation", op)
+        log.info("generated the token's AES seal key %s", label)
+        return info
+
+    def secret_key_info(self, label: str) -> SecretKeyInfo:
+        """Re-read an AES key's evidence attributes from the token."""
+        label = self._check_secret_label(label)
+        return self._run(
+            "AES key lookup",
+            lambda session: self._secret_info(label, self._one_secret_key(session, label)),
+        )
+
+    def seal(self, label: str, plaintext: bytes | bytearray, aad: bytes) -> SealedBlob:
+        """Encrypt inside the token with AES-GCM under `label`; `aad` binds the blob to its
+        purpose (a blob sealed for one use is refused for another)."""
+        from pkcs11.mechanisms import GCMParams
+
+        label = self._check_secret_label(label)
+
+        def op(session: Any) -> SealedBlob:
+            key = self._one_secret_key(session, label)
+            iv = bytes(session.generate_random(_GCM_IV_BYTES * 8))
+            params = GCMParams(iv, aad, _GCM_TAG_BITS)
+            ciphertext: bytes = key.encrypt(
+                bytes(plaintext), mechanism=Mechanism.AES_GCM, mechanism_param=params
+            )
+            return SealedBlob(label, iv, bytes(ciphertext))
+
+        return self._run("seal", op)
+
+    def unseal(self, blob: SealedBlob, aad: bytes) -> bytearray:
+        """Decrypt a sealed blob inside the token; a changed blob or `aad` fails the GCM tag
+        and is refused. The caller wipes the returned bytearray when done."""
+        from pkcs11.mechanisms import GCMParams
+
+        label = self._check_secret_label(blob.key_label)
+
+        def op(session: Any) -> bytearray:
+            key = self._one_secret_key(session, label)
+            params = GCMParams(blob.iv, aad, _GCM_TAG_BITS)
+            try:
+                plain = key.decrypt(
+                    blob.ciphertext, mechanism=Mechanism.AES_GCM, mechanism_param=params
+                )
+            except (p11e.EncryptedDataInvalid, p11e.EncryptedDataLenRange, p11e.GeneralError):
+                raise SignerError(
+                    "the sealed seed does not decrypt under the token's AES key (another "
+                    "token's blob, or it was changed)"
+                ) from None
+            return bytearray(plain)
+
+        return self._run("unseal", op)

@@ -28,7 +28,7 @@ from hsm.policy import (
     evaluate_psbt,
 )
 from hsm.signer import Signer, SignerError, SignerRefused
-from pledge.keys import FixedKey
+from pledge.keys import FixedKey, HDKey
 
 __all__ = ["SignedPsbt", "sign_checked_psbt", "sign_psbt_with", "sign_psbt_with_report"]
 
@@ -42,6 +42,12 @@ class DigestSigner(Protocol):
     def name(self) -> str: ...
     def public_key(self, key_ref: str) -> bytes: ...
     def sign_digest(self, key_ref: str, digest: bytes) -> bytes: ...
+
+
+class SeedSigner(DigestSigner, Protocol):
+    """An HD key holder (`hsm.seed.BankSeed`): many child signatures from one unseal."""
+
+    def sign_digests(self, requests: list[tuple[str, bytes]]) -> list[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +80,10 @@ def sign_psbt_with_report(
 def sign_checked_psbt(signer: DigestSigner, checked: CheckedPsbt, key_ref: str) -> SignedPsbt:
     """Sign a PSBT the policy already passed, with the key behind `key_ref`, which must
     be the descriptor's bank key (a different loan's key ref is refused unsigned)."""
-    pub = signer.public_key(key_ref)
     bank_key = checked.descriptor.keys[_BANK_SEAT]
+    if isinstance(bank_key, HDKey):
+        return _sign_with_seed(signer, checked, key_ref, bank_key)
+    pub = signer.public_key(key_ref)
     if not isinstance(bank_key, FixedKey) or bank_key.public_key != pub:
         raise PolicyViolation(
             "bank_key",
@@ -110,6 +118,61 @@ def sign_checked_psbt(signer: DigestSigner, checked: CheckedPsbt, key_ref: str) 
     if PSBT.from_string(out).tx.serialize() != tx.serialize():
         raise SignerError("the signed PSBT's unsigned transaction changed while signing")
     return SignedPsbt(out, checked.report, len(new_sigs))
+
+
+def _sign_with_seed(
+    signer: DigestSigner, checked: CheckedPsbt, key_ref: str, bank_key: HDKey
+) -> SignedPsbt:
+    """The bank key is the loan's BIP-48 account of the bank seed: each input is signed
+    with the child at the (change, index) the policy matched its script to, and each
+    signature must verify against the child of the account xpub in the signer's own
+    descriptor (a seed that does not derive it cannot sign)."""
+    if key_ref != f"bip32:{bank_key.fingerprint}{bank_key.origin_path[1:]}":
+        raise PolicyViolation(
+            "bank_key",
+            f"the key {key_ref!r} is not this loan's bank key (a different loan's key?)",
+        )
+    sign_digests = getattr(signer, "sign_digests", None)
+    if sign_digests is None:
+        raise SignerRefused(
+            f"the signer {signer.name} holds no bank seed: it cannot sign an HD bank key",
+            field="bank_key_ref",
+        )
+    tx = checked.tx
+    requests: list[tuple[str, bytes]] = []
+    children: list[bytes] = []
+    for i, ((index, change), inp, amount) in enumerate(
+        zip(checked.input_paths, checked.psbt.inputs, checked.input_amounts, strict=True)
+    ):
+        child = bank_key.public_key(int(change), index)
+        witness_script: Script = inp.witness_script
+        if _push(child) not in witness_script.data:
+            raise PolicyViolation(
+                "bank_key", f"input {i}'s witness script does not contain the bank key"
+            )
+        sighash: bytes = tx.sighash_segwit(i, witness_script, amount, SIGHASH.ALL)
+        requests.append((f"{key_ref}/{int(change)}/{index}", sighash))
+        children.append(child)
+    ders: list[bytes] = sign_digests(requests)
+    pubkeys = [PublicKey.parse(child) for child in children]
+    for i, (pubkey, der, (_, sighash)) in enumerate(zip(pubkeys, ders, requests, strict=True)):
+        try:
+            sig = Signature.parse(der)
+            good = bool(pubkey.verify(sig, sighash)) and sig.serialize() == der
+        except Exception:
+            good = False
+        if not good:
+            raise SignerError(
+                f"the bank seed's signature for input {i} does not verify against this "
+                "loan's bank key: is this the seed the loan was made from? Not added"
+            )
+    psbt = checked.psbt
+    for inp, pubkey, der in zip(psbt.inputs, pubkeys, ders, strict=True):
+        inp.partial_sigs[pubkey] = der + bytes([SIGHASH.ALL])
+    out: str = psbt.to_string()
+    if PSBT.from_string(out).tx.serialize() != tx.serialize():
+        raise SignerError("the signed PSBT's unsigned transaction changed while signing")
+    return SignedPsbt(out, checked.report, len(ders))
 
 
 def sign_psbt_with(

@@ -35,6 +35,7 @@ __all__ = [
     "LoanRecord",
     "LoanTerms",
     "Registry",
+    "SeedRecord",
     "StatementRecord",
     "parse_ts",
     "state_db_path",
@@ -43,7 +44,17 @@ __all__ = [
 
 STATE_DB_ENV: Final = "HSM_STATE_DB"
 DEFAULT_STATE_DB: Final = "./hsm-state.db"
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
+# What each older schema needs to become the current one (applied in order, in one
+# transaction): a state file is upgraded in place, never rebuilt.
+_UPGRADES: Final[dict[int, str]] = {
+    2: """
+ALTER TABLE loan ADD COLUMN bank_key_kind TEXT NOT NULL DEFAULT 'fixed'
+    CHECK (bank_key_kind IN ('fixed', 'hd'));
+ALTER TABLE loan ADD COLUMN bank_account INTEGER NULL CHECK (bank_account >= 0);
+CREATE UNIQUE INDEX IF NOT EXISTS loan_bank_account ON loan(bank_account);
+""",
+}
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS loan (
@@ -59,7 +70,30 @@ CREATE TABLE IF NOT EXISTS loan (
     created_at TEXT NOT NULL,
     highest_index INTEGER NOT NULL DEFAULT 0 CHECK (highest_index >= 0),
     call_seen_at TEXT NULL,
-    last_valued_at TEXT NULL
+    last_valued_at TEXT NULL,
+    bank_key_kind TEXT NOT NULL DEFAULT 'fixed' CHECK (bank_key_kind IN ('fixed', 'hd')),
+    bank_account INTEGER NULL CHECK (bank_account >= 0)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS loan_bank_account ON loan(bank_account);
+-- The bank's BIP-32 seed, only as the token sealed it (AES-256-GCM under a key that never
+-- leaves the token): one row. The fingerprint is public (it is in every HD loan's key).
+CREATE TABLE IF NOT EXISTS bank_seed (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    fingerprint TEXT NOT NULL,
+    key_label TEXT NOT NULL,
+    iv TEXT NOT NULL,
+    ciphertext TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    sealed_at TEXT NOT NULL
+);
+-- Each SLIP-39 share set made of the seed: who holds a share, how many restore it. The
+-- shares themselves are never stored.
+CREATE TABLE IF NOT EXISTS seed_backup (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    fingerprint TEXT NOT NULL,
+    threshold INTEGER NOT NULL CHECK (threshold >= 1),
+    officers TEXT NOT NULL,
+    at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS amendment (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -203,6 +237,20 @@ class LoanRecord:
     highest_index: int
     call_seen_at: datetime | None
     last_valued_at: datetime | None = None
+    bank_key_kind: str = "fixed"  # "hd": the BIP-48 account `bank_account` of the bank seed
+    bank_account: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeedRecord:
+    """The sealed bank seed as the registry holds it (ciphertext only)."""
+
+    fingerprint: str
+    key_label: str
+    iv: bytes
+    ciphertext: bytes
+    created_at: datetime
+    sealed_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +300,9 @@ class Registry:
             has_tables = self._db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
             ).fetchone()[0]
+            if has_tables and version in _UPGRADES:
+                self._db.executescript("BEGIN IMMEDIATE;" + _UPGRADES[version] + "COMMIT;")
+                version = SCHEMA_VERSION
             if has_tables and version != SCHEMA_VERSION:
                 self._db.close()
                 raise RuntimeError(
@@ -308,6 +359,8 @@ class Registry:
             highest_index=int(row["highest_index"]),
             call_seen_at=parse_ts(row["call_seen_at"]) if row["call_seen_at"] else None,
             last_valued_at=parse_ts(row["last_valued_at"]) if row["last_valued_at"] else None,
+            bank_key_kind=row["bank_key_kind"],
+            bank_account=row["bank_account"],
         )
 
     def loan(self, loan_ref: str) -> LoanRecord | None:
@@ -338,8 +391,8 @@ class Registry:
                 )
             db.execute(
                 "INSERT INTO loan (loan_ref, network, key_ref, public_key, descriptor, terms, "
-                "miner_return_address, bank_liquidation_address, registered_by, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "miner_return_address, bank_liquidation_address, registered_by, created_at, "
+                "bank_key_kind, bank_account) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.loan_ref,
                     record.network,
@@ -351,6 +404,8 @@ class Registry:
                     record.bank_liquidation_address,
                     json.dumps(list(record.registered_by)),
                     ts(record.created_at),
+                    record.bank_key_kind,
+                    record.bank_account,
                 ),
             )
         loan = self.loan(record.loan_ref)
@@ -397,6 +452,96 @@ class Registry:
         loan = self.loan(loan_ref)
         assert loan is not None
         return loan
+
+    def next_bank_account(self) -> int:
+        """The BIP-48 account the next HD loan gets: one past the highest in use."""
+        row = self.read_one("SELECT coalesce(max(bank_account), -1) + 1 AS n FROM loan", ())
+        assert row is not None
+        return int(row["n"])
+
+    # -- the bank seed (sealed) -------------------------------------------------------
+
+    def seed(self) -> SeedRecord | None:
+        row = self.read_one("SELECT * FROM bank_seed WHERE id = 1", ())
+        if row is None:
+            return None
+        return SeedRecord(
+            fingerprint=row["fingerprint"],
+            key_label=row["key_label"],
+            iv=bytes.fromhex(row["iv"]),
+            ciphertext=bytes.fromhex(row["ciphertext"]),
+            created_at=parse_ts(row["created_at"]),
+            sealed_at=parse_ts(row["sealed_at"]),
+        )
+
+    def store_seed(self, record: SeedRecord, *, replace: bool = False) -> None:
+        """Write the sealed seed. A second seed is refused: every HD loan's bank key comes
+        from the one seed. `replace` re-seals the same seed (a restore into a new token),
+        and only when its fingerprint is the one on record."""
+        with self.tx() as db:
+            row = db.execute("SELECT fingerprint FROM bank_seed WHERE id = 1").fetchone()
+            if row is not None and not replace:
+                raise PolicyViolation(
+                    "seed_exists",
+                    f"the signer already has a bank seed (fingerprint {row['fingerprint']})",
+                    field="seed",
+                )
+            if row is not None and row["fingerprint"] != record.fingerprint:
+                raise PolicyViolation(
+                    "seed_mismatch",
+                    f"the restored seed has fingerprint {record.fingerprint}, the signer's "
+                    f"loans use {row['fingerprint']}: these are not this bank's shares",
+                    field="seed",
+                )
+            if row is None:
+                used = db.execute(
+                    "SELECT key_ref FROM loan WHERE bank_key_kind = 'hd' LIMIT 1"
+                ).fetchone()
+                if used is not None and not used["key_ref"].startswith(
+                    f"bip32:{record.fingerprint}/"
+                ):
+                    raise PolicyViolation(
+                        "seed_mismatch",
+                        "the signer's HD loans were made from another seed "
+                        f"({used['key_ref'].split('/')[0][6:]})",
+                        field="seed",
+                    )
+            db.execute(
+                "INSERT INTO bank_seed (id, fingerprint, key_label, iv, ciphertext, created_at, "
+                "sealed_at) VALUES (1, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "key_label = excluded.key_label, iv = excluded.iv, "
+                "ciphertext = excluded.ciphertext, sealed_at = excluded.sealed_at",
+                (
+                    record.fingerprint,
+                    record.key_label,
+                    record.iv.hex(),
+                    record.ciphertext.hex(),
+                    ts(record.created_at),
+                    ts(record.sealed_at),
+                ),
+            )
+
+    def record_backup(
+        self, fingerprint: str, threshold: int, officers: Sequence[str], at: datetime
+    ) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO seed_backup (fingerprint, threshold, officers, at) "
+                "VALUES (?, ?, ?, ?)",
+                (fingerprint, threshold, json.dumps(list(officers)), ts(at)),
+            )
+
+    def backups(self) -> list[tuple[str, int, tuple[str, ...], datetime]]:
+        """(fingerprint, threshold, officers, at) of every share set made, oldest first."""
+        return [
+            (
+                r["fingerprint"],
+                int(r["threshold"]),
+                tuple(json.loads(r["officers"])),
+                parse_ts(r["at"]),
+            )
+            for r in self.read_all("SELECT * FROM seed_backup ORDER BY id", ())
+        ]
 
     def note_index(self, loan_ref: str, index: int) -> None:
         """Remember the highest address index seen in use (the scan range grows from it)."""

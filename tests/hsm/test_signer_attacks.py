@@ -195,8 +195,14 @@ def automatic(world: SignerWorld, loan: Loan, psbt: str, valuation_id: str | Non
     )
 
 
-def approved(world: SignerWorld, loan: Loan, action: str, psbt: str, prepared: dict[str, Any],
-             approvals: list[dict[str, str]] | None = None) -> Call:
+def approved(
+    world: SignerWorld,
+    loan: Loan,
+    action: str,
+    psbt: str,
+    prepared: dict[str, Any],
+    approvals: list[dict[str, str]] | None = None,
+) -> Call:
     statement = prepared["statement"]
     return lambda: world.client.sign(
         loan.loan_ref,
@@ -228,7 +234,7 @@ def splice_unsigned_tx(psbt_b64: str, change: Callable[[Transaction], object]) -
     tx = Transaction.parse(old)
     change(tx)
     new = tx.serialize()
-    spliced = PSBT.MAGIC + b"\x01\x00" + compact.to_bytes(len(new)) + new + raw[len(head + old):]
+    spliced = PSBT.MAGIC + b"\x01\x00" + compact.to_bytes(len(new)) + new + raw[len(head + old) :]
     return base64.b64encode(spliced).decode()
 
 
@@ -317,8 +323,9 @@ def unknown_key_under(person: str) -> Approve:
     """A valid Ed25519 signature by a key nobody enrolled, under an enrolled name."""
 
     def approve(world: SignerWorld, st: dict[str, Any]) -> list[dict[str, str]]:
-        forger = Staff(world.staff[person].name, "bank_approver",
-                       ed25519.Ed25519PrivateKey.generate())
+        forger = Staff(
+            world.staff[person].name, "bank_approver", ed25519.Ed25519PrivateKey.generate()
+        )
         return [world.staff["operator"].endorse(st), forger.endorse(st)]
 
     return approve
@@ -326,8 +333,10 @@ def unknown_key_under(person: str) -> Approve:
 
 def swapped_names(world: SignerWorld, st: dict[str, Any]) -> list[dict[str, str]]:
     op, ap = world.approvals(st)
-    return [{"person": op["person"], "signature": ap["signature"]},
-            {"person": ap["person"], "signature": op["signature"]}]
+    return [
+        {"person": op["person"], "signature": ap["signature"]},
+        {"person": ap["person"], "signature": op["signature"]},
+    ]
 
 
 def plus_stranger(world: SignerWorld, st: dict[str, Any]) -> list[dict[str, str]]:
@@ -361,41 +370,76 @@ def _previous_statement_for_the_same_psbt(world: SignerWorld) -> tuple[str, Call
 
 
 APPROVAL_FORGERIES = [
-    Attack("two_operators_no_approver", release_with(signed_by("operator", "operator2")),
-           "approval_roles"),
-    Attack("two_approvers_no_operator", release_with(signed_by("approver", "approver2")),
-           "approval_roles"),
+    Attack(
+        "two_operators_no_approver",
+        release_with(signed_by("operator", "operator2")),
+        "approval_roles",
+    ),
+    Attack(
+        "two_approvers_no_operator",
+        release_with(signed_by("approver", "approver2")),
+        "approval_roles",
+    ),
     Attack("two_admins", release_with(signed_by("admin1", "admin2")), "approval_roles"),
     Attack("operator_alone", release_with(signed_by("operator")), "approval_roles"),
     Attack("no_signatures", release_with(lambda w, st: []), "approval_roles"),
-    Attack("one_person_twice", release_with(signed_by("operator", "operator")),
-           "approval_duplicate"),
-    Attack("person_not_enrolled", release_with(
-        lambda w, st: [w.staff["operator"].endorse(st), *strangers("bank_approver")(w, st)]),
-        "approval_unknown_person", "not enrolled"),
-    Attack("two_people_not_enrolled", release_with(strangers("bank_operator", "bank_approver")),
-           "approval_unknown_person"),
-    Attack("valid_quorum_plus_a_stranger", release_with(plus_stranger),
-           "approval_unknown_person"),
-    Attack("signed_other_txid", release_with(
-        over_other(lambda st: st.update(unsigned_txid="00" * 32))), "approval_signature"),
-    Attack("signed_other_nonce", release_with(
-        over_other(lambda st: st.update(nonce=secrets.token_urlsafe(24)))),
-        "approval_signature"),
-    Attack("signed_other_amounts", release_with(over_other(_outputs_to_one_sat)),
-           "approval_signature"),
+    Attack(
+        "one_person_twice", release_with(signed_by("operator", "operator")), "approval_duplicate"
+    ),
+    Attack(
+        "person_not_enrolled",
+        release_with(
+            lambda w, st: [w.staff["operator"].endorse(st), *strangers("bank_approver")(w, st)]
+        ),
+        "approval_unknown_person",
+        "not enrolled",
+    ),
+    Attack(
+        "two_people_not_enrolled",
+        release_with(strangers("bank_operator", "bank_approver")),
+        "approval_unknown_person",
+    ),
+    Attack("valid_quorum_plus_a_stranger", release_with(plus_stranger), "approval_unknown_person"),
+    Attack(
+        "signed_other_txid",
+        release_with(over_other(lambda st: st.update(unsigned_txid="00" * 32))),
+        "approval_signature",
+    ),
+    Attack(
+        "signed_other_nonce",
+        release_with(over_other(lambda st: st.update(nonce=secrets.token_urlsafe(24)))),
+        "approval_signature",
+    ),
+    Attack(
+        "signed_other_amounts", release_with(over_other(_outputs_to_one_sat)), "approval_signature"
+    ),
     Attack("signed_a_later_expiry", release_with(over_other(_later)), "approval_signature"),
-    Attack("signed_previous_statement_same_psbt", _previous_statement_for_the_same_psbt,
-           "approval_signature"),
-    Attack("garbage_base64_signature", release_with(with_signature("approver", "%%not-b64%%")),
-           "approval_signature"),
-    Attack("zero_bytes_signature", release_with(with_signature("approver", "AAAA")),
-           "approval_signature"),
-    Attack("oversized_signature", release_with(
-        with_signature("approver", base64.b64encode(b"\x01" * 250).decode())),
-        "approval_signature"),
-    Attack("unknown_key_under_enrolled_name", release_with(unknown_key_under("approver")),
-           "approval_signature", "does not verify"),
+    Attack(
+        "signed_previous_statement_same_psbt",
+        _previous_statement_for_the_same_psbt,
+        "approval_signature",
+    ),
+    Attack(
+        "garbage_base64_signature",
+        release_with(with_signature("approver", "%%not-b64%%")),
+        "approval_signature",
+    ),
+    Attack(
+        "zero_bytes_signature",
+        release_with(with_signature("approver", "AAAA")),
+        "approval_signature",
+    ),
+    Attack(
+        "oversized_signature",
+        release_with(with_signature("approver", base64.b64encode(b"\x01" * 250).decode())),
+        "approval_signature",
+    ),
+    Attack(
+        "unknown_key_under_enrolled_name",
+        release_with(unknown_key_under("approver")),
+        "approval_signature",
+        "does not verify",
+    ),
     Attack("signatures_under_swapped_names", release_with(swapped_names), "approval_signature"),
 ]
 
@@ -409,16 +453,26 @@ def test_a_removed_person_cannot_approve(world: SignerWorld) -> None:
     """Enrol a temporary approver (two admins), remove them (two admins): their
     signature no longer counts."""
     temp = new_staff(f"temp.{secrets.token_hex(4)}", "bank_approver")
-    enrol = {"kind": "enroll", "name": temp.name, "role": temp.role, "algorithm": "ed25519",
-             "public_key": temp.public_hex, "expires_at": expires()}
+    enrol = {
+        "kind": "enroll",
+        "name": temp.name,
+        "role": temp.role,
+        "algorithm": "ed25519",
+        "public_key": temp.public_hex,
+        "expires_at": expires(),
+    }
     world.client.enroll(enrol, world.approvals(enrol, "admin1", "admin2"))
     loan, psbt, prepared = released(world)
     removal = {"kind": "remove", "name": temp.name, "expires_at": expires()}
     assert world.client.remove(removal, world.approvals(removal, "admin1", "admin2"))["removed"]
     statement = prepared["statement"]
     approvals = [world.staff["operator"].endorse(statement), temp.endorse(statement)]
-    assert_refused(world, loan.loan_ref, "approval_unknown_person",
-                   approved(world, loan, "release", psbt, prepared, approvals))
+    assert_refused(
+        world,
+        loan.loan_ref,
+        "approval_unknown_person",
+        approved(world, loan, "release", psbt, prepared, approvals),
+    )
 
 
 # --------------------------------------------------------------------------- requests
@@ -426,47 +480,61 @@ def test_a_removed_person_cannot_approve(world: SignerWorld) -> None:
 
 def _automatic_release(world: SignerWorld) -> tuple[str, Call]:
     loan, psbt, _ = released(world)
-    return loan.loan_ref, lambda: world.client.sign(loan.loan_ref, "release", psbt,
-                                                    automatic=True)
+    return loan.loan_ref, lambda: world.client.sign(loan.loan_ref, "release", psbt, automatic=True)
 
 
 def _automatic_release_on_a_liquidate_verdict(world: SignerWorld) -> tuple[str, Call]:
     loan, valuation, _ = liquidatable(world)
     psbt = world.release_psbt(loan)
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "release", psbt, automatic=True, valuation_id=valuation["valuation_id"])
+        loan.loan_ref, "release", psbt, automatic=True, valuation_id=valuation["valuation_id"]
+    )
 
 
 def _automatic_partial(world: SignerWorld) -> tuple[str, Call]:
     loan, valuation = margin_called(world)
     psbt = world.partial_psbt(loan, valuation, change_index=3)
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "partial_liquidation", psbt, automatic=True,
-        valuation_id=valuation["valuation_id"])
+        loan.loan_ref,
+        "partial_liquidation",
+        psbt,
+        automatic=True,
+        valuation_id=valuation["valuation_id"],
+    )
 
 
 def _automatic_with_approvals(world: SignerWorld) -> tuple[str, Call]:
     loan, valuation, psbt = liquidatable(world)
     prepared = world.prepare(loan, "liquidation", psbt, valuation["valuation_id"])
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "liquidation", psbt, automatic=True,
+        loan.loan_ref,
+        "liquidation",
+        psbt,
+        automatic=True,
         approvals=world.approvals(prepared["statement"]),
-        valuation_id=valuation["valuation_id"])
+        valuation_id=valuation["valuation_id"],
+    )
 
 
 def _automatic_with_nonce(world: SignerWorld) -> tuple[str, Call]:
     loan, valuation, psbt = liquidatable(world)
     prepared = world.prepare(loan, "liquidation", psbt, valuation["valuation_id"])
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "liquidation", psbt, automatic=True, nonce=prepared["nonce"],
-        valuation_id=valuation["valuation_id"])
+        loan.loan_ref,
+        "liquidation",
+        psbt,
+        automatic=True,
+        nonce=prepared["nonce"],
+        valuation_id=valuation["valuation_id"],
+    )
 
 
 def _no_nonce(world: SignerWorld) -> tuple[str, Call]:
     loan, psbt, prepared = released(world)
     approvals = world.approvals(prepared["statement"])
-    return loan.loan_ref, lambda: world.client.sign(loan.loan_ref, "release", psbt,
-                                                    approvals=approvals)
+    return loan.loan_ref, lambda: world.client.sign(
+        loan.loan_ref, "release", psbt, approvals=approvals
+    )
 
 
 def _unknown_nonce(world: SignerWorld) -> tuple[str, Call]:
@@ -479,8 +547,12 @@ def _nonce_of_another_loan(world: SignerWorld) -> tuple[str, Call]:
     _, other_psbt, other_prepared = released(world)
     loan, _, _ = released(world)
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "release", other_psbt, nonce=other_prepared["nonce"],
-        approvals=world.approvals(other_prepared["statement"]))
+        loan.loan_ref,
+        "release",
+        other_psbt,
+        nonce=other_prepared["nonce"],
+        approvals=world.approvals(other_prepared["statement"]),
+    )
 
 
 def _replayed(world: SignerWorld) -> tuple[str, Call]:
@@ -555,17 +627,25 @@ def _approved_with_a_valuation(world: SignerWorld) -> tuple[str, Call]:
     loan, valuation, psbt = liquidatable(world)
     prepared = world.prepare(loan, "liquidation", psbt, valuation["valuation_id"])
     return loan.loan_ref, lambda: world.client.sign(
-        loan.loan_ref, "liquidation", psbt, nonce=prepared["nonce"],
+        loan.loan_ref,
+        "liquidation",
+        psbt,
+        nonce=prepared["nonce"],
         approvals=world.approvals(prepared["statement"]),
-        valuation_id=valuation["valuation_id"])
+        valuation_id=valuation["valuation_id"],
+    )
 
 
 def _unknown_loan_sign(world: SignerWorld) -> tuple[str, Call]:
     _, psbt, prepared = released(world)
     ghost = f"ghost-{secrets.token_hex(4)}"
     return ghost, lambda: world.client.sign(
-        ghost, "release", psbt, nonce=prepared["nonce"],
-        approvals=world.approvals(prepared["statement"]))
+        ghost,
+        "release",
+        psbt,
+        nonce=prepared["nonce"],
+        approvals=world.approvals(prepared["statement"]),
+    )
 
 
 def _unknown_loan_prepare(world: SignerWorld) -> tuple[str, Call]:
@@ -589,8 +669,11 @@ def _deposit_after_approval(world: SignerWorld) -> tuple[str, Call]:
 
 REQUEST_ATTACKS = [
     Attack("automatic_release", _automatic_release, "automatic_action"),
-    Attack("automatic_release_on_liquidate_verdict", _automatic_release_on_a_liquidate_verdict,
-           "automatic_action"),
+    Attack(
+        "automatic_release_on_liquidate_verdict",
+        _automatic_release_on_a_liquidate_verdict,
+        "automatic_action",
+    ),
     Attack("automatic_partial_liquidation", _automatic_partial, "automatic_action"),
     Attack("automatic_with_approvals", _automatic_with_approvals, "automatic_action"),
     Attack("automatic_with_nonce", _automatic_with_nonce, "automatic_action"),
@@ -602,17 +685,23 @@ REQUEST_ATTACKS = [
     Attack("cancel_unknown_statement", _cancel_unknown, "approval_unknown_statement"),
     Attack("expired_statement", _expired, "approval_expired"),
     Attack("approval_of_txid_a_on_psbt_b", _other_txid, "approval_other_txid"),
-    Attack("release_approval_used_for_liquidation", _release_approval_for_liquidation,
-           "approval_other_action"),
-    Attack("liquidation_approval_used_for_partial", _liquidation_approval_for_partial,
-           "approval_other_action"),
+    Attack(
+        "release_approval_used_for_liquidation",
+        _release_approval_for_liquidation,
+        "approval_other_action",
+    ),
+    Attack(
+        "liquidation_approval_used_for_partial",
+        _liquidation_approval_for_partial,
+        "approval_other_action",
+    ),
     Attack("approved_path_names_a_valuation", _approved_with_a_valuation, "approval_format"),
     Attack("sign_for_unknown_loan", _unknown_loan_sign, "unknown_loan"),
     Attack("prepare_for_unknown_loan", _unknown_loan_prepare, "unknown_loan"),
-    Attack("payout_amended_between_approval_and_sign", _payout_amended_after_approval,
-           "foreign_output"),
-    Attack("deposit_between_approval_and_sign", _deposit_after_approval,
-           "collateral_not_spent"),
+    Attack(
+        "payout_amended_between_approval_and_sign", _payout_amended_after_approval, "foreign_output"
+    ),
+    Attack("deposit_between_approval_and_sign", _deposit_after_approval, "collateral_not_spent"),
 ]
 
 
@@ -643,9 +732,11 @@ def _healthy(world: SignerWorld) -> tuple[Loan, dict[str, Any]]:
 
 def _no_collateral_yet(world: SignerWorld) -> tuple[Loan, dict[str, Any]]:
     now = datetime.now(UTC)
-    loan = world.register_loan(principal_kopecks=5_000_000,
-                               start_at=iso(now - timedelta(days=2)),
-                               maturity_at=iso(now - timedelta(days=1)))
+    loan = world.register_loan(
+        principal_kopecks=5_000_000,
+        start_at=iso(now - timedelta(days=2)),
+        maturity_at=iso(now - timedelta(days=1)),
+    )
     world.fund(loan, 1_000_000, confirmations=0)  # in the mempool only
     valuation = world.client.valuation(loan.loan_ref)
     assert valuation["verdict"] == "ok" and valuation["collateral_sats"] == 0
@@ -694,8 +785,9 @@ def _four_eyes_partial_with_another_loans_valuation(world: SignerWorld) -> tuple
     _, other = margin_called(world)
     loan, valuation = margin_called(world)
     psbt = world.partial_psbt(loan, valuation, change_index=3)
-    return loan.loan_ref, lambda: world.prepare(loan, "partial_liquidation", psbt,
-                                                other["valuation_id"])
+    return loan.loan_ref, lambda: world.prepare(
+        loan, "partial_liquidation", psbt, other["valuation_id"]
+    )
 
 
 def _four_eyes_liquidation_of_a_repaid_loan(world: SignerWorld) -> tuple[str, Call]:
@@ -705,10 +797,13 @@ def _four_eyes_liquidation_of_a_repaid_loan(world: SignerWorld) -> tuple[str, Ca
     world.client.record_repayment(repayment, world.approvals(repayment))
     valuation = world.client.valuation(loan.loan_ref)
     assert valuation["debt_kopecks"] == 0, valuation
-    psbt = world.psbt(loan, [PayTo(loan.bank_liquidation, 100_000, "bank"),
-                             PayTo(loan.miner_return, 898_000, "miner")])
-    return loan.loan_ref, lambda: world.prepare(loan, "liquidation", psbt,
-                                                valuation["valuation_id"])
+    psbt = world.psbt(
+        loan,
+        [PayTo(loan.bank_liquidation, 100_000, "bank"), PayTo(loan.miner_return, 898_000, "miner")],
+    )
+    return loan.loan_ref, lambda: world.prepare(
+        loan, "liquidation", psbt, valuation["valuation_id"]
+    )
 
 
 def _repaid_after_valuation(world: SignerWorld) -> tuple[str, Call]:
@@ -738,36 +833,57 @@ def _repaid_between_prepare_and_sign(world: SignerWorld) -> tuple[str, Call]:
 
 
 EVIDENCE_ATTACKS = [
-    Attack("automatic_while_verdict_ok", _automatic_on(_healthy), "not_liquidatable",
-           "verdict ok"),
-    Attack("automatic_while_verdict_margin_call", _automatic_on(margin_called),
-           "not_liquidatable", "verdict margin_call"),
-    Attack("automatic_while_collateral_unconfirmed", _automatic_on(_no_collateral_yet),
-           "not_liquidatable"),
+    Attack("automatic_while_verdict_ok", _automatic_on(_healthy), "not_liquidatable", "verdict ok"),
+    Attack(
+        "automatic_while_verdict_margin_call",
+        _automatic_on(margin_called),
+        "not_liquidatable",
+        "verdict margin_call",
+    ),
+    Attack(
+        "automatic_while_collateral_unconfirmed",
+        _automatic_on(_no_collateral_yet),
+        "not_liquidatable",
+    ),
     Attack("automatic_unknown_valuation_id", _unknown_valuation, "valuation_unknown"),
-    Attack("automatic_valuation_of_another_loan", _valuation_of_another_loan,
-           "valuation_unknown"),
+    Attack("automatic_valuation_of_another_loan", _valuation_of_another_loan, "valuation_unknown"),
     Attack("automatic_without_valuation", _no_valuation, "valuation_missing"),
-    Attack("psbt_priced_at_a_lower_price", _priced(price_rub_per_btc="5000000"),
-           "bank_overpaid"),
-    Attack("psbt_priced_at_a_higher_price", _priced(price_rub_per_btc="12000000"),
-           "bank_underpaid"),
-    Attack("psbt_with_debt_inflated", _priced(debt_kopecks=lambda d: d * 3 // 2),
-           "bank_overpaid"),
-    Attack("psbt_with_debt_understated", _priced(debt_kopecks=lambda d: d // 2),
-           "bank_underpaid"),
-    Attack("automatic_on_a_valuation_older_than_a_full_repayment", _repaid_after_valuation,
-           "valuation_outdated"),
-    Attack("automatic_on_a_valuation_older_than_an_amendment", _amended_after_valuation,
-           "valuation_outdated"),
-    Attack("four_eyes_liquidation_repaid_between_prepare_and_sign",
-           _repaid_between_prepare_and_sign, "valuation_outdated"),
-    Attack("four_eyes_liquidation_without_valuation", _four_eyes_liquidation_without_valuation,
-           "valuation_missing"),
-    Attack("four_eyes_partial_with_another_loans_valuation",
-           _four_eyes_partial_with_another_loans_valuation, "valuation_unknown"),
-    Attack("four_eyes_liquidation_of_a_repaid_loan", _four_eyes_liquidation_of_a_repaid_loan,
-           "nothing_owed"),
+    Attack("psbt_priced_at_a_lower_price", _priced(price_rub_per_btc="5000000"), "bank_overpaid"),
+    Attack(
+        "psbt_priced_at_a_higher_price", _priced(price_rub_per_btc="12000000"), "bank_underpaid"
+    ),
+    Attack("psbt_with_debt_inflated", _priced(debt_kopecks=lambda d: d * 3 // 2), "bank_overpaid"),
+    Attack("psbt_with_debt_understated", _priced(debt_kopecks=lambda d: d // 2), "bank_underpaid"),
+    Attack(
+        "automatic_on_a_valuation_older_than_a_full_repayment",
+        _repaid_after_valuation,
+        "valuation_outdated",
+    ),
+    Attack(
+        "automatic_on_a_valuation_older_than_an_amendment",
+        _amended_after_valuation,
+        "valuation_outdated",
+    ),
+    Attack(
+        "four_eyes_liquidation_repaid_between_prepare_and_sign",
+        _repaid_between_prepare_and_sign,
+        "valuation_outdated",
+    ),
+    Attack(
+        "four_eyes_liquidation_without_valuation",
+        _four_eyes_liquidation_without_valuation,
+        "valuation_missing",
+    ),
+    Attack(
+        "four_eyes_partial_with_another_loans_valuation",
+        _four_eyes_partial_with_another_loans_valuation,
+        "valuation_unknown",
+    ),
+    Attack(
+        "four_eyes_liquidation_of_a_repaid_loan",
+        _four_eyes_liquidation_of_a_repaid_loan,
+        "nothing_owed",
+    ),
 ]
 
 
@@ -791,16 +907,19 @@ def _feed(price: str, shift: timedelta | None = None) -> Setup:
 PRICE_FEED_ATTACKS = [
     Attack("feed_quote_stale_1000s", _feed("8000000", timedelta(seconds=-1000)), "price_stale"),
     Attack("feed_quote_a_day_old", _feed("8000000", timedelta(days=-1)), "price_stale"),
-    Attack("feed_quote_dated_10min_ahead", _feed("8000000", timedelta(minutes=10)),
-           "price_future"),
+    Attack("feed_quote_dated_10min_ahead", _feed("8000000", timedelta(minutes=10)), "price_future"),
     Attack("feed_price_nan", _feed("NaN"), "price_sources", "not a number"),
     Attack("feed_price_infinity", _feed("Infinity"), "price_sources", "not a number"),
     Attack("feed_price_1e1000000", _feed("1E+1000000"), "price_sources", "ceiling"),
     Attack("feed_price_negative", _feed("-1"), "price_sources", "positive"),
     Attack("feed_price_zero", _feed("0"), "price_sources", "positive"),
     Attack("feed_price_below_a_satoshi_of_rub", _feed("1E-20"), "price_sources"),
-    Attack("feed_price_too_many_decimals", _feed("8000000." + "0" * 18 + "1"),
-           "price_sources", "decimal places"),
+    Attack(
+        "feed_price_too_many_decimals",
+        _feed("8000000." + "0" * 18 + "1"),
+        "price_sources",
+        "decimal places",
+    ),
     Attack("feed_price_not_a_number", _feed("eight million"), "price_sources"),
 ]
 
@@ -847,44 +966,72 @@ def at(**delta: float) -> Callable[[], str]:
 def _resolved(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v() if callable(v) else v for k, v in values.items()}
 
+
 DESK_QUOTE_ATTACKS = [
-    Attack("desk_signed_by_unknown_people", _desk(strangers("bank_operator", "bank_approver")),
-           "approval_unknown_person"),
+    Attack(
+        "desk_signed_by_unknown_people",
+        _desk(strangers("bank_operator", "bank_approver")),
+        "approval_unknown_person",
+    ),
     Attack("desk_signed_by_one_operator", _desk(signed_by("operator")), "approval_roles"),
-    Attack("desk_signed_by_two_operators", _desk(signed_by("operator", "operator2")),
-           "approval_roles"),
+    Attack(
+        "desk_signed_by_two_operators", _desk(signed_by("operator", "operator2")), "approval_roles"
+    ),
     Attack("desk_price_edited_after_signing", _desk_edited_after_signing, "approval_signature"),
     Attack("desk_extra_key", _desk(venue="moex"), "desk_quote", "unexpected keys"),
     Attack("desk_source_not_desk", _desk(source="feed"), "desk_quote"),
     Attack("desk_price_nan", _desk(price_rub_per_btc="NaN"), "desk_quote"),
-    Attack("desk_price_as_json_number", _desk(price_rub_per_btc=8000000), "desk_quote",
-           "decimal string"),
-    Attack("desk_quote_stale", _desk(quoted_at=at(hours=-1),
-                                     expires_at=at(hours=1)),
-           "desk_quote_stale"),
-    Attack("desk_quote_dated_ahead", _desk(quoted_at=at(hours=1),
-                                           expires_at=at(hours=2)),
-           "desk_quote_future"),
-    Attack("desk_quote_expired", _desk(quoted_at=at(minutes=-5),
-                                       expires_at=at(minutes=-1)),
-           "desk_quote_expired"),
-    Attack("desk_quote_not_in_utc", _desk(quoted_at=lambda: datetime.now(UTC).astimezone(
-        timezone(timedelta(hours=3))).isoformat(timespec="seconds")), "desk_quote", "not in UTC"),
+    Attack(
+        "desk_price_as_json_number",
+        _desk(price_rub_per_btc=8000000),
+        "desk_quote",
+        "decimal string",
+    ),
+    Attack(
+        "desk_quote_stale",
+        _desk(quoted_at=at(hours=-1), expires_at=at(hours=1)),
+        "desk_quote_stale",
+    ),
+    Attack(
+        "desk_quote_dated_ahead",
+        _desk(quoted_at=at(hours=1), expires_at=at(hours=2)),
+        "desk_quote_future",
+    ),
+    Attack(
+        "desk_quote_expired",
+        _desk(quoted_at=at(minutes=-5), expires_at=at(minutes=-1)),
+        "desk_quote_expired",
+    ),
+    Attack(
+        "desk_quote_not_in_utc",
+        _desk(
+            quoted_at=lambda: (
+                datetime.now(UTC)
+                .astimezone(timezone(timedelta(hours=3)))
+                .isoformat(timespec="seconds")
+            )
+        ),
+        "desk_quote",
+        "not in UTC",
+    ),
 ]
 
 
 @pytest.mark.parametrize("attack", [a.param() for a in DESK_QUOTE_ATTACKS])
 def test_bad_desk_quotes_are_refused(world: SignerWorld, attack: Attack) -> None:
     run(world, attack)
-    assert world.client.valuation(matured(world).loan_ref)["price"]["quotes"][0]["source"] \
-        == "feed", "a refused desk quote is being used"
+    assert (
+        world.client.valuation(matured(world).loan_ref)["price"]["quotes"][0]["source"] == "feed"
+    ), "a refused desk quote is being used"
 
 
 # --------------------------------------------------------------------------- collateral
 
 
-def _collateral(change: Callable[[SignerWorld, Loan, PSBT], object],
-                before: Callable[[SignerWorld, Loan], object] | None = None) -> Setup:
+def _collateral(
+    change: Callable[[SignerWorld, Loan, PSBT], object],
+    before: Callable[[SignerWorld, Loan], object] | None = None,
+) -> Setup:
     """An automatic liquidation of a loan the signer itself says must be liquidated,
     with its inputs tampered."""
 
@@ -946,9 +1093,11 @@ def _huge_vout(world: SignerWorld, loan: Loan, psbt: PSBT) -> None:
 
 
 COLLATERAL_ATTACKS = [
-    Attack("spends_a_subset_of_the_coins",
-           _collateral(_drop_second_coin, lambda w, loan: w.fund(loan, 300_000, index=1)),
-           "collateral_not_spent"),
+    Attack(
+        "spends_a_subset_of_the_coins",
+        _collateral(_drop_second_coin, lambda w, loan: w.fund(loan, 300_000, index=1)),
+        "collateral_not_spent",
+    ),
     Attack("coin_never_mined", _collateral(_never_mined), "input_unknown"),
     Attack("unconfirmed_deposit", _collateral(_unconfirmed), "input_unconfirmed"),
     Attack("coin_of_another_loan", _collateral(_foreign), "foreign_input"),
@@ -974,8 +1123,13 @@ def test_spent_collateral_is_not_signed_again(world: SignerWorld) -> None:
     world.broadcast(signed.psbt, loan, with_seat="miner")
     world.fund(loan, 300_000, index=1)
     again = world.release_psbt(loan, [old, loan.coins[1]])
-    assert_refused(world, loan.loan_ref, "input_unknown",
-                   lambda: world.prepare(loan, "release", again), old.txid)
+    assert_refused(
+        world,
+        loan.loan_ref,
+        "input_unknown",
+        lambda: world.prepare(loan, "release", again),
+        old.txid,
+    )
 
 
 # --------------------------------------------------------------------------- registration
@@ -995,7 +1149,8 @@ def _register(
             edit_after(world, statement)
         ref = statement.get("loan_ref")
         return (ref if isinstance(ref, str) else "-")[:64], lambda: world.client.register_loan(
-            statement, approvals)
+            statement, approvals
+        )
 
     return setup
 
@@ -1041,73 +1196,139 @@ def _one_address(world: SignerWorld, st: dict[str, Any]) -> None:
 
 
 REGISTRATION_ATTACKS = [
-    Attack("register_signed_by_unenrolled_people",
-           _register(approve=strangers("bank_operator", "bank_approver")),
-           "approval_unknown_person"),
-    Attack("register_signed_by_one_person", _register(approve=signed_by("approver")),
-           "approval_roles"),
-    Attack("register_signed_by_two_operators",
-           _register(approve=signed_by("operator", "operator2")), "approval_roles"),
-    Attack("register_signed_by_two_approvers",
-           _register(approve=signed_by("approver", "approver2")), "approval_roles"),
-    Attack("register_signed_by_two_admins", _register(approve=signed_by("admin1", "admin2")),
-           "approval_roles"),
-    Attack("register_signed_by_one_person_twice",
-           _register(approve=signed_by("approver", "approver")), "approval_duplicate"),
-    Attack("register_bank_address_swapped_after_signing",
-           _register(edit_after=_swap_bank_address), "approval_signature"),
-    Attack("register_miner_key_swapped_after_signing", _register(edit_after=_swap_miner_key),
-           "approval_signature"),
-    Attack("register_principal_raised_after_signing",
-           _register(edit_after=put_terms(principal_kopecks=900_000_00)), "approval_signature"),
-    Attack("register_garbage_signature",
-           _register(approve=with_signature("approver", "!!!!")), "approval_signature"),
-    Attack("register_expired", _register(put(expires_at=at(minutes=-5))),
-           "approval_expired"),
-    Attack("register_valid_8_days", _register(put(expires_at=at(days=8))),
-           "approval_expiry", "7 days"),
-    Attack("register_mainnet_miner_address", _register(put(miner_return_address=MAINNET_ADDRESS)),
-           "invalid_input", "mainnet"),
-    Attack("register_testnet_bank_address",
-           _register(put(bank_liquidation_address=TESTNET_ADDRESS)), "invalid_input"),
+    Attack(
+        "register_signed_by_unenrolled_people",
+        _register(approve=strangers("bank_operator", "bank_approver")),
+        "approval_unknown_person",
+    ),
+    Attack(
+        "register_signed_by_one_person", _register(approve=signed_by("approver")), "approval_roles"
+    ),
+    Attack(
+        "register_signed_by_two_operators",
+        _register(approve=signed_by("operator", "operator2")),
+        "approval_roles",
+    ),
+    Attack(
+        "register_signed_by_two_approvers",
+        _register(approve=signed_by("approver", "approver2")),
+        "approval_roles",
+    ),
+    Attack(
+        "register_signed_by_two_admins",
+        _register(approve=signed_by("admin1", "admin2")),
+        "approval_roles",
+    ),
+    Attack(
+        "register_signed_by_one_person_twice",
+        _register(approve=signed_by("approver", "approver")),
+        "approval_duplicate",
+    ),
+    Attack(
+        "register_bank_address_swapped_after_signing",
+        _register(edit_after=_swap_bank_address),
+        "approval_signature",
+    ),
+    Attack(
+        "register_miner_key_swapped_after_signing",
+        _register(edit_after=_swap_miner_key),
+        "approval_signature",
+    ),
+    Attack(
+        "register_principal_raised_after_signing",
+        _register(edit_after=put_terms(principal_kopecks=900_000_00)),
+        "approval_signature",
+    ),
+    Attack(
+        "register_garbage_signature",
+        _register(approve=with_signature("approver", "!!!!")),
+        "approval_signature",
+    ),
+    Attack("register_expired", _register(put(expires_at=at(minutes=-5))), "approval_expired"),
+    Attack(
+        "register_valid_8_days", _register(put(expires_at=at(days=8))), "approval_expiry", "7 days"
+    ),
+    Attack(
+        "register_mainnet_miner_address",
+        _register(put(miner_return_address=MAINNET_ADDRESS)),
+        "invalid_input",
+        "mainnet",
+    ),
+    Attack(
+        "register_testnet_bank_address",
+        _register(put(bank_liquidation_address=TESTNET_ADDRESS)),
+        "invalid_input",
+    ),
     Attack("register_network_mainnet", _register(put(network="mainnet")), "network"),
     Attack("register_network_missing_value", _register(put(network=None)), "network"),
-    Attack("register_principal_as_string", _register(put_terms(principal_kopecks="40000000")),
-           "statement_format", "principal_kopecks"),
-    Attack("register_principal_as_float",
-           _register(edit_after=put_terms(principal_kopecks=40_000_000.0)), "statement_format"),
-    Attack("register_interest_as_float",
-           _register(edit_after=put_terms(interest_rate_bps=0.5)), "statement_format"),
-    Attack("register_principal_as_bool", _register(put_terms(principal_kopecks=True)),
-           "statement_format"),
-    Attack("register_principal_zero", _register(put_terms(principal_kopecks=0)),
-           "statement_format"),
-    Attack("register_principal_above_the_cap", _register(put_terms(principal_kopecks=10**16)),
-           "statement_format"),
-    Attack("register_negative_interest", _register(put_terms(interest_rate_bps=-1)),
-           "statement_format"),
-    Attack("register_zero_confirmations", _register(put_terms(required_confirmations=0)),
-           "statement_format", "required_confirmations"),
-    Attack("register_missing_key", _register(drop("bank_liquidation_address")),
-           "statement_format"),
+    Attack(
+        "register_principal_as_string",
+        _register(put_terms(principal_kopecks="40000000")),
+        "statement_format",
+        "principal_kopecks",
+    ),
+    Attack(
+        "register_principal_as_float",
+        _register(edit_after=put_terms(principal_kopecks=40_000_000.0)),
+        "statement_format",
+    ),
+    Attack(
+        "register_interest_as_float",
+        _register(edit_after=put_terms(interest_rate_bps=0.5)),
+        "statement_format",
+    ),
+    Attack(
+        "register_principal_as_bool",
+        _register(put_terms(principal_kopecks=True)),
+        "statement_format",
+    ),
+    Attack(
+        "register_principal_zero", _register(put_terms(principal_kopecks=0)), "statement_format"
+    ),
+    Attack(
+        "register_principal_above_the_cap",
+        _register(put_terms(principal_kopecks=10**16)),
+        "statement_format",
+    ),
+    Attack(
+        "register_negative_interest", _register(put_terms(interest_rate_bps=-1)), "statement_format"
+    ),
+    Attack(
+        "register_zero_confirmations",
+        _register(put_terms(required_confirmations=0)),
+        "statement_format",
+        "required_confirmations",
+    ),
+    Attack("register_missing_key", _register(drop("bank_liquidation_address")), "statement_format"),
     Attack("register_extra_key", _register(put(bank_key="02" + "11" * 32)), "statement_format"),
     Attack("register_extra_terms_key", _register(put_terms(grace_days=30)), "statement_format"),
-    Attack("register_ltvs_do_not_rise",
-           _register(put_terms(margin_call_ltv_bps=9_500, liquidation_ltv_bps=9_000)), "terms"),
-    Attack("register_target_above_margin_call", _register(put_terms(target_ltv_bps=8_000)),
-           "terms"),
-    Attack("register_maturity_before_start",
-           _register(put_terms(maturity_at=at(days=-30))), "terms"),
-    Attack("register_time_without_zone", _register(put_terms(start_at="2025-01-01T00:00:00")),
-           "statement_format"),
+    Attack(
+        "register_ltvs_do_not_rise",
+        _register(put_terms(margin_call_ltv_bps=9_500, liquidation_ltv_bps=9_000)),
+        "terms",
+    ),
+    Attack(
+        "register_target_above_margin_call", _register(put_terms(target_ltv_bps=8_000)), "terms"
+    ),
+    Attack(
+        "register_maturity_before_start", _register(put_terms(maturity_at=at(days=-30))), "terms"
+    ),
+    Attack(
+        "register_time_without_zone",
+        _register(put_terms(start_at="2025-01-01T00:00:00")),
+        "statement_format",
+    ),
     Attack("register_same_payout_addresses", _register(_one_address), "payout_addresses"),
     Attack("register_miner_private_key", _register(_xprv), "invalid_input", "private keys"),
     Attack("register_mainnet_xpub", _register(_mainnet_xpub), "invalid_input"),
-    Attack("register_miner_key_as_arbiter_key", _register(_same_keys), "invalid_input",
-           "same key"),
+    Attack("register_miner_key_as_arbiter_key", _register(_same_keys), "invalid_input", "same key"),
     Attack("register_wrong_kind", _register(put(kind="enroll")), "statement_kind"),
-    Attack("register_loan_ref_not_a_key_label", _register(put(loan_ref="../evil loan")),
-           "invalid_input", "loan_ref"),
+    Attack(
+        "register_loan_ref_not_a_key_label",
+        _register(put(loan_ref="../evil loan")),
+        "invalid_input",
+        "loan_ref",
+    ),
 ]
 
 
@@ -1127,12 +1348,20 @@ def test_registering_a_loan_twice_is_refused(world: SignerWorld) -> None:
     statement, _, _ = world.registration()
     world.client.register_loan(statement, world.approvals(statement))
     # the same statement again, with valid approvals
-    assert_refused(world, statement["loan_ref"], "loan_registered",
-                   lambda: world.client.register_loan(statement, world.approvals(statement)))
+    assert_refused(
+        world,
+        statement["loan_ref"],
+        "loan_registered",
+        lambda: world.client.register_loan(statement, world.approvals(statement)),
+    )
     # a new statement (new keys, new addresses) for the same loan_ref
     again, _, _ = world.registration(statement["loan_ref"])
-    assert_refused(world, statement["loan_ref"], "loan_registered",
-                   lambda: world.client.register_loan(again, world.approvals(again)))
+    assert_refused(
+        world,
+        statement["loan_ref"],
+        "loan_registered",
+        lambda: world.client.register_loan(again, world.approvals(again)),
+    )
     record = world.client.loan(statement["loan_ref"])
     assert record["miner_return_address"] == statement["miner_return_address"]
 
@@ -1150,11 +1379,13 @@ def test_reusing_another_loans_miner_and_arbiter_keys_is_accepted(world: SignerW
     assert record["public_key"] != first.record["public_key"]
     # the collateral of one is still foreign to the other
     world.fund(first, 200_000)
-    second = Loan(record["loan_ref"], record, first.descriptor, first.miner, first.arbiter,
-                  statement["terms"])
+    second = Loan(
+        record["loan_ref"], record, first.descriptor, first.miner, first.arbiter, statement["terms"]
+    )
     psbt = world.release_psbt(first)
-    assert_refused(world, second.loan_ref, "foreign_input",
-                   lambda: world.prepare(second, "release", psbt))
+    assert_refused(
+        world, second.loan_ref, "foreign_input", lambda: world.prepare(second, "release", psbt)
+    )
 
 
 # --------------------------------------------------------------------------- amendments
@@ -1174,9 +1405,11 @@ def amend_statement(loan: Loan, **over: Any) -> dict[str, Any]:
     return statement
 
 
-def _amend(approve: Approve = signed_by("operator", "approver"),
-           edit_before: Callable[[dict[str, Any]], object] | None = None,
-           edit_after: Callable[[dict[str, Any]], object] | None = None) -> Setup:
+def _amend(
+    approve: Approve = signed_by("operator", "approver"),
+    edit_before: Callable[[dict[str, Any]], object] | None = None,
+    edit_after: Callable[[dict[str, Any]], object] | None = None,
+) -> Setup:
     def setup(world: SignerWorld) -> tuple[str, Call]:
         loan = world.register_loan()
         statement = amend_statement(loan)
@@ -1197,7 +1430,8 @@ def _amend_with_registration_approvals(world: SignerWorld) -> tuple[str, Call]:
     statement = {k: v for k, v in registration.items() if k not in ("miner_key", "arbiter_key")}
     statement.update(kind="amend_loan", bank_liquidation_address=random_p2wpkh_address())
     return registration["loan_ref"], lambda: world.client.amend_loan(
-        statement, world.approvals(registration))
+        statement, world.approvals(registration)
+    )
 
 
 def _amend_replayed(older_first: bool) -> Setup:
@@ -1227,34 +1461,56 @@ def _amend_replayed(older_first: bool) -> Setup:
 
 
 AMENDMENT_ATTACKS = [
-    Attack("amend_payout_without_approvals", _amend(approve=lambda w, st: []),
-           "approval_roles"),
-    Attack("amend_payout_with_one_approval", _amend(approve=signed_by("operator")),
-           "approval_roles"),
-    Attack("amend_payout_signed_by_strangers",
-           _amend(approve=strangers("bank_operator", "bank_approver")),
-           "approval_unknown_person"),
-    Attack("amend_payout_approvals_of_another_statement",
-           _amend(edit_after=lambda st: st.update(
-               bank_liquidation_address=random_p2wpkh_address())), "approval_signature"),
-    Attack("amend_with_the_registrations_approvals", _amend_with_registration_approvals,
-           "approval_signature"),
-    Attack("amend_unknown_loan",
-           _amend(edit_before=lambda st: st.update(loan_ref=f"ghost-{secrets.token_hex(4)}")),
-           "unknown_loan"),
-    Attack("amend_expired",
-           _amend(edit_before=lambda st: st.update(expires_at=at(hours=-1)())),
-           "approval_expired"),
-    Attack("amend_ltvs_do_not_rise",
-           _amend(edit_before=lambda st: st.update(
-               terms={**st["terms"], "liquidation_ltv_bps": 7_000})), "terms"),
-    Attack("amend_to_a_mainnet_address",
-           _amend(edit_before=lambda st: st.update(miner_return_address=MAINNET_ADDRESS)),
-           "invalid_input", "mainnet"),
-    Attack("amend_replay_of_the_same_amendment", _amend_replayed(older_first=False),
-           "approval_replayed"),
-    Attack("amend_replay_of_an_older_amendment", _amend_replayed(older_first=True),
-           "approval_replayed"),
+    Attack("amend_payout_without_approvals", _amend(approve=lambda w, st: []), "approval_roles"),
+    Attack(
+        "amend_payout_with_one_approval", _amend(approve=signed_by("operator")), "approval_roles"
+    ),
+    Attack(
+        "amend_payout_signed_by_strangers",
+        _amend(approve=strangers("bank_operator", "bank_approver")),
+        "approval_unknown_person",
+    ),
+    Attack(
+        "amend_payout_approvals_of_another_statement",
+        _amend(edit_after=lambda st: st.update(bank_liquidation_address=random_p2wpkh_address())),
+        "approval_signature",
+    ),
+    Attack(
+        "amend_with_the_registrations_approvals",
+        _amend_with_registration_approvals,
+        "approval_signature",
+    ),
+    Attack(
+        "amend_unknown_loan",
+        _amend(edit_before=lambda st: st.update(loan_ref=f"ghost-{secrets.token_hex(4)}")),
+        "unknown_loan",
+    ),
+    Attack(
+        "amend_expired",
+        _amend(edit_before=lambda st: st.update(expires_at=at(hours=-1)())),
+        "approval_expired",
+    ),
+    Attack(
+        "amend_ltvs_do_not_rise",
+        _amend(
+            edit_before=lambda st: st.update(terms={**st["terms"], "liquidation_ltv_bps": 7_000})
+        ),
+        "terms",
+    ),
+    Attack(
+        "amend_to_a_mainnet_address",
+        _amend(edit_before=lambda st: st.update(miner_return_address=MAINNET_ADDRESS)),
+        "invalid_input",
+        "mainnet",
+    ),
+    Attack(
+        "amend_replay_of_the_same_amendment",
+        _amend_replayed(older_first=False),
+        "approval_replayed",
+    ),
+    Attack(
+        "amend_replay_of_an_older_amendment", _amend_replayed(older_first=True), "approval_replayed"
+    ),
 ]
 
 
@@ -1280,10 +1536,12 @@ def repayment_statement(loan: Loan, **over: Any) -> dict[str, Any]:
     return statement
 
 
-def _repay(approve: Approve = signed_by("operator", "approver"),
-           edit_before: Callable[[dict[str, Any]], object] | None = None,
-           edit_after: Callable[[dict[str, Any]], object] | None = None,
-           first: bool = False) -> Setup:
+def _repay(
+    approve: Approve = signed_by("operator", "approver"),
+    edit_before: Callable[[dict[str, Any]], object] | None = None,
+    edit_after: Callable[[dict[str, Any]], object] | None = None,
+    first: bool = False,
+) -> Setup:
     def setup(world: SignerWorld) -> tuple[str, Call]:
         loan = world.register_loan()
         statement = repayment_statement(loan)
@@ -1301,27 +1559,40 @@ def _repay(approve: Approve = signed_by("operator", "approver"),
 
 
 REPAYMENT_ATTACKS = [
-    Attack("repayment_signed_by_one_operator", _repay(approve=signed_by("operator")),
-           "approval_roles"),
-    Attack("repayment_signed_by_strangers",
-           _repay(approve=strangers("bank_operator", "bank_approver")),
-           "approval_unknown_person"),
-    Attack("repayment_amount_raised_after_signing",
-           _repay(edit_after=lambda st: st.update(amount_kopecks=st["amount_kopecks"] * 100)),
-           "approval_signature"),
-    Attack("repayment_dated_in_the_future",
-           _repay(edit_before=lambda st: st.update(paid_at=at(days=1)())),
-           "repayment_future"),
-    Attack("repayment_amount_as_string",
-           _repay(edit_before=lambda st: st.update(amount_kopecks="100000")),
-           "statement_format"),
-    Attack("repayment_amount_as_float",
-           _repay(edit_after=lambda st: st.update(amount_kopecks=100000.0)),
-           "statement_format"),
+    Attack(
+        "repayment_signed_by_one_operator", _repay(approve=signed_by("operator")), "approval_roles"
+    ),
+    Attack(
+        "repayment_signed_by_strangers",
+        _repay(approve=strangers("bank_operator", "bank_approver")),
+        "approval_unknown_person",
+    ),
+    Attack(
+        "repayment_amount_raised_after_signing",
+        _repay(edit_after=lambda st: st.update(amount_kopecks=st["amount_kopecks"] * 100)),
+        "approval_signature",
+    ),
+    Attack(
+        "repayment_dated_in_the_future",
+        _repay(edit_before=lambda st: st.update(paid_at=at(days=1)())),
+        "repayment_future",
+    ),
+    Attack(
+        "repayment_amount_as_string",
+        _repay(edit_before=lambda st: st.update(amount_kopecks="100000")),
+        "statement_format",
+    ),
+    Attack(
+        "repayment_amount_as_float",
+        _repay(edit_after=lambda st: st.update(amount_kopecks=100000.0)),
+        "statement_format",
+    ),
     Attack("repayment_same_id_other_amount", _repay(first=True), "repayment_conflict"),
-    Attack("repayment_unknown_loan",
-           _repay(edit_before=lambda st: st.update(loan_ref=f"ghost-{secrets.token_hex(4)}")),
-           "unknown_loan"),
+    Attack(
+        "repayment_unknown_loan",
+        _repay(edit_before=lambda st: st.update(loan_ref=f"ghost-{secrets.token_hex(4)}")),
+        "unknown_loan",
+    ),
 ]
 
 
@@ -1347,8 +1618,11 @@ def enrol_statement(**over: Any) -> dict[str, Any]:
     return statement
 
 
-def _people(op: str, make: Callable[[SignerWorld], dict[str, Any]],
-            approve: Approve = signed_by("admin1", "admin2")) -> Setup:
+def _people(
+    op: str,
+    make: Callable[[SignerWorld], dict[str, Any]],
+    approve: Approve = signed_by("admin1", "admin2"),
+) -> Setup:
     def setup(world: SignerWorld) -> tuple[str, Call]:
         statement = make(world)
         approvals = approve(world, statement)
@@ -1363,45 +1637,88 @@ def _removal(name_of: Callable[[SignerWorld], str]) -> Callable[[SignerWorld], d
 
 
 PEOPLE_ATTACKS = [
-    Attack("enrol_signed_by_one_admin",
-           _people("enroll", lambda w: enrol_statement(), signed_by("admin1")),
-           "approval_roles"),
-    Attack("enrol_signed_by_operator_and_approver",
-           _people("enroll", lambda w: enrol_statement(), signed_by("operator", "approver")),
-           "approval_roles"),
-    Attack("enrol_signed_by_one_admin_twice",
-           _people("enroll", lambda w: enrol_statement(), signed_by("admin1", "admin1")),
-           "approval_duplicate"),
-    Attack("enrol_signed_by_unknown_admins",
-           _people("enroll", lambda w: enrol_statement(), strangers("admin", "admin")),
-           "approval_unknown_person"),
-    Attack("enrol_expired",
-           _people("enroll", lambda w: enrol_statement(
-               expires_at=iso(datetime.now(UTC) - timedelta(seconds=1)))), "approval_expired"),
-    Attack("enrol_valid_8_days",
-           _people("enroll", lambda w: enrol_statement(
-               expires_at=iso(datetime.now(UTC) + timedelta(days=8)))), "approval_expiry"),
-    Attack("enrol_an_enrolled_name_with_a_new_key",
-           _people("enroll", lambda w: enrol_statement(name=w.staff["approver"].name)),
-           "enrolment", "already enrolled"),
-    Attack("enrol_an_enrolled_key_under_a_new_name",
-           _people("enroll", lambda w: enrol_statement(public_key=w.staff["approver"].public_hex)),
-           "enrolment", "already enrolled"),
-    Attack("enrol_unknown_role", _people("enroll", lambda w: enrol_statement(role="root")),
-           "enrolment", "unknown role"),
-    Attack("enrol_invalid_public_key",
-           _people("enroll", lambda w: enrol_statement(public_key="00" * 31)), "enrolment"),
-    Attack("enrol_extra_key", _people("enroll", lambda w: enrol_statement(may_sign_alone=True)),
-           "statement_format"),
-    Attack("remove_an_admin_signed_by_that_admin",
-           _people("remove", _removal(lambda w: w.staff["admin1"].name)), "enrolment",
-           "own removal"),
-    Attack("remove_signed_by_one_admin",
-           _people("remove", _removal(lambda w: w.staff["approver2"].name), signed_by("admin2")),
-           "approval_roles"),
-    Attack("remove_signed_by_operator_and_approver",
-           _people("remove", _removal(lambda w: w.staff["admin2"].name),
-                   signed_by("operator", "approver")), "approval_roles"),
+    Attack(
+        "enrol_signed_by_one_admin",
+        _people("enroll", lambda w: enrol_statement(), signed_by("admin1")),
+        "approval_roles",
+    ),
+    Attack(
+        "enrol_signed_by_operator_and_approver",
+        _people("enroll", lambda w: enrol_statement(), signed_by("operator", "approver")),
+        "approval_roles",
+    ),
+    Attack(
+        "enrol_signed_by_one_admin_twice",
+        _people("enroll", lambda w: enrol_statement(), signed_by("admin1", "admin1")),
+        "approval_duplicate",
+    ),
+    Attack(
+        "enrol_signed_by_unknown_admins",
+        _people("enroll", lambda w: enrol_statement(), strangers("admin", "admin")),
+        "approval_unknown_person",
+    ),
+    Attack(
+        "enrol_expired",
+        _people(
+            "enroll",
+            lambda w: enrol_statement(expires_at=iso(datetime.now(UTC) - timedelta(seconds=1))),
+        ),
+        "approval_expired",
+    ),
+    Attack(
+        "enrol_valid_8_days",
+        _people(
+            "enroll",
+            lambda w: enrol_statement(expires_at=iso(datetime.now(UTC) + timedelta(days=8))),
+        ),
+        "approval_expiry",
+    ),
+    Attack(
+        "enrol_an_enrolled_name_with_a_new_key",
+        _people("enroll", lambda w: enrol_statement(name=w.staff["approver"].name)),
+        "enrolment",
+        "already enrolled",
+    ),
+    Attack(
+        "enrol_an_enrolled_key_under_a_new_name",
+        _people("enroll", lambda w: enrol_statement(public_key=w.staff["approver"].public_hex)),
+        "enrolment",
+        "already enrolled",
+    ),
+    Attack(
+        "enrol_unknown_role",
+        _people("enroll", lambda w: enrol_statement(role="root")),
+        "enrolment",
+        "unknown role",
+    ),
+    Attack(
+        "enrol_invalid_public_key",
+        _people("enroll", lambda w: enrol_statement(public_key="00" * 31)),
+        "enrolment",
+    ),
+    Attack(
+        "enrol_extra_key",
+        _people("enroll", lambda w: enrol_statement(may_sign_alone=True)),
+        "statement_format",
+    ),
+    Attack(
+        "remove_an_admin_signed_by_that_admin",
+        _people("remove", _removal(lambda w: w.staff["admin1"].name)),
+        "enrolment",
+        "own removal",
+    ),
+    Attack(
+        "remove_signed_by_one_admin",
+        _people("remove", _removal(lambda w: w.staff["approver2"].name), signed_by("admin2")),
+        "approval_roles",
+    ),
+    Attack(
+        "remove_signed_by_operator_and_approver",
+        _people(
+            "remove", _removal(lambda w: w.staff["admin2"].name), signed_by("operator", "approver")
+        ),
+        "approval_roles",
+    ),
 ]
 
 
@@ -1410,8 +1727,10 @@ def test_bad_enrolments_and_removals_are_refused(world: SignerWorld, attack: Att
     run(world, attack)
     names = {s.name for s in world.staff.values()}
     with signer_registry(world) as registry:
-        active = {r["name"] for r in registry.read_all(
-            "SELECT name FROM person WHERE removed_at IS NULL", ())}
+        active = {
+            r["name"]
+            for r in registry.read_all("SELECT name FROM person WHERE removed_at IS NULL", ())
+        }
     assert names <= active, "an attack removed an enrolled person"
 
 
@@ -1458,8 +1777,9 @@ def _move(sats: int, to: int, frm: int) -> Callable[[SignerWorld, Loan, PSBT], N
     return change
 
 
-def _extra_output(script: Callable[[Loan], Script], sats: int = 10_000
-                  ) -> Callable[[SignerWorld, Loan, PSBT], None]:
+def _extra_output(
+    script: Callable[[Loan], Script], sats: int = 10_000
+) -> Callable[[SignerWorld, Loan, PSBT], None]:
     def change(world: SignerWorld, loan: Loan, psbt: PSBT) -> None:
         psbt.outputs[1].value -= sats
         add_output(psbt, sats, script(loan))
@@ -1543,14 +1863,19 @@ def _own_descriptor(loan: Loan) -> Script:
 SHAPE_ATTACKS = [
     Attack("locktime_above_the_tip", on_psbt(_locktime_above_tip), "locktime", "above"),
     Attack("locktime_next_block", on_psbt(_locktime_at_tip), "locktime"),
-    Attack("locktime_a_timestamp", on_psbt(
-        lambda w, loan, p: setattr(p, "locktime", 1_700_000_000)), "locktime", "timestamp"),
-    Attack("tx_version_1", on_psbt(lambda w, loan, p: setattr(p, "tx_version", 1)),
-           "tx_version"),
-    Attack("tx_version_3", on_psbt(lambda w, loan, p: setattr(p, "tx_version", 3)),
-           "tx_version"),
-    Attack("tx_version_0xffffffff",
-           on_psbt(lambda w, loan, p: setattr(p, "tx_version", 0xFFFFFFFF)), "tx_version"),
+    Attack(
+        "locktime_a_timestamp",
+        on_psbt(lambda w, loan, p: setattr(p, "locktime", 1_700_000_000)),
+        "locktime",
+        "timestamp",
+    ),
+    Attack("tx_version_1", on_psbt(lambda w, loan, p: setattr(p, "tx_version", 1)), "tx_version"),
+    Attack("tx_version_3", on_psbt(lambda w, loan, p: setattr(p, "tx_version", 3)), "tx_version"),
+    Attack(
+        "tx_version_0xffffffff",
+        on_psbt(lambda w, loan, p: setattr(p, "tx_version", 0xFFFFFFFF)),
+        "tx_version",
+    ),
     Attack("sequence_relative_lock_10_blocks", _set("sequence", 10), "sequence"),
     Attack("sequence_relative_lock_by_time", _set("sequence", (1 << 22) | 100), "sequence"),
     Attack("sequence_0xfffffffe", _set("sequence", 0xFFFFFFFE), "sequence"),
@@ -1558,25 +1883,34 @@ SHAPE_ATTACKS = [
     Attack("script_sig_in_unsigned_tx", on_tx(_script_sig), "psbt_format"),
     Attack("sighash_none", _set("sighash_type", SIGHASH.NONE), "sighash", "SIGHASH_NONE"),
     Attack("sighash_single", _set("sighash_type", SIGHASH.SINGLE), "sighash", "SIGHASH_SINGLE"),
-    Attack("sighash_all_anyonecanpay", _set("sighash_type", SIGHASH.ALL | SIGHASH.ANYONECANPAY),
-           "sighash", "ANYONECANPAY"),
-    Attack("sighash_none_anyonecanpay",
-           _set("sighash_type", SIGHASH.NONE | SIGHASH.ANYONECANPAY), "sighash"),
+    Attack(
+        "sighash_all_anyonecanpay",
+        _set("sighash_type", SIGHASH.ALL | SIGHASH.ANYONECANPAY),
+        "sighash",
+        "ANYONECANPAY",
+    ),
+    Attack(
+        "sighash_none_anyonecanpay",
+        _set("sighash_type", SIGHASH.NONE | SIGHASH.ANYONECANPAY),
+        "sighash",
+    ),
     Attack("sighash_default_taproot_style", _set("sighash_type", SIGHASH.DEFAULT), "sighash"),
     Attack("witness_script_of_another_index", on_psbt(_other_witness_script), "witness_script"),
     Attack("witness_utxo_script_changed", on_psbt(_witness_utxo_script), "witness_utxo_script"),
-    Attack("witness_utxo_amount_inflated", on_psbt(_witness_utxo_inflated),
-           "witness_utxo_amount"),
+    Attack("witness_utxo_amount_inflated", on_psbt(_witness_utxo_inflated), "witness_utxo_amount"),
     Attack("witness_utxo_missing", _set("witness_utxo", None), "witness_utxo"),
-    Attack("non_witness_utxo_of_another_tx", on_psbt(_non_witness_utxo_other),
-           "non_witness_utxo"),
+    Attack("non_witness_utxo_of_another_tx", on_psbt(_non_witness_utxo_other), "non_witness_utxo"),
     Attack("input_already_finalized", on_psbt(_finalized), "finalized_input"),
     Attack("input_with_a_redeem_script", on_psbt(_redeem_script), "input_script"),
-    Attack("extra_output_to_an_attacker", on_psbt(_extra_output(lambda loan: attacker_spk())),
-           "foreign_output"),
+    Attack(
+        "extra_output_to_an_attacker",
+        on_psbt(_extra_output(lambda loan: attacker_spk())),
+        "foreign_output",
+    ),
     Attack("extra_op_return_output", on_psbt(_extra_output(_op_return, 0)), "foreign_output"),
-    Attack("extra_output_back_to_the_loan", on_psbt(_extra_output(_own_descriptor)),
-           "foreign_output"),
+    Attack(
+        "extra_output_back_to_the_loan", on_psbt(_extra_output(_own_descriptor)), "foreign_output"
+    ),
     Attack("miner_output_redirected", on_psbt(_redirect(1)), "foreign_output"),
     Attack("bank_output_redirected", on_psbt(_redirect(0)), "foreign_output"),
     Attack("duplicate_bank_output", on_psbt(_split_bank), "duplicate_output"),
@@ -1585,11 +1919,16 @@ SHAPE_ATTACKS = [
     Attack("bank_takes_everything", on_psbt(_bank_takes_all), "bank_overpaid"),
     Attack("nothing_to_the_bank", on_psbt(_bank_dropped), "missing_output"),
     Attack("zero_value_miner_output", on_psbt(_zero_miner), "output_amount"),
-    Attack("fee_above_the_cap", on_psbt(
-        lambda w, loan, p: setattr(p.outputs[1], "value", p.outputs[1].value - 30_000)),
-        "fee_cap"),
-    Attack("outputs_above_inputs", on_psbt(
-        lambda w, loan, p: setattr(p.outputs[1], "value", p.outputs[1].value + 10_000)), "fee"),
+    Attack(
+        "fee_above_the_cap",
+        on_psbt(lambda w, loan, p: setattr(p.outputs[1], "value", p.outputs[1].value - 30_000)),
+        "fee_cap",
+    ),
+    Attack(
+        "outputs_above_inputs",
+        on_psbt(lambda w, loan, p: setattr(p.outputs[1], "value", p.outputs[1].value + 10_000)),
+        "fee",
+    ),
     Attack("no_outputs", on_psbt(_no_outputs), "psbt_format"),
 ]
 
@@ -1626,46 +1965,82 @@ def _partial(change: Callable[[SignerWorld, Loan, dict[str, Any], str], str]) ->
     def setup(world: SignerWorld) -> tuple[str, Call]:
         loan, valuation = margin_called(world)
         psbt = change(world, loan, valuation, world.partial_psbt(loan, valuation, 3))
-        return loan.loan_ref, lambda: world.prepare(loan, "partial_liquidation", psbt,
-                                                    valuation["valuation_id"])
+        return loan.loan_ref, lambda: world.prepare(
+            loan, "partial_liquidation", psbt, valuation["valuation_id"]
+        )
 
     return setup
 
 
-def _partial_change_to_the_miner(world: SignerWorld, loan: Loan, valuation: dict[str, Any],
-                                 psbt: str) -> str:
-    return edit(psbt, lambda p: setattr(p.outputs[1], "script_pubkey",
-                                        address_to_scriptpubkey(loan.miner_return)))
+def _partial_change_to_the_miner(
+    world: SignerWorld, loan: Loan, valuation: dict[str, Any], psbt: str
+) -> str:
+    return edit(
+        psbt,
+        lambda p: setattr(
+            p.outputs[1], "script_pubkey", address_to_scriptpubkey(loan.miner_return)
+        ),
+    )
 
 
-def _partial_two_derivations(world: SignerWorld, loan: Loan, valuation: dict[str, Any],
-                             psbt: str) -> str:
+def _partial_two_derivations(
+    world: SignerWorld, loan: Loan, valuation: dict[str, Any], psbt: str
+) -> str:
     other = PSBT.from_string(world.partial_psbt(loan, valuation, 4))
-    return edit(psbt, lambda p: setattr(p.outputs[0], "bip32_derivations",
-                                        other.outputs[1].bip32_derivations))
+    return edit(
+        psbt,
+        lambda p: setattr(p.outputs[0], "bip32_derivations", other.outputs[1].bip32_derivations),
+    )
 
 
 RELEASE_SHAPE_ATTACKS = [
-    Attack("release_paying_the_bank", _release_outputs(
-        lambda loan, v: [PayTo(loan.bank_liquidation, v, "bank")]), "foreign_output"),
-    Attack("release_split_miner_and_bank", _release_outputs(
-        lambda loan, v: [PayTo(loan.miner_return, v - 100_000, "m"),
-                         PayTo(loan.bank_liquidation, 100_000, "b")]), "foreign_output"),
-    Attack("release_sighash_none_after_approval",
-           _after_approval(lambda w, loan, p: setattr(p.inputs[0], "sighash_type", SIGHASH.NONE)),
-           "sighash"),
-    Attack("release_witness_utxo_inflated_after_approval",
-           _after_approval(lambda w, loan, p: setattr(
-               p.inputs[0].witness_utxo, "value", p.inputs[0].witness_utxo.value + 1)),
-           "witness_utxo_amount"),
-    Attack("partial_bank_overpaid", _partial(lambda w, loan, v, b64: edit(
-        b64, lambda p: _move(1_000, to=0, frm=1)(w, loan, p))), "bank_overpaid"),
-    Attack("partial_change_to_the_miner", _partial(_partial_change_to_the_miner),
-           "foreign_output"),
-    Attack("partial_outputs_name_two_loan_addresses", _partial(_partial_two_derivations),
-           "output_derivation"),
-    Attack("partial_change_beyond_the_watched_addresses", _partial(
-        lambda w, loan, v, b64: w.partial_psbt(loan, v, change_index=5_000)), "change_index"),
+    Attack(
+        "release_paying_the_bank",
+        _release_outputs(lambda loan, v: [PayTo(loan.bank_liquidation, v, "bank")]),
+        "foreign_output",
+    ),
+    Attack(
+        "release_split_miner_and_bank",
+        _release_outputs(
+            lambda loan, v: [
+                PayTo(loan.miner_return, v - 100_000, "m"),
+                PayTo(loan.bank_liquidation, 100_000, "b"),
+            ]
+        ),
+        "foreign_output",
+    ),
+    Attack(
+        "release_sighash_none_after_approval",
+        _after_approval(lambda w, loan, p: setattr(p.inputs[0], "sighash_type", SIGHASH.NONE)),
+        "sighash",
+    ),
+    Attack(
+        "release_witness_utxo_inflated_after_approval",
+        _after_approval(
+            lambda w, loan, p: setattr(
+                p.inputs[0].witness_utxo, "value", p.inputs[0].witness_utxo.value + 1
+            )
+        ),
+        "witness_utxo_amount",
+    ),
+    Attack(
+        "partial_bank_overpaid",
+        _partial(
+            lambda w, loan, v, b64: edit(b64, lambda p: _move(1_000, to=0, frm=1)(w, loan, p))
+        ),
+        "bank_overpaid",
+    ),
+    Attack("partial_change_to_the_miner", _partial(_partial_change_to_the_miner), "foreign_output"),
+    Attack(
+        "partial_outputs_name_two_loan_addresses",
+        _partial(_partial_two_derivations),
+        "output_derivation",
+    ),
+    Attack(
+        "partial_change_beyond_the_watched_addresses",
+        _partial(lambda w, loan, v, b64: w.partial_psbt(loan, v, change_index=5_000)),
+        "change_index",
+    ),
 ]
 
 
@@ -1715,8 +2090,9 @@ def j(**fields: Any) -> Callable[[SignerWorld, Loan, str], bytes]:
 
 def text(template: str) -> Callable[[SignerWorld, Loan, str], bytes]:
     """A body as literal text ({ref} and {psbt} filled in), for what JSON dumps cannot say."""
-    return lambda world, loan, psbt: template.replace("{ref}", loan.loan_ref).replace(
-        "{psbt}", psbt).encode()
+    return lambda world, loan, psbt: (
+        template.replace("{ref}", loan.loan_ref).replace("{psbt}", psbt).encode()
+    )
 
 
 def REF(loan: Loan, psbt: str) -> str:
@@ -1731,8 +2107,9 @@ def _registration_with(literal: str) -> Callable[[SignerWorld, Loan, str], bytes
     def body(world: SignerWorld, loan: Loan, psbt: str) -> bytes:
         statement, _, _ = world.registration()
         statement["terms"]["principal_kopecks"] = "@@"
-        approvals = world.approvals({**statement, "terms": {**statement["terms"],
-                                                            "principal_kopecks": 1}})
+        approvals = world.approvals(
+            {**statement, "terms": {**statement["terms"], "principal_kopecks": 1}}
+        )
         payload = json.dumps({"statement": statement, "approvals": approvals})
         return payload.replace('"@@"', literal).encode()
 
@@ -1754,72 +2131,153 @@ def _huge_integer(world: SignerWorld, loan: Loan, psbt: str) -> bytes:
 
 def _too_many_approvals(world: SignerWorld, loan: Loan, psbt: str) -> bytes:
     approvals = [{"person": "olga.operator", "signature": "AAAA"}] * 9
-    return json.dumps({"loan_ref": loan.loan_ref, "action": "release", "psbt": psbt,
-                       "nonce": "n" * 32, "approvals": approvals}).encode()
+    return json.dumps(
+        {
+            "loan_ref": loan.loan_ref,
+            "action": "release",
+            "psbt": psbt,
+            "nonce": "n" * 32,
+            "approvals": approvals,
+        }
+    ).encode()
 
 
 def _two_megabytes(world: SignerWorld, loan: Loan, psbt: str) -> bytes:
-    return json.dumps({"loan_ref": loan.loan_ref, "action": "release",
-                       "psbt": "A" * (2 * 1024 * 1024)}).encode()
+    return json.dumps(
+        {"loan_ref": loan.loan_ref, "action": "release", "psbt": "A" * (2 * 1024 * 1024)}
+    ).encode()
 
 
 SIGN = {"action": "release", "nonce": "n" * 32}
 
 RAW_ATTACKS = [
-    Raw("sign_psbt_bad_base64", "sign", j(loan_ref=REF, psbt="!!!not base64!!!", **SIGN), 422,
-        "psbt_format"),
-    Raw("sign_psbt_truncated", "sign", j(loan_ref=REF, psbt=_truncated, **SIGN), 422,
-        "psbt_format"),
-    Raw("prepare_psbt_with_nul", "prepare",
-        j(loan_ref=REF, action="release", psbt=lambda lo, p: p + "\x00"), 422, "psbt_format"),
+    Raw(
+        "sign_psbt_bad_base64",
+        "sign",
+        j(loan_ref=REF, psbt="!!!not base64!!!", **SIGN),
+        422,
+        "psbt_format",
+    ),
+    Raw(
+        "sign_psbt_truncated", "sign", j(loan_ref=REF, psbt=_truncated, **SIGN), 422, "psbt_format"
+    ),
+    Raw(
+        "prepare_psbt_with_nul",
+        "prepare",
+        j(loan_ref=REF, action="release", psbt=lambda lo, p: p + "\x00"),
+        422,
+        "psbt_format",
+    ),
     Raw("sign_psbt_empty", "sign", j(loan_ref=REF, psbt="", **SIGN), 400, "malformed_request"),
-    Raw("prepare_psbt_truncated", "prepare",
-        j(loan_ref=REF, action="release", psbt=_truncated), 422, "psbt_format"),
-    Raw("repayment_amount_as_exponent_string", "repayment", _repayment_amount_string, 422,
-        "statement_format"),
-    Raw("sign_automatic_nan_literal", "sign", text(
-        '{"loan_ref": "{ref}", "action": "liquidation", "psbt": "{psbt}", "automatic": NaN}'),
-        400, "malformed_request"),
-    Raw("register_principal_nan_literal", "register_loan", _registration_with("NaN"), 422,
-        "statement_format"),
-    Raw("register_principal_1e1000000_literal", "register_loan",
-        _registration_with("1E+1000000"), 422, "statement_format"),
-    Raw("register_principal_infinity_literal", "register_loan",
-        _registration_with("-Infinity"), 422, "statement_format"),
-    Raw("sign_unknown_field_price", "sign",
-        j(loan_ref=REF, psbt=lambda lo, p: p, price_rub_per_btc="1", **SIGN), 400,
-        "malformed_request"),
-    Raw("sign_unknown_field_debt", "sign",
-        j(loan_ref=REF, psbt=lambda lo, p: p, debt_kopecks=1, automatic=True,
-          action="liquidation"), 400, "malformed_request"),
-    Raw("valuation_unknown_field", "valuation", j(loan_ref=REF, price="1"), 400,
-        "malformed_request"),
-    Raw("sign_loan_ref_as_integer", "sign", j(loan_ref=12345, psbt=lambda lo, p: p, **SIGN),
-        400, "malformed_request"),
-    Raw("sign_automatic_as_string", "sign",
-        j(loan_ref=REF, psbt=lambda lo, p: p, action="liquidation", automatic="true"), 400,
-        "malformed_request"),
-    Raw("sign_action_not_a_bank_action", "sign",
-        j(loan_ref=REF, psbt=lambda lo, p: p, action="dispute_release", nonce="n" * 32), 400,
-        "malformed_request"),
-    Raw("sign_loan_ref_path_traversal", "sign",
-        j(loan_ref="../../etc/passwd", psbt=lambda lo, p: p, **SIGN), 400, "malformed_request"),
-    Raw("sign_nonce_too_short", "sign",
-        j(loan_ref=REF, psbt=lambda lo, p: p, action="release", nonce="abc"), 400,
-        "malformed_request"),
+    Raw(
+        "prepare_psbt_truncated",
+        "prepare",
+        j(loan_ref=REF, action="release", psbt=_truncated),
+        422,
+        "psbt_format",
+    ),
+    Raw(
+        "repayment_amount_as_exponent_string",
+        "repayment",
+        _repayment_amount_string,
+        422,
+        "statement_format",
+    ),
+    Raw(
+        "sign_automatic_nan_literal",
+        "sign",
+        text('{"loan_ref": "{ref}", "action": "liquidation", "psbt": "{psbt}", "automatic": NaN}'),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "register_principal_nan_literal",
+        "register_loan",
+        _registration_with("NaN"),
+        422,
+        "statement_format",
+    ),
+    Raw(
+        "register_principal_1e1000000_literal",
+        "register_loan",
+        _registration_with("1E+1000000"),
+        422,
+        "statement_format",
+    ),
+    Raw(
+        "register_principal_infinity_literal",
+        "register_loan",
+        _registration_with("-Infinity"),
+        422,
+        "statement_format",
+    ),
+    Raw(
+        "sign_unknown_field_price",
+        "sign",
+        j(loan_ref=REF, psbt=lambda lo, p: p, price_rub_per_btc="1", **SIGN),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "sign_unknown_field_debt",
+        "sign",
+        j(loan_ref=REF, psbt=lambda lo, p: p, debt_kopecks=1, automatic=True, action="liquidation"),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "valuation_unknown_field", "valuation", j(loan_ref=REF, price="1"), 400, "malformed_request"
+    ),
+    Raw(
+        "sign_loan_ref_as_integer",
+        "sign",
+        j(loan_ref=12345, psbt=lambda lo, p: p, **SIGN),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "sign_automatic_as_string",
+        "sign",
+        j(loan_ref=REF, psbt=lambda lo, p: p, action="liquidation", automatic="true"),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "sign_action_not_a_bank_action",
+        "sign",
+        j(loan_ref=REF, psbt=lambda lo, p: p, action="dispute_release", nonce="n" * 32),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "sign_loan_ref_path_traversal",
+        "sign",
+        j(loan_ref="../../etc/passwd", psbt=lambda lo, p: p, **SIGN),
+        400,
+        "malformed_request",
+    ),
+    Raw(
+        "sign_nonce_too_short",
+        "sign",
+        j(loan_ref=REF, psbt=lambda lo, p: p, action="release", nonce="abc"),
+        400,
+        "malformed_request",
+    ),
     Raw("sign_nine_approvals", "sign", _too_many_approvals, 400, "malformed_request"),
-    Raw("statement_is_a_list", "register_loan", j(statement=[1, 2], approvals=[]), 400,
-        "malformed_request"),
-    Raw("statement_nested_5000_deep", "register_loan", _deep_statement, 400,
-        "malformed_request"),
+    Raw(
+        "statement_is_a_list",
+        "register_loan",
+        j(statement=[1, 2], approvals=[]),
+        400,
+        "malformed_request",
+    ),
+    Raw("statement_nested_5000_deep", "register_loan", _deep_statement, 400, "malformed_request"),
     Raw("integer_of_5000_digits", "repayment", _huge_integer, 400, "malformed_request"),
     Raw("unknown_operation", "export_key", j(loan_ref=REF), 422, "unknown_operation"),
     Raw("body_of_2_megabytes", "sign", _two_megabytes, 413, "body_too_large"),
-    Raw("invalid_json", "sign", text('{"loan_ref": "{ref}", "action": '), 400,
-        "malformed_request"),
+    Raw("invalid_json", "sign", text('{"loan_ref": "{ref}", "action": '), 400, "malformed_request"),
     Raw("json_array_body", "sign", text('["{ref}", "release"]'), 400, "malformed_request"),
-    Raw("not_utf8", "sign", lambda w, lo, p: b'{"loan_ref": "\xff\xfe"}', 400,
-        "malformed_request"),
+    Raw("not_utf8", "sign", lambda w, lo, p: b'{"loan_ref": "\xff\xfe"}', 400, "malformed_request"),
 ]
 
 

@@ -41,8 +41,14 @@ def limited_world(
     module_feed: PriceFeed,
 ) -> Iterator[SignerWorld]:
     """A signer whose daily limit is 1,000,000 sats."""
-    yield from _world(request.param, tmp_path_factory, regtest_node, softhsm_token, module_feed,
-                      HSM_DAILY_LIMIT_SATS=str(DAILY_LIMIT_SATS))
+    yield from _world(
+        request.param,
+        tmp_path_factory,
+        regtest_node,
+        softhsm_token,
+        module_feed,
+        HSM_DAILY_LIMIT_SATS=str(DAILY_LIMIT_SATS),
+    )
 
 
 @pytest.fixture(scope="module", params=["in-process", "hsm-serve"])
@@ -54,8 +60,14 @@ def impatient_world(
     module_feed: PriceFeed,
 ) -> Iterator[SignerWorld]:
     """A signer whose valuations are good for 1 second."""
-    yield from _world(request.param, tmp_path_factory, regtest_node, softhsm_token, module_feed,
-                      HSM_VALUATION_MAX_AGE_SECONDS="1")
+    yield from _world(
+        request.param,
+        tmp_path_factory,
+        regtest_node,
+        softhsm_token,
+        module_feed,
+        HSM_VALUATION_MAX_AGE_SECONDS="1",
+    )
 
 
 def _world(
@@ -86,8 +98,9 @@ def refusals(world: SignerWorld, loan_ref: str, check: str) -> int:
             registry.close()
 
 
-def assert_refused(world: SignerWorld, loan: Loan, check: str, call: Callable[[], object]
-                   ) -> PolicyViolation:
+def assert_refused(
+    world: SignerWorld, loan: Loan, check: str, call: Callable[[], object]
+) -> PolicyViolation:
     logged = refusals(world, loan.loan_ref, check)
     before = world.c_sign_calls()
     with pytest.raises(PolicyViolation) as info:
@@ -120,12 +133,17 @@ def margin_called(world: SignerWorld, sats: int) -> tuple[Loan, dict[str, Any]]:
     return loan, valuation
 
 
-def four_eyes(world: SignerWorld, loan: Loan, action: str, psbt: str,
-              valuation_id: str | None = None) -> Callable[[], object]:
+def four_eyes(
+    world: SignerWorld, loan: Loan, action: str, psbt: str, valuation_id: str | None = None
+) -> Callable[[], object]:
     prepared = world.prepare(loan, action, psbt, valuation_id)
     return lambda: world.client.sign(
-        loan.loan_ref, action, psbt, nonce=prepared["nonce"],
-        approvals=world.approvals(prepared["statement"]))
+        loan.loan_ref,
+        action,
+        psbt,
+        nonce=prepared["nonce"],
+        approvals=world.approvals(prepared["statement"]),
+    )
 
 
 # --------------------------------------------------------------------------- velocity
@@ -135,8 +153,9 @@ def test_a_release_above_the_daily_limit(limited_world: SignerWorld) -> None:
     world = limited_world
     loan = world.register_loan()
     world.fund(loan, DAILY_LIMIT_SATS + 500_000)
-    refusal = assert_refused(world, loan, "velocity",
-                             four_eyes(world, loan, "release", world.release_psbt(loan)))
+    refusal = assert_refused(
+        world, loan, "velocity", four_eyes(world, loan, "release", world.release_psbt(loan))
+    )
     assert str(DAILY_LIMIT_SATS) in refusal.reason
 
 
@@ -149,25 +168,39 @@ def test_a_second_release_that_brings_the_day_over_the_limit(limited_world: Sign
     four_eyes(world, first, "release", world.release_psbt(first))()  # under the limit: signed
     assert world.c_sign_calls() == before + 1
     assert world.client.health()["used_last_24h_sats"] >= 600_000
-    assert_refused(world, second, "velocity",
-                   four_eyes(world, second, "release", world.release_psbt(second)))
+    assert_refused(
+        world, second, "velocity", four_eyes(world, second, "release", world.release_psbt(second))
+    )
 
 
 def test_an_automatic_liquidation_above_the_daily_limit(limited_world: SignerWorld) -> None:
     world = limited_world
     loan, valuation = matured(world, DAILY_LIMIT_SATS + 200_000)
     psbt = world.liquidation_psbt(loan, valuation)
-    assert_refused(world, loan, "velocity", lambda: world.client.sign(
-        loan.loan_ref, "liquidation", psbt, automatic=True,
-        valuation_id=valuation["valuation_id"]))
+    assert_refused(
+        world,
+        loan,
+        "velocity",
+        lambda: world.client.sign(
+            loan.loan_ref,
+            "liquidation",
+            psbt,
+            automatic=True,
+            valuation_id=valuation["valuation_id"],
+        ),
+    )
 
 
 def test_a_partial_liquidation_above_the_daily_limit(limited_world: SignerWorld) -> None:
     world = limited_world
     loan, valuation = margin_called(world, DAILY_LIMIT_SATS + 200_000)
     psbt = world.partial_psbt(loan, valuation, change_index=2)
-    assert_refused(world, loan, "velocity", four_eyes(
-        world, loan, "partial_liquidation", psbt, valuation["valuation_id"]))
+    assert_refused(
+        world,
+        loan,
+        "velocity",
+        four_eyes(world, loan, "partial_liquidation", psbt, valuation["valuation_id"]),
+    )
 
 
 # --------------------------------------------------------------------------- stale valuations
@@ -176,8 +209,11 @@ def test_a_partial_liquidation_above_the_daily_limit(limited_world: SignerWorld)
 def _aged(valuation: dict[str, Any]) -> None:
     """Wait (polling the wall clock, no fixed sleep) until the valuation is over 1 s old."""
     at = datetime.fromisoformat(valuation["at"].replace("Z", "+00:00"))
-    wait_until(lambda: datetime.now(UTC) - at > timedelta(seconds=1.5), timeout=10,
-               message="the valuation to age")
+    wait_until(
+        lambda: datetime.now(UTC) - at > timedelta(seconds=1.5),
+        timeout=10,
+        message="the valuation to age",
+    )
 
 
 def test_an_automatic_liquidation_on_a_stale_valuation(impatient_world: SignerWorld) -> None:
@@ -185,9 +221,18 @@ def test_an_automatic_liquidation_on_a_stale_valuation(impatient_world: SignerWo
     loan, valuation = matured(world, 1_000_000)
     psbt = world.liquidation_psbt(loan, valuation)
     _aged(valuation)
-    refusal = assert_refused(world, loan, "valuation_stale", lambda: world.client.sign(
-        loan.loan_ref, "liquidation", psbt, automatic=True,
-        valuation_id=valuation["valuation_id"]))
+    refusal = assert_refused(
+        world,
+        loan,
+        "valuation_stale",
+        lambda: world.client.sign(
+            loan.loan_ref,
+            "liquidation",
+            psbt,
+            automatic=True,
+            valuation_id=valuation["valuation_id"],
+        ),
+    )
     assert "ask for a new one" in refusal.reason
 
 
@@ -196,8 +241,12 @@ def test_a_liquidation_statement_on_a_stale_valuation(impatient_world: SignerWor
     loan, valuation = matured(world, 1_000_000)
     psbt = world.liquidation_psbt(loan, valuation)
     _aged(valuation)
-    assert_refused(world, loan, "valuation_stale", lambda: world.prepare(
-        loan, "liquidation", psbt, valuation["valuation_id"]))
+    assert_refused(
+        world,
+        loan,
+        "valuation_stale",
+        lambda: world.prepare(loan, "liquidation", psbt, valuation["valuation_id"]),
+    )
 
 
 def test_a_partial_liquidation_statement_on_a_stale_valuation(
@@ -207,5 +256,9 @@ def test_a_partial_liquidation_statement_on_a_stale_valuation(
     loan, valuation = margin_called(world, 1_000_000)
     psbt = world.partial_psbt(loan, valuation, change_index=2)
     _aged(valuation)
-    assert_refused(world, loan, "valuation_stale", lambda: world.prepare(
-        loan, "partial_liquidation", psbt, valuation["valuation_id"]))
+    assert_refused(
+        world,
+        loan,
+        "valuation_stale",
+        lambda: world.prepare(loan, "partial_liquidation", psbt, valuation["valuation_id"]),
+    )

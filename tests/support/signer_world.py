@@ -22,9 +22,11 @@ from typing import Any
 
 import httpx
 from embit.bip32 import HDKey as EmbitHDKey
+from embit.psbt import PSBT
 
 from custody.signing.psbt import CollateralInput, PayTo, PayToCollateral, build_psbt
 from hsm.approvals import People
+from hsm.backup import make_share_set
 from hsm.client import BankSigner, HttpTransport, InProcessTransport
 from hsm.factory import build_core
 from hsm.pkcs11_backend import Pkcs11Signer
@@ -32,6 +34,7 @@ from hsm.registry import Registry
 from hsm.settings import SignerSettings
 from pledge.amounts import liquidation_split, partial_liquidation_split
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from pledge.keys import HDKey
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
@@ -98,6 +101,7 @@ class SignerWorld:
         self.staff = staff
         self._sign_calls = sign_calls
         self.registry = registry
+        self.shares: list[Path] = []  # the bank seed's SLIP-39 share files (3 of 5)
 
     # -- counting -------------------------------------------------------------------------
 
@@ -128,10 +132,13 @@ class SignerWorld:
         return terms
 
     def registration(
-        self, loan_ref: str | None = None, **terms: Any
+        self, loan_ref: str | None = None, *, bank_key: str | None = None, **terms: Any
     ) -> tuple[dict[str, Any], SoftwareHDSigner, SoftwareHDSigner]:
+        """A registration statement; `bank_key` "hd"/"fixed" (None: a statement from before
+        the choice existed, which the signer reads as fixed)."""
         miner, arbiter = software_party(), software_party()
         statement = {
+            **({"bank_key": bank_key} if bank_key else {}),
             "kind": "register_loan",
             "network": NETWORK,
             "loan_ref": loan_ref or f"loan-{secrets.token_hex(6)}",
@@ -144,8 +151,10 @@ class SignerWorld:
         }
         return statement, miner, arbiter
 
-    def register_loan(self, loan_ref: str | None = None, **terms: Any) -> Loan:
-        statement, miner, arbiter = self.registration(loan_ref, **terms)
+    def register_loan(
+        self, loan_ref: str | None = None, *, bank_key: str | None = None, **terms: Any
+    ) -> Loan:
+        statement, miner, arbiter = self.registration(loan_ref, bank_key=bank_key, **terms)
         record = self.client.register_loan(statement, self.approvals(statement))
         return Loan(
             loan_ref=record["loan_ref"],
@@ -272,6 +281,24 @@ class SignerWorld:
 # --------------------------------------------------------------------------- building
 
 
+def bank_hd_key(record: dict[str, Any]) -> HDKey:
+    """The bank key of an HD loan as the signer recorded it."""
+    key = parse_collateral_descriptor(str(record["descriptor"]), "regtest").keys[1]
+    assert isinstance(key, HDKey)
+    return key
+
+
+def bank_hd_signatures(psbt_b64: str, key: HDKey) -> int:
+    """Partial signatures by the bank's HD key (any child of its account)."""
+    children = {key.public_key(c, i) for c in (0, 1) for i in range(10)}
+    return sum(
+        1
+        for inp in PSBT.from_string(psbt_b64).inputs
+        for pub in inp.partial_sigs
+        if pub.sec() in children
+    )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -312,6 +339,32 @@ def enroll_staff(client: BankSigner, admins: Sequence[Staff], staff: Sequence[St
             "expires_at": expires(),
         }
         client.enroll(statement, [a.endorse(statement) for a in admins])
+
+
+OFFICERS = ("ivanova", "petrov", "sidorova", "kuznetsov", "smirnova")
+
+
+def hsm_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`hsm ARGS` in a child with exactly this signer environment (and no other HSM_*)."""
+    child = {k: v for k, v in os.environ.items() if not k.startswith(("HSM_", "SOFTHSM2_CONF"))}
+    child.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "hsm.cli", *args],
+        env=child,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def seed_ceremony(base: Path, env: dict[str, str]) -> list[Path]:
+    """`hsm seed init`: the bank seed made in the token and split 3 of 5 for the officers."""
+    out = base / "shares"
+    args = [a for officer in OFFICERS for a in ("--officer", officer)]
+    done = hsm_cli(env, "seed", "init", *args, "--threshold", "3", "--out", str(out))
+    assert done.returncode == 0, done.stderr + done.stdout
+    return sorted(out.glob("*.slip39.txt"))
 
 
 def new_people() -> dict[str, Staff]:
@@ -357,7 +410,9 @@ def in_process_world(
             [people["admin1"], people["admin2"]],
             [people[k] for k in ("operator", "approver", "operator2", "approver2")],
         )
-        yield SignerWorld(
+        assert core.seed is not None
+        core.seed.create()
+        sw = SignerWorld(
             "in-process",
             client,
             node,
@@ -366,6 +421,8 @@ def in_process_world(
             sign_calls=lambda: hsm.c_sign_calls,
             registry=lambda: core.registry,
         )
+        sw.shares = make_share_set(core.seed, core.registry, OFFICERS, 3, base / "shares")
+        yield sw
     finally:
         core.close()
 
@@ -442,6 +499,7 @@ def serve_world(
     env["SOFTHSM2_CONF"] = str(token.conf_path)
     people = new_people()
     bootstrap_admins(Path(env["HSM_STATE_DB"]), [people["admin1"], people["admin2"]])
+    shares = seed_ceremony(base, env)
     with serve_process(base, env) as server:
         client = BankSigner(HttpTransport(server.url, server.token, timeout=60))
         try:
@@ -460,6 +518,7 @@ def serve_world(
                 registry=lambda: Registry(server.state_db),
             )
             sw.serve_url, sw.serve_token = server.url, server.token
+            sw.shares = shares
             yield sw
         finally:
             client.close()
