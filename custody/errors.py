@@ -193,6 +193,12 @@ class KeySeatTaken(Conflict):
     code = "key_seat_taken"
 
 
+class BankKeyRequestOpen(Conflict):
+    """The loan's bank key statement is open for the other kind of key."""
+
+    code = "bank_key_request_open"
+
+
 class KeyOfAnotherParty(Conflict):
     """This key is already registered to another party (a key belongs to one party)."""
 

@@ -280,7 +280,9 @@ def check_loan(api: Api, rpc: NodeRpc, lid: int, expect: dict[str, Any]) -> Row:
 
 
 def main() -> int:
-    configure_logging("WARNING")
+    # The demo says what each warning means itself; the service's JSON log lines would
+    # only repeat it in another format.
+    configure_logging("ERROR")
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="custody-demo-"))
     ok = False
@@ -342,6 +344,20 @@ def main() -> int:
             signer.enroll(statement, [a.endorse(statement) for a in admins])
             detail(f"enrolled {person.name} as {person.role}, signed by both admins")
         staff = [olga, anton]
+
+        say("Key ceremony: the bank seed is made in the HSM and split into SLIP-39 shares")
+        from hsm.backup import make_share_set
+
+        assert core.seed is not None
+        fingerprint = core.seed.create()
+        officers = ["irina", "pavel", "sofia", "kirill", "marta"]
+        shares = make_share_set(core.seed, core.registry, officers, 3, workdir / "shares")
+        sealed = core.seed.key_evidence()
+        detail(
+            f"`hsm seed init`: seed {fingerprint} from the token's random generator, sealed "
+            f"under AES key '{sealed.label}' (never extractable={sealed.never_extractable})"
+        )
+        detail(f"3 of {len(shares)} shares restore it, one file per officer in {shares[0].parent}")
 
         say("Starting the service on SQLite behind its HTTP API (127.0.0.1 only)")
         board = Market(feed)
@@ -449,22 +465,30 @@ def main() -> int:
         l1, l2, l3 = loan_ids
 
         say("Keys: the miner and the arbiter register account keys; two bank employees sign")
-        detail("the loan's registration; then the signer makes the bank's key in the HSM")
+        detail("the loan's registration; then the signer makes the bank's key")
+        detail(f"(loans {l1} and {l3}: an HD account of the bank seed, the default; loan {l2}:")
+        detail(" a fixed key that never leaves the token, by the bank's explicit choice)")
         for n, lid in enumerate(loan_ids):
             for who, device in devices.items():
                 key = device.signer.account_key_text(account=n)
                 api(who, "PUT", f"/v1/loans/{lid}/keys/{who}", json={"kind": "hd", "key": key})
-            st = api("operator", "POST", f"/v1/loans/{lid}/keys/bank/hsm", 201)
+            kind = "fixed" if lid == l2 else "hd"
+            st = api("operator", "POST", f"/v1/loans/{lid}/keys/bank/hsm", 201, json={"kind": kind})
             done = sign_statement_via_api(api, "operator", st["id"], staff)
             if done["state"] != "done":
                 raise SystemExit(f"the signer did not register loan {lid}: {done}")
             loan = api("operator", "GET", f"/v1/loans/{lid}")
             bank_key = next(k for k in loan["keys"] if k["role"] == "bank")
+            made = (
+                f"bank key [{bank_key['fingerprint']}{bank_key['origin_path'][1:]}]"
+                f"{bank_key['xpub'][:12]}... from the sealed seed"
+                if bank_key["kind"] == "hd"
+                else f"bank key {bank_key['public_key'][:16]}... made in the HSM "
+                f"(never extractable={bank_key['hsm_never_extractable']})"
+            )
             detail(
                 f"loan {lid}: statement {st['id']} signed by {', '.join(done['signed_by'])}; "
-                f"bank key {bank_key['public_key'][:16]}... made in the HSM "
-                f"(never extractable={bank_key['hsm_never_extractable']}); "
-                f"{loan['state']} at {loan['collateral_address']}"
+                f"{made}; {loan['state']} at {loan['collateral_address']}"
             )
 
         say("The watcher follows the node; the miner pays the three collateral addresses")

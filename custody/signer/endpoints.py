@@ -22,6 +22,7 @@ from custody.errors import (
     AlreadyEndorsed,
     BadSignature,
     BankKeyNotInSigner,
+    BankKeyRequestOpen,
     KeyInTwoSeats,
     KeyOfAnotherParty,
     KeySeatTaken,
@@ -41,7 +42,7 @@ from custody.errors import (
     SigningRequestNotInState,
 )
 from custody.signer import service as signer_statements
-from custody.signer.schemas import EndorsementIn, EnrolmentIn, RepaymentIn
+from custody.signer.schemas import BankKeyIn, EndorsementIn, EnrolmentIn, RepaymentIn
 from custody.signing.psbt import CannotFinalize
 from pledge.errors import InvalidInput, NotAuthenticated
 
@@ -85,13 +86,19 @@ _TO_THE_SIGNER = (
         LoanNotInState,
         KeySeatTaken,
         KeysIncomplete,
+        BankKeyRequestOpen,
+        *BODY_ERRORS,
     ),
 )
-def request_bank_key(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+def request_bank_key(
+    loan_id: LoanId, session: SessionDep, ctx: ContextDep, body: BankKeyIn | None = None
+) -> dict[str, Any]:
     """Open the statement that registers this loan with the bank's signer; once a bank
-    operator and an approver have signed it, the signer makes the bank key in its HSM
-    and builds the descriptor (the miner's and the arbiter's keys come first)."""
-    st = signer_statements.request_bank_key(session, ctx, loan_id)
+    operator and an approver have signed it, the signer makes the bank key (by default an
+    HD account of the seed its HSM seals; `{"kind": "fixed"}` for a key that never leaves
+    the token) and builds the descriptor (the miner's and the arbiter's keys come first)."""
+    kind = (body or BankKeyIn()).kind
+    st = signer_statements.request_bank_key(session, ctx, loan_id, kind=kind)
     return signer_statements.statement_view(session, st)
 
 

@@ -32,6 +32,17 @@ class EnrolmentIn(Strict):
     public_key: Annotated[str, Text(200, min_length=64, trim=False, pattern=r"^[0-9a-fA-F]+$")]
 
 
+class BankKeyIn(Strict):
+    """Which bank key the signer makes for a loan.
+
+    `hd` (the default): the loan's own BIP-48 account of the bank seed the HSM seals; the
+    descriptor is all-xpub, so every hardware wallet and coordinator can register the
+    wallet and show its addresses. `fixed`: a secp256k1 key generated in the token that
+    never leaves it; only Trezor (via HWI), Bitcoin Core and BDK can use such a loan."""
+
+    kind: Literal["hd", "fixed"] = "hd"
+
+
 class RepaymentIn(Strict):
     amount_kopecks: Annotated[StrictInt, Field(gt=0, le=10**15)]
     paid_at: AwareDatetime

@@ -45,6 +45,7 @@ from custody.db.session import transaction
 from custody.errors import (
     AlreadyEndorsed,
     BankKeyNotInSigner,
+    BankKeyRequestOpen,
     KeySeatTaken,
     KeysIncomplete,
     LoanNotFound,
@@ -60,11 +61,16 @@ from custody.loans.service import get_loan, loan_keys, store_key
 from custody.signer import repository
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.signatures import add_signatures
-from custody.signing.statements import bank_hsm_key, open_statement, signer_loan_ref
+from custody.signing.statements import (
+    KEY_LABEL_PREFIX,
+    bank_hsm_key,
+    open_statement,
+    signer_loan_ref,
+)
 from hsm.client import BankSigner
 from hsm.signer import PolicyViolation, SignerError
 from pledge.errors import InvalidInput, UpstreamUnavailable
-from pledge.keys import parse_fixed_key
+from pledge.keys import CollateralKey, parse_fixed_key, parse_hd_key
 from pledge.statements import canonical_statement, iso, statement_digest
 
 __all__ = [
@@ -141,7 +147,13 @@ def statement_view(session: Session, st: SignerStatement) -> dict[str, Any]:
 
 
 def registration_statement(
-    session: Session, loan: Loan, network: str, *, loan_ref: str, expires_at: datetime
+    session: Session,
+    loan: Loan,
+    network: str,
+    *,
+    loan_ref: str,
+    expires_at: datetime,
+    bank_key: str = "hd",
 ) -> dict[str, Any]:
     """The loan as the signer will record it. The signer makes the bank key and builds the
     descriptor from the two HD keys here, so those must be registered first."""
@@ -163,6 +175,7 @@ def registration_statement(
     maturity = loan.maturity_at if loan.maturity_at.tzinfo else loan.maturity_at.replace(tzinfo=UTC)
     return {
         "kind": "register_loan",
+        "bank_key": bank_key,
         "network": network,
         "loan_ref": loan_ref,
         "miner_key": hd(keys[KeyRole.miner]),
@@ -184,7 +197,9 @@ def registration_statement(
     }
 
 
-def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStatement:
+def request_bank_key(
+    session: Session, ctx: Context, loan_id: int, *, kind: str = "hd"
+) -> SignerStatement:
     """Open the registration statement of a loan's bank key (or return the open one).
     Once an operator and an approver have signed it, the signer makes the key."""
     # Who may see the loan first (others get 404, as everywhere), then who holds the seat.
@@ -198,6 +213,13 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
         raise KeySeatTaken(f"the bank key of loan {loan_id} is already registered", field="key")
     existing = repository.open_statement_of_loan(session, loan_id, "register_loan")
     if existing is not None:
+        if json.loads(existing.body).get("bank_key", "fixed") != kind:
+            raise BankKeyRequestOpen(
+                f"loan {loan_id} already has an open bank key statement for a "
+                f"{json.loads(existing.body).get('bank_key', 'fixed')} key: sign or let it "
+                "expire first",
+                field="kind",
+            )
         return existing
     body = registration_statement(
         session,
@@ -205,6 +227,7 @@ def request_bank_key(session: Session, ctx: Context, loan_id: int) -> SignerStat
         ctx.network,
         loan_ref=f"loan-{loan_id}-{secrets.token_hex(4)}",
         expires_at=utcnow() + STATEMENT_TTL,
+        bank_key=kind,
     )
     return open_statement(session, ctx, kind="register_loan", body=body, loan_id=loan_id)
 
@@ -537,13 +560,21 @@ def _apply(
         assert work.loan_id is not None
         loan = loans_repository.loan(session, work.loan_id)
         assert loan is not None
+        key: CollateralKey
+        if result.get("bank_key_kind") == "hd":
+            # The loan's account of the bank seed. The label names the loan in the signer
+            # (its registry's reference), as a fixed key's PKCS#11 label does.
+            key = parse_hd_key(str(result["bank_key"]), ctx.network, field="bank_key")
+            label = KEY_LABEL_PREFIX + str(result["loan_ref"])
+        else:
+            key = parse_fixed_key(str(result["public_key"]), field="public_key")
+            label = str(result["key_ref"])
         evidence = _HsmEvidence(
-            label=str(result["key_ref"]),
+            label=label,
             public_key=bytes.fromhex(str(result["public_key"])),
             local=bool(result.get("local")),
             never_extractable=bool(result.get("never_extractable")),
         )
-        key = parse_fixed_key(evidence.public_key.hex(), field="public_key")
         store_key(session, ctx, loan, KeyRole.bank, key, evidence=evidence)
         if loan.descriptor != result["descriptor"]:
             raise SignerDescriptorMismatch(

@@ -100,7 +100,6 @@ def request_by_id(session: Session, request_id: int) -> SigningRequest | None:
     return session.get(SigningRequest, request_id)
 
 
-
 def open_request_id(session: Session, open_key: str) -> int | None:
     """The id of the request holding a loan's open slot (`SigningRequest.open_key`), if any."""
     return session.exec(

@@ -1300,7 +1300,11 @@ REGISTRATION_ATTACKS = [
         "required_confirmations",
     ),
     Attack("register_missing_key", _register(drop("bank_liquidation_address")), "statement_format"),
-    Attack("register_extra_key", _register(put(bank_key="02" + "11" * 32)), "statement_format"),
+    Attack(
+        "register_extra_key", _register(put(bank_public_key="02" + "11" * 32)), "statement_format"
+    ),
+    # The caller names the bank key itself: the statement only chooses its kind.
+    Attack("register_own_bank_key", _register(put(bank_key="02" + "11" * 32)), "invalid_input"),
     Attack("register_extra_terms_key", _register(put_terms(grace_days=30)), "statement_format"),
     Attack(
         "register_ltvs_do_not_rise",
