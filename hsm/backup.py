@@ -70,10 +70,23 @@ def split_seed(seed: bytes | bytearray, threshold: int, officers: Sequence[str])
 
 
 def recover_seed(mnemonics: Sequence[str]) -> bytearray:
-    """The seed from enough shares of one set; too few, mixed sets or a mistyped word are
+    """The seed from enough shares of one set (more than enough is fine: every share must
+    still be a valid share of the same set); too few, mixed sets or a mistyped word are
     refused with SLIP-39's own reason."""
+    from shamir_mnemonic.share import Share
+
     try:
-        return bytearray(shamir_mnemonic.combine_mnemonics(list(mnemonics)))
+        shares = [Share.from_mnemonic(m) for m in mnemonics]
+        if not shares:
+            raise shamir_mnemonic.MnemonicError("no shares were given")
+        groups = {s.group_parameters() for s in shares}
+        if len(groups) != 1:
+            raise shamir_mnemonic.MnemonicError("the shares come from different share sets")
+        if len({s.index for s in shares}) != len(shares):
+            raise shamir_mnemonic.MnemonicError("a share was given twice")
+        need = next(iter(groups)).member_threshold
+        chosen = list(mnemonics)[:need] if len(shares) > need else list(mnemonics)
+        return bytearray(shamir_mnemonic.combine_mnemonics(chosen))
     except shamir_mnemonic.MnemonicError as exc:
         raise _refuse("backup_shares", f"the shares do not restore a seed: {exc}") from None
 

@@ -427,6 +427,10 @@ class SignerCore:
             "daily_limit_sats": self.daily_limit_sats,
             "used_last_24h_sats": used,
             "c_sign_calls": int(self.hsm.c_sign_calls),
+            # every signature the bank key made: the token's (fixed keys) and the seed's
+            "signatures": int(self.hsm.c_sign_calls)
+            + (self.seed.signatures if self.seed is not None else 0),
+            "seed_fingerprint": self.seed.fingerprint if self.seed is not None else None,
         }
 
     # -- people -----------------------------------------------------------------------------

@@ -130,7 +130,8 @@ class BankSeed(Signer):
         self.network: NetworkName = check_network(network)
         self._public: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self.unseal_calls = 0  # tests assert a PSBT is signed with one unseal
+        self.unseal_calls = 0
+        self.signatures = 0  # digests signed (as `c_sign_calls` counts the token's)
 
     @property
     def name(self) -> str:
@@ -318,6 +319,7 @@ class BankSeed(Signer):
                 ):
                     raise SignerError("a seed signature did not verify; not returned")
                 out.append(der)
+            self.signatures += len(out)
             return out
 
         with self._lock:

@@ -175,11 +175,13 @@ def test_two_worker_processes_serve_one_database(
     with custody_serve(db_url, tmp_path, api_workers="2") as server, _client() as client:
         answers = concurrently(
             16,
-            lambda i: client.post(
-                f"{server.url}/v1/loans/{loan_id}/addresses", headers=lender.headers("miner")
-            )
-            if i % 2
-            else client.get(f"{server.url}/v1/loans/{loan_id}", headers=lender.headers("miner")),
+            lambda i: (
+                client.post(
+                    f"{server.url}/v1/loans/{loan_id}/addresses", headers=lender.headers("miner")
+                )
+                if i % 2
+                else client.get(f"{server.url}/v1/loans/{loan_id}", headers=lender.headers("miner"))
+            ),
         )
         # The second worker may start after the first answered everything (busy cores).
         wait_until(

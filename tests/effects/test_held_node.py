@@ -43,7 +43,6 @@ def slow_rpc(regtest_node: RegtestNode, proxy: SlowProxy) -> Iterator[NodeRpc]:
         yield rpc
 
 
-
 class HeldForkSearch(Watcher):
     """The real watcher; once it starts looking for the fork, the node's answers are held."""
 

@@ -70,7 +70,7 @@ def test_a_signature_held_by_the_signer_blocks_no_writer(
     rid = req["id"]
     signed = sign(the_psbt(world, "miner", rid), f.roots["miner"])
     assert upload(world, "miner", rid, signed).status_code == 200
-    before = served.c_sign_calls()
+    before = served.bank_signatures()
 
     signer_proxy.hold(HOLD_SECONDS)
     answer: dict[str, Any] = {}
@@ -99,5 +99,5 @@ def test_a_signature_held_by_the_signer_blocks_no_writer(
     assert held_for >= HOLD_SECONDS - 0.5
     assert answer["view"]["state"] == "done", answer["view"]
     signer_proxy.release()
-    assert served.c_sign_calls() == before + 1
+    assert served.bank_signatures() == before + 1
     assert world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()["state"] == "broadcast"

@@ -177,14 +177,14 @@ def test_a_signature_call_with_no_answer_recorded_is_settled(
     rid, sid = req["id"], req["signer_statement_id"]
     psbt = sign(the_psbt(world, "miner", rid), f.roots["miner"])
     assert upload(world, "miner", rid, psbt).status_code == 200
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     _swap_signer(world, CrashingSigner(bank_signer.client, "sign", when))
     assert _endorse(world, sid).status_code == 500
     _swap_signer(world, bank_signer.client)
     with Session(world.engine) as s:
         st = s.get(SignerStatement, sid)
         assert st is not None and st.outcome == statements.TAKEN_TO_SIGNER and st.result is None
-    assert bank_signer.c_sign_calls() == before + (1 if when == "after" else 0)
+    assert bank_signer.bank_signatures() == before + (1 if when == "after" else 0)
 
     report = _now(world, regtest_node, bank_signer.client).run_once()
     assert not report.errors, report
@@ -194,7 +194,7 @@ def test_a_signature_call_with_no_answer_recorded_is_settled(
     if when == "before":
         assert report.statements_retried == {sid: "done"} and events[0]["decision"] == "done"
         assert len(events) == 1
-        assert bank_signer.c_sign_calls() == before + 1
+        assert bank_signer.bank_signatures() == before + 1
         assert _request(world, rid)["state"] == "broadcast"  # execute broadcast it
         return
     assert report.statements_retried == {sid: "refused"}
@@ -205,9 +205,9 @@ def test_a_signature_call_with_no_answer_recorded_is_settled(
     fresh = _request(world, rid)
     assert fresh["state"] == "awaiting_signatures" and fresh["signed_seats"] == ["miner"]
     assert fresh["signer_statement_id"] not in (None, sid)
-    assert bank_signer.c_sign_calls() == before + 1  # nothing signed without new approvals
+    assert bank_signer.bank_signatures() == before + 1  # nothing signed without new approvals
     assert bank_sign(world, rid).json()["state"] == "done"
-    assert bank_signer.c_sign_calls() == before + 2
+    assert bank_signer.bank_signatures() == before + 2
     assert _request(world, rid)["state"] == "broadcast"
 
 
@@ -225,7 +225,7 @@ def test_an_answer_stored_but_never_applied_is_applied_once(
     rid, sid = req["id"], req["signer_statement_id"]
     psbt = sign(the_psbt(world, "miner", rid), f.roots["miner"])
     assert upload(world, "miner", rid, psbt).status_code == 200
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
 
     def dies(*args: Any, **kwargs: Any) -> None:
         raise Crash("applying the answer")
@@ -240,7 +240,7 @@ def test_an_answer_stored_but_never_applied_is_applied_once(
     assert report.statements_retried == {sid: "done"} and not report.errors, report
     [event] = _reconciled(world, request_id=rid)
     assert event["reason"] == "the signer's answer was stored but never applied"
-    assert bank_signer.c_sign_calls() == before + 1  # signed once
+    assert bank_signer.bank_signatures() == before + 1  # signed once
     assert _request(world, rid)["state"] == "broadcast"
 
 

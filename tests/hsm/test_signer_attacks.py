@@ -134,10 +134,10 @@ def assert_refused(
     """`call` is refused with `check`, the token signs nothing meanwhile, and the
     refusal is in the signer's decision log."""
     logged = refusals(world, loan_ref, check)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     with pytest.raises(PolicyViolation) as info:
         call()
-    assert world.c_sign_calls() == before, "the token signed during an attack"
+    assert world.bank_signatures() == before, "the token signed during an attack"
     refusal = info.value
     assert refusal.check == check, f"refused as {refusal.check!r}: {refusal.reason}"
     if reason is not None:
@@ -274,7 +274,7 @@ def test_the_honest_bases_of_the_attacks_are_signed(world: SignerWorld) -> None:
     """Control: what the tables tamper with is signed when left alone, so each refusal
     below is the tampering's doing."""
     loan, psbt, prepared = released(world)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     assert approved(world, loan, "release", psbt, prepared)()
     loan, valuation, psbt = liquidatable(world)
     assert automatic(world, loan, psbt, valuation["valuation_id"])()
@@ -282,7 +282,7 @@ def test_the_honest_bases_of_the_attacks_are_signed(world: SignerWorld) -> None:
     psbt = world.partial_psbt(loan, valuation, change_index=3)
     prepared = world.prepare(loan, "partial_liquidation", psbt, valuation["valuation_id"])
     assert approved(world, loan, "partial_liquidation", psbt, prepared)()
-    assert world.c_sign_calls() == before + 3
+    assert world.bank_signatures() == before + 3
 
 
 # --------------------------------------------------------------------------- forged approvals
@@ -2290,9 +2290,9 @@ def test_hostile_bytes_are_refused_never_500(world: SignerWorld, attack: Raw) ->
     loan, psbt, _ = released(world)
     body = attack.body(world, loan, psbt)
     logged = refusals(world, None, attack.check)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     status, answer = raw(world, attack.op, body)
-    assert world.c_sign_calls() == before, "the token signed during an attack"
+    assert world.bank_signatures() == before, "the token signed during an attack"
     assert 400 <= status < 500, (status, answer)
     assert status == attack.status, (status, answer)
     assert isinstance(answer, dict) and answer["error"] == "refused_by_signer", answer

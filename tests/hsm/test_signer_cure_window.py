@@ -82,7 +82,7 @@ def test_an_unwatched_gap_restarts_the_cure_window(
     # an automatic liquidation on that valuation is refused: the signer says why
     from hsm.signer import PolicyViolation
 
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     with pytest.raises(PolicyViolation) as refused:
         world.client.sign(
             loan.loan_ref,
@@ -92,7 +92,7 @@ def test_an_unwatched_gap_restarts_the_cure_window(
             valuation_id=later["valuation_id"],
         )
     assert refused.value.check == "not_liquidatable"
-    assert world.c_sign_calls() == before
+    assert world.bank_signatures() == before
 
 
 def test_a_cure_seen_by_the_signer_closes_the_window(

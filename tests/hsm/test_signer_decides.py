@@ -37,9 +37,9 @@ def test_four_eyes_release_is_signed_and_mined(world: SignerWorld) -> None:
     loan = world.register_loan()
     world.fund(loan, 600_000)
     world.fund(loan, 400_000, index=2)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     signed = world.approved_sign(loan, "release", world.release_psbt(loan))
-    assert world.c_sign_calls() - before == 2  # one C_Sign per input
+    assert world.bank_signatures() - before == 2  # one C_Sign per input
     assert _bank_signatures_low_s(signed.psbt, bytes.fromhex(loan.record["public_key"])) == 2
     txid = world.broadcast(signed.psbt, loan, with_seat="miner")
     tx = world.node.rpc.call("getrawtransaction", txid, 1)
@@ -58,11 +58,11 @@ def test_automatic_liquidation_on_the_signers_own_figures(world: SignerWorld) ->
     valuation = world.client.valuation(loan.loan_ref)
     assert valuation["verdict"] == "liquidate", valuation
     psbt = world.liquidation_psbt(loan, valuation)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     signed = world.client.sign(
         loan.loan_ref, "liquidation", psbt, automatic=True, valuation_id=valuation["valuation_id"]
     )
-    assert world.c_sign_calls() - before == 1
+    assert world.bank_signatures() - before == 1
     txid = world.broadcast(signed.psbt, loan, with_seat="arbiter")
     tx = PSBT.from_string(signed.psbt).tx
     owed = sats_for_kopecks(int(valuation["debt_kopecks"]), Decimal("5500000"))

@@ -102,10 +102,10 @@ def assert_refused(
     world: SignerWorld, loan: Loan, check: str, call: Callable[[], object]
 ) -> PolicyViolation:
     logged = refusals(world, loan.loan_ref, check)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     with pytest.raises(PolicyViolation) as info:
         call()
-    assert world.c_sign_calls() == before, "the token signed during an attack"
+    assert world.bank_signatures() == before, "the token signed during an attack"
     assert info.value.check == check, f"{info.value.check}: {info.value.reason}"
     assert refusals(world, loan.loan_ref, check) == logged + 1, "the refusal is not logged"
     return info.value
@@ -164,9 +164,9 @@ def test_a_second_release_that_brings_the_day_over_the_limit(limited_world: Sign
     first, second = world.register_loan(), world.register_loan()
     world.fund(first, 600_000)
     world.fund(second, 600_000)
-    before = world.c_sign_calls()
+    before = world.bank_signatures()
     four_eyes(world, first, "release", world.release_psbt(first))()  # under the limit: signed
-    assert world.c_sign_calls() == before + 1
+    assert world.bank_signatures() == before + 1
     assert world.client.health()["used_last_24h_sats"] >= 600_000
     assert_refused(
         world, second, "velocity", four_eyes(world, second, "release", world.release_psbt(second))

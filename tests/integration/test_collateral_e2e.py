@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import Engine
+from support.addresses import addresses_three_ways
 from support.signer_world import SignerWorld, in_process_world
 from support.world import World, build_world
 
@@ -37,7 +38,7 @@ def world(engine: Engine, bank_signer: SignerWorld) -> World:
     return build_world(engine, signer=bank_signer.client, staff=bank_signer.staff)
 
 
-@pytest.mark.parametrize("bank_key", ["hd", "hsm"])
+@pytest.mark.parametrize("bank_key", ["xpub", "hsm-fixed", "hsm-hd"])
 def test_collateral_address_receives_and_survives_a_reorg(
     world: World,
     regtest_node: RegtestNode,
@@ -45,24 +46,49 @@ def test_collateral_address_receives_and_survives_a_reorg(
     pkcs11_signer: Pkcs11Signer,
     bank_key: str,
 ) -> None:
-    loan = world.funded_ready_loan(hsm_bank=bank_key == "hsm")
+    if bank_key == "xpub":
+        loan = world.funded_ready_loan()
+    else:
+        loan = world.funded_ready_loan(hsm_bank=True, bank_kind=bank_key[4:])
     address = loan["collateral_address"]
     bank = loan["keys"][1]
-    assert bank["kind"] == bank_key
-    if bank_key == "hsm":
+    assert bank["kind"] == ("hsm" if bank_key == "hsm-fixed" else "hd")
+    if bank_key != "xpub":
+        # The signer built the same descriptor from its own records.
+        label = bank["hsm_key_label"]
+        assert label.startswith(KEY_LABEL_PREFIX)
+        signer_loan = bank_signer.client.loan(label[len(KEY_LABEL_PREFIX) :])
+        assert signer_loan["descriptor"] == loan["descriptor"]
+        assert bank["hsm_local"] is True and bank["hsm_never_extractable"] is True
+    if bank_key == "hsm-fixed":
         # The public key in the descriptor is the one the token holds (read here through
         # a session of our own, not the signer's), and the token vouches the private
         # half was born there and can never leave.
-        label = bank["hsm_key_label"]
         assert pkcs11_signer.public_key(label).hex() == bank["public_key"]
         assert bank["public_key"] in loan["descriptor"]
-        assert bank["hsm_local"] is True and bank["hsm_never_extractable"] is True
         info = pkcs11_signer.key_info(label)
         assert info.local and info.never_extractable
-        # The signer built the same descriptor from its own records.
-        assert label.startswith(KEY_LABEL_PREFIX)
-        ref = label[len(KEY_LABEL_PREFIX) :]
-        assert bank_signer.client.loan(ref)["descriptor"] == loan["descriptor"]
+    if bank_key == "hsm-hd":
+        # An all-xpub descriptor: the bank's key is its seed's BIP-48 account for this loan,
+        # and the AES key sealing that seed is on the token, unexportable.
+        descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")
+        assert not descriptor.has_fixed_key
+        seed = bank_signer.registry().seed()
+        assert seed is not None and bank["fingerprint"] == seed.fingerprint
+        assert bank["origin_path"] == f"m/48h/1h/{signer_loan['key_ref'].split('/')[3]}/2h"
+        sealing = pkcs11_signer.secret_key_info(seed.key_label)
+        assert sealing.never_extractable and sealing.always_sensitive and sealing.local
+        assert not (sealing.extractable or sealing.wrap or sealing.unwrap)
+        # Three implementations agree on every address the service hands out.
+        three = addresses_three_ways(loan["descriptor"], "regtest", range(5))
+        assert three["bdk"] == three["embit"] == three["hwi"]
+        assert three["hwi"][0][0] == address
+        issued = [
+            world.call("miner", "POST", f"/v1/loans/{loan['id']}/addresses") for _ in range(2)
+        ]
+        for r in issued:
+            assert r.status_code == 201, r.text
+            assert r.json()["address"] == three["bdk"][r.json()["index"]][0]
 
     # The address is what the descriptor derives (both libraries, inside the parser).
     descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")

@@ -278,9 +278,7 @@ def test_registration_off_regtest_refuses_every_non_public_host(engine: Engine) 
 
 
 def test_regtest_keeps_local_receivers_and_refuses_plain_http_elsewhere(engine: Engine) -> None:
-    dns = FakeDns(
-        {"lan.example": [ipaddress.ip_address("10.0.0.9")], "localhost": [LOCAL, LOCAL6]}
-    )
+    dns = FakeDns({"lan.example": [ipaddress.ip_address("10.0.0.9")], "localhost": [LOCAL, LOCAL6]})
     world = _world(engine, "regtest", dns)
     for url in ("http://127.0.0.1:9/a", "http://localhost:9/b", "http://[::1]:9/c"):
         assert _register(world, url).status_code == 201, url

@@ -353,6 +353,7 @@ def test_faucet_after_halving(regtest_node: RegtestNode) -> None:
     height = rpc.get_block_count()
     if height < target:
         regtest_node.mine(target - height)
+
     # Other tests on this worker's node spend coinbases too: take the first unspent,
     # mature one past the halving, mining a fresh one if they are all gone.
     def unspent_halved_coinbase() -> tuple[str, dict[str, Any]] | None:

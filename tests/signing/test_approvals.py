@@ -62,7 +62,7 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
         == 200
     )
     statement = _statement(world, sid)["statement"]
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     first = world.sign_statement(sid, "operator").json()
     assert first["state"] == "open" and first["signed_by"] == ["olga.operator"]
     # The operator's signature again (by any bank login) is refused: it counts once.
@@ -76,13 +76,13 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
         assert again.status_code == 409 and "already signed" in again.json()["message"]
         assert again.json()["error"] == "already_endorsed"
     assert _statement(world, sid)["signed_by"] == ["olga.operator"]
-    assert bank_signer.c_sign_calls() == before  # one person: the signer was not called
+    assert bank_signer.bank_signatures() == before  # one person: the signer was not called
     assert _request(world, req["id"])["signed_seats"] == ["miner"]
 
     done = world.sign_statement(sid, "approver").json()
     assert done["state"] == "done", done
     assert done["signed_by"] == ["olga.operator", "anton.approver"]
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     assert _request(world, req["id"])["state"] == "broadcast"
     late = world.call(
         "bank_operator",
@@ -102,7 +102,7 @@ def test_an_operator_and_an_approver_sign_and_one_person_counts_once(
             approvals=bank_signer.approvals(statement),
         )
     assert replayed.value.check == "approval_replayed"
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     with Session(world.engine) as s:  # no service-written approval row stands in for them
         assert s.exec(select(Approval).where(Approval.request_id == req["id"])).all() == []
     actions = audit_actions(world.engine, request_id=req["id"])
@@ -135,12 +135,12 @@ def test_an_approval_does_not_cover_a_changed_psbt(
         row.psbt = changed.to_string()
         s.add(row)
         s.commit()
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     outcome = world.sign_statement(sid, "approver").json()
     assert outcome["state"] == "refused", outcome
     assert "approval_other_txid" in outcome["outcome"]
     assert "a changed PSBT needs a new statement" in outcome["outcome"]
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
     assert _request(world, req["id"])["signed_seats"] == []
     more = world.call(
@@ -172,13 +172,13 @@ def test_the_daily_limit_stops_the_signer(
         second = funded_loan(world, regtest_node, watcher)
         req1 = request(world, "bank_operator", first.loan["id"], action="release")
         req2 = request(world, "bank_operator", second.loan["id"], action="release")
-        before = limited.c_sign_calls()
+        before = limited.bank_signatures()
         assert bank_sign(world, req1["id"]).json()["state"] == "done"  # 0.5 BTC of 0.6
-        assert limited.c_sign_calls() == before + 1
+        assert limited.bank_signatures() == before + 1
         refused = bank_sign(world, req2["id"]).json()
         assert refused["state"] == "refused", refused
         assert "velocity" in refused["outcome"] and "daily limit" in refused["outcome"]
-        assert limited.c_sign_calls() == before + 1
+        assert limited.bank_signatures() == before + 1
         assert "signer.refused" in audit_actions(world.engine, request_id=req2["id"])
         assert _request(world, req1["id"])["signed_seats"] == ["bank"]
         assert _request(world, req2["id"])["signed_seats"] == []

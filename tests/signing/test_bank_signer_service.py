@@ -61,10 +61,10 @@ def test_a_release_signed_on_the_statement_is_broadcast(
     old_approve = world.call("bank_approver", "POST", f"/v1/signing-requests/{req['id']}/approve")
     assert old_approve.status_code == 409 and "custody approve" in old_approve.json()["message"]
     assert old_approve.json()["error"] == "approve_via_signer_statement"
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     done = bank_sign(world, req["id"]).json()
     assert done["state"] == "done", done
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     after = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
     assert after["state"] == "broadcast", after
     regtest_node.mine(1)
@@ -89,10 +89,10 @@ def test_a_rewritten_psbt_in_the_database_is_refused(
         row.psbt = changed.to_string()
         s.add(row)
         s.commit()
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     outcome = bank_sign(world, req["id"]).json()
     assert outcome["state"] == "refused" and "approval_other_txid" in outcome["outcome"]
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
 
 
@@ -111,10 +111,10 @@ def test_a_forged_statement_in_the_database_is_refused(
         st.body = json.dumps(body)
         s.add(st)
         s.commit()
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     outcome = bank_sign(world, req["id"]).json()
     assert outcome["state"] == "open" and "approval_signature" in outcome["outcome"]
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
 
 
 def test_a_cancelled_request_kills_its_approvals(
@@ -158,10 +158,10 @@ def test_a_bad_signature_under_someones_name_does_not_block_them(
         "bank_operator", "POST", f"/v1/signer-statements/{sid}/endorsements", json=garbage
     )
     assert r.status_code == 200 and r.json()["state"] == "open"
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     refused = world.sign_statement(sid, "operator").json()
     assert refused["state"] == "open" and "approval_signature" in refused["outcome"]
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     good = approver.endorse(statement["statement"])
     done = world.call(
         "bank_approver", "POST", f"/v1/signer-statements/{sid}/endorsements", json=good
@@ -187,9 +187,7 @@ def test_a_lost_signer_call_is_retried(
     sid = req["signer_statement_id"]
     app = world.client.app
     real = app.state.signer
-    app.state.signer = BankSigner(
-        HttpTransport("http://127.0.0.1:9", "t" * 40, timeout=2)
-    )
+    app.state.signer = BankSigner(HttpTransport("http://127.0.0.1:9", "t" * 40, timeout=2))
     try:
         lost = world.sign_statement(sid).json()
     finally:
@@ -263,10 +261,10 @@ def test_the_engine_liquidates_nothing_when_the_signer_has_no_price(
         fees=FeePolicy(),
     )
     bank_signer.feed.set("1000000", quoted_at=datetime.now(UTC) - timedelta(hours=2))
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     report = engine.run_once()
     assert report.liquidations == [] and not report.errors, report
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     actions = audit_actions(world.engine, loan_id=f.loan["id"])
     assert "signer.refused" in actions
     assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] != (
@@ -299,15 +297,15 @@ def test_a_signature_the_signer_made_is_not_lost_when_the_node_is_down(
     app = world.client.app
     real = app.state.chain
     app.state.chain = DownNode()
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     try:
         view = world.sign_statement(sid).json()
     finally:
         app.state.chain = real
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     assert view["state"] == "done" and "not broadcast yet" in view["outcome"], view
     ready = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
     assert ready["state"] == "ready" and ready["signed_seats"] == ["miner", "bank"]
     sent = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/broadcast")
     assert sent.status_code == 200 and sent.json()["state"] == "broadcast", sent.text
-    assert bank_signer.c_sign_calls() == before + 1  # not signed twice
+    assert bank_signer.bank_signatures() == before + 1  # not signed twice

@@ -66,10 +66,10 @@ def test_release_signed_by_hsm_serve(
     req = request(world, "bank_operator", f.loan["id"], action="release")
     assert req["signer_statement_id"] is not None
     upload(world, "miner", req["id"], sign(the_psbt(world, "miner", req["id"]), f.roots["miner"]))
-    before = served.c_sign_calls()
+    before = served.bank_signatures()
     done = bank_sign(world, req["id"]).json()
     assert done["state"] == "done", done
-    assert served.c_sign_calls() == before + 1  # hsm serve's own count, from its /health
+    assert served.bank_signatures() == before + 1  # hsm serve's own count, from its /health
     after = world.call("miner", "GET", f"/v1/signing-requests/{req['id']}").json()
     assert after["state"] == "broadcast", after
     regtest_node.mine(1)
@@ -92,10 +92,10 @@ def test_hsm_serve_refuses_what_a_compromised_api_asks(
         row.psbt = evil.to_string()
         s.add(row)
         s.commit()
-    before = served.c_sign_calls()
+    before = served.bank_signatures()
     outcome = bank_sign(world, req["id"]).json()
     assert outcome["state"] == "refused" and "approval_other_txid" in outcome["outcome"], outcome
-    assert served.c_sign_calls() == before
+    assert served.bank_signatures() == before
     assert [d for d, _ in _decisions(served)] == ["refused"]
     assert "signer.refused" in audit_actions(world.engine, request_id=req["id"])
     assert (

@@ -322,10 +322,10 @@ def test_fee_bump_replaces_a_stuck_release(
     psbt = the_psbt(world, "miner", high["id"])
     upload(world, "miner", high["id"], sign(psbt, f.roots["miner"]))
     assert _state(world, high["id"]) == "awaiting_signatures"  # the old approvals do not carry
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     r = bank_sign(world, high["id"])
     assert r.json()["state"] == "done", r.text
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     assert _state(world, high["id"]) == "broadcast"
     mempool = regtest_node.rpc.get_raw_mempool()
     assert high["unsigned_txid"] in mempool and low["unsigned_txid"] not in mempool
@@ -479,7 +479,7 @@ def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
 
     f = funded_loan(world, regtest_node, watcher)
     lid = f.loan["id"]
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
 
     # 1. The loan's payout address is rewritten in the service's database: the service
     # builds a release paying the attacker, the signer will not even issue a statement.
@@ -521,7 +521,7 @@ def test_the_hsm_refuses_a_psbt_changed_behind_the_services_back(
     assert outcome["state"] == "refused", outcome
     assert "approval_other_txid" in outcome["outcome"]
 
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     with Session(world.engine) as s:
         for rid in (refused_id, req["id"]):
             refusal = s.exec(

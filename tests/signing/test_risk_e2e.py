@@ -120,7 +120,7 @@ def test_margin_call_cure_then_automatic_liquidation(
     paused = risk.run_once()
     assert paused.paused and "stale" in paused.paused and paused.liquidations == []
     board.set(2_200_000)  # fresh: 1.5M / (0.75 x 2.2M) = 91%
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     report = risk.run_once()
     [rid] = report.liquidations
     assert report.errors == {}
@@ -128,7 +128,7 @@ def test_margin_call_cure_then_automatic_liquidation(
     req = world.call("arbiter", "GET", f"/v1/signing-requests/{rid}").json()
     assert req["signed_seats"] == ["bank"], req  # the signer signed on its own valuation
     assert req["signer_statement_id"] is None  # nobody's approval: the signer decided
-    assert bank_signer.c_sign_calls() == before + 2  # one per input: deposit and top-up
+    assert bank_signer.bank_signatures() == before + 2  # one per input: deposit and top-up
     assert req["evidence"]["risk"]["ltv_bps"] >= 9_000
     # priced by the signer's valuation (its feed, its debt), which it cites by id
     assert req["evidence"]["price_source"].startswith("bank signer valuation")
@@ -186,11 +186,11 @@ def test_default_at_maturity_liquidates(
 
     # Only the service's risk clock runs ahead (its prices, and the signer, are today).
     risk.clock = lambda: datetime.now(UTC) + later
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     report = risk.run_once()
     assert report.liquidations == [] and report.errors == {}
     assert _loan(world, lid)["state"] == "active"
-    assert bank_signer.c_sign_calls() == before
+    assert bank_signer.bank_signatures() == before
     with Session(world.engine) as s:
         disagrees = s.exec(
             select(AuditEvent).where(
@@ -210,5 +210,5 @@ def test_default_at_maturity_liquidates(
     assert "default" in req["evidence"]["risk"]["reason"]
     assert any("maturity" in why for why in req["evidence"]["risk"]["signer_reasons"])
     assert req["signed_seats"] == ["bank"]
-    assert bank_signer.c_sign_calls() == before + 1
+    assert bank_signer.bank_signatures() == before + 1
     assert _loan(world, lid)["state"] == "liquidating"

@@ -236,14 +236,14 @@ def test_an_xpub_bank_key_liquidation_is_built_after_the_loans_pass(
         world, regtest_node, watcher, hsm_bank=False, principal_kopecks=DEBT, interest_rate_bps=0
     )
     feed.set("3000000")
-    before = bank_signer.c_sign_calls()
+    before = bank_signer.bank_signatures()
     report = _engine(world, regtest_node, bank_signer.client, feed).run_once()
     [rid] = report.liquidations
     req = world.call("bank_operator", "GET", f"/v1/signing-requests/{rid}").json()
     assert req["required_seats"] == ["bank", "arbiter"] and req["signed_seats"] == []
     assert req["signer_statement_id"] is None
     assert req["evidence"]["price_rub_per_btc"] == "3000000"
-    assert bank_signer.c_sign_calls() == before  # the signer holds no key of this loan
+    assert bank_signer.bank_signatures() == before  # the signer holds no key of this loan
     assert world.call("miner", "GET", f"/v1/loans/{f.loan['id']}").json()["state"] == (
         "liquidating"
     )

@@ -29,10 +29,17 @@ class Funded:
 
 
 def funded_loan(
-    world: World, node: RegtestNode, watcher: Watcher, *, hsm_bank: bool = True, **terms: Any
+    world: World,
+    node: RegtestNode,
+    watcher: Watcher,
+    *,
+    hsm_bank: bool = True,
+    bank_kind: str | None = None,
+    **terms: Any,
 ) -> Funded:
     """An active loan with one confirmed deposit. The test holds the miner's and arbiter's
-    keys (and the bank's when `hsm_bank` is False); otherwise the bank's is in the HSM."""
+    keys (and the bank's when `hsm_bank` is False); otherwise the bank's signer made it
+    (`bank_kind` "hd", the default, or "fixed")."""
     seats = ("miner", "arbiter") if hsm_bank else ("miner", "bank", "arbiter")
     seeds = {seat: os.urandom(32) for seat in seats}
     body = {
@@ -46,7 +53,7 @@ def funded_loan(
     for seat, seed in seeds.items():
         assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
     if hsm_bank:
-        world.hsm_bank_key(loan["id"])
+        world.hsm_bank_key(loan["id"], bank_kind)
     loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
     assert loan["state"] == "awaiting_deposit"
     deposit = node.faucet.pay(loan["collateral_address"], COLLATERAL)

@@ -105,9 +105,11 @@ class SignerWorld:
 
     # -- counting -------------------------------------------------------------------------
 
-    def c_sign_calls(self) -> int:
-        """C_Sign calls the token has served so far (in process: a counter at the call;
-        hsm serve: its /health)."""
+    def bank_signatures(self) -> int:
+        """Signatures the bank key made so far: C_Sign calls in the token (fixed keys)
+        plus signatures by the sealed seed (HD keys), each counted where it is made (in
+        process: the counters; hsm serve: its /health). "Nothing was signed" holds for
+        both kinds of key only when this did not move."""
         return self._sign_calls()
 
     # -- statements -----------------------------------------------------------------------
@@ -418,7 +420,7 @@ def in_process_world(
             node,
             feed,
             people,
-            sign_calls=lambda: hsm.c_sign_calls,
+            sign_calls=lambda: hsm.c_sign_calls + (core.seed.signatures if core.seed else 0),
             registry=lambda: core.registry,
         )
         sw.shares = make_share_set(core.seed, core.registry, OFFICERS, 3, base / "shares")
@@ -514,7 +516,7 @@ def serve_world(
                 node,
                 feed,
                 people,
-                sign_calls=lambda: int(client.health()["c_sign_calls"]),
+                sign_calls=lambda: int(client.health()["signatures"]),
                 registry=lambda: Registry(server.state_db),
             )
             sw.serve_url, sw.serve_token = server.url, server.token

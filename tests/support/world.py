@@ -122,23 +122,28 @@ class World:
             assert answer.status_code == 200, answer.text
         return answer
 
-    def hsm_bank_key(self, loan_id: int) -> dict[str, Any]:
+    def hsm_bank_key(self, loan_id: int, kind: str | None = None) -> dict[str, Any]:
         """The bank's key made by its signer: the statement, signed by an operator and an
-        approver. Returns the statement's final view."""
-        r = self.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm")
+        approver. `kind` "hd"/"fixed" (None: the default, hd). Returns the statement's
+        final view."""
+        body = {"json": {"kind": kind}} if kind else {}
+        r = self.call("bank_operator", "POST", f"/v1/loans/{loan_id}/keys/bank/hsm", **body)
         assert r.status_code == 201, r.text
         done: dict[str, Any] = self.sign_statement(r.json()["id"]).json()
         assert done["state"] == "done", done
         return done
 
-    def funded_ready_loan(self, *, hsm_bank: bool = False) -> dict[str, Any]:
-        """A loan with all three keys: awaiting its deposit, with a collateral address."""
+    def funded_ready_loan(
+        self, *, hsm_bank: bool = False, bank_kind: str | None = None
+    ) -> dict[str, Any]:
+        """A loan with all three keys: awaiting its deposit, with a collateral address.
+        `hsm_bank`: the bank's signer makes the bank key (`bank_kind` hd/fixed)."""
         loan = self.create_loan()
         assert self.register(loan["id"], "miner").status_code == 200
         r = self.register(loan["id"], "arbiter")
         assert r.status_code == 200, r.text
         if hsm_bank:
-            self.hsm_bank_key(loan["id"])
+            self.hsm_bank_key(loan["id"], bank_kind)
         else:
             assert self.register(loan["id"], "bank").status_code == 200
         out: dict[str, Any] = self.call("bank_operator", "GET", f"/v1/loans/{loan['id']}").json()

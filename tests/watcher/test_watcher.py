@@ -24,7 +24,6 @@ def world(engine: Engine) -> World:
     return build_world(engine)
 
 
-
 def _view(world: World, loan_id: int) -> dict[str, Any]:
     body: dict[str, Any] = world.call("miner", "GET", f"/v1/loans/{loan_id}").json()
     return body
