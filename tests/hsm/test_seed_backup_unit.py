@@ -91,7 +91,8 @@ def test_a_version_2_registry_is_upgraded_in_place(tmp_path: Path) -> None:
     db = sqlite3.connect(path)
     db.executescript(_V2_LOAN)
     terms = (
-        '{"principal_kopecks": 1, "interest_rate_bps": 0, "start_at": "2026-01-01T00:00:00.000000Z", '
+        '{"principal_kopecks": 1, "interest_rate_bps": 0, '
+        '"start_at": "2026-01-01T00:00:00.000000Z", '
         '"maturity_at": "2027-01-01T00:00:00.000000Z", "margin_call_ltv_bps": 7500, '
         '"liquidation_ltv_bps": 9000, "cure_window_hours": 48, "required_confirmations": 1, '
         '"target_ltv_bps": 6000}'
