@@ -40,10 +40,11 @@ from hsm.messages import CancelBody, LoanRefBody, PrepareBody, SignBody, Stateme
 from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
 from hsm.psbt_signing import sign_checked_psbt
-from hsm.registry import LoanRecord, LoanTerms, Registry, ts
+from hsm.registry import BankAccountTaken, LoanRecord, LoanTerms, Registry, ts
 from hsm.seed import BankSeed, account_key_ref
 from hsm.signer import (
     PolicyViolation,
+    SignerBusy,
     SignerError,
     SignerKeyExists,
     SignerRefused,
@@ -63,6 +64,7 @@ __all__ = ["Coin", "HsmBackend", "NodeView", "PriceView", "SignerCore"]
 log = logging.getLogger("hsm.core")
 
 _WINDOW: Final = timedelta(hours=24)
+_ACCOUNT_TRIES: Final = 8
 MAX_PRINCIPAL_KOPECKS: Final = 10**15
 BANK_KEY_KINDS: Final = ("hd", "fixed")
 REGISTER_KEYS: Final = {
@@ -606,28 +608,47 @@ class SignerCore:
                 field="bank_key",
             )
         with self._register_lock:
-            account = self.registry.next_bank_account()
-            bank_key = self.seed.account_key(account)
-            descriptor = CollateralDescriptor((keys[0], bank_key, keys[1]), self.network)
-            record = self.registry.record_loan(
-                LoanRecord(
-                    loan_ref=loan_ref,
-                    network=self.network,
-                    key_ref=account_key_ref(bank_key.fingerprint, self.network, account),
-                    public_key=bank_key.public_key(0, 0),
-                    descriptor=descriptor.descriptor,
-                    terms=terms,
-                    miner_return_address=miner,
-                    bank_liquidation_address=bank,
-                    registered_by=by,
-                    created_at=self.clock(),
-                    highest_index=0,
-                    call_seen_at=None,
-                    bank_key_kind="hd",
-                    bank_account=account,
-                )
+            for _ in range(_ACCOUNT_TRIES):
+                account = self.registry.next_bank_account()
+                bank_key = self.seed.account_key(account)  # the token: no transaction open
+                descriptor = CollateralDescriptor((keys[0], bank_key, keys[1]), self.network)
+                try:
+                    return self._record_hd(
+                        loan_ref, account, bank_key, descriptor, terms, miner, bank, by
+                    ), self.seed.key_evidence()
+                except BankAccountTaken:
+                    continue  # another signer process on this registry took it first
+        raise SignerBusy("could not reserve a bank account for the loan; try again")
+
+    def _record_hd(
+        self,
+        loan_ref: str,
+        account: int,
+        bank_key: HDKey,
+        descriptor: CollateralDescriptor,
+        terms: LoanTerms,
+        miner: str,
+        bank: str,
+        by: tuple[str, ...],
+    ) -> LoanRecord:
+        return self.registry.record_loan(
+            LoanRecord(
+                loan_ref=loan_ref,
+                network=self.network,
+                key_ref=account_key_ref(bank_key.fingerprint, self.network, account),
+                public_key=bank_key.public_key(0, 0),
+                descriptor=descriptor.descriptor,
+                terms=terms,
+                miner_return_address=miner,
+                bank_liquidation_address=bank,
+                registered_by=by,
+                created_at=self.clock(),
+                highest_index=0,
+                call_seen_at=None,
+                bank_key_kind="hd",
+                bank_account=account,
             )
-        return record, self.seed.key_evidence()
+        )
 
     def _amend_loan(self, body: StatementBody) -> dict[str, Any]:
         st = body.statement

@@ -31,6 +31,7 @@ from hsm.signer import PolicyViolation
 __all__ = [
     "DEFAULT_STATE_DB",
     "STATE_DB_ENV",
+    "BankAccountTaken",
     "Decision",
     "LoanRecord",
     "LoanTerms",
@@ -241,6 +242,11 @@ class LoanRecord:
     bank_account: int | None = None
 
 
+class BankAccountTaken(Exception):
+    """Another registration took this BIP-48 account of the bank seed first: derive the
+    next one and try again (the check runs in the write transaction, so it is exact)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SeedRecord:
     """The sealed bank seed as the registry holds it (ciphertext only)."""
@@ -389,6 +395,13 @@ class Registry:
                 raise PolicyViolation(
                     "loan_registered", "another loan already has this descriptor", field="keys"
                 )
+            if (
+                record.bank_account is not None
+                and db.execute(
+                    "SELECT 1 FROM loan WHERE bank_account = ?", (record.bank_account,)
+                ).fetchone()
+            ):
+                raise BankAccountTaken(record.bank_account)
             db.execute(
                 "INSERT INTO loan (loan_ref, network, key_ref, public_key, descriptor, terms, "
                 "miner_return_address, bank_liquidation_address, registered_by, created_at, "

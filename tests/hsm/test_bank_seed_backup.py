@@ -181,3 +181,26 @@ def test_restore_from_shares_into_a_fresh_token_signs_for_an_existing_loan(
     assert bank_hd_signatures(signed.psbt, bank_hd_key(loan.record)) == 1
     txid = world.broadcast(signed.psbt, loan, with_seat="miner")
     assert world.node.rpc.call("getrawtransaction", txid, 1)["confirmations"] >= 1
+
+
+def test_a_bank_account_taken_by_another_signer_process_is_not_reused(
+    world: SignerWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two signer processes on one registry both read the same next account: the one that
+    writes second finds it taken in its write transaction and takes the next, so no two
+    loans ever share a bank key."""
+    first = world.register_loan(bank_key="hd")
+    taken = int(first.record["key_ref"].split("/")[3][:-1])
+    registry = world.registry()
+    real = registry.next_bank_account
+    answers: list[int] = []
+
+    def stale_first() -> int:
+        answers.append(taken if not answers else real())
+        return answers[-1]
+
+    monkeypatch.setattr(registry, "next_bank_account", stale_first)
+    second = world.register_loan(bank_key="hd")
+    assert answers == [taken, taken + 1]  # the stale answer was tried, and refused
+    assert int(second.record["key_ref"].split("/")[3][:-1]) == taken + 1
+    assert bank_hd_key(second.record).xpub != bank_hd_key(first.record).xpub
