@@ -13,6 +13,7 @@ from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
 from custody.db.models import SignerStatement, SigningRequest
+from custody.signing.statements import KEY_LABEL_PREFIX
 from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
 
@@ -309,3 +310,28 @@ def test_a_signature_the_signer_made_is_not_lost_when_the_node_is_down(
     sent = world.call("bank_operator", "POST", f"/v1/signing-requests/{req['id']}/broadcast")
     assert sent.status_code == 200 and sent.json()["state"] == "broadcast", sent.text
     assert bank_signer.bank_signatures() == before + 1  # not signed twice
+
+
+def test_the_bank_key_statement_says_which_kind_and_keeps_to_it(
+    world: World, bank_signer: SignerWorld
+) -> None:
+    """hd is the default; the kind is in what the two people sign; an open statement for
+    one kind is not silently turned into the other; a kind that does not exist is 422."""
+    loan = world.create_loan()
+    for seat in ("miner", "arbiter"):
+        assert world.register(loan["id"], seat).status_code == 200
+    path = f"/v1/loans/{loan['id']}/keys/bank/hsm"
+    bad = world.call("bank_operator", "POST", path, json={"kind": "xpub"})
+    assert bad.status_code == 422 and bad.json()["field"] == "kind", bad.text
+    opened = world.call("bank_operator", "POST", path)
+    assert opened.status_code == 201 and opened.json()["statement"]["bank_key"] == "hd"
+    again = world.call("bank_operator", "POST", path, json={"kind": "hd"})
+    assert again.json()["id"] == opened.json()["id"]
+    other = world.call("bank_operator", "POST", path, json={"kind": "fixed"})
+    assert other.status_code == 409 and other.json()["error"] == "bank_key_request_open"
+    done = world.sign_statement(opened.json()["id"]).json()
+    assert done["state"] == "done", done
+    after = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    bank = after["keys"][1]
+    assert bank["kind"] == "hd" and bank["xpub"] in after["descriptor"]
+    assert bank["hsm_key_label"] == KEY_LABEL_PREFIX + opened.json()["statement"]["loan_ref"]
