@@ -1,12 +1,14 @@
-"""`pledge-hwi ...`: a miner or arbiter signs with a hardware wallet, or checks the
-collateral address on the device's screen before depositing.
+"""`pledge-hwi ...`: a miner or arbiter signs with a hardware wallet, registers the
+loan's wallet on it, or checks the collateral address on its screen before depositing.
 
 Runs on the party's own machine, not the bank's (so it is its own command, not a
 `custody` subcommand), and talks to the API over HTTP(S). The PSBT the
 device returns is uploaded unchanged: the API verifies every signature itself.
 The API key is a bearer secret, so plain http is refused except to loopback
 (`--insecure` overrides, for a lab). Errors are one readable line and a non-zero
-exit; an address mismatch is shouted, because the next step would be a deposit.
+exit; an address mismatch is shouted, because the next step would be a deposit. A
+fixed-key loan is refused before the device is asked anything on every device but a
+Trezor (`pledge_hwi.support`).
 """
 
 from __future__ import annotations
@@ -24,14 +26,26 @@ from typing import Annotated, Any, NoReturn, Protocol
 import httpx
 import typer
 
-from pledge.descriptors import parse_collateral_descriptor
+from pledge.descriptors import PARTIES, CollateralDescriptor, parse_collateral_descriptor
 from pledge.errors import CustodyError
+from pledge.keys import HDKey
 from pledge.network import NETWORK_NAMES, NetworkName, check_network, embit_network
+from pledge_hwi.support import (
+    IMPORTS_A_FILE,
+    NO_REGISTRATION,
+    ONE_FIXED_KEY,
+    REGISTERS_ON_DISPLAY,
+    check_fixed_key,
+    device_name,
+    fixed_keys,
+    psbt_has_fixed_key,
+)
 
 __all__ = ["CliError", "Deps", "DeviceLike", "app", "check_api_url", "deps"]
 
 app = typer.Typer(
-    help="Sign with a hardware wallet (HWI) and check collateral addresses on its screen.",
+    help="Sign with a hardware wallet (HWI), register a loan's wallet on it and check "
+    "collateral addresses on its screen.",
     no_args_is_help=True,
 )
 
@@ -43,6 +57,7 @@ _TIMEOUT = httpx.Timeout(30.0)
 class DeviceLike(Protocol):
     """What the CLI needs from a device (pledge_hwi.device.HwiDevice provides it)."""
 
+    def identify(self) -> str: ...
     def sign_psbt(self, psbt_b64: str) -> str: ...
     def display_address(self, descriptor: str, index: int) -> str: ...
 
@@ -195,14 +210,17 @@ def _resolve_network(option: str | None, api: Api | None) -> NetworkName:
     return network
 
 
-def _summarise(psbt_b64: str, network: NetworkName) -> None:
-    """Print the outputs so the person can compare them with the device's screen."""
+def _summarise(psbt_b64: str, network: NetworkName, device: DeviceLike) -> None:
+    """Refuse a device that cannot use the loan, else print the outputs so the person can
+    compare them with the device's screen."""
     from embit.psbt import PSBT
 
     try:
         psbt = PSBT.from_string(psbt_b64)
     except Exception:
         raise CliError("the API sent something that is not a PSBT") from None
+    if psbt_has_fixed_key(psbt):
+        check_fixed_key(device.identify(), ONE_FIXED_KEY, "sign for this loan")
     typer.echo(f"transaction {psbt.tx.txid().hex()} pays:")
     for out in psbt.outputs:
         try:
@@ -249,8 +267,8 @@ def sign(
             got = api.call("GET", f"/v1/signing-requests/{rid}/psbt")
             if not isinstance(got, dict) or not isinstance(got.get("psbt"), str):
                 raise CliError("the API's answer has no PSBT")
-            _summarise(got["psbt"], net)
             device = deps.device_factory(net, fingerprint, device_type)
+            _summarise(got["psbt"], net, device)
             signed = device.sign_psbt(got["psbt"])
             result = api.call("POST", f"/v1/signing-requests/{rid}/signatures", {"psbt": signed})
         finally:
@@ -260,6 +278,65 @@ def sign(
         return 0
 
     _run(body)
+
+
+def _loan_wallet(
+    api: Api, lid: str, network: NetworkName, index: int
+) -> tuple[CollateralDescriptor, str | None]:
+    """The loan's descriptor (parsed here) and the API's receive address at `index`."""
+    loan = api.call("GET", f"/v1/loans/{lid}")
+    descriptor = loan.get("descriptor") if isinstance(loan, dict) else None
+    if not isinstance(descriptor, str):
+        raise CliError(f"loan {lid} has no descriptor yet (are all three keys in?)")
+    if index == 0:
+        from_api = loan.get("collateral_address")
+    else:
+        rows = api.call("GET", f"/v1/loans/{lid}/addresses")
+        from_api = next(
+            (
+                r.get("address")
+                for r in (rows if isinstance(rows, list) else [])
+                if isinstance(r, dict) and r.get("index") == index and not r.get("change")
+            ),
+            None,
+        )
+    try:
+        parsed = parse_collateral_descriptor(descriptor, network)
+    except CustodyError as exc:
+        raise CliError(f"the loan's descriptor is unusable here: {exc.message}") from None
+    return parsed, from_api if isinstance(from_api, str) else None
+
+
+def _local_address(wallet: CollateralDescriptor, index: int) -> str:
+    try:
+        return wallet.address(index)
+    except CustodyError as exc:
+        raise CliError(f"the loan's descriptor is unusable here: {exc.message}") from None
+
+
+def _mismatch(what: str) -> int:
+    typer.secho(
+        f"MISMATCH: {what} do not agree on the collateral address. DO NOT DEPOSIT. "
+        "Contact the bank.",
+        err=True,
+        fg=typer.colors.RED,
+        bold=True,
+    )
+    return 1
+
+
+def _display_and_compare(
+    device: DeviceLike, wallet: CollateralDescriptor, index: int, from_api: str | None, local: str
+) -> int:
+    """Have the device show (and compute) the address at `index`; 0 only when the
+    device, the API and this computer give the same one."""
+    typer.echo("confirm on the device...")
+    on_device = device.display_address(wallet.descriptor, index)
+    typer.echo(f"device address:      {on_device}")
+    if from_api == local == on_device:
+        typer.secho(f"MATCH: index {index} is {on_device}", fg=typer.colors.GREEN)
+        return 0
+    return _mismatch("the device, the API and this computer")
 
 
 @app.command("show-address")
@@ -280,47 +357,90 @@ def show_address(
         api = Api(api_url, api_key, insecure)
         try:
             net = _resolve_network(network, api)
-            loan = api.call("GET", f"/v1/loans/{lid}")
-            descriptor = loan.get("descriptor") if isinstance(loan, dict) else None
-            if not isinstance(descriptor, str):
-                raise CliError(f"loan {lid} has no descriptor yet (are all three keys in?)")
-            if index == 0:
-                from_api = loan.get("collateral_address")
-            else:
-                rows = api.call("GET", f"/v1/loans/{lid}/addresses")
-                from_api = next(
-                    (
-                        r.get("address")
-                        for r in (rows if isinstance(rows, list) else [])
-                        if isinstance(r, dict) and r.get("index") == index and not r.get("change")
-                    ),
-                    None,
-                )
+            wallet, from_api = _loan_wallet(api, lid, net, index)
         finally:
             api.close()
-        try:
-            local = parse_collateral_descriptor(descriptor, net).address(index)
-        except CustodyError as exc:
-            raise CliError(f"the loan's descriptor is unusable here: {exc.message}") from None
-        typer.echo(f"descriptor:          {descriptor}")
+        local = _local_address(wallet, index)
+        device = deps.device_factory(net, fingerprint, device_type)
+        check_fixed_key(device.identify(), fixed_keys(wallet), "show this loan's addresses")
+        typer.echo(f"descriptor:          {wallet.descriptor}")
         typer.echo(f"API address:         {from_api or '(none handed out at this index)'}")
         typer.echo(f"computed here:       {local}")
-        typer.echo("confirm on the device...")
-        on_device = deps.device_factory(net, fingerprint, device_type).display_address(
-            descriptor, index
-        )
-        typer.echo(f"device address:      {on_device}")
-        if from_api == local == on_device:
-            typer.secho(f"MATCH: index {index} is {on_device}", fg=typer.colors.GREEN)
+        return _display_and_compare(device, wallet, index, from_api, local)
+
+    _run(body)
+
+
+def _print_wallet(lid: str, wallet: CollateralDescriptor) -> None:
+    """The wallet as a device shows it when asked to register it: policy and keys."""
+    typer.echo(f"loan {lid} wallet: 2 of 3, sorted multisig (sortedmulti), P2WSH, {wallet.network}")
+    for party, key in zip(PARTIES, wallet.keys, strict=True):
+        if isinstance(key, HDKey):
+            typer.echo(f"  {party:<8} fingerprint {key.fingerprint}  {key.origin_path}  {key.xpub}")
+        else:
+            typer.echo(f"  {party:<8} fixed public key {key.public_key_hex}")
+
+
+@app.command("register")
+def register(
+    loan_id: Annotated[str, typer.Argument(help="the loan id")],
+    api_url: ApiUrl = None,
+    api_key: ApiKey = None,
+    insecure: Insecure = False,
+    network: Network = None,
+    fingerprint: Fingerprint = None,
+    device_type: DeviceType = None,
+) -> None:
+    """Register the loan's multisig wallet on the device (Ledger, BitBox02, Jade: by
+    showing receive address 0, which the device asks you to approve), or say what
+    to do instead (Coldcard: import its file; Trezor: nothing to register)."""
+
+    def body() -> int:
+        lid = _check_id(loan_id, "LOAN_ID")
+        api = Api(api_url, api_key, insecure)
+        try:
+            net = _resolve_network(network, api)
+            wallet, from_api = _loan_wallet(api, lid, net, 0)
+        finally:
+            api.close()
+        local = _local_address(wallet, 0)
+        device = deps.device_factory(net, fingerprint, device_type)
+        kind = device.identify()
+        name = device_name(kind)
+        check_fixed_key(kind, fixed_keys(wallet), "register this loan's wallet")
+        _print_wallet(lid, wallet)
+        typer.echo(f"API address 0:       {from_api or '(none)'}")
+        typer.echo(f"computed here:       {local}")
+        if from_api != local:
+            return _mismatch("the API and this computer")
+        if kind in REGISTERS_ON_DISPLAY:
+            typer.echo(
+                f"the {name} will show this wallet and ask you to approve (register) it: "
+                "approve only if its keys and fingerprints are the ones above; it then "
+                "shows receive address 0"
+            )
+            code = _display_and_compare(device, wallet, 0, from_api, local)
+            if code == 0:
+                typer.echo(f"the {name} has registered loan {lid}'s wallet")
+            return code
+        if kind in IMPORTS_A_FILE:
+            typer.echo(
+                f"a {name} cannot be registered through HWI: import the loan's {name} file "
+                f"on the device. Download it (GET {api.base}/v1/loans/{lid}/export/coldcard), "
+                "copy it to the SD card, import it on the device (Settings > Multisig Wallets "
+                "> Import from File) and check that it lists the keys above. Then run "
+                f"`pledge-hwi show-address {lid}` to compare address 0. Nothing was sent to "
+                "the device."
+            )
             return 0
-        typer.secho(
-            "MISMATCH: the device, the API and this computer do not agree on the collateral "
-            "address. DO NOT DEPOSIT. Contact the bank.",
-            err=True,
-            fg=typer.colors.RED,
-            bold=True,
-        )
-        return 1
+        if kind in NO_REGISTRATION:
+            typer.echo(
+                f"a {name} needs no registration: it checks the wallet each time it shows an "
+                f"address or signs. Run `pledge-hwi show-address {lid}` to see address 0 on "
+                "its screen. Nothing was sent to the device."
+            )
+            return 0
+        raise CliError(f"HWI cannot register or show a multisig wallet on a {name}")
 
     _run(body)
 
@@ -352,8 +472,9 @@ def sign_file(
                 base64.b64decode(psbt_b64, validate=True)
             except (UnicodeDecodeError, binascii.Error, ValueError):
                 raise CliError(f"{in_path} is neither a binary nor a base64 PSBT") from None
-        _summarise(psbt_b64, net)
-        signed = deps.device_factory(net, fingerprint, device_type).sign_psbt(psbt_b64)
+        device = deps.device_factory(net, fingerprint, device_type)
+        _summarise(psbt_b64, net, device)
+        signed = device.sign_psbt(psbt_b64)
         data = base64.b64decode(signed) if binary else (signed + "\n").encode("ascii")
         try:
             with out_path.open("xb") as handle:

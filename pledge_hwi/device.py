@@ -7,7 +7,9 @@ prints one clear sentence instead of a device library's traceback.
 
 What is checked here, because a device or its library could get it wrong: the
 PSBT a device returns must have exactly the unsigned transaction it was given,
-and it must carry at least one new signature.
+and it must carry at least one new signature. And, on the client HWI actually opened,
+that the device can use the loan at all (`pledge_hwi.support.check_fixed_key`), before
+anything about the loan is sent to it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from pledge.errors import CustodyError
 from pledge.keys import HDKey
 from pledge.network import NetworkName, check_network
 from pledge_hwi.errors import DeviceBusy, DeviceError, DeviceRefused, DeviceUnavailable
+from pledge_hwi.support import (
+    ONE_FIXED_KEY,
+    check_fixed_key,
+    fixed_keys,
+    normalise_device_type,
+    psbt_has_fixed_key,
+)
 
-__all__ = ["HwiDevice", "single_branch_descriptor", "translate_hwi_error"]
+__all__ = ["HwiDevice", "client_device_type", "single_branch_descriptor", "translate_hwi_error"]
 
 
 def _chain(network: NetworkName) -> Any:
@@ -72,10 +81,22 @@ def translate_hwi_error(exc: BaseException, what: str) -> DeviceError:
     return DeviceError(text)
 
 
+def client_device_type(client: object) -> str:
+    """HWI's device type of an opened client (`LedgerClient` -> `ledger`), by HWI's own
+    naming rule (`commands.get_client` builds the class name from the type); "" when
+    it is no hwilib device client."""
+    for klass in type(client).__mro__:
+        if klass.__module__.startswith("hwilib.devices.") and klass.__name__.endswith("Client"):
+            return klass.__name__.removesuffix("Client").lower()
+    return ""
+
+
 def single_branch_descriptor(descriptor: str, network: NetworkName, index: int) -> str:
     """The receive-branch descriptor at one index, no wildcard or multipath:
     `wsh(sortedmulti(2,[fp/48h/1h/0h/2h]tpub.../0/7,02ab..,...))#checksum`.
-    HWI's `displayaddress(desc=...)` needs this shape for a multisig address."""
+    HWI's `displayaddress(desc=...)` needs this shape for a multisig address; every
+    extended key keeps its origin `[fp/path]`, which Ledger, BitBox02 and Jade need to
+    find their own key and register the wallet."""
     parsed = parse_collateral_descriptor(descriptor, network)
     parsed.address(index)  # validates the index (and: fixed-key-only loans have index 0)
     keys = [
@@ -133,6 +154,22 @@ class HwiDevice:
             )
         return devices
 
+    def identify(self) -> str:
+        """HWI's type (`ledger`, `trezor`, ...) of the device an operation would use:
+        --device-type, else HWI's enumerate entry, else the class of the client HWI opens
+        (a locked device may not tell enumerate its fingerprint)."""
+        if self.device_type:
+            return normalise_device_type(self.device_type)
+        found = self.list_devices()
+        if self.fingerprint is not None:
+            found = [
+                d for d in found if str(d.get("fingerprint") or "").lower() == self.fingerprint
+            ]
+        if len(found) == 1 and isinstance(found[0].get("type"), str) and found[0]["type"]:
+            return normalise_device_type(found[0]["type"])
+        with self._client("cannot identify the hardware wallet") as client:
+            return client_device_type(client)
+
     @contextmanager
     def _client(self, what: str) -> Iterator[Any]:
         from hwilib import commands
@@ -175,8 +212,10 @@ class HwiDevice:
         from hwilib import commands
 
         before = _parse(psbt_b64, "the PSBT to sign")
+        fixed = ONE_FIXED_KEY if psbt_has_fixed_key(before) else None
         what = "the hardware wallet could not sign"
         with self._client(what) as client, self._hwi(what):
+            check_fixed_key(client_device_type(client), fixed, "sign for this loan")
             result = commands.signtx(client, psbt_b64)
         if "error" in result:
             raise DeviceRefused(f"{what}: {result['error']}")
@@ -198,8 +237,10 @@ class HwiDevice:
         from hwilib import commands
 
         desc = single_branch_descriptor(descriptor, self.network, index)
+        fixed = fixed_keys(parse_collateral_descriptor(descriptor, self.network))
         what = "the hardware wallet could not display the address"
         with self._client(what) as client, self._hwi(what):
+            check_fixed_key(client_device_type(client), fixed, "show this loan's addresses")
             result = commands.displayaddress(client, desc=desc)
         if "error" in result:
             raise DeviceRefused(f"{what}: {result['error']}")

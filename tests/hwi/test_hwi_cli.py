@@ -18,26 +18,37 @@ from typing import Any
 import httpx
 import pytest
 from embit import bip32
+from embit.descriptor import Descriptor as EmbitDescriptor
+from embit.ec import PublicKey
 from embit.networks import NETWORKS
 from embit.psbt import PSBT
-from embit.script import Script
+from embit.script import Script, multisig, p2wsh
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
 from hwilib import commands as hwi_commands
 from hwilib import errors as hwi_errors
+from hwilib.common import Chain
 from hwilib.descriptor import MultisigDescriptor, WSHDescriptor
+from hwilib.devices.bitbox02 import Bitbox02Client
+from hwilib.devices.coldcard import ColdcardClient
+from hwilib.devices.jade import JadeClient
+from hwilib.devices.ledger import LedgerClient
+from hwilib.devices.trezor import TrezorClient
+from hwilib.hwwclient import HardwareWalletClient
 from hwilib.psbt import PSBT as HwiPsbt
 from typer.testing import CliRunner
 
 from custody.signing.psbt import CollateralInput, PayTo, build_psbt
 from hsm.signer import SignerRefused
 from pledge.descriptors import CollateralDescriptor
-from pledge.keys import parse_hd_key
+from pledge.keys import parse_fixed_key, parse_hd_key
 from pledge_hwi import cli as hwi_cli
 from pledge_hwi.cli import app as hwi_app
 from pledge_hwi.cli import check_api_url
-from pledge_hwi.device import HwiDevice, single_branch_descriptor
+from pledge_hwi.device import HwiDevice, client_device_type, single_branch_descriptor
 from pledge_hwi.errors import DeviceBusy, DeviceRefused, DeviceUnavailable
+from pledge_hwi.support import REGISTERS_ON_DISPLAY, FixedKeyUnsupported, device_name
 from regtest.software_signer import SoftwareHDSigner
+from regtest.testkeys import make_fixed_test_key
 
 MINER_RETURN = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080"
 API = "http://127.0.0.1:8080"
@@ -79,9 +90,13 @@ class FakeDevice:
     signer: SoftwareHDSigner
     address: str | None = None
     error: Exception | None = None
+    kind: str = "ledger"
     signed_inputs: list[str] = field(default_factory=list)
     returned: list[str] = field(default_factory=list)
     shown: list[tuple[str, int]] = field(default_factory=list)
+
+    def identify(self) -> str:
+        return self.kind
 
     def sign_psbt(self, psbt_b64: str) -> str:
         if self.error:
@@ -424,3 +439,385 @@ def test_no_device_or_a_device_that_signs_nothing(
     monkeypatch.setattr(hwi_commands, "enumerate", lambda **kw: [{}, {}])
     with pytest.raises(DeviceUnavailable, match="2 hardware wallets"):
         HwiDevice("regtest").sign_psbt(loan.psbt)
+
+
+# -- register, and fixed-key loans, per device type ------------------------------------
+#
+# A fake per device type under the real HwiDevice and the real hwilib.commands: each one
+# subclasses HWI's own client class (so the device type is found as for a real device),
+# and for Ledger, BitBox02 and Jade runs HWI's own display_multisig_address over a fake
+# of the vendor library below it, so those devices' own checks see our descriptor and the
+# "device" registers the wallet and derives the address from what it registered.
+
+
+def _p2wsh_sortedmulti(keys: list[bytes]) -> str:
+    witness = multisig(2, [PublicKey.parse(k) for k in sorted(keys)])
+    address: str = p2wsh(witness).address(NETWORKS["regtest"])
+    return address
+
+
+class FakeLedgerApp:
+    """ledger_bitcoin's client, as LedgerClient.display_multisig_address uses it."""
+
+    def __init__(self, lie: bool) -> None:
+        self.lie = lie
+        self.registered: list[Any] = []
+        self.shown: list[tuple[int, int]] = []
+
+    def register_wallet(self, wallet: Any) -> tuple[bytes, bytes]:
+        self.registered.append(wallet)
+        return b"\x00" * 32, wallet.serialize()[:32]
+
+    def get_wallet_address(
+        self, wallet: Any, hmac: bytes, change: int, index: int, display: bool
+    ) -> str:
+        assert display and hmac == wallet.serialize()[:32]  # only a registered wallet
+        self.shown.append((change, index))
+        derived = EmbitDescriptor.from_string(wallet.get_descriptor(bool(change)))
+        address: str = derived.derive(index + self.lie).address(NETWORKS["regtest"])
+        return address
+
+
+class FakeJadeApp:
+    """JadeAPI, as JadeClient.display_multisig_address uses it."""
+
+    def __init__(self) -> None:
+        self.registered: dict[str, tuple[bool, int, list[dict[str, Any]]]] = {}
+        self.shown: list[list[list[int]]] = []
+
+    def register_multisig(
+        self, network: str, name: str, variant: str, is_sorted: bool, threshold: int, signers: Any
+    ) -> bool:
+        assert network == "localtest" and variant == "wsh(multi(k))"
+        self.registered[name] = (is_sorted, threshold, signers)
+        return True
+
+    def get_receive_address(self, network: str, paths: Any, multisig_name: str) -> str:
+        is_sorted, threshold, signers = self.registered[multisig_name]  # registered first
+        assert is_sorted and threshold == 2
+        self.shown.append(paths)
+        keys = [
+            bip32.HDKey.from_base58(s["xpub"]).derive(path).key.sec()
+            for s, path in zip(signers, paths, strict=True)
+        ]
+        return _p2wsh_sortedmulti(keys)
+
+
+class FakeBitBox02App:
+    """bitbox02.BitBox02, as Bitbox02Client.display_multisig_address uses it."""
+
+    def __init__(self, root: bip32.HDKey) -> None:
+        self.root = root
+        self.registered: list[tuple[Any, list[int]]] = []
+        self.shown: list[list[int]] = []
+
+    def root_fingerprint(self) -> bytes:
+        fingerprint: bytes = self.root.my_fingerprint
+        return fingerprint
+
+    def btc_xpub(self, keypath: Any, coin: Any, xpub_type: Any, display: bool) -> str:
+        xpub: str = (
+            self.root.derive(list(keypath))
+            .to_public()
+            .to_base58(version=NETWORKS["regtest"]["xpub"])
+        )
+        return xpub
+
+    def btc_is_script_config_registered(self, coin: Any, config: Any, keypath: Any) -> bool:
+        return (config, list(keypath)) in self.registered
+
+    def btc_register_script_config(
+        self, coin: Any, script_config: Any, keypath: Any, name: str, xpub_type: Any
+    ) -> None:
+        self.registered.append((script_config, list(keypath)))
+
+    def btc_address(self, keypath: Any, coin: Any, script_config: Any, display: bool) -> str:
+        assert display and any(c == script_config for c, _ in self.registered)
+        self.shown.append(list(keypath))
+        change, index = list(keypath)[-2:]
+        keys = [
+            bip32.HDKey(PublicKey.parse(x.public_key), x.chain_code)
+            .derive([change, index])
+            .key.sec()
+            for x in script_config.multisig.xpubs
+        ]
+        return _p2wsh_sortedmulti(keys)
+
+
+class DeviceFake(HardwareWalletClient):
+    """Mixed in before a real hwilib client class: records what HWI hands the device."""
+
+    computes_itself = False  # True: no vendor code below; derive from what HWI passed
+    client: Any  # the vendor library objects HWI's client classes talk to
+    jade: Any
+    bb02: Any
+
+    def __init__(self, signer: SoftwareHDSigner, root: bip32.HDKey, lie: bool = False) -> None:
+        HardwareWalletClient.__init__(self, "fake:0", None, False, Chain.REGTEST)
+        self.signer, self.root = signer, root
+        self.displayed: list[MultisigDescriptor] = []
+        self.signed: list[HwiPsbt] = []
+        self.closed = False
+        self.client = FakeLedgerApp(lie)
+        self.jade = FakeJadeApp()
+        self.bb02 = FakeBitBox02App(root)
+
+    def display_multisig_address(self, addr_type: Any, multisig: MultisigDescriptor) -> str:
+        self.displayed.append(multisig)
+        if self.computes_itself:
+            address: str = Script(WSHDescriptor(multisig).expand(0).output_script).address(
+                NETWORKS["regtest"]
+            )
+            return address
+        return super().display_multisig_address(addr_type, multisig)
+
+    def sign_tx(self, psbt: HwiPsbt) -> HwiPsbt:
+        self.signed.append(psbt)
+        return psbt
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def registrations(self) -> int:
+        return len(self.client.registered) + len(self.jade.registered) + len(self.bb02.registered)
+
+
+class FakeLedger(DeviceFake, LedgerClient):
+    pass
+
+
+class FakeJade(DeviceFake, JadeClient):
+    pass
+
+
+class FakeBitBox02(DeviceFake, Bitbox02Client):
+    pass
+
+
+class FakeColdcard(DeviceFake, ColdcardClient):
+    computes_itself = True
+
+
+class FakeTrezor(DeviceFake, TrezorClient):
+    computes_itself = True
+
+
+FAKES: dict[str, type[DeviceFake]] = {
+    "ledger": FakeLedger,
+    "jade": FakeJade,
+    "bitbox02": FakeBitBox02,
+    "coldcard": FakeColdcard,
+    "trezor": FakeTrezor,
+}
+
+
+@dataclass
+class Plugged:
+    client: DeviceFake
+    opened: list[dict[str, Any]]
+
+
+def plug(
+    monkeypatch: pytest.MonkeyPatch, kind: str, signer: SoftwareHDSigner, lie: bool = False
+) -> Plugged:
+    """One device of `kind` holding `signer`'s key, as HWI's enumerate/find_device see it."""
+    client = FAKES[kind](signer, signer._root, lie)
+    plugged = Plugged(client, [])
+
+    def find_device(**kw: Any) -> DeviceFake:
+        plugged.opened.append(kw)
+        return client
+
+    entry = {"type": kind, "model": kind, "path": "fake:0", "fingerprint": signer.fingerprint}
+    monkeypatch.setattr(hwi_commands, "find_device", find_device)
+    monkeypatch.setattr(hwi_commands, "enumerate", lambda **kw: [entry])
+    return plugged
+
+
+@pytest.fixture
+def fixed_loan(loan: Loan) -> Loan:
+    """The same miner and arbiter, the bank's key a fixed public key (fixed-key mode)."""
+    _, bank_hex = make_fixed_test_key(os.urandom(16), "regtest")
+    hd = loan.descriptor.keys
+    descriptor = CollateralDescriptor(
+        (hd[0], parse_fixed_key(bank_hex, field="k"), hd[2]), "regtest"
+    )
+    prev = Transaction(
+        vin=[TransactionInput(os.urandom(32), 0)],
+        vout=[TransactionOutput(400_000, Script(descriptor.script_pubkey(0)))],
+    )
+    deposit = CollateralInput(prev.txid().hex(), 0, 400_000, 0, False, prev.serialize())
+    psbt = build_psbt(descriptor, "regtest", [deposit], [PayTo(MINER_RETURN, 398_000, "m")])
+    return Loan(loan.signers, descriptor, psbt)
+
+
+def _serve(api: FakeApi, loan: Loan) -> None:
+    api.descriptor, api.psbt = loan.descriptor.descriptor, loan.psbt
+    api.collateral_address = loan.descriptor.address(0)
+
+
+@pytest.mark.parametrize("kind", sorted(REGISTERS_ON_DISPLAY))
+def test_register_shows_receive_address_0_once_with_every_origin(
+    kind: str, loan: Loan, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = plug(monkeypatch, kind, loan.signers[0])
+    result = run("register", "3", "--api-url", API)
+    assert result.exit_code == 0, result.output
+    client = device.client
+    assert len(client.displayed) == 1 and client.signed == []
+    multisig = client.displayed[0]  # what HWI parsed from what pledge-hwi handed it
+    assert multisig.thresh == 2 and multisig.is_sorted and len(multisig.pubkeys) == 3
+    keys = {k.fingerprint: k for k in loan.descriptor.hd_keys}  # HWI sorts sortedmulti's keys
+    for got in multisig.pubkeys:
+        assert got.origin is not None and got.extkey is not None
+        key = keys.pop(got.origin.fingerprint.hex())
+        assert got.origin.path == key.path
+        assert got.pubkey == key.xpub
+        assert got.deriv_path == "/0/0"  # receive branch, index 0
+    assert keys == {}  # every key, each with its origin
+    assert client.registrations == 1  # the device registered the wallet, once
+    if kind == "ledger":
+        (wallet,) = client.client.registered
+        assert wallet.descriptor_template == "wsh(sortedmulti(2,@0/**,@1/**,@2/**))"
+        assert sorted(wallet.keys_info) == sorted(
+            f"[{k.fingerprint}{k.origin_path[1:].replace('h', chr(39))}]{k.xpub}"
+            for k in loan.descriptor.hd_keys
+        )
+        assert client.client.shown == [(0, 0)]
+    if kind == "jade":
+        ((_, _, signers),) = client.jade.registered.values()
+        assert sorted((s["fingerprint"].hex(), s["xpub"]) for s in signers) == sorted(
+            (k.fingerprint, k.xpub) for k in loan.descriptor.hd_keys
+        )
+        assert client.jade.shown == [[[0, 0]] * 3]
+    if kind == "bitbox02":
+        ((_, account),) = client.bb02.registered
+        assert account == loan.descriptor.hd_keys[0].path  # found its own key by origin
+        assert client.bb02.shown == [[*loan.descriptor.hd_keys[0].path, 0, 0]]
+    for key in loan.descriptor.hd_keys:  # what to compare on the screen
+        assert key.fingerprint in result.output and key.xpub in result.output
+    assert result.output.count(loan.descriptor.address(0)) >= 3  # API, here, device
+    assert f"MATCH: index 0 is {loan.descriptor.address(0)}" in result.output
+    assert "has registered loan 3's wallet" in result.output
+    assert client.closed
+
+
+@pytest.mark.parametrize(
+    ("kind", "advice"),
+    [
+        ("coldcard", f"GET {API}/v1/loans/3/export/coldcard"),
+        ("trezor", "needs no registration"),
+    ],
+)
+def test_register_on_coldcard_and_trezor_only_advises(
+    kind: str, advice: str, loan: Loan, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = plug(monkeypatch, kind, loan.signers[0])
+    result = run("register", "3", "--api-url", API)
+    assert result.exit_code == 0, result.output
+    assert advice in result.output
+    assert "pledge-hwi show-address 3" in result.output
+    assert "Nothing was sent to the device" in result.output
+    assert device.client.displayed == [] and device.client.signed == []
+    assert device.opened == []  # told apart by HWI's enumerate: no client was even opened
+
+
+def test_register_mismatch_from_the_device_or_the_api(
+    loan: Loan, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lying = plug(monkeypatch, "ledger", loan.signers[0], lie=True)
+    result = run("register", "3", "--api-url", API)
+    assert result.exit_code == 1
+    assert "MISMATCH" in result.output and "DO NOT DEPOSIT" in result.output
+    assert "has registered" not in result.output
+    assert len(lying.client.displayed) == 1
+    # the API's address differs from this computer's: refused before the device is asked
+    api.collateral_address = loan.descriptor.address(1)
+    honest = plug(monkeypatch, "ledger", loan.signers[0])
+    result = run("register", "3", "--api-url", API)
+    assert result.exit_code == 1
+    assert "MISMATCH: the API and this computer" in result.output
+    assert honest.client.displayed == []
+
+
+FIXED_KEY_ADVICE = "Only a Trezor (via HWI), Bitcoin Core or BDK can use such a loan"
+
+
+@pytest.mark.parametrize("kind", ["ledger", "coldcard", "bitbox02", "jade"])
+@pytest.mark.parametrize("command", ["register", "show-address", "sign"])
+def test_fixed_key_loans_are_refused_before_the_device_is_asked(
+    kind: str,
+    command: str,
+    fixed_loan: Loan,
+    api: FakeApi,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _serve(api, fixed_loan)
+    device = plug(monkeypatch, kind, fixed_loan.signers[0])
+    target = "7" if command == "sign" else "3"
+    result = run(command, target, "--api-url", API)
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "fixed-key mode" in text and FIXED_KEY_ADVICE in text
+    assert f"a {device_name(kind)} accepts only extended keys" in text
+    if command != "sign":  # from the descriptor it can say whose key it is
+        assert "the bank's key is a single public key" in text
+    others = {"Ledger", "Coldcard", "BitBox02", "Jade"} - {device_name(kind)}
+    assert not any(name in text for name in others)  # no device it would fail on too
+    assert device.client.displayed == [] and device.client.signed == []
+    assert device.opened == []  # refused from HWI's enumerate entry alone
+    assert api.uploaded == []
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("kind", ["ledger", "coldcard", "bitbox02", "jade"])
+def test_hwi_device_itself_refuses_a_fixed_key_loan(
+    kind: str, fixed_loan: Loan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under the CLI too: the opened client's class decides, e.g. with a wrong --device-type
+    or a device swapped after the check."""
+    device = plug(monkeypatch, kind, fixed_loan.signers[0])
+    hwi = HwiDevice("regtest", fingerprint=fixed_loan.signers[0].fingerprint)
+    with pytest.raises(FixedKeyUnsupported, match="the bank's key is a single public key"):
+        hwi.display_address(fixed_loan.descriptor.descriptor, 0)
+    with pytest.raises(FixedKeyUnsupported, match="one of its keys is a single public key"):
+        hwi.sign_psbt(fixed_loan.psbt)
+    assert device.client.displayed == [] and device.client.signed == []
+    assert device.client.closed
+
+
+def test_a_fixed_key_loan_works_on_a_trezor(
+    fixed_loan: Loan, api: FakeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _serve(api, fixed_loan)
+    device = plug(monkeypatch, "trezor", fixed_loan.signers[0])
+    result = run("register", "3", "--api-url", API)
+    assert result.exit_code == 0, result.output
+    assert "needs no registration" in result.output
+    assert f"fixed public key {fixed_loan.descriptor.keys[1].descriptor_key}" in result.output
+    result = run("show-address", "3", "--api-url", API)
+    assert result.exit_code == 0, result.output
+    assert f"MATCH: index 0 is {fixed_loan.descriptor.address(0)}" in result.output
+    (multisig,) = device.client.displayed
+    bank = fixed_loan.descriptor.keys[1].descriptor_key
+    (bare,) = [p for p in multisig.pubkeys if p.extkey is None]  # HWI sorts the keys
+    assert bare.pubkey == bank and bare.origin is None
+    assert all(p.origin is not None for p in multisig.pubkeys if p.extkey is not None)
+
+
+def test_the_device_type_comes_from_the_option_enumerate_or_the_client(
+    loan: Loan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = plug(monkeypatch, "jade", loan.signers[0])
+    fp = loan.signers[0].fingerprint
+    assert HwiDevice("regtest", device_type="trezor_t").identify() == "trezor"
+    assert HwiDevice("regtest", fingerprint=fp).identify() == "jade"
+    assert HwiDevice("regtest").identify() == "jade"
+    assert device.opened == []
+    # a locked device tells enumerate no fingerprint: the opened client's class says
+    monkeypatch.setattr(hwi_commands, "enumerate", lambda **kw: [{"type": "jade"}, {}])
+    assert HwiDevice("regtest", fingerprint=fp).identify() == "jade"
+    assert len(device.opened) == 1 and device.client.closed
+    assert client_device_type(FakeBitBox02(loan.signers[0], loan.signers[0]._root)) == "bitbox02"
+    assert client_device_type(object()) == ""
