@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from custody.api.deps import (
     ContextDep,
@@ -35,18 +36,23 @@ from custody.errors import (
     UnknownParty,
 )
 from custody.loans import service as loans
-from custody.loans.schemas import AddressOut, DepositOut, KeyIn, LoanCreate, LoanOut
+from custody.loans.schemas import (
+    AddressOut,
+    DepositOut,
+    ExportFormat,
+    KeyIn,
+    LoanCreate,
+    LoanOut,
+)
 from custody.loans.views import address_out, deposits_out, loan_out, loans_out
 from custody.schemas import ID_MAX
+from pledge.descriptors import CollateralDescriptor
 from pledge.errors import InvalidInput, NotAuthenticated
 
 router = APIRouter(prefix="/v1")
 
 # Who may not see a loan learns nothing more than that it is not found.
 _READ_LOAN = (NotAuthenticated, InvalidInput, LoanNotFound)
-
-
-ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan"]
 
 
 @router.post(
@@ -143,8 +149,10 @@ def list_deposits(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> list
     response_model=None,
     responses={
         200: {
-            "description": "`descriptor` and `caravan`: a JSON wallet file; `coldcard` and "
-            "`bsms`: a text file (attachment)",
+            "description": "`descriptor`, `caravan` and `wallet-policy` (BIP-388): a JSON "
+            "wallet file with `works_with` and `note`; `coldcard`, `bsms` (BIP-129) and "
+            "`sparrow`: a text file (attachment). Every answer says in its `X-Works-With` "
+            "and `X-Export-Note` headers which devices and programs can use it.",
             "content": {
                 "application/json": {"schema": {"type": "object"}},
                 "text/plain": {"schema": {"type": "string"}},
@@ -153,24 +161,31 @@ def list_deposits(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> list
         **errors_for(*_READ_LOAN, KeysIncomplete, ExportUnsupported),
     },
 )
-def export(
-    loan_id: LoanId, fmt: ExportFormat, session: SessionDep, ctx: ContextDep
-) -> Response | dict[str, Any]:
+def export(loan_id: LoanId, fmt: ExportFormat, session: SessionDep, ctx: ContextDep) -> Response:
     """Wallet files for the parties to check the collateral address on their own devices.
-    A format that cannot express this loan answers 422 `export_unsupported` and says why."""
+    A format that cannot express this loan answers 422 `export_unsupported` and says why
+    (a fixed HSM key: only Trezor via HWI, Bitcoin Core and BDK can use it)."""
     loan = loans.get_loan(session, ctx, loan_id)
     descriptor = loans.loan_descriptor(session, loan, ctx.network)
     name = f"loan-{loan_id}"
-    if fmt == "descriptor":
-        return exports.export_descriptor(descriptor, name)
-    if fmt == "caravan":
-        return exports.export_caravan(descriptor, name)
-    if fmt == "coldcard":
-        return PlainTextResponse(
-            exports.export_coldcard(descriptor, name),
-            headers={"Content-Disposition": f'attachment; filename="{name}-coldcard.txt"'},
-        )
-    return PlainTextResponse(
-        exports.export_bsms(descriptor, name),
-        headers={"Content-Disposition": f'attachment; filename="{name}.bsms"'},
-    )
+    if fmt in _JSON_EXPORTS:
+        body = _JSON_EXPORTS[fmt](descriptor, name)
+        headers = exports.export_notice(descriptor, fmt).headers()
+        return JSONResponse(body, headers=headers)
+    text_export, filename = _TEXT_EXPORTS[fmt]
+    text = text_export(descriptor, name)
+    headers = exports.export_notice(descriptor, fmt).headers()
+    headers["Content-Disposition"] = f'attachment; filename="{name}{filename}"'
+    return PlainTextResponse(text, headers=headers)
+
+
+_JSON_EXPORTS: dict[str, Callable[[CollateralDescriptor, str], dict[str, Any]]] = {
+    "descriptor": exports.export_descriptor,
+    "caravan": exports.export_caravan,
+    "wallet-policy": exports.export_wallet_policy,
+}
+_TEXT_EXPORTS: dict[str, tuple[Callable[[CollateralDescriptor, str], str], str]] = {
+    "coldcard": (exports.export_coldcard, "-coldcard.txt"),
+    "bsms": (exports.export_bsms, ".bsms"),
+    "sparrow": (exports.export_sparrow, "-sparrow.txt"),
+}

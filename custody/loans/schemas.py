@@ -16,6 +16,9 @@ from custody.schemas import MAX_KOPECKS, Bps, Id, Name, Price, Sats, Strict, Tex
 
 Address = Annotated[str, Text(100)]
 
+# The wallet files `GET /v1/loans/{id}/export/{fmt}` writes (custody/bitcoin/exports.py).
+ExportFormat = Literal["descriptor", "coldcard", "bsms", "caravan", "wallet-policy", "sparrow"]
+
 
 class LoanTermsIn(Strict):
     principal_kopecks: Annotated[StrictInt, Field(gt=0, le=MAX_KOPECKS)]

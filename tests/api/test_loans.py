@@ -262,12 +262,37 @@ def test_exports_say_plainly_when_a_format_cannot_hold_an_hsm_key(world: World) 
         },
     )
     world.register(loan["id"], "arbiter")
-    for fmt in ("coldcard", "caravan"):
+    for fmt in ("coldcard", "caravan", "wallet-policy", "sparrow"):
         r = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/{fmt}")
         assert r.status_code == 422 and r.json()["error"] == "export_unsupported", r.text
-        assert "xpub" in r.json()["message"]
+        assert "Trezor via HWI, Bitcoin Core or BDK only" in r.json()["message"]
     ok = world.call("miner", "GET", f"/v1/loans/{loan['id']}/export/descriptor")
     assert ok.status_code == 200
+    assert ok.json()["works_with"] == ["Trezor via HWI", "Bitcoin Core", "BDK"]
+    bsms = world.call("arbiter", "GET", f"/v1/loans/{loan['id']}/export/bsms")
+    assert bsms.status_code == 200 and len(bsms.text.split("\n")) == 4
+    assert bsms.headers["X-Works-With"] == "Trezor via HWI; Bitcoin Core; BDK"
+    assert "Do not use Coldcard, Ledger" in bsms.headers["X-Export-Note"]
+
+
+def test_exports_serve_a_wallet_policy_and_a_sparrow_file(world: World) -> None:
+    loan = world.keyed_loan()
+    lid = loan["id"]
+    policy = world.call("bank_operator", "GET", f"/v1/loans/{lid}/export/wallet-policy")
+    assert policy.status_code == 200, policy.text
+    body = policy.json()
+    assert body["descriptor_template"] == "wsh(sortedmulti(2,@0/**,@1/**,@2/**))"
+    assert body["name"] == f"loan-{lid}" and len(body["keys_info"]) == 3
+    assert body["first_address"] == loan["collateral_address"]
+    assert policy.headers["X-Works-With"].startswith("Ledger Bitcoin app 2.1+")
+    sparrow = world.call("miner", "GET", f"/v1/loans/{lid}/export/sparrow")
+    assert sparrow.status_code == 200, sparrow.text
+    assert sparrow.headers["Content-Disposition"] == (
+        f'attachment; filename="loan-{lid}-sparrow.txt"'
+    )
+    descriptor = [line for line in sparrow.text.splitlines() if not line.startswith("#")]
+    assert len(descriptor) == 1 and descriptor[0].startswith("wsh(sortedmulti(2,[")
+    assert loan["collateral_address"] in sparrow.text
 
 
 def test_audit_chain_records_the_loan_and_verifies(world: World) -> None:
