@@ -19,7 +19,7 @@ The attacks are parametrized tables, one per theme, so the count is visible:
     PRICE_FEED_ATTACKS       11  stale, future-dated and impossible prices from the feed
     DESK_QUOTE_ATTACKS       12  desk quotes: signers, keys, source, price, times
     COLLATERAL_ATTACKS        9  subsets, unknown, unconfirmed, foreign, spent, doubled
-    REGISTRATION_ATTACKS     37  who signed, expiry, networks, types, keys, terms, refs
+    REGISTRATION_ATTACKS     38  who signed, expiry, networks, types, keys, terms, refs
     AMENDMENT_ATTACKS        11  payout changes without the right approvals, replays
     REPAYMENT_ATTACKS         8  unapproved, future-dated, malformed, conflicting
     PEOPLE_ATTACKS           14  enrolment and removal without two admins, and so on
@@ -28,7 +28,7 @@ The attacks are parametrized tables, one per theme, so the count is visible:
     RELEASE_SHAPE_ATTACKS     8  a release or partial liquidation paying the wrong way
     RAW_ATTACKS              27  hostile bytes through the one entry point
                             ---
-                            229  distinct attacks in tables (x 2 transports)
+                            230  distinct attacks in tables (x 2 transports)
 
 plus 4 written out as their own tests (a removed person's approval, spent collateral
 named again, a loan registered twice with the same and with a new statement), and

@@ -49,19 +49,30 @@ def _decisions(served: SignerWorld) -> list[tuple[str, str | None]]:
     ]
 
 
+@pytest.mark.parametrize("kind", ["hd", "fixed"])
 def test_release_signed_by_hsm_serve(
-    remote_world: World, regtest_node: RegtestNode, watcher: Watcher, served: SignerWorld
+    remote_world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    served: SignerWorld,
+    kind: str,
 ) -> None:
     world = remote_world
-    f = funded_loan(world, regtest_node, watcher)  # the bank key is made by hsm serve
+    f = funded_loan(world, regtest_node, watcher, bank_kind=kind)  # made by hsm serve
     bank = f.loan["keys"][1]
-    assert bank["kind"] == "hsm" and bank["hsm_local"] and bank["hsm_never_extractable"]
+    assert bank["kind"] == ("hd" if kind == "hd" else "hsm")
+    assert bank["hsm_local"] and bank["hsm_never_extractable"]
     ref = bank["hsm_key_label"][len(KEY_LABEL_PREFIX) :]
     registered = served.registry().loan(ref)
-    assert registered is not None
+    assert registered is not None and registered.bank_key_kind == kind
     assert registered.miner_return_address == f.loan["terms"]["miner_return_address"]
     assert registered.descriptor == f.loan["descriptor"]  # built by the signer, the same
-    assert registered.public_key.hex() == bank["public_key"]
+    if kind == "fixed":
+        assert registered.public_key.hex() == bank["public_key"]
+    else:
+        assert f"[{bank['fingerprint']}{bank['origin_path'][1:]}]{bank['xpub']}" in (
+            registered.descriptor
+        )
 
     req = request(world, "bank_operator", f.loan["id"], action="release")
     assert req["signer_statement_id"] is not None
