@@ -265,10 +265,10 @@ def export_caravan(cd: CollateralDescriptor, name: str) -> dict[str, Any]:
 
     Caravan validates BIP-32 paths with `'` as the only hardened marker, so this
     export writes `m/48'/1'/0'/2'`. No `client` block: the party chooses its own
-    node or block explorer in Caravan.
+    node or block explorer in Caravan. Only Caravan's own fields: the file is imported
+    as is, so which programs take it travels in the answer's headers, not in the file.
     """
     keys = _require_all_hd(cd, "caravan")
-    notice = export_notice(cd, "caravan")
     return {
         "name": sanitise_wallet_name(name),
         "addressType": "P2WSH",
@@ -285,8 +285,6 @@ def export_caravan(cd: CollateralDescriptor, name: str) -> dict[str, Any]:
             for party, key in zip(PARTIES, keys, strict=True)
         ],
         "startingAddressIndex": 0,
-        "works_with": list(notice.works_with),
-        "note": notice.note,
     }
 
 

@@ -242,7 +242,16 @@ def test_caravan_config(network: NetworkName) -> None:
     assert wallet.threshold == 2
     assert wallet.keys == expected_keys(cd)
     assert_same_addresses(wallet, cd)
-    assert config["works_with"][0] == "Caravan (Import wallet configuration)"
+    # Only Caravan's own fields (the file is imported as is; the advice is in the headers)
+    assert set(config) == {
+        "name",
+        "addressType",
+        "network",
+        "quorum",
+        "extendedPublicKeys",
+        "startingAddressIndex",
+    }
+    assert export_notice(cd, "caravan").works_with[0] == "Caravan (Import wallet configuration)"
 
 
 # -- BIP-388 wallet policy ---------------------------------------------------------------
