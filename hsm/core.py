@@ -499,6 +499,9 @@ class SignerCore:
             raise PolicyViolation("statement_kind", "not a loan registration statement")
         self._check_network(st)
         loan_ref = _str(st["loan_ref"], "loan_ref", 64)
+        from hsm.pkcs11_backend import key_ref_for_loan
+
+        key_ref_for_loan(loan_ref)  # one rule for both kinds: a ref that is a token label
         terms = _terms(st["terms"])
         miner, bank = self._payouts(st)
         keys: list[HDKey] = []

@@ -19,7 +19,10 @@ def module_feed() -> Iterator[PriceFeed]:
         yield feed
 
 
-@pytest.fixture(scope="module", params=["in-process", "hsm-serve"])
+@pytest.fixture(
+    scope="module",
+    params=["in-process", "hsm-serve", "in-process-hd", "hsm-serve-hd"],
+)
 def signer_world(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
@@ -27,12 +30,18 @@ def signer_world(
     softhsm_token: SoftHsmToken,
     module_feed: PriceFeed,
 ) -> Iterator[SignerWorld]:
+    """Each transport with each kind of bank key: the `-hd` worlds register every loan with
+    an HD bank key (an account of the sealed seed), the others with a statement that does
+    not say (a fixed key in the token, as before the choice existed), so every attack and
+    limit below is tried on both kinds (issue 13: the signer treats them the same)."""
     base = tmp_path_factory.mktemp(f"signer-{request.param}")
-    if request.param == "in-process":
+    if request.param.startswith("in-process"):
         with in_process_world(base, regtest_node, module_feed, softhsm_token) as world:
+            world.bank_key = "hd" if request.param.endswith("-hd") else None
             yield world
     else:
         with serve_world(base, regtest_node, module_feed) as world:
+            world.bank_key = "hd" if request.param.endswith("-hd") else None
             yield world
 
 

@@ -40,7 +40,7 @@ def test_an_hd_loan_has_an_all_xpub_descriptor_with_its_own_bank_account(
     assert first.record["always_sensitive"] is True
     assert first.record["local"] is True
     # a statement without the choice stays what it meant before: a fixed key in the token
-    legacy = world.register_loan()
+    legacy = world.register_loan(legacy=True)
     assert legacy.descriptor.has_fixed_key and legacy.record["bank_key_kind"] == "fixed"
 
 

@@ -28,7 +28,7 @@ The attacks are parametrized tables, one per theme, so the count is visible:
     RELEASE_SHAPE_ATTACKS     8  a release or partial liquidation paying the wrong way
     RAW_ATTACKS              27  hostile bytes through the one entry point
                             ---
-                            230  distinct attacks in tables (x 2 transports)
+                            230  distinct attacks in tables (x 2 transports x 2 kinds of bank key)
 
 plus 4 written out as their own tests (a removed person's approval, spent collateral
 named again, a loan registered twice with the same and with a new statement), and
@@ -1431,7 +1431,9 @@ def _amend(
 def _amend_with_registration_approvals(world: SignerWorld) -> tuple[str, Call]:
     registration, _, _ = world.registration()
     world.client.register_loan(registration, world.approvals(registration))
-    statement = {k: v for k, v in registration.items() if k not in ("miner_key", "arbiter_key")}
+    statement = {
+        k: v for k, v in registration.items() if k not in ("miner_key", "arbiter_key", "bank_key")
+    }
     statement.update(kind="amend_loan", bank_liquidation_address=random_p2wpkh_address())
     return registration["loan_ref"], lambda: world.client.amend_loan(
         statement, world.approvals(registration)

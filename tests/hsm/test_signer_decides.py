@@ -11,21 +11,30 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from embit.networks import NETWORKS
 from embit.psbt import PSBT
-from support.signer_world import FEE_SATS, SignerWorld
+from support.signer_world import FEE_SATS, Loan, SignerWorld
 
 from pledge.amounts import sats_for_kopecks
+from pledge.keys import HDKey
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 
 HALF_ORDER = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
 
 
-def _bank_signatures_low_s(psbt_b64: str, bank_pub: bytes) -> int:
+def _bank_signatures_low_s(psbt_b64: str, loan: Loan) -> int:
+    """Low-S SIGHASH_ALL signatures by the loan's bank key: its fixed key, or any child of
+    its HD account (the worlds run both kinds)."""
+    bank = loan.descriptor.keys[1]
+    bank_pubs = (
+        {bank.public_key(c, i) for c in (0, 1) for i in range(10)}
+        if isinstance(bank, HDKey)
+        else {bytes.fromhex(loan.record["public_key"])}
+    )
     psbt = PSBT.from_string(psbt_b64)
     count = 0
     for inp in psbt.inputs:
         for pub, sig in inp.partial_sigs.items():
-            if pub.sec() == bank_pub:
+            if pub.sec() in bank_pubs:
                 _, s = decode_dss_signature(sig[:-1])
                 assert s <= HALF_ORDER, "high-S signature"
                 assert sig[-1] == 0x01  # SIGHASH_ALL
@@ -39,8 +48,8 @@ def test_four_eyes_release_is_signed_and_mined(world: SignerWorld) -> None:
     world.fund(loan, 400_000, index=2)
     before = world.bank_signatures()
     signed = world.approved_sign(loan, "release", world.release_psbt(loan))
-    assert world.bank_signatures() - before == 2  # one C_Sign per input
-    assert _bank_signatures_low_s(signed.psbt, bytes.fromhex(loan.record["public_key"])) == 2
+    assert world.bank_signatures() - before == 2  # one signature per input
+    assert _bank_signatures_low_s(signed.psbt, loan) == 2
     txid = world.broadcast(signed.psbt, loan, with_seat="miner")
     tx = world.node.rpc.call("getrawtransaction", txid, 1)
     assert tx["confirmations"] >= 1
@@ -69,7 +78,7 @@ def test_automatic_liquidation_on_the_signers_own_figures(world: SignerWorld) ->
     outs = {o.script_pubkey.address(NETWORKS["regtest"]): o.value for o in tx.vout}
     assert outs[loan.bank_liquidation] == owed == 909_091  # 50,000 RUB at 5.5M, rounded up
     assert outs[loan.miner_return] == 1_000_000 - FEE_SATS - owed
-    assert _bank_signatures_low_s(signed.psbt, bytes.fromhex(loan.record["public_key"])) == 1
+    assert _bank_signatures_low_s(signed.psbt, loan) == 1
     assert world.node.rpc.call("getrawtransaction", txid, 1)["confirmations"] >= 1
 
 

@@ -102,6 +102,7 @@ class SignerWorld:
         self._sign_calls = sign_calls
         self.registry = registry
         self.shares: list[Path] = []  # the bank seed's SLIP-39 share files (3 of 5)
+        self.bank_key: str | None = None  # the kind `registration` asks for when not told
 
     # -- counting -------------------------------------------------------------------------
 
@@ -134,11 +135,17 @@ class SignerWorld:
         return terms
 
     def registration(
-        self, loan_ref: str | None = None, *, bank_key: str | None = None, **terms: Any
+        self,
+        loan_ref: str | None = None,
+        *,
+        bank_key: str | None = None,
+        legacy: bool = False,
+        **terms: Any,
     ) -> tuple[dict[str, Any], SoftwareHDSigner, SoftwareHDSigner]:
-        """A registration statement; `bank_key` "hd"/"fixed" (None: a statement from before
-        the choice existed, which the signer reads as fixed)."""
+        """A registration statement; `bank_key` "hd"/"fixed" (None: the world's default);
+        `legacy`: a statement from before the choice existed (the signer reads it as fixed)."""
         miner, arbiter = software_party(), software_party()
+        bank_key = None if legacy else bank_key or self.bank_key
         statement = {
             **({"bank_key": bank_key} if bank_key else {}),
             "kind": "register_loan",
@@ -154,9 +161,16 @@ class SignerWorld:
         return statement, miner, arbiter
 
     def register_loan(
-        self, loan_ref: str | None = None, *, bank_key: str | None = None, **terms: Any
+        self,
+        loan_ref: str | None = None,
+        *,
+        bank_key: str | None = None,
+        legacy: bool = False,
+        **terms: Any,
     ) -> Loan:
-        statement, miner, arbiter = self.registration(loan_ref, bank_key=bank_key, **terms)
+        statement, miner, arbiter = self.registration(
+            loan_ref, bank_key=bank_key, legacy=legacy, **terms
+        )
         record = self.client.register_loan(statement, self.approvals(statement))
         return Loan(
             loan_ref=record["loan_ref"],

@@ -96,4 +96,3 @@ def addresses(
         assert from_bdk == from_embit, (index, from_bdk, from_embit)
         out.append(from_bdk)
     return out
-
