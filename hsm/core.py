@@ -562,23 +562,10 @@ class SignerCore:
             info = self.hsm.key_info(key_ref_for_loan(loan_ref))
         bank_key = parse_fixed_key(info.public_key.hex(), field="bank_key")
         descriptor = CollateralDescriptor((keys[0], bank_key, keys[1]), self.network)
-        record = self.registry.record_loan(
-            LoanRecord(
-                loan_ref=loan_ref,
-                network=self.network,
-                key_ref=info.key_ref,
-                public_key=info.public_key,
-                descriptor=descriptor.descriptor,
-                terms=terms,
-                miner_return_address=miner,
-                bank_liquidation_address=bank,
-                registered_by=by,
-                created_at=self.clock(),
-                highest_index=0,
-                call_seen_at=None,
-            )
+        loan = self._new_loan(
+            loan_ref, info.key_ref, info.public_key, descriptor, terms, (miner, bank), by
         )
-        return record, info
+        return self.registry.record_loan(loan), info
 
     def _register_hd(
         self,
@@ -615,42 +602,50 @@ class SignerCore:
                 account = self.registry.next_bank_account()
                 bank_key = self.seed.account_key(account)  # the token: no transaction open
                 descriptor = CollateralDescriptor((keys[0], bank_key, keys[1]), self.network)
+                loan = self._new_loan(
+                    loan_ref,
+                    account_key_ref(bank_key.fingerprint, self.network, account),
+                    bank_key.public_key(0, 0),
+                    descriptor,
+                    terms,
+                    (miner, bank),
+                    by,
+                    account=account,
+                )
                 try:
-                    return self._record_hd(
-                        loan_ref, account, bank_key, descriptor, terms, miner, bank, by
-                    ), self.seed.key_evidence()
+                    return self.registry.record_loan(loan), self.seed.key_evidence()
                 except BankAccountTaken:
                     continue  # another signer process on this registry took it first
         raise SignerBusy("could not reserve a bank account for the loan; try again")
 
-    def _record_hd(
+    def _new_loan(
         self,
         loan_ref: str,
-        account: int,
-        bank_key: HDKey,
+        key_ref: str,
+        public_key: bytes,
         descriptor: CollateralDescriptor,
         terms: LoanTerms,
-        miner: str,
-        bank: str,
+        payouts: tuple[str, str],
         by: tuple[str, ...],
+        *,
+        account: int | None = None,
     ) -> LoanRecord:
-        return self.registry.record_loan(
-            LoanRecord(
-                loan_ref=loan_ref,
-                network=self.network,
-                key_ref=account_key_ref(bank_key.fingerprint, self.network, account),
-                public_key=bank_key.public_key(0, 0),
-                descriptor=descriptor.descriptor,
-                terms=terms,
-                miner_return_address=miner,
-                bank_liquidation_address=bank,
-                registered_by=by,
-                created_at=self.clock(),
-                highest_index=0,
-                call_seen_at=None,
-                bank_key_kind="hd",
-                bank_account=account,
-            )
+        """A loan as registered now; `account`: the bank seed's account of an HD bank key."""
+        return LoanRecord(
+            loan_ref=loan_ref,
+            network=self.network,
+            key_ref=key_ref,
+            public_key=public_key,
+            descriptor=descriptor.descriptor,
+            terms=terms,
+            miner_return_address=payouts[0],
+            bank_liquidation_address=payouts[1],
+            registered_by=by,
+            created_at=self.clock(),
+            highest_index=0,
+            call_seen_at=None,
+            bank_key_kind="fixed" if account is None else "hd",
+            bank_account=account,
         )
 
     def _amend_loan(self, body: StatementBody) -> dict[str, Any]:

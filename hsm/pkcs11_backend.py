@@ -172,6 +172,15 @@ def key_id_for_loan(loan_ref: str) -> bytes:
     return hashlib.sha256(_ID_DOMAIN + loan_ref.encode("utf-8")).digest()[:16]
 
 
+def _exactly_one(found: list[Any], what: str, field: str) -> Any:
+    """The one token object a label names: none is not found, more is never guessed."""
+    if not found:
+        raise SignerKeyNotFound(f"no {what} on the token", field=field)
+    if len(found) > 1:
+        raise SignerError(f"{len(found)} objects on the token are {what}; refusing to guess")
+    return found[0]
+
+
 def _compressed_from_ec_point(ec_point: bytes) -> bytes:
     """CKA_EC_POINT is a DER OCTET STRING around the SEC1 point; some tokens give it raw."""
     if len(ec_point) == 65 and ec_point[0] == 0x04:
@@ -486,11 +495,7 @@ class Pkcs11Signer(Signer):
             )
             if found:
                 index[(object_class, label)] = found
-        if not found:
-            raise SignerKeyNotFound(f"no HSM key {label!r}", field="key_ref")
-        if len(found) > 1:
-            raise SignerError(f"{len(found)} HSM objects carry label {label!r}; refusing to guess")
-        return found[0]
+        return _exactly_one(found, f"HSM key {label!r}", "key_ref")
 
     @staticmethod
     def _public_from_object(pub_obj: Any, label: str) -> bytes:
@@ -639,12 +644,7 @@ class Pkcs11Signer(Signer):
         )
 
     def _one_secret_key(self, session: Any, label: str) -> Any:
-        found = self._secret_keys(session, label)
-        if not found:
-            raise SignerKeyNotFound(f"no AES key {label!r} on the token", field="key_label")
-        if len(found) > 1:
-            raise SignerError(f"{len(found)} AES keys carry label {label!r}; refusing to guess")
-        return found[0]
+        return _exactly_one(self._secret_keys(session, label), f"AES key {label!r}", "key_label")
 
     @staticmethod
     def _secret_info(label: str, obj: Any) -> SecretKeyInfo:

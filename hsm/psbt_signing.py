@@ -89,35 +89,10 @@ def sign_checked_psbt(signer: DigestSigner, checked: CheckedPsbt, key_ref: str) 
             "bank_key",
             f"the key {key_ref!r} is not this loan's bank key (a different loan's key?)",
         )
-    pubkey = PublicKey.parse(pub)
-    tx = checked.tx
-    new_sigs: list[bytes] = []
-    for i, (inp, amount) in enumerate(zip(checked.psbt.inputs, checked.input_amounts, strict=True)):
-        witness_script: Script = inp.witness_script
-        if _push(pub) not in witness_script.data:
-            raise PolicyViolation(
-                "bank_key", f"input {i}'s witness script does not contain the bank key"
-            )
-        sighash: bytes = tx.sighash_segwit(i, witness_script, amount, SIGHASH.ALL)
-        der = signer.sign_digest(key_ref, sighash)
-        try:
-            sig = Signature.parse(der)
-            good = bool(pubkey.verify(sig, sighash)) and sig.serialize() == der
-        except Exception:
-            good = False
-        if not good:
-            raise SignerError(
-                f"the signer {signer.name} returned a signature for input {i} that does not "
-                "verify: not added"
-            )
-        new_sigs.append(der + bytes([SIGHASH.ALL]))
-    psbt = checked.psbt
-    for inp, sig_bytes in zip(psbt.inputs, new_sigs, strict=True):
-        inp.partial_sigs[pubkey] = sig_bytes
-    out: str = psbt.to_string()
-    if PSBT.from_string(out).tx.serialize() != tx.serialize():
-        raise SignerError("the signed PSBT's unsigned transaction changed while signing")
-    return SignedPsbt(out, checked.report, len(new_sigs))
+    pubs = [pub] * len(checked.psbt.inputs)
+    sighashes = _sighashes(checked, pubs)
+    ders = [signer.sign_digest(key_ref, sighash) for sighash in sighashes]
+    return _with_signatures(checked, pubs, sighashes, ders, f"the signer {signer.name}")
 
 
 def _sign_with_seed(
@@ -138,39 +113,51 @@ def _sign_with_seed(
             f"the signer {signer.name} holds no bank seed: it cannot sign an HD bank key",
             field="bank_key_ref",
         )
-    tx = checked.tx
-    requests: list[tuple[str, bytes]] = []
-    children: list[bytes] = []
-    for i, ((index, change), inp, amount) in enumerate(
-        zip(checked.input_paths, checked.psbt.inputs, checked.input_amounts, strict=True)
-    ):
-        child = bank_key.public_key(int(change), index)
+    paths = [(int(change), index) for index, change in checked.input_paths]
+    pubs = [bank_key.public_key(change, index) for change, index in paths]
+    sighashes = _sighashes(checked, pubs)
+    refs = [f"{key_ref}/{change}/{index}" for change, index in paths]
+    ders: list[bytes] = sign_digests(list(zip(refs, sighashes, strict=True)))
+    return _with_signatures(checked, pubs, sighashes, ders, "the bank seed")
+
+
+def _sighashes(checked: CheckedPsbt, pubs: list[bytes]) -> list[bytes]:
+    """Each input's BIP-143 SIGHASH_ALL digest, once its witness script is seen to hold the
+    bank key that will sign it."""
+    out: list[bytes] = []
+    inputs = zip(checked.psbt.inputs, checked.input_amounts, pubs, strict=True)
+    for i, (inp, amount, pub) in enumerate(inputs):
         witness_script: Script = inp.witness_script
-        if _push(child) not in witness_script.data:
+        if _push(pub) not in witness_script.data:
             raise PolicyViolation(
                 "bank_key", f"input {i}'s witness script does not contain the bank key"
             )
-        sighash: bytes = tx.sighash_segwit(i, witness_script, amount, SIGHASH.ALL)
-        requests.append((f"{key_ref}/{int(change)}/{index}", sighash))
-        children.append(child)
-    ders: list[bytes] = sign_digests(requests)
-    pubkeys = [PublicKey.parse(child) for child in children]
-    for i, (pubkey, der, (_, sighash)) in enumerate(zip(pubkeys, ders, requests, strict=True)):
+        out.append(checked.tx.sighash_segwit(i, witness_script, amount, SIGHASH.ALL))
+    return out
+
+
+def _with_signatures(
+    checked: CheckedPsbt, pubs: list[bytes], sighashes: list[bytes], ders: list[bytes], who: str
+) -> SignedPsbt:
+    """Every signature verified (canonical DER) against its key before any enters the
+    PSBT; then the PSBT must still carry exactly the unsigned transaction it came with."""
+    keys = [PublicKey.parse(pub) for pub in pubs]
+    for i, (key, sighash, der) in enumerate(zip(keys, sighashes, ders, strict=True)):
         try:
             sig = Signature.parse(der)
-            good = bool(pubkey.verify(sig, sighash)) and sig.serialize() == der
+            good = bool(key.verify(sig, sighash)) and sig.serialize() == der
         except Exception:
             good = False
         if not good:
             raise SignerError(
-                f"the bank seed's signature for input {i} does not verify against this "
-                "loan's bank key: is this the seed the loan was made from? Not added"
+                f"{who} returned a signature for input {i} that does not verify against this "
+                "loan's bank key: not added"
             )
     psbt = checked.psbt
-    for inp, pubkey, der in zip(psbt.inputs, pubkeys, ders, strict=True):
-        inp.partial_sigs[pubkey] = der + bytes([SIGHASH.ALL])
+    for inp, key, der in zip(psbt.inputs, keys, ders, strict=True):
+        inp.partial_sigs[key] = der + bytes([SIGHASH.ALL])
     out: str = psbt.to_string()
-    if PSBT.from_string(out).tx.serialize() != tx.serialize():
+    if PSBT.from_string(out).tx.serialize() != checked.tx.serialize():
         raise SignerError("the signed PSBT's unsigned transaction changed while signing")
     return SignedPsbt(out, checked.report, len(ders))
 
