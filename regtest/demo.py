@@ -491,6 +491,14 @@ def main() -> int:
                 f"{made}; {loan['state']} at {loan['collateral_address']}"
             )
 
+        say("Each party checks the address on its own wallet: the exports say which can")
+        policy = api("miner", "GET", f"/v1/loans/{l1}/export/wallet-policy")
+        detail(f"loan {l1} (HD bank key), BIP-388 policy {policy['descriptor_template']}")
+        detail(f"  works with: {', '.join(policy['works_with'][:4])}, ...")
+        refused = api("miner", "GET", f"/v1/loans/{l2}/export/coldcard", 422)
+        detail(f"loan {l2} (fixed bank key), Coldcard file: {refused['error']}")
+        detail(f"  {refused['message']}")
+
         say("The watcher follows the node; the miner pays the three collateral addresses")
         watcher = root.watcher()
         watcher.acquire()
