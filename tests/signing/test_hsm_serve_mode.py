@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from embit.networks import NETWORKS
 from embit.psbt import PSBT
 from embit.script import address_to_scriptpubkey
 from fastapi import FastAPI
@@ -76,7 +77,18 @@ def test_release_signed_by_hsm_serve(
 
     req = request(world, "bank_operator", f.loan["id"], action="release")
     assert req["signer_statement_id"] is not None
-    upload(world, "miner", req["id"], sign(the_psbt(world, "miner", req["id"]), f.roots["miner"]))
+    psbt = the_psbt(world, "miner", req["id"])
+    if kind == "hd":
+        # What every device needs to recognise the bank's key: the global xpubs of all
+        # three accounts, and the bank's BIP-32 derivation on each input.
+        parsed = PSBT.from_string(psbt)
+        assert {x.to_base58(NETWORKS["regtest"]["xpub"]) for x in parsed.xpubs} == {
+            k["xpub"] for k in f.loan["keys"]
+        }
+        for inp in parsed.inputs:
+            fingerprints = {d.fingerprint.hex() for d in inp.bip32_derivations.values()}
+            assert bank["fingerprint"] in fingerprints and len(fingerprints) == 3
+    upload(world, "miner", req["id"], sign(psbt, f.roots["miner"]))
     before = served.bank_signatures()
     done = bank_sign(world, req["id"]).json()
     assert done["state"] == "done", done
