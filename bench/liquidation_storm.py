@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from embit import bip32
-from embit.ec import PublicKey, Signature
+from embit.ec import Signature
 from embit.psbt import PSBT
 from embit.transaction import SIGHASH
 from sqlalchemy.engine import Engine
@@ -85,12 +85,14 @@ from custody.risk.prices import HttpJsonPriceSource, MedianPriceSource
 from custody.root import Root
 from custody.signer import service as signer_service
 from hsm.approvals import People
+from hsm.backup import make_share_set
 from hsm.client import BankSigner, InProcessTransport
 from hsm.core import SignerCore
 from hsm.factory import build_core
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
 from hsm.registry import Registry
 from hsm.settings import SignerSettings
+from pledge.keys import parse_hd_key
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import COINBASE_MATURITY
@@ -100,6 +102,7 @@ from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken, create_token
 
 SEED = 20240917
+SEED_OFFICERS = ("bench-officer-a", "bench-officer-b", "bench-officer-c")
 LOANS = 1_000
 TARGET_SECONDS = 10.0  # issue 16: 1,000 loans in <= 10 s
 OLD_TARGET_SECONDS = 30.0  # the target before issue 16 (stub chain, no signer of its own)
@@ -199,6 +202,10 @@ class _TimedKeys:
     def close(self) -> None:
         self.hsm.close()
 
+    def __getattr__(self, name: str) -> Any:
+        """The rest of the token (its AES key, random generator) as is: the bank seed."""
+        return getattr(self.hsm, name)
+
 
 def signer_settings(
     base: Path, node: RegtestNode, feed: PriceFeed, token: SoftHsmToken, loans: int, gap: int
@@ -283,6 +290,8 @@ def make_loans(
     count: int,
     setup: SetUp,
     seed: int = SEED,
+    *,
+    bank_key: str = "hd",
 ) -> dict[KeyRole, Context]:
     """`count` loans through the loans service (HD miner/arbiter keys), each registered
     with the bank's signer by a statement the operator and the approver signed."""
@@ -312,7 +321,7 @@ def make_loans(
                 register_key(
                     session, ctx[seat], loan.id, seat, HDKeyIn(kind="hd", key=_hd_key(rng))
                 )
-            st = signer_service.request_bank_key(session, ctx[KeyRole.bank], loan.id)
+            st = signer_service.request_bank_key(session, ctx[KeyRole.bank], loan.id, kind=bank_key)
             assert st.id is not None
             statement = signer_service.statement_view(session, st)["statement"]
             ready = False
@@ -519,6 +528,8 @@ def storm(
         clock.wrap_op(signer.transport)
         clock.wrap(core.prices, "fix", "signer.price.fix")
         clock.wrap(hsm, "sign_digest", "signer.hsm.sign")
+        if core.seed is not None:
+            clock.wrap(core.seed, "sign_digests", "signer.seed.sign")
         clock.wrap(core.node, "_call", "signer.node.rpc")
         for method in ("unspent_for_scripts", "tx_out"):
             clock.wrap(core.node, method, f"signer.node.{method}")
@@ -535,7 +546,8 @@ def storm(
         risk = parts.risk_engine()
         before = feed.requests
         report, seconds, text = timed(risk.run_once, profile=profile, top=50)
-        return Storm(seconds, report, text, hsm.c_sign_calls, feed.requests - before, clock)
+        signatures = hsm.c_sign_calls + (core.seed.signatures if core.seed is not None else 0)
+        return Storm(seconds, report, text, signatures, feed.requests - before, clock)
 
 
 @dataclass(frozen=True)
@@ -553,13 +565,27 @@ class Checked:
     spot_detail: str
 
 
-def _bank_signature_ok(psbt_b64: str, bank_pub: bytes) -> bool:
+def _bank_pubs(key: LoanKey) -> set[bytes]:
+    """The bank's key, or the children of its HD account a collateral address can use."""
+    if key.public_key_hex:
+        return {bytes.fromhex(key.public_key_hex)}
+    hd = parse_hd_key(
+        f"[{key.fingerprint}{(key.origin_path or 'm')[1:]}]{key.xpub}", NETWORK, field="key"
+    )
+    return {hd.public_key(change, i) for change in (0, 1) for i in range(ADDRESS_GAP + 1)}
+
+
+def _bank_signature_ok(psbt_b64: str, bank_pubs: set[bytes]) -> bool:
     """Every input carries a bank signature that verifies against its BIP-143 sighash."""
     psbt = PSBT.from_string(psbt_b64)
-    pub = PublicKey.parse(bank_pub)
     tx = psbt.tx
     for i, inp in enumerate(psbt.inputs):
-        sig = inp.partial_sigs.get(pub)
+        pub, sig = next(
+            ((p, sig) for p, sig in inp.partial_sigs.items() if p.sec() in bank_pubs),
+            (None, None),
+        )
+        if pub is None:
+            return False
         if sig is None or sig[-1] != SIGHASH.ALL or inp.witness_utxo is None:
             return False
         digest = tx.sighash_segwit(i, inp.witness_script, inp.witness_utxo.value, SIGHASH.ALL)
@@ -597,7 +623,7 @@ def check(engine: Engine, state_db: Path, spot_checks: int, seed: int = SEED) ->
         refused_events = _count_audit(session, "signer.refused")
         disagreements = _count_audit(session, "risk.signer_disagrees")
         bank_pubs = {
-            k.loan_id: bytes.fromhex(k.public_key_hex or "")
+            k.loan_id: _bank_pubs(k)
             for k in session.exec(select(LoanKey).where(LoanKey.role == KeyRole.bank)).all()
         }
     registry = Registry(state_db)
@@ -652,8 +678,11 @@ def run(
     spot_checks: int = SPOT_CHECKS,
     gap: int = ADDRESS_GAP,
     batch: int = FUNDING_BATCH,
+    bank_key: str = "hd",
 ) -> list[Figure]:
-    """Build the node, the signer and the loans, time the storm, check what it stored."""
+    """Build the node, the signer and the loans, time the storm, check what it stored.
+    `bank_key`: "hd" (the default bank key: accounts of the sealed seed, one unseal and
+    child derivation per signature) or "fixed" (a key per loan in the token, one C_Sign)."""
     started = time.perf_counter()
     setup = SetUp(loans=loans)
     with tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp:
@@ -673,10 +702,14 @@ def run(
             settings = signer_settings(base, node, feed, token, loans, gap)
             engine = make_engine(f"sqlite:///{base / 'custody.db'}")
             upgrade(engine)
-            with open_signer(settings, token, timed_keys=True) as (signer, _, _, keys):
+            with open_signer(settings, token, timed_keys=True) as (signer, core, _, keys):
                 staff = enrolment_ceremony(settings.state_db, signer)
+                if bank_key == "hd":
+                    assert core.seed is not None
+                    core.seed.create()
+                    make_share_set(core.seed, core.registry, SEED_OFFICERS, 2, base / "shares")
                 setup.signer_seconds = time.perf_counter() - t0
-                make_loans(engine, signer, staff, node.rpc, loans, setup)
+                make_loans(engine, signer, staff, node.rpc, loans, setup, bank_key=bank_key)
                 assert keys is not None
                 setup.keygen_seconds = keys.seconds
             print(
@@ -684,9 +717,14 @@ def run(
                 f"blocks {setup.node_seconds:.1f} s; token, signer, 2 admins + 2 staff "
                 f"enrolled {setup.signer_seconds:.1f} s; {loans} loans through the loans "
                 f"service {setup.loans_seconds:.1f} s, of which {setup.register_seconds:.1f} s "
-                f"registering them with the signer by signed statements, of which "
-                f"{setup.keygen_seconds:.1f} s generating the bank keys in SoftHSM2 "
-                f"({loans / max(setup.keygen_seconds, 1e-9):.0f} keys/s)",
+                f"registering them with the signer by signed statements ({bank_key} bank "
+                "keys), of which "
+                + (
+                    f"{setup.keygen_seconds:.1f} s generating the bank keys in SoftHSM2 "
+                    f"({loans / max(setup.keygen_seconds, 1e-9):.0f} keys/s)"
+                    if bank_key == "fixed"
+                    else "the bank keys: accounts of the seed sealed by SoftHSM2"
+                ),
                 flush=True,
             )
             start_height = fund_loans(engine, node, batch, setup)
@@ -723,7 +761,8 @@ def run(
         f"liquidation_storm: one risk pass over {report.loans} loans at {report.price}: "
         f"{len(report.liquidations)} liquidations in {result.seconds:.2f} s = {rate:.1f} loans/s "
         f"({result.seconds / max(len(report.liquidations), 1) * 1e3:.1f} ms per loan); "
-        f"{len(report.errors)} errors; {result.c_sign_calls} C_Sign calls in the token; "
+        f"{len(report.errors)} errors; {result.c_sign_calls} bank signatures "
+        f"({'the sealed seed' if bank_key == 'hd' else 'C_Sign calls in the token'}); "
         f"{result.feed_requests} price feed requests"
     )
     print(
@@ -757,12 +796,12 @@ def run(
         and checked.signer_signed == loans
         and checked.refused_events == 0
         and checked.disagreements == 0
-        and result.c_sign_calls == loans  # one input per loan, one signature each
+        and result.c_sign_calls == loans  # one input per loan, one bank signature each
         and checked.spot_ok == checked.spot_checked > 0
     )
     big_enough = loans >= LOANS
     note = " (under cProfile)" if profile else ""
-    note += f" (HSM_ADDRESS_GAP={gap})"
+    note += f" (HSM_ADDRESS_GAP={gap}, {bank_key} bank keys)"
     return [
         Figure("liquidation_storm.setup_seconds", setup.seconds, "s", "info", True),
         Figure(
@@ -772,7 +811,7 @@ def run(
             "liquidation_storm.requests_signed_and_stored",
             float(checked.bank_signed),
             "requests",
-            f"== {loans} loans (>= {LOANS}), bank-signed alone, {loans} C_Sign, no errors",
+            f"== {loans} loans (>= {LOANS}), bank-signed alone, {loans} signatures, no errors",
             correct and big_enough,
         ),
         Figure("liquidation_storm.loans_per_s", rate, "loans/s", "info", True),
@@ -804,6 +843,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--batch", type=int, default=FUNDING_BATCH, help="loans funded per faucet transaction"
     )
     parser.add_argument("--profile", action="store_true", help="time the pass under cProfile")
+    parser.add_argument(
+        "--bank-key",
+        choices=("hd", "fixed"),
+        default="hd",
+        help="the kind of bank key the signer makes (default hd, as the service's default)",
+    )
     args = parser.parse_args(argv)
     if args.loans < 1 or args.spot_checks < 1:
         parser.error("need >= 1 loan and >= 1 spot check")
@@ -815,6 +860,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         spot_checks=args.spot_checks,
         gap=args.gap,
         batch=args.batch,
+        bank_key=args.bank_key,
     )
     for figure in figures:
         print(figure.line())
