@@ -60,3 +60,28 @@ def test_the_root_builds_each_part_once(tmp_path: Path) -> None:
         assert root.signer is None  # nothing configured: HSM keys answer 503, never a guess
     finally:
         root.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where", ["service", "signer"])
+def test_no_in_process_signer_on_mainnet(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On mainnet the token's PIN and the unsealed bank seed never live in the service's
+    process: only `hsm serve` (CUSTODY_HSM_URL) is accepted."""
+    from custody.signer.factory import signer_from_settings
+    from hsm.signer import SignerUnavailable
+
+    monkeypatch.setenv("HSM_PIN", "1234")
+    monkeypatch.setenv("HSM_NETWORK", "mainnet" if where == "signer" else "regtest")
+    network = "mainnet" if where == "service" else "regtest"
+    with pytest.raises(SignerUnavailable, match="hsm serve"):
+        signer_from_settings(Settings(network=network, database_url="sqlite://"))
+    served = signer_from_settings(
+        Settings(
+            network=network,
+            database_url="sqlite://",
+            hsm_url="http://127.0.0.1:8790",
+            hsm_serve_token="t" * 32,
+        )
+    )
+    assert served is not None and served.name.startswith("hsm-serve:")
+    served.close()
