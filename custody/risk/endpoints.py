@@ -114,16 +114,22 @@ def get_price(price_id: PriceId, session: SessionDep, ctx: ContextDep) -> PriceO
     return price_out(manual.get_price(session, ctx, price_id))
 
 
+# What deciding on a proposal can answer, confirming or rejecting it.
+_DECISION_ERRORS = (
+    NotAuthenticated,
+    RoleNotAllowed,
+    InvalidInput,
+    PriceNotFound,
+    PriceNotProposed,
+    PriceProposalExpired,
+)
+
+
 @router.post(
     "/prices/{price_id}/confirm",
     tags=["risk"],
     responses=errors_for(
-        NotAuthenticated,
-        RoleNotAllowed,
-        InvalidInput,
-        PriceNotFound,
-        PriceNotProposed,
-        PriceProposalExpired,
+        *_DECISION_ERRORS,
         SelfConfirmation,
         PriceSuperseded,
         PriceQuotedInFuture,
@@ -143,14 +149,7 @@ def confirm_price(price_id: PriceId, request: Request, ctx: ContextDep) -> Price
 @router.post(
     "/prices/{price_id}/reject",
     tags=["risk"],
-    responses=errors_for(
-        NotAuthenticated,
-        RoleNotAllowed,
-        InvalidInput,
-        PriceNotFound,
-        PriceNotProposed,
-        PriceProposalExpired,
-    ),
+    responses=errors_for(*_DECISION_ERRORS),
 )
 def reject_price(price_id: PriceId, request: Request, ctx: ContextDep) -> PriceOut:
     """Bank staff turn a proposed price down (its proposer too: a withdrawal)."""

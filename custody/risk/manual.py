@@ -59,10 +59,6 @@ SOURCE = "manual"
 # Who proposes and confirms, and who reads the history (with who decided).
 DECIDERS = tuple(sorted(BANK_STAFF))
 READERS = (*DECIDERS, Role.auditor, Role.admin)
-# Row ids beyond what every id column holds are not found (rather than an error of the
-# database driver); the id columns are 32-bit on PostgreSQL.
-_MAX_ID = 2**31 - 1
-
 ShownState = Literal["proposed", "confirmed", "rejected", "expired", "legacy"]
 
 
@@ -206,7 +202,7 @@ def propose_price(
 
 def _open_proposal(session: Session, price_id: int, now: datetime) -> PriceRecord:
     repository.lock_price_decisions(session)
-    row = repository.price_by_id(session, price_id) if 1 <= price_id <= _MAX_ID else None
+    row = repository.price_by_id(session, price_id)
     if row is None:
         raise PriceNotFound()
     if row.state != PriceState.proposed:
@@ -290,7 +286,7 @@ def price_history(session: Session, ctx: Context, *, limit: int, offset: int) ->
 
 def get_price(session: Session, ctx: Context, price_id: int) -> PriceRecord:
     require_role(ctx.principal, *READERS)
-    row = repository.price_by_id(session, price_id) if 1 <= price_id <= _MAX_ID else None
+    row = repository.price_by_id(session, price_id)
     if row is None:
         raise PriceNotFound()
     return row
