@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
 from support.databases import wait_for_a_lock_wait
+from support.offline import record_confirmed_deposit
 from support.world import World, build_world
 
 from custody.auth.context import Context
@@ -29,11 +30,7 @@ from custody.auth.service import create_principal
 from custody.db.migrate import upgrade
 from custody.db.models import (
     AuditEvent,
-    CollateralAddress,
-    Deposit,
-    DepositState,
     Loan,
-    LoanState,
     Party,
     PartyKind,
     PriceRecord,
@@ -306,27 +303,7 @@ def _active_loan(world: World) -> int:
     """An active loan of 1,500,000 RUB with 0.5 BTC confirmed (the watcher's record of it,
     written here)."""
     loan_id: int = world.keyed_loan(principal_kopecks=1_500_000_00)["id"]
-    with Session(world.engine) as s:
-        addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
-        s.add(
-            Deposit(
-                loan_id=loan_id,
-                address_id=addr.id or 0,
-                txid=f"{loan_id:064x}",
-                vout=0,
-                amount_sats=50_000_000,
-                state=DepositState.confirmed,
-                block_height=1,
-                block_hash="00" * 32,
-                required_confirmations=1,
-            )
-        )
-        loan = s.get(Loan, loan_id)
-        assert loan is not None
-        loan.state = LoanState.active
-        s.add(loan)
-        s.commit()
-    return loan_id
+    return record_confirmed_deposit(world, loan_id, f"{loan_id:064x}")
 
 
 def _loan_state(engine: Engine, loan_id: int) -> str:

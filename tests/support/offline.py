@@ -96,13 +96,25 @@ def funded_loan(world: World) -> int:
     """An active loan with one confirmed deposit, recorded as the watcher would."""
     from sqlmodel import Session, select
 
-    from custody.db.models import CollateralAddress, Deposit, DepositState, Loan, LoanState
+    from custody.db.models import CollateralAddress
 
     loan_id: int = world.funded_ready_loan()["id"]
     chain: OfflineChain = world.client.app.state.chain
     with Session(world.engine) as s:
         addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
         txid = chain.pay(bytes.fromhex(addr.script_pubkey_hex), 50_000_000)
+    return record_confirmed_deposit(world, loan_id, txid)
+
+
+def record_confirmed_deposit(world: World, loan_id: int, txid: str) -> int:
+    """0.5 BTC confirmed at address 0 of the loan and the loan active, written as the
+    watcher would (no node: the deposit's transaction is `txid`)."""
+    from sqlmodel import Session, select
+
+    from custody.db.models import CollateralAddress, Deposit, DepositState, Loan, LoanState
+
+    with Session(world.engine) as s:
+        addr = s.exec(select(CollateralAddress).where(CollateralAddress.loan_id == loan_id)).one()
         s.add(
             Deposit(
                 loan_id=loan_id,
