@@ -5,7 +5,7 @@
 # already there (stamp file, binary version) and only then does the slow thing.
 #
 #   scripts/bootstrap.sh            # everything: system packages, .venv, btcd
-#   scripts/bootstrap.sh system     # SoftHSM2 + PostgreSQL binaries (apt)
+#   scripts/bootstrap.sh system     # SoftHSM2, PostgreSQL and Chromium binaries (apt)
 #   scripts/bootstrap.sh venv       # .venv with `pip install -e '.[dev]'`
 #   scripts/bootstrap.sh btcd       # btcd into .cache/btcd/v$BTCD_VERSION/bin
 #
@@ -37,6 +37,8 @@ as_root() {
 # ---------------------------------------------------------------------------
 have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 have_softhsm() { command -v softhsm2-util >/dev/null 2>&1 && [ -e /usr/lib/softhsm/libsofthsm2.so ]; }
+# The console's browser tests drive Debian's Chromium (no browser downloads here).
+have_chromium() { [ -x /usr/bin/chromium ]; }
 
 POLICY_RC_D=/usr/sbin/policy-rc.d
 CREATED_POLICY_RC_D=0
@@ -52,8 +54,9 @@ step_system() {
     local missing=()
     have_softhsm || missing+=(softhsm2)
     have_postgres || missing+=(postgresql)
+    have_chromium || missing+=(chromium)
     if [ "${#missing[@]}" -eq 0 ]; then
-        log "system packages present (softhsm2, postgresql)"
+        log "system packages present (softhsm2, postgresql, chromium)"
         return
     fi
     log "installing ${missing[*]} (apt)"
@@ -74,6 +77,7 @@ step_system() {
     [ "$rc" -eq 0 ] || die "apt-get failed for: ${missing[*]}"
     have_softhsm || die "softhsm2 installed but softhsm2-util/libsofthsm2.so not found"
     have_postgres || die "postgresql installed but no /usr/lib/postgresql/*/bin/initdb"
+    have_chromium || die "chromium installed but /usr/bin/chromium not found"
 }
 
 # ---------------------------------------------------------------------------
