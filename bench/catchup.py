@@ -335,6 +335,7 @@ def make_chain(
 @dataclass(frozen=True)
 class CatchUp:
     seconds: float
+    cpu_seconds: float  # of this whole process (every thread): steadier than wall time here
     blocks_applied: int
     height: int
     profile: str | None
@@ -346,10 +347,12 @@ def catch_up(engine: Engine, node: RegtestNode, start_height: int, *, profile: b
     watcher = Root.assemble(settings, engine=engine, node=node.rpc).watcher()
     watcher.acquire()
     try:
+        cpu0 = time.process_time()
         result, seconds, report = timed(watcher.step, profile=profile)
+        cpu_seconds = time.process_time() - cpu0
     finally:
         watcher.release()
-    return CatchUp(seconds, result.blocks_applied, result.height, report)
+    return CatchUp(seconds, cpu_seconds, result.blocks_applied, result.height, report)
 
 
 def fetch_and_scan(node: RegtestNode, chain: Chain, scripts: dict[bytes, int]) -> float:
@@ -501,7 +504,8 @@ def report(shape: Shape, chain: Chain, replays: Sequence[Replay], floor_s: float
             f"{name}: replayed {result.blocks_applied} blocks (to height {result.height}) in "
             f"{result.seconds:.2f} s = {rate:.1f} blocks/s, {sum(per_block) / result.seconds:,.0f} "
             f"tx/s, {mb / result.seconds:.1f} MB/s; beyond the floor {db_s:.2f} s "
-            f"({db_s / max(len(chain.deposits), 1) * 1e3:.2f} ms per deposit)"
+            f"({db_s / max(len(chain.deposits), 1) * 1e3:.2f} ms per deposit); this process's "
+            f"CPU {result.cpu_seconds / max(result.blocks_applied, 1) * 1e3:.1f} ms per block"
         )
         print(
             f"{name}: deposits found: {done.detail}; {done.audit_events:,} audit events "

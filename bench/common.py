@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import os
 import pstats
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ def timed(fn: Callable[[], T], *, profile: bool, top: int = 30) -> tuple[T, floa
     seconds = time.perf_counter() - t0
     if profiler is None:
         return result, seconds, None
+    if dump := os.environ.get("BENCH_PROFILE_DUMP"):  # for `python -m pstats <file>`
+        profiler.dump_stats(dump)
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(top)
