@@ -6,6 +6,7 @@ import json
 import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
+import structlog
 import typer
 
 from custody.config import Settings, get_settings
@@ -17,6 +18,8 @@ from custody.root import Root
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+log = structlog.get_logger("custody.cli")
 
 app = typer.Typer(
     help="Pledge custody: Bitcoin loan collateral in 2-of-3 escrow.", no_args_is_help=True
@@ -219,6 +222,8 @@ def risk(
     automatic liquidations (decided and signed by the bank's signer on its own figures)."""
     import dataclasses
 
+    from custody.workers.service import Heartbeat
+
     root = _root()
     engine_ = root.risk_engine()
     try:
@@ -227,11 +232,23 @@ def risk(
             return
         stop = threading.Event()
         _stop_on_signals(stop)
-        while not stop.is_set():
-            report = engine_.run_once()
-            if report.margin_calls or report.cured or report.liquidations or report.errors:
-                typer.echo(json.dumps(dataclasses.asdict(report), default=str))
-            stop.wait(root.settings.risk_poll_seconds)
+        heartbeat = Heartbeat(root.engine, "risk")
+        heartbeat.start()
+        try:
+            while not stop.is_set():
+                try:
+                    report = engine_.run_once(stop=stop, progress=heartbeat.alive)
+                except Exception as exc:  # the database or a price source is away: retry
+                    log.exception("risk.pass_failed")
+                    heartbeat.beat(exc)
+                    stop.wait(root.settings.risk_poll_seconds)
+                    continue
+                heartbeat.beat()
+                if report.margin_calls or report.cured or report.liquidations or report.errors:
+                    typer.echo(json.dumps(dataclasses.asdict(report), default=str))
+                stop.wait(root.settings.risk_poll_seconds)
+        finally:
+            heartbeat.stop()
     finally:
         root.close()
 
@@ -242,15 +259,27 @@ def notify() -> None:
     import httpx
 
     from custody.netpolicy import UrlPolicy
-    from custody.notify.delivery import DeliveryWorker
+    from custody.notify.delivery import DeliveryWorker, RetryPolicy
+    from custody.workers.service import Heartbeat
 
     root = _root()
     stop = threading.Event()
     _stop_on_signals(stop)
     urls = UrlPolicy.for_network(root.settings.network)
-    # No proxy from the environment: the worker connects to the address it checked.
-    with httpx.Client(timeout=10.0, follow_redirects=False, trust_env=False) as client:
-        DeliveryWorker(root.engine, client, urls=urls).run(stop, poll=1.0)
+    heartbeat = Heartbeat(root.engine, "notify")
+    heartbeat.start()
+    try:
+        s = root.settings
+        policy = RetryPolicy(lease_seconds=s.notify_claim_seconds)
+        # No proxy from the environment: the worker connects to the address it checked.
+        with httpx.Client(
+            timeout=s.notify_timeout_seconds, follow_redirects=False, trust_env=False
+        ) as client:
+            worker = DeliveryWorker(root.engine, client, urls=urls, policy=policy)
+            worker.run(stop, poll=1.0, beat=heartbeat.beat)
+    finally:
+        heartbeat.stop()
+        root.close()
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -105,6 +105,18 @@ class Settings(BaseSettings):
     price_max_spread_bps: int = 200
     price_min_sources: int = 1
     risk_poll_seconds: float = 10.0
+    # An automatic liquidation still unsigned this long after it was made (the engine died
+    # or the signer was away between making it and the signature) is cancelled and rebuilt
+    # by the next pass: longer than a call to the signer may take.
+    risk_unsigned_grace_seconds: float = Field(default=60.0, gt=0)
+    # Webhook delivery (`custody notify`): each attempt waits at most `notify_timeout_seconds`
+    # for the receiver; a claimed event is someone's for `notify_claim_seconds`, after which
+    # another worker takes it (a worker that died mid-delivery: sent again, same event id).
+    notify_timeout_seconds: float = Field(default=10.0, gt=0)
+    notify_claim_seconds: float = Field(default=300.0, gt=0)
+    # `custody risk` and `custody notify` beat after every pass (a long pass beats as it
+    # goes): /v1/health shows each process, not alive once it has not beaten for this long.
+    worker_stale_seconds: float = Field(default=60.0, gt=0)
     # The manual price (`POST /v1/prices`) is proposed by one person and takes effect only
     # when a second confirms it, within `price_proposal_ttl_seconds`. It is refused (at the
     # proposal, and again at the confirmation) when it is more than
@@ -128,6 +140,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "watch_stuck_seconds must exceed node_rpc_timeout: a step waiting for the "
                 "node would otherwise let its lease lapse"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _claim_outlasts_an_attempt(self) -> Settings:
+        if self.notify_claim_seconds <= self.notify_timeout_seconds:
+            raise ValueError(
+                "notify_claim_seconds must exceed notify_timeout_seconds: an event would "
+                "otherwise be taken by a second worker while the first still sends it"
             )
         return self
 

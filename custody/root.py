@@ -188,6 +188,7 @@ class Root:
             signer=self.signer,
             fees=self.fees,
             notify=notify,
+            unsigned_grace=timedelta(seconds=self.settings.risk_unsigned_grace_seconds),
         )
 
     def reconciler(self) -> Reconciler:

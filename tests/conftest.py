@@ -41,7 +41,10 @@ REAL_PART_FIXTURES: Mapping[str, str] = {
 # (`request.getfixturevalue`), which the static closure cannot see: `db_url` (and so
 # `engine`, `world`, ...) and tests/api/test_authorization.py's `world`.
 POSTGRES_PARAM = "postgres"
-REAL_PARTS = frozenset(REAL_PART_FIXTURES)
+# Real parts no fixture stands for, given by an explicit mark: `process` for a test that
+# starts the service's own commands as OS processes (seconds each, so never in `-m unit`).
+MARKED_PARTS = frozenset({"process"})
+REAL_PARTS = frozenset(REAL_PART_FIXTURES) | MARKED_PARTS
 
 
 def real_parts(item: pytest.Item) -> set[str]:

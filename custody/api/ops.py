@@ -17,6 +17,7 @@ from custody.api.errors import errors_for
 from custody.chain.rpc import NodeRpc
 from custody.config import Settings
 from custody.watcher.health import read_health
+from custody.workers.service import workers_health
 
 router = APIRouter(prefix="/v1")
 
@@ -36,15 +37,20 @@ def _node(chain: object, timeout: float) -> dict[str, Any]:
 def health(request: Request) -> dict[str, Any]:
     """Liveness, the node's tip read now, and the watcher: its height, its lag, the time
     of its last successful step, its last error and whether it is stalled (no progress
-    for `watch_stall_polls` polls, or that many failed steps in a row). The database is
-    read and its transaction closed before the node is asked. It needs no key and
+    for `watch_stall_polls` polls, or that many failed steps in a row); and each running
+    `custody risk` and `custody notify` process: alive (beat within
+    `worker_stale_seconds`), its last good pass and its last error. The database is
+    read and its transactions closed before the node is asked. It needs no key and
     declares no error of its own, only what any route may answer (500, 503 `busy`)."""
     return _health(request)
 
 
 def _health(request: Request) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
-    watcher = read_health(request.app.state.engine)
+    engine = request.app.state.engine
+    watcher = read_health(engine)
+    stale = timedelta(seconds=settings.worker_stale_seconds)
+    workers = workers_health(engine, datetime.now(UTC), {"risk": stale, "notify": stale})
     node = _node(getattr(request.app.state, "chain", None), settings.health_node_timeout_seconds)
     now = datetime.now(UTC)
     quiet_limit = timedelta(seconds=settings.watch_stall_polls * settings.watch_poll_seconds)
@@ -55,6 +61,7 @@ def _health(request: Request) -> dict[str, Any]:
         "watcher": None
         if watcher is None
         else watcher.as_dict(now, quiet_limit, node["tip_height"]),
+        "workers": workers,
     }
 
 

@@ -259,6 +259,24 @@ class WatcherLease(SQLModel, table=True):
     stalled_since: datetime | None = Field(default=None)
 
 
+class WorkerHeartbeat(SQLModel, table=True):
+    """A worker process's sign of life (`custody risk`, `custody notify`), one row per
+    process: what `/v1/health` shows of the loops the watcher's lease does not cover.
+    Written after every pass in a short transaction of its own; a clean stop sets
+    `stopped_at`, a killed process simply stops beating."""
+
+    kind: str = Field(sa_column=Column(String(16), primary_key=True))
+    holder: str = Field(sa_column=Column(String(120), primary_key=True))
+    started_at: datetime = Field(nullable=False)
+    beat_at: datetime = Field(nullable=False)
+    last_ok_at: datetime | None = Field(default=None)
+    passes: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    failed_passes: int = Field(default=0, nullable=False)  # in a row
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    last_error_at: datetime | None = Field(default=None)
+    stopped_at: datetime | None = Field(default=None)
+
+
 class SigningAction(StrEnum):
     release = "release"  # repaid: everything back to the miner (miner + bank)
     dispute_release = "dispute_release"  # repaid, the bank does not sign: miner + arbiter

@@ -323,16 +323,25 @@ class DeliveryWorker:
             rng=self.rng,
         )
 
-    def run(self, stop: threading.Event, poll: float = 1.0) -> None:
+    def run(
+        self,
+        stop: threading.Event,
+        poll: float = 1.0,
+        beat: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
         """Loop until ``stop`` is set: a full batch goes round again at once, otherwise
         wait ``poll`` seconds (woken early by ``stop``). A database outage is logged and
-        retried, never fatal."""
+        retried, never fatal. ``beat`` hears each pass's outcome (the heartbeat)."""
         while not stop.is_set():
             try:
                 report = self.run_once()
-            except Exception:
+            except Exception as exc:
                 log.exception("webhook_delivery_error")
+                if beat is not None:
+                    beat(exc)
                 stop.wait(poll)
                 continue
+            if beat is not None:
+                beat(None)
             if report.attempted < self.batch:
                 stop.wait(poll)

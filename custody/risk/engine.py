@@ -8,6 +8,7 @@ disagree): it says why, once, in the audit log and in its report."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -84,6 +85,7 @@ class RiskReport:
     cured: list[int] = field(default_factory=list)
     liquidations: list[int] = field(default_factory=list)  # signing request ids
     errors: dict[int, str] = field(default_factory=dict)
+    stopped: bool = False  # told to stop before every loan was seen
 
 
 UNSIGNED_GRACE = timedelta(seconds=60)
@@ -117,13 +119,23 @@ class RiskEngine:
         fees: FeePolicy,
         notify: Notify | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        unsigned_grace: timedelta = UNSIGNED_GRACE,
     ) -> None:
         self.engine, self.network, self.prices = engine, network, prices
+        self.unsigned_grace = unsigned_grace
         self.chain, self.signer, self.fees = chain, signer, fees
         self.notify, self.clock = notify, clock
         self._paused: str | None = None
 
-    def run_once(self) -> RiskReport:
+    def run_once(
+        self,
+        stop: threading.Event | None = None,
+        progress: Callable[[], None] | None = None,
+    ) -> RiskReport:
+        """One pass over every open loan. `stop` is looked at between loans: a pass told
+        to stop leaves the rest for the next start (each loan's work is its own
+        transactions and signer call, so nothing is half done); `progress` is called
+        between loans too (a long pass's heartbeat)."""
         report = RiskReport()
         now = self.clock()
         consensus = self.prices.consensus()
@@ -152,6 +164,11 @@ class RiskEngine:
         report.loans = len(loan_ids)
         for loan_id in loan_ids:
             assert loan_id is not None
+            if stop is not None and stop.is_set():
+                report.stopped = True
+                break
+            if progress is not None:
+                progress()
             try:
                 with transaction(self.engine) as session:
                     follow = self._one(session, loan_id, quote, now, report)
@@ -176,7 +193,7 @@ class RiskEngine:
         between creating it and signing it) is cancelled, so this pass starts again from
         fresh figures instead of leaving the loan liquidating with nobody to sign."""
 
-        cutoff = now - UNSIGNED_GRACE
+        cutoff = now - self.unsigned_grace
         with transaction(self.engine) as session:
             stale = repository.automatic_liquidations_awaiting_since(session, cutoff)
             ctx = Context(principal=_robot(), network=self.network)

@@ -1,0 +1,1 @@
+"""Worker processes' signs of life: `custody risk` and `custody notify` beat after each pass."""
