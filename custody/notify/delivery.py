@@ -247,6 +247,14 @@ def _record_outcome(
     return outcome
 
 
+def _release(
+    engine: Engine, claims: list[_Claim], claimed_at: datetime, policy: RetryPolicy, now: datetime
+) -> None:
+    lease_until = claimed_at + timedelta(seconds=policy.lease_seconds)
+    with transaction(engine) as session:
+        repository.release_claims(session, [c.outbox_id for c in claims], lease_until, now)
+
+
 def deliver_due(
     engine: Engine,
     *,
@@ -257,16 +265,23 @@ def deliver_due(
     batch: int = 100,
     policy: RetryPolicy = DEFAULT_POLICY,
     rng: random.Random | None = None,
+    stop: threading.Event | None = None,
 ) -> DeliveryReport:
     """Send up to ``batch`` due events once each, each only to an address `urls` allows
     (`UrlPolicy.for_network(settings.network)`), as `resolve` finds it.
 
     ``now`` pins the clock (tests drive retries with it); by default each outcome is
-    stamped with the real time it happened."""
+    stamped with the real time it happened. Once ``stop`` is set no further event is
+    sent: the claims not sent are given back, due at once for the next worker."""
     clock: Callable[[], datetime] = (lambda: now) if now is not None else utcnow
-    claims = _claim(engine, clock(), batch, policy)
+    claimed_at = clock()
+    claims = _claim(engine, claimed_at, batch, policy)
     counts = {"delivered": 0, "failed": 0, "dead": 0, "stale": 0}
-    for claim in claims:
+    for done, claim in enumerate(claims):
+        if stop is not None and stop.is_set():
+            _release(engine, claims[done:], claimed_at, policy, clock())
+            claims = claims[:done]
+            break
         error = (
             _send(client, claim, clock(), urls, resolve) if claim.active else "webhook deactivated"
         )
@@ -312,7 +327,7 @@ class DeliveryWorker:
         self.policy = policy
         self.rng = rng
 
-    def run_once(self) -> DeliveryReport:
+    def run_once(self, stop: threading.Event | None = None) -> DeliveryReport:
         return deliver_due(
             self.engine,
             client=self.client,
@@ -321,6 +336,7 @@ class DeliveryWorker:
             batch=self.batch,
             policy=self.policy,
             rng=self.rng,
+            stop=stop,
         )
 
     def run(
@@ -334,7 +350,7 @@ class DeliveryWorker:
         retried, never fatal. ``beat`` hears each pass's outcome (the heartbeat)."""
         while not stop.is_set():
             try:
-                report = self.run_once()
+                report = self.run_once(stop)
             except Exception as exc:
                 log.exception("webhook_delivery_error")
                 if beat is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as SASession
@@ -66,6 +67,24 @@ def claim_due_events(session: Session, now: datetime, limit: int) -> list[tuple[
             .with_for_update(skip_locked=True, of=Outbox)
         ).all()
     )
+
+
+def release_claims(
+    session: Session, outbox_ids: list[int], claimed_until: datetime, now: datetime
+) -> int:
+    """Give back claims this worker will not send (it was told to stop): due again `now`,
+    unless another worker has claimed them since (their lease would differ)."""
+    result = session.execute(
+        update(Outbox)
+        .where(
+            col(Outbox.id).in_(outbox_ids),
+            col(Outbox.delivered_at).is_(None),
+            col(Outbox.dead_at).is_(None),
+            col(Outbox.next_attempt_at) == claimed_until,
+        )
+        .values(next_attempt_at=now)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def outbox_row_for_update(session: Session, outbox_id: int) -> Outbox | None:

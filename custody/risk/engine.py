@@ -164,11 +164,11 @@ class RiskEngine:
         report.loans = len(loan_ids)
         for loan_id in loan_ids:
             assert loan_id is not None
+            if progress is not None:
+                progress()
             if stop is not None and stop.is_set():
                 report.stopped = True
                 break
-            if progress is not None:
-                progress()
             try:
                 with transaction(self.engine) as session:
                     follow = self._one(session, loan_id, quote, now, report)
