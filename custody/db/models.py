@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import overload
 
 from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -21,6 +22,18 @@ ID = BigInteger().with_variant(Integer(), "sqlite")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+@overload
+def as_utc(moment: datetime) -> datetime: ...
+@overload
+def as_utc(moment: None) -> None: ...
+def as_utc(moment: datetime | None) -> datetime | None:
+    """The aware UTC value of a column: SQLite hands back naive datetimes for the UTC
+    values it was given (PostgreSQL's are aware already)."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 class Role(StrEnum):

@@ -17,7 +17,7 @@ from custody.api.deps import (
 )
 from custody.api.errors import BODY_ERRORS, errors_for
 from custody.auth.policy import require_role
-from custody.db.models import PriceRecord
+from custody.db.models import PriceRecord, as_utc
 from custody.db.session import transaction
 from custody.errors import (
     PriceFarFromFeeds,
@@ -159,7 +159,7 @@ def reject_price(price_id: PriceId, request: Request, ctx: ContextDep) -> PriceO
 
 def price_out(row: PriceRecord) -> PriceOut:
     assert row.id is not None
-    at = manual.as_utc
+    at = as_utc
     return PriceOut(
         id=row.id,
         price_rub_per_btc=row.price_rub_per_btc,

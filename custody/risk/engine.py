@@ -29,6 +29,7 @@ from custody.db.models import (
     Role,
     SigningAction,
     SigningRequest,
+    as_utc,
 )
 from custody.db.session import transaction
 from custody.errors import SignerNotConfigured
@@ -224,7 +225,7 @@ class RiskEngine:
         loan_ref = signer_loan_ref(key) if key is not None else None
         collateral = repository.confirmed_collateral_sats(session, loan_id)
         debt = outstanding_debt_kopecks(loan, now)
-        maturity = _aware(loan.maturity_at)
+        maturity = as_utc(loan.maturity_at)
         position = LoanPosition(
             state=str(loan.state),
             debt_kopecks=debt,
@@ -233,7 +234,7 @@ class RiskEngine:
             liquidation_ltv_bps=loan.liquidation_ltv_bps,
             cure_window=timedelta(hours=loan.cure_window_hours),
             maturity_at=maturity,
-            margin_call_since=_aware(loan.margin_call_at) if loan.margin_call_at else None,
+            margin_call_since=as_utc(loan.margin_call_at) if loan.margin_call_at else None,
         )
         decision = evaluate(position, quote.price_rub_per_btc, now)
         watch = decision.move != Move.liquidate and (
@@ -242,7 +243,7 @@ class RiskEngine:
         evidence = {
             "price_rub_per_btc": str(quote.price_rub_per_btc),
             "price_source": quote.source,
-            "quoted_at": _aware(quote.quoted_at).isoformat(),
+            "quoted_at": as_utc(quote.quoted_at).isoformat(),
             "ltv_bps": decision.ltv_bps,
             "debt_kopecks": debt,
             "collateral_sats": collateral,
@@ -419,7 +420,3 @@ class RiskEngine:
             self.notify(session, loan, event, {"loan_id": loan.id, **data})
         elif event != "signature.needed":  # create_request already queued that one
             notify_loan(session, loan, event, data)
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -37,7 +37,7 @@ from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import BANK_STAFF, require_role
 from custody.config import Settings
-from custody.db.models import PriceRecord, PriceState, Role
+from custody.db.models import PriceRecord, PriceState, Role, as_utc
 from custody.db.session import transaction
 from custody.errors import (
     PriceFarFromFeeds,
@@ -108,11 +108,6 @@ def feed_check(feeds: Feeds | None) -> FeedCheck:
     if not consensus.usable or consensus.quote is None:
         return FeedCheck(None, reason=consensus.reason or "no usable price")
     return FeedCheck(consensus.quote.price_rub_per_btc, consensus.quote.source)
-
-
-def as_utc(at: datetime) -> datetime:
-    """SQLite hands back naive datetimes for the UTC values it was given."""
-    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _deviation_bps(price: Decimal, median: Decimal) -> Decimal:

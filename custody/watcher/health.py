@@ -5,19 +5,14 @@ closed before the caller asks the node anything."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from custody.db.models import as_utc
 from custody.db.session import transaction
 from custody.watcher import repository
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -96,13 +91,13 @@ def read_health(engine: Engine) -> WatcherHealth | None:
             height=None if cursor is None else cursor.height,
             block_hash=None if cursor is None else cursor.block_hash,
             seen_tip_height=None if cursor is None else cursor.node_tip_height,
-            last_block_at=None if cursor is None else _aware(cursor.updated_at),
+            last_block_at=None if cursor is None else as_utc(cursor.updated_at),
             holder=None if lease is None else lease.holder,
-            lease_expires_at=None if lease is None else _aware(lease.expires_at),
-            last_step_at=None if lease is None else _aware(lease.last_step_at),
+            lease_expires_at=None if lease is None else as_utc(lease.expires_at),
+            last_step_at=None if lease is None else as_utc(lease.last_step_at),
             last_error=None if lease is None else lease.last_error,
             last_error_kind=None if lease is None else lease.last_error_kind,
-            last_error_at=None if lease is None else _aware(lease.last_error_at),
+            last_error_at=None if lease is None else as_utc(lease.last_error_at),
             failed_steps=0 if lease is None else lease.failed_steps,
-            stalled_since=None if lease is None else _aware(lease.stalled_since),
+            stalled_since=None if lease is None else as_utc(lease.stalled_since),
         )

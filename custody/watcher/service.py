@@ -62,7 +62,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
@@ -91,6 +91,7 @@ from custody.db.models import (
     LoanState,
     SigningRequest,
     WatcherLease,
+    as_utc,
     utcnow,
 )
 from custody.db.session import transaction
@@ -267,10 +268,6 @@ class _NewDeposit:
         }
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 class Watcher:
     def __init__(
         self,
@@ -319,10 +316,10 @@ class Watcher:
                 previous: tuple[str | None, int] = (None, 0)
                 if lease is None:
                     lease = WatcherLease(id=1, holder=self.holder, expires_at=now, generation=0)
-                elif lease.holder != self.holder and _aware(lease.expires_at) > now:
+                elif lease.holder != self.holder and as_utc(lease.expires_at) > now:
                     raise WatcherBusy(
                         f"watcher {lease.holder} holds the lease until "
-                        f"{_aware(lease.expires_at).isoformat()}"
+                        f"{as_utc(lease.expires_at).isoformat()}"
                     )
                 else:
                     previous = (lease.holder, lease.generation)
@@ -400,7 +397,7 @@ class Watcher:
         assert lease is not None
         now = utcnow()
         lease_time = timedelta(seconds=self.config.lease_seconds)
-        if extend or _aware(lease.expires_at) - now < lease_time / 2:
+        if extend or as_utc(lease.expires_at) - now < lease_time / 2:
             lease.expires_at = now + lease_time
             session.add(lease)
         if at is not None:
@@ -652,7 +649,7 @@ class Watcher:
         if lease.stalled_since is not None:
             data = {
                 "height": height,
-                "stalled_since": _aware(lease.stalled_since).isoformat(),
+                "stalled_since": as_utc(lease.stalled_since).isoformat(),
                 "failed_steps": lease.failed_steps,
                 "last_error": lease.last_error,
             }
@@ -671,12 +668,12 @@ class Watcher:
         if lease.failed_steps >= self.config.stall_steps and lease.stalled_since is None:
             lease.stalled_since = now
             data = {
-                "stalled_since": _aware(now).isoformat(),
+                "stalled_since": as_utc(now).isoformat(),
                 "height": None if self._position is None else self._position[0],
                 "failed_steps": lease.failed_steps,
                 "last_step_at": None
                 if lease.last_step_at is None
-                else _aware(lease.last_step_at).isoformat(),
+                else as_utc(lease.last_step_at).isoformat(),
                 "error": lease.last_error,
                 "kind": lease.last_error_kind,
             }

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 from sqlalchemy.engine import Engine
 
-from custody.db.models import WorkerHeartbeat
+from custody.db.models import WorkerHeartbeat, as_utc
 from custody.db.session import transaction
 from custody.workers import repository
 
@@ -28,12 +28,6 @@ log = structlog.get_logger("custody.workers")
 
 # A row of a process not heard of for this long is deleted by the next worker to start.
 FORGET_AFTER = timedelta(days=1)
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -172,7 +166,7 @@ def read_workers(engine: Engine, now: datetime) -> list[WorkerHealth]:
         rows = repository.running(session, now - FORGET_AFTER)
         out = []
         for row in rows:
-            started, beat = _aware(row.started_at), _aware(row.beat_at)
+            started, beat = as_utc(row.started_at), as_utc(row.beat_at)
             assert started is not None and beat is not None
             out.append(
                 WorkerHealth(
@@ -180,11 +174,11 @@ def read_workers(engine: Engine, now: datetime) -> list[WorkerHealth]:
                     holder=row.holder,
                     started_at=started,
                     beat_at=beat,
-                    last_ok_at=_aware(row.last_ok_at),
+                    last_ok_at=as_utc(row.last_ok_at),
                     passes=row.passes,
                     failed_passes=row.failed_passes,
                     last_error=row.last_error,
-                    last_error_at=_aware(row.last_error_at),
+                    last_error_at=as_utc(row.last_error_at),
                 )
             )
         return out

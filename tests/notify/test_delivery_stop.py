@@ -7,12 +7,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from support.http_server import local_http_server
 
 from custody.db.models import Outbox, Party, PartyKind, utcnow
 from custody.db.session import transaction
@@ -43,15 +44,8 @@ def stopping_receiver() -> Iterator[tuple[str, threading.Event, list[str]]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", stop, got
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with local_http_server(Handler) as base:
+        yield f"{base}/hook", stop, got
 
 
 def test_a_stopped_worker_gives_back_what_it_did_not_send(
