@@ -119,12 +119,14 @@ class SoftwarePasskey:
             "signature": b64url(signature),
         }
 
-    def registration(self, challenge: bytes, *, origin: str | None = None) -> dict[str, Any]:
+    def registration(
+        self, challenge: bytes, *, origin: str | None = None, flags: int = FLAG_UP | FLAG_UV
+    ) -> dict[str, Any]:
         """`navigator.credentials.create()`'s answer (`PublicKeyCredential.toJSON()`), with
         a `none` attestation: what a person hands in to be enrolled."""
         auth_data = (
             hashlib.sha256(self.rp_id.encode()).digest()
-            + bytes([FLAG_UP | FLAG_UV | FLAG_AT])
+            + bytes([flags | FLAG_AT])
             + struct.pack(">I", self.counter or 0)
             + bytes(16)  # AAGUID
             + struct.pack(">H", len(self.credential_id))
