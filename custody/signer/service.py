@@ -401,13 +401,19 @@ def stored_endorsement(signature: str | None, webauthn: Mapping[str, str] | None
 
 
 def relayed_endorsement(person: str, stored: str) -> dict[str, Any]:
-    """The endorsement as the signer takes it, from how it is kept."""
+    """The endorsement as the signer takes it, from how it is kept (a row someone rewrote
+    into anything else is relayed as a signature, which the signer refuses)."""
     if stored.startswith("{"):
-        assertion = json.loads(stored).get("webauthn") or {}
-        return {
-            "person": person,
-            "webauthn": {k: str(assertion.get(k, "")) for k in _WEBAUTHN_FIELDS},
-        }
+        try:
+            kept = json.loads(stored)
+        except ValueError:
+            kept = None
+        assertion = kept.get("webauthn") if isinstance(kept, dict) else None
+        if isinstance(assertion, dict):
+            return {
+                "person": person,
+                "webauthn": {k: str(assertion.get(k, "")) for k in _WEBAUTHN_FIELDS},
+            }
     return {"person": person, "signature": stored}
 
 

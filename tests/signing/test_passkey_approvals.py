@@ -197,3 +197,19 @@ def test_an_endorsement_is_a_signature_or_an_assertion(
         },
     )
     assert half.status_code == 422, half.text
+
+
+def test_an_endorsement_is_relayed_as_it_was_sent() -> None:
+    """Kept in the one column and relayed to the signer unchanged; a rewritten row is
+    relayed as a signature (which the signer refuses), never a crash."""
+    from custody.signer.service import relayed_endorsement, stored_endorsement
+
+    assertion = PasskeyPerson("p", "bank_approver").passkey.assertion(b"\x01" * 32)
+    kept = stored_endorsement(None, assertion)
+    assert relayed_endorsement("p", kept) == {"person": "p", "webauthn": assertion}
+    assert relayed_endorsement("p", stored_endorsement("c2ln", None)) == {
+        "person": "p",
+        "signature": "c2ln",
+    }
+    for rewritten in ("{not json", '{"webauthn": 1}', "[]"):
+        assert relayed_endorsement("p", rewritten) == {"person": "p", "signature": rewritten}
