@@ -1,4 +1,5 @@
-"""`custody` command line: the API, schema migrations, access bootstrap, audit verification."""
+"""`custody` command line: the API, schema migrations, access bootstrap, approvals and
+enrolments for the bank's signer, audit verification."""
 
 from __future__ import annotations
 
@@ -425,6 +426,71 @@ def approve(
     typer.echo(f"signed; statement {statement_id} is {outcome['state']}")
     if outcome.get("outcome"):
         typer.echo(str(outcome["outcome"]))
+
+
+@app.command()
+def enroll(
+    name: Annotated[str, typer.Argument(help="the person's name in the bank's signer")],
+    role: Annotated[str, typer.Option(help="admin, bank_operator or bank_approver")],
+    public_key: Annotated[
+        str, typer.Option(help="hex of an Ed25519 or P-256 approval key (custody keygen)")
+    ] = "",
+    algorithm: Annotated[str, typer.Option(help="of --public-key: ed25519 or p256")] = "ed25519",
+    passkey: Annotated[
+        str,
+        typer.Option(help="a passkey's registration (navigator.credentials.create() as JSON)"),
+    ] = "",
+    rp_id: Annotated[str, typer.Option(help="the passkey's relying party id (a domain)")] = "",
+    origin: Annotated[
+        list[str] | None, typer.Option(help="an origin the passkey may sign from (repeat)")
+    ] = None,
+) -> None:
+    """Open the statement that enrols a person in the bank's signer, with a raw key or a
+    passkey (read and checked here); two admins enrolled in the signer then sign it
+    (`custody approve --statement ID`). Uses CUSTODY_API_URL and an admin's CUSTODY_API_KEY."""
+    import os
+    from pathlib import Path
+
+    import httpx
+
+    from custody.signer.passkey import enrolment_from_registration
+    from pledge.errors import InvalidInput
+
+    def fail(message: str) -> typer.Exit:
+        typer.echo(f"custody enroll: {message}", err=True)
+        return typer.Exit(code=2)
+
+    if bool(public_key) == bool(passkey):
+        raise fail("give --public-key HEX or --passkey FILE (one of them)")
+    body: dict[str, Any] = {"name": name, "role": role}
+    if passkey:
+        if not rp_id or not origin:
+            raise fail("a passkey needs --rp-id and at least one --origin")
+        try:
+            text = Path(passkey).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"cannot read {passkey}: {exc.strerror}") from None
+        try:
+            body.update(enrolment_from_registration(text, rp_id=rp_id, origins=origin))
+        except InvalidInput as exc:
+            raise fail(exc.message) from None
+    else:
+        body.update({"algorithm": algorithm, "public_key": public_key})
+    base = os.environ.get("CUSTODY_API_URL", "http://127.0.0.1:8080").rstrip("/")
+    token = os.environ.get("CUSTODY_API_KEY", "")
+    with httpx.Client(
+        base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as client:
+        r = client.post("/v1/signer-people", json=body)
+    if r.status_code != 201:
+        raise fail(f"the service refused the enrolment: HTTP {r.status_code} {r.text[:300]}")
+    view = r.json()
+    typer.echo(f"enrolment of {name} ({role}, {body['algorithm']}): signer statement {view['id']}")
+    if passkey:
+        typer.echo(f"credential {body['credential_id']} for {rp_id} from {', '.join(origin or [])}")
+    typer.echo(
+        f"two signer admins sign it: custody approve --statement {view['id']} --key FILE --as NAME"
+    )
 
 
 @audit_app.command("verify")

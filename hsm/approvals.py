@@ -10,6 +10,11 @@ never from the request.
 The statement and its canonical bytes are defined in `pledge.statements` (the approver's
 machine builds the same bytes); this module checks who signed them.
 
+A person signs with a raw key (Ed25519, ECDSA P-256: `Endorsement.signature`) or with a
+passkey (`webauthn`: `Endorsement.webauthn`, a WebAuthn assertion whose challenge is the
+statement's digest, checked in `hsm.passkeys`). Which one is fixed at enrolment; quorum,
+roles, expiry and 4-eyes are the same for both.
+
 Enrolment: the first two (or more) admins are written by a ceremony on the signer's own
 machine (`hsm enroll-bootstrap`); after that every enrolment or removal is a statement
 signed by two different enrolled admins.
@@ -19,6 +24,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,7 +35,14 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from hsm.registry import Registry, parse_ts, ts
+from hsm.passkeys import (
+    ENROL_KEYS,
+    Assertion,
+    assertion_hash,
+    enrolment_of,
+    verify_assertion,
+)
+from hsm.registry import PasskeyRecord, Registry, parse_ts, ts
 from hsm.signer import PolicyViolation
 from pledge.errors import InvalidInput
 from pledge.statements import canonical_statement
@@ -37,6 +51,7 @@ __all__ = [
     "ADMIN",
     "APPROVER",
     "OPERATOR",
+    "Assertion",
     "Endorsement",
     "KeyAlgorithm",
     "People",
@@ -46,7 +61,8 @@ __all__ = [
 ]
 
 KeyAlgorithm = Literal["ed25519", "p256"]
-ALGORITHMS: Final = get_args(KeyAlgorithm)
+ALGORITHMS: Final = get_args(KeyAlgorithm)  # raw keys; a passkey is `WEBAUTHN`
+WEBAUTHN: Final = "webauthn"
 Role = Literal["admin", "bank_operator", "bank_approver"]
 ROLES: Final = get_args(Role)
 ADMIN: Final = frozenset({"admin"})
@@ -76,11 +92,13 @@ def parse_time(value: Any, field: str) -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class Endorsement:
-    """One person's signature over a statement (base64 of the raw signature bytes:
-    64 bytes for Ed25519, DER for ECDSA P-256 over SHA-256)."""
+    """One person's signature over a statement: base64 of the raw signature bytes (64
+    bytes for Ed25519, DER for ECDSA P-256 over SHA-256), or, for a person enrolled with a
+    passkey, the WebAuthn assertion over the statement's digest (and no `signature`)."""
 
     person: str
-    signature: str
+    signature: str = ""
+    webauthn: Assertion | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +106,10 @@ class Person:
     name: str
     role: str
     algorithm: str
-    public_key: bytes  # Ed25519: 32 raw bytes; P-256: 65-byte uncompressed SEC1 point
+    public_key: bytes  # Ed25519: 32 raw bytes; P-256: 65-byte SEC1 point; webauthn: COSE
     enrolled_at: datetime
     removed_at: datetime | None
+    passkey: PasskeyRecord | None = None  # webauthn: the credential, rp_id, origins, counter
 
     @property
     def active(self) -> bool:
@@ -187,6 +206,7 @@ class People:
             public_key=bytes.fromhex(row["public_key"]),
             enrolled_at=parse_ts(row["enrolled_at"]),
             removed_at=parse_ts(row["removed_at"]) if row["removed_at"] else None,
+            passkey=self.registry.passkey_of(name) if row["algorithm"] == WEBAUTHN else None,
         )
 
     def active(self) -> list[Person]:
@@ -230,7 +250,9 @@ class People:
             raise PolicyViolation("statement_format", exc.message, field="approvals") from None
         if len(endorsements) > 8:
             raise PolicyViolation("approval_format", "too many signatures", field="approvals")
+        challenge = hashlib.sha256(message).digest()  # = pledge.statements.statement_digest
         valid: list[Person] = []
+        uses: list[tuple[str, int, int, str]] = []  # passkey counters, recorded at the end
         for n, e in enumerate(endorsements):
             if not isinstance(e, Endorsement) or not isinstance(e.person, str):
                 raise PolicyViolation(
@@ -249,16 +271,10 @@ class People:
                     f"{person.name} signed twice: two different people must approve",
                     field="approvals",
                 )
-            try:
-                sig = base64.b64decode(e.signature, validate=True)
-            except (binascii.Error, ValueError, TypeError):
-                sig = b""
-            if not sig or len(sig) > MAX_SIGNATURE_BYTES or not _verify(person, message, sig):
-                raise PolicyViolation(
-                    "approval_signature",
-                    f"{person.name}'s signature does not verify over this statement",
-                    field="approvals",
-                )
+            if person.algorithm == WEBAUTHN:
+                uses.append(self._passkey_use(person, e, challenge))
+            else:
+                self._raw_signature(person, e, message)
             valid.append(person)
         chosen = _assign(valid, roles)
         if chosen is None:
@@ -269,7 +285,66 @@ class People:
                 f"this needs a {wanted}; it is signed by {have}",
                 field="approvals",
             )
+        if uses:
+            moved = self.registry.count_passkey_uses(uses, now)
+            if moved is not None:
+                raise PolicyViolation(
+                    "approval_counter",
+                    f"passkey {moved[:16]}... was used by another approval meanwhile",
+                    field="approvals",
+                )
         return tuple(p.name for p in chosen)
+
+    @staticmethod
+    def _raw_signature(person: Person, e: Endorsement, message: bytes) -> None:
+        if e.webauthn is not None:
+            raise PolicyViolation(
+                "approval_signature",
+                f"{person.name} is enrolled with a {person.algorithm} key, not a passkey",
+                field="approvals",
+            )
+        try:
+            sig = base64.b64decode(e.signature, validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            sig = b""
+        if not sig or len(sig) > MAX_SIGNATURE_BYTES or not _verify(person, message, sig):
+            raise PolicyViolation(
+                "approval_signature",
+                f"{person.name}'s signature does not verify over this statement",
+                field="approvals",
+            )
+
+    @staticmethod
+    def _passkey_use(person: Person, e: Endorsement, challenge: bytes) -> tuple[str, int, int, str]:
+        """Check a passkey endorsement; (credential, counter before, after, assertion)."""
+        passkey = person.passkey
+        if e.webauthn is None or e.signature or passkey is None:
+            raise PolicyViolation(
+                "approval_signature",
+                f"{person.name} approves with a passkey: send its WebAuthn assertion",
+                field="approvals",
+            )
+        count = verify_assertion(
+            e.webauthn,
+            person=person.name,
+            challenge=challenge,
+            credential_id=passkey.credential_id,
+            public_key=person.public_key,
+            rp_id=passkey.rp_id,
+            origins=passkey.origins,
+        )
+        digest = assertion_hash(e.webauthn)
+        stored = passkey.sign_count
+        resend = count == stored and digest == passkey.last_assertion
+        if (count or stored) and count <= stored and not resend:
+            # WebAuthn's clone signal: an authenticator that counts never repeats a count.
+            raise PolicyViolation(
+                "approval_counter",
+                f"{person.name}'s passkey counter is {count}, the signer has seen {stored}: "
+                "a replayed or cloned authenticator",
+                field="approvals",
+            )
+        return passkey.credential_id, stored, count, digest
 
     # -- enrolment ---------------------------------------------------------------------
 
@@ -292,8 +367,16 @@ class People:
         self, statement: Mapping[str, Any], endorsements: Sequence[Endorsement], now: datetime
     ) -> Person:
         """`{"kind": "enroll", "name", "role", "algorithm", "public_key" (hex),
-        "expires_at"}` signed by two different enrolled admins."""
-        exact_keys(statement, {"kind", "name", "role", "algorithm", "public_key", "expires_at"})
+        "expires_at"}` signed by two different enrolled admins. A passkey (`"algorithm":
+        "webauthn"`) also names its `credential_id`, the `rp_id` and the `origins` it may
+        be used from, and its `public_key` is the COSE key (base64url)."""
+        passkey = isinstance(statement, Mapping) and statement.get("algorithm") == WEBAUTHN
+        exact_keys(
+            statement,
+            set(ENROL_KEYS)
+            if passkey
+            else {"kind", "name", "role", "algorithm", "public_key", "expires_at"},
+        )
         if statement["kind"] != "enroll":
             raise PolicyViolation("statement_kind", "not an enrolment statement")
         name = _check_name(statement["name"])
@@ -301,7 +384,12 @@ class People:
         if role not in ROLES:
             raise PolicyViolation("enrolment", f"unknown role {role!r}", field="role")
         algorithm = str(statement["algorithm"])
-        key = public_key_from_text(algorithm, str(statement["public_key"]))
+        credential = enrolment_of(statement) if passkey else None
+        key = (
+            credential.public_key
+            if credential is not None
+            else public_key_from_text(algorithm, str(statement["public_key"]))
+        )
         by = self.verify_quorum(statement, endorsements, roles=(ADMIN, ADMIN), now=now)
         with self.registry.tx() as db:
             if db.execute("SELECT 1 FROM person WHERE name = ?", (name,)).fetchone():
@@ -310,7 +398,28 @@ class People:
                 raise PolicyViolation(
                     "enrolment", "this public key is already enrolled for someone", field="name"
                 )
+            if (
+                credential is not None
+                and db.execute(
+                    "SELECT 1 FROM passkey WHERE credential_id = ?", (credential.credential_id,)
+                ).fetchone()
+            ):
+                raise PolicyViolation(
+                    "enrolment",
+                    "this passkey is already enrolled for someone",
+                    field="credential_id",
+                )
             self._insert(db, name, role, algorithm, key, now, by)
+            if credential is not None:
+                db.execute(
+                    "INSERT INTO passkey (credential_id, name, rp_id, origins) VALUES (?, ?, ?, ?)",
+                    (
+                        credential.credential_id,
+                        name,
+                        credential.rp_id,
+                        json.dumps(list(credential.origins)),
+                    ),
+                )
         person = self.get(name)
         assert person is not None
         return person

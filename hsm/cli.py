@@ -2,7 +2,8 @@
 
 - `hsm serve`: the signer as its own loopback HTTP process;
 - `hsm enroll-bootstrap`: the first-time ceremony that enrols the first admins;
-- `hsm people`: who is enrolled (names, roles, algorithms; never keys' secrets);
+- `hsm people`: who is enrolled (names, roles, algorithms, a passkey's credential id, rp_id
+  and counter; never keys' secrets);
 - `hsm seed init|backup|restore|show`: the bank seed behind every HD bank key, made in
   the token and split into SLIP-39 shares for named officers; restored into a new token
   from enough of them (`hsm.seed`, `hsm.backup`).
@@ -148,7 +149,13 @@ def people() -> None:
     registry = Registry(settings.state_db)
     try:
         for person in People(registry).active():
-            typer.echo(f"{person.name}\t{person.role}\t{person.algorithm}")
+            passkey = person.passkey
+            where = (
+                f"\t{passkey.credential_id}\t{passkey.rp_id}\tcounter {passkey.sign_count}"
+                if passkey is not None
+                else ""
+            )
+            typer.echo(f"{person.name}\t{person.role}\t{person.algorithm}{where}")
     finally:
         registry.close()
 

@@ -135,8 +135,21 @@ class Signed:
     report: dict[str, Any]
 
 
-def _approvals(approvals: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:
-    return [{"person": str(a["person"]), "signature": str(a["signature"])} for a in approvals]
+WEBAUTHN_FIELDS = ("credential_id", "authenticator_data", "client_data_json", "signature")
+
+
+def _approvals(approvals: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Endorsements as the signer takes them: `{person, signature}` or, for a passkey,
+    `{person, webauthn: {credential_id, authenticator_data, client_data_json, signature}}`."""
+    out: list[dict[str, Any]] = []
+    for a in approvals:
+        assertion = a.get("webauthn")
+        if isinstance(assertion, Mapping):
+            webauthn = {k: str(assertion.get(k, "")) for k in WEBAUTHN_FIELDS}
+            out.append({"person": str(a["person"]), "webauthn": webauthn})
+        else:
+            out.append({"person": str(a["person"]), "signature": str(a["signature"])})
+    return out
 
 
 class BankSigner:
@@ -163,40 +176,40 @@ class BankSigner:
         return self.transport.call("health", {})
 
     def _statement(
-        self, op: str, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, op: str, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self.transport.call(
             op, {"statement": dict(statement), "approvals": _approvals(approvals)}
         )
 
     def enroll(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self._statement("enroll", statement, approvals)
 
     def remove(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self._statement("remove", statement, approvals)
 
     def register_loan(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         """Make the loan's bank key and record the loan; answers key, evidence, descriptor."""
         return self._statement("register_loan", statement, approvals)
 
     def amend_loan(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self._statement("amend_loan", statement, approvals)
 
     def record_repayment(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self._statement("repayment", statement, approvals)
 
     def desk_quote(
-        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, str]]
+        self, statement: Mapping[str, Any], approvals: Sequence[Mapping[str, Any]]
     ) -> dict[str, Any]:
         return self._statement("desk_quote", statement, approvals)
 
@@ -226,7 +239,7 @@ class BankSigner:
         psbt: str,
         *,
         nonce: str | None = None,
-        approvals: Sequence[Mapping[str, str]] = (),
+        approvals: Sequence[Mapping[str, Any]] = (),
         automatic: bool = False,
         valuation_id: str | None = None,
     ) -> Signed:

@@ -35,7 +35,15 @@ from typing import Any, Final, Protocol
 from embit.psbt import PSBT
 from pydantic import BaseModel, ValidationError
 
-from hsm.approvals import APPROVER, OPERATOR, Endorsement, People, exact_keys, parse_time
+from hsm.approvals import (
+    APPROVER,
+    OPERATOR,
+    Assertion,
+    Endorsement,
+    People,
+    exact_keys,
+    parse_time,
+)
 from hsm.messages import CancelBody, LoanRefBody, PrepareBody, SignBody, StatementBody
 from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
@@ -439,7 +447,21 @@ class SignerCore:
 
     @staticmethod
     def _endorsements(body: StatementBody | SignBody) -> list[Endorsement]:
-        return [Endorsement(a.person, a.signature) for a in body.approvals]
+        return [
+            Endorsement(
+                a.person,
+                a.signature or "",
+                Assertion(
+                    a.webauthn.credential_id,
+                    a.webauthn.authenticator_data,
+                    a.webauthn.client_data_json,
+                    a.webauthn.signature,
+                )
+                if a.webauthn is not None
+                else None,
+            )
+            for a in body.approvals
+        ]
 
     def _enroll(self, body: StatementBody) -> dict[str, Any]:
         person = self.people.enroll(body.statement, self._endorsements(body), self.clock())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from pledge.actions import BANK_ACTIONS, BankAction
 
@@ -23,6 +23,7 @@ __all__ = [
     "PrepareBody",
     "SignBody",
     "StatementBody",
+    "WebAuthnBody",
 ]
 
 
@@ -37,9 +38,33 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _b64url(max_length: int) -> Any:
+    return StringConstraints(min_length=1, max_length=max_length, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class WebAuthnBody(_Body):
+    """A passkey's assertion as the browser returned it (base64url, no padding); the
+    signer parses and checks it (`hsm.passkeys`)."""
+
+    credential_id: Annotated[str, _b64url(1366)]
+    authenticator_data: Annotated[str, _b64url(1400)]
+    client_data_json: Annotated[str, _b64url(4000)]
+    signature: Annotated[str, _b64url(200)]
+
+
 class EndorsementBody(_Body):
+    """One person's approval: a raw `signature` (base64) or a passkey's `webauthn`
+    assertion, never both."""
+
     person: str = Field(min_length=1, max_length=64)
-    signature: str = Field(min_length=1, max_length=400)
+    signature: str | None = Field(default=None, min_length=1, max_length=400)
+    webauthn: WebAuthnBody | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EndorsementBody:
+        if (self.signature is None) == (self.webauthn is None):
+            raise ValueError("an endorsement carries a signature or a webauthn assertion")
+        return self
 
 
 class StatementBody(_Body):

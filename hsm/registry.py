@@ -35,6 +35,7 @@ __all__ = [
     "Decision",
     "LoanRecord",
     "LoanTerms",
+    "PasskeyRecord",
     "Registry",
     "SeedRecord",
     "StatementRecord",
@@ -45,15 +46,29 @@ __all__ = [
 
 STATE_DB_ENV: Final = "HSM_STATE_DB"
 DEFAULT_STATE_DB: Final = "./hsm-state.db"
-SCHEMA_VERSION: Final = 3
-# What each older schema needs to become the current one (applied in order, in one
-# transaction): a state file is upgraded in place, never rebuilt.
+SCHEMA_VERSION: Final = 4
+# What each older schema needs to become the next one (applied in order, each in one
+# transaction, up to the current one): a state file is upgraded in place, never rebuilt.
 _UPGRADES: Final[dict[int, str]] = {
     2: """
 ALTER TABLE loan ADD COLUMN bank_key_kind TEXT NOT NULL DEFAULT 'fixed'
     CHECK (bank_key_kind IN ('fixed', 'hd'));
 ALTER TABLE loan ADD COLUMN bank_account INTEGER NULL CHECK (bank_account >= 0);
 CREATE UNIQUE INDEX IF NOT EXISTS loan_bank_account ON loan(bank_account);
+""",
+    3: """
+-- A person who approves with a passkey (WebAuthn): the credential enrolment named, where
+-- it may be used (rp_id, origins) and its signature counter, so an assertion from a cloned
+-- authenticator (a counter that does not rise) is refused. The COSE key is person.public_key.
+CREATE TABLE IF NOT EXISTS passkey (
+    credential_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE REFERENCES person(name),
+    rp_id TEXT NOT NULL,
+    origins TEXT NOT NULL,
+    sign_count INTEGER NOT NULL DEFAULT 0 CHECK (sign_count >= 0),
+    last_assertion TEXT NULL,
+    last_used_at TEXT NULL
+);
 """,
 }
 
@@ -110,6 +125,18 @@ CREATE TABLE IF NOT EXISTS person (
     public_key TEXT NOT NULL UNIQUE,
     enrolled_at TEXT NOT NULL,
     removed_at TEXT NULL
+);
+-- A person who approves with a passkey (WebAuthn): the credential enrolment named, where
+-- it may be used (rp_id, origins) and its signature counter, so an assertion from a cloned
+-- authenticator (a counter that does not rise) is refused. The COSE key is person.public_key.
+CREATE TABLE IF NOT EXISTS passkey (
+    credential_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE REFERENCES person(name),
+    rp_id TEXT NOT NULL,
+    origins TEXT NOT NULL,
+    sign_count INTEGER NOT NULL DEFAULT 0 CHECK (sign_count >= 0),
+    last_assertion TEXT NULL,
+    last_used_at TEXT NULL
 );
 CREATE TABLE IF NOT EXISTS person_event (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -242,6 +269,10 @@ class LoanRecord:
     bank_account: int | None = None
 
 
+class _CounterMoved(Exception):
+    """A passkey's counter changed between reading and recording it (rolls back all)."""
+
+
 class BankAccountTaken(Exception):
     """Another registration took this BIP-48 account of the bank seed first: derive the
     next one and try again (the check runs in the write transaction, so it is exact)."""
@@ -257,6 +288,18 @@ class SeedRecord:
     ciphertext: bytes
     created_at: datetime
     sealed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class PasskeyRecord:
+    """A person's passkey as enrolment named it, with what its last use showed."""
+
+    credential_id: str  # base64url, as WebAuthn names it
+    name: str
+    rp_id: str
+    origins: tuple[str, ...]
+    sign_count: int
+    last_assertion: str | None  # SHA-256 (hex) of the last assertion counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,9 +349,13 @@ class Registry:
             has_tables = self._db.execute(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
             ).fetchone()[0]
-            if has_tables and version in _UPGRADES:
-                self._db.executescript("BEGIN IMMEDIATE;" + _UPGRADES[version] + "COMMIT;")
-                version = SCHEMA_VERSION
+            while has_tables and version in _UPGRADES:
+                self._db.executescript(
+                    "BEGIN IMMEDIATE;"
+                    + _UPGRADES[version]
+                    + f"PRAGMA user_version = {version + 1};COMMIT;"
+                )
+                version += 1
             if has_tables and version != SCHEMA_VERSION:
                 self._db.close()
                 raise RuntimeError(
@@ -641,6 +688,41 @@ class Registry:
         if row is None:
             return None
         return row["loan_ref"], parse_ts(row["at"]), json.loads(row["body"])
+
+    # -- passkeys -------------------------------------------------------------------------
+
+    def passkey_of(self, name: str) -> PasskeyRecord | None:
+        row = self.read_one("SELECT * FROM passkey WHERE name = ?", (name,))
+        if row is None:
+            return None
+        return PasskeyRecord(
+            credential_id=row["credential_id"],
+            name=row["name"],
+            rp_id=row["rp_id"],
+            origins=tuple(json.loads(row["origins"])),
+            sign_count=int(row["sign_count"]),
+            last_assertion=row["last_assertion"],
+        )
+
+    def count_passkey_uses(
+        self, uses: Sequence[tuple[str, int, int, str]], at: datetime
+    ) -> str | None:
+        """Record each (credential_id, counter seen before, new counter, assertion hash),
+        all or none, if no counter moved since it was read; else the credential that did
+        (another approval raced this one, or a clone did)."""
+        try:
+            with self.tx() as db:
+                for credential_id, before, new, assertion in uses:
+                    cur = db.execute(
+                        "UPDATE passkey SET sign_count = ?, last_assertion = ?, "
+                        "last_used_at = ? WHERE credential_id = ? AND sign_count = ?",
+                        (new, assertion, ts(at), credential_id, before),
+                    )
+                    if cur.rowcount != 1:
+                        raise _CounterMoved(credential_id)
+        except _CounterMoved as moved:
+            return str(moved.args[0])
+        return None
 
     # -- statements -----------------------------------------------------------------------
 

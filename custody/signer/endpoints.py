@@ -13,6 +13,7 @@ from custody.api.deps import (
     SessionDep,
     SignerDep,
     SignerStatementId,
+    SigningRequestId,
 )
 from custody.api.errors import BODY_ERRORS, errors_for
 from custody.chain.rpc import RpcError
@@ -39,10 +40,17 @@ from custody.errors import (
     SignerStatementNotFound,
     SignerStatementNotInState,
     SignerStatementUnsigned,
+    SigningRequestNotFound,
     SigningRequestNotInState,
 )
 from custody.signer import service as signer_statements
-from custody.signer.schemas import BankKeyIn, EndorsementIn, EnrolmentIn, RepaymentIn
+from custody.signer.schemas import (
+    ApprovalChallengeOut,
+    BankKeyIn,
+    EndorsementIn,
+    EnrolmentIn,
+    RepaymentIn,
+)
 from custody.signing.psbt import CannotFinalize
 from pledge.errors import InvalidInput, NotAuthenticated
 
@@ -145,7 +153,13 @@ def enrol_person(body: EnrolmentIn, session: SessionDep, ctx: ContextDep) -> dic
         name=body.name,
         role=body.role,
         algorithm=body.algorithm,
-        public_key=body.public_key.lower(),
+        # hex keys are kept lower case; a passkey's base64url key exactly as sent
+        public_key=body.public_key if body.algorithm == "webauthn" else body.public_key.lower(),
+        passkey=(
+            {"credential_id": body.credential_id, "rp_id": body.rp_id, "origins": body.origins}
+            if body.algorithm == "webauthn"
+            else None
+        ),
     )
     return signer_statements.statement_view(session, st)
 
@@ -212,16 +226,42 @@ def endorse_signer_statement(
     ctx: ContextDep,
     signer: SignerDep,
 ) -> dict[str, Any]:
-    """One enrolled person's signature. With two, the statement goes to the bank's signer,
+    """One enrolled person's signature, or their passkey's WebAuthn assertion over the
+    statement's digest (`challenge`). With two, the statement goes to the bank's signer,
     which checks them itself; no database transaction is open while it is called."""
     engine = request.app.state.engine
     chain = getattr(request.app.state, "chain", None)
     with transaction(engine) as session:
-        st, ready = signer_statements.endorse(
-            session, ctx, statement_id, body.person, body.signature
+        stored = signer_statements.stored_endorsement(
+            body.signature, body.webauthn.model_dump() if body.webauthn is not None else None
         )
+        st, ready = signer_statements.endorse(session, ctx, statement_id, body.person, stored)
     if ready:
         signer_statements.execute(engine, statement_id, signer, ctx, chain)
     with transaction(engine) as session:
         st = signer_statements.get_statement(session, ctx, statement_id)
         return signer_statements.statement_view(session, st)
+
+
+@router.get(
+    "/signing-requests/{request_id}/approval",
+    tags=["signing"],
+    response_model=ApprovalChallengeOut,
+    responses=errors_for(
+        NotAuthenticated,
+        InvalidInput,
+        SigningRequestNotFound,
+        RoleNotAllowed,
+        SigningRequestNotInState,
+        SignerStatementNotInState,
+    ),
+)
+def approval_challenge(
+    request_id: SigningRequestId, session: SessionDep, ctx: ContextDep
+) -> dict[str, Any]:
+    """What an approver's passkey signs for this request: the bank's signer's statement,
+    its canonical bytes and the WebAuthn challenge (base64url of its SHA-256), and the
+    passkeys enrolled through this service that may still sign it (`allowCredentials`;
+    the signer checks the assertion against its own enrolment, not this list). The
+    assertion goes to `POST /v1/signer-statements/{statement_id}/endorsements`."""
+    return signer_statements.approval_challenge(session, ctx, request_id)

@@ -136,3 +136,17 @@ def principal_named(session: Session, role: str, name: str) -> Principal | None:
     return session.exec(
         select(Principal).where(Principal.name == name, Principal.role == role)
     ).first()
+
+
+def done_statements_of_kinds(session: Session, kinds: tuple[str, ...]) -> list[SignerStatement]:
+    """Statements of these kinds the signer acted on, in the order it did."""
+    return list(
+        session.exec(
+            select(SignerStatement)
+            .where(
+                col(SignerStatement.kind).in_(kinds),
+                SignerStatement.state == StatementState.done,
+            )
+            .order_by(col(SignerStatement.updated_at), col(SignerStatement.id))
+        ).all()
+    )

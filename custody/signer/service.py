@@ -15,8 +15,10 @@ repayment is recorded once, a used statement cannot be used twice).
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -35,6 +37,7 @@ from custody.db.models import (
     Loan,
     LoanKey,
     LoanState,
+    RequestState,
     Role,
     SignerEndorsement,
     SignerStatement,
@@ -55,10 +58,12 @@ from custody.errors import (
     SignerStatementNotFound,
     SignerStatementNotInState,
     SignerStatementUnsigned,
+    SigningRequestNotInState,
 )
 from custody.loans import repository as loans_repository
 from custody.loans.service import get_loan, loan_keys, store_key
 from custody.signer import repository
+from custody.signing import repository as signing_repository
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.signatures import add_signatures
 from custody.signing.statements import (
@@ -76,6 +81,7 @@ from pledge.statements import canonical_statement, iso, statement_digest
 __all__ = [
     "TAKEN_TO_SIGNER",
     "UNREACHABLE",
+    "approval_challenge",
     "endorse",
     "execute",
     "get_statement",
@@ -84,6 +90,7 @@ __all__ = [
     "request_bank_key",
     "request_repayment",
     "statement_view",
+    "stored_endorsement",
 ]
 
 log = structlog.get_logger(__name__)
@@ -93,8 +100,17 @@ STATEMENT_TTL: Final = timedelta(hours=24)
 # watcher's rule for large deposits (3) is what it gets, the cautious side of the two.
 SIGNER_CONFIRMATIONS: Final = 3
 # Refusals that more or other signatures can still fix: the statement stays open.
+# A passkey that is not the person's, or whose counter did not rise (a race, or a clone:
+# the signer refused it either way), is fixed by that person signing again.
 RECOVERABLE: Final = frozenset(
-    {"approval_roles", "approval_unknown_person", "approval_signature", "approval_duplicate"}
+    {
+        "approval_roles",
+        "approval_unknown_person",
+        "approval_signature",
+        "approval_duplicate",
+        "approval_credential",
+        "approval_counter",
+    }
 )
 STAFF: Final = (Role.bank_operator, Role.bank_approver)
 
@@ -138,8 +154,80 @@ def statement_view(session: Session, st: SignerStatement) -> dict[str, Any]:
         "statement": body,
         "canonical": canonical_statement(body).decode("utf-8"),
         "digest": statement_digest(body).hex(),
+        "challenge": _b64url(statement_digest(body)),
         "signed_by": list(people),
         "outcome": st.outcome,
+    }
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+# Who signs a statement of each kind, as the signer's quorum rules have it.
+_SIGNING_ROLES: Final = {"enroll": ("admin",), "remove": ("admin",)}
+_STAFF_ROLES: Final = ("bank_operator", "bank_approver")
+
+
+def known_passkeys(session: Session) -> dict[str, dict[str, str]]:
+    """Passkeys enrolled through this service and not removed through it since, by person
+    (from the enrolment and removal statements the signer acted on). The signer's own list
+    may hold more (its ceremony, another service): this is a hint for a browser's
+    `allowCredentials`, never a check; the signer checks every assertion itself."""
+    known: dict[str, dict[str, str]] = {}
+    for st in repository.done_statements_of_kinds(session, ("enroll", "remove")):
+        body = json.loads(st.body)
+        name = str(body.get("name"))
+        if st.kind == "remove":
+            known.pop(name, None)
+        elif body.get("algorithm") == "webauthn":
+            known[name] = {
+                "person": name,
+                "role": str(body.get("role")),
+                "credential_id": str(body.get("credential_id")),
+                "rp_id": str(body.get("rp_id")),
+            }
+    return known
+
+
+def approval_challenge(session: Session, ctx: Context, request_id: int) -> dict[str, Any]:
+    """What the approval page of a signing request awaiting the bank's approval needs: the
+    statement the bank's signer issued for it, the WebAuthn challenge (its digest) and the
+    passkeys that may still sign it (people of the right roles who have not signed yet)."""
+    req = signing_repository.get_request(session, ctx, request_id)  # others get 404
+    require_role(ctx.principal, *STAFF, Role.admin, Role.auditor)
+    if req.state not in (RequestState.awaiting_signatures, RequestState.ready):
+        raise SigningRequestNotInState(
+            f"signing request {request_id} is {req.state}: nothing to approve"
+        )
+    st = signing_repository.transaction_statement_of(session, request_id)
+    if st is None or st.id is None:
+        raise SigningRequestNotInState(
+            f"signing request {request_id} has no statement of the bank's signer to approve"
+        )
+    if st.state != StatementState.open:
+        raise SignerStatementNotInState(
+            f"signer statement {st.id} is {st.state}: it takes no signatures"
+        )
+    view = statement_view(session, st)
+    roles = _SIGNING_ROLES.get(st.kind, _STAFF_ROLES)
+    signed = set(view["signed_by"])
+    credentials = [
+        p
+        for name, p in sorted(known_passkeys(session).items())
+        if p["role"] in roles and name not in signed
+    ]
+    return {
+        "request_id": request_id,
+        "statement_id": st.id,
+        "state": view["state"],
+        "statement": view["statement"],
+        "canonical": view["canonical"],
+        "digest": view["digest"],
+        "challenge": view["challenge"],
+        "signed_by": view["signed_by"],
+        "credentials": credentials,
+        "endorse_at": f"/v1/signer-statements/{st.id}/endorsements",
     }
 
 
@@ -233,17 +321,26 @@ def request_bank_key(
 
 
 def request_enrolment(
-    session: Session, ctx: Context, *, name: str, role: str, algorithm: str, public_key: str
+    session: Session,
+    ctx: Context,
+    *,
+    name: str,
+    role: str,
+    algorithm: str,
+    public_key: str,
+    passkey: Mapping[str, Any] | None = None,
 ) -> SignerStatement:
     """Open the statement that enrols a person in the bank's signer; two enrolled admins
-    sign it (`custody approve --statement ID`). The signer checks the key and the names."""
+    sign it (`custody approve --statement ID`). The signer checks the key and the names.
+    A passkey (`webauthn`) adds its `credential_id`, `rp_id` and `origins`."""
     require_role(ctx.principal, Role.admin)
-    body = {
+    body: dict[str, Any] = {
         "kind": "enroll",
         "name": name,
         "role": role,
         "algorithm": algorithm,
         "public_key": public_key,
+        **dict(passkey or {}),
         "expires_at": iso(utcnow() + STATEMENT_TTL),
     }
     return open_statement(session, ctx, kind="enroll", body=body)
@@ -289,6 +386,35 @@ def request_repayment(
 
 
 # -- signatures -----------------------------------------------------------------------------
+
+_WEBAUTHN_FIELDS: Final = ("credential_id", "authenticator_data", "client_data_json", "signature")
+
+
+def stored_endorsement(signature: str | None, webauthn: Mapping[str, str] | None) -> str:
+    """How an endorsement is kept (`SignerEndorsement.signature`): a raw signature as sent
+    (base64), a passkey's assertion as JSON `{"webauthn": {...}}` (base64 never starts
+    with `{`), so both live in the one column and are relayed to the signer as sent."""
+    if webauthn is not None:
+        return json.dumps({"webauthn": {k: webauthn[k] for k in _WEBAUTHN_FIELDS}}, sort_keys=True)
+    assert signature is not None
+    return signature
+
+
+def relayed_endorsement(person: str, stored: str) -> dict[str, Any]:
+    """The endorsement as the signer takes it, from how it is kept (a row someone rewrote
+    into anything else is relayed as a signature, which the signer refuses)."""
+    if stored.startswith("{"):
+        try:
+            kept = json.loads(stored)
+        except ValueError:
+            kept = None
+        assertion = kept.get("webauthn") if isinstance(kept, dict) else None
+        if isinstance(assertion, dict):
+            return {
+                "person": person,
+                "webauthn": {k: str(assertion.get(k, "")) for k in _WEBAUTHN_FIELDS},
+            }
+    return {"person": person, "signature": stored}
 
 
 def ready_to_retry(session: Session, ctx: Context, statement_id: int) -> SignerStatement:
@@ -364,7 +490,7 @@ def endorse(
 class _Work:
     kind: str
     body: dict[str, Any]
-    approvals: list[dict[str, str]]
+    approvals: list[dict[str, Any]]
     nonce: str | None
     loan_id: int | None
     request_id: int | None
@@ -427,7 +553,7 @@ def execute(
         work = _Work(
             st.kind,
             json.loads(st.body),
-            [{"person": r.person, "signature": r.signature} for r in rows],
+            [relayed_endorsement(r.person, r.signature) for r in rows],
             st.nonce,
             st.loan_id,
             st.request_id,

@@ -299,6 +299,25 @@ CASES: list[Case] = [
     ),
     Case(
         "GET",
+        "/v1/signing-requests/{request_id}/approval",
+        lambda w, c: f"/v1/signing-requests/{c['request']}/approval",
+        # The bank's staff, auditors and admins (the page of an approval); the loan's own
+        # miner and arbiter see the request, not this (403); other parties not even it.
+        # This world's bank key is an xpub, so there is no signer statement to approve.
+        {
+            "admin": 409,
+            "bank_operator": 409,
+            "bank_approver": 409,
+            "auditor": 409,
+            "miner": 403,
+            "arbiter": 403,
+            "other_miner": 404,
+            "other_arbiter": 404,
+        },
+        needs="request",
+    ),
+    Case(
+        "GET",
         "/v1/signing-requests/{request_id}/psbt.bin",
         lambda w, c: f"/v1/signing-requests/{c['request']}/psbt.bin",
         _visible(200),

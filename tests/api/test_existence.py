@@ -67,6 +67,7 @@ LOOKUPS = (
     Lookup("GET", "/v1/signing-requests/{request_id}", "request"),
     Lookup("GET", "/v1/signing-requests/{request_id}/psbt", "request"),
     Lookup("GET", "/v1/signing-requests/{request_id}/psbt.bin", "request"),
+    Lookup("GET", "/v1/signing-requests/{request_id}/approval", "request"),
     Lookup(
         "POST",
         "/v1/signing-requests/{request_id}/signatures",

@@ -113,7 +113,7 @@ def test_a_version_2_registry_is_upgraded_in_place(tmp_path: Path) -> None:
         assert registry.next_bank_account() == 0
         assert registry.seed() is None and registry.backups() == []
         version = registry.read_one("PRAGMA user_version", ())
-        assert version is not None and version[0] == SCHEMA_VERSION == 3
+        assert version is not None and version[0] == SCHEMA_VERSION == 4  # v2 -> v3 -> v4
     finally:
         registry.close()
-    Registry(path).close()  # opens again at version 3 without upgrading twice
+    Registry(path).close()  # opens again at version 4 without upgrading twice
