@@ -11,7 +11,7 @@ import pytest
 import segno
 from sqlmodel import Session, col, select
 from support.console import Console, Person, new_person, screenshot
-from support.world import WHO
+from support.world import BANK_LIQUIDATION, MINER_RETURN, WHO
 
 from custody.db.models import AuditEvent, ConsoleInvitation, ConsolePasskey, ConsoleSession, Loan
 from custody.db.session import transaction
@@ -93,22 +93,22 @@ def _matrix_modules(qr: segno.QRCode) -> set[tuple[int, int]]:
 
 
 def _svg_modules(svg: str) -> set[tuple[int, int]]:
-    """The dark modules of segno's SVG path (scale 4, border 2): each row is drawn as
-    `M x y` then horizontal runs `h n` (dark) and `m n 0` (gaps)."""
+    """The dark modules of segno's SVG path (in module units, under `scale(4)`, border 2):
+    a row starts at `M x y+.5` and is drawn as dark runs `h n` and gaps `m n 0`; the
+    next row starts with a relative move `m -x 1`."""
     (path,) = re.findall(r'<path[^>]* d="([^"]+)"', svg)
-    scale, border = 4, 2
+    border = 2
     dark: set[tuple[int, int]] = set()
     x = y = 0.0
     for cmd, args in re.findall(r"([MmHhVv])([^MmHhVv]*)", path):
-        nums = [float(n) for n in args.replace(",", " ").split()]
+        nums = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?", args)]
         if cmd == "M":
             x, y = nums[0], nums[1]
         elif cmd == "m":
             x, y = x + nums[0], y + (nums[1] if len(nums) > 1 else 0)
         elif cmd == "h":
-            row = int(y // scale) - border
-            for i in range(int(round(nums[0] / scale))):
-                dark.add((int(x // scale) - border + i, row))
+            for i in range(round(nums[0])):
+                dark.add((round(x) - border + i, int(y) - border))
             x += nums[0]
         else:
             raise AssertionError(f"unexpected path command {cmd}")
@@ -142,8 +142,8 @@ def test_a_forged_cross_site_post_is_refused_and_changes_nothing(console: Consol
         "interest_rate_bps": "1800",
         "maturity_at": "2030-01-01T00:00:00+00:00",
         "required_collateral_sats": "50000000",
-        "miner_return_address": "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080",
-        "bank_liquidation_address": "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080",
+        "miner_return_address": MINER_RETURN,
+        "bank_liquidation_address": BANK_LIQUIDATION,
     }
     before = _audit_count(console)
     # Another site's page posting a form to the console: its Origin is not ours (the
