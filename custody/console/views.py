@@ -105,18 +105,22 @@ def top_up_to_cure(debt: int, collateral: int, price: Decimal, margin_call_bps: 
 
 
 def risk_of(loan: Loan, confirmed_sats: int, price: Price | None) -> Risk:
+    """The loan's LTV now; in a margin call, the top-up that cures it if it confirms
+    before the cure window ends (counted on the debt as it will be then: interest keeps
+    accruing, and a top-up sized for the debt of now could fall a few sats short)."""
     debt = outstanding_debt_kopecks(loan)
     ltv = None
-    top_up = None
     if price is not None and confirmed_sats > 0:
         ltv = ltv_bps(debt, confirmed_sats, price.value)
-    if price is not None and loan.state == LoanState.margin_call:
-        top_up = top_up_to_cure(debt, confirmed_sats, price.value, loan.margin_call_ltv_bps)
     cure_by = None
     if loan.state == LoanState.margin_call and loan.margin_call_at is not None:
         since = loan.margin_call_at
         since = since if since.tzinfo else since.replace(tzinfo=UTC)
         cure_by = since + timedelta(hours=loan.cure_window_hours)
+    top_up = None
+    if price is not None and loan.state == LoanState.margin_call:
+        debt_then = outstanding_debt_kopecks(loan, cure_by) if cure_by else debt
+        top_up = top_up_to_cure(debt_then, confirmed_sats, price.value, loan.margin_call_ltv_bps)
     return Risk(
         debt_kopecks=debt,
         ltv_bps=ltv,
