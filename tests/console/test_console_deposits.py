@@ -3,13 +3,16 @@ a margin call's banner names the top-up that cures it (paid, it does)."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import expect
 from sqlmodel import Session
 from support.console import Console, screenshot
+from support.lending import funded_loan, request, sign
 
 from custody.config import Settings
 from custody.db.models import Loan
@@ -96,3 +99,66 @@ def test_a_deposit_confirms_and_the_open_page_follows_then_the_margin_call_is_cu
 def _confirmed_sats(console: Console, lid: int) -> int:
     loan: dict[str, Any] = console.world.call("miner", "GET", f"/v1/loans/{lid}").json()
     return int(loan["collateral"]["confirmed_sats"])
+
+
+def test_a_release_is_signed_through_the_console_and_the_page_follows_it_to_confirmed(
+    node_console: Console,
+    regtest_node: RegtestNode,
+    console_watcher: Watcher,
+    tmp_path: Path,
+) -> None:
+    """The miner downloads the .psbt file, signs it on their device (a software HD signer
+    here) and uploads the file; the bank's operator the same with the base64 text, after
+    an approver's approval (the API's route: the passkey approval is not the console's
+    yet). At quorum the service broadcasts; the request page follows to `confirmed`."""
+    console = node_console
+    funded = funded_loan(console.world, regtest_node, console_watcher, hsm_bank=False)
+    lid = funded.loan["id"]
+    req = request(console.world, "bank_operator", lid, action="release")
+    rid = req["id"]
+    miner = console.enrol("miner")
+    miner.page.goto(f"{console.url}/console/loans")
+    miner.page.click(f"#waiting a[href='/console/requests/{rid}']")
+    labels = miner.page.inner_text("#outputs")
+    assert "the miner's return address" in labels
+    assert funded.loan["terms"]["miner_return_address"] in labels
+    screenshot(miner.page, "request-miner")
+    with miner.page.expect_download() as download:
+        miner.page.click("#psbt-file")
+    unsigned = Path(download.value.path()).read_bytes()
+    signed = sign(base64.b64encode(unsigned).decode(), funded.roots["miner"])
+    signed_file = tmp_path / "signed.psbt"
+    signed_file.write_bytes(base64.b64decode(signed))
+    miner.page.set_input_files("#psbt-upload", str(signed_file))
+    miner.page.click("#upload-submit")
+    miner.page.wait_for_url(f"{console.url}/console/requests/{rid}")
+    assert miner.page.inner_text("#req-signed") == "miner"
+    # The same file again adds nothing: refused, with a page that says so.
+    miner.page.set_input_files("#psbt-upload", str(signed_file))
+    miner.page.click("#upload-submit")
+    assert "Nothing was changed" in miner.page.inner_text("#error")
+
+    approved = console.world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/approve")
+    assert approved.status_code == 200, approved.text
+    operator = console.enrol("bank_operator")
+    operator.page.goto(f"{console.url}/console/requests/{rid}")
+    with operator.page.expect_download() as download:
+        operator.page.click("#psbt-base64")
+    text_file = tmp_path / "bank.psbt.txt"
+    text_file.write_text(sign(Path(download.value.path()).read_text(), funded.roots["bank"]))
+    watching = miner.context.new_page()  # the miner's tab, left open on the request
+    watching.goto(f"{console.url}/console/requests/{rid}")
+    watching.evaluate("window.__samePage = true")
+    operator.page.set_input_files("#psbt-upload", str(text_file))
+    operator.page.click("#upload-submit")
+    operator.page.wait_for_url(f"{console.url}/console/requests/{rid}")
+    assert operator.page.inner_text("#req-state") == "broadcast"
+    assert req["unsigned_txid"] in regtest_node.rpc.get_raw_mempool()
+
+    regtest_node.mine(1)
+    _until(console_watcher, lambda: _state(console, lid) == "released")
+    expect(watching.locator("#req-state")).to_have_text("confirmed", timeout=15_000)
+    assert watching.evaluate("window.__samePage") is True
+    screenshot(watching, "request-confirmed")
+    watching.goto(f"{console.url}/console/loans/{lid}")
+    assert watching.inner_text("#loan-state") == "released"
