@@ -65,9 +65,7 @@ def test_an_invitation_works_once(console: Console) -> None:
     assert "has been used" in second.page.inner_text("#error-message")
     assert second.credentials() == []
     # Its registration route refuses too, even with the page's script bypassed.
-    r = httpx.post(
-        f"{link}/options", headers={"Origin": console.url, "Accept": "application/json"}
-    )
+    r = httpx.post(f"{link}/options", headers={"Origin": console.url, "Accept": "application/json"})
     assert r.status_code == 404 and r.json()["error"] == "invitation_not_valid"
 
 

@@ -123,7 +123,11 @@ def test_a_challenge_answers_once_and_only_for_what_it_was_asked(world: World) -
     token = _invite(world, "bank_approver")
     with transaction(world.engine) as session:
         registration = service.registration_options(session, token, ORIGIN)
-    forged = json.dumps(passkey.get(json.dumps({**json.loads(registration), "rpId": "console.bank.example"}), ORIGIN))
+    forged = json.dumps(
+        passkey.get(
+            json.dumps({**json.loads(registration), "rpId": "console.bank.example"}), ORIGIN
+        )
+    )
     with pytest.raises(PasskeyNotVerified, match="did not ask"), transaction(world.engine) as s:
         service.sign_in(s, forged, ORIGIN)
     assert len(_rows(world, ConsoleSession)) == 2  # the registration's and one sign-in

@@ -42,7 +42,7 @@ def test_an_admin_invites_and_the_link_holds_the_only_copy_of_the_token(world: W
     assert again["url"] != body["url"]
     with Session(world.engine) as session:
         rows = session.exec(select(ConsoleInvitation)).all()
-    assert [r.token_hash for r in rows][0] == hash_token(token)
+    assert rows[0].token_hash == hash_token(token)
     assert all(token not in str(row) for row in rows)
 
 
