@@ -363,7 +363,7 @@ async def sign_out(request: Request) -> Response:
 async def invitation_page(request: Request, token: str) -> Response:
     def work() -> Principal:
         with transaction(_engine(request), write=False) as session:
-            return service.open_invitation(session, token)[1]
+            return service.open_invitation(session, token, lock=False)[1]
 
     target = await run_in_threadpool(work)
     return _page(request, "invite.html", None, {"invitee": target, "token": token})

@@ -28,10 +28,13 @@ def principal_by_name(session: Session, name: str) -> Principal | None:
     return session.exec(select(Principal).where(Principal.name == name)).first()
 
 
-def invitation_by_token_hash(session: Session, token_hash: str) -> ConsoleInvitation | None:
-    """The invitation, its row locked (PostgreSQL) so two uses of one link queue."""
+def invitation_by_token_hash(
+    session: Session, token_hash: str, *, lock: bool
+) -> ConsoleInvitation | None:
+    """The invitation; `lock`: its row locked (PostgreSQL) so two uses of one link queue
+    (a read-only transaction, the invitation page's, may not lock)."""
     query = select(ConsoleInvitation).where(ConsoleInvitation.token_hash == token_hash)
-    return session.exec(query.with_for_update()).first()
+    return session.exec(query.with_for_update() if lock else query).first()
 
 
 def challenge_by_value(session: Session, challenge: str) -> ConsoleChallenge | None:

@@ -151,9 +151,12 @@ def issue_invitation(
     return invitation, target, token
 
 
-def open_invitation(session: Session, token: str) -> tuple[ConsoleInvitation, Principal]:
-    """The invitation behind a link and its principal, if the link can still be used."""
-    invitation = repository.invitation_by_token_hash(session, hash_token(token))
+def open_invitation(
+    session: Session, token: str, *, lock: bool = True
+) -> tuple[ConsoleInvitation, Principal]:
+    """The invitation behind a link and its principal, if the link can still be used
+    (`lock=False` only to show it, in a read-only transaction)."""
+    invitation = repository.invitation_by_token_hash(session, hash_token(token), lock=lock)
     if invitation is None:
         raise InvitationNotValid("this invitation link is not valid")
     if invitation.used_at is not None:

@@ -185,11 +185,13 @@ def dashboard(session: Session, ctx: Context) -> dict[str, Any]:
                 f"the watcher has been stalled since {lease.stalled_since:%Y-%m-%d %H:%M} UTC"
             )
         alerts += [_alert_line(e) for e in repository.recent_alerts(session, limit=10)]
+    seat = seat_of(role)
     waiting = [
         req
         for req in repository.open_requests_of_loans(session, [r.out.id for r in rows])
-        if _seat_of(role) in req.required_seats.split(",")
-        and _seat_of(role) not in req.signed_seats.split(",")
+        if seat is not None
+        and seat in req.required_seats.split(",")
+        and seat not in req.signed_seats.split(",")
     ]
     return {"rows": rows, "price": price, "alerts": alerts, "waiting": waiting, "role": role.value}
 
@@ -199,8 +201,10 @@ def _alert_line(event: AuditEvent) -> str:
     return f"{event.at:%Y-%m-%d %H:%M} {where}{event.action} {event.reason or ''}".strip()
 
 
-def _seat_of(role: Role) -> str:
-    return {Role.miner: "miner", Role.arbiter: "arbiter"}.get(role, "bank")
+def seat_of(role: Role) -> str | None:
+    """The seat whose key this role signs with (the bank's operator holds the bank's
+    device); None for roles that sign nothing."""
+    return {Role.miner: "miner", Role.arbiter: "arbiter", Role.bank_operator: "bank"}.get(role)
 
 
 def loan_page(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
@@ -270,5 +274,5 @@ def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, A
         "row": row,
         "price": current_price(session, loan),
         "role": ctx.principal.role,
-        "seat": _seat_of(Role(ctx.principal.role)),
+        "seat": seat_of(Role(ctx.principal.role)),
     }

@@ -217,3 +217,26 @@ def test_an_idle_session_expires(console: Console) -> None:
     assert "without use" in auditor.page.inner_text("#error-message")
     with Session(console.world.engine) as session:
         assert session.exec(select(col(ConsoleSession.id))).all() == []
+
+
+def test_an_auditor_reads_everything_and_changes_nothing(console: Console) -> None:
+    loan = console.world.funded_ready_loan()
+    auditor = console.enrol("auditor")
+    auditor.page.goto(f"{console.url}/console/loans/{loan['id']}")
+    assert auditor.page.inner_text("#address-0") == loan["collateral_address"]
+    assert auditor.page.locator("main form").count() == 0  # only the header's sign-out
+    csrf = auditor.page.get_attribute("input[name=csrf]", "value")
+    before = _audit_count(console)
+    for path, data in (
+        (f"/console/loans/{loan['id']}/addresses", {}),
+        ("/console/prices", {"price_rub_per_btc": "6000000"}),
+    ):
+        answer = httpx.post(
+            f"{console.url}{path}",
+            data={"csrf": csrf or "", **data},
+            cookies={"console_session": _cookie(auditor)},
+            headers={"Origin": console.url},
+        )
+        assert answer.status_code == 403, (path, answer.text)
+    assert _audit_count(console) == before
+    screenshot(auditor.page, "loan-auditor")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from playwright.sync_api import expect
 from sqlmodel import Session
@@ -129,14 +130,21 @@ def test_a_release_is_signed_through_the_console_and_the_page_follows_it_to_conf
     signed = sign(base64.b64encode(unsigned).decode(), funded.roots["miner"])
     signed_file = tmp_path / "signed.psbt"
     signed_file.write_bytes(base64.b64decode(signed))
+    csrf = miner.page.get_attribute("#upload input[name=csrf]", "value")
     miner.page.set_input_files("#psbt-upload", str(signed_file))
     miner.page.click("#upload-submit")
     miner.page.wait_for_url(f"{console.url}/console/requests/{rid}")
     assert miner.page.inner_text("#req-signed") == "miner"
+    assert miner.page.locator("#upload").count() == 0  # signed: nothing more to sign
     # The same file again adds nothing: refused, with a page that says so.
-    miner.page.set_input_files("#psbt-upload", str(signed_file))
-    miner.page.click("#upload-submit")
-    assert "Nothing was changed" in miner.page.inner_text("#error")
+    again = httpx.post(
+        f"{console.url}/console/requests/{rid}/signatures",
+        data={"csrf": csrf or ""},
+        files={"psbt": ("signed.psbt", signed_file.read_bytes())},
+        cookies={"console_session": _cookie(miner.context.cookies())},
+        headers={"Origin": console.url},
+    )
+    assert again.status_code == 422 and "Nothing was changed" in again.text, again.text
 
     approved = console.world.call("bank_approver", "POST", f"/v1/signing-requests/{rid}/approve")
     assert approved.status_code == 200, approved.text
@@ -162,3 +170,7 @@ def test_a_release_is_signed_through_the_console_and_the_page_follows_it_to_conf
     screenshot(watching, "request-confirmed")
     watching.goto(f"{console.url}/console/loans/{lid}")
     assert watching.inner_text("#loan-state") == "released"
+
+
+def _cookie(cookies: Any) -> str:
+    return str(next(c["value"] for c in cookies if c["name"] == "console_session"))

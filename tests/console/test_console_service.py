@@ -85,6 +85,14 @@ def test_an_invitation_is_stored_as_a_hash_and_works_once(world: World) -> None:
     assert isinstance(row, ConsoleSession) and row.token_hash == service.hash_token(session_token)
 
 
+def test_an_invitation_is_shown_in_a_read_only_transaction(world: World) -> None:
+    """The invitation page reads it without locking (PostgreSQL refuses a lock there)."""
+    token = _invite(world, "arbiter")
+    with transaction(world.engine, write=False) as session:
+        _, target = service.open_invitation(session, token, lock=False)
+    assert target.name == "user-arbiter"
+
+
 def test_an_expired_or_unknown_invitation_is_refused(world: World) -> None:
     token = _invite(world, "arbiter")
     with transaction(world.engine) as session:
