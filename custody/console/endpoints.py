@@ -435,6 +435,25 @@ async def loan_live(request: Request, loan_id: str) -> Response:
     return _page(request, "_live.html", ctx, data)
 
 
+# The chart is its own SVG document, shown as an <img> (where an SVG's scripts never run):
+# its inline styles are allowed, no script (pygal inlines a config script: it stays inert).
+CHART_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline'"
+
+
+@pages.get("/loans/{loan_id}/chart.svg")
+async def loan_chart(request: Request, loan_id: str) -> Response:
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+
+    def work() -> str:
+        with transaction(_engine(request), write=False) as session:
+            return views.loan_chart(session, ctx, lid)
+
+    svg = await run_in_threadpool(work)
+    headers = {"Content-Security-Policy": CHART_POLICY}
+    return Response(svg, media_type="image/svg+xml", headers=headers)
+
+
 _JSON_EXPORTS: Final = {
     "descriptor": exports.export_descriptor,
     "caravan": exports.export_caravan,

@@ -14,6 +14,8 @@ from custody.db.models import (
     ConsolePasskey,
     ConsoleSession,
     Party,
+    PriceRecord,
+    PriceState,
     Principal,
     SigningRequest,
     WatcherLease,
@@ -117,3 +119,16 @@ def open_requests_of_loans(session: Session, loan_ids: list[int]) -> list[Signin
         .order_by(col(SigningRequest.id))
     )
     return list(session.exec(query).all())
+
+
+def confirmed_prices_since(
+    session: Session, since: datetime, limit: int = 500
+) -> list[PriceRecord]:
+    """Confirmed manual prices from `since` on, oldest first (the loan page's chart)."""
+    query = (
+        select(PriceRecord)
+        .where(PriceRecord.state == PriceState.confirmed, col(PriceRecord.confirmed_at) >= since)
+        .order_by(col(PriceRecord.confirmed_at).desc())
+        .limit(limit)
+    )
+    return list(reversed(session.exec(query).all()))

@@ -12,7 +12,9 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pygal
 import segno
+from pygal.style import Style
 from sqlmodel import Session
 
 from custody.auth.context import Context
@@ -276,3 +278,44 @@ def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, A
         "role": ctx.principal.role,
         "seat": seat_of(Role(ctx.principal.role)),
     }
+
+
+CHART_STYLE = Style(
+    background="white", plot_background="white", colors=("#15324d", "#c0392b", "#d98c00")
+)
+
+
+def loan_chart(session: Session, ctx: Context, loan_id: int) -> str:
+    """The loan's price and LTV over time, as an SVG document (pygal, no script): each
+    confirmed manual price since the loan was opened, and the LTV at that price of the debt
+    then over the collateral confirmed now (the service keeps no history of confirmed
+    collateral per moment, so earlier points do not show a deposit arriving later)."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    confirmed = loan_out(session, loan).collateral.confirmed_sats
+    since = loan.created_at if loan.created_at.tzinfo else loan.created_at.replace(tzinfo=UTC)
+    points = []
+    for row in repository.confirmed_prices_since(session, since):
+        at = row.confirmed_at or row.quoted_at
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        price = Decimal(row.price_rub_per_btc)
+        debt = outstanding_debt_kopecks(loan, at)
+        ltv = ltv_bps(debt, confirmed, price) / 100 if confirmed > 0 else None
+        points.append((at, float(price), ltv))
+    chart = pygal.Line(
+        style=CHART_STYLE,
+        js=[],  # no script fetched from pygal's CDN (the chart's policy allows none)
+        disable_xml_declaration=False,
+        height=320,
+        width=900,
+        x_label_rotation=20,
+        show_minor_x_labels=False,
+        secondary_range=(0, max(100, *(p[2] or 0 for p in points)) if points else 100),
+        title="BTC/RUB (left) and LTV % (right)",
+    )
+    chart.x_labels = [p[0].strftime("%m-%d %H:%M") for p in points]
+    chart.x_labels_major_count = 8
+    chart.add("BTC/RUB", [p[1] for p in points])
+    chart.add("LTV %", [p[2] for p in points], secondary=True)
+    chart.add("margin call %", [loan.margin_call_ltv_bps / 100] * len(points), secondary=True)
+    svg: bytes = chart.render()
+    return svg.decode()

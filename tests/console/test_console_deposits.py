@@ -83,6 +83,10 @@ def test_a_deposit_confirms_and_the_open_page_follows_then_the_margin_call_is_cu
     miner.page.goto(f"{console.url}/console/loans")
     banner = miner.page.inner_text(f"#margin-call-{lid}")
     screenshot(miner.page, "dashboard-miner-margin-call")
+    chart = miner.page.request.get(f"{console.url}/console/loans/{lid}/chart.svg")
+    assert chart.status == 200 and chart.headers["content-type"] == "image/svg+xml"
+    assert "LTV %" in chart.text()  # pygal inlines a config script: it never runs (below)
+    assert "default-src 'none'" in chart.headers["content-security-policy"]
     top_up = int(banner.split("Deposit ")[1].split(" sats")[0].replace(" ", ""))
     assert 0 < top_up < 50_000_000
     assert "by " in banner and "UTC" in banner  # the cure window's end
@@ -95,6 +99,8 @@ def test_a_deposit_confirms_and_the_open_page_follows_then_the_margin_call_is_cu
     miner.page.goto(f"{console.url}/console/loans/{lid}")
     assert miner.page.inner_text("#loan-state") == "active"
     assert miner.page.locator("#margin-call").count() == 0
+    assert miner.page.evaluate("document.getElementById('chart').naturalWidth") > 0
+    screenshot(miner.page, "loan-miner-cured")
 
 
 def _confirmed_sats(console: Console, lid: int) -> int:
