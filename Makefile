@@ -1,6 +1,7 @@
 # Pledge custody: one-command set-up.
 #   make test   - install what is missing (apt, .venv, btcd), then run the test suite
 #   make demo   - same set-up, then the regtest end-to-end demo
+#   make up     - same set-up, then the console on regtest with a demo data set, until Ctrl-C
 # Set-up is idempotent and cheap when everything is already there (scripts/bootstrap.sh).
 
 SHELL := /bin/bash
@@ -18,11 +19,12 @@ export BTCD BTCD_VERSION
 # tests/ and bench/ are linted and type-checked as strictly as the product.
 LINT_PATHS := pledge pledge_hwi custody hsm regtest tests bench
 
-.PHONY: help bootstrap bootstrap-venv test lint demo bench clean distclean
+.PHONY: help bootstrap bootstrap-venv test lint demo up bench clean distclean
 
 help:
 	@echo "make test       set up (apt, .venv, btcd) and run pytest -n 2 over tests/"
 	@echo "make demo       set up and run the regtest demo (python -m regtest.demo)"
+	@echo "make up         set up, then the console on regtest (python -m regtest.up) until Ctrl-C"
 	@echo "make lint       ruff + mypy on $(LINT_PATHS), then lint-imports (layer contracts)"
 	@echo "make bench      run the benchmarks"
 	@echo "make bootstrap  only the set-up"
@@ -53,6 +55,11 @@ lint: bootstrap-venv
 # root, which `python -m` puts on sys.path when run from there.
 demo: bootstrap
 	cd $(ROOT) && $(PYTHON_VENV) -m regtest.demo
+
+# btcd, the service's four processes on SQLite, a data set; prints the console's URL and
+# one invitation link per role (regtest/up.py).
+up: bootstrap
+	cd $(ROOT) && $(PYTHON_VENV) -m regtest.up
 
 bench: bootstrap
 	@cd $(ROOT); if [ -f bench/__main__.py ]; then \

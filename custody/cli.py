@@ -96,6 +96,30 @@ def principal_rotate(name: Annotated[str, typer.Argument(help="the principal's n
     typer.echo(_principal_change("rotate", name))
 
 
+@app.command()
+def invite(name: Annotated[str, typer.Argument(help="the principal's name")]) -> None:
+    """Print a one-time link for the principal to register a console passkey (it works
+    once, within CUSTODY_CONSOLE_INVITATION_HOURS; the database keeps only its hash)."""
+    from custody.console.endpoints import invitation_url
+    from custody.console.service import issue_invitation
+    from pledge.errors import CustodyError
+
+    settings = _settings()
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    try:
+        with transaction(engine) as session:
+            _, _, token = issue_invitation(
+                session, actor="cli", hours=settings.console_invitation_hours, name=name
+            )
+    except CustodyError as exc:
+        typer.echo(f"custody invite: {exc.message}", err=True)
+        raise typer.Exit(code=2) from exc
+    finally:
+        engine.dispose()
+    typer.echo(invitation_url(settings, token))
+
+
 # `custody watch` exits with this when another watcher took its lease over.
 LEASE_LOST_EXIT = 3
 

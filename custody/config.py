@@ -127,6 +127,16 @@ class Settings(BaseSettings):
     price_proposal_ttl_seconds: int = Field(default=900, gt=0, le=7 * 24 * 3600)
     price_future_skew_seconds: int = Field(default=30, ge=0, le=3600)
 
+    # The web console (/console). Its origin is what browsers show in the address bar: the
+    # passkeys' relying party is its host (WebAuthn takes a domain name, not an IP address:
+    # "localhost" on this machine), and every form's Origin header must be it. Default:
+    # http://localhost:<api_port>. A session ends after `console_idle_seconds` without a
+    # request of the person's own (a page's polling does not count); an invitation link
+    # works once, within `console_invitation_hours`.
+    console_origin: str | None = None
+    console_idle_seconds: int = Field(default=900, gt=0, le=24 * 3600)
+    console_invitation_hours: int = Field(default=72, gt=0, le=30 * 24)
+
     @field_validator("api_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:
@@ -151,6 +161,11 @@ class Settings(BaseSettings):
                 "otherwise be taken by a second worker while the first still sends it"
             )
         return self
+
+    @property
+    def console_url(self) -> str:
+        """The console's origin, without a trailing slash."""
+        return (self.console_origin or f"http://localhost:{self.api_port}").rstrip("/")
 
     @property
     def is_mainnet(self) -> bool:

@@ -28,6 +28,7 @@ from pledge.errors import (
     Forbidden,
     InvalidInput,
     MethodNotAllowed,
+    NotAuthenticated,
     NotFound,
     TooLarge,
     Unsupported,
@@ -475,6 +476,41 @@ class UrlNotAllowed(InvalidInput):
     to a host whose every address is public (no loopback, private, link-local, ...)."""
 
     code = "url_not_allowed"
+
+
+# -- the web console ---------------------------------------------------------------------------
+
+
+class NoConsoleForRole(InvalidInput):
+    """This principal's role has no console (the risk engine is automation)."""
+
+    code = "no_console_for_role"
+
+
+class InvitationNotValid(NotFound):
+    """The invitation link is unknown, already used or expired: ask an admin for a new one."""
+
+    code = "invitation_not_valid"
+
+
+class PasskeyNotVerified(BadRequest):
+    """The passkey's answer did not verify (wrong challenge, origin, relying party or
+    signature, an unknown credential, or a challenge used or expired): nothing changed."""
+
+    code = "passkey_not_verified"
+
+
+class NotSignedIn(NotAuthenticated):
+    """No console session, or one that ended (signed out or idle too long): sign in again."""
+
+    code = "not_signed_in"
+
+
+class ForgedRequest(Forbidden):
+    """A console form without this session's CSRF token or from another origin: refused,
+    nothing changed."""
+
+    code = "forged_request"
 
 
 # -- what the service depends on -------------------------------------------------------------

@@ -36,6 +36,7 @@ REAL_PART_FIXTURES: Mapping[str, str] = {
     "node": "regtest_node",
     "hsm": "softhsm_token",
     "postgres": "postgres_server",
+    "browser": "console_browser",  # Chromium, for the console's tests (tests/console/)
 }
 # A fixture parametrized with this value asks for PostgreSQL at run time
 # (`request.getfixturevalue`), which the static closure cannot see: `db_url` (and so
@@ -63,7 +64,7 @@ def real_parts(item: pytest.Item) -> set[str]:
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark each test `node`/`hsm`/`postgres` by what it needs, else `unit`.
+    """Mark each test `node`/`hsm`/`postgres`/`browser` by what it needs, else `unit`.
 
     Explicit marks stay (a test that starts a process itself, without the fixtures,
     says so with a mark); a test explicitly marked `unit` that needs a real part is an

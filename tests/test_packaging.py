@@ -90,6 +90,13 @@ def test_the_wheel_holds_the_product_packages_only(wheel: Path) -> None:
     # and it is complete: the migrations the image runs with `custody migrate`
     assert "custody/db/migrations/env.py" in names
     assert any(re.fullmatch(r"custody/db/migrations/versions/0001_\w+\.py", n) for n in names)
+    # and the console's templates, script and styles (the app mounts them at start)
+    console = Path(ROOT / "custody" / "console")
+    shipped = {
+        f"custody/console/{p.relative_to(console).as_posix()}"
+        for p in [*console.glob("templates/*"), *console.glob("static/*")]
+    }
+    assert shipped and shipped <= set(names), shipped - set(names)
 
 
 def test_the_wheel_declares_the_three_commands(wheel: Path) -> None:
@@ -122,6 +129,9 @@ def test_the_unpacked_wheel_imports_and_migrates_without_the_test_kit(
         f"engine = make_engine('sqlite:///{tmp_path / 'image.db'}')\n"
         "upgrade(engine)\n"
         "assert current_revision(engine) == head_revision() is not None\n"
+        "from custody.api.app import create_app\n"
+        "from custody.config import Settings\n"
+        "create_app(Settings(), engine)  # mounts the console's static files from the wheel\n"
         "loaded = sorted(m for m in sys.modules if m.split('.')[0] in "
         f"{sorted(NOT_SHIPPED)!r})\n"
         "assert not loaded, loaded\n"

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,6 +25,7 @@ from custody.api.errors import error_body, media_type
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
 from custody.config import Settings
+from custody.console import endpoints as console
 from custody.errors import (
     BodyTooLarge,
     MalformedBody,
@@ -205,10 +207,14 @@ def create_app(
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
     app.state.price_feeds = price_feeds  # what a manual price is held to (custody.risk.manual)
-    domains = (ops, auth, parties, loans, signer_statements, signing, risk, notify, audit)
+    domains = (ops, auth, console, parties, loans, signer_statements, signing, risk, notify, audit)
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:
         app.include_router(domain.router)
+    # The web console's pages and their own scripts and styles (their bodies, Origin and
+    # CSRF tokens are checked by custody.console.endpoints; its invitation route is above).
+    app.include_router(console.pages)
+    app.mount("/console/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")
 
     # Every error answer, the framework's included, is one shape (`error_body`).
     @app.exception_handler(CustodyError)

@@ -469,3 +469,58 @@ class Outbox(SQLModel, table=True):
     # Set when retries are exhausted; the row is kept for inspection and manual replay.
     dead_at: datetime | None = Field(default=None)
     last_error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+# The web console (custody/console/): invitations, passkeys, sessions, WebAuthn challenges.
+# Only hashes of the bearer tokens (invitation link, session cookie) and public WebAuthn
+# data are stored: a copy of the database signs nobody in.
+
+
+class ConsoleInvitation(SQLModel, table=True):
+    """A one-time link for a principal to register a passkey. The link's token is shown
+    once, to the admin who issued it; this row keeps its SHA-256, its expiry and its use."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    principal_id: int = Field(sa_type=ID, foreign_key="principal.id", index=True)
+    token_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    created_by: str = Field(sa_column=Column(String(160), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    expires_at: datetime = Field(nullable=False)
+    used_at: datetime | None = Field(default=None)
+
+
+class ConsolePasskey(SQLModel, table=True):
+    """A principal's WebAuthn credential for the console: public data only (the private
+    key never leaves the person's authenticator)."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    principal_id: int = Field(sa_type=ID, foreign_key="principal.id", index=True)
+    credential_id: str = Field(sa_column=Column(String(1400), nullable=False, unique=True))
+    public_key: str = Field(sa_column=Column(Text, nullable=False))  # COSE key, base64url
+    sign_count: int = Field(default=0, sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    last_used_at: datetime | None = Field(default=None)
+
+
+class ConsoleSession(SQLModel, table=True):
+    """A signed-in browser. The cookie's token is never stored, only its SHA-256; the
+    CSRF token is derived from the cookie's token, so it is not stored either."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    principal_id: int = Field(sa_type=ID, foreign_key="principal.id", index=True)
+    token_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    last_seen_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class ConsoleChallenge(SQLModel, table=True):
+    """A WebAuthn challenge handed to a browser, used at most once before it expires.
+    `invitation_id` ties a registration's challenge to its invitation."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    purpose: str = Field(sa_column=Column(String(16), nullable=False))  # register | sign_in
+    challenge: str = Field(sa_column=Column(String(128), nullable=False, unique=True))
+    invitation_id: int | None = Field(
+        default=None, sa_type=ID, foreign_key="consoleinvitation.id", index=True
+    )
+    expires_at: datetime = Field(nullable=False)

@@ -87,6 +87,13 @@ CASES: list[Case] = [
     ),
     Case(
         "POST",
+        "/v1/principals/{principal_id}/invitations",
+        lambda w, c: f"/v1/principals/{c['principal']}/invitations",
+        {"admin": 201},
+        needs="principal",
+    ),
+    Case(
+        "POST",
         "/v1/parties",
         lambda w, c: "/v1/parties",
         {"admin": 201, "bank_operator": 201},

@@ -118,6 +118,13 @@ LOOKUPS = (
         outsiders=_NOT_ADMIN,
         status=403,
     ),
+    Lookup(
+        "POST",
+        "/v1/principals/{principal_id}/invitations",
+        "principal",
+        outsiders=_NOT_ADMIN,
+        status=403,
+    ),
 )
 
 

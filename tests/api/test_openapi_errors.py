@@ -187,7 +187,14 @@ def test_every_route_of_the_app_is_in_the_document(document: dict[str, Any]) -> 
     contexts = [
         c for c in iter_route_contexts(_app().routes) if isinstance(c.original_route, APIRoute)
     ]
-    served = {(method.lower(), c.path) for c in contexts for method in c.methods or ()}
+    # The console's pages (custody.console, under /console) are HTML for a browser, not
+    # the API: tests/console drives them; everything else must be in the document.
+    served = {
+        (method.lower(), c.path)
+        for c in contexts
+        for method in c.methods or ()
+        if not (c.path or "").startswith("/console/")
+    }
     assert len(served) >= 35
     documented = {(m, p) for p, ops in document["paths"].items() for m in ops}
     assert served == documented

@@ -4,8 +4,8 @@ One row per `custody risk` or `custody notify` process, written after each of it
 `/v1/health` shows which workers are alive, when each last got through a pass and its
 last error (the watcher already has its lease row for that).
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-02 01:15:00
 """
 
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 import sqlmodel.sql.sqltypes
 from alembic import op
 
-revision = "0011"
-down_revision = "0010"
+revision = "0012"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 

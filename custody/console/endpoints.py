@@ -1,0 +1,725 @@
+"""The console's HTTP edge: the API's invitation route (`POST /v1/principals/{id}/invitations`)
+and the console's pages under /console.
+
+Pages are rendered on the server (Jinja2) from `custody.console.views`, over the same
+domain services and policy as the API. Every POST is checked before anything else: its
+body's size, its `Origin` (the configured console origin only), and, for a signed-in
+form, the session's CSRF token; a refusal is a page (or JSON for our own scripts) with a
+4xx status, and changes nothing. A request holds no transaction across a call to the node.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Coroutine, Mapping
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.routing import APIRoute
+from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from custody.api.deps import ContextDep, PrincipalId, SessionDep, SettingsDep
+from custody.api.errors import errors_for
+from custody.auth.context import Context
+from custody.auth.policy import BANK_STAFF, require_role
+from custody.bitcoin import exports
+from custody.config import Settings
+from custody.console import service, views
+from custody.db.models import KeyRole, Principal, Role
+from custody.db.session import transaction
+from custody.errors import (
+    BodyTooLarge,
+    ExportUnsupported,
+    ForgedRequest,
+    KeysIncomplete,
+    LoanNotFound,
+    NoConsoleForRole,
+    NotSignedIn,
+    PriceNotFound,
+    PrincipalNotFound,
+    PrincipalRevoked,
+    RoleNotAllowed,
+    SigningRequestNotFound,
+)
+from custody.loans import service as loans
+from custody.loans.schemas import HDKeyIn, LoanCreate
+from custody.risk import manual
+from custody.schemas import ID_MAX
+from custody.signing import broadcast, signatures
+from custody.signing.chain import Chain
+from pledge.errors import CustodyError, InvalidInput, NotAuthenticated
+
+HERE = Path(__file__).parent
+STATIC_DIR = HERE / "static"
+TEMPLATES = Jinja2Templates(directory=HERE / "templates")
+COOKIE: Final = "console_session"
+POLL_HEADER: Final = "x-console-poll"  # a page's own refresh: does not count as activity
+FORM_LIMIT = 64 * 1024
+UPLOAD_LIMIT = 4 * 1024 * 1024
+# No script, style or frame from anywhere but here; nothing of ours framed by others.
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",  # no-referrer would make form posts say Origin: null
+    "Cache-Control": "no-store",
+}
+
+
+# -- the API route: invitations -----------------------------------------------------------------
+
+router = APIRouter(prefix="/v1")
+
+
+class InvitationOut(BaseModel):
+    invitation_id: int
+    principal_id: int
+    principal: str
+    role: str
+    expires_at: datetime
+    url: str  # holds the token: shown once, never stored
+
+
+@router.post(
+    "/principals/{principal_id}/invitations",
+    status_code=201,
+    tags=["auth"],
+    responses=errors_for(
+        NotAuthenticated,
+        RoleNotAllowed,
+        InvalidInput,
+        PrincipalNotFound,
+        PrincipalRevoked,
+        NoConsoleForRole,
+    ),
+)
+def create_invitation(
+    principal_id: PrincipalId,
+    session: SessionDep,
+    ctx: ContextDep,
+    settings: SettingsDep,
+    response: Response,
+) -> InvitationOut:
+    """A one-time link for the principal to register a passkey for the console (admins
+    only). The link holds a random token shown only here; the service keeps its SHA-256."""
+    require_role(ctx.principal, Role.admin)
+    invitation, target, token = service.issue_invitation(
+        session, actor=ctx.actor, hours=settings.console_invitation_hours, principal_id=principal_id
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return invitation_out(settings, invitation.id, target, invitation.expires_at, token)
+
+
+def invitation_out(
+    settings: Settings, invitation_id: int | None, target: Principal, expires: datetime, token: str
+) -> InvitationOut:
+    assert invitation_id is not None and target.id is not None
+    return InvitationOut(
+        invitation_id=invitation_id,
+        principal_id=target.id,
+        principal=target.name,
+        role=target.role,
+        expires_at=expires,
+        url=invitation_url(settings, token),
+    )
+
+
+def invitation_url(settings: Settings, token: str) -> str:
+    return f"{settings.console_url}/console/invite/{token}"
+
+
+# -- the console's plumbing ---------------------------------------------------------------------
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+def error_page(request: Request, exc: CustodyError) -> Response:
+    """A refusal: JSON for our scripts, else a page saying what happened, with its status."""
+    if _wants_json(request):
+        body = {"error": exc.code, "message": str(exc.message)}
+        return JSONResponse(body, status_code=exc.status_code, headers=SECURITY_HEADERS)
+    return TEMPLATES.TemplateResponse(
+        request,
+        "error.html",
+        {"status": exc.status_code, "message": exc.message, "code": exc.code, "me": None},
+        status_code=exc.status_code,
+        headers=SECURITY_HEADERS,
+    )
+
+
+class ConsoleRoute(APIRoute):
+    """A console route: its named errors become error pages, every answer gets the
+    security headers."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def run(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except CustodyError as exc:
+                return error_page(request, exc)
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            return response
+
+        return run
+
+
+pages = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _engine(request: Request) -> Any:
+    return request.app.state.engine
+
+
+def _check_origin(request: Request) -> None:
+    """A state-changing request must come from a page of the console itself."""
+    origin = request.headers.get("origin")
+    if origin != _settings(request).console_url:
+        raise ForgedRequest("this request did not come from the console's own pages")
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes, read only once its Origin is ours."""
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit() or int(length) > limit:
+        raise BodyTooLarge(f"the console reads bodies of a declared length up to {limit} bytes")
+    body = await request.body()
+    if len(body) > limit:
+        raise BodyTooLarge(f"the console reads bodies up to {limit} bytes")
+    return body
+
+
+def _form(body: bytes) -> dict[str, str]:
+    """An urlencoded form, one value per field (the last one)."""
+    try:
+        fields = parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("the form is not text") from exc
+    return {k: v[-1] for k, v in fields.items()}
+
+
+def _identify(request: Request, *, touch: bool) -> Principal:
+    """The session's principal (a thread: it queries), its idle clock moved if `touch`."""
+    token = request.cookies.get(COOKIE)
+    settings = _settings(request)
+    engine = _engine(request)
+    with transaction(engine, write=False) as session:
+        outcome = service.check_session(session, token, idle_seconds=settings.console_idle_seconds)
+    if outcome.ended is not None:
+        with transaction(engine) as session:
+            service.end_session(session, outcome.ended)
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.principal is not None and outcome.session_id is not None
+    if touch and outcome.touch_due:
+        with transaction(engine) as session:
+            service.touch_session(session, outcome.session_id)
+    return outcome.principal
+
+
+def _context(request: Request, principal: Principal) -> Context:
+    return Context(principal=principal, network=_settings(request).network)
+
+
+async def _signed_in(request: Request) -> Context:
+    touch = request.headers.get(POLL_HEADER) is None
+    principal = await run_in_threadpool(_identify, request, touch=touch)
+    return _context(request, principal)
+
+
+async def _acting(request: Request, limit: int = FORM_LIMIT) -> tuple[Context, bytes]:
+    """A signed-in form's POST: its origin, its size, its session, then its CSRF token
+    (the form's `csrf` field, or the `X-CSRF-Token` header of our scripts)."""
+    _check_origin(request)
+    body = await _body(request, limit)
+    ctx = await _signed_in(request)
+    token = request.cookies.get(COOKIE, "")
+    submitted = request.headers.get("x-csrf-token")
+    if submitted is None and request.headers.get("content-type", "").startswith(
+        "application/x-www-form-urlencoded"
+    ):
+        submitted = _form(body).get("csrf")
+    if not service.csrf_matches(token, submitted):
+        raise ForgedRequest("this form does not carry this session's CSRF token")
+    return ctx, body
+
+
+def _page(
+    request: Request, name: str, ctx: Context | None, data: Mapping[str, Any], status: int = 200
+) -> HTMLResponse:
+    token = request.cookies.get(COOKIE, "")
+    context = {
+        **data,
+        "me": ctx.principal if ctx is not None else None,
+        "csrf": service.csrf_token(token) if ctx is not None else "",
+    }
+    return TEMPLATES.TemplateResponse(request, name, context, status_code=status)
+
+
+def _session_cookie(request: Request, response: Response, token: str) -> None:
+    settings = _settings(request)
+    response.set_cookie(
+        COOKIE,
+        token,
+        httponly=True,
+        samesite="strict",
+        secure=not service.is_loopback(settings.console_url),
+        path="/console",
+        max_age=None,  # a browser session's cookie; the server ends idle sessions itself
+    )
+
+
+def _id(text: str, missing: Callable[[], CustodyError]) -> int:
+    """A path id, or the object's own 404 (beyond the column, or not a number)."""
+    if not text.isdigit() or int(text) > ID_MAX:
+        raise missing()
+    return int(text)
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+# -- sign-in -------------------------------------------------------------------------------------
+
+
+@pages.get("/")
+async def home(request: Request) -> Response:
+    try:
+        await _signed_in(request)
+    except NotSignedIn:
+        return _redirect("/console/sign-in")
+    return _redirect("/console/loans")
+
+
+@pages.get("/sign-in")
+async def sign_in_page(request: Request) -> Response:
+    return _page(request, "sign_in.html", None, {})
+
+
+@pages.post("/sign-in/options")
+async def sign_in_options(request: Request) -> Response:
+    _check_origin(request)
+    await _body(request, FORM_LIMIT)
+    origin = _settings(request).console_url
+
+    def work() -> str:
+        with transaction(_engine(request)) as session:
+            return service.sign_in_options(session, origin)
+
+    return Response(await run_in_threadpool(work), media_type="application/json")
+
+
+@pages.post("/sign-in")
+async def sign_in(request: Request) -> Response:
+    _check_origin(request)
+    credential = service.credential_json(await _body(request, FORM_LIMIT))
+    origin = _settings(request).console_url
+
+    def work() -> service.SignedIn:
+        with transaction(_engine(request)) as session:
+            return service.sign_in(session, credential, origin)
+
+    done = await run_in_threadpool(work)
+    response = JSONResponse({"redirect": "/console/loans", "name": done.principal.name})
+    _session_cookie(request, response, done.session_token)
+    return response
+
+
+@pages.post("/sign-out")
+async def sign_out(request: Request) -> Response:
+    await _acting(request)
+    token = request.cookies.get(COOKIE)
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            service.sign_out(session, token)
+
+    await run_in_threadpool(work)
+    response = _redirect("/console/sign-in")
+    response.delete_cookie(COOKIE, path="/console")
+    return response
+
+
+@pages.get("/invite/{token}")
+async def invitation_page(request: Request, token: str) -> Response:
+    def work() -> Principal:
+        with transaction(_engine(request), write=False) as session:
+            return service.open_invitation(session, token, lock=False)[1]
+
+    target = await run_in_threadpool(work)
+    return _page(request, "invite.html", None, {"invitee": target, "token": token})
+
+
+@pages.post("/invite/{token}/options")
+async def registration_options(request: Request, token: str) -> Response:
+    _check_origin(request)
+    await _body(request, FORM_LIMIT)
+    origin = _settings(request).console_url
+
+    def work() -> str:
+        with transaction(_engine(request)) as session:
+            return service.registration_options(session, token, origin)
+
+    return Response(await run_in_threadpool(work), media_type="application/json")
+
+
+@pages.post("/invite/{token}/register")
+async def register_passkey(request: Request, token: str) -> Response:
+    _check_origin(request)
+    credential = service.credential_json(await _body(request, FORM_LIMIT))
+    origin = _settings(request).console_url
+
+    def work() -> service.SignedIn:
+        with transaction(_engine(request)) as session:
+            return service.register_passkey(session, token, credential, origin)
+
+    done = await run_in_threadpool(work)
+    response = JSONResponse({"redirect": "/console/loans", "name": done.principal.name})
+    _session_cookie(request, response, done.session_token)
+    return response
+
+
+# -- pages ---------------------------------------------------------------------------------------
+
+
+def _read(request: Request, work: Callable[[Any], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    def run() -> dict[str, Any]:
+        with transaction(_engine(request), write=False) as session:
+            return work(session)
+
+    return run
+
+
+@pages.get("/loans")
+async def dashboard(request: Request) -> Response:
+    ctx = await _signed_in(request)
+    data = await run_in_threadpool(_read(request, lambda s: views.dashboard(s, ctx)))
+    return _page(request, "dashboard.html", ctx, data)
+
+
+@pages.get("/loans/{loan_id}")
+async def loan_page(request: Request, loan_id: str) -> Response:
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+    data = await run_in_threadpool(_read(request, lambda s: views.loan_page(s, ctx, lid)))
+    return _page(request, "loan.html", ctx, data)
+
+
+@pages.get("/loans/{loan_id}/live")
+async def loan_live(request: Request, loan_id: str) -> Response:
+    """The loan page's fragment that changes under the reader (polled by console.js)."""
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+    data = await run_in_threadpool(
+        _read(request, lambda s: {"live": views.live(s, ctx, lid), "loan_id": lid})
+    )
+    return _page(request, "_live.html", ctx, data)
+
+
+# The chart is its own SVG document, shown as an <img> (where an SVG's scripts never run):
+# its inline styles are allowed, no script (pygal inlines a config script: it stays inert).
+CHART_POLICY: Final = "default-src 'none'; style-src 'unsafe-inline'"
+
+
+@pages.get("/loans/{loan_id}/chart.svg")
+async def loan_chart(request: Request, loan_id: str) -> Response:
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+
+    def work() -> str:
+        with transaction(_engine(request), write=False) as session:
+            return views.loan_chart(session, ctx, lid)
+
+    svg = await run_in_threadpool(work)
+    headers = {"Content-Security-Policy": CHART_POLICY}
+    return Response(svg, media_type="image/svg+xml", headers=headers)
+
+
+_JSON_EXPORTS: Final = {
+    "descriptor": exports.export_descriptor,
+    "caravan": exports.export_caravan,
+    "wallet-policy": exports.export_wallet_policy,
+}
+_TEXT_EXPORTS: Final = {
+    "coldcard": (exports.export_coldcard, "-coldcard.txt"),
+    "bsms": (exports.export_bsms, ".bsms"),
+    "sparrow": (exports.export_sparrow, "-sparrow.txt"),
+}
+
+
+@pages.get("/loans/{loan_id}/export/{fmt}")
+async def export(request: Request, loan_id: str, fmt: str) -> Response:
+    """The API's wallet exports as downloads (the same functions, the same refusals)."""
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+    if fmt not in _JSON_EXPORTS and fmt not in _TEXT_EXPORTS:
+        raise ExportUnsupported(f"no export called {fmt!r}")
+
+    def work() -> Response:
+        with transaction(_engine(request), write=False) as session:
+            loan = loans.get_loan(session, ctx, lid)
+            if loan.descriptor is None:
+                raise KeysIncomplete("the loan's three keys are not all registered yet")
+            descriptor = loans.loan_descriptor(session, loan, ctx.network)
+        name = f"loan-{lid}"
+        headers = exports.export_notice(descriptor, fmt).headers()
+        if fmt in _JSON_EXPORTS:
+            text = json.dumps(_JSON_EXPORTS[fmt](descriptor, name), indent=2)
+            suffix = f"-{fmt}.json"
+        else:
+            render, suffix = _TEXT_EXPORTS[fmt]
+            text = render(descriptor, name)
+        headers["Content-Disposition"] = f'attachment; filename="{name}{suffix}"'
+        return PlainTextResponse(text, headers=headers)
+
+    return await run_in_threadpool(work)
+
+
+@pages.post("/loans")
+async def create_loan(request: Request) -> Response:
+    """Bank staff open a loan from the dashboard's form (the API's body, the API's rules)."""
+    ctx, body = await _acting(request)
+    form = _form(body)
+    try:
+        terms: dict[str, Any] = {
+            "principal_kopecks": int(Decimal(form.get("principal_rub", "")) * 100),
+            "interest_rate_bps": int(form.get("interest_rate_bps", "")),
+            "maturity_at": form.get("maturity_at", ""),
+            "miner_return_address": form.get("miner_return_address", ""),
+            "bank_liquidation_address": form.get("bank_liquidation_address", ""),
+        }
+        if form.get("required_collateral_sats"):
+            terms["required_collateral_sats"] = int(form["required_collateral_sats"])
+        for name in ("margin_call_ltv_bps", "liquidation_ltv_bps", "cure_window_hours"):
+            if form.get(name):
+                terms[name] = int(form[name])
+        parsed = LoanCreate.model_validate(
+            {
+                "miner_party_id": int(form.get("miner_party_id", "")),
+                "arbiter_party_id": int(form.get("arbiter_party_id", "")),
+                "terms": terms,
+            }
+        )
+    except (ValueError, InvalidOperation) as exc:
+        raise InvalidInput(
+            f"the loan form is not complete or not valid: {_first_error(exc)}"
+        ) from exc
+
+    def work() -> int:
+        with transaction(_engine(request)) as session:
+            loan = loans.create_loan(session, ctx, parsed)
+            assert loan.id is not None
+            return loan.id
+
+    return _redirect(f"/console/loans/{await run_in_threadpool(work)}")
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return f"{where}: {first.get('msg', '')}"
+    return str(exc)
+
+
+@pages.post("/loans/{loan_id}/keys/{seat}")
+async def register_key(request: Request, loan_id: str, seat: str) -> Response:
+    """A seat's key from the loan page's form (an HD key: `[fingerprint/path]xpub`)."""
+    ctx, body = await _acting(request)
+    lid = _id(loan_id, LoanNotFound)
+    try:
+        key_seat = KeyRole(seat)
+        key = HDKeyIn.model_validate({"kind": "hd", "key": _form(body).get("key", "").strip()})
+    except ValueError as exc:
+        raise InvalidInput(f"the key is not valid: {_first_error(exc)}", field="key") from exc
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            loans.register_key(session, ctx, lid, key_seat, key)
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/loans/{lid}")
+
+
+@pages.post("/loans/{loan_id}/addresses")
+async def new_address(request: Request, loan_id: str) -> Response:
+    ctx, _ = await _acting(request)
+    lid = _id(loan_id, LoanNotFound)
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            loans.new_address(session, ctx, lid)
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/loans/{lid}")
+
+
+@pages.get("/requests/{request_id}")
+async def request_page(request: Request, request_id: str) -> Response:
+    ctx = await _signed_in(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    data = await run_in_threadpool(_read(request, lambda s: views.request_page(s, ctx, rid)))
+    return _page(request, "request.html", ctx, data)
+
+
+@pages.get("/requests/{request_id}/psbt")
+async def request_psbt(request: Request, request_id: str) -> Response:
+    """The PSBT with every signature so far: `?as=base64` as text, else the .psbt file."""
+    ctx = await _signed_in(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    data = await run_in_threadpool(_read(request, lambda s: views.request_page(s, ctx, rid)["req"]))
+    psbt: str = data["psbt"]
+    if request.query_params.get("as") == "base64":
+        disposition = f'attachment; filename="request-{rid}.psbt.txt"'
+        return PlainTextResponse(psbt, headers={"Content-Disposition": disposition})
+    return Response(
+        base64.b64decode(psbt),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="request-{rid}.psbt"'},
+    )
+
+
+@pages.post("/requests/{request_id}/signatures")
+async def upload_signed_psbt(request: Request, request_id: str) -> Response:
+    """The signed .psbt file (binary or base64), through the API's own service call: only
+    new, verified signatures are kept; at quorum the transaction is broadcast after they
+    are committed (no transaction open across the node's call)."""
+    _check_origin(request)
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > UPLOAD_LIMIT:
+        raise BodyTooLarge(f"the signed PSBT file must be at most {UPLOAD_LIMIT} bytes")
+    ctx = await _signed_in(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    form = await request.form(max_files=1, max_fields=4, max_part_size=UPLOAD_LIMIT)
+    submitted = form.get("csrf")
+    if not service.csrf_matches(request.cookies.get(COOKIE, ""), str(submitted or "")):
+        raise ForgedRequest("this form does not carry this session's CSRF token")
+    upload = form.get("psbt")
+    if not isinstance(upload, UploadFile):
+        raise InvalidInput("choose the signed .psbt file to upload", field="psbt")
+    raw = await upload.read()
+    data: bytes | str = raw
+    if raw.strip() and all(c < 128 for c in raw):
+        data = raw.decode().strip()  # a base64 text file, as wallets also save them
+    engine = _engine(request)
+    chain: Chain | None = getattr(request.app.state, "chain", None)
+
+    def work() -> None:
+        with transaction(engine) as session:
+            req = signatures.add_signatures(session, ctx, rid, data)
+            ready = req.state == "ready"
+        if ready and chain is not None:
+            broadcast.broadcast_ready(engine, ctx.actor, rid, chain)
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/requests/{rid}")
+
+
+@pages.get("/requests/{request_id}/live")
+async def request_live(request: Request, request_id: str) -> Response:
+    ctx = await _signed_in(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    data = await run_in_threadpool(_read(request, lambda s: views.request_page(s, ctx, rid)))
+    return _page(request, "_request_live.html", ctx, data)
+
+
+# -- the price desk ------------------------------------------------------------------------------
+
+
+@pages.get("/prices")
+async def price_desk(request: Request) -> Response:
+    ctx = await _signed_in(request)
+    require_role(ctx.principal, *manual.READERS)
+
+    def work(session: Any) -> dict[str, Any]:
+        history = manual.price_history(session, ctx, limit=20, offset=0)
+        now = datetime.now(UTC)
+        return {
+            "history": [(row, manual.shown_state(row, now)) for row in history],
+            "price": views.current_price(session),
+            "can_decide": ctx.principal.role in BANK_STAFF,
+        }
+
+    data = await run_in_threadpool(_read(request, work))
+    return _page(request, "prices.html", ctx, data)
+
+
+def _price_policy(request: Request) -> manual.PricePolicy:
+    return manual.PricePolicy.from_settings(_settings(request))
+
+
+def _feeds(request: Request) -> manual.FeedCheck:
+    """The feeds' median now (a network call: no transaction is open here)."""
+    feeds: manual.Feeds | None = getattr(request.app.state, "price_feeds", None)
+    return manual.feed_check(feeds)
+
+
+@pages.post("/prices")
+async def propose_price(request: Request) -> Response:
+    ctx, body = await _acting(request)
+    require_role(ctx.principal, *manual.DECIDERS)
+    form = _form(body)
+    try:
+        price = Decimal(form.get("price_rub_per_btc", ""))
+    except InvalidOperation as exc:
+        raise InvalidInput("the price is not a number", field="price_rub_per_btc") from exc
+    if not price.is_finite() or price <= 0:
+        raise InvalidInput("the price must be a positive number", field="price_rub_per_btc")
+
+    def work() -> None:
+        feeds = _feeds(request)
+        with transaction(_engine(request)) as session:
+            manual.propose_price(
+                session, ctx, price, datetime.now(UTC), policy=_price_policy(request), feeds=feeds
+            )
+
+    await run_in_threadpool(work)
+    return _redirect("/console/prices")
+
+
+@pages.post("/prices/{price_id}/confirm")
+async def confirm_price(request: Request, price_id: str) -> Response:
+    ctx, _ = await _acting(request)
+    require_role(ctx.principal, *manual.DECIDERS)
+    pid = _id(price_id, PriceNotFound)
+
+    def work() -> None:
+        feeds = _feeds(request)
+        with transaction(_engine(request)) as session:
+            manual.confirm_price(session, ctx, pid, policy=_price_policy(request), feeds=feeds)
+
+    await run_in_threadpool(work)
+    return _redirect("/console/prices")
+
+
+@pages.post("/prices/{price_id}/reject")
+async def reject_price(request: Request, price_id: str) -> Response:
+    ctx, _ = await _acting(request)
+    pid = _id(price_id, PriceNotFound)
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            manual.reject_price(session, ctx, pid)
+
+    await run_in_threadpool(work)
+    return _redirect("/console/prices")

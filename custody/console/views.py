@@ -1,0 +1,321 @@
+"""What the console's pages show, read through the domain services and repositories with
+the API's own policy (a miner sees their loans only; a loan they may not see is 404).
+
+Each function takes the read session and the caller's context and returns plain data for
+a template. Amounts stay integers (sats, kopecks) until the template formats them."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pygal
+import segno
+from pygal.style import Style
+from sqlmodel import Session
+
+from custody.auth.context import Context
+from custody.auth.policy import BANK_STAFF, READ_ALL
+from custody.console import repository
+from custody.db.models import AuditEvent, Loan, LoanState, PriceRecord, Role, SigningRequest
+from custody.loans import service as loans
+from custody.loans.debt import outstanding_debt_kopecks
+from custody.loans.schemas import LoanOut
+from custody.loans.views import deposits_out, loan_out, loans_out
+from custody.risk import repository as risk_repository
+from custody.signing import repository as signing_repository
+from pledge.amounts import ltv_bps
+
+EXPORT_FORMATS = ("descriptor", "caravan", "wallet-policy", "coldcard", "bsms", "sparrow")
+
+
+def qr_svg(text: str) -> str:
+    """The QR code of `text` as inline SVG (segno; upper-case bech32 fits alphanumeric mode,
+    but wallets read either, so the address is encoded as shown)."""
+    svg: str = segno.make_qr(text, error="m").svg_inline(scale=4, border=2, title=text)
+    return svg
+
+
+@dataclass(frozen=True)
+class Price:
+    value: Decimal
+    source: str
+    at: datetime
+
+    @property
+    def age(self) -> timedelta:
+        return datetime.now(UTC) - self.at
+
+
+def current_price(session: Session, loan: Loan | None = None) -> Price | None:
+    """The price the risk engine would use when no feed answers: the last confirmed manual
+    price, else the price the loan's terms were set at."""
+    row: PriceRecord | None = risk_repository.latest_price(session)
+    if row is not None:
+        at = row.confirmed_at or row.quoted_at
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        return Price(Decimal(row.price_rub_per_btc), row.source, at)
+    if loan is not None and loan.price_rub_per_btc:
+        created = loan.created_at if loan.created_at.tzinfo else loan.created_at.replace(tzinfo=UTC)
+        return Price(Decimal(loan.price_rub_per_btc), loan.price_source or "loan terms", created)
+    return None
+
+
+@dataclass(frozen=True)
+class Risk:
+    """A loan's LTV against its thresholds at a price, and what cures a margin call."""
+
+    debt_kopecks: int
+    ltv_bps: int | None
+    margin_call_ltv_bps: int
+    liquidation_ltv_bps: int
+    top_up_sats: int | None  # sats that bring the LTV back below the margin call
+    cure_by: datetime | None  # when the cure window ends (margin call start + window)
+
+    @property
+    def bar_percent(self) -> int:
+        """The bar's fill: LTV as a share of the liquidation threshold (capped)."""
+        if self.ltv_bps is None:
+            return 0
+        return min(100, self.ltv_bps * 100 // max(1, self.liquidation_ltv_bps))
+
+    @property
+    def call_percent(self) -> int:
+        return min(100, self.margin_call_ltv_bps * 100 // max(1, self.liquidation_ltv_bps))
+
+
+def top_up_to_cure(debt: int, collateral: int, price: Decimal, margin_call_bps: int) -> int:
+    """The fewest sats that, added to the confirmed collateral, put the LTV (rounded up, as
+    the risk engine rounds it) below the margin-call threshold."""
+    if debt <= 0:
+        return 0
+    if collateral > 0 and ltv_bps(debt, collateral, price) < margin_call_bps:
+        return 0
+    low, high = collateral, max(collateral, 1)
+    while ltv_bps(debt, high, price) >= margin_call_bps:
+        high *= 2
+    while low + 1 < high:  # invariant: LTV(high) < call <= LTV(low) (or low has none)
+        mid = (low + high) // 2
+        if mid > 0 and ltv_bps(debt, mid, price) < margin_call_bps:
+            high = mid
+        else:
+            low = mid
+    return high - collateral
+
+
+def risk_of(loan: Loan, confirmed_sats: int, price: Price | None) -> Risk:
+    """The loan's LTV now; in a margin call, the top-up that cures it if it confirms
+    before the cure window ends (counted on the debt as it will be then: interest keeps
+    accruing, and a top-up sized for the debt of now could fall a few sats short)."""
+    debt = outstanding_debt_kopecks(loan)
+    ltv = None
+    if price is not None and confirmed_sats > 0:
+        ltv = ltv_bps(debt, confirmed_sats, price.value)
+    cure_by = None
+    if loan.state == LoanState.margin_call and loan.margin_call_at is not None:
+        since = loan.margin_call_at
+        since = since if since.tzinfo else since.replace(tzinfo=UTC)
+        cure_by = since + timedelta(hours=loan.cure_window_hours)
+    top_up = None
+    if price is not None and loan.state == LoanState.margin_call:
+        debt_then = outstanding_debt_kopecks(loan, cure_by) if cure_by else debt
+        top_up = top_up_to_cure(debt_then, confirmed_sats, price.value, loan.margin_call_ltv_bps)
+    return Risk(
+        debt_kopecks=debt,
+        ltv_bps=ltv,
+        margin_call_ltv_bps=loan.margin_call_ltv_bps,
+        liquidation_ltv_bps=loan.liquidation_ltv_bps,
+        top_up_sats=top_up,
+        cure_by=cure_by,
+    )
+
+
+@dataclass(frozen=True)
+class LoanRow:
+    loan: Loan
+    out: LoanOut
+    risk: Risk
+    party_names: dict[str, str]
+
+
+def _party_names(session: Session, loans_: list[Loan]) -> dict[int, str]:
+    ids = sorted(
+        {i for ln in loans_ for i in (ln.miner_party_id, ln.bank_party_id, ln.arbiter_party_id)}
+    )
+    return {pid: p.name for pid, p in repository.parties_by_id(session, ids).items()}
+
+
+def _rows(session: Session, loans_: list[Loan], price: Price | None) -> list[LoanRow]:
+    outs = loans_out(session, loans_)
+    names = _party_names(session, loans_)
+    return [
+        LoanRow(
+            loan=loan,
+            out=out,
+            risk=risk_of(
+                loan, out.collateral.confirmed_sats, price or current_price(session, loan)
+            ),
+            party_names={
+                "miner": names.get(loan.miner_party_id, "?"),
+                "bank": names.get(loan.bank_party_id, "?"),
+                "arbiter": names.get(loan.arbiter_party_id, "?"),
+            },
+        )
+        for loan, out in zip(loans_, outs, strict=True)
+    ]
+
+
+def dashboard(session: Session, ctx: Context) -> dict[str, Any]:
+    """The first page: the caller's loans (all of them for staff and auditors), the price
+    and its age, alerts, and the signing requests waiting for this caller's seat."""
+    visible = loans.list_loans(session, ctx, limit=500)
+    price = current_price(session)
+    rows = _rows(session, visible, price)
+    role = Role(ctx.principal.role)
+    lease = repository.watcher_lease(session)
+    alerts: list[str] = [
+        f"loan {r.loan.id}: margin call, {r.risk.top_up_sats or 0} sats to cure"
+        for r in rows
+        if r.loan.state == LoanState.margin_call
+    ] + [f"loan {r.loan.id}: liquidating" for r in rows if r.loan.state == LoanState.liquidating]
+    if role in READ_ALL:
+        if lease is not None and lease.stalled_since is not None:
+            alerts.append(
+                f"the watcher has been stalled since {lease.stalled_since:%Y-%m-%d %H:%M} UTC"
+            )
+        alerts += [_alert_line(e) for e in repository.recent_alerts(session, limit=10)]
+    seat = seat_of(role)
+    waiting = [
+        req
+        for req in repository.open_requests_of_loans(session, [r.out.id for r in rows])
+        if seat is not None
+        and seat in req.required_seats.split(",")
+        and seat not in req.signed_seats.split(",")
+    ]
+    return {"rows": rows, "price": price, "alerts": alerts, "waiting": waiting, "role": role.value}
+
+
+def _alert_line(event: AuditEvent) -> str:
+    where = f"loan {event.loan_id}: " if event.loan_id is not None else ""
+    return f"{event.at:%Y-%m-%d %H:%M} {where}{event.action} {event.reason or ''}".strip()
+
+
+def seat_of(role: Role) -> str | None:
+    """The seat whose key this role signs with (the bank's operator holds the bank's
+    device); None for roles that sign nothing."""
+    return {Role.miner: "miner", Role.arbiter: "arbiter", Role.bank_operator: "bank"}.get(role)
+
+
+def loan_page(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
+    """Everything about one loan the caller may see (404 otherwise, as the API)."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    out = loan_out(session, loan)
+    (row,) = _rows(session, [loan], None)
+    addresses = [
+        {"address": a.address, "index": a.index, "change": a.change, "qr": qr_svg(a.address)}
+        for a in loans.list_addresses(session, ctx, loan_id)
+        if not a.change
+    ]
+    return {
+        "row": row,
+        "out": out,
+        "price": current_price(session, loan),
+        "addresses": addresses,
+        "exports": EXPORT_FORMATS if loan.descriptor else (),
+        "events": repository.loan_events(session, loan_id),
+        "live": live(session, ctx, loan_id),
+        "role": ctx.principal.role,
+        "is_staff": ctx.principal.role in BANK_STAFF,
+        "seats_open": [
+            s for s in ("miner", "bank", "arbiter") if s not in {k.role for k in out.keys}
+        ],
+    }
+
+
+def live(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
+    """The part of the loan page that changes under the reader: its state, deposits with
+    their confirmations, and its signing requests (polled by the page)."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    out = loan_out(session, loan)
+    requests = signing_repository.list_requests(session, ctx, loan_id)
+    return {
+        "state": loan.state,
+        "collateral": out.collateral,
+        "deposits": deposits_out(session, loan_id),
+        "requests": [request_view(r) for r in requests],
+    }
+
+
+def request_view(req: SigningRequest) -> dict[str, Any]:
+    evidence: dict[str, Any] = json.loads(req.evidence_json)
+    return {
+        "id": req.id,
+        "loan_id": req.loan_id,
+        "action": req.action,
+        "state": req.state,
+        "unsigned_txid": req.unsigned_txid,
+        "required": req.required_seats.split(","),
+        "signed": [s for s in req.signed_seats.split(",") if s],
+        "outputs": json.loads(req.outputs_json),
+        "fee_sats": req.fee_sats,
+        "evidence": evidence,
+        "psbt": req.psbt,
+    }
+
+
+def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, Any]:
+    """A signing request beside its evidence and the loan's terms (404 as the API)."""
+    req = signing_repository.get_request(session, ctx, request_id)
+    loan = loans.get_loan(session, ctx, req.loan_id)
+    (row,) = _rows(session, [loan], None)
+    return {
+        "req": request_view(req),
+        "row": row,
+        "price": current_price(session, loan),
+        "role": ctx.principal.role,
+        "seat": seat_of(Role(ctx.principal.role)),
+    }
+
+
+CHART_STYLE = Style(
+    background="white", plot_background="white", colors=("#15324d", "#c0392b", "#d98c00")
+)
+
+
+def loan_chart(session: Session, ctx: Context, loan_id: int) -> str:
+    """The loan's price and LTV over time, as an SVG document (pygal, no script): each
+    confirmed manual price since the loan was opened, and the LTV at that price of the debt
+    then over the collateral confirmed now (the service keeps no history of confirmed
+    collateral per moment, so earlier points do not show a deposit arriving later)."""
+    loan = loans.get_loan(session, ctx, loan_id)
+    confirmed = loan_out(session, loan).collateral.confirmed_sats
+    since = loan.created_at if loan.created_at.tzinfo else loan.created_at.replace(tzinfo=UTC)
+    points = []
+    for row in repository.confirmed_prices_since(session, since):
+        at = row.confirmed_at or row.quoted_at
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        price = Decimal(row.price_rub_per_btc)
+        debt = outstanding_debt_kopecks(loan, at)
+        ltv = ltv_bps(debt, confirmed, price) / 100 if confirmed > 0 else None
+        points.append((at, float(price), ltv))
+    chart = pygal.Line(
+        style=CHART_STYLE,
+        js=[],  # no script fetched from pygal's CDN (the chart's policy allows none)
+        disable_xml_declaration=False,
+        height=320,
+        width=900,
+        x_label_rotation=20,
+        show_minor_x_labels=False,
+        secondary_range=(0, max(100, *(p[2] or 0 for p in points)) if points else 100),
+        title="BTC/RUB (left) and LTV % (right)",
+    )
+    chart.x_labels = [p[0].strftime("%m-%d %H:%M") for p in points]
+    chart.x_labels_major_count = 8
+    chart.add("BTC/RUB", [p[1] for p in points])
+    chart.add("LTV %", [p[2] for p in points], secondary=True)
+    chart.add("margin call %", [loan.margin_call_ltv_bps / 100] * len(points), secondary=True)
+    svg: bytes = chart.render()
+    return svg.decode()
