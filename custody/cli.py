@@ -115,7 +115,7 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
-    from custody.api.server import freeze_startup_heap, uvicorn_options
+    from custody.api.server import freeze_startup_heap, multiprocess_metrics, uvicorn_options
 
     root = _root()
     s = root.settings
@@ -134,13 +134,14 @@ def serve() -> None:
             root.close()
             # A worker that has not finished starting within uvicorn's default 5 s is killed
             # and replaced, and on a loaded machine every replacement too: give it a minute.
-            uvicorn.run(
-                "custody.cli:api_app",
-                factory=True,
-                workers=s.api_workers,
-                timeout_worker_healthcheck=60,
-                **options,
-            )
+            with multiprocess_metrics(s.api_workers):
+                uvicorn.run(
+                    "custody.cli:api_app",
+                    factory=True,
+                    workers=s.api_workers,
+                    timeout_worker_healthcheck=60,
+                    **options,
+                )
         else:
             api = root.app()
             freeze_startup_heap()

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custody.api import limits, ops
 from custody.api.errors import error_body, media_type
+from custody.api.metrics import RequestMetrics
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
 from custody.config import Settings
@@ -209,6 +210,7 @@ def create_app(
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:
         app.include_router(domain.router)
+    app.add_middleware(RequestMetrics)  # outermost: the request id and latency of all
 
     # Every error answer, the framework's included, is one shape (`error_body`).
     @app.exception_handler(CustodyError)
