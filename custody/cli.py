@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -100,6 +102,36 @@ def _root() -> Root:
     return Root(_settings())
 
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        help="serve this process's Prometheus metrics on 127.0.0.1 at this port "
+        "(CUSTODY_METRICS_PORT)",
+        min=1,
+        max=65535,
+    ),
+]
+
+
+@contextmanager
+def _metrics_server(port: int | None) -> Iterator[None]:
+    """This process's metrics (its default registry) over HTTP on loopback only, while
+    the command runs."""
+    if port is None:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def api_app() -> FastAPI:
     """The app of one API worker process (uvicorn's factory when `api_workers` > 1): each
     worker builds its own parts from the same settings."""
@@ -153,6 +185,7 @@ def serve() -> None:
 @app.command()
 def watch(
     once: Annotated[bool, typer.Option(help="apply what is there, then exit")] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Follow the node and record deposits (one watcher per database)."""
     from custody.watcher.service import LeaseLost
@@ -182,7 +215,8 @@ def watch(
         )
         reconciler.start()
         try:
-            watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
+            with _metrics_server(metrics_port or root.settings.metrics_port):
+                watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
         except LeaseLost as exc:
             # Another watcher took over: this one wrote nothing since and never will.
             # Exit non-zero; restarted, it waits for the lease like any standby.
@@ -215,6 +249,7 @@ def reconcile() -> None:
 @app.command()
 def risk(
     once: Annotated[bool, typer.Option(help="one pass, print the report, exit")] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """The risk engine: LTV of every open loan at the median price; margin calls, cures,
     automatic liquidations (decided and signed by the bank's signer on its own figures)."""
@@ -228,17 +263,18 @@ def risk(
             return
         stop = threading.Event()
         _stop_on_signals(stop)
-        while not stop.is_set():
-            report = engine_.run_once()
-            if report.margin_calls or report.cured or report.liquidations or report.errors:
-                typer.echo(json.dumps(dataclasses.asdict(report), default=str))
-            stop.wait(root.settings.risk_poll_seconds)
+        with _metrics_server(metrics_port or root.settings.metrics_port):
+            while not stop.is_set():
+                report = engine_.run_once()
+                if report.margin_calls or report.cured or report.liquidations or report.errors:
+                    typer.echo(json.dumps(dataclasses.asdict(report), default=str))
+                stop.wait(root.settings.risk_poll_seconds)
     finally:
         root.close()
 
 
 @app.command()
-def notify() -> None:
+def notify(metrics_port: MetricsPort = None) -> None:
     """Deliver queued webhooks (signed, retried with backoff) until stopped."""
     import httpx
 
@@ -250,7 +286,10 @@ def notify() -> None:
     _stop_on_signals(stop)
     urls = UrlPolicy.for_network(root.settings.network)
     # No proxy from the environment: the worker connects to the address it checked.
-    with httpx.Client(timeout=10.0, follow_redirects=False, trust_env=False) as client:
+    with (
+        httpx.Client(timeout=10.0, follow_redirects=False, trust_env=False) as client,
+        _metrics_server(metrics_port or root.settings.metrics_port),
+    ):
         DeliveryWorker(root.engine, client, urls=urls).run(stop, poll=1.0)
 
 

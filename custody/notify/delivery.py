@@ -20,6 +20,7 @@ import hmac
 import json
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from sqlalchemy.engine import Engine
 from custody.db.models import utcnow
 from custody.db.session import transaction
 from custody.netpolicy import Resolver, UrlPolicy, checked_addresses, parse_url, resolve_host
-from custody.notify import repository
+from custody.notify import metrics, repository
 from pledge.errors import InvalidInput
 
 log = structlog.get_logger(__name__)
@@ -267,11 +268,16 @@ def deliver_due(
     claims = _claim(engine, clock(), batch, policy)
     counts = {"delivered": 0, "failed": 0, "dead": 0, "stale": 0}
     for claim in claims:
-        error = (
-            _send(client, claim, clock(), urls, resolve) if claim.active else "webhook deactivated"
-        )
+        if claim.active:
+            started = time.perf_counter()
+            error = _send(client, claim, clock(), urls, resolve)
+            metrics.ATTEMPT_SECONDS.observe(time.perf_counter() - started)
+        else:
+            error = "webhook deactivated"
         outcome = _record_outcome(engine, claim, clock(), error, policy, rng)
         counts[outcome] += 1
+        if outcome != "stale":
+            metrics.DELIVERIES.labels(result=outcome).inc()
         log.info(
             "webhook_attempt",
             outcome=outcome,

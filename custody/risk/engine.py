@@ -8,6 +8,7 @@ disagree): it says why, once, in the audit log and in its report."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,7 +36,7 @@ from custody.loans import repository as loans_repository
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
-from custody.risk import repository
+from custody.risk import metrics, repository
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing.approvals import record_automatic_signature
 from custody.signing.broadcast import broadcast_ready
@@ -124,6 +125,22 @@ class RiskEngine:
         self._paused: str | None = None
 
     def run_once(self) -> RiskReport:
+        """One pass over every open loan (`_pass`), counted and timed (`risk.metrics`)."""
+        started = time.perf_counter()
+        report = self._pass()
+        took = time.perf_counter() - started
+        metrics.PASSES.inc()
+        metrics.PASS_SECONDS.observe(took)
+        metrics.LAST_PASS_SECONDS.set(took)
+        metrics.LAST_PASS.set_to_current_time()
+        metrics.PAUSED.set(int(report.paused is not None))
+        metrics.LOANS.set(report.loans)
+        metrics.LIQUIDATIONS.inc(len(report.liquidations))
+        metrics.MARGIN_CALLS.inc(len(report.margin_calls))
+        metrics.LOAN_ERRORS.inc(len(report.errors))
+        return report
+
+    def _pass(self) -> RiskReport:
         report = RiskReport()
         now = self.clock()
         consensus = self.prices.consensus()

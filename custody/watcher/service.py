@@ -98,7 +98,7 @@ from custody.loans.service import change_state
 from custody.notify.events import notify_loan, notify_operators
 from custody.signing.chain_events import mined, unmined
 from custody.signing.repository import request_for_txid
-from custody.watcher import repository
+from custody.watcher import metrics, repository
 from pledge.errors import Conflict
 
 log = structlog.get_logger(__name__)
@@ -617,11 +617,17 @@ class Watcher:
             except WatcherBusy:
                 raise
             except Exception as exc:
+                metrics.STEPS.labels(result="failed").inc()
                 self._record_step(error=exc)
                 raise
             self._record_step(height=result.height)
         finally:
             self._stepping = False
+        metrics.STEPS.labels(result="ok").inc()
+        metrics.BLOCKS_APPLIED.inc(result.blocks_applied)
+        metrics.BLOCKS_ROLLED_BACK.inc(result.blocks_rolled_back)
+        metrics.HEIGHT.set(result.height)
+        metrics.LAST_STEP.set_to_current_time()
         return result
 
     def _record_step(self, *, error: Exception | None = None, height: int | None = None) -> None:
@@ -694,6 +700,7 @@ class Watcher:
     def _step(self) -> StepResult:
         result = StepResult()
         tip = self.rpc.get_block_count()
+        metrics.NODE_TIP.set(tip)
         cursor = self._cursor(tip)
         if cursor.height > tip or self.rpc.get_block_hash(cursor.height) != cursor.block_hash:
             result.blocks_rolled_back = self._rollback_to_fork(cursor, tip)
