@@ -200,6 +200,7 @@ def json_formatter() -> logging.Formatter:
             structlog.stdlib.add_log_level,
             structlog.stdlib.add_logger_name,
             structlog.stdlib.ExtraAdder(),
+            _drop_color_message,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
         processors=[
@@ -209,6 +210,14 @@ def json_formatter() -> logging.Formatter:
             structlog.processors.JSONRenderer(),
         ],
     )
+
+
+def _drop_color_message(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """uvicorn's `extra` copy of its message with terminal colours: not for a JSON line."""
+    event.pop("color_message", None)
+    return event
 
 
 def configure_logging(level: str = "INFO") -> None:

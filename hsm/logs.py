@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -33,6 +35,14 @@ def current_request_id() -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _drop_color_message(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """uvicorn's `extra` copy of its message with terminal colours: not for a JSON line."""
+    event.pop("color_message", None)
+    return event
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
@@ -42,6 +52,7 @@ def configure_logging(level: str = "INFO") -> None:
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,
                 structlog.stdlib.ExtraAdder(),
+                _drop_color_message,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
             ],
             processors=[

@@ -224,7 +224,7 @@ def create_app(
     @app.exception_handler(PoolTimeout)
     async def _no_connection(_request: Request, _exc: PoolTimeout) -> JSONResponse:
         # Every database connection stayed busy for the pool's timeout: overload.
-        log.warning("no database connection in time: answered 503")
+        log.warning("api.busy", detail="no database connection in time: answered 503")
         busy = ServiceBusy("the service is at capacity: retry shortly")
         return _answer(busy, {"Retry-After": "1"})
 
@@ -235,7 +235,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The traceback (no local variables) for the operator; the caller gets no detail.
-        log.error("unhandled error", error_type=type(exc).__name__, exc_info=exc)
+        log.error("api.unhandled_error", error_type=type(exc).__name__, exc_info=exc)
         body = {"error": CustodyError.code, "message": "internal error", "field": None}
         return JSONResponse(status_code=500, content=body)
 

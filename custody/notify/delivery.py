@@ -279,7 +279,7 @@ def deliver_due(
         if outcome != "stale":
             metrics.DELIVERIES.labels(result=outcome).inc()
         log.info(
-            "webhook_attempt",
+            "notify.attempt",
             outcome=outcome,
             event_id=claim.event_id,
             event_type=claim.event_type,
@@ -337,7 +337,7 @@ class DeliveryWorker:
             try:
                 report = self.run_once()
             except Exception:
-                log.exception("webhook_delivery_error")
+                log.exception("notify.delivery_error")
                 stop.wait(poll)
                 continue
             if report.attempted < self.batch:

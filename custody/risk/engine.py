@@ -152,7 +152,7 @@ class RiskEngine:
                     record(
                         session, actor=ACTOR, action="risk.paused", decision="paused", reason=reason
                     )
-                log.warning("automatic liquidation paused", reason=reason)
+                log.warning("risk.paused", reason=reason)
             self._paused = reason
             return report
         if self._paused is not None:
@@ -185,7 +185,7 @@ class RiskEngine:
                     self._let_the_signer_watch(loan_id, follow.loan_ref)
             except Exception as exc:  # one loan's trouble must not stop the others
                 report.errors[loan_id] = f"{type(exc).__name__}: {exc}"
-                log.error("risk pass failed for a loan", loan_id=loan_id, error=str(exc))
+                log.error("risk.loan_failed", loan_id=loan_id, error=str(exc))
         return report
 
     def _reconcile_unsigned(self, now: datetime) -> None:
@@ -275,7 +275,7 @@ class RiskEngine:
         try:
             self.signer.valuation(loan_ref)
         except (PolicyViolation, UpstreamUnavailable) as exc:
-            log.warning("the bank's signer could not value a loan", loan_id=loan_id, error=str(exc))
+            log.warning("risk.valuation_failed", loan_id=loan_id, error=str(exc))
 
     def _prefetched(self, loan_id: int) -> PrefetchedChain:
         """The node's answers the request will need, asked with no transaction open."""
@@ -392,7 +392,7 @@ class RiskEngine:
             assert loan is not None
             if decision.refused:
                 log.error(
-                    "bank signer refused an automatic liquidation",
+                    "risk.liquidation_refused",
                     loan_id=loan_id,
                     check=decision.check,
                     reason=decision.refused,

@@ -99,7 +99,7 @@ def test_the_database_figures_are_what_is_recorded(engine: Engine) -> None:
                     required_confirmations=1,
                 )
             )
-        for n, (state, age) in enumerate(
+        for n, (request_state, age) in enumerate(
             [
                 (RequestState.awaiting_signatures, 600),
                 (RequestState.ready, 60),
@@ -110,7 +110,7 @@ def test_the_database_figures_are_what_is_recorded(engine: Engine) -> None:
                 SigningRequest(
                     loan_id=loan_id,
                     action=SigningAction.release,
-                    state=state,
+                    state=request_state,
                     slot=f"test:{n}",
                     psbt="-",
                     unsigned_txid=f"{n + 100:064x}",
