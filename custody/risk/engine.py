@@ -122,7 +122,11 @@ class RiskEngine:
         self.engine, self.network, self.prices = engine, network, prices
         self.chain, self.signer, self.fees = chain, signer, fees
         self.notify, self.clock = notify, clock
+        # The pause as last recorded (read at the first pass: an engine restarted while
+        # paused records its resumption, so the audit log and the API's
+        # `custody_risk_paused` never stay paused after the price is back).
         self._paused: str | None = None
+        self._pause_read = False
 
     def run_once(self) -> RiskReport:
         """One pass over every open loan (`_pass`), counted and timed (`risk.metrics`)."""
@@ -141,6 +145,12 @@ class RiskEngine:
         return report
 
     def _pass(self) -> RiskReport:
+        if not self._pause_read:
+            with transaction(self.engine, write=False) as session:
+                last = repository.last_pause_change(session)
+                if last is not None and last.action == "risk.paused":
+                    self._paused = last.reason or "paused"
+            self._pause_read = True
         report = RiskReport()
         now = self.clock()
         consensus = self.prices.consensus()
