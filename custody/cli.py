@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -128,6 +130,36 @@ def _root() -> Root:
     return Root(_settings())
 
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        help="serve this process's Prometheus metrics on 127.0.0.1 at this port "
+        "(CUSTODY_METRICS_PORT)",
+        min=1,
+        max=65535,
+    ),
+]
+
+
+@contextmanager
+def _metrics_server(port: int | None) -> Iterator[None]:
+    """This process's metrics (its default registry) over HTTP on loopback only, while
+    the command runs."""
+    if port is None:
+        yield
+        return
+    from prometheus_client import start_http_server
+
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def api_app() -> FastAPI:
     """The app of one API worker process (uvicorn's factory when `api_workers` > 1): each
     worker builds its own parts from the same settings."""
@@ -143,7 +175,7 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
-    from custody.api.server import freeze_startup_heap, uvicorn_options
+    from custody.api.server import freeze_startup_heap, multiprocess_metrics, uvicorn_options
 
     root = _root()
     s = root.settings
@@ -162,13 +194,14 @@ def serve() -> None:
             root.close()
             # A worker that has not finished starting within uvicorn's default 5 s is killed
             # and replaced, and on a loaded machine every replacement too: give it a minute.
-            uvicorn.run(
-                "custody.cli:api_app",
-                factory=True,
-                workers=s.api_workers,
-                timeout_worker_healthcheck=60,
-                **options,
-            )
+            with multiprocess_metrics(s.api_workers):
+                uvicorn.run(
+                    "custody.cli:api_app",
+                    factory=True,
+                    workers=s.api_workers,
+                    timeout_worker_healthcheck=60,
+                    **options,
+                )
         else:
             api = root.app()
             freeze_startup_heap()
@@ -180,6 +213,7 @@ def serve() -> None:
 @app.command()
 def watch(
     once: Annotated[bool, typer.Option(help="apply what is there, then exit")] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Follow the node and record deposits (one watcher per database)."""
     from custody.watcher.service import LeaseLost
@@ -209,7 +243,8 @@ def watch(
         )
         reconciler.start()
         try:
-            watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
+            with _metrics_server(metrics_port or root.settings.metrics_port):
+                watcher.run(stop, poll_seconds=root.settings.watch_poll_seconds)
         except LeaseLost as exc:
             # Another watcher took over: this one wrote nothing since and never will.
             # Exit non-zero; restarted, it waits for the lease like any standby.
@@ -242,6 +277,7 @@ def reconcile() -> None:
 @app.command()
 def risk(
     once: Annotated[bool, typer.Option(help="one pass, print the report, exit")] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """The risk engine: LTV of every open loan at the median price; margin calls, cures,
     automatic liquidations (decided and signed by the bank's signer on its own figures)."""
@@ -260,18 +296,19 @@ def risk(
         heartbeat = Heartbeat(root.engine, "risk")
         heartbeat.start()
         try:
-            while not stop.is_set():
-                try:
-                    report = engine_.run_once(stop=stop, progress=heartbeat.alive)
-                except Exception as exc:  # the database or a price source is away: retry
-                    log.exception("risk.pass_failed")
-                    heartbeat.beat(exc)
+            with _metrics_server(metrics_port or root.settings.metrics_port):
+                while not stop.is_set():
+                    try:
+                        report = engine_.run_once(stop=stop, progress=heartbeat.alive)
+                    except Exception as exc:  # the database or a price source is away: retry
+                        log.exception("risk.pass_failed")
+                        heartbeat.beat(exc)
+                        stop.wait(root.settings.risk_poll_seconds)
+                        continue
+                    heartbeat.beat()
+                    if report.margin_calls or report.cured or report.liquidations or report.errors:
+                        typer.echo(json.dumps(dataclasses.asdict(report), default=str))
                     stop.wait(root.settings.risk_poll_seconds)
-                    continue
-                heartbeat.beat()
-                if report.margin_calls or report.cured or report.liquidations or report.errors:
-                    typer.echo(json.dumps(dataclasses.asdict(report), default=str))
-                stop.wait(root.settings.risk_poll_seconds)
         finally:
             heartbeat.stop()
     finally:
@@ -279,7 +316,7 @@ def risk(
 
 
 @app.command()
-def notify() -> None:
+def notify(metrics_port: MetricsPort = None) -> None:
     """Deliver queued webhooks (signed, retried with backoff) until stopped."""
     import httpx
 
@@ -297,9 +334,12 @@ def notify() -> None:
         s = root.settings
         policy = RetryPolicy(lease_seconds=s.notify_claim_seconds)
         # No proxy from the environment: the worker connects to the address it checked.
-        with httpx.Client(
-            timeout=s.notify_timeout_seconds, follow_redirects=False, trust_env=False
-        ) as client:
+        with (
+            httpx.Client(
+                timeout=s.notify_timeout_seconds, follow_redirects=False, trust_env=False
+            ) as client,
+            _metrics_server(metrics_port or s.metrics_port),
+        ):
             worker = DeliveryWorker(root.engine, client, urls=urls, policy=policy)
             worker.run(stop, poll=1.0, beat=heartbeat.beat)
     finally:

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     reconcile_seconds: float = 30.0
     reconcile_grace_seconds: float = 120.0
 
+    # `custody watch | risk | notify --metrics-port`: the process's own Prometheus metrics
+    # on 127.0.0.1 at this port (none when unset). `custody serve` has /v1/metrics.
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)
+
     # Fees for transactions the service builds: the node's estimate, held in these bounds.
     fee_rate_floor_sat_vb: float = 2.0
     fee_rate_ceiling_sat_vb: float = 200.0

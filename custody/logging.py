@@ -11,6 +11,11 @@ like secrets (`secret`, `api_key`, `pin`, `token`, `authorization`, ...), in an 
 fields and in text (`secret='...'`, `"token": "..."`, `Authorization: Bearer ...`), our API
 keys wherever they appear (`pc_` and 43 random characters, `custody.auth.service`), and the
 bound parameters SQLAlchemy lists in an error.
+
+Every line is one JSON object, structlog's events and stdlib records alike (uvicorn's
+own logging configuration is off: `custody.api.server.uvicorn_options`), with the request
+id of the request it was written for (`request_id`, from the edge, see
+`accept_request_id`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import uuid
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
@@ -163,9 +169,62 @@ def _install_record_factory() -> None:
     _installed_factory = factory
 
 
+# The request id from the edge (`X-Request-Id`): a caller's own when it is short and of a
+# safe charset (it is echoed, logged, written into audit data and sent to the signer),
+# else one made here.
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def accept_request_id(value: str | None) -> str:
+    """The caller's request id if it is safe to carry, else a new one."""
+    if value is not None and _REQUEST_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def current_request_id() -> str | None:
+    """The request id bound for the request being served (structlog's contextvars, which
+    follow the request into the threads its endpoint runs on), or None outside one."""
+    value = structlog.contextvars.get_contextvars().get("request_id")
+    return value if isinstance(value, str) else None
+
+
+def json_formatter() -> logging.Formatter:
+    """Stdlib records (uvicorn's, SQLAlchemy's, the signer's `hsm.*` loggers in process)
+    rendered as the same JSON line as structlog's events: `event`, `level`, `logger`,
+    `timestamp`, the request id bound for the request and the record's `extra` fields."""
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            _drop_color_message,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact_event,
+            structlog.processors.JSONRenderer(),
+        ],
+    )
+
+
+def _drop_color_message(
+    _logger: Any, _name: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """uvicorn's `extra` copy of its message with terminal colours: not for a JSON line."""
+    event.pop("color_message", None)
+    return event
+
+
 def configure_logging(level: str = "INFO") -> None:
     _install_record_factory()
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(json_formatter())
+    logging.basicConfig(level=level, handlers=[handler])
     # One line per node RPC call drowns the watcher's own events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     structlog.configure(

@@ -15,7 +15,6 @@ this process's environment once read, so nothing it spawns inherits them.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +72,7 @@ def serve(
     import uvicorn
 
     from hsm.factory import build_core
+    from hsm.logs import configure_logging
     from hsm.server import create_signer_app
 
     if host not in (LOOPBACK, "localhost"):
@@ -85,7 +85,7 @@ def serve(
         raise _fail(f"HSM_SERVE_TOKEN is required, at least {MIN_TOKEN_CHARS} characters")
     if not settings.pin.get_secret_value():
         raise _fail("HSM_PIN is required")
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(log_level)
     try:
         core = build_core(settings)
     except SignerError as exc:  # messages never carry the PIN
@@ -102,6 +102,7 @@ def serve(
             log_level=log_level,
             server_header=False,
             timeout_graceful_shutdown=10,
+            log_config=None,  # its lines go through the JSON handler (hsm.logs)
         )
     finally:
         core.close()

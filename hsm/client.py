@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 import httpx
 from embit.psbt import PSBT
 
+from hsm.logs import REQUEST_ID_HEADER, current_request_id
 from hsm.signer import PolicyViolation, SignerError, SignerUnavailable
 from hsm.urls import check_secret_url
 
@@ -106,10 +107,12 @@ class HttpTransport:
         return f"HttpTransport(url={self.url!r})"
 
     def call(self, op: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        headers = {"Content-Type": "application/json"}
+        request_id = current_request_id()  # the service's request, if one is being served
+        if request_id is not None:
+            headers[REQUEST_ID_HEADER] = request_id
         try:
-            response = self._client.post(
-                f"/v1/{op}", content=_body(payload), headers={"Content-Type": "application/json"}
-            )
+            response = self._client.post(f"/v1/{op}", content=_body(payload), headers=headers)
         except httpx.TimeoutException:
             raise SignerUnavailable(f"the signer at {self.url} did not answer in time") from None
         except httpx.HTTPError as exc:

@@ -45,6 +45,7 @@ from hsm.approvals import (
     parse_time,
 )
 from hsm.messages import CancelBody, LoanRefBody, PrepareBody, SignBody, StatementBody
+from hsm.metrics import SignerMetrics
 from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
 from hsm.psbt_signing import sign_checked_psbt
@@ -275,6 +276,10 @@ class SignerCore:
         if seed is None and hasattr(hsm, "seal"):
             seed = BankSeed(hsm, registry, self.network)  # type: ignore[arg-type]
         self.seed = seed
+        self.metrics = SignerMetrics(
+            c_sign=lambda: int(self.hsm.c_sign_calls),
+            seed=lambda: self.seed.signatures if self.seed is not None else 0,
+        )
         self._register_lock = threading.Lock()
         self.people = People(registry)
         self.node = node
@@ -346,6 +351,7 @@ class SignerCore:
                 ) from None
             loan_ref = _loan_ref_of(parsed)
             result = run(parsed)
+            self.metrics.decided(op, "signed" if op == "sign" else "accepted")
             return 200, result
         except PolicyViolation as exc:
             return self._refused(loan_ref, exc, detail)
@@ -354,7 +360,7 @@ class SignerCore:
                 loan_ref, PolicyViolation(exc.check, exc.message, field=exc.field), detail
             )
         except (SignerUnavailable, SignerError) as exc:
-            log.warning("signer.unavailable op=%s reason=%s", op, exc.message)
+            log.warning("signer.unavailable", extra={"op": op[:40], "reason": exc.message})
             self._log_refusal(
                 loan_ref, PolicyViolation("unavailable", exc.message, field=None), detail
             )
@@ -366,7 +372,7 @@ class SignerCore:
                 loan_ref, PolicyViolation("invalid_input", exc.message, field=exc.field), detail
             )
         except Exception:  # never a 500 with details: refuse, and keep the traceback here
-            log.exception("signer.internal_error op=%s", op)
+            log.exception("signer.internal_error", extra={"op": op[:40]})
             return self._refused(
                 loan_ref,
                 PolicyViolation(
@@ -400,8 +406,25 @@ class SignerCore:
             "field": None,
         }
 
+    def _op_label(self, detail: dict[str, Any]) -> str:
+        """The operation as a metric label: only the signer's own (a caller picks the path)."""
+        op = detail.get("op")
+        return op if isinstance(op, str) and op in self._ops else "unknown"
+
     def _log_refusal(self, loan_ref: str, refusal: PolicyViolation, detail: dict[str, Any]) -> None:
-        log.info("signer.refused loan=%s check=%s", loan_ref, refusal.check)
+        op = self._op_label(detail)
+        result = "unavailable" if refusal.check == "unavailable" else "refused"
+        self.metrics.decided(op, result, refusal.check)
+        log.info(
+            "signer.decision",
+            extra={
+                "op": op,
+                "loan": loan_ref,
+                "decision": result,
+                "check": refusal.check,
+                "reason": refusal.reason,
+            },
+        )
         try:
             self.registry.log_decision(
                 loan_ref=loan_ref,
@@ -415,6 +438,15 @@ class SignerCore:
             log.exception("signer.decision_log_failed")
 
     def _log(self, loan_ref: str, decision: str, reason: str, **detail: Any) -> None:
+        log.info(
+            "signer.decision",
+            extra={
+                "loan": loan_ref,
+                "decision": decision,
+                "reason": reason,
+                "txid": detail.get("txid"),
+            },
+        )
         self.registry.log_decision(
             loan_ref=loan_ref,
             txid=detail.get("txid"),
@@ -556,7 +588,7 @@ class SignerCore:
             f"loan registered by {', '.join(by)} ({kind} bank key)",
             descriptor=record.descriptor,
         )
-        log.info("signer.loan_registered loan=%s by=%s kind=%s", loan_ref, ",".join(by), kind)
+        log.info("signer.loan_registered", extra={"loan": loan_ref, "by": list(by), "kind": kind})
         return {
             **self._loan_json(record),
             "local": bool(info.local),
@@ -1227,7 +1259,7 @@ class SignerCore:
         self._log(
             loan.loan_ref, "signed", who, **detail, fee_sats=checked.report.fee_sats, sats=amount
         )
-        log.info("signer.signed loan=%s txid=%s", loan.loan_ref, txid)
+        log.info("signer.signed", extra={"loan": loan.loan_ref, "txid": txid})
         return {
             "psbt": signed.psbt,
             "txid": txid,

@@ -325,7 +325,7 @@ class _TokenConnection:
             try:
                 session.close()
             except p11e.PKCS11Error:
-                log.debug("closing a failed PKCS#11 session raised; ignored")
+                log.debug("hsm.session_close_failed")
 
 
 _registry_lock = threading.Lock()
@@ -457,7 +457,7 @@ class Pkcs11Signer(Signer):
                         type(exc) is p11e.PKCS11Error and "not initialized" in str(exc).lower()
                     )
                     if attempt == 1 and stale:
-                        log.warning("PKCS#11 session lost (%s); re-opening", type(exc).__name__)
+                        log.warning("hsm.session_reopened", extra={"error": type(exc).__name__})
                         continue
                     raise _translate(exc, f"PKCS#11 {what} failed") from exc
         raise AssertionError("unreachable")  # pragma: no cover
@@ -570,10 +570,12 @@ class Pkcs11Signer(Signer):
         info = self._run("key generation", op)
         self._public_keys[label] = info.public_key
         log.info(
-            "generated HSM loan key %s local=%s never_extractable=%s",
-            label,
-            info.local,
-            info.never_extractable,
+            "hsm.loan_key_generated",
+            extra={
+                "label": label,
+                "local": info.local,
+                "never_extractable": info.never_extractable,
+            },
         )
         return info
 
@@ -698,7 +700,7 @@ class Pkcs11Signer(Signer):
             return self._secret_info(label, key)
 
         info = self._run("AES key generation", op)
-        log.info("generated the token's AES seal key %s", label)
+        log.info("hsm.seal_key_generated", extra={"label": label})
         return info
 
     def secret_key_info(self, label: str) -> SecretKeyInfo:

@@ -549,10 +549,12 @@ class DeskQuoteBook:
             if self._held is None or self._held.quote != quote:
                 self._held = _HeldDeskQuote(quote, expires_at, names)
         log.info(
-            "desk_quote_accepted price=%s quoted_at=%s approved_by=%s",
-            _price_str(price),
-            quoted_at.isoformat(),
-            ",".join(names),
+            "signer.desk_quote_accepted",
+            extra={
+                "price": _price_str(price),
+                "quoted_at": quoted_at.isoformat(),
+                "approved_by": list(names),
+            },
         )
         return quote
 
@@ -720,7 +722,8 @@ class PriceOracle:
                 # A buggy source must refuse the fix, not crash the signer. Only the type
                 # is logged: an exception's text might carry the URL.
                 log.error(
-                    "price_source_crashed source=%s error=%s", source.name, type(exc).__name__
+                    "signer.price_source_crashed",
+                    extra={"source": source.name, "error": type(exc).__name__},
                 )
                 failed.append(f"{source.name}: unexpected {type(exc).__name__}")
         if self.desk is not None:
@@ -737,7 +740,7 @@ class PriceOracle:
         # An empty desk is the normal state (desk quotes are occasional): not a warning.
         trouble = [f for f in failed if not f.startswith(f"{DESK_SOURCE}: no current")]
         if trouble:
-            log.warning("price_sources_left_out %s", "; ".join(trouble))
+            log.warning("signer.price_sources_left_out", extra={"trouble": trouble})
         need = self.min_sources
         if len(quotes) < need:
             raise PolicyViolation(

@@ -4,7 +4,9 @@ Why a separate process: the custody API is the biggest attack surface of the sys
 this mode the API holds neither the HSM PIN, the signer's registry nor the enrolled
 people's keys; it can only ask. Every operation is `POST /v1/<op>` with a JSON body,
 handed as bytes to `SignerCore.handle`, the same entry point the in-process transport
-uses. `GET /health` answers the signer's health (with its C_Sign count, for tests).
+uses. `GET /health` answers the signer's health (with its C_Sign count, for tests);
+`GET /metrics` its Prometheus metrics (`hsm.metrics`). A caller's `X-Request-Id` (the
+service's request id) is bound to the log lines of its call (`hsm.logs`).
 
 Before anything else, a pure ASGI layer checks `Authorization: Bearer <token>` (constant
 time; every path, 404s included) and bounds the body: a body above the limit is refused
@@ -16,6 +18,8 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import structlog
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -23,6 +27,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hsm.core import SignerCore
+from hsm.logs import REQUEST_ID_HEADER, request_id_from
 
 __all__ = ["create_signer_app"]
 
@@ -73,6 +78,9 @@ class _Guard:
             more = bool(message.get("more_body", False))
         body = b"".join(chunks)
         replayed = False
+        request_id = request_id_from(
+            headers.get(REQUEST_ID_HEADER.lower().encode(), b"").decode("latin-1") or None
+        )
 
         async def replay() -> Message:
             nonlocal replayed
@@ -81,7 +89,12 @@ class _Guard:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        if request_id is None:
+            await self.app(scope, replay, send)
+            return
+        # Every line written for this call, its decision's included, carries the id.
+        with structlog.contextvars.bound_contextvars(request_id=request_id):
+            await self.app(scope, replay, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: int) -> None:
         status, answer = self.core.refuse_oversized(size, self.max_body_bytes)
@@ -111,6 +124,9 @@ def create_signer_app(core: SignerCore, token: str, *, max_body_bytes: int = 1 <
         status, result = await run_in_threadpool(core.handle, "health", b"{}")
         return answer(status, result)
 
+    async def metrics(_: Request) -> Response:
+        return Response(core.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
     async def not_found(request: Request, exc: Exception) -> Response:
         return JSONResponse({"error": "not_found", "message": "no such path"}, status_code=404)
 
@@ -123,6 +139,7 @@ def create_signer_app(core: SignerCore, token: str, *, max_body_bytes: int = 1 <
     app = Starlette(
         routes=[
             Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/{op:str}", operation, methods=["POST"]),
         ],
         exception_handlers={404: not_found, 405: not_allowed},

@@ -73,7 +73,7 @@ def test_a_failed_webhook_insert_logs_the_failure_but_no_secret(
         # The failure is logged (by the app, with its traceback): wait for it.
         wait_until(lambda: REFUSAL in server.log(), timeout=30, message=server.log)
     log = server.log()  # the process has exited: everything it wrote is there
-    assert "unhandled error" in log and "Traceback" in log
+    assert "api.unhandled_error" in log and "Traceback" in log
     lines = log.splitlines()
     assert not [line for line in lines if WEBHOOK_SECRET in line], log
     assert not [line for line in lines if api_key in line], log

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from custody.api import limits, ops
 from custody.api.errors import error_body, media_type
+from custody.api.metrics import RequestMetrics
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
 from custody.config import Settings
@@ -215,6 +216,7 @@ def create_app(
     # CSRF tokens are checked by custody.console.endpoints; its invitation route is above).
     app.include_router(console.pages)
     app.mount("/console/static", StaticFiles(directory=console.STATIC_DIR), name="console-static")
+    app.add_middleware(RequestMetrics)  # outermost: the request id and latency of all
 
     # Every error answer, the framework's included, is one shape (`error_body`).
     @app.exception_handler(CustodyError)
@@ -228,7 +230,7 @@ def create_app(
     @app.exception_handler(PoolTimeout)
     async def _no_connection(_request: Request, _exc: PoolTimeout) -> JSONResponse:
         # Every database connection stayed busy for the pool's timeout: overload.
-        log.warning("no database connection in time: answered 503")
+        log.warning("api.busy", detail="no database connection in time: answered 503")
         busy = ServiceBusy("the service is at capacity: retry shortly")
         return _answer(busy, {"Retry-After": "1"})
 
@@ -239,7 +241,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         # The traceback (no local variables) for the operator; the caller gets no detail.
-        log.error("unhandled error", error_type=type(exc).__name__, exc_info=exc)
+        log.error("api.unhandled_error", error_type=type(exc).__name__, exc_info=exc)
         body = {"error": CustodyError.code, "message": "internal error", "field": None}
         return JSONResponse(status_code=500, content=body)
 

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
+import shutil
 import socket
+import tempfile
 from asyncio import BaseTransport
+from collections.abc import Iterator
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 LOOP = "uvloop"
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def set_nodelay(transport: BaseTransport) -> None:
@@ -51,5 +56,31 @@ def freeze_startup_heap() -> None:
 
 
 def uvicorn_options() -> dict[str, Any]:
-    """The protocol and loop options `custody serve` gives uvicorn."""
-    return {"http": NoDelayHttpToolsProtocol, "loop": LOOP}
+    """The protocol and loop options `custody serve` gives uvicorn, and no logging
+    configuration of its own: its records go through the process's JSON handler
+    (`custody.logging.configure_logging`), like every other line."""
+    return {"http": NoDelayHttpToolsProtocol, "loop": LOOP, "log_config": None}
+
+
+@contextlib.contextmanager
+def multiprocess_metrics(workers: int) -> Iterator[None]:
+    """With several workers, each keeps its request metrics in files of a private
+    directory (prometheus_client's multiprocess mode) that any worker's /v1/metrics sums:
+    a scrape lands on one worker and must see them all. The directory is made empty at
+    every start (a stale worker's files would be counted again) and removed at exit. The
+    variable must be set before the workers import prometheus_client; one worker keeps
+    its metrics in memory."""
+    if workers <= 1:
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="custody-metrics-")  # mode 0700, new and empty
+    previous = os.environ.get(MULTIPROC_DIR)
+    os.environ[MULTIPROC_DIR] = directory
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MULTIPROC_DIR, None)
+        else:
+            os.environ[MULTIPROC_DIR] = previous
+        shutil.rmtree(directory, ignore_errors=True)

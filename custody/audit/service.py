@@ -24,6 +24,7 @@ from sqlmodel import Session
 
 from custody.audit import repository
 from custody.db.models import AuditEvent
+from custody.logging import current_request_id
 
 GENESIS_HASH = "0" * 64
 
@@ -109,7 +110,13 @@ def record(
     data: dict[str, Any] | None = None,
 ) -> None:
     """Append one event inside the caller's transaction: chained and written just before
-    it commits (one INSERT for all its events), dropped if it rolls back."""
+    it commits (one INSERT for all its events), dropped if it rolls back. Written during
+    an API request, its data carries that request's id (`request_id`, from the edge:
+    `custody.api.metrics`), so an event can be followed to the request's log lines and
+    the signer's decision; it is part of the data, hashed like the rest of it."""
+    request = current_request_id()
+    if request is not None and "request_id" not in (data or {}):
+        data = {**(data or {}), "request_id": request}
     pending: _Pending | None = session.info.get(_PENDING)
     if pending is None:
         pending = session.info[_PENDING] = _Pending()

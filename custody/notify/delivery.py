@@ -20,6 +20,7 @@ import hmac
 import json
 import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,7 +33,7 @@ from sqlalchemy.engine import Engine
 from custody.db.models import utcnow
 from custody.db.session import transaction
 from custody.netpolicy import Resolver, UrlPolicy, checked_addresses, parse_url, resolve_host
-from custody.notify import repository
+from custody.notify import metrics, repository
 from pledge.errors import InvalidInput
 
 log = structlog.get_logger(__name__)
@@ -282,13 +283,18 @@ def deliver_due(
             _release(engine, claims[done:], claimed_at, policy, clock())
             claims = claims[:done]
             break
-        error = (
-            _send(client, claim, clock(), urls, resolve) if claim.active else "webhook deactivated"
-        )
+        if claim.active:
+            started = time.perf_counter()
+            error = _send(client, claim, clock(), urls, resolve)
+            metrics.ATTEMPT_SECONDS.observe(time.perf_counter() - started)
+        else:
+            error = "webhook deactivated"
         outcome = _record_outcome(engine, claim, clock(), error, policy, rng)
         counts[outcome] += 1
+        if outcome != "stale":
+            metrics.DELIVERIES.labels(result=outcome).inc()
         log.info(
-            "webhook_attempt",
+            "notify.attempt",
             outcome=outcome,
             event_id=claim.event_id,
             event_type=claim.event_type,
@@ -352,7 +358,7 @@ class DeliveryWorker:
             try:
                 report = self.run_once(stop)
             except Exception as exc:
-                log.exception("webhook_delivery_error")
+                log.exception("notify.delivery_error")
                 if beat is not None:
                     beat(exc)
                 stop.wait(poll)

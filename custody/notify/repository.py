@@ -11,7 +11,7 @@ from sqlalchemy import update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as SASession
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from custody.db.models import Outbox, Party, PartyKind, Webhook
 
@@ -100,3 +100,22 @@ def insert_events_if_absent(session: SASession, rows: list[dict[str, Any]]) -> N
     table = Outbox.__table__  # type: ignore[attr-defined]  # Core: no RETURNING of ids
     statement = insert(table).on_conflict_do_nothing(index_elements=["webhook_id", "event_id"])
     session.execute(statement, rows)
+
+
+def outbox_backlog(session: Session) -> tuple[int, datetime | None]:
+    """Rows neither delivered nor dead, and when the oldest of them was written."""
+    count, oldest = session.exec(
+        select(func.count(), func.min(Outbox.created_at)).where(
+            col(Outbox.delivered_at).is_(None), col(Outbox.dead_at).is_(None)
+        )
+    ).one()
+    return int(count), oldest
+
+
+def outbox_dead_count(session: Session) -> int:
+    """Rows whose retries ran out (kept for inspection and replay)."""
+    return int(
+        session.exec(
+            select(func.count()).select_from(Outbox).where(col(Outbox.dead_at).is_not(None))
+        ).one()
+    )

@@ -9,6 +9,7 @@ disagree): it says why, once, in the audit log and in its report."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,7 +38,7 @@ from custody.loans import repository as loans_repository
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan
-from custody.risk import repository
+from custody.risk import metrics, repository
 from custody.risk.ladder import LoanPosition, Move, evaluate
 from custody.signing.approvals import record_automatic_signature
 from custody.signing.broadcast import broadcast_ready
@@ -126,17 +127,44 @@ class RiskEngine:
         self.unsigned_grace = unsigned_grace
         self.chain, self.signer, self.fees = chain, signer, fees
         self.notify, self.clock = notify, clock
+        # The pause as last recorded (read at the first pass: an engine restarted while
+        # paused records its resumption, so the audit log and the API's
+        # `custody_risk_paused` never stay paused after the price is back).
         self._paused: str | None = None
+        self._pause_read = False
 
     def run_once(
         self,
         stop: threading.Event | None = None,
         progress: Callable[[], None] | None = None,
     ) -> RiskReport:
-        """One pass over every open loan. `stop` is looked at between loans: a pass told
-        to stop leaves the rest for the next start (each loan's work is its own
-        transactions and signer call, so nothing is half done); `progress` is called
-        between loans too (a long pass's heartbeat)."""
+        """One pass over every open loan (`_pass`), counted and timed (`risk.metrics`).
+        `stop` is looked at between loans: a pass told to stop leaves the rest for the next
+        start (each loan's work is its own transactions and signer call, so nothing is half
+        done); `progress` is called between loans too (a long pass's heartbeat)."""
+        started = time.perf_counter()
+        report = self._pass(stop, progress)
+        took = time.perf_counter() - started
+        metrics.PASSES.inc()
+        metrics.PASS_SECONDS.observe(took)
+        metrics.LAST_PASS_SECONDS.set(took)
+        metrics.LAST_PASS.set_to_current_time()
+        metrics.PAUSED.set(int(report.paused is not None))
+        metrics.LOANS.set(report.loans)
+        metrics.LIQUIDATIONS.inc(len(report.liquidations))
+        metrics.MARGIN_CALLS.inc(len(report.margin_calls))
+        metrics.LOAN_ERRORS.inc(len(report.errors))
+        return report
+
+    def _pass(
+        self, stop: threading.Event | None, progress: Callable[[], None] | None
+    ) -> RiskReport:
+        if not self._pause_read:
+            with transaction(self.engine, write=False) as session:
+                last = repository.last_pause_change(session)
+                if last is not None and last.action == "risk.paused":
+                    self._paused = last.reason or "paused"
+            self._pause_read = True
         report = RiskReport()
         now = self.clock()
         consensus = self.prices.consensus()
@@ -148,7 +176,7 @@ class RiskEngine:
                     record(
                         session, actor=ACTOR, action="risk.paused", decision="paused", reason=reason
                     )
-                log.warning("automatic liquidation paused", reason=reason)
+                log.warning("risk.paused", reason=reason)
             self._paused = reason
             return report
         if self._paused is not None:
@@ -186,7 +214,7 @@ class RiskEngine:
                     self._let_the_signer_watch(loan_id, follow.loan_ref)
             except Exception as exc:  # one loan's trouble must not stop the others
                 report.errors[loan_id] = f"{type(exc).__name__}: {exc}"
-                log.error("risk pass failed for a loan", loan_id=loan_id, error=str(exc))
+                log.error("risk.loan_failed", loan_id=loan_id, error=str(exc))
         return report
 
     def _reconcile_unsigned(self, now: datetime) -> None:
@@ -276,7 +304,7 @@ class RiskEngine:
         try:
             self.signer.valuation(loan_ref)
         except (PolicyViolation, UpstreamUnavailable) as exc:
-            log.warning("the bank's signer could not value a loan", loan_id=loan_id, error=str(exc))
+            log.warning("risk.valuation_failed", loan_id=loan_id, error=str(exc))
 
     def _prefetched(self, loan_id: int) -> PrefetchedChain:
         """The node's answers the request will need, asked with no transaction open."""
@@ -393,7 +421,7 @@ class RiskEngine:
             assert loan is not None
             if decision.refused:
                 log.error(
-                    "bank signer refused an automatic liquidation",
+                    "risk.liquidation_refused",
                     loan_id=loan_id,
                     check=decision.check,
                     reason=decision.refused,

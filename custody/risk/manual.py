@@ -166,7 +166,7 @@ def propose_price(
     try:
         _check(quote.price_rub_per_btc, quote.quoted_at, policy=policy, feeds=feeds, now=now)
     except (PriceQuotedInFuture, PriceFarFromFeeds) as refused:
-        log.warning("price_proposal_refused", actor=ctx.actor, code=refused.code)
+        log.warning("price.proposal_refused", actor=ctx.actor, code=refused.code)
         raise
     row = PriceRecord(
         price_rub_per_btc=f"{quote.price_rub_per_btc:f}",  # never "1E-8"

@@ -402,7 +402,7 @@ class MedianPriceSource:
                 continue
             except Exception as exc:
                 # A buggy source must pause liquidation, not crash the risk loop.
-                log.exception("price_source_crashed", source=source.name)
+                log.exception("price.source_crashed", source=source.name)
                 failures.append(f"{source.name}: unexpected {type(exc).__name__}")
                 continue
             # Reasons stay the same from pass to pass (no growing ages in them), so a

@@ -11,6 +11,7 @@ from sqlalchemy import text
 from sqlmodel import Session, col, func, select
 
 from custody.db.models import (
+    AuditEvent,
     Deposit,
     DepositState,
     Loan,
@@ -94,3 +95,14 @@ def lock_price_decisions(session: Session) -> None:
     transaction (BEGIN IMMEDIATE) already holds the database."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=_PG_PRICE_LOCK))
+
+
+def last_pause_change(session: Session) -> AuditEvent | None:
+    """The risk engine's last `risk.paused` or `risk.resumed` event: it records a pause
+    (and its end) once per change, so the latest says whether it is paused now."""
+    return session.exec(
+        select(AuditEvent)
+        .where(col(AuditEvent.action).in_(("risk.paused", "risk.resumed")))
+        .order_by(col(AuditEvent.id).desc())
+        .limit(1)
+    ).first()

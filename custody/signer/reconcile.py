@@ -174,9 +174,9 @@ class Reconciler:
                 part(cutoff, report)
             except Exception as exc:  # the node or the signer may be away; next pass
                 report.errors.append(f"{name}: {type(exc).__name__}: {exc}")
-                log.warning("reconcile failed", part=name, error=str(exc))
+                log.warning("reconcile.failed", part=name, error=str(exc))
         if report.acted:
-            log.info("reconciled", **{k: v for k, v in report.__dict__.items() if v})
+            log.info("reconcile.done", **{k: v for k, v in report.__dict__.items() if v})
         return report
 
     def run(
@@ -335,7 +335,7 @@ class Reconciler:
             try:
                 self.signer.cancel(unused)
             except (PolicyViolation, UpstreamUnavailable) as exc:
-                log.info("unused statement left to expire", error=str(exc))
+                log.info("reconcile.statement_left_to_expire", error=str(exc))
 
     def _audit_unstated(self, session: Session, item: _Unstated, done: str, **data: Any) -> None:
         record(

@@ -6,9 +6,10 @@ these."""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from custody.auth.context import Context
 from custody.auth.policy import can_view_loan, ensure_can_view
@@ -176,3 +177,18 @@ def transaction_statement_of(session: Session, request_id: int) -> SignerStateme
         .where(SignerStatement.request_id == request_id, SignerStatement.kind == "transaction")
         .order_by(col(SignerStatement.id).desc())
     ).first()
+
+
+def requests_by_state(session: Session) -> dict[str, int]:
+    """How many signing requests are in each state (a state with none is absent)."""
+    rows = session.exec(
+        select(SigningRequest.state, func.count()).group_by(col(SigningRequest.state))
+    ).all()
+    return {str(state): int(count) for state, count in rows}
+
+
+def oldest_open_request_at(session: Session) -> datetime | None:
+    """When the oldest request still open (awaiting signatures, ready or broadcast) was made."""
+    return session.exec(
+        select(func.min(SigningRequest.created_at)).where(col(SigningRequest.state).in_(OPEN))
+    ).one()

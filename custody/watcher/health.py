@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from custody.db.models import as_utc
 from custody.db.session import transaction
@@ -83,21 +84,26 @@ class WatcherHealth:
 def read_health(engine: Engine) -> WatcherHealth | None:
     """The watcher's rows, or None before any watcher ran on this database."""
     with transaction(engine, write=False) as session:
-        cursor = repository.cursor(session)
-        lease = repository.lease(session)
-        if cursor is None and lease is None:
-            return None
-        return WatcherHealth(
-            height=None if cursor is None else cursor.height,
-            block_hash=None if cursor is None else cursor.block_hash,
-            seen_tip_height=None if cursor is None else cursor.node_tip_height,
-            last_block_at=None if cursor is None else as_utc(cursor.updated_at),
-            holder=None if lease is None else lease.holder,
-            lease_expires_at=None if lease is None else as_utc(lease.expires_at),
-            last_step_at=None if lease is None else as_utc(lease.last_step_at),
-            last_error=None if lease is None else lease.last_error,
-            last_error_kind=None if lease is None else lease.last_error_kind,
-            last_error_at=None if lease is None else as_utc(lease.last_error_at),
-            failed_steps=0 if lease is None else lease.failed_steps,
-            stalled_since=None if lease is None else as_utc(lease.stalled_since),
-        )
+        return health_in(session)
+
+
+def health_in(session: Session) -> WatcherHealth | None:
+    """`read_health` in the caller's transaction (a metrics scrape reads it with the rest)."""
+    cursor = repository.cursor(session)
+    lease = repository.lease(session)
+    if cursor is None and lease is None:
+        return None
+    return WatcherHealth(
+        height=None if cursor is None else cursor.height,
+        block_hash=None if cursor is None else cursor.block_hash,
+        seen_tip_height=None if cursor is None else cursor.node_tip_height,
+        last_block_at=None if cursor is None else as_utc(cursor.updated_at),
+        holder=None if lease is None else lease.holder,
+        lease_expires_at=None if lease is None else as_utc(lease.expires_at),
+        last_step_at=None if lease is None else as_utc(lease.last_step_at),
+        last_error=None if lease is None else lease.last_error,
+        last_error_kind=None if lease is None else lease.last_error_kind,
+        last_error_at=None if lease is None else as_utc(lease.last_error_at),
+        failed_steps=0 if lease is None else lease.failed_steps,
+        stalled_since=None if lease is None else as_utc(lease.stalled_since),
+    )

@@ -288,3 +288,9 @@ def addresses_with_ids(
             )
         ).all()
     ]
+
+
+def deposits_by_state(session: Session) -> dict[str, int]:
+    """How many deposits are in each state (a state with none is absent)."""
+    rows = session.exec(select(Deposit.state, func.count()).group_by(col(Deposit.state))).all()
+    return {str(state): int(count) for state, count in rows}

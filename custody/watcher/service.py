@@ -99,7 +99,7 @@ from custody.loans.service import change_state
 from custody.notify.events import notify_loan, notify_operators
 from custody.signing.chain_events import mined, unmined
 from custody.signing.repository import request_for_txid
-from custody.watcher import repository
+from custody.watcher import metrics, repository
 from pledge.errors import Conflict
 
 log = structlog.get_logger(__name__)
@@ -332,7 +332,7 @@ class Watcher:
             raise WatcherBusy("another watcher took the lease meanwhile") from exc
         self._generation, self._lost, self._position = generation, None, None
         log.info(
-            "watcher lease taken",
+            "watcher.lease_taken",
             holder=self.holder,
             generation=generation,
             previous_holder=previous[0],
@@ -364,7 +364,7 @@ class Watcher:
                         lease.expires_at = utcnow() - timedelta(seconds=self.config.lease_seconds)
                         session.add(lease)
             except Exception as exc:  # the database is away: the lease expires by itself
-                log.warning("could not give the watcher lease back", error=str(exc))
+                log.warning("watcher.lease_release_failed", error=str(exc))
         self._drop_pg_lock()
 
     def _fence(
@@ -414,7 +414,7 @@ class Watcher:
         """Stop writing for good (until acquired again): say why, and raise."""
         if self._lost is None:
             log.error(
-                "watcher stops writing",
+                "watcher.stops_writing",
                 reason=reason,
                 holder=self.holder,
                 generation=self._generation,
@@ -455,7 +455,7 @@ class Watcher:
             if self._stepping and quiet > self.config.stuck_seconds:
                 if not stuck:
                     log.error(
-                        "watcher step shows no progress: its lease and lock are let go",
+                        "watcher.stuck_lease_let_go",
                         quiet_seconds=round(quiet, 1),
                     )
                     self._end_lock_session()
@@ -468,7 +468,7 @@ class Watcher:
             except LeaseLost:
                 return
             except Exception as exc:  # the database is briefly away: try again
-                log.warning("watcher lease renewal failed", error=str(exc), kind=type(exc).__name__)
+                log.warning("watcher.lease_renewal_failed", error=str(exc), kind=type(exc).__name__)
 
     # -- the PostgreSQL advisory lock ---------------------------------------------------
 
@@ -504,7 +504,7 @@ class Watcher:
                 repository.end_session(conn, pid)
                 conn.commit()
         except Exception as exc:  # then the lock is held until the step wakes
-            log.warning("could not end the advisory lock's session", error=str(exc))
+            log.warning("watcher.lock_session_end_failed", error=str(exc))
 
     def _lock_alive(self) -> bool:
         """A cheap query on the lock's own connection: is it alive and still holding?"""
@@ -513,7 +513,7 @@ class Watcher:
             held = repository.holds_watcher_lock(self._pg_lock)
             self._pg_lock.rollback()  # never idle in a transaction
         except Exception as exc:
-            log.warning("the advisory lock's connection failed", error=str(exc))
+            log.warning("watcher.lock_connection_failed", error=str(exc))
             return False
         return held
 
@@ -528,7 +528,7 @@ class Watcher:
         if self._pg_lock is None or not self._lock_alive():
             self._drop_pg_lock()
             self.holding.clear()
-            log.error("watcher advisory lock lost: stepping stops", holder=self.holder)
+            log.error("watcher.lock_lost", holder=self.holder)
             raise LockLost("the advisory lock's connection died or no longer holds the lock")
         self._lock_checked_at = now
 
@@ -563,9 +563,7 @@ class Watcher:
             try:
                 self._step_until(stop, poll_seconds)
             except LockLost as exc:
-                log.warning(
-                    "waiting to take the advisory lock and the lease again", reason=exc.message
-                )
+                log.warning("watcher.waiting_for_lock", reason=exc.message)
             finally:
                 self.release()
 
@@ -575,11 +573,9 @@ class Watcher:
                 self.acquire()
                 return True
             except WatcherBusy as exc:
-                log.info("waiting for the watcher lease", reason=exc.message)
+                log.info("watcher.waiting_for_lease", reason=exc.message)
             except Exception as exc:  # the database is briefly away
-                log.warning(
-                    "could not take the watcher lease", error=str(exc), kind=type(exc).__name__
-                )
+                log.warning("watcher.lease_take_failed", error=str(exc), kind=type(exc).__name__)
             if stop.wait(min(poll_seconds, 1.0)):
                 return False
 
@@ -588,11 +584,11 @@ class Watcher:
             try:
                 result = self.step()
                 if result.blocks_applied or result.blocks_rolled_back:
-                    log.info("watcher step", **result.__dict__)
+                    log.info("watcher.step", **result.__dict__)
             except WatcherBusy:
                 raise  # the lease or the lock is lost: never run two watchers
             except Exception as exc:  # the node or database may be briefly away
-                log.warning("watcher step failed", error=str(exc), kind=type(exc).__name__)
+                log.warning("watcher.step_failed", error=str(exc), kind=type(exc).__name__)
             self._beat()
             stop.wait(poll_seconds)
 
@@ -614,11 +610,17 @@ class Watcher:
             except WatcherBusy:
                 raise
             except Exception as exc:
+                metrics.STEPS.labels(result="failed").inc()
                 self._record_step(error=exc)
                 raise
             self._record_step(height=result.height)
         finally:
             self._stepping = False
+        metrics.STEPS.labels(result="ok").inc()
+        metrics.BLOCKS_APPLIED.inc(result.blocks_applied)
+        metrics.BLOCKS_ROLLED_BACK.inc(result.blocks_rolled_back)
+        metrics.HEIGHT.set(result.height)
+        metrics.LAST_STEP.set_to_current_time()
         return result
 
     def _record_step(self, *, error: Exception | None = None, height: int | None = None) -> None:
@@ -638,9 +640,7 @@ class Watcher:
         except WatcherBusy:
             raise
         except Exception as exc:  # the database itself may be what failed
-            log.warning(
-                "could not record the watcher step", error=str(exc), kind=type(exc).__name__
-            )
+            log.warning("watcher.step_record_failed", error=str(exc), kind=type(exc).__name__)
         self._beat()
 
     def _record_success(
@@ -655,7 +655,7 @@ class Watcher:
             }
             record(session, actor=ACTOR, action="watcher.recovered", data=data)
             notify_operators(session, "watcher.recovered", data)
-            log.info("watcher recovered", **data)
+            log.info("watcher.recovered", **data)
         lease.last_step_at, lease.failed_steps, lease.stalled_since = now, 0, None
 
     def _record_failure(
@@ -686,11 +686,12 @@ class Watcher:
                 data=data,
             )
             notify_operators(session, "watcher.stalled", data)
-            log.error("watcher stalled", **data)
+            log.error("watcher.stalled", **data)
 
     def _step(self) -> StepResult:
         result = StepResult()
         tip = self.rpc.get_block_count()
+        metrics.NODE_TIP.set(tip)
         cursor = self._cursor(tip)
         if cursor.height > tip or self.rpc.get_block_hash(cursor.height) != cursor.block_hash:
             result.blocks_rolled_back = self._rollback_to_fork(cursor, tip)
@@ -732,7 +733,7 @@ class Watcher:
                 cursor = ChainCursor(id=1, height=base, block_hash=base_hash, node_tip_height=tip)
                 session.add(cursor)
                 session.commit()
-                log.info("watcher starts", from_height=base + 1)
+                log.info("watcher.starts", from_height=base + 1)
             return cursor
 
     def _find_fork(self, cursor: ChainCursor, tip: int) -> tuple[list[ChainBlock], int, str]:
@@ -766,7 +767,10 @@ class Watcher:
             if (db_cursor.height, db_cursor.block_hash) != (cursor.height, cursor.block_hash) or {
                 (b.height, b.hash) for b in orphaned
             } != orphaned_ids:
-                log.warning("the chain records moved while the node was asked; retrying")
+                log.warning(
+                    "watcher.rollback_retried",
+                    detail="the chain records moved while the node was asked",
+                )
                 return 0
             touched = self._undo_blocks(session, fork_height, orphaned)
             for block in orphaned:
@@ -776,7 +780,7 @@ class Watcher:
             session.add(db_cursor)
             self._settle(session, touched, fork_height, reason="reorg")
             session.commit()
-        log.warning("reorg rolled back", fork_height=fork_height, orphaned=len(orphaned))
+        log.warning("watcher.reorg_rolled_back", fork_height=fork_height, orphaned=len(orphaned))
         self._reload_watched()
         self._mempool_seen.clear()  # orphaned transactions may be back in the mempool
         return len(orphaned)
@@ -956,7 +960,7 @@ class Watcher:
                 reason="collateral spent by a transaction the service did not build",
                 data={**_dep_data(dep), "spent_by": spend.txid},
             )
-            log.error("unexpected collateral spend", loan_id=dep.loan_id, txid=spend.txid)
+            log.error("watcher.unexpected_spend", loan_id=dep.loan_id, txid=spend.txid)
         return dep.loan_id
 
     # -- confirmations and loan states --------------------------------------------

@@ -83,6 +83,7 @@ class SignerWorld:
     # e.g. through regtest.slow_proxy).
     serve_url: str | None = None
     serve_token: str | None = None
+    serve_log: Path | None = None  # hsm serve's output (one JSON object per log line)
 
     def __init__(
         self,
@@ -534,6 +535,7 @@ def serve_world(
                 registry=lambda: Registry(server.state_db),
             )
             sw.serve_url, sw.serve_token = server.url, server.token
+            sw.serve_log = server.log_path
             sw.shares = shares
             yield sw
         finally:

@@ -390,7 +390,7 @@ def test_custody_watch_is_taken_over_within_seconds_of_a_sigkill(
         )
         b.start()
         wait_until(
-            lambda: "waiting for the watcher lease" in (tmp_path / "b.log").read_text(),
+            lambda: "watcher.waiting_for_lease" in (tmp_path / "b.log").read_text(),
             timeout=60,
             message=lambda: f"b waits as a standby\n{log_tail(tmp_path / 'b.log')}",
         )
