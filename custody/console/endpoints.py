@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 from custody.api.deps import ContextDep, PrincipalId, SessionDep, SettingsDep
 from custody.api.errors import errors_for
 from custody.auth.context import Context
-from custody.auth.policy import BANK_STAFF, require_role
+from custody.auth.policy import BANK_STAFF, READ_ALL, require_role
 from custody.bitcoin import exports
 from custody.config import Settings
 from custody.console import service, views
@@ -412,7 +412,15 @@ def _read(request: Request, work: Callable[[Any], dict[str, Any]]) -> Callable[[
 @pages.get("/loans")
 async def dashboard(request: Request) -> Response:
     ctx = await _signed_in(request)
-    data = await run_in_threadpool(_read(request, lambda s: views.dashboard(s, ctx)))
+    settings = _settings(request)
+
+    def work(session: Any) -> dict[str, Any]:
+        data = views.dashboard(session, ctx)
+        if ctx.principal.role in READ_ALL:
+            data["status"] = views.system_status(session, ctx, settings)
+        return data
+
+    data = await run_in_threadpool(_read(request, work))
     return _page(request, "dashboard.html", ctx, data)
 
 
@@ -723,3 +731,49 @@ async def reject_price(request: Request, price_id: str) -> Response:
 
     await run_in_threadpool(work)
     return _redirect("/console/prices")
+
+
+# -- the audit log and the service's state -------------------------------------------------------
+
+
+def _query_text(request: Request, name: str, longest: int) -> str | None:
+    value = request.query_params.get(name, "").strip()
+    if len(value) > longest:
+        raise InvalidInput(f"{name} is longer than {longest} characters", field=name)
+    return value or None
+
+
+def _query_id(request: Request, name: str) -> int | None:
+    value = request.query_params.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) > ID_MAX:
+        raise InvalidInput(f"{name} must be a positive whole number", field=name)
+    return int(value)
+
+
+@pages.get("/audit")
+async def audit_log(request: Request) -> Response:
+    """The audit log with filters (action prefix, loan, actor, decision) and the chain's
+    verification, for bank staff, auditors and the admin."""
+    ctx = await _signed_in(request)
+    filters = views.AuditFilters(
+        action=_query_text(request, "action", 64),
+        loan_id=_query_id(request, "loan"),
+        actor=_query_text(request, "actor", 160),
+        decision=_query_text(request, "decision", 32),
+        before=_query_id(request, "before"),
+    )
+    data = await run_in_threadpool(_read(request, lambda s: views.audit_page(s, ctx, filters)))
+    return _page(request, "audit.html", ctx, data)
+
+
+@pages.get("/status")
+async def system_status(request: Request) -> Response:
+    """The dashboard's fragment of what the service's processes are doing (polled)."""
+    ctx = await _signed_in(request)
+    settings = _settings(request)
+    data = await run_in_threadpool(
+        _read(request, lambda s: {"status": views.system_status(s, ctx, settings)})
+    )
+    return _page(request, "_status.html", ctx, data)

@@ -132,3 +132,29 @@ def confirmed_prices_since(
         .limit(limit)
     )
     return list(reversed(session.exec(query).all()))
+
+
+def audit_events(
+    session: Session,
+    *,
+    action: str | None,
+    loan_id: int | None,
+    actor: str | None,
+    decision: str | None,
+    before_id: int | None,
+    limit: int,
+) -> list[AuditEvent]:
+    """The audit log newest first, filtered: `action` is a prefix (`deposit.` or a whole
+    name), `actor` and `decision` exact; `before_id` pages back."""
+    query = select(AuditEvent)
+    if action:
+        query = query.where(col(AuditEvent.action).startswith(action, autoescape=True))
+    if loan_id is not None:
+        query = query.where(AuditEvent.loan_id == loan_id)
+    if actor:
+        query = query.where(AuditEvent.actor == actor)
+    if decision:
+        query = query.where(AuditEvent.decision == decision)
+    if before_id is not None:
+        query = query.where(col(AuditEvent.id) < before_id)
+    return list(session.exec(query.order_by(col(AuditEvent.id).desc()).limit(limit)).all())

@@ -17,16 +17,29 @@ import segno
 from pygal.style import Style
 from sqlmodel import Session
 
+from custody.audit.service import verify_chain
 from custody.auth.context import Context
-from custody.auth.policy import BANK_STAFF, READ_ALL
+from custody.auth.policy import BANK_STAFF, READ_ALL, require_role
+from custody.config import Settings
 from custody.console import repository
-from custody.db.models import AuditEvent, Loan, LoanState, PriceRecord, Role, SigningRequest
+from custody.db.models import (
+    AuditEvent,
+    Loan,
+    LoanState,
+    PriceRecord,
+    Role,
+    SigningRequest,
+    as_utc,
+)
 from custody.loans import service as loans
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.schemas import LoanOut
 from custody.loans.views import deposits_out, loan_out, loans_out
+from custody.notify import repository as notify_repository
 from custody.risk import repository as risk_repository
 from custody.signing import repository as signing_repository
+from custody.watcher.health import health_in
+from custody.workers.service import workers_in
 from pledge.amounts import ltv_bps
 
 EXPORT_FORMATS = ("descriptor", "caravan", "wallet-policy", "coldcard", "bsms", "sparrow")
@@ -319,3 +332,86 @@ def loan_chart(session: Session, ctx: Context, loan_id: int) -> str:
     chart.add("margin call %", [loan.margin_call_ltv_bps / 100] * len(points), secondary=True)
     svg: bytes = chart.render()
     return svg.decode()
+
+
+# -- the audit log and the service's own state ---------------------------------------------------
+
+AUDIT_PAGE = 100
+# Who may see the chain's verification result: the API's `GET /v1/audit/verify` rule.
+VERIFIERS = frozenset({Role.auditor, Role.admin, Role.bank_approver})
+
+
+@dataclass(frozen=True)
+class AuditFilters:
+    """The audit page's query: each filter optional, `before` pages back by event id."""
+
+    action: str | None = None
+    loan_id: int | None = None
+    actor: str | None = None
+    decision: str | None = None
+    before: int | None = None
+
+    def query(self, **override: Any) -> str:
+        """These filters as a query string (for the next page's link)."""
+        from urllib.parse import urlencode
+
+        values = {
+            "action": self.action,
+            "loan": self.loan_id,
+            "actor": self.actor,
+            "decision": self.decision,
+            "before": self.before,
+        }
+        values.update(override)
+        return urlencode({k: v for k, v in values.items() if v not in (None, "")})
+
+
+def audit_page(session: Session, ctx: Context, filters: AuditFilters) -> dict[str, Any]:
+    """The audit log for bank staff, auditors and the admin, newest first, with the chain's
+    verification (for those the API lets verify it)."""
+    require_role(ctx.principal, *READ_ALL)
+    events = repository.audit_events(
+        session,
+        action=filters.action,
+        loan_id=filters.loan_id,
+        actor=filters.actor,
+        decision=filters.decision,
+        before_id=filters.before,
+        limit=AUDIT_PAGE,
+    )
+    chain = verify_chain(session) if Role(ctx.principal.role) in VERIFIERS else None
+    older = events[-1].id if len(events) == AUDIT_PAGE else None
+    return {
+        "events": [(e, json.loads(e.data or "{}")) for e in events],
+        "filters": filters,
+        "chain": chain,
+        "older": None if older is None else filters.query(before=older),
+    }
+
+
+def system_status(session: Session, ctx: Context, settings: Settings) -> dict[str, Any]:
+    """What the service's own processes are doing, for staff and auditors: the watcher's
+    height and how far behind the node it was at its last write (a catch-up in progress),
+    the risk engine's and the notifier's last passes, a pause, the webhook backlog. Read
+    from the database only (no node call from a page)."""
+    require_role(ctx.principal, *READ_ALL)
+    now = datetime.now(UTC)
+    watcher = health_in(session)
+    quiet = timedelta(seconds=settings.watch_stall_polls * settings.watch_poll_seconds)
+    stale = timedelta(seconds=settings.worker_stale_seconds)
+    workers: dict[str, list[dict[str, Any]]] = {"risk": [], "notify": []}
+    for worker in workers_in(session, now):
+        if worker.kind in workers:
+            workers[worker.kind].append(worker.as_dict(now, stale))
+    pause = risk_repository.last_pause_change(session)
+    paused = pause.reason if pause is not None and pause.action == "risk.paused" else None
+    backlog, oldest = notify_repository.outbox_backlog(session)
+    return {
+        "watcher": None if watcher is None else watcher.as_dict(now, quiet, None),
+        "workers": workers,
+        "risk_paused": paused,
+        "outbox_backlog": backlog,
+        "outbox_oldest_seconds": None
+        if oldest is None
+        else int((now - as_utc(oldest)).total_seconds()),
+    }

@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 from sqlalchemy.engine import Engine
+from sqlmodel import Session
 
 from custody.db.models import WorkerHeartbeat, as_utc
 from custody.db.session import transaction
@@ -163,25 +164,30 @@ def read_workers(engine: Engine, now: datetime) -> list[WorkerHealth]:
     """The running workers' rows (not stopped, heard of within `FORGET_AFTER`), in one
     short read transaction."""
     with transaction(engine, write=False) as session:
-        rows = repository.running(session, now - FORGET_AFTER)
-        out = []
-        for row in rows:
-            started, beat = as_utc(row.started_at), as_utc(row.beat_at)
-            assert started is not None and beat is not None
-            out.append(
-                WorkerHealth(
-                    kind=row.kind,
-                    holder=row.holder,
-                    started_at=started,
-                    beat_at=beat,
-                    last_ok_at=as_utc(row.last_ok_at),
-                    passes=row.passes,
-                    failed_passes=row.failed_passes,
-                    last_error=row.last_error,
-                    last_error_at=as_utc(row.last_error_at),
-                )
+        return workers_in(session, now)
+
+
+def workers_in(session: Session, now: datetime) -> list[WorkerHealth]:
+    """`read_workers` in the caller's transaction (a console page reads it with the rest)."""
+    rows = repository.running(session, now - FORGET_AFTER)
+    out = []
+    for row in rows:
+        started, beat = as_utc(row.started_at), as_utc(row.beat_at)
+        assert started is not None and beat is not None
+        out.append(
+            WorkerHealth(
+                kind=row.kind,
+                holder=row.holder,
+                started_at=started,
+                beat_at=beat,
+                last_ok_at=as_utc(row.last_ok_at),
+                passes=row.passes,
+                failed_passes=row.failed_passes,
+                last_error=row.last_error,
+                last_error_at=as_utc(row.last_error_at),
             )
-        return out
+        )
+    return out
 
 
 def workers_health(

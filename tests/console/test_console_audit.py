@@ -1,0 +1,96 @@
+"""The console's audit log (filters, the chain's verification, which breaks when a row is
+edited behind the service's back) and the dashboard's view of the service's own processes
+(the watcher, the risk engine, the notifier), in a real browser."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlmodel import Session, col, func, select
+from support.console import Console, screenshot
+
+from custody.db.models import AuditEvent
+from custody.db.session import transaction
+from custody.workers.service import Heartbeat
+
+
+def _count(console: Console, prefix: str) -> int:
+    with Session(console.world.engine) as s:
+        return int(
+            s.exec(
+                select(func.count())
+                .select_from(AuditEvent)
+                .where(col(AuditEvent.action).startswith(prefix))
+            ).one()
+        )
+
+
+def test_the_audit_log_filters_verifies_and_shows_an_edit_behind_its_back(
+    console: Console,
+) -> None:
+    console.world.funded_ready_loan()  # loans, keys, addresses: a log worth reading
+    auditor = console.enrol("auditor")
+    page = auditor.page
+    answer = page.goto(f"{console.url}/console/audit")
+    assert answer is not None and answer.status == 200
+    assert "The hash chain verifies" in page.inner_text("#chain")
+    shown = page.locator("#events tbody tr[data-event]").count()
+    assert shown > 0
+
+    prefix = "loan."
+    page.fill("input[name=action]", prefix)
+    page.click("#filters button[type=submit]")
+    page.wait_for_url(f"{console.url}/console/audit?action=loan.*")
+    actions = page.locator("#events td.action").all_inner_texts()
+    assert actions and all(a.startswith(prefix) for a in actions)
+    assert len(actions) == min(_count(console, prefix), 100)
+    screenshot(page, "audit-log")
+
+    # Someone with the database edits an event's reason: the page says where it broke.
+    with Session(console.world.engine) as s:
+        victim = s.exec(select(AuditEvent.id).order_by(col(AuditEvent.id))).first()
+    assert victim is not None
+    with transaction(console.world.engine) as s:
+        s.execute(
+            text("UPDATE auditevent SET reason = 'nothing to see' WHERE id = :id"), {"id": victim}
+        )
+    page.goto(f"{console.url}/console/audit")
+    chain = page.inner_text("#chain")
+    assert "broken" in chain and f"event {victim}" in chain
+
+
+def test_only_staff_and_auditors_read_the_log_and_bad_filters_are_a_clear_4xx(
+    console: Console,
+) -> None:
+    miner = console.enrol("miner")
+    answer = miner.page.goto(f"{console.url}/console/audit")
+    assert answer is not None and answer.status == 403
+    assert "Audit log" not in miner.page.inner_text("header")
+    status = miner.page.goto(f"{console.url}/console/status")
+    assert status is not None and status.status == 403
+
+    operator = console.enrol("bank_operator")
+    bad = operator.page.goto(f"{console.url}/console/audit?loan=abc")
+    assert bad is not None and bad.status == 422
+    assert "loan must be a positive whole number" in operator.page.inner_text("#error-message")
+    # An operator reads the log but is not shown the verification (the API's rule).
+    operator.page.goto(f"{console.url}/console/audit")
+    assert "shown to approvers, auditors and the admin" in operator.page.inner_text("#chain")
+
+
+def test_the_dashboard_follows_the_services_processes_without_reload(console: Console) -> None:
+    operator = console.enrol("bank_operator")
+    page = operator.page
+    page.goto(f"{console.url}/console/loans")
+    assert "not started yet" in page.inner_text("#status-watcher")
+    assert "not running" in page.inner_text("#status-risk")
+
+    risk = Heartbeat(console.world.engine, "risk")
+    risk.start()
+    risk.beat()
+    risk.beat(RuntimeError("every price source is away"))
+    page.wait_for_selector("#status-risk:has-text('running, 2 passes')", timeout=15_000)
+    assert "every price source is away" in page.inner_text("#status-risk")
+    screenshot(page, "dashboard-status")
+
+    risk.stop()  # a clean stop: the engine is no longer listed
+    page.wait_for_selector("#status-risk:has-text('not running')", timeout=15_000)
