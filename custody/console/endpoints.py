@@ -654,10 +654,28 @@ async def request_live(request: Request, request_id: str) -> Response:
 # -- the price desk ------------------------------------------------------------------------------
 
 
+def _feed_status(request: Request) -> dict[str, Any] | None:
+    """The HTTP price sources as they answer now (a network call: no transaction is open
+    here): each fresh quote, each source left out and why, the median or why there is
+    none. None when no source is configured."""
+    feeds: manual.Feeds | None = getattr(request.app.state, "price_feeds", None)
+    if feeds is None:
+        return None
+    consensus = feeds.consensus()
+    return {
+        "usable": consensus.usable,
+        "median": consensus.quote,
+        "reason": consensus.reason,
+        "quotes": consensus.quotes,
+        "failures": consensus.failures,
+    }
+
+
 @pages.get("/prices")
 async def price_desk(request: Request) -> Response:
     ctx = await _signed_in(request)
     require_role(ctx.principal, *manual.READERS)
+    feeds = await run_in_threadpool(_feed_status, request)
 
     def work(session: Any) -> dict[str, Any]:
         history = manual.price_history(session, ctx, limit=20, offset=0)
@@ -666,6 +684,7 @@ async def price_desk(request: Request) -> Response:
             "history": [(row, manual.shown_state(row, now)) for row in history],
             "price": views.current_price(session),
             "can_decide": ctx.principal.role in BANK_STAFF,
+            "feeds": feeds,
         }
 
     data = await run_in_threadpool(_read(request, work))

@@ -4,13 +4,23 @@ edited behind the service's back) and the dashboard's view of the service's own 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from playwright.sync_api import Browser
 from sqlalchemy import text
+from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, func, select
-from support.console import Console, screenshot
+from support.console import Console, screenshot, served
+from support.signer_world import free_port
+from support.world import build_world
 
 from custody.db.models import AuditEvent
 from custody.db.session import transaction
+from custody.root import Root
 from custody.workers.service import Heartbeat
+from regtest.price_feed import PriceFeed, price_feed
 
 
 def _count(console: Console, prefix: str) -> int:
@@ -94,3 +104,38 @@ def test_the_dashboard_follows_the_services_processes_without_reload(console: Co
 
     risk.stop()  # a clean stop: the engine is no longer listed
     page.wait_for_selector("#status-risk:has-text('not running')", timeout=15_000)
+
+
+@pytest.fixture
+def fed_console(
+    console_engine: Engine, console_browser: Browser
+) -> Iterator[tuple[Console, PriceFeed]]:
+    """The console with one HTTP price source (a local feed the test moves)."""
+    with price_feed("6000000") as feed:
+        port = free_port()
+        world = build_world(
+            console_engine,
+            console_origin=f"http://localhost:{port}",
+            price_sources=[feed.source_config()],
+        )
+        app = Root.assemble(world.settings, engine=console_engine).app()
+        with served(app, port) as url:
+            yield Console(world=world, url=url, browser=console_browser), feed
+
+
+def test_the_price_desk_shows_each_feed_and_why_one_is_left_out(
+    fed_console: tuple[Console, PriceFeed],
+) -> None:
+    console, feed = fed_console
+    operator = console.enrol("bank_operator")
+    page = operator.page
+    page.goto(f"{console.url}/console/prices")
+    assert "Their median now: 6000000 RUB/BTC" in page.inner_text("#feeds-median")
+    assert page.locator("#feeds li.feed-ok").count() == 1
+    screenshot(page, "price-desk")
+
+    feed.set("6000000", datetime.now(UTC) - timedelta(hours=2))  # the feed goes stale
+    page.goto(f"{console.url}/console/prices")
+    assert "No usable median" in page.inner_text("#feeds-median")
+    (failure,) = page.locator("#feeds li.feed-failed").all_inner_texts()
+    assert failure.startswith("feed:") and "old" in failure, failure
