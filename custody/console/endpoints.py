@@ -54,6 +54,7 @@ from custody.loans import service as loans
 from custody.loans.schemas import HDKeyIn, LoanCreate
 from custody.risk import manual
 from custody.schemas import ID_MAX
+from custody.signer import service as signer_statements
 from custody.signing import broadcast, signatures
 from custody.signing.chain import Chain
 from pledge.errors import CustodyError, InvalidInput, NotAuthenticated
@@ -567,6 +568,25 @@ async def register_key(request: Request, loan_id: str, seat: str) -> Response:
 
     await run_in_threadpool(work)
     return _redirect(f"/console/loans/{lid}")
+
+
+@pages.post("/loans/{loan_id}/keys/bank/signer")
+async def request_bank_key(request: Request, loan_id: str) -> Response:
+    """A bank operator asks the bank's signer for the loan's bank key (an HD account of
+    its sealed seed, or a fixed key): the same statement as the API's route, which an
+    operator and an approver then sign."""
+    ctx, body = await _acting(request)
+    lid = _id(loan_id, LoanNotFound)
+    kind = _form(body).get("kind", "hd")
+    if kind not in ("hd", "fixed"):
+        raise InvalidInput("the bank key is either 'hd' or 'fixed'", field="kind")
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            signer_statements.request_bank_key(session, ctx, lid, kind=kind)
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/loans/{lid}#terms")
 
 
 @pages.post("/loans/{loan_id}/addresses")

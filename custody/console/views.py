@@ -37,6 +37,8 @@ from custody.loans.schemas import LoanOut
 from custody.loans.views import deposits_out, loan_out, loans_out
 from custody.notify import repository as notify_repository
 from custody.risk import repository as risk_repository
+from custody.signer import repository as signer_repository
+from custody.signer import service as signer_statements
 from custody.signing import repository as signing_repository
 from custody.watcher.health import health_in
 from custody.workers.service import workers_in
@@ -245,7 +247,17 @@ def loan_page(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
         "seats_open": [
             s for s in ("miner", "bank", "arbiter") if s not in {k.role for k in out.keys}
         ],
+        "bank_key_statement": _open_bank_key_statement(session, ctx, loan),
     }
+
+
+def _open_bank_key_statement(session: Session, ctx: Context, loan: Loan) -> dict[str, Any] | None:
+    """The open statement asking the bank's signer for this loan's bank key, for bank
+    staff (what they check and sign), or None."""
+    if ctx.principal.role not in BANK_STAFF or loan.id is None:
+        return None
+    st = signer_repository.open_statement_of_loan(session, loan.id, "register_loan")
+    return None if st is None else signer_statements.statement_view(session, st)
 
 
 def live(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:

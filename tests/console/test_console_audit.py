@@ -4,6 +4,7 @@ edited behind the service's back) and the dashboard's view of the service's own 
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -16,7 +17,7 @@ from support.console import Console, screenshot, served
 from support.signer_world import free_port
 from support.world import build_world
 
-from custody.db.models import AuditEvent
+from custody.db.models import AuditEvent, SignerStatement
 from custody.db.session import transaction
 from custody.root import Root
 from custody.workers.service import Heartbeat
@@ -139,3 +140,41 @@ def test_the_price_desk_shows_each_feed_and_why_one_is_left_out(
     assert "No usable median" in page.inner_text("#feeds-median")
     (failure,) = page.locator("#feeds li.feed-failed").all_inner_texts()
     assert failure.startswith("feed:") and "old" in failure, failure
+
+
+def test_an_operator_asks_the_banks_signer_for_the_bank_key_from_the_loan_page(
+    console: Console,
+) -> None:
+    world = console.world
+    loan_id = world.create_loan()["id"]
+    for seat in ("miner", "arbiter"):
+        assert world.register(loan_id, seat).status_code == 200
+    miner = console.enrol("miner")
+    miner.page.goto(f"{console.url}/console/loans/{loan_id}")
+    assert miner.page.locator("#bank-key-from-signer").count() == 0  # not the miner's seat
+
+    operator = console.enrol("bank_operator")
+    page = operator.page
+    page.goto(f"{console.url}/console/loans/{loan_id}")
+    page.select_option("#bank-key-from-signer select[name=kind]", "hd")
+    page.click("#bank-key-from-signer button[type=submit]")
+    page.wait_for_selector("#bank-key-statement")
+    shown = page.inner_text("#bank-key-statement")
+    statement_id = int(shown.split("statement\n")[-1].split("#", 1)[1].split()[0])
+    api = world.call("bank_operator", "GET", f"/v1/signer-statements/{statement_id}").json()
+    assert api["kind"] == "register_loan" and api["loan_id"] == loan_id
+    assert api["statement"]["bank_key"] == "hd"
+    assert api["digest"] in shown and "nobody" in shown
+    assert page.locator("#bank-key-from-signer").count() == 0  # one request at a time
+
+    # A forged kind is a clear 4xx and opens nothing more.
+    csrf = page.get_attribute("input[name=csrf]", "value")
+    answer = page.request.post(
+        f"{console.url}/console/loans/{loan_id}/keys/bank/signer",
+        form={"csrf": csrf or "", "kind": "mine"},
+        headers={"Origin": console.url},
+    )
+    assert answer.status == 422 and "either 'hd' or 'fixed'" in html.unescape(answer.text())
+    with Session(world.engine) as s:
+        opened = s.exec(select(func.count()).select_from(SignerStatement)).one()
+    assert opened == 1
