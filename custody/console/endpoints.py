@@ -509,8 +509,14 @@ async def create_loan(request: Request) -> Response:
     ctx, body = await _acting(request)
     form = _form(body)
     try:
+        kopecks = Decimal(form.get("principal_rub", "").replace(" ", "")) * 100
+        if not kopecks.is_finite() or kopecks != kopecks.to_integral_value():
+            raise InvalidInput(
+                "the principal is in roubles with at most two decimals (whole kopecks)",
+                field="principal_rub",
+            )
         terms: dict[str, Any] = {
-            "principal_kopecks": int(Decimal(form.get("principal_rub", "")) * 100),
+            "principal_kopecks": int(kopecks),
             "interest_rate_bps": int(form.get("interest_rate_bps", "")),
             "maturity_at": form.get("maturity_at", ""),
             "miner_return_address": form.get("miner_return_address", ""),

@@ -1,0 +1,81 @@
+"""A loan made in the browser: the operator opens it from the dashboard's form, each seat
+registers its own key on the loan page, and the miner then sees the deposit address. A
+principal in fractions of a kopeck is refused, not rounded."""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime, timedelta
+
+from playwright.sync_api import Page
+from sqlmodel import Session, func, select
+from support.console import Console, screenshot
+from support.world import BANK_LIQUIDATION, MINER_RETURN, hd_key
+
+from custody.db.models import Loan
+
+
+def _fill_loan_form(console: Console, page: Page, principal_rub: str) -> None:
+    ids = console.world.party_ids
+    maturity = (datetime.now(UTC) + timedelta(days=180)).replace(microsecond=0).isoformat()
+    for name, value in (
+        ("miner_party_id", str(ids["miner"])),
+        ("arbiter_party_id", str(ids["arbiter"])),
+        ("principal_rub", principal_rub),
+        ("maturity_at", maturity),
+        ("required_collateral_sats", "50000000"),
+        ("miner_return_address", MINER_RETURN),
+        ("bank_liquidation_address", BANK_LIQUIDATION),
+    ):
+        page.fill(f"#new-loan input[name={name}]", value)
+
+
+def _loans(console: Console) -> int:
+    with Session(console.world.engine) as s:
+        return int(s.exec(select(func.count()).select_from(Loan)).one())
+
+
+def test_the_operator_opens_a_loan_and_each_seat_registers_its_key_in_the_browser(
+    console: Console,
+) -> None:
+    operator = console.enrol("bank_operator")
+    page = operator.page
+    page.goto(f"{console.url}/console/loans")
+    _fill_loan_form(console, page, "1500000.00")
+    page.click("#new-loan button[type=submit]")
+    page.wait_for_url(f"{console.url}/console/loans/*")
+    loan_id = int(page.url.rsplit("/", 1)[1].split("#")[0])
+    assert page.inner_text("#loan-state") == "draft"
+
+    for who, seat in (("miner", "miner"), ("arbiter", "arbiter")):
+        person = console.enrol(who)
+        person.page.goto(f"{console.url}/console/loans/{loan_id}")
+        assert person.page.locator(".key-form").count() == 1  # only their own seat
+        person.page.fill(".key-form input[name=key]", hd_key())
+        person.page.click(".key-form button[type=submit]")
+        person.page.wait_for_selector(f"#terms li:has-text('{seat}: hd')")
+    page.goto(f"{console.url}/console/loans/{loan_id}")
+    page.fill(".key-form input[name=key]", hd_key())
+    page.click(".key-form:has(input[name=key]) button[type=submit]")
+    page.wait_for_selector("#terms li:has-text('bank: hd')")
+    screenshot(page, "loan-keys-registered")
+
+    loan = console.world.call("miner", "GET", f"/v1/loans/{loan_id}").json()
+    assert loan["state"] == "awaiting_deposit"
+    assert loan["terms"]["principal_kopecks"] == 150_000_000
+    miner = console.enrol("other_miner")  # another miner: not theirs
+    answer = miner.page.goto(f"{console.url}/console/loans/{loan_id}")
+    assert answer is not None and answer.status == 404
+
+
+def test_a_principal_in_fractions_of_a_kopeck_is_refused_not_rounded(console: Console) -> None:
+    operator = console.enrol("bank_operator")
+    page = operator.page
+    page.goto(f"{console.url}/console/loans")
+    _fill_loan_form(console, page, "1500000.005")
+    with page.expect_response(lambda r: r.request.method == "POST") as posted:
+        page.click("#new-loan button[type=submit]")
+    assert posted.value.status == 422
+    message = html.unescape(page.inner_text("#error-message"))
+    assert "at most two decimals" in message
+    assert _loans(console) == 0
