@@ -134,6 +134,17 @@ def confirmed_prices_since(
     return list(reversed(session.exec(query).all()))
 
 
+def confirmed_price_before(session: Session, before: datetime) -> PriceRecord | None:
+    """The confirmed manual price in effect at `before` (the chart's first point)."""
+    query = (
+        select(PriceRecord)
+        .where(PriceRecord.state == PriceState.confirmed, col(PriceRecord.confirmed_at) < before)
+        .order_by(col(PriceRecord.confirmed_at).desc())
+        .limit(1)
+    )
+    return session.exec(query).first()
+
+
 def audit_events(
     session: Session,
     *,

@@ -311,18 +311,25 @@ CHART_STYLE = Style(
 
 
 def loan_chart(session: Session, ctx: Context, loan_id: int) -> str:
-    """The loan's price and LTV over time, as an SVG document (pygal, no script): each
-    confirmed manual price since the loan was opened, and the LTV at that price of the debt
-    then over the collateral confirmed now (the service keeps no history of confirmed
-    collateral per moment, so earlier points do not show a deposit arriving later)."""
+    """The loan's price and LTV over time, as an SVG document (pygal, no script): the
+    price in effect when the loan was opened, each confirmed manual price since, and now;
+    the LTV at each of the debt then over the collateral confirmed now (the service keeps
+    no history of confirmed collateral per moment, so earlier points do not show a deposit
+    arriving later)."""
     loan = loans.get_loan(session, ctx, loan_id)
     confirmed = loan_out(session, loan).collateral.confirmed_sats
-    since = loan.created_at if loan.created_at.tzinfo else loan.created_at.replace(tzinfo=UTC)
-    points = []
+    since = as_utc(loan.created_at)
+    moments: list[tuple[datetime, Decimal]] = []
+    opening = repository.confirmed_price_before(session, since)
+    if opening is not None:
+        moments.append((since, Decimal(opening.price_rub_per_btc)))
     for row in repository.confirmed_prices_since(session, since):
-        at = row.confirmed_at or row.quoted_at
-        at = at if at.tzinfo else at.replace(tzinfo=UTC)
-        price = Decimal(row.price_rub_per_btc)
+        moments.append((as_utc(row.confirmed_at or row.quoted_at), Decimal(row.price_rub_per_btc)))
+    now = current_price(session, loan)
+    if now is not None:
+        moments.append((datetime.now(UTC), now.value))
+    points = []
+    for at, price in moments:
         debt = outstanding_debt_kopecks(loan, at)
         ltv = ltv_bps(debt, confirmed, price) / 100 if confirmed > 0 else None
         points.append((at, float(price), ltv))

@@ -79,3 +79,20 @@ def test_a_principal_in_fractions_of_a_kopeck_is_refused_not_rounded(console: Co
     message = html.unescape(page.inner_text("#error-message"))
     assert "at most two decimals" in message
     assert _loans(console) == 0
+
+
+def test_the_chart_starts_at_the_price_in_effect_when_the_loan_opened(console: Console) -> None:
+    world = console.world
+    proposed = world.call(
+        "bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"}
+    )
+    assert proposed.status_code == 201, proposed.text
+    pid = proposed.json()["id"]
+    assert world.call("bank_approver", "POST", f"/v1/prices/{pid}/confirm").status_code == 200
+    loan_id = world.create_loan()["id"]  # opened after the only confirmed price
+    miner = console.enrol("miner")
+    chart = miner.page.request.get(f"{console.url}/console/loans/{loan_id}/chart.svg")
+    assert chart.status == 200
+    svg = chart.text()
+    assert 'class="no_data"' not in svg  # pygal's "No data" text, drawn for an empty chart
+    assert svg.count("6000000") >= 2  # the opening point and now
