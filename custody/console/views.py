@@ -28,6 +28,7 @@ from custody.loans.views import deposits_out, loan_out, loans_out
 from custody.risk import repository as risk_repository
 from custody.signing import repository as signing_repository
 from pledge.amounts import kopecks_for_sats, ltv_bps
+from pledge.statements import statement_digest
 
 EXPORT_FORMATS = ("descriptor", "caravan", "wallet-policy", "coldcard", "bsms", "sparrow")
 
@@ -321,6 +322,12 @@ def approval_of(view: dict[str, Any], risk: Risk, price: Price | None) -> Approv
     )
 
 
+def _statement_digest(session: Session, request_id: int) -> str | None:
+    """The digest of the bank's signer's statement for this request (what a passkey signs)."""
+    st = signing_repository.transaction_statement_of(session, request_id)
+    return statement_digest(json.loads(st.body)).hex() if st is not None else None
+
+
 def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, Any]:
     """A signing request beside its evidence and the loan's terms (404 as the API); for
     the bank's staff who endorse, the approval (amounts in RUB, LTV before and after)."""
@@ -337,6 +344,7 @@ def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, A
         "seat": seat_of(Role(ctx.principal.role)),
         "approval": approval_of(view, row.risk, price),
         "approves": ctx.principal.role in APPROVERS,
+        "digest": _statement_digest(session, request_id),
     }
 
 

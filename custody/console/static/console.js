@@ -66,7 +66,9 @@ async function approve(button) {
   const data = await response.json();
   if (!response.ok) throw new Error(data.message || "refused");
   const digest = document.getElementById("approval-digest");
-  if (digest) digest.textContent = data.digest;
+  if (digest && digest.textContent !== data.digest) {
+    throw new Error("the statement changed since this page was shown: reload it");
+  }
   const credential = await navigator.credentials.get({
     publicKey: PublicKeyCredential.parseRequestOptionsFromJSON(data.options),
   });
