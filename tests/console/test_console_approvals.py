@@ -149,6 +149,12 @@ def test_an_approver_approves_a_release_with_their_passkey_and_it_is_mined(
     miner = console.enrol("miner")
     miner.page.goto(f"{console.url}/console/requests/{rid}")
     assert miner.page.locator("#approve").count() == 0  # the miner approves nothing
+    asked = httpx.get(
+        f"{console.url}/console/requests/{rid}/approval",
+        cookies={"console_session": _cookie(miner)},
+        headers={"Accept": "application/json"},
+    )
+    assert asked.status_code == 403 and asked.json()["error"] == "role_not_allowed", asked.text
     with miner.page.expect_download() as download:
         miner.page.click("#psbt-file")
     unsigned = Path(download.value.path()).read_bytes()
@@ -219,6 +225,20 @@ def test_an_approval_captured_for_one_request_does_not_approve_another(
     page.goto(f"{console.url}/console/requests/{b}")
     csrf = page.get_attribute("#approve", "data-csrf") or ""
     before = bank_signer.bank_signatures()
+
+    def post_to_b(**headers: str) -> httpx.Response:
+        return httpx.post(
+            f"{console.url}/console/requests/{b}/approval",
+            content=captured[0],
+            cookies={"console_session": _cookie(approver)},
+            headers={"Content-Type": "application/json", "Accept": "application/json", **headers},
+        )
+
+    # without the session's CSRF token, or from another origin: refused before it is read
+    forged = post_to_b(Origin=console.url)
+    assert forged.status_code == 403 and forged.json()["error"] == "forged_request", forged.text
+    foreign = post_to_b(Origin="http://evil.localhost", **{"X-CSRF-Token": csrf})
+    assert foreign.status_code == 403 and foreign.json()["error"] == "forged_request"
     refused = httpx.post(
         f"{console.url}/console/requests/{b}/approval",
         content=captured[0],
