@@ -261,6 +261,16 @@ def test_an_approval_captured_for_one_request_does_not_approve_another(
     assert console.world.call("miner", "GET", f"/v1/signing-requests/{b}").json()["state"] == (
         "awaiting_signatures"
     )
+    # only an admin opens an enrolment with the signer (the approver cannot enrol themself)
+    self_enrol = httpx.post(
+        f"{console.url}/console/principals/{_principal_id(console, 'bank_approver')}"
+        "/signer-enrolment",
+        data={"csrf": csrf},
+        cookies={"console_session": _cookie(approver)},
+        headers={"Origin": console.url, "Accept": "application/json"},
+    )
+    assert self_enrol.status_code == 403, self_enrol.text
+    assert self_enrol.json()["error"] == "role_not_allowed"
     # B's own approval, made on B's page, is kept
     page.click("#approve")
     expect(page.locator("#status")).to_contain_text(f"Approved by {person}", timeout=30_000)
