@@ -500,6 +500,13 @@ class PasskeyNotVerified(BadRequest):
     code = "passkey_not_verified"
 
 
+class PasskeyNotWithSigner(Forbidden):
+    """None of the caller's console passkeys is enrolled with the bank's signer for a
+    role that signs this statement (or they have signed it already)."""
+
+    code = "passkey_not_with_signer"
+
+
 class NotSignedIn(NotAuthenticated):
     """No console session, or one that ended (signed out or idle too long): sign in again."""
 

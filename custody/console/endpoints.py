@@ -669,6 +669,75 @@ async def upload_signed_psbt(request: Request, request_id: str) -> Response:
     return _redirect(f"/console/requests/{rid}")
 
 
+@pages.get("/requests/{request_id}/approval")
+async def approval_options(request: Request, request_id: str) -> Response:
+    """The approval button's `navigator.credentials.get` options (JSON): the challenge is
+    the digest of the signer's statement for this request (the API's approval view)."""
+    ctx = await _signed_in(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    origin = _settings(request).console_url
+    data = await run_in_threadpool(
+        _read(request, lambda s: service.approval_options(s, ctx, rid, origin))
+    )
+    return JSONResponse(data)
+
+
+@pages.post("/requests/{request_id}/approval")
+async def approve_with_passkey(request: Request, request_id: str) -> Response:
+    """The passkey's assertion (`PublicKeyCredential.toJSON()`) as the caller's endorsement
+    of this request's signer statement, through the API's own service calls; at quorum the
+    statement goes to the bank's signer, with no transaction open while it answers."""
+    ctx, body = await _acting(request)
+    rid = _id(request_id, SigningRequestNotFound)
+    credential = service.credential_json(body)
+    origin = _settings(request).console_url
+    engine = _engine(request)
+    signer = getattr(request.app.state, "signer", None)
+    chain: Chain | None = getattr(request.app.state, "chain", None)
+
+    def work() -> dict[str, Any]:
+        with transaction(engine) as session:
+            done = service.approve_with_passkey(session, ctx, rid, credential, origin)
+        if done.ready:
+            signer_statements.execute(engine, done.statement_id, signer, ctx, chain)
+        with transaction(engine, write=False) as session:
+            st = signer_statements.get_statement(session, ctx, done.statement_id)
+            view = signer_statements.statement_view(session, st)
+        return {
+            "person": done.person,
+            "state": view["state"],
+            "signed_by": view["signed_by"],
+            "outcome": view.get("outcome"),
+            "redirect": f"/console/requests/{rid}",
+        }
+
+    return JSONResponse(await run_in_threadpool(work))
+
+
+@pages.post("/principals/{principal_id}/signer-enrolment")
+async def enrol_with_signer(request: Request, principal_id: str) -> Response:
+    """An admin opens the signer's enrolment of a person's console passkey; two signer
+    admins sign it as any enrolment (`custody approve --statement ID`)."""
+    ctx, _ = await _acting(request)
+    pid = _id(principal_id, PrincipalNotFound)
+    origin = _settings(request).console_url
+
+    def work() -> dict[str, Any]:
+        with transaction(_engine(request)) as session:
+            statement_id = service.enrol_with_signer(session, ctx, pid, origin)
+            st = signer_statements.get_statement(session, ctx, statement_id)
+            view = signer_statements.statement_view(session, st)
+        return {
+            "statement_id": statement_id,
+            "name": view["statement"]["name"],
+            "rp_id": view["statement"]["rp_id"],
+            "origin": origin,
+        }
+
+    data = await run_in_threadpool(work)
+    return _page(request, "enrolment.html", ctx, data, status=201)
+
+
 @pages.get("/requests/{request_id}/live")
 async def request_live(request: Request, request_id: str) -> Response:
     ctx = await _signed_in(request)

@@ -62,6 +62,17 @@ def passkeys_of(session: Session, principal_id: int) -> list[ConsolePasskey]:
     return list(session.exec(query.order_by(col(ConsolePasskey.id))).all())
 
 
+def principals_with_passkeys(session: Session, roles: tuple[str, ...]) -> list[Principal]:
+    """Principals of these roles (not revoked) who registered a console passkey."""
+    query = (
+        select(Principal)
+        .where(col(Principal.role).in_(roles), col(Principal.disabled).is_(False))
+        .where(col(Principal.id).in_(select(ConsolePasskey.principal_id)))
+        .order_by(col(Principal.id))
+    )
+    return list(session.exec(query).all())
+
+
 def session_by_token_hash(session: Session, token_hash: str) -> ConsoleSession | None:
     query = select(ConsoleSession).where(ConsoleSession.token_hash == token_hash)
     return session.exec(query).first()

@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from sqlmodel import Session
@@ -41,6 +43,8 @@ from webauthn.helpers.structs import (
 )
 
 from custody.audit.service import record
+from custody.auth.context import Context
+from custody.auth.policy import require_role
 from custody.console import repository
 from custody.db.models import (
     ConsoleChallenge,
@@ -56,9 +60,11 @@ from custody.errors import (
     NoConsoleForRole,
     NotSignedIn,
     PasskeyNotVerified,
+    PasskeyNotWithSigner,
     PrincipalNotFound,
     PrincipalRevoked,
 )
+from custody.signer import service as signer_statements
 
 CHALLENGE_SECONDS = 300
 RP_NAME = "Pledge custody"
@@ -414,3 +420,152 @@ def credential_json(body: bytes) -> str:
     if not isinstance(value, dict):
         raise PasskeyNotVerified("the passkey's answer is not a credential")
     return json.dumps(value)
+
+
+# -- approvals with the passkey, and its enrolment with the bank's signer -----------------------
+#
+# The console's sign-in passkey is reused for the bank's signer: its public data (credential
+# id, COSE public key) is what the signer's enrolment names, the relying party is the
+# console's host and the origin the console's. Sign-in challenges are random and single-use
+# (never a statement's digest), and an approval's challenge is the statement's digest (never
+# a sign-in challenge), so an assertion made for one is of no use for the other; the counter
+# each side keeps only has to grow.
+
+
+def _mine(session: Session, ctx: Context) -> set[str]:
+    assert ctx.principal.id is not None
+    return {p.credential_id for p in repository.passkeys_of(session, ctx.principal.id)}
+
+
+def approval_options(
+    session: Session, ctx: Context, request_id: int, origin: str
+) -> dict[str, Any]:
+    """What the approval button asks the browser for: `navigator.credentials.get` options
+    whose challenge is the signer's statement digest and whose `allowCredentials` are the
+    caller's own passkeys enrolled with the signer (the API's approval view, its rules)."""
+    view = signer_statements.approval_challenge(session, ctx, request_id)
+    mine = _mine(session, ctx)
+    allowed = [
+        c for c in view["credentials"] if c["credential_id"] in mine and c["rp_id"] == rp_id(origin)
+    ]
+    if not allowed:
+        raise PasskeyNotWithSigner(
+            "your passkey is not enrolled with the bank's signer for this approval, "
+            "or you have approved it already"
+        )
+    options = generate_authentication_options(
+        rp_id=rp_id(origin),
+        challenge=base64url_to_bytes(view["challenge"]),
+        allow_credentials=[
+            PublicKeyCredentialDescriptor(id=base64url_to_bytes(c["credential_id"]))
+            for c in allowed
+        ],
+        user_verification=UserVerificationRequirement.REQUIRED,
+    )
+    return {
+        "options": json.loads(options_to_json(options)),
+        "statement_id": view["statement_id"],
+        "digest": view["digest"],
+        "person": allowed[0]["person"],
+    }
+
+
+@dataclass(frozen=True)
+class Approval:
+    statement_id: int
+    person: str
+    ready: bool  # the quorum is met: take the statement to the bank's signer
+
+
+def approve_with_passkey(
+    session: Session, ctx: Context, request_id: int, credential: str, origin: str
+) -> Approval:
+    """Keep the caller's passkey assertion as their endorsement of this request's
+    statement, once it is checked here too (the signer checks it again itself): signed
+    over this request's digest, from the console's origin, by the caller's own passkey
+    enrolled with the signer. An assertion made for another request is refused here,
+    before anything is kept."""
+    view = signer_statements.approval_challenge(session, ctx, request_id)
+    try:
+        parsed = parse_authentication_credential_json(credential)
+        client = parse_client_data_json(parsed.response.client_data_json)
+    except WebAuthnException as exc:
+        raise PasskeyNotVerified(f"the passkey's answer could not be read: {exc}") from exc
+    digest = base64url_to_bytes(view["challenge"])
+    if client.challenge != digest:
+        raise PasskeyNotVerified(
+            f"this approval was signed for another statement, not signing request "
+            f"{request_id}'s (digest {view['digest']}): nothing was kept"
+        )
+    credential_id = bytes_to_base64url(parsed.raw_id)
+    assert ctx.principal.id is not None
+    own = {p.credential_id: p for p in repository.passkeys_of(session, ctx.principal.id)}
+    enrolled = {c["credential_id"]: c for c in view["credentials"]}
+    if credential_id not in own or credential_id not in enrolled:
+        raise PasskeyNotWithSigner(
+            "this passkey is not yours enrolled with the bank's signer for this approval"
+        )
+    try:
+        verify_authentication_response(
+            credential=parsed,
+            expected_challenge=digest,
+            expected_rp_id=rp_id(origin),
+            expected_origin=origin,
+            credential_public_key=base64url_to_bytes(own[credential_id].public_key),
+            credential_current_sign_count=0,  # the signer compares the counter it keeps
+            require_user_verification=True,
+        )
+    except WebAuthnException as exc:
+        raise PasskeyNotVerified(f"the passkey did not verify: {exc}") from exc
+    response = parsed.response
+    assertion = {
+        "credential_id": credential_id,
+        "authenticator_data": bytes_to_base64url(response.authenticator_data),
+        "client_data_json": bytes_to_base64url(response.client_data_json),
+        "signature": bytes_to_base64url(response.signature),
+    }
+    person = enrolled[credential_id]["person"]
+    stored = signer_statements.stored_endorsement(None, assertion)
+    _, ready = signer_statements.endorse(session, ctx, view["statement_id"], person, stored)
+    return Approval(int(view["statement_id"]), person, ready)
+
+
+SIGNER_NAME = re.compile(r"[^a-z0-9._@-]+")
+
+
+def signer_name(principal: Principal) -> str:
+    """The name the bank's signer knows a principal by (its names are `[a-z0-9._@-]`)."""
+    return SIGNER_NAME.sub("-", principal.name.lower()).strip("-")[:64] or f"p{principal.id}"
+
+
+def enrol_with_signer(session: Session, ctx: Context, principal_id: int, origin: str) -> int:
+    """Open the signer's enrolment statement of a staff member's console passkey (admins
+    only): the credential they registered for sign-in, for this console's relying party
+    and origin. Two signer admins still sign it (`custody approve --statement ID`)."""
+    require_role(ctx.principal, Role.admin)
+    target = repository.principal(session, principal_id)
+    if target is None:
+        raise PrincipalNotFound("no such principal")
+    if target.disabled:
+        raise PrincipalRevoked(f"{target.name} is revoked")
+    if target.role not in (Role.bank_operator, Role.bank_approver, Role.admin):
+        raise NoConsoleForRole(f"a {target.role} signs nothing for the bank's signer")
+    passkeys = repository.passkeys_of(session, principal_id)
+    if not passkeys:
+        raise PasskeyNotWithSigner(f"{target.name} has registered no passkey in the console yet")
+    passkey = max(passkeys, key=lambda p: p.created_at)
+    st = signer_statements.request_enrolment(
+        session,
+        ctx,
+        name=signer_name(target),
+        role=str(target.role),
+        algorithm="webauthn",
+        public_key=passkey.public_key,
+        passkey={
+            "credential_id": passkey.credential_id,
+            "rp_id": rp_id(origin),
+            "origins": [origin],
+        },
+    )
+    assert st.id is not None
+    return st.id

@@ -42,7 +42,8 @@ from custody.signer import service as signer_statements
 from custody.signing import repository as signing_repository
 from custody.watcher.health import health_in
 from custody.workers.service import workers_in
-from pledge.amounts import ltv_bps
+from pledge.amounts import kopecks_for_sats, ltv_bps
+from pledge.statements import statement_digest
 
 EXPORT_FORMATS = ("descriptor", "caravan", "wallet-policy", "coldcard", "bsms", "sparrow")
 
@@ -210,7 +211,19 @@ def dashboard(session: Session, ctx: Context) -> dict[str, Any]:
         and seat in req.required_seats.split(",")
         and seat not in req.signed_seats.split(",")
     ]
-    return {"rows": rows, "price": price, "alerts": alerts, "waiting": waiting, "role": role.value}
+    signer_people = []
+    if role == Role.admin:  # whose console passkey an admin may enrol with the bank's signer
+        signer_people = repository.principals_with_passkeys(
+            session, (Role.bank_operator, Role.bank_approver, Role.admin)
+        )
+    return {
+        "rows": rows,
+        "price": price,
+        "alerts": alerts,
+        "waiting": waiting,
+        "role": role.value,
+        "signer_people": signer_people,
+    }
 
 
 def _alert_line(event: AuditEvent) -> str:
@@ -291,17 +304,72 @@ def request_view(req: SigningRequest) -> dict[str, Any]:
     }
 
 
+APPROVERS = (Role.bank_operator, Role.bank_approver)
+
+
+@dataclass(frozen=True)
+class Approval:
+    """What an approver checks before their passkey signs: each output in BTC and in RUB
+    at the price in use, the fee and its rate, and the LTV now and once this transaction
+    confirms (the debt less what the bank is paid, over the change that stays collateral)."""
+
+    outputs: list[dict[str, Any]]
+    fee_sats: int
+    fee_rub_kopecks: int | None
+    fee_rate_sat_vb: str | None
+    ltv_before_bps: int | None
+    ltv_after_bps: int | None
+    collateral_after_sats: int
+    debt_after_kopecks: int
+
+
+def approval_of(view: dict[str, Any], risk: Risk, price: Price | None) -> Approval:
+    def rub(sats: int) -> int | None:
+        return kopecks_for_sats(sats, price.value) if price is not None else None
+
+    outputs = [{**o, "rub_kopecks": rub(int(o["amount_sats"]))} for o in view["outputs"]]
+    kept = sum(int(o["amount_sats"]) for o in view["outputs"] if o["role"] == "collateral_change")
+    to_bank = sum(int(o["amount_sats"]) for o in view["outputs"] if o["role"] == "bank_liquidation")
+    debt_after = max(0, risk.debt_kopecks - (rub(to_bank) or 0))
+    ltv_after = None
+    if price is not None and kept > 0:
+        ltv_after = ltv_bps(debt_after, kept, price.value)
+    rate = view["evidence"].get("fee_rate_sat_vb")
+    return Approval(
+        outputs=outputs,
+        fee_sats=int(view["fee_sats"]),
+        fee_rub_kopecks=rub(int(view["fee_sats"])),
+        fee_rate_sat_vb=str(rate) if rate is not None else None,
+        ltv_before_bps=risk.ltv_bps,
+        ltv_after_bps=ltv_after,
+        collateral_after_sats=kept,
+        debt_after_kopecks=debt_after,
+    )
+
+
+def _statement_digest(session: Session, request_id: int) -> str | None:
+    """The digest of the bank's signer's statement for this request (what a passkey signs)."""
+    st = signing_repository.transaction_statement_of(session, request_id)
+    return statement_digest(json.loads(st.body)).hex() if st is not None else None
+
+
 def request_page(session: Session, ctx: Context, request_id: int) -> dict[str, Any]:
-    """A signing request beside its evidence and the loan's terms (404 as the API)."""
+    """A signing request beside its evidence and the loan's terms (404 as the API); for
+    the bank's staff who endorse, the approval (amounts in RUB, LTV before and after)."""
     req = signing_repository.get_request(session, ctx, request_id)
     loan = loans.get_loan(session, ctx, req.loan_id)
-    (row,) = _rows(session, [loan], None)
+    price = current_price(session, loan)
+    (row,) = _rows(session, [loan], price)
+    view = request_view(req)
     return {
-        "req": request_view(req),
+        "req": view,
         "row": row,
-        "price": current_price(session, loan),
+        "price": price,
         "role": ctx.principal.role,
         "seat": seat_of(Role(ctx.principal.role)),
+        "approval": approval_of(view, row.risk, price),
+        "approves": ctx.principal.role in APPROVERS,
+        "digest": _statement_digest(session, request_id),
     }
 
 

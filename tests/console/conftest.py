@@ -11,12 +11,15 @@ from playwright.sync_api import Browser, sync_playwright
 from sqlalchemy.engine import Engine
 from support.console import CHROMIUM, CHROMIUM_ARGS, Console, served
 from support.databases import copy_sqlite
-from support.signer_world import free_port
+from support.signer_fixtures import bank_signer, feed
+from support.signer_world import SignerWorld, free_port
 from support.world import build_world
 
 from custody.db.session import make_engine
 from custody.root import Root
 from regtest.node import RegtestNode
+
+__all__ = ["bank_signer", "feed"]  # the bank's signer (in process, SoftHSM2) for approvals
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +45,22 @@ def console_engine(sqlite_template: Path, tmp_path: Path) -> Iterator[Engine]:
     engine.dispose()
 
 
-def _console(engine: Engine, browser: Browser, node: RegtestNode | None) -> Iterator[Console]:
+def _console(
+    engine: Engine, browser: Browser, node: RegtestNode | None, signer: SignerWorld | None = None
+) -> Iterator[Console]:
     port = free_port()
     origin = f"http://localhost:{port}"
-    world = build_world(engine, chain=node.rpc if node else None, console_origin=origin)
-    app = Root.assemble(world.settings, engine=engine, node=node.rpc if node else None).app()
+    client = signer.client if signer else None
+    world = build_world(
+        engine,
+        chain=node.rpc if node else None,
+        signer=client,
+        staff=signer.staff if signer else None,
+        console_origin=origin,
+    )
+    app = Root.assemble(
+        world.settings, engine=engine, node=node.rpc if node else None, signer=client
+    ).app()
     with served(app, port) as url:
         yield Console(world=world, url=url, browser=browser)
 
@@ -63,3 +77,14 @@ def node_console(
 ) -> Iterator[Console]:
     """The same with the regtest node: deposits, confirmations."""
     yield from _console(console_engine, console_browser, regtest_node)
+
+
+@pytest.fixture
+def signer_console(
+    console_engine: Engine,
+    console_browser: Browser,
+    regtest_node: RegtestNode,
+    bank_signer: SignerWorld,
+) -> Iterator[Console]:
+    """The same with the bank's signer (a real SoftHSM2 token): passkey approvals."""
+    yield from _console(console_engine, console_browser, regtest_node, bank_signer)

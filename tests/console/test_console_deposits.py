@@ -116,8 +116,9 @@ def test_a_release_is_signed_through_the_console_and_the_page_follows_it_to_conf
 ) -> None:
     """The miner downloads the .psbt file, signs it on their device (a software HD signer
     here) and uploads the file; the bank's operator the same with the base64 text, after
-    an approver's approval (the API's route: the passkey approval is not the console's
-    yet). At quorum the service broadcasts; the request page follows to `confirmed`."""
+    an approver's approval (the API's route; this loan's bank key is a software key, so
+    no signer statement: passkey approvals are tests/console/test_console_approvals.py).
+    At quorum the service broadcasts; the request page follows to `confirmed`."""
     console = node_console
     funded = funded_loan(console.world, regtest_node, console_watcher, hsm_bank=False)
     lid = funded.loan["id"]

@@ -54,6 +54,56 @@ function wirePasskeys() {
   });
 }
 
+// The approval: the options come from the console (challenge = the digest of the bank's
+// signer's statement for this request), the passkey signs, the assertion is posted with
+// the session's CSRF token; the page then follows the request by its polling.
+async function approve(button) {
+  const url = button.dataset.approve;
+  const response = await fetch(url, {
+    headers: { "Accept": "application/json" },
+    credentials: "same-origin",
+  });
+  const data = await response.json();
+  if (!response.ok) throw new Error(data.message || "refused");
+  const digest = document.getElementById("approval-digest");
+  if (digest && digest.textContent !== data.digest) {
+    throw new Error("the statement changed since this page was shown: reload it");
+  }
+  const credential = await navigator.credentials.get({
+    publicKey: PublicKeyCredential.parseRequestOptionsFromJSON(data.options),
+  });
+  const posted = await fetch(url, {
+    method: "POST",
+    headers: {
+      "Content-Type": "application/json",
+      "Accept": "application/json",
+      "X-CSRF-Token": button.dataset.csrf,
+    },
+    body: JSON.stringify(credential.toJSON()),
+    credentials: "same-origin",
+  });
+  const done = await posted.json();
+  if (!posted.ok) throw new Error(done.message || "refused");
+  setStatus("Approved by " + done.person + ": the statement is " + done.state +
+    (done.outcome ? " (" + done.outcome + ")" : ""));
+  button.dataset.done = done.state;
+}
+
+function wireApproval() {
+  const button = document.getElementById("approve");
+  if (!button) return;
+  button.addEventListener("click", async () => {
+    button.disabled = true;
+    setStatus("Waiting for your passkey…");
+    try {
+      await approve(button);
+    } catch (error) {
+      setStatus("Refused: " + error.message);
+      button.disabled = false;
+    }
+  });
+}
+
 function drawBars(root) {
   root.querySelectorAll("[data-width]").forEach((el) => {
     el.style.width = el.dataset.width + "%";
@@ -85,6 +135,7 @@ function poll(el) {
 
 document.addEventListener("DOMContentLoaded", () => {
   wirePasskeys();
+  wireApproval();
   drawBars(document);
   document.querySelectorAll("[data-poll]").forEach(poll);
 });
