@@ -203,7 +203,9 @@ def dashboard(session: Session, ctx: Context) -> dict[str, Any]:
                 f"the watcher has been stalled since {lease.stalled_since:%Y-%m-%d %H:%M} UTC"
             )
         alerts += [_alert_line(e) for e in repository.recent_alerts(session, limit=10)]
-    seat = seat_of(role)
+    # An approver signs no PSBT, but the bank's signature waits on their approval: they
+    # are shown what waits for the bank's seat, as its operator is.
+    seat = "bank" if role == Role.bank_approver else seat_of(role)
     waiting = [
         req
         for req in repository.open_requests_of_loans(session, [r.out.id for r in rows])

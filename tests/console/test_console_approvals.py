@@ -120,7 +120,10 @@ def test_an_approver_approves_a_release_with_their_passkey_and_it_is_mined(
     _confirm_price(console, "8000000")
 
     page = approver.page
-    page.goto(f"{console.url}/console/requests/{rid}")
+    page.goto(f"{console.url}/console/loans")  # the approver finds it on the first page
+    assert "Waiting for the bank's approval" in page.inner_text("#waiting")
+    page.click(f"#waiting a[href='/console/requests/{rid}']")
+    page.wait_for_url(f"{console.url}/console/requests/{rid}")
     outputs = page.inner_text("#approval-outputs")
     (out,) = console.world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()["outputs"]
     assert "the miner's return address" in outputs
@@ -142,6 +145,8 @@ def test_an_approver_approves_a_release_with_their_passkey_and_it_is_mined(
     assert bank_signer.bank_signatures() == before + 1
     signed = console.world.call("miner", "GET", f"/v1/signing-requests/{rid}").json()
     assert "bank" in signed["signed_seats"], signed
+    page.goto(f"{console.url}/console/loans")
+    assert page.locator(f"#waiting a[href='/console/requests/{rid}']").count() == 0
     statement = console.world.call("admin", "GET", f"/v1/signer-statements/{_sid(console, rid)}")
     assert statement.json()["outcome"].endswith(f"approved by {person}"), statement.text
 
