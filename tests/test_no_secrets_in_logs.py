@@ -15,6 +15,7 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from support.custody_serve import custody_serve
@@ -23,6 +24,8 @@ from custody.auth.service import create_principal
 from custody.db.models import Party, PartyKind, Role
 from custody.db.session import transaction
 from regtest.wait import wait_until
+
+pytestmark = [pytest.mark.process]  # starts custody serve and python processes
 
 WEBHOOK_SECRET = "hmac-secret-that-must-never-be-logged-0123456789"
 REFUSAL = "refused by the test trigger"

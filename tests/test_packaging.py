@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = [pytest.mark.process]  # starts custody/hsm commands as OS processes
+
 ROOT = Path(__file__).resolve().parents[1]
 PRODUCT = frozenset({"pledge", "pledge_hwi", "custody", "hsm"})
 NOT_SHIPPED = frozenset({"regtest", "tests", "bench", "scripts"})

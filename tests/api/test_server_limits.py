@@ -30,6 +30,8 @@ from custody.db.migrate import upgrade
 from custody.db.models import Role
 from custody.db.session import make_engine, transaction
 
+pytestmark = [pytest.mark.process]  # starts custody/hsm commands as OS processes
+
 HUGE = 300 * 1024 * 1024
 CHUNK = 1024 * 1024
 ANSWER_TIMEOUT = 20.0  # seconds the server has to answer; a shared CI machine is slow

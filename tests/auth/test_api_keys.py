@@ -170,6 +170,7 @@ def _cli(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.process
 def test_the_cli_rotates_and_revokes_by_name(world: World, db_url: str) -> None:
     _, old = _new_principal(world, "cli-user")
     rotated = _cli(db_url, "rotate", "cli-user")

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import load
+
+pytestmark = [pytest.mark.process]  # starts custody/hsm commands as OS processes
 
 
 def test_the_load_bench_reports_each_rate_with_its_counts() -> None:

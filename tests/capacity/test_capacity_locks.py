@@ -147,6 +147,7 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.process
 def test_two_processes_upgrading_an_empty_database_at_once_both_succeed(
     db_url: str, tmp_path: Path
 ) -> None:

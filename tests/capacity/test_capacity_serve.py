@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import select
 from support.custody_serve import custody_replicas, custody_serve, ready_lender
@@ -22,6 +23,8 @@ from custody.audit.service import verify_chain
 from custody.db.models import AuditEvent, CollateralAddress, Loan
 from custody.db.session import transaction
 from regtest.wait import wait_until
+
+pytestmark = [pytest.mark.process]  # starts custody/hsm commands as OS processes
 
 T = TypeVar("T")
 

@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 from support.custody_serve import ServiceProcess, custody_serve, ready_lender
 
+pytestmark = [pytest.mark.process]  # starts custody/hsm commands as OS processes
+
 COUNT = "custody_http_request_duration_seconds_count"
 TEMPLATE = "/v1/loans/{loan_id}"
 

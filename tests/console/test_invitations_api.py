@@ -64,6 +64,7 @@ def test_an_unknown_or_revoked_principal_is_not_invited(world: World) -> None:
     assert world.call(None, "POST", f"/v1/principals/{auditor}/invitations").status_code == 401
 
 
+@pytest.mark.process
 def test_the_cli_prints_an_invitation_link(tmp_path_factory: pytest.TempPathFactory) -> None:
     db = tmp_path_factory.mktemp("cli") / "custody.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CUSTODY_")}
