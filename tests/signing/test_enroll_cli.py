@@ -10,14 +10,13 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from sqlmodel import Session, select
 from support.lending import bank_sign, funded_loan, request, sign, the_psbt, upload
+from support.served import served
 from support.signer_world import SignerWorld
 from support.webauthn_authenticator import FLAG_UP, PasskeyPerson
 from support.world import World
@@ -25,23 +24,15 @@ from support.world import World
 from custody.db.models import SignerStatement
 from custody.watcher.service import Watcher
 from pledge.statements import statement_digest
-from regtest.node import RegtestNode, free_port, wait_until
+from regtest.node import RegtestNode, free_port
 
 pytestmark = [pytest.mark.node, pytest.mark.hsm]
 
 
 @pytest.fixture
 def api_url(world: World) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(world.client.app, host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, timeout=30, message="the API to start")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(world.client.app, free_port()) as url:
+        yield url
 
 
 def _enroll(world: World, api_url: str, *args: str) -> subprocess.CompletedProcess[str]:

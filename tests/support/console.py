@@ -5,18 +5,14 @@ created and used as on a real device, with no person to touch it."""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from playwright.sync_api import Browser, BrowserContext, Page
+from support.served import served as serve_in_thread
 from support.world import World
-
-from regtest.wait import wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -33,19 +29,9 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(__file__).resolve().parents[2] / ".cache" / "screenshots"
 
 
-@contextmanager
-def served(app: Any, port: int) -> Iterator[str]:
-    """`app` served by uvicorn on 127.0.0.1:`port` until the block ends."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name=f"console-{port}", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, timeout=30, message="uvicorn serving the console")
-        yield f"http://localhost:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+def served(app: Any, port: int) -> AbstractContextManager[str]:
+    """`app` served on 127.0.0.1:`port` and reached as `localhost` (passkeys need a name)."""
+    return serve_in_thread(app, port, host_name="localhost")
 
 
 @dataclass
