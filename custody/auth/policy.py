@@ -14,7 +14,14 @@ from custody.errors import LoanNotFound, RoleNotAllowed, SeatNotYours
 
 BANK_STAFF = frozenset({Role.bank_operator, Role.bank_approver})
 READ_ALL = frozenset(
-    {Role.bank_operator, Role.bank_approver, Role.auditor, Role.admin, Role.risk_engine}
+    {
+        Role.bank_operator,
+        Role.bank_approver,
+        Role.compliance_officer,
+        Role.auditor,
+        Role.admin,
+        Role.risk_engine,
+    }
 )
 
 

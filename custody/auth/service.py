@@ -33,6 +33,7 @@ _ROLE_PARTY_KIND: dict[Role, PartyKind | None] = {
     Role.arbiter: PartyKind.arbiter,
     Role.bank_operator: PartyKind.bank,
     Role.bank_approver: PartyKind.bank,
+    Role.compliance_officer: PartyKind.bank,
     Role.auditor: None,
     Role.admin: None,
 }

@@ -45,6 +45,7 @@ class Role(StrEnum):
     arbiter = "arbiter"
     auditor = "auditor"
     admin = "admin"
+    compliance_officer = "compliance_officer"  # bank staff: KYC of miners, AML screening
     risk_engine = "risk_engine"  # the automation; has no API key
 
 
