@@ -557,6 +557,122 @@ def enroll(
     )
 
 
+proof_app = typer.Typer(
+    help="Proof of collateral: build one at a height, verify one against a node.",
+    no_args_is_help=True,
+)
+app.add_typer(proof_app, name="proof")
+
+
+@proof_app.command("build")
+def proof_build(
+    out: Annotated[str, typer.Option("--out", help="where to write the JSON document")],
+    loan: Annotated[
+        int | None, typer.Option("--loan", help="only this loan's entry (and its path)")
+    ] = None,
+    height: Annotated[
+        int | None, typer.Option("--height", help="at this block height (default: the watcher's)")
+    ] = None,
+) -> None:
+    """Write the proof of collateral (format pledge-proof-of-collateral v1) at a height:
+    outpoints, their transactions' Merkle proofs, the headers, the sum tree over loans."""
+    from pathlib import Path
+
+    from custody.proof.service import build
+    from pledge.errors import CustodyError
+
+    root = _root()
+    try:
+        document = build(root.engine, root.node, root.settings.network, height=height, loan_id=loan)
+    except CustodyError as exc:
+        typer.echo(f"custody proof build: {exc.message}", err=True)
+        raise typer.Exit(code=2) from exc
+    finally:
+        root.close()
+    Path(out).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    tree = document["tree"]
+    typer.echo(
+        f"height {document['height']} ({document['block_hash']}): {len(document['loans'])} "
+        f"loan(s) shown of {tree['leaves']}, total {tree['total_sats']} sats, root {tree['root']}"
+    )
+
+
+@proof_app.command("verify")
+def proof_verify(
+    file: Annotated[str, typer.Argument(help="the proof document (JSON)")],
+    rpc_url: Annotated[
+        str | None,
+        typer.Option("--rpc-url", help="the node to check against (CUSTODY_NODE_RPC_URL)"),
+    ] = None,
+    rpc_user: Annotated[str | None, typer.Option("--rpc-user")] = None,
+    rpc_password: Annotated[
+        str | None, typer.Option("--rpc-password", envvar="PROOF_RPC_PASSWORD")
+    ] = None,
+    leaf: Annotated[
+        int | None,
+        typer.Option("--leaf", help="a miner's check: only this loan, recomputed, and its path"),
+    ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="no node: only the document's own consistency")
+    ] = False,
+    as_of_height: Annotated[
+        bool,
+        typer.Option(
+            "--as-of-height",
+            help="accept outpoints spent after the proof's height (judge it at that height)",
+        ),
+    ] = False,
+) -> None:
+    """Check a proof of collateral: each Merkle proof against its block header, the headers
+    against the node, each outpoint unspent at the height, the scripts derived from the
+    descriptors, the sum tree. Prints the verdict as JSON; exit 0 when it holds, 1 if not."""
+    import os
+    from pathlib import Path
+
+    from custody.chain.rpc import NodeRpc
+    from custody.proof.node import NodeChainView
+    from pledge.errors import CustodyError
+    from pledge.proof import verify_document
+
+    try:
+        document = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        typer.echo(f"custody proof verify: cannot read {file}: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    rpc: NodeRpc | None = None
+    if not offline:
+        settings = get_settings()
+        rpc = NodeRpc(
+            rpc_url or settings.node_rpc_url,
+            rpc_user or settings.node_rpc_user,
+            rpc_password
+            if rpc_password is not None
+            else os.environ.get("CUSTODY_NODE_RPC_PASSWORD", "")
+            or settings.node_rpc_password.get_secret_value(),
+        )
+    try:
+        verdict = verify_document(
+            document,
+            None if rpc is None else NodeChainView(rpc),
+            leaf_of=leaf,
+            as_of_height=as_of_height,
+        )
+    except CustodyError as exc:
+        typer.echo(json.dumps({"ok": False, "failures": [exc.message]}))
+        raise typer.Exit(code=1) from None
+    finally:
+        if rpc is not None:
+            rpc.close()
+    report = verdict.as_json()
+    if offline:
+        report["unchecked"] = "offline: headers, outpoints unspent (no node asked)"
+    typer.echo(json.dumps(report, indent=1))
+    verdict_line = "VERIFIED" if verdict.ok else "NOT VERIFIED"
+    typer.echo(verdict_line + (" (offline: not compared with a node)" if offline else ""), err=True)
+    if not verdict.ok:
+        raise typer.Exit(code=1)
+
+
 @audit_app.command("verify")
 def audit_verify() -> None:
     """Recompute the audit hash chain; exit 1 and name the first broken link if any."""

@@ -554,3 +554,20 @@ class RequestRefusedBySigner(PolicyViolation):
 
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "request_id": self.request_id}
+
+
+# -- proof of collateral (custody/proof/) ----------------------------------------------------
+
+
+class ProofHeightNotFollowed(Conflict):
+    """The watcher has not applied the chain up to this height (or has not started): the
+    ledger cannot say yet what was collateral there."""
+
+    code = "proof_height_not_followed"
+
+
+class ProofChainMoved(Conflict):
+    """The node's block at a height the proof needs is not the block the ledger applied (a
+    reorganisation the watcher has not applied yet): built now, the proof would be wrong."""
+
+    code = "proof_chain_moved"
