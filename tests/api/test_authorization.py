@@ -281,6 +281,27 @@ CASES: list[Case] = [
         lambda w, c: "/v1/audit/verify",
         {"admin": 200, "auditor": 200, "bank_approver": 200},
     ),
+    # Proof of collateral (issue 15 D). The offline world has no node, so who may have a
+    # proof gets 503 node_not_configured (tests/proof builds real ones against btcd); the
+    # book is for auditors, compliance officers and admins, a loan's proof its miner's too.
+    Case(
+        "GET",
+        "/v1/proofs/collateral",
+        lambda w, c: "/v1/proofs/collateral",
+        {"admin": 503, "auditor": 503, "compliance_officer": 503},
+    ),
+    Case(
+        "GET",
+        "/v1/proofs/collateral",
+        lambda w, c: f"/v1/proofs/collateral?loan_id={c['ready']}",
+        {
+            "admin": 503,
+            "auditor": 503,
+            "compliance_officer": 503,
+            "miner": 503,
+            "other_miner": 404,
+        },
+    ),
     Case(
         "POST",
         "/v1/loans/{loan_id}/signing-requests",

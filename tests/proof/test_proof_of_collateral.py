@@ -11,14 +11,17 @@ from typing import Any
 
 import pytest
 from sqlalchemy.engine import Engine
+from support.databases import copy_sqlite
 from support.lending import COLLATERAL, funded_loan
 from support.spend import spend_outside_the_service
 from support.world import World, build_world
 from typer.testing import CliRunner
 
 from custody.cli import app as cli
-from custody.config import get_settings
+from custody.config import Settings, get_settings
+from custody.db.session import make_engine
 from custody.proof.node import NodeChainView
+from custody.root import Root
 from custody.watcher.service import Watcher
 from pledge import proof
 from pledge.descriptors import parse_collateral_descriptor
@@ -92,9 +95,7 @@ def test_a_built_proof_verifies_and_a_tampered_one_does_not(
     )
     assert not _failures(without, regtest_node)  # consistent in itself...
     mine = _proof(world, "miner", loan_id=second.loan["id"])
-    assert mine["scope"] == "loan" and [e["loan_id"] for e in mine["loans"]] == [
-        second.loan["id"]
-    ]
+    assert mine["scope"] == "loan" and [e["loan_id"] for e in mine["loans"]] == [second.loan["id"]]
     assert not _failures(mine, regtest_node, leaf_of=second.loan["id"])
     assert mine["tree"] == doc["tree"]  # the same tree: one deterministic build at H
     spliced = copy.deepcopy(mine)
@@ -158,16 +159,21 @@ def test_a_proof_fails_once_an_outpoint_is_spent_and_holds_as_of_its_height(
 
 
 def test_the_command_line_builds_and_verifies(
-    db_url: str,
-    engine: Engine,
-    world: World,
+    sqlite_template: Path,
     regtest_node: RegtestNode,
-    watcher: Watcher,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if not db_url.startswith("sqlite"):
-        pytest.skip("the command reads the same ledger on either backend; SQLite is enough")
+    """On SQLite only: the commands read the ledger as the API does, on either backend."""
+    db_url = f"sqlite:///{tmp_path / 'custody.db'}"
+    copy_sqlite(sqlite_template, tmp_path / "custody.db")
+    engine = make_engine(db_url)
+    world = build_world(engine, chain=regtest_node.rpc)
+    settings = Settings(
+        network="regtest", watch_start_height=regtest_node.rpc.get_block_count() + 1
+    )
+    watcher = Root.assemble(settings, engine=engine, node=regtest_node.rpc).watcher()
+    watcher.acquire()
     funded = funded_loan(world, regtest_node, watcher, hsm_bank=False)
     for name, value in {
         "CUSTODY_DATABASE_URL": db_url,
@@ -195,3 +201,5 @@ def test_the_command_line_builds_and_verifies(
         assert "the loans' amounts add up to the tree's total" in bad.output
     finally:
         get_settings.cache_clear()
+        watcher.release()
+        engine.dispose()
