@@ -232,6 +232,24 @@ class BankSigner:
             {"loan_ref": loan_ref, "action": action, "psbt": psbt, "valuation_id": valuation_id},
         )
 
+    def sign_proof(self, loan_ref: str, psbt: str, challenge: str) -> Signed:
+        """The bank's signatures on a control proof (BIP-127) for `challenge`."""
+        body = self.transport.call(
+            "sign_proof", {"loan_ref": loan_ref, "psbt": psbt, "challenge": challenge}
+        )
+        signed = body.get("psbt")
+        if not isinstance(signed, str):
+            raise SignerError("the signer's answer has no signed PSBT")
+        if PSBT.from_string(signed).tx.txid() != PSBT.from_string(psbt).tx.txid():
+            raise SignerError("the signer returned a PSBT for a different transaction")
+        return Signed(
+            psbt=signed,
+            txid=str(body.get("txid")),
+            signatures=int(body.get("signatures") or 0),
+            authorized="proof of reserves",
+            report=dict(body.get("report") or {}),
+        )
+
     def cancel(self, nonce: str) -> dict[str, Any]:
         return self.transport.call("cancel", {"nonce": nonce})
 

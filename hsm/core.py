@@ -44,9 +44,22 @@ from hsm.approvals import (
     exact_keys,
     parse_time,
 )
-from hsm.messages import CancelBody, LoanRefBody, PrepareBody, SignBody, StatementBody
+from hsm.messages import (
+    CancelBody,
+    LoanRefBody,
+    PrepareBody,
+    ProofBody,
+    SignBody,
+    StatementBody,
+)
 from hsm.metrics import SignerMetrics
-from hsm.policy import ApprovedAction, CheckedPsbt, LoanContext, evaluate_psbt
+from hsm.policy import (
+    ApprovedAction,
+    CheckedPsbt,
+    LoanContext,
+    evaluate_proof_of_reserves,
+    evaluate_psbt,
+)
 from hsm.prices import DeskQuoteBook, PriceFix, PriceOracle, QuoteSource
 from hsm.psbt_signing import sign_checked_psbt
 from hsm.registry import BankAccountTaken, LoanRecord, LoanTerms, Registry, ts
@@ -314,6 +327,7 @@ class SignerCore:
             "prepare": (PrepareBody, self._prepare),
             "cancel": (CancelBody, self._cancel),
             "sign": (SignBody, self._sign),
+            "sign_proof": (ProofBody, self._sign_proof),
         }
 
     @property
@@ -1271,6 +1285,43 @@ class SignerCore:
                 "total_in_sats": checked.report.total_in_sats,
                 "expected_bank_sats": checked.report.expected_bank_sats,
             },
+        }
+
+    def _sign_proof(self, body: ProofBody) -> dict[str, Any]:
+        """The bank's signature on a control proof (BIP-127) over the loan's confirmed
+        coins on the signer's own node: `hsm.policy.evaluate_proof_of_reserves` decides."""
+        loan = self._known_loan(body.loan_ref)
+        with self._sign_lock:
+            coins = self.confirmed(loan, self.coins(loan))
+            ctx = LoanContext(
+                network=check_network(loan.network),
+                descriptor=loan.descriptor,
+                bank_key_ref=loan.key_ref,
+                collateral={(c.txid, c.vout): (c.amount_sats, c.index, c.change) for c in coins},
+                miner_return_address=loan.miner_return_address,
+                bank_liquidation_address=loan.bank_liquidation_address,
+                tip_height=self.node.tip_height(),
+            )
+            checked = evaluate_proof_of_reserves(body.psbt, ctx, body.challenge)
+            holder = self.seed if loan.bank_key_kind == "hd" else self.hsm
+            if holder is None:
+                raise PolicyViolation("seed_missing", "this signer holds no bank seed")
+            signed = sign_checked_psbt(holder, checked, loan.key_ref, first_input=1)
+        txid = checked.tx.txid().hex()
+        amount = checked.report.total_in_sats
+        self._log(
+            loan.loan_ref,
+            "signed",
+            f"proof of reserves for the challenge {body.challenge[:80]!r}",
+            op="sign_proof",
+            txid=txid,
+            sats=amount,
+        )
+        return {
+            "psbt": signed.psbt,
+            "txid": txid,
+            "signatures": signed.signatures,
+            "report": {"checks": list(checked.report.checks), "total_in_sats": amount},
         }
 
 

@@ -103,3 +103,12 @@ class SignBody(_Body):
     nonce: Nonce | None = None
     approvals: list[EndorsementBody] = Field(default_factory=list, max_length=8)
     valuation_id: Nonce | None = None
+
+
+class ProofBody(_Body):
+    """Sign a proof-of-reserves PSBT (BIP-127) over the loan's coins for the auditor's
+    `challenge`: it can never move coins, so no approvals; the policy sees to that."""
+
+    loan_ref: LoanRef
+    psbt: Psbt
+    challenge: Annotated[str, StringConstraints(min_length=1, max_length=500)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import base64
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from io import BytesIO
 from typing import Final
@@ -34,6 +34,7 @@ from pledge.amounts import partial_liquidation_split, sats_for_kopecks
 from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
 from pledge.errors import CustodyError
 from pledge.network import NetworkName, check_network, embit_network
+from pledge.proof import COMMITMENT_UTXO_SCRIPT, CONTROL_OUTPUT_SCRIPT, bip127_commitment
 
 __all__ = [
     "ActionName",
@@ -43,6 +44,7 @@ __all__ = [
     "PolicyReport",
     "PolicyViolation",
     "check_psbt",
+    "evaluate_proof_of_reserves",
     "evaluate_psbt",
 ]
 
@@ -518,3 +520,92 @@ def evaluate_psbt(psbt_b64: str, ctx: LoanContext, approved: ApprovedAction) -> 
 def check_psbt(psbt_b64: str, ctx: LoanContext, approved: ApprovedAction) -> PolicyReport:
     """The policy decision alone: a report of what was checked, or PolicyViolation."""
     return evaluate_psbt(psbt_b64, ctx, approved).report
+
+
+# -- the control proof: a BIP-127 proof-of-reserves transaction ---------------------------
+
+PROOF_OF_RESERVES: Final = "proof_of_reserves"
+
+
+def evaluate_proof_of_reserves(psbt_b64: str, ctx: LoanContext, challenge: str) -> CheckedPsbt:
+    """A proof-of-reserves PSBT over some of the loan's coins, or PolicyViolation.
+
+    The bank signs it only when its FIRST input is exactly the commitment to `challenge`
+    (`pledge.proof.bip127_commitment`: an outpoint that cannot exist, so the transaction
+    can never be mined), every other input is the loan's confirmed collateral with the
+    loan's scripts, SIGHASH_ALL (a signature that commits to the commitment input too),
+    and the one output is the inputs' exact sum to a bare OP_RETURN: no fee and no other
+    output. A "proof" whose first input is a real outpoint is a spend and is refused.
+    `input_paths`/`input_amounts` of the result are those of inputs 1.. (the ones signed)."""
+    checker = _Checker(ctx, ApprovedAction(action="release"))
+    descriptor, _, _ = checker.context()
+    psbt, tx = checker.parse(psbt_b64)
+    if int(psbt.locktime or 0) != 0:
+        raise PolicyViolation("locktime", "a proof of reserves has locktime 0")
+    try:
+        commitment = bip127_commitment(challenge)
+    except CustodyError as exc:
+        raise PolicyViolation("proof_challenge", exc.message, field="challenge") from None
+    first = psbt.inputs[0]
+    where = f"{first.txid.hex()}:{int(first.vout)}"
+    if first.txid[::-1] != commitment or int(first.vout) != 0:
+        raise PolicyViolation(
+            "proof_commitment",
+            f"the first input ({where}) is not the commitment to the challenge (BIP-127): "
+            "a proof whose first input is a real outpoint could move coins",
+            field="psbt",
+        )
+    assumed = first.witness_utxo
+    if (
+        assumed is not None
+        and (int(assumed.value) != 0 or assumed.script_pubkey.data != COMMITMENT_UTXO_SCRIPT)
+    ) or (
+        first.non_witness_utxo is not None
+        or first.witness_script is not None
+        or first.partial_sigs
+        or first.final_scriptwitness is not None
+        or first.final_scriptsig is not None
+    ):
+        raise PolicyViolation(
+            "proof_commitment", "the commitment input carries spending data", field="psbt"
+        )
+    checker.ok(f"first input: the commitment to the challenge ({commitment.hex()})")
+    if len(psbt.inputs) < 2:
+        raise PolicyViolation("proof_inputs", "the proof spends none of the loan's coins")
+    named = {(i.txid.hex(), int(i.vout)) for i in psbt.inputs[1:]}
+    coins = {k: v for k, v in ctx.collateral.items() if k in named}
+    if not coins:
+        raise PolicyViolation("foreign_input", "no input after the commitment is this loan's")
+    rest = PSBT(Transaction(version=tx.version, vin=tx.vin[1:], vout=tx.vout, locktime=0))
+    rest.inputs = psbt.inputs[1:]
+    sub = _Checker(replace(ctx, collateral=coins), checker.approved, checker.checks)
+    paths, amounts = sub.inputs(rest, descriptor)
+    total = sum(amounts)
+    if len(tx.vout) != 1:
+        raise PolicyViolation(
+            "proof_outputs", f"a proof of reserves has one output, not {len(tx.vout)}"
+        )
+    out = tx.vout[0]
+    if out.script_pubkey.data != CONTROL_OUTPUT_SCRIPT:
+        raise PolicyViolation(
+            "proof_outputs", "the proof's output is not a bare OP_RETURN: it would pay someone"
+        )
+    if int(out.value) != total:
+        raise PolicyViolation(
+            "proof_outputs",
+            f"the proof's output is {out.value} sats, not the inputs' {total} (BIP-127: no fee)",
+        )
+    checker.ok(f"one OP_RETURN output of exactly the inputs' {total} sats")
+    report = PolicyReport(
+        action=PROOF_OF_RESERVES,
+        inputs=tuple(
+            (i.txid.hex(), int(i.vout), a) for i, a in zip(psbt.inputs[1:], amounts, strict=True)
+        ),
+        outputs=(("op_return", total),),
+        total_in_sats=total,
+        fee_sats=0,
+        vsize_estimate=0,
+        expected_bank_sats=None,
+        checks=tuple(checker.checks),
+    )
+    return CheckedPsbt(psbt, tx, descriptor, paths, amounts, report)

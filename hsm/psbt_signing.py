@@ -77,26 +77,31 @@ def sign_psbt_with_report(
     return sign_checked_psbt(signer, checked, ctx.bank_key_ref)
 
 
-def sign_checked_psbt(signer: DigestSigner, checked: CheckedPsbt, key_ref: str) -> SignedPsbt:
+def sign_checked_psbt(
+    signer: DigestSigner, checked: CheckedPsbt, key_ref: str, *, first_input: int = 0
+) -> SignedPsbt:
     """Sign a PSBT the policy already passed, with the key behind `key_ref`, which must
-    be the descriptor's bank key (a different loan's key ref is refused unsigned)."""
+    be the descriptor's bank key (a different loan's key ref is refused unsigned).
+    `first_input` 1: a proof of reserves, whose commitment input is not signed."""
     bank_key = checked.descriptor.keys[_BANK_SEAT]
     if isinstance(bank_key, HDKey):
-        return _sign_with_seed(signer, checked, key_ref, bank_key)
+        return _sign_with_seed(signer, checked, key_ref, bank_key, first_input)
     pub = signer.public_key(key_ref)
     if not isinstance(bank_key, FixedKey) or bank_key.public_key != pub:
         raise PolicyViolation(
             "bank_key",
             f"the key {key_ref!r} is not this loan's bank key (a different loan's key?)",
         )
-    pubs = [pub] * len(checked.psbt.inputs)
-    sighashes = _sighashes(checked, pubs)
+    pubs = [pub] * (len(checked.psbt.inputs) - first_input)
+    sighashes = _sighashes(checked, pubs, first_input)
     ders = [signer.sign_digest(key_ref, sighash) for sighash in sighashes]
-    return _with_signatures(checked, pubs, sighashes, ders, f"the signer {signer.name}")
+    return _with_signatures(
+        checked, pubs, sighashes, ders, f"the signer {signer.name}", first_input
+    )
 
 
 def _sign_with_seed(
-    signer: DigestSigner, checked: CheckedPsbt, key_ref: str, bank_key: HDKey
+    signer: DigestSigner, checked: CheckedPsbt, key_ref: str, bank_key: HDKey, first_input: int
 ) -> SignedPsbt:
     """The bank key is the loan's BIP-48 account of the bank seed: each input is signed
     with the child at the (change, index) the policy matched its script to, and each
@@ -115,18 +120,18 @@ def _sign_with_seed(
         )
     paths = [(int(change), index) for index, change in checked.input_paths]
     pubs = [bank_key.public_key(change, index) for change, index in paths]
-    sighashes = _sighashes(checked, pubs)
+    sighashes = _sighashes(checked, pubs, first_input)
     refs = [f"{key_ref}/{change}/{index}" for change, index in paths]
     ders: list[bytes] = sign_digests(list(zip(refs, sighashes, strict=True)))
-    return _with_signatures(checked, pubs, sighashes, ders, "the bank seed")
+    return _with_signatures(checked, pubs, sighashes, ders, "the bank seed", first_input)
 
 
-def _sighashes(checked: CheckedPsbt, pubs: list[bytes]) -> list[bytes]:
+def _sighashes(checked: CheckedPsbt, pubs: list[bytes], first_input: int = 0) -> list[bytes]:
     """Each input's BIP-143 SIGHASH_ALL digest, once its witness script is seen to hold the
     bank key that will sign it."""
     out: list[bytes] = []
-    inputs = zip(checked.psbt.inputs, checked.input_amounts, pubs, strict=True)
-    for i, (inp, amount, pub) in enumerate(inputs):
+    inputs = zip(checked.psbt.inputs[first_input:], checked.input_amounts, pubs, strict=True)
+    for i, (inp, amount, pub) in enumerate(inputs, start=first_input):
         witness_script: Script = inp.witness_script
         if _push(pub) not in witness_script.data:
             raise PolicyViolation(
@@ -137,12 +142,19 @@ def _sighashes(checked: CheckedPsbt, pubs: list[bytes]) -> list[bytes]:
 
 
 def _with_signatures(
-    checked: CheckedPsbt, pubs: list[bytes], sighashes: list[bytes], ders: list[bytes], who: str
+    checked: CheckedPsbt,
+    pubs: list[bytes],
+    sighashes: list[bytes],
+    ders: list[bytes],
+    who: str,
+    first_input: int = 0,
 ) -> SignedPsbt:
     """Every signature verified (canonical DER) against its key before any enters the
     PSBT; then the PSBT must still carry exactly the unsigned transaction it came with."""
     keys = [PublicKey.parse(pub) for pub in pubs]
-    for i, (key, sighash, der) in enumerate(zip(keys, sighashes, ders, strict=True)):
+    for i, (key, sighash, der) in enumerate(
+        zip(keys, sighashes, ders, strict=True), start=first_input
+    ):
         try:
             sig = Signature.parse(der)
             good = bool(key.verify(sig, sighash)) and sig.serialize() == der
@@ -154,7 +166,7 @@ def _with_signatures(
                 "loan's bank key: not added"
             )
     psbt = checked.psbt
-    for inp, key, der in zip(psbt.inputs, keys, ders, strict=True):
+    for inp, key, der in zip(psbt.inputs[first_input:], keys, ders, strict=True):
         inp.partial_sigs[key] = der + bytes([SIGHASH.ALL])
     out: str = psbt.to_string()
     if PSBT.from_string(out).tx.serialize() != checked.tx.serialize():

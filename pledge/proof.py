@@ -547,6 +547,25 @@ def _verify_loan(
     verdict.check(
         entry.get("amount_sats") == total, f"loan {loan_id}: its amount is its outpoints' sum"
     )
+    control = entry.get("control_proof")
+    if control is not None:
+        if not isinstance(control, dict):
+            raise ProofInvalid(f"loan {loan_id}: the control proof is not an object")
+        coins = [
+            ProofCoin(
+                o["txid"], o["vout"], o["amount_sats"], o["address_index"], o["change"] is True
+            )
+            for o in entry["outpoints"]
+        ]
+        problems = check_control_proof(
+            str(control.get("psbt")), str(control.get("challenge")), descriptor_text, network, coins
+        )
+        verdict.check(
+            not problems,
+            f"loan {loan_id}: its control proof holds"
+            if not problems
+            else f"loan {loan_id}: its control proof fails: " + "; ".join(problems),
+        )
     salt = loan_salt(descriptor_text, height)
     node = leaf(loan_id, descriptor_text, total, salt)
     inclusion = _get(entry, "inclusion", dict)
@@ -684,3 +703,133 @@ def assemble(
         "loans": loans,
         "tree": {"root": root.hash.hex(), "total_sats": root.sum, "leaves": len(leaves)},
     }
+
+
+# -- the control proof (BIP-127 style) ----------------------------------------------------
+#
+# A transaction over the loan's coins whose FIRST input spends the "commitment input":
+# txid = SHA-256("Proof-of-Reserves: " + challenge) (BIP-127; the digest's bytes are the
+# outpoint hash as serialized, as BDK's bdk-reserves writes it), index 0, no script.
+# No such output can exist (its txid would be a double SHA-256 with a 19-byte ASCII
+# prefix as the inner preimage), so the transaction is never valid; each other input is
+# signed SIGHASH_ALL, which commits to every input, so no signature in it can be reused
+# in a transaction that could be mined. The one output is the inputs' exact sum (no fee,
+# BIP-127) to a bare OP_RETURN (BIP-127 leaves the script open: this one pays nobody).
+
+BIP127_PREFIX: Final = b"Proof-of-Reserves: "
+PSBT_IN_POR_COMMITMENT: Final = b"\x09"
+CONTROL_OUTPUT_SCRIPT: Final = b"\x6a"  # OP_RETURN
+COMMITMENT_UTXO_SCRIPT: Final = b"\x51"  # OP_TRUE: the commitment input's assumed UTXO
+MAX_CHALLENGE_BYTES: Final = 500
+
+
+def bip127_commitment(challenge: str) -> bytes:
+    """The commitment input's outpoint hash, as serialized in the transaction."""
+    if not isinstance(challenge, str) or not challenge.strip():
+        raise ProofInvalid("the challenge is empty", field="challenge")
+    message = challenge.encode("utf-8")
+    if len(message) > MAX_CHALLENGE_BYTES:
+        raise ProofInvalid("the challenge is too long", field="challenge")
+    return hashlib.sha256(BIP127_PREFIX + message).digest()
+
+
+@dataclass(frozen=True)
+class ProofCoin:
+    txid: str
+    vout: int
+    amount_sats: int
+    address_index: int
+    change: bool
+
+
+def control_proof_psbt(
+    descriptor_text: str, network: str, coins: Sequence[ProofCoin], challenge: str
+) -> str:
+    """The unsigned control-proof PSBT (base64) over `coins`: commitment input first (with
+    BIP-127's PSBT_IN_POR_COMMITMENT field), then each coin with its witness UTXO, witness
+    script and BIP-32 derivations, one OP_RETURN output of the coins' sum."""
+    from embit.ec import PublicKey
+    from embit.psbt import PSBT, DerivationPath
+    from embit.script import Script
+    from embit.transaction import TransactionInput, TransactionOutput
+
+    descriptor = parse_collateral_descriptor(descriptor_text, check_network(network))
+    commitment = bip127_commitment(challenge)
+    vin = [TransactionInput(commitment[::-1], 0, sequence=0xFFFFFFFF)]
+    vin += [TransactionInput(bytes.fromhex(c.txid), c.vout, sequence=0xFFFFFFFF) for c in coins]
+    total = sum(c.amount_sats for c in coins)
+    tx = Transaction(
+        version=2, vin=vin, vout=[TransactionOutput(total, Script(CONTROL_OUTPUT_SCRIPT))]
+    )
+    psbt = PSBT(tx)
+    psbt.inputs[0].unknown = {PSBT_IN_POR_COMMITMENT: challenge.encode("utf-8")}
+    # What bdk-reserves writes too: signers that look at every input's UTXO (embit, many
+    # hardware wallets) see a 0-sat OP_TRUE, as BIP-127 tells them to assume.
+    psbt.inputs[0].witness_utxo = TransactionOutput(0, Script(COMMITMENT_UTXO_SCRIPT))
+    for inp, coin in zip(psbt.inputs[1:], coins, strict=True):
+        spk = descriptor.script_pubkey(coin.address_index, coin.change)
+        inp.witness_utxo = TransactionOutput(coin.amount_sats, Script(spk))
+        inp.witness_script = Script(descriptor.witness_script(coin.address_index, coin.change))
+        for key in descriptor.hd_keys:
+            fingerprint, path = key.derivation(int(coin.change), coin.address_index)
+            pub = PublicKey.parse(key.public_key(int(coin.change), coin.address_index))
+            inp.bip32_derivations[pub] = DerivationPath(fingerprint, path)
+    out: str = psbt.to_string()
+    return out
+
+
+def check_control_proof(
+    psbt_b64: str, challenge: str, descriptor_text: str, network: str, coins: Sequence[ProofCoin]
+) -> list[str]:
+    """What is wrong with a control proof over exactly `coins` (empty: it holds). Each
+    coin's input must carry valid SIGHASH_ALL signatures (BIP-143 digests computed by
+    embit) of two distinct keys of the descriptor's 2-of-3 script at its index, which is
+    what the script's CHECKMULTISIG needs; the script is not run by an interpreter."""
+    from embit.ec import Signature
+    from embit.psbt import PSBT
+    from embit.script import Script
+    from embit.transaction import SIGHASH
+
+    problems: list[str] = []
+    try:
+        psbt = PSBT.from_string(psbt_b64.strip())
+        commitment = bip127_commitment(challenge)
+        descriptor = parse_collateral_descriptor(descriptor_text, check_network(network))
+    except ProofInvalid as exc:
+        return [exc.message]
+    except Exception:
+        return ["the control proof is not a PSBT of this loan's descriptor"]
+    tx = psbt.tx
+    if not tx.vin or tx.vin[0].txid[::-1] != commitment or tx.vin[0].vout != 0:
+        problems.append("its first input is not the commitment to the challenge")
+    by_outpoint = {(c.txid, c.vout): c for c in coins}
+    spent = [(i.txid.hex(), int(i.vout)) for i in tx.vin[1:]]
+    if sorted(spent) != sorted(by_outpoint) or len(set(spent)) != len(spent):
+        problems.append("its other inputs are not exactly the loan's outpoints")
+    total = sum(c.amount_sats for c in coins)
+    if len(tx.vout) != 1 or tx.vout[0].value != total:
+        problems.append("it does not have one output of exactly the coins' sum")
+    elif tx.vout[0].script_pubkey.data != CONTROL_OUTPUT_SCRIPT:
+        problems.append("its output is not a bare OP_RETURN")
+    for n, (inp, outpoint) in enumerate(zip(psbt.inputs[1:], spent, strict=True), start=1):
+        coin = by_outpoint.get(outpoint)
+        if coin is None:
+            continue
+        script = descriptor.witness_script(coin.address_index, coin.change)
+        digest = tx.sighash_segwit(n, Script(script), coin.amount_sats, SIGHASH.ALL)
+        signers = set()
+        for key, sig in inp.partial_sigs.items():
+            pub = key.sec()
+            if bytes([len(pub)]) + pub not in script or sig[-1] != SIGHASH.ALL:
+                continue
+            try:
+                if key.verify(Signature.parse(sig[:-1]), digest):
+                    signers.add(pub)
+            except Exception:
+                continue
+        if len(signers) < 2:
+            problems.append(
+                f"input {n} ({outpoint[0]}:{outpoint[1]}) has {len(signers)} valid signature(s) "
+                "of the loan's keys, not 2"
+            )
+    return problems
