@@ -597,6 +597,63 @@ def proof_build(
     )
 
 
+@proof_app.command("control")
+def proof_control(
+    loan: Annotated[int, typer.Option("--loan", help="the loan whose coins the proof covers")],
+    challenge: Annotated[str, typer.Option("--challenge", help="the auditor's challenge")],
+    out: Annotated[str, typer.Option("--out", help="where to write the PSBT (base64)")],
+) -> None:
+    """Write the control proof's PSBT (BIP-127: first input the commitment to the
+    challenge, one OP_RETURN output of the coins' sum), signed by the bank's signer when it
+    holds the bank key; the miner or the arbiter signs it on their device, then
+    `custody proof attach` puts it into a proof document."""
+    from pathlib import Path
+
+    from custody.proof.service import control_proof
+    from pledge.errors import CustodyError
+
+    root = _root()
+    try:
+        psbt = control_proof(
+            root.engine, root.signer, root.settings.network, loan_id=loan, challenge=challenge
+        )
+    except CustodyError as exc:
+        typer.echo(f"custody proof control: {exc.message}", err=True)
+        raise typer.Exit(code=2) from exc
+    finally:
+        root.close()
+    Path(out).write_text(psbt + "\n", encoding="utf-8")
+    typer.echo(f"control proof PSBT for loan {loan} written to {out}")
+
+
+@proof_app.command("attach")
+def proof_attach(
+    file: Annotated[str, typer.Argument(help="the proof document (JSON), rewritten in place")],
+    loan: Annotated[int, typer.Option("--loan")],
+    challenge: Annotated[str, typer.Option("--challenge")],
+    psbt: Annotated[str, typer.Option("--psbt", help="the control proof signed by two keys")],
+) -> None:
+    """Put a loan's control proof into a proof document, once it holds (two valid
+    signatures on every coin of the loan in the document)."""
+    from pathlib import Path
+
+    from pledge.errors import CustodyError
+    from pledge.proof import attach_control_proof
+
+    try:
+        document = json.loads(Path(file).read_text(encoding="utf-8"))
+        signed = Path(psbt).read_text(encoding="utf-8").strip()
+        document = attach_control_proof(document, loan, challenge, signed)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"custody proof attach: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    except CustodyError as exc:
+        typer.echo(f"custody proof attach: {exc.message}", err=True)
+        raise typer.Exit(code=1) from None
+    Path(file).write_text(json.dumps(document, indent=1), encoding="utf-8")
+    typer.echo(f"control proof of loan {loan} attached")
+
+
 @proof_app.command("verify")
 def proof_verify(
     file: Annotated[str, typer.Argument(help="the proof document (JSON)")],
@@ -622,6 +679,10 @@ def proof_verify(
             help="accept outpoints spent after the proof's height (judge it at that height)",
         ),
     ] = False,
+    challenge: Annotated[
+        str | None,
+        typer.Option("--challenge", help="require each loan's control proof for this challenge"),
+    ] = None,
 ) -> None:
     """Check a proof of collateral: each Merkle proof against its block header, the headers
     against the node, each outpoint unspent at the height, the scripts derived from the
@@ -656,6 +717,7 @@ def proof_verify(
             None if rpc is None else NodeChainView(rpc),
             leaf_of=leaf,
             as_of_height=as_of_height,
+            challenge=challenge,
         )
     except CustodyError as exc:
         typer.echo(json.dumps({"ok": False, "failures": [exc.message]}))

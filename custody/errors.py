@@ -571,3 +571,10 @@ class ProofChainMoved(Conflict):
     reorganisation the watcher has not applied yet): built now, the proof would be wrong."""
 
     code = "proof_chain_moved"
+
+
+class ProofNoCollateral(Conflict):
+    """The loan holds no collateral at the watcher's height: there is nothing to prove
+    control of."""
+
+    code = "proof_no_collateral"

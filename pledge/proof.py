@@ -448,6 +448,7 @@ def verify_document(
     *,
     leaf_of: int | None = None,
     as_of_height: bool = False,
+    challenge: str | None = None,
 ) -> Verdict:
     """Check a document; against `chain` when given (block hashes, outpoints unspent at H).
 
@@ -456,7 +457,8 @@ def verify_document(
     tree is recomputed from the loans and must give the root and the total.
 
     An outpoint spent above the height fails too, unless `as_of_height`: then the
-    document is judged as a statement about that height only."""
+    document is judged as a statement about that height only. `challenge`: every loan
+    checked must carry a control proof (checked with the loan) for this challenge."""
     verdict = Verdict()
     if doc.get("format") != FORMAT or doc.get("version") != VERSION:
         raise ProofInvalid(f"not a {FORMAT} document of version {VERSION}", field="format")
@@ -491,6 +493,12 @@ def verify_document(
         leaves.append(
             _verify_loan(verdict, entry, network, height, by_height, chain, root, as_of_height)
         )
+        if challenge is not None:
+            control = entry.get("control_proof")
+            verdict.check(
+                isinstance(control, dict) and control.get("challenge") == challenge,
+                f"loan {entry.get('loan_id')}: a control proof for the auditor's challenge",
+            )
     if leaf_of is not None and not leaves:
         verdict.check(False, f"loan {leaf_of} is not in the document")
     if doc.get("scope") == "book" and leaf_of is None:
@@ -833,3 +841,27 @@ def check_control_proof(
                 "of the loan's keys, not 2"
             )
     return problems
+
+
+def attach_control_proof(
+    doc: Mapping[str, Any], loan_id: int, challenge: str, psbt_b64: str
+) -> dict[str, Any]:
+    """The document with `psbt_b64` as the loan's control proof, once it holds over exactly
+    the loan's outpoints in the document (else ProofInvalid naming what is wrong)."""
+    out = dict(doc)
+    out["loans"] = [dict(e) for e in _get(doc, "loans", list)]
+    for entry in out["loans"]:
+        if entry.get("loan_id") != loan_id:
+            continue
+        coins = [
+            ProofCoin(o["txid"], o["vout"], o["amount_sats"], o["address_index"], o["change"])
+            for o in entry["outpoints"]
+        ]
+        problems = check_control_proof(
+            psbt_b64, challenge, str(entry["descriptor"]), str(doc["network"]), coins
+        )
+        if problems:
+            raise ProofInvalid("the control proof does not hold: " + "; ".join(problems))
+        entry["control_proof"] = {"challenge": challenge, "psbt": psbt_b64.strip()}
+        return out
+    raise ProofInvalid(f"loan {loan_id} is not in the document", field="loan_id")

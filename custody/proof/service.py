@@ -17,9 +17,11 @@ from sqlalchemy.engine import Engine
 
 from custody.chain.blocks import header_hash, scan_block
 from custody.db.session import transaction
-from custody.errors import ProofChainMoved, ProofHeightNotFollowed
+from custody.errors import ProofChainMoved, ProofHeightNotFollowed, ProofNoCollateral
 from custody.proof import repository
 from custody.proof.repository import CollateralRow
+from custody.signing.statements import bank_hsm_key, signer_loan_ref
+from hsm.client import BankSigner
 from pledge import proof
 from pledge.errors import InvalidInput
 from pledge.network import NetworkName
@@ -120,3 +122,31 @@ def build(
         book=[(lid, desc, outs) for lid, (desc, outs) in sorted(book.items())],
         only=None if loan_id is None else (lambda lid: lid == loan_id),
     )
+
+
+def control_proof(
+    engine: Engine,
+    signer: BankSigner | None,
+    network: NetworkName,
+    *,
+    loan_id: int,
+    challenge: str,
+) -> str:
+    """The control-proof PSBT (BIP-127) over the loan's collateral at the watcher's height
+    for the auditor's `challenge`, with the bank's signatures when its signer holds the
+    bank key (asked with no transaction open); the miner or the arbiter adds the second
+    (`custody proof attach` then puts it into a proof document)."""
+    at, rows = ledger_at(engine, None)
+    mine = [r for r in rows if r.loan_id == loan_id]
+    if not mine:
+        raise ProofNoCollateral(f"loan {loan_id} holds no collateral at height {at}")
+    with transaction(engine, write=False) as session:
+        key = bank_hsm_key(session, loan_id)
+        loan_ref = signer_loan_ref(key) if key is not None else None
+    coins = [
+        proof.ProofCoin(r.txid, r.vout, r.amount_sats, r.address_index, r.change) for r in mine
+    ]
+    psbt = proof.control_proof_psbt(mine[0].descriptor, network, coins, challenge)
+    if loan_ref is not None and signer is not None:
+        psbt = signer.sign_proof(loan_ref, psbt, challenge).psbt
+    return psbt
