@@ -209,8 +209,10 @@ def create_app(
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
     app.state.price_feeds = price_feeds  # what a manual price is held to (custody.risk.manual)
-    domains = (ops, auth, console, parties, loans, signer_statements, signing, risk, notify, audit)
-    domains = (*domains, proof)  # issue 15 (D): proof of collateral
+    domains = (
+        *(ops, auth, console, parties, loans, signer_statements, signing, risk, notify, audit),
+        proof,  # issue 15 (D): proof of collateral
+    )
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:
         app.include_router(domain.router)

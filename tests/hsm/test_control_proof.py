@@ -153,9 +153,11 @@ def test_a_proof_that_pays_someone_or_signs_loosely_is_refused(world: SignerWorl
     }
     for outputs in cases.values():
         bad = _psbt(loan, commitment, outputs)
-        _refused(
-            world, "proof_outputs", lambda bad=bad: world.client.sign_proof(ref, bad, CHALLENGE)
-        )
+
+        def attempt(bad: str = bad) -> object:
+            return world.client.sign_proof(ref, bad, CHALLENGE)
+
+        _refused(world, "proof_outputs", attempt)
     # SIGHASH_ALL|ANYONECANPAY would drop the commitment input from what is signed: the
     # signature would then fit a real spend of the coin.
     loose = PSBT.from_string(

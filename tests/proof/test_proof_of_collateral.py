@@ -62,7 +62,8 @@ def test_a_built_proof_verifies_and_a_tampered_one_does_not(
     for entry, funded in zip(doc["loans"], (first, second), strict=True):
         [out] = entry["outpoints"]
         assert (out["txid"], out["vout"]) == funded.deposit
-        assert regtest_node.rpc.get_tx_out(*funded.deposit)["value_sat"] == out["amount_sats"]
+        unspent = regtest_node.rpc.get_tx_out(*funded.deposit)
+        assert unspent is not None and unspent["value_sat"] == out["amount_sats"]
     verdict = proof.verify_document(doc, NodeChainView(regtest_node.rpc))
     assert verdict.ok, verdict.failures
     assert verdict.total_sats == 2 * COLLATERAL
