@@ -722,6 +722,9 @@ def proof_verify(
     except CustodyError as exc:
         typer.echo(json.dumps({"ok": False, "failures": [exc.message]}))
         raise typer.Exit(code=1) from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a malformed document
+        typer.echo(json.dumps({"ok": False, "failures": [f"malformed document ({exc!r})"]}))
+        raise typer.Exit(code=1) from None
     finally:
         if rpc is not None:
             rpc.close()

@@ -485,13 +485,16 @@ def verify_document(
     tree = _get(doc, "tree", dict)
     root = SumNode(_hex32(tree.get("root"), "tree"), _amount(tree.get("total_sats"), "the total"))
     leaves: list[SumNode] = []
+    seen: set[tuple[str, int]] = set()  # across loans: one coin is counted once in the book
     for entry in loans:
         if not isinstance(entry, dict):
             raise ProofInvalid("a loan entry is not an object", field="loans")
         if leaf_of is not None and entry.get("loan_id") != leaf_of:
             continue
         leaves.append(
-            _verify_loan(verdict, entry, network, height, by_height, chain, root, as_of_height)
+            _verify_loan(
+                verdict, entry, network, height, by_height, chain, root, as_of_height, seen
+            )
         )
         if challenge is not None:
             control = entry.get("control_proof")
@@ -538,6 +541,7 @@ def _verify_loan(
     chain: ChainView | None,
     root: SumNode,
     as_of_height: bool,
+    seen: set[tuple[str, int]],
 ) -> SumNode:
     loan_id = _get(entry, "loan_id", int)
     descriptor_text = _get(entry, "descriptor", str)
@@ -545,7 +549,6 @@ def _verify_loan(
     if descriptor.descriptor != descriptor_text:
         raise ProofInvalid(f"loan {loan_id}: the descriptor is not in canonical form")
     total = 0
-    seen: set[tuple[str, int]] = set()
     for item in _get(entry, "outpoints", list):
         if not isinstance(item, dict):
             raise ProofInvalid(f"loan {loan_id}: an outpoint is not an object", field="outpoints")
@@ -601,7 +604,7 @@ def _verify_outpoint(
     txid, vout = _get(item, "txid", str), _get(item, "vout", int)
     name = f"loan {loan_id}: {txid}:{vout}"
     amount = _amount(item.get("amount_sats"), f"{name} amount")
-    verdict.check((txid, vout) not in seen, f"{name} is listed once")
+    verdict.check((txid, vout) not in seen, f"{name} is listed once in the document")
     seen.add((txid, vout))
     try:
         tx = Transaction.from_string(str(item.get("raw_tx")))
