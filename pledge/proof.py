@@ -355,10 +355,10 @@ def sum_tree(leaves: Sequence[SumNode]) -> tuple[SumNode, list[list[PathStep]]]:
 def path_root(start: SumNode, path: Sequence[PathStep]) -> SumNode:
     node = start
     for step in path:
-        sibling = SumNode(step.hash, _amount(step.sum, "a path's sum"))
-        node = parent(sibling, node) if step.side == "left" else parent(node, sibling)
         if step.side not in ("left", "right"):
             raise ProofInvalid("a path step's side is neither left nor right", field="inclusion")
+        sibling = SumNode(step.hash, _amount(step.sum, "a path's sum"))
+        node = parent(sibling, node) if step.side == "left" else parent(node, sibling)
         if node.sum > MAX_SATS:
             raise ProofInvalid("a path's sums exceed every bitcoin", field="inclusion")
     return node
@@ -796,7 +796,7 @@ def check_control_proof(
     coin's input must carry valid SIGHASH_ALL signatures (BIP-143 digests computed by
     embit) of two distinct keys of the descriptor's 2-of-3 script at its index, which is
     what the script's CHECKMULTISIG needs; the script is not run by an interpreter."""
-    from embit.ec import Signature
+    from embit.ec import PublicKey, Signature
     from embit.psbt import PSBT
     from embit.script import Script
     from embit.transaction import SIGHASH
@@ -828,16 +828,21 @@ def check_control_proof(
             continue
         script = descriptor.witness_script(coin.address_index, coin.change)
         digest = tx.sighash_segwit(n, Script(script), coin.amount_sats, SIGHASH.ALL)
+        # The 2-of-3 script's keys: OP_2 <33> <33> <33> OP_3 OP_CHECKMULTISIG.
+        keys = [PublicKey.parse(script[2 + 34 * i : 35 + 34 * i]) for i in range(3)]
+        sigs = list(inp.partial_sigs.values())
+        if inp.final_scriptwitness is not None:  # finalized: [empty, sig, sig, script]
+            sigs += list(inp.final_scriptwitness.items[1:-1])
         signers = set()
-        for key, sig in inp.partial_sigs.items():
-            pub = key.sec()
-            if bytes([len(pub)]) + pub not in script or sig[-1] != SIGHASH.ALL:
+        for sig in sigs:
+            if not sig or sig[-1] != SIGHASH.ALL:
                 continue
-            try:
-                if key.verify(Signature.parse(sig[:-1]), digest):
-                    signers.add(pub)
-            except Exception:
-                continue
+            for key in keys:
+                try:
+                    if key.verify(Signature.parse(sig[:-1]), digest):
+                        signers.add(key.sec())
+                except Exception:
+                    continue
         if len(signers) < 2:
             problems.append(
                 f"input {n} ({outpoint[0]}:{outpoint[1]}) has {len(signers)} valid signature(s) "

@@ -8,8 +8,15 @@ import os
 import random
 
 import pytest
+from embit import bip32
+from embit.networks import NETWORKS
+from embit.psbt import PSBT
+from embit.script import Witness
 
 from pledge import proof
+from pledge.descriptors import CollateralDescriptor
+from pledge.keys import parse_hd_key
+from regtest.software_signer import SoftwareHDSigner
 
 # `bitcoin-cli gettxoutproof '["2a895f92..."]'` on mainnet, as published with its output.
 CORE_PROOF_ONE = (
@@ -143,3 +150,48 @@ def test_a_leaf_commits_to_its_loan_amount_and_salt() -> None:
 def test_a_document_of_another_format_is_refused() -> None:
     with pytest.raises(proof.ProofInvalid, match="not a pledge-proof-of-collateral"):
         proof.verify_document({"format": "x", "version": 1})
+
+
+def _software_loan() -> tuple[str, list[SoftwareHDSigner], list[proof.ProofCoin]]:
+    roots = [
+        bip32.HDKey.from_seed(os.urandom(32), version=NETWORKS["regtest"]["xprv"]) for _ in range(3)
+    ]
+    signers = [SoftwareHDSigner(root, "regtest") for root in roots]
+    keys = tuple(parse_hd_key(s.account_key_text(), "regtest", field="k") for s in signers)
+    descriptor = CollateralDescriptor((keys[0], keys[1], keys[2]), "regtest")
+    coins = [
+        proof.ProofCoin(os.urandom(32).hex(), 1, 40_000_000, 0, False),
+        proof.ProofCoin(os.urandom(32).hex(), 0, 2_500_000, 3, True),
+    ]
+    return descriptor.descriptor, signers, coins
+
+
+def test_a_control_proof_holds_with_two_signatures_partial_or_finalized() -> None:
+    """No node needed: the proof's coins are only named, and the digests cover their
+    amounts and scripts (what the PSBT's witness UTXOs say)."""
+    descriptor, signers, coins = _software_loan()
+    unsigned = proof.control_proof_psbt(descriptor, "regtest", coins, "challenge")
+    one = signers[0].sign_psbt(unsigned)
+    problems = proof.check_control_proof(one, "challenge", descriptor, "regtest", coins)
+    assert len(problems) == 2 and all("1 valid signature(s)" in p for p in problems)
+    two = signers[2].sign_psbt(one)
+    assert proof.check_control_proof(two, "challenge", descriptor, "regtest", coins) == []
+    # Finalized as CHECKMULTISIG wants it (empty, signatures, script): still two.
+    psbt = PSBT.from_string(two)
+    for inp in psbt.inputs[1:]:
+        sigs = list(inp.partial_sigs.values())
+        inp.final_scriptwitness = Witness([b"", *sigs, inp.witness_script.data])
+        inp.partial_sigs = {}
+    finalized = psbt.to_string()
+    assert proof.check_control_proof(finalized, "challenge", descriptor, "regtest", coins) == []
+    # A signature made by the third key over another transaction does not count.
+    stray = PSBT.from_string(
+        signers[1].sign_psbt(proof.control_proof_psbt(descriptor, "regtest", coins, "other"))
+    )
+    mixed = PSBT.from_string(one)
+    for inp, other in zip(mixed.inputs[1:], stray.inputs[1:], strict=True):
+        inp.partial_sigs.update(other.partial_sigs)
+    problems = proof.check_control_proof(
+        mixed.to_string(), "challenge", descriptor, "regtest", coins
+    )
+    assert len(problems) == 2
