@@ -398,7 +398,10 @@ class ChainView(Protocol):
     """What a node answers about its active chain (the verifier's only I/O)."""
 
     def tip_height(self) -> int: ...
-    def block_hash(self, height: int) -> str | None: ...
+    def block_hashes(self, heights: Sequence[int]) -> list[str]:
+        """The active chain's block hashes at `heights` (all at or below the tip)."""
+        ...
+
     def outpoint_state(self, txid: str, vout: int, height: int) -> str | None:
         """`unspent` (now), `spent_after` (spent above `height`), `spent` (at or below
         it), or None when the node cannot tell."""
@@ -523,7 +526,9 @@ def _check_against_node(
         if height > tip:
             verdict.check(False, f"the node's chain does not reach height {height}")
             return
-    mismatched = [h for h, header in by_height.items() if chain.block_hash(h) != header.hash]
+    heights = sorted(by_height)
+    hashes = dict(zip(heights, chain.block_hashes(heights), strict=True))
+    mismatched = [h for h in heights if hashes[h] != by_height[h].hash]
     verdict.check(
         not mismatched,
         "every header is the node's block at its height"

@@ -11,12 +11,14 @@ H; not found, it was spent at or before H. Past `max_scan` blocks above H the an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 from custody.chain.blocks import outpoint_key, scan_block
-from custody.chain.rpc import NodeRpc, RpcError
+from custody.chain.rpc import NodeRpc
 
 MAX_SCAN: Final = 2_016
+BATCH: Final = 2_000
 
 
 class NodeChainView:
@@ -30,11 +32,11 @@ class NodeChainView:
             self._tip = self.rpc.get_block_count()
         return self._tip
 
-    def block_hash(self, height: int) -> str | None:
-        try:
-            return self.rpc.get_block_hash(height)
-        except RpcError:
-            return None
+    def block_hashes(self, heights: Sequence[int]) -> list[str]:
+        hashes: list[str] = []
+        for start in range(0, len(heights), BATCH):
+            hashes += self.rpc.get_block_hashes(heights[start : start + BATCH])
+        return hashes
 
     def outpoint_state(self, txid: str, vout: int, height: int) -> str | None:
         if self.rpc.get_tx_out(txid, vout, include_mempool=False) is not None:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 from support.databases import copy_sqlite
-from support.lending import COLLATERAL, funded_loan
+from support.lending import COLLATERAL, funded_loan, sign
 from support.spend import spend_outside_the_service
 from support.world import World, build_world
 from typer.testing import CliRunner
@@ -194,6 +194,27 @@ def test_the_command_line_builds_and_verifies(
         assert good.exit_code == 0, good.output
         leaf = runner.invoke(cli, ["proof", "verify", str(out), "--leaf", str(funded.loan["id"])])
         assert leaf.exit_code == 0, leaf.output
+        # The control proof: the PSBT (the bank's key is a device's here, so unsigned), two
+        # devices sign it, attach, and verify for the auditor's challenge.
+        lid, challenge = str(funded.loan["id"]), "audit 2026-12-02"
+        psbt_file = tmp_path / "control.psbt"
+        made = runner.invoke(
+            cli,
+            ["proof", "control", "--loan", lid, "--challenge", challenge, "--out", str(psbt_file)],
+        )
+        assert made.exit_code == 0, made.output
+        unsigned = psbt_file.read_text().strip()
+        psbt_file.write_text(sign(sign(unsigned, funded.roots["miner"]), funded.roots["bank"]))
+        attach = ["proof", "attach", str(out), "--loan", lid, "--challenge", challenge]
+        assert runner.invoke(cli, [*attach, "--psbt", str(psbt_file)]).exit_code == 0
+        required = runner.invoke(cli, ["proof", "verify", str(out), "--challenge", challenge])
+        assert required.exit_code == 0, required.output
+        fresh = runner.invoke(cli, ["proof", "verify", str(out), "--challenge", "a fresh one"])
+        assert fresh.exit_code == 1, fresh.output
+        psbt_file.write_text(unsigned)
+        refused = runner.invoke(cli, [*attach, "--psbt", str(psbt_file)])
+        assert refused.exit_code == 1 and "0 valid signature(s)" in refused.output
+
         doc = json.loads(out.read_text())
         doc["tree"]["total_sats"] += 1
         out.write_text(json.dumps(doc))
