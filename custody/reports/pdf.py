@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Final
 
 from fpdf import FPDF
-from fpdf.enums import WrapMode, XPos, YPos
+from fpdf.enums import XPos, YPos
 
 from custody.db.models import Approval, SignerEndorsement
 from custody.reports.formats import iso
@@ -50,7 +50,6 @@ class _Doc:
             0,
             size * 0.5,
             text,
-            wrapmode=WrapMode.CHAR,
             new_x=XPos.LMARGIN,
             new_y=YPos.NEXT,
         )
