@@ -72,21 +72,23 @@ def report_moment(at: datetime | None, now: datetime) -> datetime:
 
 def tip_at(chain: ChainClock, at: datetime, *, live: bool) -> int:
     """The chain's height at `at`: its tip now when `live`, else the last block whose
-    header time is at or before `at` (binary search over heights; -1 before genesis)."""
+    header's second was over by `at` (a block stamped 12:00:00 may have been mined at
+    12:00:00.9, so it counts from 12:00:01: never a confirmation too many). Binary search
+    over heights; -1 before genesis."""
     tip = chain.get_block_count()
     if live:
         return tip
     stamp = at.timestamp()
 
-    def time_of(height: int) -> int:
-        return int(chain.get_block_header(chain.get_block_hash(height))["time"])
+    def before(height: int) -> bool:
+        return int(chain.get_block_header(chain.get_block_hash(height))["time"]) + 1 <= stamp
 
-    if time_of(tip) <= stamp:
+    if before(tip):
         return tip
-    below, above = -1, tip  # time(below) <= at < time(above)
+    below, above = -1, tip  # before(below), not before(above)
     while above - below > 1:
         middle = (below + above) // 2
-        if time_of(middle) <= stamp:
+        if before(middle):
             below = middle
         else:
             above = middle
