@@ -55,7 +55,7 @@ def test_a_compliance_officer_downloads_the_register_and_a_statement(
     with page.expect_download() as download:
         page.click("#register-xlsx")
     book = load_workbook(io.BytesIO(Path(download.value.path()).read_bytes()))
-    params = dict(book["Parameters"].iter_rows(values_only=True))
+    params = {name: value for name, value in book["Parameters"].iter_rows(values_only=True)}
     assert str(params["at (UTC)"]).startswith("2020-01-01 00:00:00")
     assert params["outpoints"] == 0
     screenshot(page, "reports")
