@@ -4,7 +4,6 @@ embedded, so Russian names print (Debian's fonts-dejavu-core)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Final
 
@@ -15,9 +14,7 @@ from custody.db.models import Approval, SignerEndorsement
 from custody.reports.formats import iso
 from custody.reports.service import Statement
 
-FONT_DIR: Final = Path(
-    os.environ.get("CUSTODY_REPORT_FONT_DIR", "/usr/share/fonts/truetype/dejavu")
-)
+FONT_DIR: Final = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core
 FONT: Final = "DejaVu"
 PDF_TYPE: Final = "application/pdf"
 
