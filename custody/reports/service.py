@@ -37,7 +37,7 @@ from custody.errors import LoanNotFound, NodeNotConfigured
 from custody.reports import history, repository
 from custody.reports.history import Holdings, PriceAt, Valuation
 from custody.reports.miners import miner_inn
-from pledge.amounts import ltv_bps
+from pledge.amounts import kopecks_for_sats, ltv_bps
 from pledge.errors import InvalidInput
 
 READERS: Final = (Role.auditor, Role.compliance_officer)
@@ -242,7 +242,7 @@ def collateral_register(
                     price_rub_per_btc=price.price_rub_per_btc if price else None,
                     price_source=price.source if price else None,
                     value_kopecks=(
-                        history.value(loan, moment, h.amount_sats, 0, price).value_kopecks
+                        kopecks_for_sats(h.amount_sats, price.price_rub_per_btc) if price else None
                     ),
                     debt_kopecks=valuation.debt_kopecks,
                     ltv_bps=valuation.ltv_bps,
