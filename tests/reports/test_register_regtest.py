@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from embit.transaction import Transaction
+from pypdf import PdfReader
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from support.lending import funded_loan, request, sign, the_psbt, upload
@@ -114,6 +115,18 @@ def test_the_register_is_what_the_node_and_the_risk_engine_say(
     paid = Transaction.parse(rpc.get_raw_transaction(a.deposit[0])).vout[a.deposit[1]]
     assert int(then[0]["amount_sats"]) == paid.value
     assert int(then[0]["height_at"]) == a_height and then[0]["confirmations"] == "1"
+
+    # A's statement names the release: its transaction, who signed and who approved.
+    r = world.call("compliance_officer", "GET", f"/v1/loans/{a.loan['id']}/statement.pdf")
+    assert r.status_code == 200, r.text
+    text = " ".join(
+        " ".join(p.extract_text() for p in PdfReader(io.BytesIO(r.content)).pages).split()
+    )
+    [release] = world.call("auditor", "GET", f"/v1/loans/{a.loan['id']}/signing-requests").json()
+    assert f"release [confirmed]: txid {release['unsigned_txid']}" in text
+    assert "signed miner,bank of miner,bank" in text
+    assert "approved by bank_approver:user-bank_approver" in text
+    assert "[released]" in text and "deposit.spent" in text
 
     # The risk engine prices B, calls the margin, and writes its figures in the audit log:
     # the register at that moment has the same LTV, debt, collateral and price.
