@@ -39,6 +39,8 @@ have_postgres() { compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; }
 have_softhsm() { command -v softhsm2-util >/dev/null 2>&1 && [ -e /usr/lib/softhsm/libsofthsm2.so ]; }
 # The console's browser tests drive Debian's Chromium (no browser downloads here).
 have_chromium() { [ -x /usr/bin/chromium ]; }
+# The loan statement's PDF embeds DejaVu Sans (Cyrillic names): custody/reports/pdf.py.
+have_dejavu() { [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ]; }
 
 POLICY_RC_D=/usr/sbin/policy-rc.d
 CREATED_POLICY_RC_D=0
@@ -55,6 +57,7 @@ step_system() {
     have_softhsm || missing+=(softhsm2)
     have_postgres || missing+=(postgresql)
     have_chromium || missing+=(chromium)
+    have_dejavu || missing+=(fonts-dejavu-core)
     if [ "${#missing[@]}" -eq 0 ]; then
         log "system packages present (softhsm2, postgresql, chromium)"
         return

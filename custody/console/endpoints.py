@@ -52,6 +52,9 @@ from custody.errors import (
 )
 from custody.loans import service as loans
 from custody.loans.schemas import HDKeyIn, LoanCreate
+from custody.reports import formats as report_formats
+from custody.reports import pdf as report_pdf
+from custody.reports import service as report_service
 from custody.risk import manual
 from custody.schemas import ID_MAX
 from custody.signer import service as signer_statements
@@ -891,3 +894,68 @@ async def system_status(request: Request) -> Response:
         _read(request, lambda s: {"status": views.system_status(s, ctx, settings)})
     )
     return _page(request, "_status.html", ctx, data)
+
+
+# -- reports (issue 15): the collateral register and a loan's statement --------------------------
+
+
+def _report_moment(request: Request) -> datetime | None:
+    """The form's `at` (a datetime-local field, read as UTC; a zone may be given), or None."""
+    value = _query_text(request, "at", 40)
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidInput(
+            "at must be a date and time (e.g. 2026-12-01T00:00)", field="at"
+        ) from exc
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@pages.get("/reports")
+async def reports_page(request: Request) -> Response:
+    """The reports an auditor and a compliance officer download."""
+    ctx = await _signed_in(request)
+    require_role(ctx.principal, *report_service.READERS)
+    data = await run_in_threadpool(_read(request, lambda s: views.reports_page(s, ctx)))
+    return _page(request, "reports.html", ctx, data)
+
+
+@pages.get("/reports/collateral-register.{fmt}")
+async def collateral_register(request: Request, fmt: str) -> Response:
+    """The API's register, as a download (the same function, the same refusals)."""
+    ctx = await _signed_in(request)
+    if fmt not in ("csv", "xlsx"):
+        raise ExportUnsupported(f"no register as {fmt!r}: csv or xlsx")
+    at = _report_moment(request)
+
+    def work() -> Response:
+        register = report_service.collateral_register(
+            _engine(request), ctx, getattr(request.app.state, "chain", None), at
+        )
+        name = f'attachment; filename="collateral-register-{report_formats.iso(register.at)}.{fmt}"'
+        if fmt == "csv":
+            body = b"".join(report_formats.csv_chunks(register))
+            media = report_formats.CSV_TYPE
+        else:
+            body, media = report_formats.xlsx_bytes(register), report_formats.XLSX_TYPE
+        return Response(body, media_type=media, headers={"Content-Disposition": name})
+
+    return await run_in_threadpool(work)
+
+
+@pages.get("/loans/{loan_id}/statement.pdf")
+async def loan_statement(request: Request, loan_id: str) -> Response:
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+
+    def work() -> Response:
+        statement = report_service.loan_statement(_engine(request), ctx, lid)
+        return Response(
+            report_pdf.statement_pdf(statement),
+            media_type=report_pdf.PDF_TYPE,
+            headers={"Content-Disposition": f'attachment; filename="loan-{lid}-statement.pdf"'},
+        )
+
+    return await run_in_threadpool(work)

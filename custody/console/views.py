@@ -36,6 +36,7 @@ from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.schemas import LoanOut
 from custody.loans.views import deposits_out, loan_out, loans_out
 from custody.notify import repository as notify_repository
+from custody.reports import service as report_service
 from custody.risk import repository as risk_repository
 from custody.signer import repository as signer_repository
 from custody.signer import service as signer_statements
@@ -504,3 +505,9 @@ def system_status(session: Session, ctx: Context, settings: Settings) -> dict[st
         if oldest is None
         else int((now - as_utc(oldest)).total_seconds()),
     }
+
+
+def reports_page(session: Session, ctx: Context) -> dict[str, Any]:
+    """The register's form and every loan's statement, for auditors and compliance officers."""
+    require_role(ctx.principal, *report_service.READERS)
+    return {"loans": loans.list_loans(session, ctx, limit=500)}

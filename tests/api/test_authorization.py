@@ -472,6 +472,25 @@ CASES: list[Case] = [
             "other_arbiter": 404,
         },
     ),
+    # Issue 15's reports: auditors and compliance officers only, whoever's loan it is.
+    Case(
+        "GET",
+        "/v1/reports/collateral-register.csv",
+        lambda w, c: "/v1/reports/collateral-register.csv",
+        {"auditor": 200, "compliance_officer": 200},
+    ),
+    Case(
+        "GET",
+        "/v1/reports/collateral-register.xlsx",
+        lambda w, c: "/v1/reports/collateral-register.xlsx",
+        {"auditor": 200, "compliance_officer": 200},
+    ),
+    Case(
+        "GET",
+        "/v1/loans/{loan_id}/statement.pdf",
+        lambda w, c: f"/v1/loans/{c['ready']}/statement.pdf",
+        {"auditor": 200, "compliance_officer": 200},
+    ),
 ]
 
 

@@ -47,6 +47,8 @@ _NOT_STAFF = ("miner", "arbiter", "other_miner", "other_arbiter")
 _NOT_OWN = ("bank_operator", "bank_approver", "auditor", "arbiter", "other_miner", "other_arbiter")
 # Principals are the admin's to manage: everyone else is refused by role, whatever the id.
 _NOT_ADMIN = ("bank_operator", "bank_approver", "auditor", "miner", "arbiter", "other_miner")
+# Reports are the auditors' and compliance officers': everyone else is refused by role.
+_NOT_REPORT_READERS = ("admin", "bank_operator", "bank_approver", "miner", "arbiter")
 
 LOOKUPS = (
     Lookup("GET", "/v1/loans/{loan_id}", "loan"),
@@ -123,6 +125,13 @@ LOOKUPS = (
         "/v1/principals/{principal_id}/invitations",
         "principal",
         outsiders=_NOT_ADMIN,
+        status=403,
+    ),
+    Lookup(
+        "GET",
+        "/v1/loans/{loan_id}/statement.pdf",
+        "loan",
+        outsiders=_NOT_REPORT_READERS,
         status=403,
     ),
 )

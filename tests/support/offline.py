@@ -91,6 +91,16 @@ class OfflineChain:
     def send_raw_transaction(self, tx_hex: str) -> str:
         return "00" * 32
 
+    # What a report asks (custody.reports.service.ChainClock): one block, mined at epoch 0.
+    def get_block_count(self) -> int:
+        return 1
+
+    def get_block_hash(self, height: int) -> str:
+        return f"{height:064x}"
+
+    def get_block_header(self, block_hash: str) -> dict[str, Any]:
+        return {"hash": block_hash, "height": int(block_hash, 16), "time": 0}
+
 
 def funded_loan(world: World) -> int:
     """An active loan with one confirmed deposit, recorded as the watcher would."""
