@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from types import ModuleType
 from typing import Any
 
 import anyio.to_thread
@@ -25,6 +26,7 @@ from custody.api.errors import error_body, media_type
 from custody.api.metrics import RequestMetrics
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
+from custody.compliance import endpoints as compliance
 from custody.config import Settings
 from custody.console import endpoints as console
 from custody.errors import (
@@ -208,7 +210,9 @@ def create_app(
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
     app.state.price_feeds = price_feeds  # what a manual price is held to (custody.risk.manual)
+    domains: tuple[ModuleType, ...]  # the routers' modules, in order
     domains = (ops, auth, console, parties, loans, signer_statements, signing, risk, notify, audit)
+    domains = (*domains, compliance)  # issue 15 (A): miners' records, documents, reviews
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:
         app.include_router(domain.router)
