@@ -580,11 +580,10 @@ class DocumentNotFound(NotFound):
         super().__init__(message, field=field)
 
 
-class DocumentCorrupted(CustodyError):
-    """The stored document's bytes no longer match the SHA-256 recorded at upload: it is
-    not served (restore it from a backup)."""
+class DocumentCorrupted(UpstreamUnavailable):
+    """The stored document's bytes no longer match the SHA-256 recorded at upload: the
+    storage failed, and the document is not served until it is restored from a backup."""
 
-    status_code = 500
     code = "document_corrupted"
 
 

@@ -193,7 +193,7 @@ def upload_document(
     raw: RawBodyDep,
     session: SessionDep,
     ctx: ContextDep,
-    kind: Annotated[DocumentKind, Query()],
+    kind: Annotated[DocumentKind, Query()] = "other",
     filename: Annotated[str | None, Query(), Text(200)] = None,
 ) -> DocumentOut:
     """Upload one evidence document (staff, or the miner its own), at most 4 MiB; its
@@ -252,7 +252,7 @@ def get_document(
 @router.get(
     "/compliance/mining-bans",
     tags=["compliance"],
-    responses=errors_for(NotAuthenticated, RoleNotAllowed),
+    responses=errors_for(NotAuthenticated, RoleNotAllowed, InvalidInput),
 )
 def list_mining_bans(session: SessionDep, principal: PrincipalDep) -> list[MiningBanOut]:
     """The regions where the bank holds mining banned (staff read; flags use them)."""
