@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from support.offline import funded_loan, keyed_draft, offline_world
 from support.kyc import CLEAN_RECORD
+from support.offline import funded_loan, keyed_draft, offline_world
 from support.world import World, hd_key
 
 from custody.db.migrate import upgrade
