@@ -159,7 +159,7 @@ def test_a_mining_ban_in_the_region_within_the_loans_period_makes_it_high_risk(
 ) -> None:
     miner, party = fresh_miner(world)
     # Dagestan (05): the seeded ban runs to 15 March 2031, the loan matures in 180 days.
-    dagestan = {**PERSON, "inn": "500100732259", "region": "05", "monthly_energy_kwh": 1_000}
+    dagestan: dict[str, Any] = {**PERSON, "region": "05", "monthly_energy_kwh": 1_000}
     assert put_record(world, party, **dagestan).status_code == 200
     loan = two_keyed_draft(world, miner, party)
     assert review(world, party, "officer_a").status_code == 201
