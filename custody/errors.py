@@ -25,7 +25,6 @@ from hsm.signer import PolicyViolation
 from pledge.errors import (
     BadRequest,
     Conflict,
-    CustodyError,
     Forbidden,
     InvalidInput,
     MethodNotAllowed,

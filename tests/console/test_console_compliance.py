@@ -4,6 +4,7 @@ miner's draft loan leave `draft`. Through a real browser, as the other console t
 
 from __future__ import annotations
 
+from playwright.sync_api import FilePayload
 from support.console import Console, screenshot
 from support.kyc import CLEAN_RECORD
 from support.world import hd_key
@@ -111,7 +112,7 @@ def test_the_bank_operator_edits_and_the_miner_uploads_through_the_console(
     assert miner.page.locator("#edit").count() == 0
     miner.page.set_input_files(
         "#documents input[type=file]",
-        files=[{"name": "extract.pdf", "mimeType": "application/pdf", "buffer": b"%PDF-1.4 x"}],
+        files=FilePayload(name="extract.pdf", mimeType="application/pdf", buffer=b"%PDF-1.4 x"),
     )
     with miner.page.expect_navigation():
         miner.page.click("#upload")
