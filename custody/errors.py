@@ -601,7 +601,8 @@ class ReviewRepeated(Conflict):
 
 
 class SelfReview(Conflict):
-    """The officer who last changed the record may not review it (four eyes)."""
+    """The officer who last changed the record, or uploaded any of its evidence, may not
+    review it (four eyes)."""
 
     code = "self_review"
 

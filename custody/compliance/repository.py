@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from sqlalchemy.orm import defer
 from sqlmodel import Session, col, select
 
 from custody.db.models import (
@@ -23,11 +24,12 @@ def record_of(session: Session, party_id: int) -> MinerRecord | None:
 
 
 def documents_of(session: Session, party_id: int) -> list[EvidenceDocument]:
-    """A party's documents in upload order (their bytes are loaded too: small, and the
-    digest needs no bytes, but a listing is rare next to the gate's digest reads)."""
+    """A party's documents in upload order, without their bytes (up to 4 MiB each: a
+    listing shows the digests; `document` reads one whole)."""
     return list(
         session.exec(
             select(EvidenceDocument)
+            .options(defer(EvidenceDocument.content))  # type: ignore[arg-type]
             .where(EvidenceDocument.party_id == party_id)
             .order_by(col(EvidenceDocument.id))
         ).all()
@@ -81,3 +83,11 @@ def miner_records(session: Session) -> list[MinerRecord]:
 def remove(session: Session, row: MiningBan) -> None:
     session.delete(row)
     session.flush()
+
+
+def document_uploader_ids(session: Session, party_id: int) -> set[int]:
+    """Who uploaded a party's documents (principal ids)."""
+    rows = session.exec(
+        select(EvidenceDocument.uploaded_by_id).where(EvidenceDocument.party_id == party_id)
+    ).all()
+    return {r for r in rows if r is not None}

@@ -6,7 +6,8 @@ An approval is bound to the record's digest (its facts and its documents' SHA-25
 longer count and the record must be approved again. A flagged record (`pledge.kyc.flags_of`:
 an unregistered individual above the energy limit, a mining ban in the loan's region and
 period, a register entry not active, high energy without a data centre) needs a second,
-different compliance officer. The officer who last changed the record reviews none of it.
+different compliance officer. The officer who last changed the record, or uploaded any of
+its evidence, reviews none of it.
 Every change is an audit event (`compliance.*`) in the caller's transaction.
 """
 
@@ -335,6 +336,8 @@ def review(
         )
     if row.updated_by_id == ctx.principal.id:
         raise SelfReview("you changed this record last: another compliance officer reviews it")
+    if ctx.principal.id in repository.document_uploader_ids(session, party_id):
+        raise SelfReview("you uploaded evidence of this record: another officer reviews it")
     current = standing(session, party_id, start=today(), end=None)
     if any(r.reviewer_id == ctx.principal.id for r in current.reviews):
         raise ReviewRepeated(

@@ -36,6 +36,7 @@ def miner_record_page(session: Session, ctx: Context, party_id: int) -> dict[str
         "can_review": role == Role.compliance_officer
         and row is not None
         and row.updated_by_id != ctx.principal.id
+        and ctx.principal.id not in repository.document_uploader_ids(session, party_id)
         and all(r.reviewer_id != ctx.principal.id for r in found.reviews),
         "legal_forms": LEGAL_FORMS,
         "register_statuses": REGISTER_STATUSES,

@@ -215,9 +215,17 @@ def test_a_review_of_a_stale_content_by_its_editor_or_a_rejection_does_not_pass(
     assert put_record(world, party, "officer_b", **CLEAN_RECORD).status_code == 200
     own = review(world, party, "officer_b")
     assert own.status_code == 409 and own.json()["error"] == "self_review", own.text
+    evidence = world.client.post(
+        f"/v1/parties/{party}/documents?kind=other",
+        content=b"a note",
+        headers={**world.h("compliance_officer"), "Content-Type": "text/plain"},
+    )
+    assert evidence.status_code == 201, evidence.text
+    uploader = review(world, party, "compliance_officer")
+    assert uploader.status_code == 409 and uploader.json()["error"] == "self_review"
     rejected = review(world, party, "officer_a", "reject")
     assert rejected.status_code == 201 and rejected.json()["state"] == "rejected"
-    assert review(world, party, "compliance_officer").json()["state"] == "rejected"
+    assert review(world, party, "bank_operator").status_code == 403
     loan = two_keyed_draft(world, miner, party)
     assert_held(world, loan, "rejected")
     # Only compliance officers review: the bank operator and the miner are refused.
