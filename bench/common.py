@@ -16,6 +16,7 @@ from custody.auth.context import Context
 from custody.auth.service import create_principal
 from custody.db.models import KeyRole, Party, PartyKind, Role
 from pledge.network import NetworkName
+from regtest.kyc import approve_miner
 
 T = TypeVar("T")
 
@@ -64,4 +65,19 @@ def seat_contexts(session: Session, prefix: str, network: NetworkName) -> dict[K
             actor="bench",
         )
         ctx[seat] = Context(principal=principal, network=network)
+    officer, _ = create_principal(
+        session,
+        name=f"{prefix}-compliance",
+        role=Role.compliance_officer,
+        party_id=parties["bank"],
+        actor="bench",
+    )
+    # The miner through the compliance gate, or its loans never leave draft.
+    approve_miner(
+        session,
+        parties["miner"],
+        editor=ctx[KeyRole.bank].principal,
+        officer=officer,
+        network=network,
+    )
     return ctx

@@ -79,6 +79,7 @@ from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
 from custody.risk.manual import FeedCheck, PricePolicy, confirm_price, propose_price
 from pledge.network import NetworkName
+from regtest.kyc import approve_miner
 from regtest.postgres import PostgresServer
 from regtest.testkeys import make_test_key_text
 from regtest.wait import wait_until
@@ -177,6 +178,21 @@ def populate(engine: Engine, loans: int, miners: int, seed: int = SEED) -> Popul
         approver, _ = create_principal(
             session, name="load-approver", role=Role.bank_approver, party_id=bank, actor="bench"
         )
+        officer, _ = create_principal(
+            session,
+            name="load-compliance",
+            role=Role.compliance_officer,
+            party_id=bank,
+            actor="bench",
+        )
+        for miner_ctx, _ in miner_seats:  # through the compliance gate
+            approve_miner(
+                session,
+                miner_ctx.principal.party_id or 0,
+                editor=staff,
+                officer=officer,
+                network=NETWORK,
+            )
         staff_ctx = Context(principal=staff, network=NETWORK)
         arbiter_ctx = Context(principal=arbiter_principal, network=NETWORK)
         # A manual price takes two people: the staff member proposes, the approver confirms.

@@ -578,3 +578,76 @@ class ProofNoCollateral(Conflict):
     control of."""
 
     code = "proof_no_collateral"
+# -- compliance (custody/compliance/) ---------------------------------------------------------
+
+
+class MinerRecordNotFound(NotFound):
+    """This miner has no registry record yet (bank staff enter it: `PUT .../miner-record`)."""
+
+    code = "miner_record_not_found"
+
+    def __init__(
+        self, message: str = "miner record not found", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+
+
+class DocumentNotFound(NotFound):
+    """No evidence document of that id for this party."""
+
+    code = "document_not_found"
+
+    def __init__(self, message: str = "document not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+
+
+class DocumentCorrupted(UpstreamUnavailable):
+    """The stored document's bytes no longer match the SHA-256 recorded at upload: the
+    storage failed, and the document is not served until it is restored from a backup."""
+
+    code = "document_corrupted"
+
+
+class RecordChangedSinceReview(Conflict):
+    """The record (or its documents) changed since the version the reviewer looked at:
+    look at the current one (its `digest`) and review that."""
+
+    code = "record_changed"
+
+
+class ReviewRepeated(Conflict):
+    """This compliance officer already reviewed this exact content of the record: a
+    second approval must come from a different officer."""
+
+    code = "review_repeated"
+
+
+class SelfReview(Conflict):
+    """The officer who last changed the record, or uploaded any of its evidence, may not
+    review it (four eyes)."""
+
+    code = "self_review"
+
+
+class CompliancePending(Conflict):
+    """The loan's miner has no approved compliance record (or its approval was voided by a
+    change, or a high-risk record lacks its second approval): `state` and `flags` say why."""
+
+    code = "compliance_pending"
+
+    def __init__(self, message: str, *, state: str, flags: list[dict[str, str]]) -> None:
+        super().__init__(message)
+        self.state = state
+        self.flags = flags
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "state": self.state, "flags": self.flags}
+
+
+class MiningBanNotFound(NotFound):
+    """No regional mining ban of that id."""
+
+    code = "mining_ban_not_found"
+
+    def __init__(self, message: str = "mining ban not found", *, field: str | None = None) -> None:
+        super().__init__(message, field=field)

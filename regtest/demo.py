@@ -59,6 +59,7 @@ from hsm.registry import Registry
 from pledge.amounts import ltv_bps, sats_for_kopecks
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
+from regtest.kyc import CLEAN_RECORD
 from regtest.node import RegtestNode, free_port, wait_until
 from regtest.people import Staff
 from regtest.price_feed import PriceFeed
@@ -393,6 +394,7 @@ def main() -> int:
             ("miner", "miner", "miner"),
             ("arbiter", "arbiter", "arbiter"),
             ("auditor", "auditor", None),
+            ("compliance", "compliance_officer", "bank"),
         ):
             body = {"name": who, "role": role, "party_id": parties[party]["id"] if party else None}
             api.keys[who] = api("admin", "POST", "/v1/principals", 201, json=body)["api_key"]
@@ -429,6 +431,31 @@ def main() -> int:
             f"the auditor's price history: proposed by {shown['proposed_by']}, "
             f"rejected by {shown['rejected_by']}; the miner may not look "
             f"({api('miner', 'GET', '/v1/prices', 403)['error']})"
+        )
+
+        say("Compliance: who the miner is (221-FZ), checked by a second person")
+        record_path = f"/v1/parties/{parties['miner']['id']}/miner-record"
+        typo = api("operator", "PUT", record_path, 422, json={**CLEAN_RECORD, "inn": "7707083894"})
+        detail(f"an INN with a wrong check digit: {typo['error']} on {typo['field']}")
+        entered = api("operator", "PUT", record_path, 200, json=CLEAN_RECORD)
+        detail(
+            f"the operator enters Miner LLC: INN {entered['inn']}, OGRN {entered['ogrn']}, "
+            f"register entry {entered['register_number']} ({entered['register_status']}), "
+            f"region {entered['region']}: {entered['state']}, flags {entered['flags'] or 'none'}"
+        )
+        approved = api(
+            "compliance",
+            "POST",
+            f"{record_path}/reviews",
+            201,
+            json={
+                "decision": "approve",
+                "reason": "register extract checked",
+                "digest": entered["digest"],
+            },
+        )
+        detail(
+            f"the compliance officer approves it: {approved['state']} (its loans may leave draft)"
         )
 
         say("The bank operator creates three loans of 0.5 BTC collateral each")

@@ -30,6 +30,7 @@ from embit import bip32
 from embit.networks import NETWORKS
 
 from regtest.faucet import random_p2wpkh_address
+from regtest.kyc import CLEAN_RECORD
 from regtest.node import RegtestNode, free_port, wait_until
 from regtest.price_feed import PriceFeed
 from regtest.software_signer import SoftwareHDSigner
@@ -43,6 +44,7 @@ PEOPLE = (
     ("mikhail.miner", "miner", "miner"),
     ("arina.arbiter", "arbiter", "arbiter"),
     ("audrey.auditor", "auditor", None),
+    ("clara.compliance", "compliance_officer", "bank"),
 )
 
 
@@ -102,6 +104,11 @@ def populate(api: Api, node: RegtestNode) -> None:
     for name, role, party in PEOPLE:
         body = {"name": name, "role": role, "party_id": parties[party] if party else None}
         api.keys[role] = api("admin", "POST", "/v1/principals", json=body)["api_key"]
+    # The miner's registry record, approved by compliance: its loans may leave draft.
+    miner_record = f"/v1/parties/{parties['miner']}/miner-record"
+    entered = api("bank_operator", "PUT", miner_record, json=CLEAN_RECORD)
+    review = {"decision": "approve", "reason": "registry checked", "digest": entered["digest"]}
+    api("compliance_officer", "POST", f"{miner_record}/reviews", json=review)
     proposal = api("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": PRICE})
     api("bank_approver", "POST", f"/v1/prices/{proposal['id']}/confirm")
     devices = {seat: _device() for seat in ("miner", "bank", "arbiter")}

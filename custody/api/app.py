@@ -25,6 +25,7 @@ from custody.api.errors import error_body, media_type
 from custody.api.metrics import RequestMetrics
 from custody.audit import endpoints as audit
 from custody.auth import endpoints as auth
+from custody.compliance import endpoints as compliance
 from custody.config import Settings
 from custody.console import endpoints as console
 from custody.errors import (
@@ -222,6 +223,7 @@ def create_app(
         risk,
         notify,
         audit,
+        compliance,
         proof,
         reports,
     )

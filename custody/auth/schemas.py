@@ -14,7 +14,15 @@ from custody.schemas import Id, Name, Strict
 
 class PrincipalCreate(Strict):
     name: Name
-    role: Literal["miner", "bank_operator", "bank_approver", "arbiter", "auditor", "admin"]
+    role: Literal[
+        "miner",
+        "bank_operator",
+        "bank_approver",
+        "arbiter",
+        "auditor",
+        "admin",
+        "compliance_officer",  # issue 15: reviews miners' records (bank staff)
+    ]
     party_id: Id | None = None
 
 

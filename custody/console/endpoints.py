@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -32,18 +32,22 @@ from custody.api.errors import errors_for
 from custody.auth.context import Context
 from custody.auth.policy import BANK_STAFF, READ_ALL, require_role
 from custody.bitcoin import exports
+from custody.compliance import service as compliance
+from custody.compliance.schemas import MinerRecordIn
 from custody.config import Settings
-from custody.console import service, views
+from custody.console import compliance_views, service, views
 from custody.db.models import KeyRole, Principal, Role
 from custody.db.session import transaction
 from custody.errors import (
     BodyTooLarge,
+    DocumentNotFound,
     ExportUnsupported,
     ForgedRequest,
     KeysIncomplete,
     LoanNotFound,
     NoConsoleForRole,
     NotSignedIn,
+    PartyNotFound,
     PriceNotFound,
     PrincipalNotFound,
     PrincipalRevoked,
@@ -422,6 +426,8 @@ async def dashboard(request: Request) -> Response:
         data = views.dashboard(session, ctx)
         if ctx.principal.role in READ_ALL:
             data["status"] = views.system_status(session, ctx, settings)
+        if ctx.principal.role == Role.compliance_officer:  # miners' records to review
+            data["to_review"] = compliance_views.review_queue(session, ctx)
         return data
 
     data = await run_in_threadpool(_read(request, work))
@@ -959,3 +965,144 @@ async def loan_statement(request: Request, loan_id: str) -> Response:
         )
 
     return await run_in_threadpool(work)
+# -- compliance (issue 15): a miner's registry record, its evidence and its reviews --------------
+
+
+@pages.get("/compliance")
+async def compliance_queue(request: Request) -> Response:
+    """The records waiting for a compliance officer's review (staff)."""
+    ctx = await _signed_in(request)
+    data = await run_in_threadpool(
+        _read(request, lambda s: {"to_review": compliance_views.review_queue(s, ctx)})
+    )
+    return _page(request, "compliance.html", ctx, data)
+
+
+@pages.get("/parties/{party_id}/miner-record")
+async def miner_record_page(request: Request, party_id: str) -> Response:
+    ctx = await _signed_in(request)
+    pid = _id(party_id, PartyNotFound)
+    data = await run_in_threadpool(
+        _read(request, lambda s: compliance_views.miner_record_page(s, ctx, pid))
+    )
+    return _page(request, "miner_record.html", ctx, data)
+
+
+def _optional(form: Mapping[str, str], name: str) -> str | None:
+    value = form.get(name, "").strip()
+    return value or None
+
+
+@pages.post("/parties/{party_id}/miner-record")
+async def save_miner_record(request: Request, party_id: str) -> Response:
+    """The edit form: the API's body and rules (a bad value is a 422 page naming it)."""
+    ctx, body = await _acting(request)
+    pid = _id(party_id, PartyNotFound)
+    form = _form(body)
+    fields: dict[str, Any] = {
+        name: _optional(form, name)
+        for name in (
+            "legal_form",
+            "inn",
+            "ogrn",
+            "register_number",
+            "register_date",
+            "register_status",
+            "region",
+            "data_centre_name",
+            "data_centre_inn",
+        )
+    }
+    energy = form.get("monthly_energy_kwh", "").replace(" ", "")
+    fields["monthly_energy_kwh"] = int(energy) if energy.isdigit() else energy
+    try:
+        parsed = MinerRecordIn.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidInput(f"{where}: {first.get('msg', '')}", field=where or None) from exc
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            compliance.put_record(session, ctx, pid, parsed)
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/parties/{pid}/miner-record")
+
+
+@pages.post("/parties/{party_id}/miner-record/reviews")
+async def review_miner_record(request: Request, party_id: str) -> Response:
+    ctx, body = await _acting(request)
+    pid = _id(party_id, PartyNotFound)
+    form = _form(body)
+    decision = form.get("decision", "")
+    if decision not in ("approve", "reject"):
+        raise InvalidInput("approve or reject", field="decision")
+    reason = form.get("reason", "").strip()
+    if not reason or len(reason) > 2000:
+        raise InvalidInput("say why, in at most 2000 characters", field="reason")
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            compliance.review(
+                session,
+                ctx,
+                pid,
+                approve=decision == "approve",
+                reason=reason,
+                digest=form.get("digest", ""),
+            )
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/parties/{pid}/miner-record")
+
+
+@pages.post("/parties/{party_id}/documents")
+async def upload_document(request: Request, party_id: str) -> Response:
+    """One evidence file (multipart form), through the API's service: its type, its size
+    and who may upload are the API's."""
+    _check_origin(request)
+    length = request.headers.get("content-length", "")
+    if not length.isdigit() or int(length) > UPLOAD_LIMIT + FORM_LIMIT:
+        raise BodyTooLarge(f"a document must be at most {UPLOAD_LIMIT} bytes")
+    ctx = await _signed_in(request)
+    pid = _id(party_id, PartyNotFound)
+    form = await request.form(max_files=1, max_fields=4, max_part_size=UPLOAD_LIMIT)
+    if not service.csrf_matches(request.cookies.get(COOKIE, ""), str(form.get("csrf") or "")):
+        raise ForgedRequest("this form does not carry this session's CSRF token")
+    upload = form.get("document")
+    if not isinstance(upload, UploadFile):
+        raise InvalidInput("choose the file to upload", field="document")
+    content = await upload.read()
+    kind = str(form.get("kind") or "other")
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            compliance.upload_document(
+                session,
+                ctx,
+                pid,
+                kind=kind,
+                content_type=upload.content_type,
+                filename=(upload.filename or "")[:200] or None,
+                content=content,
+            )
+
+    await run_in_threadpool(work)
+    return _redirect(f"/console/parties/{pid}/miner-record#documents")
+
+
+@pages.get("/parties/{party_id}/documents/{document_id}")
+async def download_document(request: Request, party_id: str, document_id: str) -> Response:
+    ctx = await _signed_in(request)
+    pid = _id(party_id, PartyNotFound)
+    did = _id(document_id, DocumentNotFound)
+
+    def work() -> tuple[bytes, str]:
+        with transaction(_engine(request), write=False) as session:
+            doc = compliance.read_document(session, ctx.principal, pid, did)
+            return doc.content, doc.content_type
+
+    content, media = await run_in_threadpool(work)
+    disposition = f'attachment; filename="document-{did}"'
+    return Response(content, media_type=media, headers={"Content-Disposition": disposition})

@@ -8,10 +8,20 @@ string with its source, so nothing is rounded by a float on the way in or out.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from datetime import date as Date
 from enum import StrEnum
 from typing import overload
 
-from sqlalchemy import BigInteger, Column, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlmodel import Field, SQLModel
 
 # Every id, and every column holding one, is 64-bit (what custody.schemas.ID_MAX bounds):
@@ -525,3 +535,84 @@ class ConsoleChallenge(SQLModel, table=True):
         default=None, sa_type=ID, foreign_key="consoleinvitation.id", index=True
     )
     expires_at: datetime = Field(nullable=False)
+
+
+# Compliance (custody/compliance/): who a miner is (221-FZ register of miners, INN, OGRN),
+# the evidence behind it, the compliance officers' reviews and the bank's table of regional
+# mining bans. The validators and the flags' rules are the kernel's (pledge/kyc.py).
+
+
+class MinerRecord(SQLModel, table=True):
+    """A miner party's registry data, one row per party. A table of its own rather than
+    columns on Party: banks and arbiters have none of it, and the record has a life of its
+    own (versions, reviews bound to its content) that Party's readers need not see."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    party_id: int = Field(sa_type=ID, foreign_key="party.id", unique=True)
+    legal_form: str = Field(sa_column=Column(String(32), nullable=False))
+    inn: str = Field(sa_column=Column(String(12), nullable=False))
+    ogrn: str | None = Field(default=None, sa_column=Column(String(15)))
+    register_number: str | None = Field(default=None, sa_column=Column(String(64)))
+    register_date: Date | None = Field(default=None)
+    register_status: str | None = Field(default=None, sa_column=Column(String(16)))
+    region: str = Field(sa_column=Column(String(2), nullable=False))
+    monthly_energy_kwh: int = Field(sa_column=Column(BigInteger, nullable=False))
+    data_centre_name: str | None = Field(default=None, sa_column=Column(String(120)))
+    data_centre_inn: str | None = Field(default=None, sa_column=Column(String(12)))
+    # SHA-256 of the facts and the documents' digests (pledge.kyc.record_digest): what
+    # a review approves; recomputed on every change, so an approval of an older one is void.
+    digest: str = Field(sa_column=Column(String(64), nullable=False))
+    version: int = Field(default=1, nullable=False)
+    updated_by: str = Field(sa_column=Column(String(160), nullable=False))
+    updated_by_id: int | None = Field(default=None, foreign_key="principal.id", sa_type=ID)
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    updated_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class EvidenceDocument(SQLModel, table=True):
+    """A document behind a miner's record (a register extract, an energy contract...). The
+    bytes are kept in the database, so they are backed up, replicated and deleted with the
+    rest and a row never points at a missing file; `sha256` is checked on every read."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    content_type: str = Field(sa_column=Column(String(64), nullable=False))
+    filename: str | None = Field(default=None, sa_column=Column(String(200)))
+    size: int = Field(nullable=False)
+    sha256: str = Field(sa_column=Column(String(64), nullable=False))
+    content: bytes = Field(sa_column=Column(LargeBinary, nullable=False), repr=False)
+    uploaded_by: str = Field(sa_column=Column(String(160), nullable=False))
+    uploaded_by_id: int | None = Field(default=None, foreign_key="principal.id", sa_type=ID)
+    uploaded_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class ComplianceReview(SQLModel, table=True):
+    """A compliance officer's approval or rejection of one exact content of a miner's
+    record (its digest). One decision per officer per content."""
+
+    __table_args__ = (UniqueConstraint("party_id", "digest", "reviewer_id", name="uq_review_once"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    party_id: int = Field(sa_type=ID, foreign_key="party.id", index=True)
+    digest: str = Field(sa_column=Column(String(64), nullable=False))
+    decision: str = Field(sa_column=Column(String(16), nullable=False))  # approved | rejected
+    reason: str = Field(sa_column=Column(Text, nullable=False))
+    flags: str = Field(default="", sa_column=Column(Text, nullable=False))  # codes it saw
+    reviewer: str = Field(sa_column=Column(String(160), nullable=False))  # "role:name"
+    reviewer_id: int = Field(sa_type=ID, foreign_key="principal.id")
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+class MiningBan(SQLModel, table=True):
+    """The bank's table of regional mining bans (pledge.kyc.MiningBan): seeded by the
+    migration with the government's list, edited by admins and compliance officers."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    region: str = Field(sa_column=Column(String(2), nullable=False, index=True))
+    starts_on: Date = Field(nullable=False)
+    ends_on: Date | None = Field(default=None)
+    months: str = Field(default="", sa_column=Column(String(40), nullable=False))  # "11,12,1"
+    note: str = Field(default="", sa_column=Column(Text, nullable=False))
+    created_by: str = Field(sa_column=Column(String(160), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)

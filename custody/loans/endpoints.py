@@ -19,6 +19,7 @@ from custody.db.models import KeyRole
 from custody.errors import (
     AddressAlreadyIssued,
     AddressLimitReached,
+    CompliancePending,
     ExportUnsupported,
     HdKeyRequired,
     KeyInTwoSeats,
@@ -101,6 +102,7 @@ def get_loan(loan_id: LoanId, session: SessionDep, ctx: ContextDep) -> LoanOut:
         KeyOfAnotherParty,
         KeySetReused,
         AddressAlreadyIssued,
+        CompliancePending,
         *BODY_ERRORS,
     ),
 )

@@ -17,6 +17,7 @@ from sqlmodel import Session
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import ensure_can_view, require_role, seat_for, visible_loans_clause
+from custody.compliance.service import ensure_cleared
 from custody.db.models import (
     CollateralAddress,
     KeyKind,
@@ -339,6 +340,9 @@ def loan_descriptor(session: Session, loan: Loan, network: NetworkName) -> Colla
 
 
 def _complete_keys(session: Session, ctx: Context, loan: Loan, rows: list[LoanKey]) -> None:
+    # The compliance gate (issue 15): the third key takes the loan out of draft, so it is
+    # refused (409 compliance_pending, nothing stored) until the miner's record is approved.
+    ensure_cleared(session, loan)
     descriptor = collateral_descriptor(rows, ctx.network)
     key_set = "|".join(sorted(descriptor.key_set_identity))
     if repository.loan_with_key_set(session, key_set) is not None:

@@ -24,6 +24,7 @@ from custody.errors import (
     BadSignature,
     BankKeyNotInSigner,
     BankKeyRequestOpen,
+    CompliancePending,
     KeyInTwoSeats,
     KeyOfAnotherParty,
     KeySeatTaken,
@@ -72,6 +73,7 @@ _TO_THE_SIGNER = (
     KeySetReused,
     AddressAlreadyIssued,
     SignerDescriptorMismatch,
+    CompliancePending,
     KeysIncomplete,
     SigningRequestNotInState,
     PsbtMismatch,
@@ -95,6 +97,7 @@ _TO_THE_SIGNER = (
         KeySeatTaken,
         KeysIncomplete,
         BankKeyRequestOpen,
+        CompliancePending,
         *BODY_ERRORS,
     ),
 )

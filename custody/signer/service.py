@@ -31,6 +31,7 @@ from sqlmodel import Session
 from custody.audit.service import record
 from custody.auth.context import Context
 from custody.auth.policy import require_role, seat_for
+from custody.compliance.service import ensure_cleared
 from custody.db.models import (
     KeyKind,
     KeyRole,
@@ -299,6 +300,8 @@ def request_bank_key(
         )
     if any(k.role == KeyRole.bank for k in loan_keys(session, loan_id)):
         raise KeySeatTaken(f"the bank key of loan {loan_id} is already registered", field="key")
+    # The bank key is the last: the signer makes none for a loan the gate would keep in draft.
+    ensure_cleared(session, loan)
     existing = repository.open_statement_of_loan(session, loan_id, "register_loan")
     if existing is not None:
         if json.loads(existing.body).get("bank_key", "fixed") != kind:

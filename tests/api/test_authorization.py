@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from support.kyc import CLEAN_RECORD
 from support.offline import RecordingSigner, funded_loan, keyed_draft, offline_world
 from support.world import WHO, World, hd_key
 
@@ -37,6 +38,7 @@ class Case:
     # "statement" (an open bank-key registration statement), "price" (a confirmed manual
     # price), "proposal" (one the bank operator proposed), "principal" (a fresh auditor's key)
     needs: str = "ready"
+    raw: tuple[str, bytes] | None = None  # (content type, bytes): an upload, not JSON
 
 
 def _visible(ok: int) -> dict[str, int]:
@@ -494,6 +496,117 @@ CASES: list[Case] = [
 ]
 
 
+def _miner_record_party(ok_staff: int, own: int) -> dict[str, int]:
+    """A miner's compliance record: the miner itself and staff; other parties get 404."""
+    return {
+        "admin": ok_staff,
+        "bank_operator": ok_staff,
+        "bank_approver": ok_staff,
+        "auditor": ok_staff,
+        "compliance_officer": ok_staff,
+        "miner": own,
+        "other_miner": 404,
+        "arbiter": 404,
+        "other_arbiter": 404,
+    }
+
+
+def _record_digest(w: World) -> str:
+    digest: str = w.call("admin", "GET", f"/v1/parties/{w.party_ids['miner']}/miner-record").json()[
+        "digest"
+    ]
+    return digest
+
+
+_PDF = ("application/pdf", b"%PDF-1.4 register extract")
+CASES += [
+    Case(
+        "GET",
+        "/v1/parties/{party_id}/miner-record",
+        lambda w, c: f"/v1/parties/{w.party_ids['miner']}/miner-record",
+        _miner_record_party(200, 200),
+    ),
+    Case(
+        "PUT",
+        "/v1/parties/{party_id}/miner-record",
+        lambda w, c: f"/v1/parties/{w.party_ids['miner']}/miner-record",
+        # The same values as the world's approved record: nothing changes, nothing voided.
+        {
+            **_miner_record_party(403, 403),
+            "admin": 200,
+            "bank_operator": 200,
+            "compliance_officer": 200,
+        },
+        body=lambda w, c: CLEAN_RECORD,
+    ),
+    Case(
+        "POST",
+        "/v1/parties/{party_id}/miner-record/reviews",
+        lambda w, c: f"/v1/parties/{w.party_ids['miner']}/miner-record/reviews",
+        # Only a compliance officer reviews; the world's officer approved this content already.
+        {**_miner_record_party(403, 403), "compliance_officer": 409},
+        body=lambda w, c: {"decision": "approve", "reason": "ok", "digest": _record_digest(w)},
+    ),
+    # Documents on the other miner's party: a new document voids its record's approval,
+    # and the loans here are the first miner's.
+    Case(
+        "POST",
+        "/v1/parties/{party_id}/documents",
+        lambda w, c: f"/v1/parties/{w.party_ids['other_miner']}/documents?kind=register_extract",
+        {
+            "admin": 201,
+            "bank_operator": 201,
+            "compliance_officer": 201,
+            "other_miner": 201,
+            "miner": 404,
+            "arbiter": 404,
+            "other_arbiter": 404,
+        },
+        raw=_PDF,
+    ),
+    Case(
+        "GET",
+        "/v1/parties/{party_id}/documents",
+        lambda w, c: f"/v1/parties/{w.party_ids['other_miner']}/documents",
+        {**_miner_record_party(200, 404), "other_miner": 200},
+    ),
+    Case(
+        "GET",
+        "/v1/parties/{party_id}/documents/{document_id}",
+        lambda w, c: f"/v1/parties/{w.party_ids['other_miner']}/documents/{c['document']}",
+        {**_miner_record_party(200, 404), "other_miner": 200},
+        needs="document",
+    ),
+    Case(
+        "GET",
+        "/v1/compliance/mining-bans",
+        lambda w, c: "/v1/compliance/mining-bans",
+        {
+            "admin": 200,
+            "bank_operator": 200,
+            "bank_approver": 200,
+            "auditor": 200,
+            "compliance_officer": 200,
+        },
+    ),
+    Case(
+        "POST",
+        "/v1/compliance/mining-bans",
+        lambda w, c: "/v1/compliance/mining-bans",
+        {"admin": 201, "compliance_officer": 201},
+        # Adygea from 2040: no loan or record of this world is flagged by it.
+        body=lambda w, c: {"region": "01", "starts_on": "2040-01-01", "note": f"t{c['n']}"},
+    ),
+    Case(
+        "DELETE",
+        "/v1/compliance/mining-bans/{ban_id}",
+        lambda w, c: f"/v1/compliance/mining-bans/{c['ban']}",
+        {"admin": 204, "compliance_officer": 204},
+        needs="ban",
+    ),
+]
+
+
 def _expected(case: Case, who: str) -> int:
     if who in case.expect:
         return case.expect[who]
@@ -573,8 +686,31 @@ def test_endpoint_role_matrix(
         ctx["psbt"] = world.call(
             "bank_operator", "GET", f"/v1/signing-requests/{ctx['request']}/psbt"
         ).json()["psbt"]
+    if case.needs == "document":
+        r = world.client.post(
+            f"/v1/parties/{world.party_ids['other_miner']}/documents",
+            content=b"%PDF-1.4 charter",
+            headers={**world.h("bank_operator"), "Content-Type": "application/pdf"},
+        )
+        assert r.status_code == 201, r.text
+        ctx["document"] = r.json()["id"]
+    if case.needs == "ban":
+        r = world.call(
+            "admin",
+            "POST",
+            "/v1/compliance/mining-bans",
+            json={"region": "01", "starts_on": "2040-01-01"},
+        )
+        assert r.status_code == 201, r.text
+        ctx["ban"] = r.json()["id"]
     body = case.body(world, ctx) if case.body else None
-    r = world.call(None if who == ANON else who, case.method, case.path(world, ctx), json=body)
+    if case.raw is not None:
+        headers = {**world.h(None if who == ANON else who), "Content-Type": case.raw[0]}
+        r = world.client.request(
+            case.method, case.path(world, ctx), content=case.raw[1], headers=headers
+        )
+    else:
+        r = world.call(None if who == ANON else who, case.method, case.path(world, ctx), json=body)
     assert r.status_code == _expected(case, who), (who, case.method, case.route, r.text)
     if r.status_code >= 400:
         assert r.json()["error"] and r.json()["message"]

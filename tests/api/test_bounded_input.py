@@ -98,8 +98,19 @@ _BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "url": "https://hooks.example.com/custody",
         "secret": "s" * 32,
     },
+    ("put", "/v1/parties/{party_id}/miner-record"): {
+        "legal_form": "individual",
+        "inn": "500100732259",
+        "region": "50",
+        "monthly_energy_kwh": 1000,
+    },
+    ("post", "/v1/parties/{party_id}/miner-record/reviews"): {
+        "decision": "approve",
+        "reason": "checked",
+        "digest": "0" * 64,
+    },
 }
-_ID_PARAM = re.compile(r"\{(loan_id|request_id|statement_id|party_id)\}")
+_ID_PARAM = re.compile(r"\{(loan_id|request_id|statement_id|party_id|document_id|ban_id)\}")
 # Who asks: the first of them to whom an id nobody has is not found.
 _CALLERS = ("admin", "bank_operator", "miner", "arbiter", "bank_approver", "auditor")
 

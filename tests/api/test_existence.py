@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from support.kyc import CLEAN_RECORD
 from support.offline import funded_loan, keyed_draft, offline_world
 from support.world import World, hd_key
 
@@ -34,6 +35,7 @@ class Lookup:
     def path(self, object_id: int) -> str:
         name = self.route[self.route.index("{") + 1 : self.route.index("}")]
         path = self.route.replace("{" + name + "}", str(object_id))
+        path = path.replace("{document_id}", str(object_id))
         return path.replace("{seat}", "miner").replace("{fmt}", "descriptor")
 
 
@@ -46,6 +48,8 @@ _NOT_STAFF = ("miner", "arbiter", "other_miner", "other_arbiter")
 # A party's webhooks are its own people's (and an admin's): every other principal is out.
 _NOT_OWN = ("bank_operator", "bank_approver", "auditor", "arbiter", "other_miner", "other_arbiter")
 # Principals are the admin's to manage: everyone else is refused by role, whatever the id.
+# A miner's compliance record: the other parties (arbiters see no miner's record).
+_NOT_MINER = ("other_miner", "arbiter", "other_arbiter")
 _NOT_ADMIN = ("bank_operator", "bank_approver", "auditor", "miner", "arbiter", "other_miner")
 # Reports are the auditors' and compliance officers': everyone else is refused by role.
 _NOT_REPORT_READERS = ("admin", "bank_operator", "bank_approver", "miner", "arbiter")
@@ -134,6 +138,33 @@ LOOKUPS = (
         outsiders=_NOT_REPORT_READERS,
         status=403,
     ),
+    # A miner's compliance record and documents: staff and the miner itself (issue 15).
+    Lookup("GET", "/v1/parties/{party_id}/miner-record", "party", outsiders=_NOT_MINER),
+    Lookup(
+        "PUT",
+        "/v1/parties/{party_id}/miner-record",
+        "party",
+        lambda o: CLEAN_RECORD,
+        outsiders=_NOT_MINER,
+    ),
+    Lookup(
+        "POST",
+        "/v1/parties/{party_id}/miner-record/reviews",
+        "party",
+        lambda o: {"decision": "approve", "reason": "ok", "digest": "0" * 64},
+        outsiders=_NOT_MINER,
+    ),
+    Lookup("GET", "/v1/parties/{party_id}/documents", "party", outsiders=_NOT_MINER),
+    Lookup("POST", "/v1/parties/{party_id}/documents", "party", outsiders=_NOT_MINER),
+    # (the same number for the party and the document: the party is looked up first)
+    Lookup("GET", "/v1/parties/{party_id}/documents/{document_id}", "party", outsiders=_NOT_MINER),
+    Lookup(
+        "DELETE",
+        "/v1/compliance/mining-bans/{ban_id}",
+        "ban",
+        outsiders=("bank_operator", "auditor", "miner", "arbiter"),
+        status=403,
+    ),
 )
 
 
@@ -177,6 +208,7 @@ def objects(world: World) -> dict[str, Any]:
         "statement": r.json()["id"],
         "endorsement": world.staff["operator"].endorse(r.json()["statement"]),
         "party": world.party_ids["miner"],
+        "ban": 1,  # seeded by the migration
     }
 
 

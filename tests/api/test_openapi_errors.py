@@ -102,6 +102,7 @@ def test_registering_a_key_and_approving_name_their_conflicts(document: dict[str
     key = _codes(document, "put", "/v1/loans/{loan_id}/keys/{seat}")
     assert key[409] == {
         "address_already_issued",
+        "compliance_pending",
         "key_of_another_party",
         "key_seat_taken",
         "key_set_reused",
@@ -201,13 +202,14 @@ def test_every_route_of_the_app_is_in_the_document(document: dict[str, Any]) -> 
     # FastAPI describes the bodies it parses; the signature upload reads its own.
     parsed = {(m.lower(), c.path) for c in contexts if c.body_field for m in c.methods or ()}
     upload = ("post", "/v1/signing-requests/{request_id}/signatures")
+    document_upload = ("post", "/v1/parties/{party_id}/documents")  # raw bytes (issue 15)
     takes_a_body = {
         (m, p)
         for p, ops in document["paths"].items()
         for m, op in ops.items()
         if "requestBody" in op
     }
-    assert upload not in parsed and takes_a_body == parsed | {upload}
+    assert upload not in parsed and takes_a_body == parsed | {upload, document_upload}
 
 
 @pytest.mark.unit

@@ -109,7 +109,9 @@ def test_the_register_as_csv_and_xlsx_has_the_figures(world: World) -> None:
     assert "attachment" in r.headers["content-disposition"]
     row, total = list(csv.DictReader(io.StringIO(r.content.decode("utf-8"))))
     assert row["loan_id"] == str(loan.id) and row["loan_state"] == "active"
-    assert row["miner"] == MINER_NAME and row["miner_inn"] == ""
+    record = world.call("auditor", "GET", f"/v1/parties/{loan.miner_party_id}/miner-record")
+    assert record.status_code == 200, record.text
+    assert row["miner"] == MINER_NAME and row["miner_inn"] == record.json()["inn"] != ""
     assert row["descriptor"] == loan.descriptor and row["outpoint"] == f"{TXID}:0"
     assert row["amount_sats"] == str(AMOUNT) and row["confirmations"] == "1"
     assert Decimal(row["price_rub_per_btc"]) == PRICE and row["price_source"].startswith("manual#")

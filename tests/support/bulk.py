@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import col, select
+from support.kyc import approve_miner
 
 from custody.auth.context import Context
 from custody.auth.service import create_principal
@@ -77,6 +78,15 @@ def create_ready_loans(
     miner = _principal(engine, seed, Role.miner, PartyKind.miner)
     arbiter = _principal(engine, seed, Role.arbiter, PartyKind.arbiter)
     assert miner.party_id is not None and arbiter.party_id is not None
+    with transaction(engine) as session:  # the miner through the compliance gate
+        officer, _ = create_principal(
+            session,
+            name=f"bulk-{seed}-compliance",
+            role=Role.compliance_officer,
+            party_id=operator.party_id,
+            actor="test",
+        )
+        approve_miner(session, miner.party_id, editor=operator, officer=officer, network=network)
     seats = (
         (KeyRole.miner, Context(miner, network)),
         (KeyRole.bank, Context(operator, network)),

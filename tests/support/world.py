@@ -13,6 +13,7 @@ from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 from support.declared import CheckedClient
+from support.kyc import approve_miner
 
 from custody.auth.service import create_principal
 from custody.config import Settings
@@ -187,9 +188,18 @@ def build_world(
             "arbiter": (Role.arbiter, party_ids["arbiter"]),
             "other_arbiter": (Role.arbiter, party_ids["other_arbiter"]),
         }
+        principals = {}
         for who, (role, party_id) in roles.items():
-            _, api_keys[who] = create_principal(
+            principals[who], api_keys[who] = create_principal(
                 session, name=f"user-{who}", role=role, party_id=party_id, actor="test"
+            )
+        for miner in ("miner", "other_miner"):  # through the compliance gate, as in production
+            approve_miner(
+                session,
+                party_ids[miner],
+                editor=principals["bank_operator"],
+                officer=principals["compliance_officer"],
+                network=settings.network,
             )
     app = Root.assemble(settings, engine=engine, node=chain, signer=signer).app()
     client = CheckedClient(app, raise_server_exceptions=False)

@@ -1,0 +1,1 @@
+"""compliance: who a miner is, the evidence, the compliance officers' reviews and the gate."""
