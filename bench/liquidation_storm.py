@@ -455,7 +455,7 @@ class Clock:
             ),
             row("the signer: sign (automatic)", self.s("signer.sign"), self.n("signer.sign"), 1),
             row("C_Sign in the token", self.s("signer.hsm.sign"), self.n("signer.hsm.sign"), 2),
-            row("the signer's own node, both ops", node_rpcs, self.n("signer.node.rpc"), 1),
+            row("the signer's own node (HTTP round trips)", node_rpcs, self.n("signer.node.rpc"), 1),
             row(
                 "coins() scans (valuation + sign)",
                 self.s("signer.node.unspent_for_scripts"),
@@ -463,9 +463,9 @@ class Clock:
                 2,
             ),
             row(
-                "input checks tx_out (sign)",
-                self.s("signer.node.tx_out"),
-                self.n("signer.node.tx_out"),
+                "gettxout batches (in scans, input checks)",
+                self.s("signer.node.tx_outs"),
+                self.n("signer.node.tx_outs"),
                 2,
             ),
             row(
@@ -530,8 +530,9 @@ def storm(
         clock.wrap(hsm, "sign_digest", "signer.hsm.sign")
         if core.seed is not None:
             clock.wrap(core.seed, "sign_digests", "signer.seed.sign")
-        clock.wrap(core.node, "_call", "signer.node.rpc")
-        for method in ("unspent_for_scripts", "tx_out"):
+        # HTTP round trips: a single call or a JSON-RPC batch of them.
+        clock.wrap(core.node, "_post", "signer.node.rpc")
+        for method in ("unspent_for_scripts", "tx_outs"):
             clock.wrap(core.node, method, f"signer.node.{method}")
         for method in REGISTRY_WRITES:
             clock.wrap(core.registry, method, "signer.registry.write")
