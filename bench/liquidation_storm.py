@@ -455,7 +455,7 @@ class Clock:
             ),
             row("the signer: sign (automatic)", self.s("signer.sign"), self.n("signer.sign"), 1),
             row("C_Sign in the token", self.s("signer.hsm.sign"), self.n("signer.hsm.sign"), 2),
-            row("the signer's own node (HTTP round trips)", node_rpcs, self.n("signer.node.rpc"), 1),
+            row("the signer's node (HTTP round trips)", node_rpcs, self.n("signer.node.rpc"), 1),
             row(
                 "coins() scans (valuation + sign)",
                 self.s("signer.node.unspent_for_scripts"),

@@ -277,8 +277,15 @@ SERVER_KNOBS = frozenset(
 class ServerProcess:
     """One `custody serve` process on a free loopback port, its output in a log file."""
 
-    def __init__(self, database_url: str, log_path: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        log_path: Path,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.database_url = database_url
+        self.extra_env = dict(extra_env or {})  # e.g. the node's CUSTODY_NODE_RPC_*
         self.log_path = log_path
         self.workers = workers
         self.port = 0
@@ -328,6 +335,7 @@ class ServerProcess:
         }
         # the server's capacity knobs, to try them: CUSTODY_API_WORKERS=2 python -m bench load
         env.update({k: v for k, v in os.environ.items() if k in SERVER_KNOBS})
+        env.update(self.extra_env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "custody.cli", "serve"],
