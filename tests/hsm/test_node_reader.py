@@ -499,9 +499,12 @@ def _ok(request: dict[str, Any], id_: Any = None) -> dict[str, Any]:
     ],
 )
 def test_a_malformed_batch_reply_is_unavailable(answer: Callable[[Any], Any]) -> None:
-    with _batch_server(answer) as fake, NodeReader(fake.url, "u", "pw") as node_reader:
-        with pytest.raises(SignerUnavailable) as caught:
-            node_reader._batch([("getblockcount", ()), ("getblockcount", ())])
+    with (
+        _batch_server(answer) as fake,
+        NodeReader(fake.url, "u", "pw") as node_reader,
+        pytest.raises(SignerUnavailable) as caught,
+    ):
+        node_reader._batch([("getblockcount", ()), ("getblockcount", ())])
     assert not isinstance(caught.value, NodeRpcError)
 
 
