@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any
 
 import pygal
@@ -48,9 +49,12 @@ from pledge.statements import statement_digest
 EXPORT_FORMATS = ("descriptor", "caravan", "wallet-policy", "coldcard", "bsms", "sparrow")
 
 
+@lru_cache(maxsize=4096)
 def qr_svg(text: str) -> str:
     """The QR code of `text` as inline SVG (segno; upper-case bech32 fits alphanumeric mode,
-    but wallets read either, so the address is encoded as shown)."""
+    but wallets read either, so the address is encoded as shown). Memoised: the same few
+    addresses are drawn on every view of a loan page, and segno's mask search was over
+    half of the page's CPU (~4 ms an address; issue 16's load with the console's pages)."""
     svg: str = segno.make_qr(text, error="m").svg_inline(scale=4, border=2, title=text)
     return svg
 
