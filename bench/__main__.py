@@ -8,7 +8,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from bench import Figure, block_scan, catchup, liquidation_storm, load, reports, watcher_memory
+from bench import (
+    Figure,
+    block_scan,
+    catchup,
+    liquidation_storm,
+    load,
+    reports,
+    signing_load,
+    watcher_memory,
+)
 
 BENCHMARKS: list[tuple[str, Callable[[], list[Figure]]]] = [
     ("block_scan", block_scan.run),
@@ -16,6 +25,7 @@ BENCHMARKS: list[tuple[str, Callable[[], list[Figure]]]] = [
     ("liquidation_storm", liquidation_storm.run),
     ("watcher_memory", watcher_memory.run),
     ("reports", reports.run),
+    ("signing_load", signing_load.run),
     # Shorter rates than `python -m bench load` (10 s each) keep the whole run reasonable.
     ("load", lambda: load.run(duration=load.ALL_BENCH_DURATION)),
 ]
@@ -26,6 +36,7 @@ SUBCOMMANDS: dict[str, Callable[[Sequence[str]], int]] = {
     "liquidation_storm": liquidation_storm.main,
     "load": load.main,
     "reports": reports.main,
+    "signing_load": signing_load.main,
 }
 
 

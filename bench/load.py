@@ -10,7 +10,9 @@ requests/s does.
 
 The mix (`MIX`): miners reading their loans, the loans' deposits and addresses, and who
 they are; miners asking for a new collateral address (a write: an address row, the loan's
-next index and an audit event); bank staff listing loans and reading the latest price.
+next index and an audit event); bank staff listing loans and reading the latest price;
+and (issue 16, `CONSOLE_MIX`, left out with `--no-console`) the web console's pages with
+a session cookie: miners' dashboards and loan pages, the staff's dashboard and prices.
 
 Open loop: at rate r, request i is due at start + i/r whatever the answers so far, and its
 latency is measured from that due time, so a server that falls behind shows it as queueing
@@ -72,8 +74,17 @@ from bench.http1 import Connections
 from custody.auth.context import Context
 from custody.auth.service import create_principal
 from custody.config import Settings
+from custody.console.endpoints import COOKIE as CONSOLE_COOKIE
+from custody.console.service import hash_token, new_token
 from custody.db.migrate import upgrade
-from custody.db.models import CollateralAddress, KeyRole, Party, PartyKind, Role
+from custody.db.models import (
+    CollateralAddress,
+    ConsoleSession,
+    KeyRole,
+    Party,
+    PartyKind,
+    Role,
+)
 from custody.db.session import make_engine, transaction
 from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
@@ -139,6 +150,17 @@ MIX: tuple[RequestKind, ...] = (
     RequestKind("me", "GET", "/v1/me", "miner", 200, 5),
 )
 
+# The web console's pages (issue 16: "with the console's pages in the mix"), sent with a
+# session cookie (a session row made in set-up, as a passkey sign-in would) instead of an
+# API key: a miner's dashboard and loan page, the staff's dashboard (with the system's
+# status) and the prices page. `--no-console` leaves them out (issue 10's mix).
+CONSOLE_MIX: tuple[RequestKind, ...] = (
+    RequestKind("console_loans", "GET", "/console/loans", "miner", 200, 6),
+    RequestKind("console_loan", "GET", "/console/loans/{loan}", "miner", 200, 8),
+    RequestKind("console_staff", "GET", "/console/loans", "staff", 200, 3),
+    RequestKind("console_prices", "GET", "/console/prices", "staff", 200, 3),
+)
+
 
 # -- the data --------------------------------------------------------------------------
 
@@ -149,6 +171,18 @@ class Population:
 
     staff_key: str
     miners: tuple[tuple[str, tuple[int, ...]], ...]
+    # console session cookies: the staff member's, and each miner's (by API key)
+    staff_cookie: str = ""
+    miner_cookies: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, kind: RequestKind, miner_key: str) -> dict[str, str]:
+        """What authenticates `kind` for the staff member or the miner of `miner_key`:
+        the API key, or for a console page the session cookie."""
+        if kind.path.startswith("/console"):
+            cookie = self.staff_cookie if kind.who == "staff" else self.miner_cookies[miner_key]
+            return {"Cookie": f"{CONSOLE_COOKIE}={cookie}"}
+        key = self.staff_key if kind.who == "staff" else miner_key
+        return {"Authorization": f"Bearer {key}"}
 
     @property
     def loans(self) -> int:
@@ -237,9 +271,19 @@ def populate(engine: Engine, loans: int, miners: int, seed: int = SEED) -> Popul
                 key = make_test_key_text(rng.randbytes(32), NETWORK)
                 register_key(session, ctx, loan.id, seat, HDKeyIn(kind="hd", key=key))
             owned[i % miners].append(loan.id)
+    with transaction(engine) as session:
+        cookies = {}
+        for ctx, key in [(staff_ctx, staff_key), *miner_seats]:
+            assert ctx.principal.id is not None
+            cookies[key] = new_token()
+            session.add(
+                ConsoleSession(principal_id=ctx.principal.id, token_hash=hash_token(cookies[key]))
+            )
     return Population(
         staff_key=staff_key,
         miners=tuple((key, tuple(ids)) for (_, key), ids in zip(miner_seats, owned, strict=True)),
+        staff_cookie=cookies[staff_key],
+        miner_cookies={key: cookies[key] for _, key in miner_seats},
     )
 
 
@@ -293,8 +337,15 @@ SERVER_KNOBS = frozenset(
 class ServerProcess:
     """One `custody serve` process on a free loopback port, its output in a log file."""
 
-    def __init__(self, database_url: str, log_path: Path, workers: int = 1) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        log_path: Path,
+        workers: int = 1,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.database_url = database_url
+        self.extra_env = dict(extra_env or {})  # e.g. the node's CUSTODY_NODE_RPC_*
         self.log_path = log_path
         self.workers = workers
         self.port = 0
@@ -344,6 +395,7 @@ class ServerProcess:
         }
         # the server's capacity knobs, to try them: CUSTODY_API_WORKERS=2 python -m bench load
         env.update({k: v for k, v in os.environ.items() if k in SERVER_KNOBS})
+        env.update(self.extra_env)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 (closed in stop())
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "custody.cli", "serve"],
@@ -438,7 +490,9 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def restart(servers: Sequence[ServerProcess], population: Population) -> int:
+def restart(
+    servers: Sequence[ServerProcess], population: Population, mix: Sequence[RequestKind] = MIX
+) -> int:
     """Drop what the servers still hold (SIGTERM to all, SIGKILL after 1 s), start them
     again on new ports and warm them up (the addresses that handed out)."""
     for server in servers:
@@ -446,7 +500,7 @@ def restart(servers: Sequence[ServerProcess], population: Population) -> int:
     for server in servers:
         server.stop(grace=1.0)
     start_all(servers)
-    return warm_up(population, servers)
+    return warm_up(population, servers, mix)
 
 
 def start_all(servers: Sequence[ServerProcess]) -> None:
@@ -494,15 +548,18 @@ class Outcome:
 
 
 def plan(
-    population: Population, ports: Sequence[int], count: int, rng: random.Random
+    population: Population,
+    ports: Sequence[int],
+    count: int,
+    rng: random.Random,
+    mix: Sequence[RequestKind] = MIX,
 ) -> list[Planned]:
     """`count` requests drawn from the mix, alternating between the servers."""
-    weights = [k.weight for k in MIX]
-    staff = {"Authorization": f"Bearer {population.staff_key}"}
+    weights = [k.weight for k in mix]
     planned: list[Planned] = []
-    for index, kind in enumerate(rng.choices(MIX, weights=weights, k=count)):
+    for index, kind in enumerate(rng.choices(mix, weights=weights, k=count)):
         miner_key, loans = rng.choice(population.miners)
-        headers = staff if kind.who == "staff" else {"Authorization": f"Bearer {miner_key}"}
+        headers = population.headers(kind, miner_key)
         path = kind.path.format(loan=rng.choice(loans))
         port = ports[index % len(ports)]
         planned.append(Planned(index, kind.name, kind.method, port, path, headers, kind.expected))
@@ -668,18 +725,19 @@ def settle(servers: Sequence[ServerProcess], deadline_s: float = SETTLE_SECONDS)
     return time.monotonic() - t0
 
 
-def warm_up(population: Population, servers: Sequence[ServerProcess]) -> int:
+def warm_up(
+    population: Population, servers: Sequence[ServerProcess], mix: Sequence[RequestKind] = MIX
+) -> int:
     """Every request kind once to every server; stop here if any answers unexpectedly.
     How many addresses it handed out."""
     made = 0
     miner_key, loans = population.miners[0]
     with httpx.Client(timeout=30.0, trust_env=False) as client:
         for server in servers:
-            for kind in MIX:
-                key = population.staff_key if kind.who == "staff" else miner_key
+            for kind in mix:
                 path = kind.path.format(loan=loans[0])
                 response = client.request(
-                    kind.method, server.url + path, headers={"Authorization": f"Bearer {key}"}
+                    kind.method, server.url + path, headers=population.headers(kind, miner_key)
                 )
                 if response.status_code != kind.expected:
                     raise RuntimeError(
@@ -819,13 +877,16 @@ class BackendReport:
                 f"{r.lag_ms(1.0):>8.1f} {r.server_cpu:>7.2f} {r.client_cpu:>7.2f} "
                 f"{r.machine_cpu:>7.2f} {drain:>7}  {kinds}"
             )
-        names = [k.name for k in MIX]
-        lines.append(f"{tag} p99 ms by request: {'rate':>5} " + " ".join(f"{n:>11}" for n in names))
+        names = [k.name for k in (*MIX, *CONSOLE_MIX) if any(r.count(k.name) for r in self.rows)]
+        width = max((len(n) for n in names), default=11)
+        head = " ".join(f"{n:>{width}}" for n in names)
+        lines.append(f"{tag} p99 ms by request: {'rate':>5} {head}")
         for r in self.rows:
             lines.append(
                 f"{tag} p99 ms by request: {r.rate:>5} "
                 + " ".join(
-                    f"{r.latency_ms(0.99, n):>11.1f}" if r.count(n) else f"{'-':>11}" for n in names
+                    f"{r.latency_ms(0.99, n):>{width}.1f}" if r.count(n) else f"{'-':>{width}}"
+                    for n in names
                 )
             )
         return "\n".join(lines)
@@ -894,10 +955,13 @@ def measure_backend(
     loans: int = LOANS,
     miners: int = MINERS,
     seed: int = SEED,
+    console: bool = True,
 ) -> BackendReport:
     """Database, data, servers; then each rate of the ladder in turn; everything stopped
-    at the end, whatever happened."""
+    at the end, whatever happened. `console`: the console's pages in the mix."""
     client = client or ClientConfig()
+    mix = (*MIX, *CONSOLE_MIX) if console else MIX
+    share = 100 / sum(k.weight for k in mix)
     report = BackendReport(backend, REPLICAS[backend], loans, miners, client)
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix=f"bench-load-{backend}-") as tmp, ExitStack() as stack:
@@ -916,7 +980,7 @@ def measure_backend(
             for server in servers:
                 stack.callback(server.stop)
             start_all(servers)
-            warm_up(population, servers)
+            warm_up(population, servers, mix)
             report.addresses_before = address_count(url)
             report.setup_seconds = time.perf_counter() - t0
             print(
@@ -925,7 +989,7 @@ def measure_backend(
                 f"on {backend} (pids "
                 f"{', '.join(str(s.pid) for s in servers)}), {population.loans} loans of "
                 f"{miners} miners, mix "
-                + ", ".join(f"{k.name} {k.weight}%" for k in MIX)
+                + ", ".join(f"{k.name} {k.weight * share:.0f}%" for k in mix)
                 + f"; {client.processes} client process(es) ({client.http} HTTP), timeout "
                 f"{client.timeout:g} s; load average "
                 f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
@@ -933,7 +997,7 @@ def measure_backend(
             )
             for step, rate in enumerate(rates, 1):
                 count = max(1, round(rate * duration))
-                requests = plan(population, [s.port for s in servers], count, rng)
+                requests = plan(population, [s.port for s in servers], count, rng, mix)
                 cpu0 = sum(s.cpu_seconds() for s in servers)
                 busy0 = machine_busy()
                 t1 = time.monotonic()
@@ -966,7 +1030,7 @@ def measure_backend(
                     flush=True,
                 )
                 t2 = time.monotonic()
-                report.warm_up_addresses += restart(servers, population)
+                report.warm_up_addresses += restart(servers, population, mix)
                 report.restarts += 1
                 print(f" ({time.monotonic() - t2:.1f} s)", flush=True)
             report.addresses_after = address_count(url)
@@ -983,6 +1047,7 @@ def run(
     client: ClientConfig | None = None,
     loans: int = LOANS,
     miners: int = MINERS,
+    console: bool = True,
 ) -> list[Figure]:
     """Every backend's ladder, its tables and verdicts printed; the figures."""
     figures: list[Figure] = []
@@ -994,6 +1059,7 @@ def run(
             client=client,
             loans=loans,
             miners=miners,
+            console=console,
         )
         print_report(report)
         figures += report.figures()
@@ -1044,6 +1110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--loans", type=int, default=LOANS)
     parser.add_argument("--miners", type=int, default=MINERS)
+    parser.add_argument(
+        "--no-console",
+        action="store_true",
+        help="leave the console's pages out of the mix (issue 10's API-only mix)",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.timeout <= 0:
         parser.error("--duration and --timeout must be > 0")
@@ -1057,6 +1128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         client=ClientConfig(args.timeout, args.clients, args.http),
         loans=args.loans,
         miners=args.miners,
+        console=not args.no_console,
     )
     for figure in figures:
         print(figure.line())

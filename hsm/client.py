@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import httpx
-from embit.psbt import PSBT
 
 from hsm.logs import REQUEST_ID_HEADER, current_request_id
 from hsm.signer import PolicyViolation, SignerError, SignerUnavailable
 from hsm.urls import check_secret_url
+from pledge.psbts import unsigned_txid
 
 if TYPE_CHECKING:
     from hsm.core import SignerCore
@@ -280,8 +280,8 @@ class BankSigner:
         if not isinstance(signed, str):
             raise SignerError("the signer's answer has no signed PSBT")
         try:
-            same = PSBT.from_string(signed).tx.txid() == PSBT.from_string(psbt).tx.txid()
-        except Exception:
+            same = unsigned_txid(signed) == unsigned_txid(psbt)
+        except ValueError:
             same = False
         if not same:
             raise SignerError("the signer returned a PSBT for a different transaction")

@@ -162,6 +162,7 @@ class NodeView(Protocol):
 
     def tip_height(self) -> int: ...
     def tx_out(self, txid: str, vout: int) -> Any: ...
+    def tx_outs(self, outpoints: Sequence[tuple[str, int]]) -> list[Any]: ...
     def unspent_for_scripts(self, scripts: Sequence[bytes], *, network: NetworkName) -> Any: ...
     def transaction_confirmations(self, txid: str) -> int | None: ...
 
@@ -1004,10 +1005,11 @@ class SignerCore:
         descriptor = self._descriptor(loan)
         need = loan.terms.required_confirmations
         loan_scripts: set[bytes] = set()
-        for n, inp in enumerate(psbt.inputs):
-            txid, vout = inp.txid.hex(), int(inp.vout)
+        outpoints = [(inp.txid.hex(), int(inp.vout)) for inp in psbt.inputs]
+        for n, ((txid, vout), seen) in enumerate(
+            zip(outpoints, self.node.tx_outs(outpoints), strict=True)
+        ):
             where = f"input {n} ({txid}:{vout})"
-            seen = self.node.tx_out(txid, vout)
             if seen is None:
                 raise PolicyViolation(
                     "input_unknown",

@@ -69,6 +69,8 @@ _IN_WARMUP = -28
 
 # Full rescans of an address history before giving up on a chain that keeps moving.
 _SCAN_ATTEMPTS = 3
+# Outpoints asked per gettxout batch.
+_BATCH = 200
 
 
 class NodeRpcError(SignerUnavailable):
@@ -180,12 +182,10 @@ class NodeReader:
 
     # -- transport -----------------------------------------------------------------
 
-    def _call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
-        """``result`` of ``method(*params)``; ``NodeRpcError`` for an RPC error,
-        ``SignerUnavailable`` when the node cannot be asked at all."""
-        with self._lock:
-            request_id = next(self._ids)
-        payload = {"jsonrpc": "1.0", "id": request_id, "method": method, "params": list(params)}
+    def _post(self, payload: Any, method: str, timeout: float | None) -> tuple[Any, int]:
+        """POST one JSON-RPC payload (a request or a batch): the decoded body (None if
+        not JSON) and the HTTP status.
+        ``SignerUnavailable`` when the node cannot be asked or sends no JSON."""
         try:
             response = self._client.post(
                 self.url,
@@ -207,13 +207,16 @@ class NodeReader:
             )
         try:
             # Decimal, never float: amounts must stay exact.
-            body = json.loads(response.content, parse_float=Decimal)
+            return json.loads(response.content, parse_float=Decimal), response.status_code
         except ValueError:
-            body = None
+            return None, response.status_code
+
+    @staticmethod
+    def _reply(body: Any, status: int, method: str, request_id: int) -> Any:
+        """``result`` of one reply; ``NodeRpcError`` for an RPC error."""
         if not isinstance(body, dict) or ("result" not in body and "error" not in body):
             raise SignerUnavailable(
-                f"the signer's node sent HTTP {response.status_code} to {method}, "
-                "not a JSON-RPC reply"
+                f"the signer's node sent HTTP {status} to {method}, not a JSON-RPC reply"
             )
         if body.get("id") != request_id:
             raise SignerUnavailable(f"the signer's node answered {method} with a foreign id")
@@ -228,6 +231,56 @@ class NodeReader:
                 raise SignerUnavailable(f"the signer's node is still starting: {message}")
             raise NodeRpcError(method, code, message)
         return body.get("result")
+
+    def _next_id(self) -> int:
+        with self._lock:
+            return next(self._ids)
+
+    def _call(self, method: str, *params: Any, timeout: float | None = None) -> Any:
+        """``result`` of ``method(*params)``; ``NodeRpcError`` for an RPC error,
+        ``SignerUnavailable`` when the node cannot be asked at all."""
+        request_id = self._next_id()
+        payload = {"jsonrpc": "1.0", "id": request_id, "method": method, "params": list(params)}
+        body, status = self._post(payload, method, timeout)
+        return self._reply(body, status, method, request_id)
+
+    def _batch(self, calls: Sequence[tuple[str, Sequence[Any]]]) -> list[Any]:
+        """The results of ``calls`` (method, params), asked in ONE HTTP request (a JSON-RPC
+        batch), in their order; an entry the node answered with an RPC error is that
+        ``NodeRpcError`` (returned, not raised: the caller decides per entry, e.g. -5).
+
+        btcd closes its connection after every reply, so each request is a new TCP
+        connection: a batch makes the ~10 reads of a loan's scan one round trip. btcd
+        (rpcserver.go ``jsonRPCRead``) and Core both run a batch's entries one after
+        the other in its order, so a batch reads as the same calls made in sequence.
+        Each reply must carry one of our ids, once; anything else is ``SignerUnavailable``.
+        """
+        if not calls:
+            return []
+        ids = [self._next_id() for _ in calls]
+        payload = [
+            {"jsonrpc": "1.0", "id": i, "method": m, "params": list(p)}
+            for i, (m, p) in zip(ids, calls, strict=True)
+        ]
+        what = f"a batch of {len(calls)} ({calls[0][0]}...)"
+        body, status = self._post(payload, what, None)
+        if not isinstance(body, list) or len(body) != len(calls):
+            raise SignerUnavailable(
+                f"the signer's node sent HTTP {status} to {what}, not a JSON-RPC batch reply"
+            )
+        by_id: dict[int, Any] = {}
+        for reply in body:
+            reply_id = reply.get("id") if isinstance(reply, dict) else None
+            if not isinstance(reply_id, int) or reply_id not in ids or reply_id in by_id:
+                raise SignerUnavailable(f"the signer's node answered {what} with a foreign id")
+            by_id[reply_id] = reply
+        results: list[Any] = []
+        for request_id, (method, _) in zip(ids, calls, strict=True):
+            try:
+                results.append(self._reply(by_id[request_id], status, method, request_id))
+            except NodeRpcError as exc:
+                results.append(exc)
+        return results
 
     # -- node kind -----------------------------------------------------------------
 
@@ -272,26 +325,30 @@ class NodeReader:
         result = self._gettxout(txid, vout, include_mempool=True)
         if result is None and self.kind() == "core":
             result = self._gettxout(txid, vout, include_mempool=False)
-        if result is None:
-            return None
-        try:
-            amount = btc_to_sats(result["value"])
-            script = bytes.fromhex(str(result["scriptPubKey"]["hex"]))
-            confirmations = _as_int(result["confirmations"], "gettxout")
-        except (KeyError, TypeError, ValueError):
-            raise SignerUnavailable("the signer's node sent a malformed gettxout reply") from None
-        return UnspentOutput(txid.lower(), vout, amount, script, confirmations)
+        return _unspent(txid, vout, result)
+
+    def tx_outs(self, outpoints: Sequence[tuple[str, int]]) -> list[UnspentOutput | None]:
+        """``tx_out`` of each outpoint, in order. btcd: one batch for all of them (its
+        ``gettxout ... true`` is already the answer ``tx_out`` wants); Core: one by one,
+        as ``tx_out`` may have to ask it twice."""
+        for txid, vout in outpoints:
+            _check_outpoint(txid, vout)
+        if self.kind() != "btcd":
+            return [self.tx_out(txid, vout) for txid, vout in outpoints]
+        found: list[UnspentOutput | None] = []
+        for start in range(0, len(outpoints), _BATCH):
+            chunk = outpoints[start : start + _BATCH]
+            replies = self._batch([("gettxout", (t, v, True)) for t, v in chunk])
+            for (txid, vout), reply in zip(chunk, replies, strict=True):
+                found.append(_unspent(txid, vout, _gettxout_result(reply)))
+        return found
 
     def _gettxout(self, txid: str, vout: int, *, include_mempool: bool) -> dict[str, Any] | None:
         try:
             result = self._call("gettxout", txid, vout, include_mempool)
         except NodeRpcError as exc:
-            if exc.rpc_code == _NOT_FOUND:
-                return None  # btcd: "Output index number (vout) does not exist" (mempool tx)
-            raise
-        if result is not None and not isinstance(result, dict):
-            raise SignerUnavailable("the signer's node sent a malformed gettxout reply")
-        return result
+            result = exc
+        return _gettxout_result(result)
 
     def transaction_confirmations(self, txid: str) -> int | None:
         """Confirmations of ``txid``: 0 in the mempool, None when the node does not know it.
@@ -333,13 +390,9 @@ class NodeReader:
             candidates = self._btcd_candidates(wanted, network)
         else:
             candidates = self._core_candidates(wanted)
-        found: list[UnspentOutput] = []
         wanted_set = set(wanted)
-        for txid, vout in dict.fromkeys(candidates):
-            out = self.tx_out(txid, vout)
-            if out is not None and out.script_pubkey in wanted_set:
-                found.append(out)
-        return found
+        outs = self.tx_outs(list(dict.fromkeys(candidates)))
+        return [o for o in outs if o is not None and o.script_pubkey in wanted_set]
 
     def has_history(self, script: bytes, *, network: NetworkName) -> bool:
         """Has any transaction ever paid or spent from ``script``? For gap-limit scanning.
@@ -359,34 +412,40 @@ class NodeReader:
         """One page of ``searchrawtransactions``; [] where btcd says -5 (no history, or
         ``skip`` past the end)."""
         try:
-            result = self._call("searchrawtransactions", address, verbose, skip, count, 0, False)
+            method, params = _search_call(address, skip=skip, count=count, verbose=verbose)
+            result = self._call(method, *params)
         except NodeRpcError as exc:
-            if exc.rpc_code == _NOT_FOUND:
-                return []
-            if "addrindex" in exc.rpc_message.lower():
-                raise SignerUnavailable(
-                    "the signer's node has no address index: start btcd with --addrindex"
-                ) from None
-            raise
-        if not isinstance(result, list):
-            raise SignerUnavailable(
-                "the signer's node sent a malformed searchrawtransactions reply"
-            )
-        return result
+            result = exc
+        return _search_page(result)
 
     def _btcd_candidates(self, wanted: list[bytes], network: NetworkName) -> list[tuple[str, int]]:
         """Outpoints paying ``wanted`` in every transaction of their addresses' history.
 
         Pages of the confirmed history are only consistent while the chain stays put,
-        so the scan is repeated if the tip moved meanwhile.
+        so the scan is repeated if the tip moved meanwhile. The tip, every address's
+        first page and the tip again are one batch (btcd runs it in order); an address
+        with more (a full page, or mempool transactions) is read on as before, and the
+        tip is then asked once more.
         """
         hexes = {s.hex() for s in wanted}
         addresses = [_address(s, network) for s in wanted]
+        size = self.search_page_size
         for _ in range(_SCAN_ATTEMPTS):
-            tip = self._call("getbestblockhash")
+            replies = self._batch(
+                [
+                    ("getbestblockhash", ()),
+                    *(_search_call(a, skip=0, count=size, verbose=1) for a in addresses),
+                    ("getbestblockhash", ()),
+                ]
+            )
+            tips = [_batch_result(replies[0]), _batch_result(replies[-1])]
             candidates: list[tuple[str, int]] = []
-            for address in addresses:
-                for tx in self._address_history(address):
+            read_on = False
+            for address, reply in zip(addresses, replies[1:-1], strict=True):
+                first = _search_page(reply)
+                history, more = self._address_history(address, first)
+                read_on = read_on or more
+                for tx in history:
                     try:
                         txid = str(tx["txid"])
                         for out in tx["vout"]:
@@ -396,13 +455,18 @@ class NodeReader:
                         raise SignerUnavailable(
                             "the signer's node sent a malformed searchrawtransactions reply"
                         ) from None
-            if self._call("getbestblockhash") == tip:
+            if read_on:
+                tips.append(self._call("getbestblockhash"))
+            if all(tip == tips[0] for tip in tips):
                 return candidates
         raise SignerUnavailable("the signer's node kept changing its chain during a scan")
 
-    def _address_history(self, address: str) -> list[dict[str, Any]]:
+    def _address_history(
+        self, address: str, first: list[Any] | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
         """Every transaction touching ``address``: confirmed ones (oldest first, paged),
-        then the mempool's.
+        then the mempool's; and whether it asked the node (``first``, the first page,
+        when already read).
 
         btcd lists an address's mempool transactions from a Go map, in a different
         order on each call, so paging through them could skip some: from the first
@@ -412,8 +476,12 @@ class NodeReader:
         size = self.search_page_size
         history: list[dict[str, Any]] = []
         skip = 0
+        asked = False
         while True:
-            page = self._search(address, skip=skip, count=size, verbose=1)
+            if first is not None:
+                page, first = first, None
+            else:
+                page, asked = self._search(address, skip=skip, count=size, verbose=1), True
             unconfirmed_at = next(
                 (i for i, tx in enumerate(page) if not isinstance(tx, dict) or not _in_block(tx)),
                 None,
@@ -421,7 +489,7 @@ class NodeReader:
             if unconfirmed_at is None:
                 history.extend(page)
                 if len(page) < size:
-                    return history
+                    return history, asked
                 skip += len(page)
                 continue
             history.extend(page[:unconfirmed_at])
@@ -431,7 +499,7 @@ class NodeReader:
                 rest = self._search(address, skip=skip, count=count, verbose=1)
                 if len(rest) < count:
                     history.extend(rest)
-                    return history
+                    return history, True
                 count *= 2
 
     # -- Bitcoin Core (not exercised against a real node here) ------------------------
@@ -450,6 +518,57 @@ class NodeReader:
             raise SignerUnavailable(
                 "the signer's node sent a malformed scantxoutset reply"
             ) from None
+
+
+def _batch_result(reply: Any) -> Any:
+    """A batch entry that must not be an RPC error."""
+    if isinstance(reply, NodeRpcError):
+        raise reply
+    return reply
+
+
+def _unspent(txid: str, vout: int, result: dict[str, Any] | None) -> UnspentOutput | None:
+    if result is None:
+        return None
+    try:
+        amount = btc_to_sats(result["value"])
+        script = bytes.fromhex(str(result["scriptPubKey"]["hex"]))
+        confirmations = _as_int(result["confirmations"], "gettxout")
+    except (KeyError, TypeError, ValueError):
+        raise SignerUnavailable("the signer's node sent a malformed gettxout reply") from None
+    return UnspentOutput(txid.lower(), vout, amount, script, confirmations)
+
+
+def _gettxout_result(result: Any) -> dict[str, Any] | None:
+    """A ``gettxout`` answer (or its RPC error): the output, or None where there is none."""
+    if isinstance(result, NodeRpcError):
+        if result.rpc_code == _NOT_FOUND:
+            return None  # btcd: "Output index number (vout) does not exist" (mempool tx)
+        raise result
+    if result is not None and not isinstance(result, dict):
+        raise SignerUnavailable("the signer's node sent a malformed gettxout reply")
+    return result
+
+
+def _search_call(
+    address: str, *, skip: int, count: int, verbose: int
+) -> tuple[str, tuple[Any, ...]]:
+    return ("searchrawtransactions", (address, verbose, skip, count, 0, False))
+
+
+def _search_page(result: Any) -> list[Any]:
+    """A ``searchrawtransactions`` answer (or its RPC error) as a page; [] for -5."""
+    if isinstance(result, NodeRpcError):
+        if result.rpc_code == _NOT_FOUND:
+            return []
+        if "addrindex" in result.rpc_message.lower():
+            raise SignerUnavailable(
+                "the signer's node has no address index: start btcd with --addrindex"
+            ) from None
+        raise result
+    if not isinstance(result, list):
+        raise SignerUnavailable("the signer's node sent a malformed searchrawtransactions reply")
+    return result
 
 
 def _address(script: bytes, network: NetworkName) -> str:

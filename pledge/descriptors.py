@@ -302,10 +302,18 @@ def parse_collateral_descriptor(text: str, network: NetworkName) -> CollateralDe
 
     Only the exact shape this service issues is accepted; a checksum, when
     present, must be right."""
-    field = "descriptor"
     network = check_network(network)
     if not isinstance(text, str) or not text.strip():
-        raise InvalidInput("the descriptor is empty", field=field)
+        raise InvalidInput("the descriptor is empty", field="descriptor")
+    return _parse_collateral_descriptor(text, network)
+
+
+@lru_cache(maxsize=_PARSE_CACHE_SIZE)
+def _parse_collateral_descriptor(text: str, network: NetworkName) -> CollateralDescriptor:
+    """Memoised: a loan's stored descriptor is parsed several times per signing request
+    (checksum, three keys, both libraries); the result depends on the text and network
+    alone and is never mutated (refusals raise, and lru_cache keeps no raise)."""
+    field = "descriptor"
     text = text.strip()
     if len(text) > 2000 or not text.isascii():
         raise InvalidInput("the descriptor is too long or not ASCII", field=field)

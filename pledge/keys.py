@@ -64,6 +64,17 @@ def _parsed_xpub(xpub: str) -> EmbitHDKey:
     return EmbitHDKey.from_base58(xpub)
 
 
+@lru_cache(maxsize=65536)
+def _child_sec(xpub: str, change: int, index: int) -> bytes:
+    """The child public key at `change/index` of `xpub`, memoised: a function of its
+    arguments alone, and a signing request derives the same few children of each seat's
+    key up to ten times (building, checking, the bank's signer, the upload); embit builds
+    two HD keys per derivation, each base58-encoded once to check its version."""
+    child = _parsed_xpub(xpub).derive([change, index])
+    sec: bytes = child.key.sec()
+    return sec
+
+
 @dataclass(frozen=True)
 class HDKey:
     """A BIP-48 account xpub with its origin; derives `<0;1>/*` children."""
@@ -111,9 +122,7 @@ class HDKey:
     def public_key(self, change: int, index: int) -> bytes:
         """Compressed public key at `<origin>/change/index`."""
         _check_child(change, index)
-        child = self._embit().derive([change, index])
-        sec: bytes = child.key.sec()
-        return sec
+        return _child_sec(self.xpub, change, index)
 
     def derivation(self, change: int, index: int) -> tuple[bytes, list[int]]:
         """(master fingerprint, full path from the master): what PSBT BIP-32

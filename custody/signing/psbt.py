@@ -34,6 +34,7 @@ from embit.transaction import SIGHASH, Transaction, TransactionInput, Transactio
 from embit.util import secp256k1
 
 from custody.errors import BadSignature, NoNewSignature, PsbtMismatch
+from pledge import psbts
 from pledge.addresses import address_script_pubkey
 from pledge.descriptors import PARTIES, CollateralDescriptor
 from pledge.errors import Conflict, InvalidInput
@@ -406,8 +407,10 @@ def _own_psbt(psbt_b64: str) -> Any:
 
 def unsigned_txid(psbt_b64: str) -> str:
     """The txid of the unsigned transaction (final for segwit: signing cannot change it)."""
-    txid: bytes = _own_psbt(psbt_b64).tx.txid()
-    return txid.hex()
+    try:
+        return psbts.unsigned_txid(psbt_b64)
+    except ValueError as exc:
+        raise ValueError(f"the stored PSBT does not parse: {exc}") from None
 
 
 # -- checking an upload --------------------------------------------------------

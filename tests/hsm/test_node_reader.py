@@ -178,6 +178,54 @@ def test_transaction_confirmations(regtest_node: RegtestNode, reader: NodeReader
 
 
 @pytest.mark.node
+def test_a_batch_answers_each_call_in_order_with_its_own_error(
+    regtest_node: RegtestNode, reader: NodeReader
+) -> None:
+    txid, vout = regtest_node.faucet.pay(random_p2wpkh_address(), 11_000)
+    tip = regtest_node.rpc.get_block_count()
+    results = reader._batch(
+        [
+            ("getblockcount", ()),
+            ("gettxout", (txid, vout, True)),
+            ("nosuchmethod", ()),
+            ("gettxout", ("ab" * 32, 0, True)),
+            ("getblockcount", ()),
+        ]
+    )
+    assert results[0] == results[4] == tip
+    assert btc_to_sats(results[1]["value"]) == 11_000
+    assert isinstance(results[2], NodeRpcError) and results[2].method == "nosuchmethod"
+    assert results[3] is None  # btcd: null for an unknown outpoint
+    assert reader._batch([]) == []
+
+
+@pytest.mark.node
+def test_a_loans_scan_is_two_round_trips_to_btcd(
+    regtest_node: RegtestNode, reader: NodeReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """btcd closes its connection after each reply: the scan of six scripts, two of them
+    paid, is one batch for the tip and history and one for the outputs, not ten calls."""
+    owners = [Faucet(regtest_node.rpc) for _ in range(2)]
+    paid = [regtest_node.faucet.pay(o.address, 21_000 + i) for i, o in enumerate(owners)]
+    regtest_node.mine(1)
+    scripts = [o.script_pubkey.data for o in owners] + [
+        _spk(random_p2wpkh_address()) for _ in range(4)
+    ]
+    reader.kind()
+    posts: list[Any] = []
+    post = reader._post
+
+    def counted(payload: Any, method: str, timeout: float | None) -> tuple[Any, int]:
+        posts.append(payload)
+        return post(payload, method, timeout)
+
+    monkeypatch.setattr(reader, "_post", counted)
+    found = reader.unspent_for_scripts(scripts, network="regtest")
+    assert sorted((o.txid, o.vout) for o in found) == sorted(paid)
+    assert [len(p) for p in posts] == [8, 2]  # tip, 6 pages, tip; then 2 gettxout
+
+
+@pytest.mark.node
 def test_a_wrong_password_is_unavailable_and_never_echoed(regtest_node: RegtestNode) -> None:
     wrong = "not-the-password-" + regtest_node.rpc_password[:8]
     with NodeReader(regtest_node.rpc_url, regtest_node.rpc_user, wrong) as bad:
@@ -411,3 +459,63 @@ def test_core_path_scans_the_utxo_set_and_checks_each_output() -> None:
         assert isinstance(request["params"], list)
     assert len({r["id"] for r in fake.requests}) == len(fake.requests)
     assert [r["method"] for r in fake.requests].count("getnetworkinfo") == 1  # kind is cached
+
+
+def _batch_server(answer: Callable[[list[dict[str, Any]]], Any]) -> FakeCore:
+    """A fake node whose replies to a batch are ``answer(requests)``."""
+    fake = FakeCore(lambda method, params: None)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            data = json.dumps(answer(request)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    fake.server.RequestHandlerClass = Handler
+    return fake
+
+
+def _ok(request: dict[str, Any], id_: Any = None) -> dict[str, Any]:
+    return {"result": 7, "error": None, "id": request["id"] if id_ is None else id_}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(lambda reqs: [_ok(r) for r in reqs[:-1]], id="a-reply-missing"),
+        pytest.param(lambda reqs: [_ok(reqs[0]), _ok(reqs[0])], id="an-id-twice"),
+        pytest.param(lambda reqs: [_ok(reqs[0]), _ok(reqs[1], 999_999)], id="a-foreign-id"),
+        pytest.param(lambda reqs: _ok(reqs[0]), id="not-a-list"),
+        pytest.param(lambda reqs: [_ok(reqs[0]), {"id": reqs[1]["id"]}], id="no-result"),
+        pytest.param(lambda reqs: [_ok(reqs[0]), "x"], id="not-an-object"),
+    ],
+)
+def test_a_malformed_batch_reply_is_unavailable(answer: Callable[[Any], Any]) -> None:
+    with (
+        _batch_server(answer) as fake,
+        NodeReader(fake.url, "u", "pw") as node_reader,
+        pytest.raises(SignerUnavailable) as caught,
+    ):
+        node_reader._batch([("getblockcount", ()), ("getblockcount", ())])
+    assert not isinstance(caught.value, NodeRpcError)
+
+
+@pytest.mark.unit
+def test_batch_replies_in_another_order_are_matched_by_id() -> None:
+    def answer(reqs: list[dict[str, Any]]) -> Any:
+        return [{"result": r["params"][0], "error": None, "id": r["id"]} for r in reqs[::-1]]
+
+    with _batch_server(answer) as fake, NodeReader(fake.url, "u", "pw") as node_reader:
+        assert node_reader._batch([("echo", ("a",)), ("echo", ("b",)), ("echo", ("c",))]) == [
+            "a",
+            "b",
+            "c",
+        ]
