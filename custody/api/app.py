@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from types import ModuleType
 from typing import Any
 
 import anyio.to_thread
@@ -40,6 +41,7 @@ from custody.notify import endpoints as notify
 from custody.parties import endpoints as parties
 from custody.risk import endpoints as risk
 from custody.risk.manual import Feeds
+from custody.screening import endpoints as screening
 from custody.signer import endpoints as signer_statements
 from custody.signing import endpoints as signing
 from custody.signing.chain import Chain, FeePolicy
@@ -208,7 +210,9 @@ def create_app(
     app.state.chain = chain
     app.state.fees = fees if fees is not None else FeePolicy.from_settings(settings)
     app.state.price_feeds = price_feeds  # what a manual price is held to (custody.risk.manual)
-    domains = (ops, auth, console, parties, loans, signer_statements, signing, risk, notify, audit)
+    domains: tuple[ModuleType, ...] = (ops, auth, console, parties, loans, signer_statements)
+    domains += (signing, risk, notify, audit)
+    domains += (screening,)
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:
         app.include_router(domain.router)

@@ -174,3 +174,18 @@ def insert_decisions(session: Session, rows: Sequence[dict[str, object]]) -> Non
     session.execute(
         insert(table).on_conflict_do_nothing(index_elements=["deposit_key"]), list(rows)
     )
+
+
+def flagged_decisions(session: Session) -> list[tuple[ScreeningDecision, Loan, Party]]:
+    """Every decision providers did not call clear (review or block, resolved or not),
+    oldest first, with its loan and miner: the bank's filing."""
+    return [
+        (d, loan, party)
+        for d, loan, party in session.exec(
+            select(ScreeningDecision, Loan, Party)
+            .join(Loan, col(Loan.id) == col(ScreeningDecision.loan_id))
+            .join(Party, col(Party.id) == col(Loan.miner_party_id))
+            .where(col(ScreeningDecision.result).in_(("review", "block")))
+            .order_by(col(ScreeningDecision.id))
+        ).all()
+    ]
