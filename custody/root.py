@@ -198,6 +198,7 @@ class Root:
             fees=self.fees,
             notify=notify,
             unsigned_grace=timedelta(seconds=self.settings.risk_unsigned_grace_seconds),
+            screener=self.screener,
         )
 
     def reconciler(self) -> Reconciler:
