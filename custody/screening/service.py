@@ -50,6 +50,7 @@ from custody.errors import (
     ScreeningListEntryNotFound,
     ScreeningNotDecided,
 )
+from custody.loans import repository as loans_repository
 from custody.notify.events import notify_loan
 from custody.screening import repository
 from custody.screening.builtin import BuiltinProvider, Lists
@@ -257,7 +258,7 @@ def _alert_block(session: Session, row: ScreeningDecision, actor: str, why: str)
         reason=why or "blocked by screening",
         data=data,
     )
-    loan = session.get(Loan, row.loan_id)
+    loan = loans_repository.loan(session, row.loan_id)
     if loan is not None:
         notify_loan(session, loan, "screening.blocked", data, seats=("bank",))
     log.error("screening.blocked", decision_id=row.id, loan_id=row.loan_id)
@@ -399,7 +400,7 @@ def screen_payouts(
     then `check_payouts`. A cleared address stays cleared unless screening now blocks it;
     an open review is not screened again (it waits in the queue)."""
     with transaction(engine, write=False) as session:
-        loan = session.get(Loan, loan_id)
+        loan = loans_repository.loan(session, loan_id)
         if loan is None:
             return  # the request's own checks answer for a missing loan
         lists = load_lists(session, screener.config.review_inputs_over)
@@ -435,7 +436,7 @@ def screen_payouts(
             assert row.id is not None
             record_outcome(session, row.id, decision, (), ctx.actor)
     with transaction(engine, write=False) as session:
-        loan = session.get(Loan, loan_id)
+        loan = loans_repository.loan(session, loan_id)
         if loan is not None:
             check_payouts(session, loan, action)
 
