@@ -583,7 +583,12 @@ def test_endpoint_role_matrix(
             "compliance_officer",
             "POST",
             "/v1/screening-lists",
-            json={"kind": "outpoint", "value": f"{ctx['n']:064x}:1", "action": "block", "note": "t"},
+            json={
+                "kind": "outpoint",
+                "value": f"{ctx['n']:064x}:1",
+                "action": "block",
+                "note": "t",
+            },
         )
         assert r.status_code == 201, r.text
         ctx["entry"] = r.json()["id"]
