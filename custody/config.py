@@ -141,6 +141,16 @@ class Settings(BaseSettings):
     console_idle_seconds: int = Field(default=900, gt=0, le=24 * 3600)
     console_invitation_hours: int = Field(default=72, gt=0, le=30 * 24)
 
+    # AML screening (custody/screening): the built-in provider (the bank's lists in the
+    # database) always runs; a commercial service's HTTP API too when its URL is set (its
+    # key a secret: never logged, never stored). The worst answer wins; an unreachable,
+    # slow or garbled service answers `review` (fail closed). A funding transaction with
+    # more inputs than `screening_review_inputs_over` goes to review (unset: no such rule).
+    screening_http_url: str | None = None
+    screening_http_api_key: SecretStr = SecretStr("")
+    screening_http_timeout_seconds: float = Field(default=5.0, gt=0, le=120)
+    screening_review_inputs_over: int | None = Field(default=None, ge=1)
+
     @field_validator("api_host")
     @classmethod
     def _host_not_empty(cls, value: str) -> str:

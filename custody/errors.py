@@ -651,3 +651,59 @@ class MiningBanNotFound(NotFound):
 
     def __init__(self, message: str = "mining ban not found", *, field: str | None = None) -> None:
         super().__init__(message, field=field)
+
+
+# -- AML screening (custody/screening) ---------------------------------------------------------
+
+
+class ScreeningDecisionNotFound(NotFound):
+    """No such screening decision."""
+
+    code = "screening_decision_not_found"
+
+    def __init__(
+        self, message: str = "screening decision not found", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+
+
+class ScreeningListEntryNotFound(NotFound):
+    """No such entry on the bank's screening lists."""
+
+    code = "screening_list_entry_not_found"
+
+    def __init__(
+        self, message: str = "screening list entry not found", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+
+
+class ScreeningNotDecided(Conflict):
+    """The screening has no decision yet (its providers were not asked yet): nothing to
+    resolve."""
+
+    code = "screening_not_decided"
+
+
+class ScreeningAlreadyResolved(Conflict):
+    """The screening was clear, or a compliance officer already resolved it."""
+
+    code = "screening_already_resolved"
+
+
+class ScreeningListEntryExists(Conflict):
+    """That address, txid or outpoint is already on the bank's lists."""
+
+    code = "screening_list_entry_exists"
+
+
+class PayoutAddressBlocked(Conflict):
+    """A payout address of the loan is blocked by AML screening: nothing is built to it."""
+
+    code = "payout_address_blocked"
+
+
+class PayoutAddressUnderReview(Conflict):
+    """A payout address of the loan awaits a compliance officer's screening decision."""
+
+    code = "payout_address_under_review"

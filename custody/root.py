@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from custody.risk.engine import Notify, Prices, RiskEngine
     from custody.risk.manual import Feeds
     from custody.risk.prices import MedianPriceSource, PriceSource
+    from custody.screening.service import Screener
     from custody.signer.reconcile import Reconciler
     from custody.watcher.service import Watcher
     from hsm.client import BankSigner
@@ -175,7 +176,15 @@ class Root:
                 stuck_seconds=s.watch_stuck_seconds,
                 stall_steps=s.watch_stall_polls,
             ),
+            screener=self.screener,
         )
+
+    @cached_property
+    def screener(self) -> Screener:
+        """The AML screening providers the settings choose (the built-in one always)."""
+        from custody.screening.service import Screener, ScreeningConfig
+
+        return Screener(ScreeningConfig.from_settings(self.settings), self.node)
 
     def risk_engine(self, *, notify: Notify | None = None) -> RiskEngine:
         from custody.risk.engine import RiskEngine
@@ -189,6 +198,7 @@ class Root:
             fees=self.fees,
             notify=notify,
             unsigned_grace=timedelta(seconds=self.settings.risk_unsigned_grace_seconds),
+            screener=self.screener,
         )
 
     def reconciler(self) -> Reconciler:

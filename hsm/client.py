@@ -240,7 +240,7 @@ class BankSigner:
         signed = body.get("psbt")
         if not isinstance(signed, str):
             raise SignerError("the signer's answer has no signed PSBT")
-        if PSBT.from_string(signed).tx.txid() != PSBT.from_string(psbt).tx.txid():
+        if unsigned_txid(signed) != unsigned_txid(psbt):
             raise SignerError("the signer returned a PSBT for a different transaction")
         return Signed(
             psbt=signed,

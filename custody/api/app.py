@@ -43,6 +43,7 @@ from custody.proof import endpoints as proof
 from custody.reports import endpoints as reports
 from custody.risk import endpoints as risk
 from custody.risk.manual import Feeds
+from custody.screening import endpoints as screening
 from custody.signer import endpoints as signer_statements
 from custody.signing import endpoints as signing
 from custody.signing.chain import Chain, FeePolicy
@@ -226,6 +227,7 @@ def create_app(
         compliance,
         proof,
         reports,
+        screening,
     )
     limits.bound_input(app, [domain.router for domain in domains])  # body limits, key first
     for domain in domains:

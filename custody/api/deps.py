@@ -33,6 +33,8 @@ from custody.errors import (
     PartyNotFound,
     PriceNotFound,
     PrincipalNotFound,
+    ScreeningDecisionNotFound,
+    ScreeningListEntryNotFound,
     SignerStatementNotFound,
     SigningRequestNotFound,
 )
@@ -196,3 +198,5 @@ SigningRequestId = Annotated[int, Path(), PathId(lambda _: SigningRequestNotFoun
 SignerStatementId = Annotated[int, Path(), PathId(lambda _: SignerStatementNotFound())]
 PriceId = Annotated[int, Path(), PathId(lambda _: PriceNotFound())]
 PrincipalId = Annotated[int, Path(), PathId(lambda _: PrincipalNotFound())]
+ScreeningDecisionId = Annotated[int, Path(), PathId(lambda _: ScreeningDecisionNotFound())]
+ScreeningListEntryId = Annotated[int, Path(), PathId(lambda _: ScreeningListEntryNotFound())]

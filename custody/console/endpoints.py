@@ -36,7 +36,7 @@ from custody.compliance import service as compliance
 from custody.compliance.schemas import MinerRecordIn
 from custody.config import Settings
 from custody.console import compliance_views, service, views
-from custody.db.models import KeyRole, Principal, Role
+from custody.db.models import KeyRole, Principal, Role, ScreeningStatus
 from custody.db.session import transaction
 from custody.errors import (
     BodyTooLarge,
@@ -52,6 +52,7 @@ from custody.errors import (
     PrincipalNotFound,
     PrincipalRevoked,
     RoleNotAllowed,
+    ScreeningDecisionNotFound,
     SigningRequestNotFound,
 )
 from custody.loans import service as loans
@@ -60,7 +61,9 @@ from custody.reports import formats as report_formats
 from custody.reports import pdf as report_pdf
 from custody.reports import service as report_service
 from custody.risk import manual
-from custody.schemas import ID_MAX
+from custody.schemas import ID_MAX, refused_character
+from custody.screening import service as screening
+from custody.screening.schemas import decision_out
 from custody.signer import service as signer_statements
 from custody.signing import broadcast, signatures
 from custody.signing.chain import Chain
@@ -854,6 +857,51 @@ async def reject_price(request: Request, price_id: str) -> Response:
 
     await run_in_threadpool(work)
     return _redirect("/console/prices")
+
+
+# -- AML screening: the compliance officer's queue --------------------------------------------
+
+
+@pages.get("/screening")
+async def screening_queue(request: Request) -> Response:
+    """Screenings waiting for a compliance officer (review, block) and those resolved, for
+    compliance officers (who clear or block with a reason) and auditors (who read)."""
+    ctx = await _signed_in(request)
+
+    def work(session: Any) -> dict[str, Any]:
+        waiting = [
+            decision_out(row, miner)
+            for status in ("review", "block")
+            for row, _loan, miner in screening.decisions(session, ctx, status, limit=200, offset=0)
+            if row.status in (ScreeningStatus.review, ScreeningStatus.block)
+        ]
+        recent = screening.decisions(session, ctx, None, limit=200, offset=0)
+        return {
+            "queue": sorted(waiting, key=lambda d: d.id),
+            "resolved": [decision_out(r, m) for r, _l, m in recent if r.resolved_at is not None],
+            "can_resolve": ctx.principal.role in screening.RESOLVERS,
+        }
+
+    data = await run_in_threadpool(_read(request, work))
+    return _page(request, "screening.html", ctx, data)
+
+
+@pages.post("/screening/{decision_id}/resolution")
+async def resolve_screening(request: Request, decision_id: str) -> Response:
+    ctx, body = await _acting(request)
+    require_role(ctx.principal, *screening.RESOLVERS)
+    did = _id(decision_id, ScreeningDecisionNotFound)
+    form = _form(body)
+    reason = form.get("reason", "").strip()
+    if not reason or len(reason) > 2000 or refused_character(reason) is not None:
+        raise InvalidInput("a resolution needs its reason (plain text)", field="reason")
+
+    def work() -> None:
+        with transaction(_engine(request)) as session:
+            screening.resolve(session, ctx, did, form.get("outcome", ""), reason)
+
+    await run_in_threadpool(work)
+    return _redirect("/console/screening")
 
 
 # -- the audit log and the service's state -------------------------------------------------------

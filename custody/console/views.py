@@ -39,6 +39,7 @@ from custody.loans.views import deposits_out, loan_out, loans_out
 from custody.notify import repository as notify_repository
 from custody.reports import service as report_service
 from custody.risk import repository as risk_repository
+from custody.screening import service as screening
 from custody.signer import repository as signer_repository
 from custody.signer import service as signer_statements
 from custody.signing import repository as signing_repository
@@ -291,6 +292,20 @@ def live(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
         "collateral": out.collateral,
         "deposits": deposits_out(session, loan_id),
         "requests": [request_view(r) for r in requests],
+        "screening": _deposit_screening(session, ctx, loan_id),
+    }
+
+
+def _deposit_screening(session: Session, ctx: Context, loan_id: int) -> dict[str, str] | None:
+    """Each deposit's screening status by "txid:vout", for the bank's staff, compliance
+    officers, auditors and the admin (None for the miner and the arbiter: an AML finding
+    is not shown to its subject)."""
+    if ctx.principal.role in (Role.miner, Role.arbiter):
+        return None
+    return {
+        f"{d.txid}:{d.vout}": str(d.status)
+        for d in screening.decisions_of_loans(session, [loan_id])
+        if d.subject == "deposit"
     }
 
 

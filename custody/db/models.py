@@ -616,3 +616,68 @@ class MiningBan(SQLModel, table=True):
     note: str = Field(default="", sa_column=Column(Text, nullable=False))
     created_by: str = Field(sa_column=Column(String(160), nullable=False))
     created_at: datetime = Field(default_factory=utcnow, nullable=False)
+
+
+# AML screening of collateral (custody/screening/): what each deposit's funding transaction
+# and each payout address was judged, and the lists the bank maintains.
+
+
+class ScreeningStatus(StrEnum):
+    """Where a screening stands. A deposit counts as collateral only at `clear` (a
+    provider said so) or `cleared` (a compliance officer did); `pending` is waiting for its
+    providers (a crash between asking and recording leaves it so: retried)."""
+
+    pending = "pending"
+    clear = "clear"
+    review = "review"
+    block = "block"
+    cleared = "cleared"  # review/block, then cleared by a compliance officer
+    blocked = "blocked"  # review/block, then the block confirmed by a compliance officer
+
+
+class ScreeningDecision(SQLModel, table=True):
+    """One screening of one subject: a deposit (its funding transaction: its inputs'
+    outpoints and the addresses they spent from) or a payout address (the miner's return,
+    the bank's liquidation address). A deposit has one (`deposit_key`, unique); a payout
+    address one per screening."""
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    subject: str = Field(sa_column=Column(String(16), nullable=False))  # deposit | payout
+    loan_id: int = Field(sa_type=ID, foreign_key="loan.id", index=True)
+    deposit_key: str | None = Field(default=None, sa_column=Column(String(80), unique=True))
+    txid: str | None = Field(default=None, sa_column=Column(String(64)))
+    vout: int | None = Field(default=None)
+    amount_sats: int | None = Field(default=None, sa_column=Column(BigInteger))
+    address: str | None = Field(default=None, sa_column=Column(String(100), index=True))
+    purpose: str = Field(sa_column=Column(String(32), nullable=False))  # deposit, miner_return..
+    status: ScreeningStatus = Field(sa_column=Column(String(16), nullable=False, index=True))
+    result: str | None = Field(default=None, sa_column=Column(String(16)))  # providers' verdict
+    score: int | None = Field(default=None)
+    reasons: str = Field(default="[]", sa_column=Column(Text, nullable=False))  # JSON list
+    providers: str = Field(default="", sa_column=Column(String(200), nullable=False))
+    reference: str | None = Field(default=None, sa_column=Column(String(200)))
+    inputs: str = Field(default="[]", sa_column=Column(Text, nullable=False))  # JSON, screened
+    attempts: int = Field(default=0, nullable=False)
+    # Set when the decision let a deposit count: the watcher settles its loan, then clears it.
+    settle_pending: bool = Field(default=False, nullable=False)
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)
+    decided_at: datetime | None = Field(default=None)
+    resolution_reason: str | None = Field(default=None, sa_column=Column(Text))
+    resolved_by: str | None = Field(default=None, sa_column=Column(String(160)))
+    resolved_by_id: int | None = Field(default=None, sa_type=ID, foreign_key="principal.id")
+    resolved_at: datetime | None = Field(default=None)
+
+
+class ScreeningListEntry(SQLModel, table=True):
+    """An entry of the bank's own lists for the built-in provider: an address, a txid or an
+    outpoint ("txid:vout") to block or send to review."""
+
+    __table_args__ = (UniqueConstraint("kind", "value", name="uq_screening_list_entry"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=ID)
+    kind: str = Field(sa_column=Column(String(16), nullable=False))  # address|txid|outpoint
+    value: str = Field(sa_column=Column(String(100), nullable=False))
+    action: str = Field(sa_column=Column(String(16), nullable=False))  # block | review
+    note: str = Field(sa_column=Column(Text, nullable=False))
+    created_by: str = Field(sa_column=Column(String(160), nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, nullable=False)

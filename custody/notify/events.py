@@ -38,6 +38,7 @@ AUDIENCE: dict[str, tuple[str, ...]] = {
     "liquidation.broadcast": ("miner", "bank", "arbiter"),
     "liquidation.confirmed": ("miner", "bank", "arbiter"),
     "release.ready_to_sign": ("miner", "bank"),
+    "screening.blocked": ("bank",),  # never the miner: an AML finding is not told to its subject
 }
 
 # The payload fields naming the fact each event reports (with its loan). A liquidation's
@@ -59,6 +60,7 @@ IDENTITY: dict[str, tuple[str, ...]] = {
     # a stall is the run of failed steps that began at that instant
     "watcher.stalled": ("stalled_since",),
     "watcher.recovered": ("stalled_since",),
+    "screening.blocked": ("decision_id", "status"),
 }
 # Events that report a loan's state change: their payload carries the change's number.
 LOAN_STATE_EVENTS = frozenset({"loan.active", "loan.awaiting_deposit", "loan.margin_call"})

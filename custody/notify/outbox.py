@@ -49,6 +49,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "signature.needed",
         "watcher.stalled",
         "watcher.recovered",
+        "screening.blocked",  # the bank only: an AML block (custody/screening)
     }
 )
 ALL_EVENTS = "*"

@@ -20,6 +20,7 @@ from custody.db.session import transaction
 from custody.errors import ProofChainMoved, ProofHeightNotFollowed, ProofNoCollateral
 from custody.proof import repository
 from custody.proof.repository import CollateralRow
+from custody.screening import service as screening
 from custody.signing.statements import bank_hsm_key, signer_loan_ref
 from hsm.client import BankSigner
 from pledge import proof
@@ -52,7 +53,10 @@ def ledger_at(engine: Engine, height: int | None) -> tuple[int, list[CollateralR
             raise ProofHeightNotFollowed(
                 f"the watcher has applied blocks up to height {cursor.height}, not {at}"
             )
-        return at, repository.collateral_at(session, at)
+        rows = repository.collateral_at(session, at)
+        # AML screening holds some deposits out of collateral until cleared: not in a proof.
+        held = screening.held_outpoints(session, sorted({r.loan_id for r in rows}))
+        return at, [r for r in rows if (r.txid, r.vout) not in held]
 
 
 def build(

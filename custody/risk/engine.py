@@ -40,6 +40,7 @@ from custody.loans.service import change_state
 from custody.notify.events import notify_loan
 from custody.risk import metrics, repository
 from custody.risk.ladder import LoanPosition, Move, evaluate
+from custody.screening import service as screening
 from custody.signing.approvals import record_automatic_signature
 from custody.signing.broadcast import broadcast_ready
 from custody.signing.building import RequestParams, create_request
@@ -122,8 +123,10 @@ class RiskEngine:
         notify: Notify | None = None,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         unsigned_grace: timedelta = UNSIGNED_GRACE,
+        screener: screening.Screener | None = None,
     ) -> None:
         self.engine, self.network, self.prices = engine, network, prices
+        self.screener = screener or screening.Screener(screening.ScreeningConfig(network=network))
         self.unsigned_grace = unsigned_grace
         self.chain, self.signer, self.fees = chain, signer, fees
         self.notify, self.clock = notify, clock
@@ -322,6 +325,8 @@ class RiskEngine:
             price_source=quote.source,
             risk_evidence={**evidence, "ltv_bps": evidence["ltv_bps"] or 0},
         )
+        # The addresses it pays, screened with no transaction open (a block refuses it).
+        screening.screen_payouts(self.engine, ctx, loan_id, "liquidation", self.screener)
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
             loan = loans_repository.loan(session, loan_id)
@@ -394,6 +399,8 @@ class RiskEngine:
             valuation_id=str(valuation["valuation_id"]),
         )
         ctx = Context(principal=_robot(), network=self.network)
+        # The addresses it pays, screened with no transaction open (a block refuses it).
+        screening.screen_payouts(self.engine, ctx, loan_id, "liquidation", self.screener)
         prefetched = self._prefetched(loan_id)
         with transaction(self.engine) as session:
             loan = loans_repository.loan(session, loan_id)

@@ -45,6 +45,8 @@ from custody.loans import repository as loans_repository
 from custody.loans.debt import outstanding_debt_kopecks
 from custody.loans.service import change_state, hand_out_address, loan_descriptor
 from custody.notify.events import notify_loan
+from custody.screening import service as screening
+from custody.screening.service import Screener
 from custody.signing.cancel import close_cancelled
 from custody.signing.chain import Chain, FeePolicy, PrefetchedChain
 from custody.signing.psbt import (
@@ -251,6 +253,7 @@ def create_request(
         )
     descriptor = loan_descriptor(session, loan, ctx.network)
     _check_priced(session, loan, params)
+    screening.check_payouts(session, loan, params.action.value)  # the risk engine's too
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
     split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
@@ -283,12 +286,16 @@ def open_request(
     chain: Chain,
     fees: FeePolicy,
     signer: BankSigner | None,
+    *,
+    screener: Screener | None = None,
 ) -> SigningRequest:
     """`create_request` with every network call outside a database transaction: read what
     is needed and commit; ask the signer for its valuation and the node for the inputs and
     the fee; build and store the request; ask the signer for its statement; store it (or
     the signer's refusal). A crash between the last two leaves a request with no statement:
-    it shows `signer_statement_id` null and is cancelled and asked for again."""
+    it shows `signer_statement_id` null and is cancelled and asked for again. The addresses
+    it would pay are screened first (`screening.screen_payouts`): a blocked one, or one a
+    compliance officer has yet to clear, refuses it (409)."""
 
     with transaction(engine) as session:
         loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
@@ -296,6 +303,13 @@ def open_request(
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None
         txids = confirmed_txids(session, loan.id)
+    screening.screen_payouts(
+        engine,
+        ctx,
+        loan_id,
+        params.action.value,
+        screener or screening.Screener(screening.ScreeningConfig(network=ctx.network)),
+    )
     if (
         loan_ref is not None
         and params.valuation_id is None

@@ -43,6 +43,8 @@ from custody.errors import (
     NodeNotConfigured,
     NodeUnavailable,
     NoNewSignature,
+    PayoutAddressBlocked,
+    PayoutAddressUnderReview,
     PricedBySigner,
     PsbtMismatch,
     RequestAlreadyOpen,
@@ -54,6 +56,7 @@ from custody.errors import (
     SigningRequestNotInState,
     SingleAddressDescriptor,
 )
+from custody.screening.service import Screener, ScreeningConfig
 from custody.signing import approvals, broadcast, building, cancel, repository, signatures
 from custody.signing.psbt import CannotFinalize
 from custody.signing.schemas import (
@@ -116,6 +119,8 @@ _BUILD = (
         AddressLimitReached,
         AddressAlreadyIssued,
         RequestRefusedBySigner,
+        PayoutAddressBlocked,
+        PayoutAddressUnderReview,
         *BODY_ERRORS,
     ),
 )
@@ -137,7 +142,10 @@ def create_signing_request(
         price_source=body.price_source,
         target_ltv_bps=body.target_ltv_bps,
     )
-    req = building.open_request(request.app.state.engine, ctx, loan_id, params, chain, fees, signer)
+    screener = Screener(ScreeningConfig.from_settings(request.app.state.settings))
+    req = building.open_request(
+        request.app.state.engine, ctx, loan_id, params, chain, fees, signer, screener=screener
+    )
     return request_out(_unless_refused(req))
 
 

@@ -97,6 +97,7 @@ from custody.db.models import (
 from custody.db.session import transaction
 from custody.loans.service import change_state
 from custody.notify.events import notify_loan, notify_operators
+from custody.screening import service as screening
 from custody.signing.chain_events import mined, unmined
 from custody.signing.repository import request_for_txid
 from custody.watcher import metrics, repository
@@ -186,6 +187,8 @@ class _Rows:
     deposits: dict[tuple[str, int], Deposit] = field(default_factory=dict)
     new_deposits: dict[tuple[str, int], _NewDeposit] = field(default_factory=dict)
     requests: dict[str, SigningRequest | None] = field(default_factory=dict)
+    # The pending screenings of the new deposits, inserted with them.
+    new_screenings: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def load(
@@ -229,6 +232,9 @@ class _Rows:
         if self.new_deposits:
             repository.insert_deposits(session, [d.row() for d in self.new_deposits.values()])
             self.new_deposits.clear()
+        if self.new_screenings:
+            screening.insert_pending(session, self.new_screenings)
+            self.new_screenings.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,9 +282,12 @@ class Watcher:
         *,
         config: WatcherConfig | None = None,
         holder: str | None = None,
+        screener: screening.Screener | None = None,
     ) -> None:
         self.engine = engine
         self.rpc = rpc
+        # Every new deposit is screened before it counts (by default: the bank's lists).
+        self.screener = screener or screening.Screener(screening.ScreeningConfig(), rpc)
         self.config = config or WatcherConfig()
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._watched = _Watched()
@@ -711,8 +720,49 @@ class Watcher:
                     self._position = (cursor.height, cursor.block_hash)
                     result.blocks_applied += 1
         result.mempool_deposits, result.removed = self._sync_mempool()
+        self._screen_pending()
         result.height = cursor.height
         return result
+
+    # -- screening -----------------------------------------------------------------------
+
+    def _screen_pending(self) -> int:
+        """Decide the deposits still pending screening, then settle the loans whose
+        deposits a decision (here, or a compliance officer's) let count. The node and the
+        providers are asked with no transaction open; the pending rows were committed with
+        their deposits, so a crash before the outcome is written is asked again on the
+        next step. Returns how many were decided."""
+        with transaction(self.engine, write=False) as session:  # reads only
+            pending = [
+                (d.id, d.txid, d.vout, d.amount_sats)
+                for d in screening.pending_deposits(session, screening.PENDING_PER_STEP)
+            ]
+            to_settle = screening.any_to_settle(session)
+        if not pending and not to_settle:
+            return 0
+        outcomes: list[tuple[int, screening.Decision, tuple[screening.Input, ...]]] = []
+        if pending:
+            lists = self.screener.lists(self.engine)
+            for decision_id, txid, vout, amount in pending:
+                assert decision_id is not None and txid is not None and vout is not None
+                try:
+                    decision, subject = self.screener.screen_deposit(lists, txid, vout, amount or 0)
+                except Exception as exc:  # the node is away: still pending, asked again
+                    log.warning("watcher.screening_deferred", txid=txid, error=str(exc))
+                    continue
+                outcomes.append((decision_id, decision, subject.inputs))
+                self._beat()
+        assert self._position is not None
+        with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
+            self._fence(session, self._position)
+            for decision_id, decision, inputs in outcomes:
+                screening.record_outcome(session, decision_id, decision, inputs, ACTOR)
+            session.flush()
+            loans = screening.take_loans_to_settle(session)
+            session.flush()
+            self._settle(session, loans, self._position[0], reason="screening")
+            session.commit()
+        return len(outcomes)
 
     # -- cursor and reorgs -----------------------------------------------------------
 
@@ -912,6 +962,9 @@ class Watcher:
                 first_seen_at=utcnow(),
             )
             rows.new_deposits[(out.txid, out.vout)] = new
+            rows.new_screenings.append(
+                screening.pending_deposit_row(loan_id, out.txid, out.vout, out.value)
+            )
             record(
                 session, actor=ACTOR, action="deposit.seen", loan_id=loan_id, data=_dep_data(new)
             )
@@ -984,6 +1037,8 @@ class Watcher:
         rows.keep_loans(session, ids)
         for dep in repository.deposits_of_loans(session, ids):
             by_loan[dep.loan_id].append(dep)
+        # Deposits screening holds out of collateral stay pending, whatever their depth.
+        held = screening.held_outpoints(session, ids)
         for loan_id in ids:
             loan = rows.loan(session, loan_id)
             deposits = by_loan[loan_id]
@@ -1003,7 +1058,11 @@ class Watcher:
                         data={**_dep_data(dep), "confirmations": confs},
                     )
                     _retract(session, loan, dep, "confirmations lost in a reorg", confs)
-                elif dep.state == DepositState.pending and confs >= dep.required_confirmations:
+                elif (
+                    dep.state == DepositState.pending
+                    and confs >= dep.required_confirmations
+                    and (dep.txid, dep.vout) not in held
+                ):
                     dep.state = DepositState.confirmed
                     dep.excess_sats = max(
                         0,

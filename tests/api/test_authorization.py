@@ -20,7 +20,8 @@ from support.offline import RecordingSigner, funded_loan, keyed_draft, offline_w
 from support.world import WHO, World, hd_key
 
 from custody.db.migrate import upgrade
-from custody.db.session import make_engine
+from custody.db.models import ScreeningDecision, ScreeningStatus
+from custody.db.session import make_engine, transaction
 
 ANON = "anonymous"
 EVERYONE = (*WHO, ANON)
@@ -37,6 +38,7 @@ class Case:
     # "draft" (no keys), "keyed" (miner's and arbiter's keys), "funded", "request",
     # "statement" (an open bank-key registration statement), "price" (a confirmed manual
     # price), "proposal" (one the bank operator proposed), "principal" (a fresh auditor's key)
+    # "screening" (a payout screening under review), "list_entry" (one on the bank's lists)
     needs: str = "ready"
     raw: tuple[str, bytes] | None = None  # (content type, bytes): an upload, not JSON
 
@@ -458,6 +460,61 @@ CASES: list[Case] = [
         },
         body=lambda w, c: {"url": f"https://hooks.example/{c['n']}", "secret": "s" * 40},
     ),
+    # AML screening: compliance officers and auditors read the decisions; only a compliance
+    # officer resolves one; compliance officers and the admin keep the bank's lists.
+    Case(
+        "GET",
+        "/v1/screening-decisions",
+        lambda w, c: "/v1/screening-decisions?result=review",
+        {"compliance_officer": 200, "auditor": 200},
+    ),
+    Case(
+        "GET",
+        "/v1/screening-decisions.csv",
+        lambda w, c: "/v1/screening-decisions.csv",
+        {"compliance_officer": 200, "auditor": 200},
+    ),
+    Case(
+        "GET",
+        "/v1/screening-decisions/{decision_id}",
+        lambda w, c: f"/v1/screening-decisions/{c['screening']}",
+        {"compliance_officer": 200, "auditor": 200},
+        needs="screening",
+    ),
+    Case(
+        "POST",
+        "/v1/screening-decisions/{decision_id}/resolution",
+        lambda w, c: f"/v1/screening-decisions/{c['screening']}/resolution",
+        {"compliance_officer": 200},
+        body=lambda w, c: {"outcome": "clear", "reason": "source of funds documented"},
+        needs="screening",
+    ),
+    Case(
+        "GET",
+        "/v1/screening-lists",
+        lambda w, c: "/v1/screening-lists",
+        {"compliance_officer": 200, "auditor": 200, "admin": 200},
+    ),
+    Case(
+        "POST",
+        "/v1/screening-lists",
+        lambda w, c: "/v1/screening-lists",
+        {"compliance_officer": 201, "admin": 201},
+        body=lambda w, c: {
+            "kind": "txid",
+            "value": f"{c['n']:064x}",
+            "action": "review",
+            "note": "a test entry",
+        },
+    ),
+    Case(
+        "POST",
+        "/v1/screening-lists/{entry_id}/removal",
+        lambda w, c: f"/v1/screening-lists/{c['entry']}/removal",
+        {"compliance_officer": 200, "admin": 200},
+        body=lambda w, c: {"reason": "listed in error"},
+        needs="list_entry",
+    ),
     Case(
         "GET",
         "/v1/parties/{party_id}/webhooks",
@@ -672,6 +729,22 @@ def test_endpoint_role_matrix(
     if case.needs == "price":
         r = world.call("bank_approver", "POST", f"/v1/prices/{ctx['price']}/confirm")
         assert r.status_code == 200, r.text
+    if case.needs == "screening":
+        ctx["screening"] = _review_decision(world, ready_loan, ctx["n"])
+    if case.needs == "list_entry":
+        r = world.call(
+            "compliance_officer",
+            "POST",
+            "/v1/screening-lists",
+            json={
+                "kind": "outpoint",
+                "value": f"{ctx['n']:064x}:1",
+                "action": "block",
+                "note": "t",
+            },
+        )
+        assert r.status_code == 201, r.text
+        ctx["entry"] = r.json()["id"]
     if case.needs in ("funded", "request"):
         ctx["funded"] = funded_loan(world)
     if case.needs == "request":
@@ -714,6 +787,26 @@ def test_endpoint_role_matrix(
     assert r.status_code == _expected(case, who), (who, case.method, case.route, r.text)
     if r.status_code >= 400:
         assert r.json()["error"] and r.json()["message"]
+
+
+def _review_decision(world: World, loan_id: int, n: int) -> int:
+    """A payout address's screening waiting for a compliance officer (as the providers
+    would leave it: the offline world has no watcher)."""
+    with transaction(world.engine) as session:
+        row = ScreeningDecision(
+            subject="payout",
+            loan_id=loan_id,
+            address=f"bcrt1qtest{n}",
+            purpose="miner_return",
+            status=ScreeningStatus.review,
+            result="review",
+            score=60,
+            reasons='["on the review list"]',
+        )
+        session.add(row)
+        session.flush()
+        assert row.id is not None
+        return row.id
 
 
 def test_matrix_covers_every_route(world: World) -> None:

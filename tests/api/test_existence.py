@@ -18,7 +18,8 @@ from support.offline import funded_loan, keyed_draft, offline_world
 from support.world import World, hd_key
 
 from custody.db.migrate import upgrade
-from custody.db.session import make_engine
+from custody.db.models import ScreeningDecision, ScreeningStatus
+from custody.db.session import make_engine, transaction
 
 MISSING = 999_999  # an id no row has (inside every column's range)
 
@@ -53,6 +54,8 @@ _NOT_MINER = ("other_miner", "arbiter", "other_arbiter")
 _NOT_ADMIN = ("bank_operator", "bank_approver", "auditor", "miner", "arbiter", "other_miner")
 # Reports are the auditors' and compliance officers': everyone else is refused by role.
 _NOT_REPORT_READERS = ("admin", "bank_operator", "bank_approver", "miner", "arbiter")
+# Screening decisions and lists: neither the bank's lending staff nor any party.
+_NOT_COMPLIANCE = ("bank_operator", "bank_approver", "miner", "arbiter", "other_miner")
 
 LOOKUPS = (
     Lookup("GET", "/v1/loans/{loan_id}", "loan"),
@@ -165,6 +168,30 @@ LOOKUPS = (
         outsiders=("bank_operator", "auditor", "miner", "arbiter"),
         status=403,
     ),
+    # Screening is the compliance officers' (auditors read): every other role is refused.
+    Lookup(
+        "GET",
+        "/v1/screening-decisions/{decision_id}",
+        "screening",
+        outsiders=_NOT_COMPLIANCE,
+        status=403,
+    ),
+    Lookup(
+        "POST",
+        "/v1/screening-decisions/{decision_id}/resolution",
+        "screening",
+        lambda o: {"outcome": "clear", "reason": "checked"},
+        outsiders=(*_NOT_COMPLIANCE, "auditor"),
+        status=403,
+    ),
+    Lookup(
+        "POST",
+        "/v1/screening-lists/{entry_id}/removal",
+        "list_entry",
+        lambda o: {"reason": "checked"},
+        outsiders=_NOT_COMPLIANCE,
+        status=403,
+    ),
 )
 
 
@@ -197,6 +224,25 @@ def objects(world: World) -> dict[str, Any]:
     price = world.call("bank_operator", "POST", "/v1/prices", json={"price_rub_per_btc": "6000000"})
     assert price.status_code == 201, price.text
     auditor = world.call("admin", "GET", "/v1/me").json()  # any principal id will do
+    entry = world.call(
+        "compliance_officer",
+        "POST",
+        "/v1/screening-lists",
+        json={"kind": "txid", "value": "ab" * 32, "action": "block", "note": "t"},
+    )
+    assert entry.status_code == 201, entry.text
+    with transaction(world.engine) as session:
+        decision = ScreeningDecision(
+            subject="payout",
+            loan_id=loan,
+            address="bcrt1qexistence",
+            purpose="miner_return",
+            status=ScreeningStatus.review,
+            result="review",
+        )
+        session.add(decision)
+        session.flush()
+        decision_id = decision.id
     return {
         "price": price.json()["id"],
         "principal": auditor["id"],
@@ -209,6 +255,8 @@ def objects(world: World) -> dict[str, Any]:
         "endorsement": world.staff["operator"].endorse(r.json()["statement"]),
         "party": world.party_ids["miner"],
         "ban": 1,  # seeded by the migration
+        "screening": decision_id,
+        "list_entry": entry.json()["id"],
     }
 
 

@@ -68,6 +68,8 @@ def test_creating_a_signing_request_names_each_of_its_conflicts(document: dict[s
         "loan_not_in_state",
         "no_confirmed_collateral",
         "nothing_to_sell",
+        "payout_address_blocked",
+        "payout_address_under_review",
         "priced_by_signer",
         "request_already_open",
         "single_address_descriptor",
@@ -125,7 +127,7 @@ def test_the_description_says_when_each_code_happens(document: dict[str, Any]) -
         "description"
     ]
     assert "- `request_already_open`: The loan already has an open signing request" in text
-    assert text.count("\n- `") == 12  # one line per code
+    assert text.count("\n- `") == 14  # one line per code
 
 
 BODY_ERRORS = {400: {"malformed_body"}, 413: {"body_too_large"}, 415: {"unsupported_content_type"}}

@@ -225,3 +225,39 @@ def test_the_command_line_builds_and_verifies(
         get_settings.cache_clear()
         watcher.release()
         engine.dispose()
+
+
+def test_a_deposit_held_by_screening_is_left_out_until_cleared(
+    world: World, regtest_node: RegtestNode, watcher: Watcher
+) -> None:
+    """A deposit AML screening holds is no collateral: no proof lists it until a
+    compliance officer clears it."""
+    kept = funded_loan(world, regtest_node, watcher, hsm_bank=False)
+    faucet = regtest_node.faucet
+    r = world.call(
+        "compliance_officer",
+        "POST",
+        "/v1/screening-lists",
+        json={"kind": "address", "value": faucet.address, "action": "block", "note": "list"},
+    )
+    assert r.status_code == 201, r.text
+    held = world.keyed_loan(required_collateral_sats=COLLATERAL)
+    txid, _ = faucet.pay(held["collateral_address"], COLLATERAL)
+    regtest_node.mine(1)
+    watcher.step()
+    doc = _proof(world, "auditor")
+    assert [e["loan_id"] for e in doc["loans"]] == [kept.loan["id"]]
+    assert doc["tree"]["total_sats"] == COLLATERAL
+
+    blocked = world.call("compliance_officer", "GET", "/v1/screening-decisions?result=block")
+    [decision] = [d for d in blocked.json() if d["txid"] == txid]
+    path = f"/v1/screening-decisions/{decision['id']}/resolution"
+    cleared = world.call(
+        "compliance_officer", "POST", path, json={"outcome": "clear", "reason": "ok"}
+    )
+    assert cleared.status_code == 200, cleared.text
+    watcher.step()
+    doc = _proof(world, "auditor")
+    assert [e["loan_id"] for e in doc["loans"]] == [kept.loan["id"], held["id"]]
+    assert doc["tree"]["total_sats"] == 2 * COLLATERAL
+    assert proof.verify_document(doc, NodeChainView(regtest_node.rpc)).ok
