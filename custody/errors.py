@@ -578,6 +578,8 @@ class ProofNoCollateral(Conflict):
     control of."""
 
     code = "proof_no_collateral"
+
+
 # -- compliance (custody/compliance/) ---------------------------------------------------------
 
 

@@ -1013,6 +1013,8 @@ async def loan_statement(request: Request, loan_id: str) -> Response:
         )
 
     return await run_in_threadpool(work)
+
+
 # -- compliance (issue 15): a miner's registry record, its evidence and its reviews --------------
 
 
