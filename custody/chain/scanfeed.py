@@ -19,9 +19,12 @@ child that dies comes out as `ScannerDied`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import multiprocessing
 import os
 import pickle
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -34,6 +37,7 @@ from custody.chain.rpc import NodeRpc, RpcUnavailable
 
 __all__ = ["ScanFeed", "ScannerDied", "can_fork"]
 
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 # Seconds between looks at whether a silent child is still alive.
 _POLL_SECONDS = 1.0
 
@@ -72,7 +76,15 @@ class ScanFeed:
         reader, writer = context.Pipe(duplex=False)
         process = context.Process(
             target=_scan_in_child,
-            args=(self._rpc, self.first, self.last, self._scripts, self._outpoints, writer),
+            args=(
+                os.getpid(),
+                self._rpc,
+                self.first,
+                self.last,
+                self._scripts,
+                self._outpoints,
+                writer,
+            ),
             name="block-scan",
             daemon=True,
         )
@@ -134,7 +146,20 @@ def _send(writer: Connection, kind: str, item: Any) -> None:
     writer.send_bytes(blob)
 
 
+def _die_with(parent: int) -> None:
+    """Linux: be killed when the parent dies (a SIGKILLed watcher leaves no scanner
+    fetching on); elsewhere the closed pipe ends the child at its next block."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before the request took effect
+        os._exit(1)
+
+
 def _scan_in_child(
+    parent: int,
     rpc: NodeRpc,
     first: int,
     last: int,
@@ -145,6 +170,7 @@ def _scan_in_child(
     """The child's whole life: fetch, scan, hand over, in height order; then leave."""
     code = 0
     try:
+        _die_with(parent)
         for item in _scans(rpc, first, last, scripts, outpoints):
             _send(writer, *item)
     except OSError:  # the parent closed the feed: nobody to tell

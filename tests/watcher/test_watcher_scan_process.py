@@ -5,6 +5,10 @@ output paid earlier in the same catch-up, against a real btcd."""
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +26,7 @@ from custody.watcher.service import Watcher, WatcherConfig
 from pledge.descriptors import parse_collateral_descriptor
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
+from regtest.wait import wait_until
 
 pytestmark = pytest.mark.skipif(not scanfeed.can_fork(), reason="needs fork")
 
@@ -117,3 +122,54 @@ def test_the_node_s_error_comes_out_in_place_of_the_block(regtest_node: RegtestN
                 heights.append(height)
     assert not isinstance(failed.value, ScannerDied)
     assert heights in ([], [tip])  # a batch of hashes past the tip fails as a whole
+
+
+_HOLD_A_FEED = """
+import sys
+from custody.chain.blocks import ScriptIndex
+from custody.chain.rpc import NodeRpc
+from custody.chain.scanfeed import ScanFeed
+
+feed = ScanFeed(NodeRpc(sys.argv[1], "user", "password", 60.0), 1, 100, ScriptIndex(), set())
+feed.__enter__()
+print(feed._process.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended; its reaper is not ours
+
+
+@pytest.mark.process
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_scanner_dies_with_a_killed_watcher(tmp_path: Path) -> None:
+    """A SIGKILLed watcher leaves no scanner behind, even one waiting on a silent node
+    (a listening socket that never answers: the child would wait out its 60 s timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_A_FEED, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert watcher.stdout is not None
+            child = int(watcher.stdout.readline())
+            silent.settimeout(20)
+            asked, _ = silent.accept()  # the child is waiting on its first request
+            with asked:
+                assert _running(child)
+                watcher.kill()
+                watcher.wait(timeout=20)
+                wait_until(lambda: not _running(child), timeout=10, message="the scanner ends")
+        finally:
+            watcher.kill()
+            watcher.wait(timeout=20)
