@@ -17,22 +17,26 @@ watcher recorded exactly the deposits that were made, and times the same blocks
 fetched and scanned by the watcher's own parts with no database (the floor).
 
 Measured on the shared 2-core machine, btcd on the same cores, the other sessions'
-tests running (figures swing by 1.5-2x from minute to minute):
+tests running (figures swing by 1.5-3x from minute to minute; compare within one run):
 
-| 2,000-tx blocks | before (6efdc02) | after |
-|---|---|---|
-| end to end into SQLite | 10-17 blocks/s (15 in issue 11) | 14-24 blocks/s |
-| fetch + scan alone | 51-62 blocks/s | 55-59 blocks/s |
-| CPU of the whole process per block | 46-53 ms | 31-41 ms |
-| into PostgreSQL | - | 14 blocks/s |
-| 4,000-tx, 1.6 MB blocks, SQLite / PostgreSQL | - | 5.8 / 6.1 blocks/s (fetch + scan alone: 8.8) |
+| 2,000-tx blocks (blocks/s; CPU: this process, ms/block) | 6efdc02 | 1317d1f | now |
+|---|---|---|---|
+| into SQLite, load 1-2, 5 runs | 10-17 | 14-22, med 17.3 | - |
+| CPU, same chain A/B, load 12, 4 runs each | 46-53 | 47-51, med 49 | 30-35, med 34 |
+| into SQLite, same A/B run | - | 5.3-8.2, med 6.1 | 5.9-8.5, med 7.3 |
+| fetch + scan alone | 51-62 | 48-68 (load 1-2) | 17-24 (load 12-18) |
+| 4,000-tx 1.6 MB blocks, SQLite | - | 5.8 (floor 8.8) | 1.5 (floor 3.0, load 12-18) |
 
-The target (50 blocks/s) is not met: the rest is the block's transaction, ~0.35 ms of CPU per
-deposit, two thirds of it settling confirmations and writing their events, plus SQLite's
-fsync per commit (4-8 ms here). On mainnet-size blocks btcd's `getblock` hex is the limit.
+Now: settling reads and writes plain rows with Core (CPU per block -16%), and a catch-up of
+8+ blocks is fetched and scanned by a forked child (`custody/chain/scanfeed.py`, a further
+-15% here; that CPU moves to the child, which gains wall time only when a core is free).
+The target (50 blocks/s) is not met: the rest is per deposit and per event (two audit events
+hashed and two webhook rows each, their JSON), SQLite's commit, and btcd's `getblock` hex,
+which alone limits mainnet-size blocks.
 
 ``python -m bench catchup [--shape standard|mainnet|both] [--backend sqlite|postgres|both]
-[--blocks N] [--txs-per-block N] [--profile]`` runs it alone; ``--profile`` times the
+[--blocks N] [--txs-per-block N] [--repeat N] [--profile]`` runs it alone; ``--repeat`` replays
+the same chain into N fresh databases (medians and ranges); ``--profile`` times the first
 SQLite step under cProfile and prints where it goes.
 """
 
