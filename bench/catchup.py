@@ -23,13 +23,15 @@ tests running (figures swing by 1.5-3x from minute to minute; compare within one
 |---|---|---|---|
 | into SQLite, load 1-2, 5 runs | 10-17 | 14-22, med 17.3 | - |
 | CPU, same chain A/B, load 12, 4 runs each | 46-53 | 47-51, med 49 | 30-35, med 34 |
-| into SQLite, same A/B run | - | 5.3-8.2, med 6.1 | 5.9-8.5, med 7.3 |
-| fetch + scan alone | 51-62 | 48-68 (load 1-2) | 17-24 (load 12-18) |
+| into SQLite, same A/B run, load 12 | - | 5.3-8.2, med 6.1 | 5.9-8.5, med 7.3 |
+| into SQLite, A/B, load 3-5, 4 runs each | - | 13.6-22.9, med 21.1 | 18.3-30.0, med 25.3 |
+| CPU, that A/B run | - | 40-54, med 43 | 25-33, med 28 |
+| fetch + scan alone | 51-62 | 48-68 (load 1-2) | 56-70 (load 3-5); 17-24 (load 12-18) |
 | 4,000-tx 1.6 MB blocks, SQLite | - | 5.8 (floor 8.8) | 1.5 (floor 3.0, load 12-18) |
 
-Now: settling reads and writes plain rows with Core (CPU per block -16%), and a catch-up of
-8+ blocks is fetched and scanned by a forked child (`custody/chain/scanfeed.py`, a further
--15% here; that CPU moves to the child, which gains wall time only when a core is free).
+Now: settling reads and writes plain rows with Core (CPU per block -7 to -16%), and a catch-up
+of 8+ blocks is fetched and scanned by a forked child (`custody/chain/scanfeed.py`, a further
+-15 to -29%; that CPU moves to the child, which gains wall time only when a core is free).
 The target (50 blocks/s) is not met: the rest is per deposit and per event (two audit events
 hashed and two webhook rows each, their JSON), SQLite's commit, and btcd's `getblock` hex,
 which alone limits mainnet-size blocks.
