@@ -245,6 +245,7 @@ class NodeRpc:
         self.url = url
         self.timeout = timeout
         self.mining_address = mining_address
+        self._credentials = (user, password)
         self._client = httpx.Client(auth=httpx.BasicAuth(user, password), timeout=timeout)
         self._ids = itertools.count(1)
         self._id_lock = threading.Lock()
@@ -259,6 +260,16 @@ class NodeRpc:
 
     def close(self) -> None:
         self._client.close()
+
+    def copy(self) -> NodeRpc:
+        """A client of its own to the same node, knowing what this one learnt (its kind,
+        whether it serves REST): for another process, which must not share this one's
+        connections."""
+        twin = NodeRpc(
+            self.url, *self._credentials, self.timeout, mining_address=self.mining_address
+        )
+        twin._kind, twin._rest = self._kind, self._rest
+        return twin
 
     def __enter__(self) -> NodeRpc:
         return self

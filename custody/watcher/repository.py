@@ -6,9 +6,11 @@ database. Queries only: what a block, a reorg or the mempool does to them is in
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, text
+from sqlalchemy import bindparam, func, insert, text, update
 from sqlalchemy.engine import Connection
 from sqlmodel import Session, col, select
 
@@ -150,15 +152,91 @@ def loans_by_ids(session: Session, loan_ids: Sequence[int]) -> list[Loan]:
     ]
 
 
-def deposits_of_loans(session: Session, loan_ids: Sequence[int]) -> list[Deposit]:
-    """Every deposit of these loans; each loan's in id order."""
-    return [
-        dep
-        for chunk in _chunks(loan_ids)
-        for dep in session.exec(
-            select(Deposit).where(col(Deposit.loan_id).in_(chunk)).order_by(col(Deposit.id))
-        ).all()
-    ]
+@dataclass(slots=True)
+class DepositRow:
+    """A deposit as settling reads and changes it: plain attributes named as the model's,
+    no ORM state (loading and flushing ORM objects cost more than the rest of a block).
+    Changes are written by `update_settled`."""
+
+    id: int
+    loan_id: int
+    txid: str
+    vout: int
+    amount_sats: int
+    state: DepositState
+    block_height: int | None
+    block_hash: str | None
+    required_confirmations: int
+    excess_sats: int
+    spent_txid: str | None
+    spent_height: int | None
+    retractions: int
+    updated_at: datetime
+
+
+_DEPOSITS = Deposit.__table__  # type: ignore[attr-defined]
+_DEPOSIT_ROW_COLUMNS = [
+    _DEPOSITS.c.id,
+    _DEPOSITS.c.loan_id,
+    _DEPOSITS.c.txid,
+    _DEPOSITS.c.vout,
+    _DEPOSITS.c.amount_sats,
+    _DEPOSITS.c.state,
+    _DEPOSITS.c.block_height,
+    _DEPOSITS.c.block_hash,
+    _DEPOSITS.c.required_confirmations,
+    _DEPOSITS.c.excess_sats,
+    _DEPOSITS.c.spent_txid,
+    _DEPOSITS.c.spent_height,
+    _DEPOSITS.c.retractions,
+    _DEPOSITS.c.updated_at,
+]
+# Built once: a statement made per call spends more on its cache key than SQLite on it.
+_UPDATE_SETTLED = (
+    update(_DEPOSITS)
+    .where(_DEPOSITS.c.id == bindparam("b_id"))
+    .values(
+        state=bindparam("b_state"),
+        excess_sats=bindparam("b_excess_sats"),
+        retractions=bindparam("b_retractions"),
+        updated_at=bindparam("b_updated_at"),
+    )
+)
+
+
+def deposit_rows_of_loans(session: Session, loan_ids: Sequence[int]) -> list[DepositRow]:
+    """Every deposit of these loans as plain rows; each loan's in id order (the order
+    they confirm in). A Core select: the caller's pending ORM changes must be flushed."""
+    found: list[DepositRow] = []
+    for chunk in _chunks(loan_ids):
+        for row in session.execute(
+            select(*_DEPOSIT_ROW_COLUMNS)
+            .where(_DEPOSITS.c.loan_id.in_(chunk))
+            .order_by(_DEPOSITS.c.id)
+        ).all():
+            dep = DepositRow(*row)
+            dep.state = DepositState(dep.state)
+            found.append(dep)
+    return found
+
+
+def update_settled(session: Session, rows: Sequence[DepositRow]) -> None:
+    """Write what settling changes on these deposits (state, excess, epoch, time), one
+    executemany of one prepared UPDATE."""
+    if rows:
+        session.execute(
+            _UPDATE_SETTLED,
+            [
+                {
+                    "b_id": r.id,
+                    "b_state": str(r.state),
+                    "b_excess_sats": r.excess_sats,
+                    "b_retractions": r.retractions,
+                    "b_updated_at": r.updated_at,
+                }
+                for r in rows
+            ],
+        )
 
 
 def insert_deposits(session: Session, rows: Sequence[dict[str, Any]]) -> None:

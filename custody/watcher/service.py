@@ -60,7 +60,8 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -82,6 +83,7 @@ from custody.chain.blocks import (
 from custody.chain.blocks import scan_transaction as scan_tx
 from custody.chain.feed import BlockFeed
 from custody.chain.rpc import NodeRpc, RpcNotFound
+from custody.chain.scanfeed import ScanFeed, can_fork
 from custody.db.models import (
     ChainBlock,
     ChainCursor,
@@ -151,6 +153,9 @@ class WatcherConfig:
     # more than any one node call may take (the settings refuse less than its timeout).
     stuck_seconds: float = 120.0
     stall_steps: int = 10  # failed steps in a row that raise `watcher.stalled`
+    # A catch-up of this many blocks or more is fetched and scanned by a child process,
+    # overlapping the writes (0: never; fewer are scanned here, as they come).
+    scan_process_blocks: int = 8
 
 
 @dataclass
@@ -708,12 +713,8 @@ class Watcher:
         self._position = (cursor.height, cursor.block_hash)
         self._load_new_addresses()
         if cursor.height < tip:
-            # Blocks are fetched ahead by one thread while each is written. Scanning stays
-            # here, after the block before is applied, so a spend in N+1 of an output made
-            # in N is still recognised.
-            with BlockFeed(self.rpc, cursor.height + 1, tip) as feed:
-                for height, raw in feed:
-                    scan = scan_block(raw, self._watched.scripts, self._watched.outpoints)
+            with self._block_scans(cursor.height + 1, tip) as scans:
+                for height, scan in scans:
                     if scan.prev_block_hash != cursor.block_hash:
                         break  # the chain moved under us; the next step finds the fork
                     cursor = self._apply_block(height, scan, tip)
@@ -763,6 +764,24 @@ class Watcher:
             self._settle(session, loans, self._position[0], reason="screening")
             session.commit()
         return len(outcomes)
+    @contextmanager
+    def _block_scans(self, first: int, last: int) -> Iterator[Iterator[tuple[int, BlockScan]]]:
+        """The scans of blocks `first`..`last`, each taken after the block before it was
+        applied (so a spend in N+1 of an output paid in N is recognised). A long catch-up
+        (`scan_process_blocks` or more) is fetched and scanned by a child process while
+        this one writes (`chain/scanfeed.py`: it keeps its copy of the outpoints as
+        `_apply_block` keeps ours); a short one here, the blocks fetched ahead by a thread."""
+        watched = self._watched
+        wanted = self.config.scan_process_blocks
+        if 0 < wanted <= last - first + 1 and can_fork():
+            with ScanFeed(self.rpc, first, last, watched.scripts, watched.outpoints) as feed:
+                yield iter(feed)
+            return
+        with BlockFeed(self.rpc, first, last) as blocks:
+            yield (
+                (height, scan_block(raw, watched.scripts, watched.outpoints))
+                for height, raw in blocks
+            )
 
     # -- cursor and reorgs -----------------------------------------------------------
 
@@ -1032,13 +1051,14 @@ class Watcher:
         if not ids:
             return
         rows = rows or _Rows()
-        session.flush()
-        by_loan: dict[int, list[Deposit]] = {loan_id: [] for loan_id in ids}
+        session.flush()  # the ORM's changes first: the rows below are read with Core
+        by_loan: dict[int, list[repository.DepositRow]] = {loan_id: [] for loan_id in ids}
         rows.keep_loans(session, ids)
-        for dep in repository.deposits_of_loans(session, ids):
+        for dep in repository.deposit_rows_of_loans(session, ids):
             by_loan[dep.loan_id].append(dep)
         # Deposits screening holds out of collateral stay pending, whatever their depth.
         held = screening.held_outpoints(session, ids)
+        changed: list[repository.DepositRow] = []
         for loan_id in ids:
             loan = rows.loan(session, loan_id)
             deposits = by_loan[loan_id]
@@ -1048,7 +1068,7 @@ class Watcher:
                 if dep.state == DepositState.confirmed and confs < dep.required_confirmations:
                     dep.state, dep.excess_sats, dep.updated_at = DepositState.pending, 0, utcnow()
                     confirmed -= dep.amount_sats
-                    session.add(dep)
+                    changed.append(dep)
                     record(
                         session,
                         actor=ACTOR,
@@ -1073,7 +1093,7 @@ class Watcher:
                     )
                     confirmed += dep.amount_sats
                     dep.updated_at = utcnow()
-                    session.add(dep)
+                    changed.append(dep)
                     data = {
                         **_dep_data(dep),
                         "confirmations": confs,
@@ -1084,6 +1104,7 @@ class Watcher:
                     )
                     notify_loan(session, loan, "deposit.confirmed", data)
             self._move_loan(session, loan, confirmed, reason)
+        repository.update_settled(session, changed)
 
     def _move_loan(self, session: Session, loan: Loan, confirmed: int, reason: str) -> None:
         enough = confirmed >= loan.required_collateral_sats
@@ -1240,7 +1261,7 @@ class Watcher:
         return added
 
 
-def _dep_data(dep: Deposit | _NewDeposit) -> dict[str, Any]:
+def _dep_data(dep: Deposit | repository.DepositRow | _NewDeposit) -> dict[str, Any]:
     return {
         "txid": dep.txid,
         "vout": dep.vout,
@@ -1267,7 +1288,13 @@ def _announced_confirmed(dep: Deposit) -> bool:
     )
 
 
-def _retract(session: Session, loan: Loan, dep: Deposit, why: str, confirmations: int) -> None:
+def _retract(
+    session: Session,
+    loan: Loan,
+    dep: Deposit | repository.DepositRow,
+    why: str,
+    confirmations: int,
+) -> None:
     """Tell the loan's parties a confirmed deposit is not any more (`deposit.unconfirmed`,
     naming the block it had been confirmed in) and open the deposit's next epoch."""
     data = {**_dep_data(dep), "state": str(DepositState.pending), "confirmations": confirmations}
