@@ -63,6 +63,7 @@ from custody.reports import service as report_service
 from custody.risk import manual
 from custody.schemas import ID_MAX, refused_character
 from custody.screening import service as screening
+from custody.screening.export import flagged_csv as screening_export_csv
 from custody.screening.schemas import decision_out
 from custody.signer import service as signer_statements
 from custody.signing import broadcast, signatures
@@ -884,6 +885,24 @@ async def screening_queue(request: Request) -> Response:
 
     data = await run_in_threadpool(_read(request, work))
     return _page(request, "screening.html", ctx, data)
+
+
+@pages.get("/screening/decisions.csv")
+async def screening_export(request: Request) -> Response:
+    """The API's export for the bank's filing, as a download for a signed-in officer (the
+    API's route wants an API key, which a console session does not send)."""
+    ctx = await _signed_in(request)
+
+    def work() -> str:
+        with transaction(_engine(request), write=False) as session:
+            return screening_export_csv(session, ctx)
+
+    body = await run_in_threadpool(work)
+    return Response(
+        body,
+        media_type="text/csv; charset=utf-8",
+        headers={"Content-Disposition": 'attachment; filename="screening-decisions.csv"'},
+    )
 
 
 @pages.post("/screening/{decision_id}/resolution")

@@ -3,6 +3,10 @@ reason (audited, gone from the queue); an auditor reads it but has no buttons.""
 
 from __future__ import annotations
 
+import csv
+import io
+from pathlib import Path
+
 from sqlmodel import Session
 from support.console import Console, screenshot
 
@@ -53,3 +57,15 @@ def test_a_compliance_officer_clears_a_screening_from_the_queue(console: Console
         stored = s.get(ScreeningDecision, decision_id)
         assert stored is not None and stored.status == ScreeningStatus.cleared
         assert stored.resolved_by == "compliance_officer:user-compliance_officer"
+
+    # The export for the bank's filing downloads with the console's session (no API key).
+    with page.expect_download() as download:
+        page.click("#export")
+    rows = list(csv.DictReader(io.StringIO(Path(download.value.path()).read_text("utf-8"))))
+    [exported] = [r for r in rows if r["address"] == "bcrt1qreviewme"]
+    assert (exported["status"], exported["result"]) == ("cleared", "review")
+    assert download.value.suggested_filename == "screening-decisions.csv"
+    # A miner is refused the page's download as the API refuses it.
+    miner = console.enrol("miner")
+    r = miner.page.request.get(f"{console.url}/console/screening/decisions.csv")
+    assert r.status == 403
