@@ -63,6 +63,7 @@ from custody.loans.schemas import HDKeyIn, LoanCreate, LoanTermsIn
 from custody.loans.service import create_loan, register_key
 from pledge.network import NetworkName
 from regtest.faucet import COINBASE_MATURITY
+from regtest.kyc import approve_miner
 from regtest.node import RegtestNode
 from regtest.software_signer import SoftwareHDSigner
 
@@ -127,6 +128,21 @@ def populate(engine: Engine, count: int, prefix: str = "signing") -> People:
             principals[name], keys[name] = create_principal(
                 session, name=f"{prefix}-{name}", role=role, party_id=parties[kind], actor="bench"
             )
+        officer, _ = create_principal(
+            session,
+            name=f"{prefix}-compliance",
+            role=Role.compliance_officer,
+            party_id=parties[PartyKind.bank],
+            actor="bench",
+        )
+        # The miner through the compliance gate, or its loans never leave draft.
+        approve_miner(
+            session,
+            parties[PartyKind.miner],
+            editor=principals["operator"],
+            officer=officer,
+            network=NETWORK,
+        )
         ctx = {
             KeyRole.bank: Context(principal=principals["operator"], network=NETWORK),
             KeyRole.miner: Context(principal=principals["miner"], network=NETWORK),

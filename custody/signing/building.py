@@ -226,6 +226,26 @@ def _plan(
     return split, outputs, ev
 
 
+def _may_request(session: Session, ctx: Context, loan_id: int, params: RequestParams) -> Loan:
+    """The refusals that need nothing but the database: who asks, an open request, the
+    loan's state, the price. Checked before anything is screened or built, so a refused
+    request leaves no trace (not even a screening decision)."""
+    loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
+    require_role(ctx.principal, *WHO_REQUESTS[params.action])
+    if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
+        raise LoanNotFound()
+    if open_request_id(session, f"loan:{loan_id}"):
+        raise RequestAlreadyOpen(
+            f"loan {loan_id} already has an open signing request: finish or cancel it"
+        )
+    if loan.state not in FROM_STATES[params.action]:
+        raise LoanNotInState(
+            f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible"
+        )
+    _check_priced(session, loan, params)
+    return loan
+
+
 def create_request(
     session: Session,
     ctx: Context,
@@ -238,21 +258,9 @@ def create_request(
     but `chain` (a `PrefetchedChain` keeps that off the network). When the bank's signer
     holds the bank key, a liquidation must come priced by its valuation; `open_request`
     asks for it, and for the signer's statement, with no transaction open."""
-    loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
-    require_role(ctx.principal, *WHO_REQUESTS[params.action])
-    if ctx.principal.role == Role.arbiter and loan.arbiter_party_id != ctx.principal.party_id:
-        raise LoanNotFound()
+    loan = _may_request(session, ctx, loan_id, params)
     slot = f"loan:{loan_id}"
-    if open_request_id(session, slot):
-        raise RequestAlreadyOpen(
-            f"loan {loan_id} already has an open signing request: finish or cancel it"
-        )
-    if loan.state not in FROM_STATES[params.action]:
-        raise LoanNotInState(
-            f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible"
-        )
     descriptor = loan_descriptor(session, loan, ctx.network)
-    _check_priced(session, loan, params)
     screening.check_payouts(session, loan, params.action.value)  # the risk engine's too
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
@@ -298,8 +306,7 @@ def open_request(
     compliance officer has yet to clear, refuses it (409)."""
 
     with transaction(engine) as session:
-        loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
-        require_role(ctx.principal, *WHO_REQUESTS[params.action])
+        loan = _may_request(session, ctx, loan_id, params)
         key = bank_hsm_key(session, loan_id)
         loan_ref = signer_loan_ref(key) if key is not None else None
         txids = confirmed_txids(session, loan.id)
