@@ -228,7 +228,7 @@ def _plan(
 
 def _may_request(session: Session, ctx: Context, loan_id: int, params: RequestParams) -> Loan:
     """The refusals that need nothing but the database: who asks, an open request, the
-    loan's state, the price. Checked before anything is screened or built, so a refused
+    loan's state. Checked before anything is screened or built, so a refused
     request leaves no trace (not even a screening decision)."""
     loan = ensure_can_view(ctx.principal, loans_repository.loan(session, loan_id))
     require_role(ctx.principal, *WHO_REQUESTS[params.action])
@@ -242,7 +242,6 @@ def _may_request(session: Session, ctx: Context, loan_id: int, params: RequestPa
         raise LoanNotInState(
             f"loan {loan_id} is {loan.state}: a {params.action.value} is not possible"
         )
-    _check_priced(session, loan, params)
     return loan
 
 
@@ -261,6 +260,7 @@ def create_request(
     loan = _may_request(session, ctx, loan_id, params)
     slot = f"loan:{loan_id}"
     descriptor = loan_descriptor(session, loan, ctx.network)
+    _check_priced(session, loan, params)  # after open_request has asked for the valuation
     screening.check_payouts(session, loan, params.action.value)  # the risk engine's too
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
