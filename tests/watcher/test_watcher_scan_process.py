@@ -28,7 +28,12 @@ from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 from regtest.wait import wait_until
 
-pytestmark = pytest.mark.skipif(not scanfeed.can_fork(), reason="needs fork")
+
+@pytest.fixture(autouse=True)
+def _forks() -> None:
+    """The service runs on Linux, where the scanner forks: a machine where it cannot is a
+    failure here, never a skip."""
+    assert scanfeed.can_fork(), "the scanning child needs fork (Linux)"
 
 
 def _deposits(engine: Engine, loan_id: int) -> list[Deposit]:
@@ -146,10 +151,10 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.process
-@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
 def test_the_scanner_dies_with_a_killed_watcher(tmp_path: Path) -> None:
     """A SIGKILLed watcher leaves no scanner behind, even one waiting on a silent node
     (a listening socket that never answers: the child would wait out its 60 s timeout)."""
+    assert sys.platform == "linux", "PR_SET_PDEATHSIG is Linux's: the service runs there"
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
