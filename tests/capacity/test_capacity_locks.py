@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from custody.audit.service import record, verify_chain
 from custody.config import Settings
 from custody.db.migrate import current_revision, head_revision, upgrade
 from custody.db.models import AuditEvent, Party, PartyKind
-from custody.db.session import make_engine, transaction
+from custody.db.session import make_engine, pools, read_only_engine, transaction
 
 # Long enough for a loaded CI machine, far shorter than SQLite's 30 s busy timeout.
 PROMPT = 10.0
@@ -189,6 +190,9 @@ class _Statements:
     def __init__(self, engine: Engine) -> None:
         self.count = 0
         event.listen(engine, "before_cursor_execute", self._one)
+        reader = read_only_engine(engine)
+        if reader.pool is not engine.pool:  # PostgreSQL: reads have an engine of their own
+            event.listen(reader, "before_cursor_execute", self._one)
 
     def _one(self, _conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
         # SQLite's PRAGMA query_only is switched only when a pooled connection goes from
@@ -232,7 +236,9 @@ def test_no_connection_in_time_is_a_503_not_a_wait(db_url: str, engine: Engine) 
     tiny = make_engine(db_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
     try:
         with TestClient(create_app(Settings(database_url="sqlite://"), tiny)) as c:
-            with tiny.connect():  # the only connection, busy
+            with ExitStack() as busy_pools:  # the only connection of each pool, busy
+                for pool in pools(tiny):
+                    busy_pools.enter_context(closing(pool.connect()))
                 busy = c.get("/v1/me", headers=lender.headers())
             assert busy.status_code == 503, busy.text
             assert busy.json()["error"] == "busy" and busy.headers["retry-after"] == "1"

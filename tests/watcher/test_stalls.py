@@ -21,7 +21,7 @@ from support.world import World, build_world
 
 from custody.chain.rpc import NodeRpc
 from custody.db.models import AuditEvent, Deposit, Outbox
-from custody.db.session import make_engine, transaction
+from custody.db.session import make_engine, pools, transaction
 from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher, WatcherConfig
@@ -169,14 +169,18 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
         paid_txid, _ = regtest_node.faucet.pay(loan.address, 1_000_000)
         regtest_node.mine(1)
 
+        def deposit_state() -> str:
+            with Session(engine) as s:
+                return str(s.exec(select(Deposit).where(Deposit.txid == paid_txid)).one().state)
+
         def recovered() -> bool:
             w = _health(world)["watcher"]
             return not w["stalled"] and w["height"] == tip + 1 and w["failed_steps"] == 0
 
         wait_until(recovered, timeout=30, message=lambda: str(_health(world)))
-        with Session(engine) as s:
-            dep = s.exec(select(Deposit).where(Deposit.txid == paid_txid)).one()
-        assert dep.state == "confirmed"
+        # The block is applied first, its deposit screened after it in the same step:
+        # it counts as confirmed once screening has cleared it.
+        wait_until(lambda: deposit_state() == "confirmed", timeout=30, message=deposit_state)
         assert (_count(engine, "watcher.stalled"), _count(engine, "watcher.recovered")) == (1, 1)
         assert _queued(engine, "watcher.recovered") == 1
         with Session(engine) as s:
@@ -212,7 +216,7 @@ def test_health_asks_the_node_with_no_transaction_open(
         asking = threading.Thread(target=lambda: answers.append(_health(world)))
         asking.start()
         proxy.wait_for_waiting(1)  # the node answered; health waits for it
-        checked_out = api_engine.pool.checkedout()  # type: ignore[attr-defined]
+        checked_out = sum(pool.checkedout() for pool in pools(api_engine))  # type: ignore[attr-defined]
         proxy.release()
         asking.join(timeout=30)
     finally:
