@@ -47,7 +47,8 @@ class Settings(BaseSettings):
     api_port: int = 8080
     # Capacity. The API runs its endpoints on `api_threads` threads; each holds at most a
     # database connection or two while it runs, so the pool (`db_pool_size` plus
-    # `db_max_overflow`, per pool; PostgreSQL has two per process, writes and reads) should cover them. A request that waits longer than
+    # `db_max_overflow`, per pool; PostgreSQL has two per process, writes and reads)
+    # should cover them. A request that waits longer than
     # `db_pool_timeout_seconds` for a connection answers 503, and past
     # `api_limit_concurrency` connections and requests in flight uvicorn answers 503 at
     # once: overload is refused fast, never a queue that freezes the service.
