@@ -465,15 +465,15 @@ class Clock:
             row("C_Sign in the token", self.s("signer.hsm.sign"), self.n("signer.hsm.sign"), 2),
             row("the signer's node (HTTP round trips)", node_rpcs, self.n("signer.node.rpc"), 1),
             row(
-                "coins() scans (valuation + sign)",
-                self.s("signer.node.unspent_for_scripts"),
-                self.n("signer.node.unspent_for_scripts"),
+                "coin scans (valuation; sign if the tip moved)",
+                self.s("signer.node.unspent_at_tip"),
+                self.n("signer.node.unspent_at_tip"),
                 2,
             ),
             row(
                 "gettxout batches (in scans, input checks)",
-                self.s("signer.node.tx_outs"),
-                self.n("signer.node.tx_outs"),
+                self.s("signer.node._tx_outs"),
+                self.n("signer.node._tx_outs"),
                 2,
             ),
             row(
@@ -545,7 +545,7 @@ def storm(
             clock.wrap(core.seed, "sign_digests", "signer.seed.sign")
         # HTTP round trips: a single call or a JSON-RPC batch of them.
         clock.wrap(core.node, "_post", "signer.node.rpc")
-        for method in ("unspent_for_scripts", "tx_outs"):
+        for method in ("unspent_at_tip", "_tx_outs"):
             clock.wrap(core.node, method, f"signer.node.{method}")
         for method in REGISTRY_WRITES:
             clock.wrap(core.registry, method, "signer.registry.write")

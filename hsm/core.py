@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -87,6 +88,9 @@ log = logging.getLogger("hsm.core")
 
 _WINDOW: Final = timedelta(hours=24)
 _ACCOUNT_TRIES: Final = 8
+# Loans whose last confirmed-coin scan `confirmed_coins` keeps (a liquidation storm's
+# valuation and signature of one loan are one scan, not two).
+_COINS_SEEN: Final = 4096
 MAX_PRINCIPAL_KOPECKS: Final = 10**15
 BANK_KEY_KINDS: Final = ("hd", "fixed")
 REGISTER_KEYS: Final = {
@@ -163,7 +167,13 @@ class NodeView(Protocol):
     def tip_height(self) -> int: ...
     def tx_out(self, txid: str, vout: int) -> Any: ...
     def tx_outs(self, outpoints: Sequence[tuple[str, int]]) -> list[Any]: ...
+    def tx_outs_at_tip(
+        self, outpoints: Sequence[tuple[str, int]]
+    ) -> tuple[list[Any], str | None]: ...
     def unspent_for_scripts(self, scripts: Sequence[bytes], *, network: NetworkName) -> Any: ...
+    def unspent_at_tip(
+        self, scripts: Sequence[bytes], *, network: NetworkName
+    ) -> tuple[list[Any], str | None]: ...
     def transaction_confirmations(self, txid: str) -> int | None: ...
 
 
@@ -315,6 +325,11 @@ class SignerCore:
         self.cure_watch_gap = cure_watch_gap
         self.clock = clock
         self._sign_lock = threading.Lock()
+        # confirmed_coins: (loan, descriptor, highest index, gap) -> ((tip, need), coins).
+        self._coins_seen: OrderedDict[
+            tuple[str, str, int, int], tuple[tuple[str, int], tuple[Coin, ...]]
+        ] = OrderedDict()
+        self._coins_lock = threading.Lock()
         self._ops: dict[str, tuple[type[BaseModel], Callable[[Any], dict[str, Any]]]] = {
             "health": (_Empty, lambda _: self.health()),
             "enroll": (StatementBody, self._enroll),
@@ -827,17 +842,53 @@ class SignerCore:
         """Every unspent output of the loan's descriptor the signer's node shows, scanning
         both branches from index 0 to the highest index seen in use plus the gap (and
         further while coins keep turning up near the end)."""
+        return self._scan_at_tip(loan)[0]
+
+    def confirmed_coins(self, loan: LoanRecord, *, tip: str | None = None) -> list[Coin]:
+        """The loan's coins with the confirmations its terms need, as of the node's tip.
+
+        Read from the node, unless ``tip`` (a best block hash the node just gave) is the
+        very tip an earlier full scan of this loan was consistent at: a confirmed output
+        appears, gains confirmations or goes only with a new block (an output a mempool
+        transaction spends still counts, see ``NodeReader.tx_out``), so that scan's answer
+        is still the node's. Only this signer's own earlier reads are reused; with terms
+        that count unconfirmed coins nothing is."""
+        need = loan.terms.required_confirmations
+        key = (loan.loan_ref, loan.descriptor, loan.highest_index, self.address_gap)
+        if tip is not None and need >= 1:
+            with self._coins_lock:
+                seen = self._coins_seen.get(key)
+            if seen is not None and seen[0] == (tip, need):
+                return list(seen[1])
+        coins, at, highest = self._scan_at_tip(loan)
+        confirmed = [c for c in coins if c.confirmations >= need]
+        if at is not None and need >= 1:
+            # A scan from the highest index it found covers no more than this one did.
+            with self._coins_lock:
+                for k in {key, (*key[:2], highest, key[3])}:
+                    self._coins_seen[k] = ((at, need), tuple(confirmed))
+                    self._coins_seen.move_to_end(k)
+                while len(self._coins_seen) > _COINS_SEEN:
+                    self._coins_seen.popitem(last=False)
+        return confirmed
+
+    def _scan_at_tip(self, loan: LoanRecord) -> tuple[list[Coin], str | None, int]:
+        """``coins`` with the best block hash every read of it held at (None if the
+        tip moved during the scan) and the highest index in use it found."""
         descriptor = self._descriptor(loan)
         highest = loan.highest_index
         scanned = -1
         found: dict[tuple[str, int], Coin] = {}
+        tips: list[str | None] = []
         while True:
             limit = highest + self.address_gap
             scripts: dict[bytes, tuple[int, bool]] = {}
             for index in range(scanned + 1, limit + 1):
                 for change in (False, True):
                     scripts[descriptor.script_pubkey(index, change)] = (index, change)
-            for utxo in self.node.unspent_for_scripts(list(scripts), network=self.network):
+            utxos, tip = self.node.unspent_at_tip(list(scripts), network=self.network)
+            tips.append(tip)
+            for utxo in utxos:
                 index, change = scripts[bytes(utxo.script_pubkey)]
                 found[(utxo.txid, int(utxo.vout))] = Coin(
                     utxo.txid,
@@ -853,11 +904,8 @@ class SignerCore:
                 break
         if highest > loan.highest_index:
             self.registry.note_index(loan.loan_ref, highest)
-        return sorted(found.values(), key=lambda c: (c.txid, c.vout))
-
-    def confirmed(self, loan: LoanRecord, coins: Sequence[Coin]) -> list[Coin]:
-        need = loan.terms.required_confirmations
-        return [c for c in coins if c.confirmations >= need]
+        at = tips[0] if all(t is not None and t == tips[0] for t in tips) else None
+        return sorted(found.values(), key=lambda c: (c.txid, c.vout)), at, highest
 
     def debt_kopecks(self, loan: LoanRecord, at: datetime) -> tuple[int, int, int]:
         """(debt, repaid, credited): the terms' principal and interest, less the
@@ -881,7 +929,7 @@ class SignerCore:
         now = self.clock()
         fix = self.prices.fix()
         price: Decimal = fix.price_rub_per_btc
-        coins = self.confirmed(loan, self.coins(loan))
+        coins = self.confirmed_coins(loan)
         collateral = sum(c.amount_sats for c in coins)
         debt, repaid, credited = self.debt_kopecks(loan, now)
         t = loan.terms
@@ -1006,9 +1054,8 @@ class SignerCore:
         need = loan.terms.required_confirmations
         loan_scripts: set[bytes] = set()
         outpoints = [(inp.txid.hex(), int(inp.vout)) for inp in psbt.inputs]
-        for n, ((txid, vout), seen) in enumerate(
-            zip(outpoints, self.node.tx_outs(outpoints), strict=True)
-        ):
+        outs, tip = self.node.tx_outs_at_tip(outpoints)
+        for n, ((txid, vout), seen) in enumerate(zip(outpoints, outs, strict=True)):
             where = f"input {n} ({txid}:{vout})"
             if seen is None:
                 raise PolicyViolation(
@@ -1032,7 +1079,7 @@ class SignerCore:
                     f"{where} has {seen.confirmations} confirmation(s); the loan's terms "
                     f"need {need}",
                 )
-        coins = self.confirmed(loan, self.coins(loan))
+        coins = self.confirmed_coins(loan, tip=tip)
         change_index = _change_index(psbt, descriptor) if action == "partial_liquidation" else None
         watched = loan.highest_index + self.address_gap
         if change_index is not None and change_index[0] > watched:
@@ -1294,7 +1341,7 @@ class SignerCore:
         coins on the signer's own node: `hsm.policy.evaluate_proof_of_reserves` decides."""
         loan = self._known_loan(body.loan_ref)
         with self._sign_lock:
-            coins = self.confirmed(loan, self.coins(loan))
+            coins = self.confirmed_coins(loan)
             ctx = LoanContext(
                 network=check_network(loan.network),
                 descriptor=loan.descriptor,

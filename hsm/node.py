@@ -71,6 +71,7 @@ _IN_WARMUP = -28
 _SCAN_ATTEMPTS = 3
 # Outpoints asked per gettxout batch.
 _BATCH = 200
+_HEX = frozenset("0123456789abcdef")
 
 
 class NodeRpcError(SignerUnavailable):
@@ -124,7 +125,7 @@ def btc_to_sats(value: Decimal | float | int | str) -> int:
 
 
 def _check_outpoint(txid: str, vout: int) -> None:
-    if len(txid) != 64 or any(c not in "0123456789abcdefABCDEF" for c in txid):
+    if len(txid) != 64 or any(c not in _HEX for c in txid.lower()):
         raise ValueError("a txid is 64 hex digits")
     if isinstance(vout, bool) or not isinstance(vout, int) or vout < 0:
         raise ValueError("an output index is a non-negative integer")
@@ -331,17 +332,39 @@ class NodeReader:
         """``tx_out`` of each outpoint, in order. btcd: one batch for all of them (its
         ``gettxout ... true`` is already the answer ``tx_out`` wants); Core: one by one,
         as ``tx_out`` may have to ask it twice."""
+        return self._tx_outs(outpoints, with_tip=False)[0]
+
+    def tx_outs_at_tip(
+        self, outpoints: Sequence[tuple[str, int]]
+    ) -> tuple[list[UnspentOutput | None], str | None]:
+        """``tx_outs`` and the best block hash the node had once it answered them (btcd:
+        asked last in the same batch, which it runs in order; Core: None). A caller that
+        read a script's confirmed coins at that same tip knows they still stand."""
+        return self._tx_outs(outpoints, with_tip=True)
+
+    def _tx_outs(
+        self, outpoints: Sequence[tuple[str, int]], *, with_tip: bool
+    ) -> tuple[list[UnspentOutput | None], str | None]:
         for txid, vout in outpoints:
             _check_outpoint(txid, vout)
         if self.kind() != "btcd":
-            return [self.tx_out(txid, vout) for txid, vout in outpoints]
+            return [self.tx_out(txid, vout) for txid, vout in outpoints], None
         found: list[UnspentOutput | None] = []
-        for start in range(0, len(outpoints), _BATCH):
-            chunk = outpoints[start : start + _BATCH]
-            replies = self._batch([("gettxout", (t, v, True)) for t, v in chunk])
+        tip: str | None = None
+        chunks = [outpoints[i : i + _BATCH] for i in range(0, len(outpoints), _BATCH)]
+        if with_tip and not chunks:
+            chunks = [[]]
+        for n, chunk in enumerate(chunks):
+            calls: list[tuple[str, Sequence[Any]]] = [("gettxout", (t, v, True)) for t, v in chunk]
+            ask_tip = with_tip and n == len(chunks) - 1
+            if ask_tip:
+                calls.append(("getbestblockhash", ()))
+            replies = self._batch(calls)
+            if ask_tip:
+                tip = _tip_hash(replies.pop())
             for (txid, vout), reply in zip(chunk, replies, strict=True):
                 found.append(_unspent(txid, vout, _gettxout_result(reply)))
-        return found
+        return found, tip
 
     def _gettxout(self, txid: str, vout: int, *, include_mempool: bool) -> dict[str, Any] | None:
         try:
@@ -383,16 +406,27 @@ class NodeReader:
         As in ``tx_out``, an output only a mempool transaction spends is still listed.
         Callers that need confirmed coins filter on ``confirmations``.
         """
+        return self.unspent_at_tip(scripts, network=network)[0]
+
+    def unspent_at_tip(
+        self, scripts: Sequence[bytes], *, network: NetworkName
+    ) -> tuple[list[UnspentOutput], str | None]:
+        """``unspent_for_scripts`` and the best block hash the whole answer holds at: the
+        tip the address histories were read at, when it was still the tip once every
+        candidate's ``gettxout`` had been answered; None when that is not known (the tip
+        moved meanwhile, Core, or no scripts)."""
         wanted = list(dict.fromkeys(bytes(s) for s in scripts))
         if not wanted:
-            return []
+            return [], None
+        scanned_at: str | None = None
         if self.kind() == "btcd":
-            candidates = self._btcd_candidates(wanted, network)
+            candidates, scanned_at = self._btcd_candidates(wanted, network)
         else:
             candidates = self._core_candidates(wanted)
         wanted_set = set(wanted)
-        outs = self.tx_outs(list(dict.fromkeys(candidates)))
-        return [o for o in outs if o is not None and o.script_pubkey in wanted_set]
+        outs, answered_at = self.tx_outs_at_tip(list(dict.fromkeys(candidates)))
+        tip = scanned_at if scanned_at is not None and scanned_at == answered_at else None
+        return [o for o in outs if o is not None and o.script_pubkey in wanted_set], tip
 
     def has_history(self, script: bytes, *, network: NetworkName) -> bool:
         """Has any transaction ever paid or spent from ``script``? For gap-limit scanning.
@@ -418,8 +452,11 @@ class NodeReader:
             result = exc
         return _search_page(result)
 
-    def _btcd_candidates(self, wanted: list[bytes], network: NetworkName) -> list[tuple[str, int]]:
-        """Outpoints paying ``wanted`` in every transaction of their addresses' history.
+    def _btcd_candidates(
+        self, wanted: list[bytes], network: NetworkName
+    ) -> tuple[list[tuple[str, int]], str]:
+        """Outpoints paying ``wanted`` in every transaction of their addresses' history,
+        and the best block hash they were read at.
 
         Pages of the confirmed history are only consistent while the chain stays put,
         so the scan is repeated if the tip moved meanwhile. The tip, every address's
@@ -458,7 +495,7 @@ class NodeReader:
             if read_on:
                 tips.append(self._call("getbestblockhash"))
             if all(tip == tips[0] for tip in tips):
-                return candidates
+                return candidates, _tip_hash(tips[0])
         raise SignerUnavailable("the signer's node kept changing its chain during a scan")
 
     def _address_history(
@@ -525,6 +562,14 @@ def _batch_result(reply: Any) -> Any:
     if isinstance(reply, NodeRpcError):
         raise reply
     return reply
+
+
+def _tip_hash(reply: Any) -> str:
+    """A ``getbestblockhash`` answer (a batch entry): 64 hex digits, or SignerUnavailable."""
+    tip = _batch_result(reply)
+    if not isinstance(tip, str) or len(tip) != 64 or any(c not in _HEX for c in tip.lower()):
+        raise SignerUnavailable("the signer's node sent a malformed getbestblockhash reply")
+    return tip.lower()
 
 
 def _unspent(txid: str, vout: int, result: dict[str, Any] | None) -> UnspentOutput | None:

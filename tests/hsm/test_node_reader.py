@@ -204,7 +204,8 @@ def test_a_loans_scan_is_two_round_trips_to_btcd(
     regtest_node: RegtestNode, reader: NodeReader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """btcd closes its connection after each reply: the scan of six scripts, two of them
-    paid, is one batch for the tip and history and one for the outputs, not ten calls."""
+    paid, is one batch for the tip and history and one for the outputs (and the tip again,
+    which says the answer holds at one block), not ten calls."""
     owners = [Faucet(regtest_node.rpc) for _ in range(2)]
     paid = [regtest_node.faucet.pay(o.address, 21_000 + i) for i, o in enumerate(owners)]
     regtest_node.mine(1)
@@ -220,9 +221,42 @@ def test_a_loans_scan_is_two_round_trips_to_btcd(
         return post(payload, method, timeout)
 
     monkeypatch.setattr(reader, "_post", counted)
-    found = reader.unspent_for_scripts(scripts, network="regtest")
+    found, tip = reader.unspent_at_tip(scripts, network="regtest")
     assert sorted((o.txid, o.vout) for o in found) == sorted(paid)
-    assert [len(p) for p in posts] == [8, 2]  # tip, 6 pages, tip; then 2 gettxout
+    assert [len(p) for p in posts] == [8, 3]  # tip, 6 pages, tip; then 2 gettxout, tip
+    assert tip == regtest_node.rpc.call("getbestblockhash")
+
+
+@pytest.mark.node
+def test_a_scan_names_its_tip_only_if_the_tip_held_throughout(
+    regtest_node: RegtestNode, reader: NodeReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signer reuses a scan only at the tip it names: a block found between the
+    history batch and the gettxout batch leaves it unnamed (None), so nothing reuses it."""
+    owner = Faucet(regtest_node.rpc)
+    regtest_node.faucet.pay(owner.address, 33_000)
+    regtest_node.mine(1)
+    script = owner.script_pubkey.data
+    found, tip = reader.unspent_at_tip([script], network="regtest")
+    assert len(found) == 1 and tip == regtest_node.rpc.call("getbestblockhash")
+    outs, at = reader.tx_outs_at_tip([])
+    assert outs == [] and at == tip
+
+    batch = reader._batch
+    batches: list[int] = []
+
+    def a_block_after_the_history(calls: Any) -> list[Any]:
+        replies = batch(calls)
+        batches.append(len(calls))
+        if len(batches) == 1:
+            regtest_node.mine(1)
+        return replies
+
+    monkeypatch.setattr(reader, "_batch", a_block_after_the_history)
+    found, tip = reader.unspent_at_tip([script], network="regtest")
+    assert len(found) == 1 and found[0].confirmations == 2
+    assert tip is None
+    assert batches == [3, 2]
 
 
 @pytest.mark.node

@@ -84,6 +84,7 @@ class SignerWorld:
     serve_url: str | None = None
     serve_token: str | None = None
     serve_log: Path | None = None  # hsm serve's output (one JSON object per log line)
+    core: Any = None  # in-process worlds: the SignerCore itself (hsm.core), to watch it work
 
     def __init__(
         self,
@@ -439,6 +440,7 @@ def in_process_world(
             registry=lambda: core.registry,
         )
         sw.shares = make_share_set(core.seed, core.registry, OFFICERS, 3, base / "shares")
+        sw.core = core
         yield sw
     finally:
         core.close()
