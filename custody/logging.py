@@ -239,6 +239,13 @@ def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, handlers=[handler])
     # One line per node RPC call drowns the watcher's own events.
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_structlog(level)
+
+
+def configure_structlog(level: str = "INFO") -> None:
+    """structlog's half of `configure_logging`: one redacted JSON line per event, a
+    traceback as plain text in it. (Left unconfigured, structlog renders for a terminal
+    and draws each traceback with Rich, which costs far more than the request did.)"""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -17,10 +17,19 @@ from support.databases import copy_sqlite, migrate
 
 from custody.config import Settings
 from custody.db.session import make_engine
+from custody.logging import configure_structlog
 from custody.root import Root
 from custody.watcher.service import Watcher
 from regtest.node import RegtestNode
 from regtest.postgres import PostgresServer
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The service's own structlog set-up in every test process, as in production: its
+    default renders for a terminal and drew every 500's traceback with Rich, most of the
+    CPU of a test that provokes a few (std logging is left to pytest's capture)."""
+    configure_structlog()
+
 
 pytest_plugins = [
     "regtest.pytest_plugin",
