@@ -123,10 +123,19 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
                 and body["node"] == {"reachable": True, "tip_height": tip}
             )
 
+        def metrics_say_watching() -> bool:
+            """The same, scraped. Asked until it holds: the quiet limit is 4 polls (0.2 s),
+            so on a busy machine a scrape can fall in a gap between two steps."""
+            seen = _metrics(world)
+            return (
+                seen.get("custody_watcher_height") == tip
+                and seen.get("custody_node_tip_height") == tip
+                and seen.get("custody_watcher_stalled") == 0
+                and seen.get("custody_node_reachable") == 1
+            )
+
         wait_until(watching, timeout=30, message=lambda: str(_health(world)))
-        seen = _metrics(world)
-        assert seen["custody_watcher_height"] == tip and seen["custody_node_tip_height"] == tip
-        assert seen["custody_watcher_stalled"] == 0 and seen["custody_node_reachable"] == 1
+        wait_until(metrics_say_watching, timeout=30, message=lambda: str(_metrics(world)))
 
         proxy.hold()  # the node stops answering: every step times out
         held_at = time.monotonic()
