@@ -1,5 +1,6 @@
 """Schemathesis over the whole OpenAPI, against a real `custody serve` on SQLite and on
-PostgreSQL, once per kind of caller (the admin, a bank operator, a miner, an arbiter, nobody).
+PostgreSQL, once per kind of caller (the admin, a bank operator, a miner, an arbiter, nobody;
+on PostgreSQL the first three).
 
 Every operation, every phase (the schema's examples, its coverage of edges and bad
 values, random valid and invalid data, stateful sequences along the links Schemathesis
@@ -50,6 +51,11 @@ LOCAL = UrlPolicy.for_network("regtest")
 # routes, and refusals of the staff's), nobody (every route's 401). The approver's and the
 # auditor's rights are the authorization matrix's (tests/api/test_authorization.py).
 CALLERS = ("admin", "bank_operator", "miner", "arbiter", None)
+# On PostgreSQL the callers whose routes write the most: what differs there is how the
+# database takes writes (locks, constraints, the read-only reader pool), not who may call
+# what. The arbiter's routes are a subset of the miner's kind, and nobody's is a 401
+# everywhere, which SQLite's run covers. (Both on both took ~16 of the suite's CPU-minutes.)
+CALLERS_ON = {"sqlite": CALLERS, "postgresql": ("admin", "bank_operator", "miner")}
 
 
 def _populate(world: World, node: RegtestNode, watcher: Watcher) -> dict[str, list[int]]:
@@ -137,7 +143,7 @@ def test_schemathesis_finds_no_server_error_no_mismatch_and_no_change_on_refusal
     failures: list[str] = []
     outputs: list[str] = []
     with custody_serve(db_url, tmp_path / "serve", **parts) as server:
-        for who in CALLERS:
+        for who in CALLERS_ON[engine.dialect.name]:
             reports = tmp_path / "reports" / (who or "anonymous")
             auth = [] if who is None else ["-H", f"Authorization: Bearer {world.api_keys[who]}"]
             env = {
