@@ -838,12 +838,6 @@ class SignerCore:
     def _descriptor(self, loan: LoanRecord) -> CollateralDescriptor:
         return parse_collateral_descriptor(loan.descriptor, check_network(loan.network))
 
-    def coins(self, loan: LoanRecord) -> list[Coin]:
-        """Every unspent output of the loan's descriptor the signer's node shows, scanning
-        both branches from index 0 to the highest index seen in use plus the gap (and
-        further while coins keep turning up near the end)."""
-        return self._scan_at_tip(loan)[0]
-
     def confirmed_coins(self, loan: LoanRecord, *, tip: str | None = None) -> list[Coin]:
         """The loan's coins with the confirmations its terms need, as of the node's tip.
 
@@ -873,8 +867,10 @@ class SignerCore:
         return confirmed
 
     def _scan_at_tip(self, loan: LoanRecord) -> tuple[list[Coin], str | None, int]:
-        """``coins`` with the best block hash every read of it held at (None if the
-        tip moved during the scan) and the highest index in use it found."""
+        """Every unspent output of the loan's descriptor the signer's node shows, scanning
+        both branches from index 0 to the highest index seen in use plus the gap (and
+        further while coins keep turning up near the end); the best block hash every read
+        of it held at (None if the tip moved during the scan); the highest index in use."""
         descriptor = self._descriptor(loan)
         highest = loan.highest_index
         scanned = -1

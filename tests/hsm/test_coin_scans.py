@@ -7,15 +7,13 @@ scanned again, and the PSBT is judged on what the node shows then."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.signer_world import Loan, SignerWorld, in_process_world
+from support.signer_world import Loan, SignerWorld, in_process_world, matured
 
 from hsm.signer import PolicyViolation
-from pledge.statements import iso
 from regtest.node import RegtestNode
 from regtest.price_feed import price_feed
 from regtest.softhsm import SoftHsmToken
@@ -50,18 +48,6 @@ def scan_world(
     ):
         world.bank_key = "hd"
         yield world, Scans(world.core)
-
-
-def matured(world: SignerWorld) -> Loan:
-    """Past maturity with a debt: the signer's own verdict is liquidate."""
-    now = datetime.now(UTC)
-    loan = world.register_loan(
-        principal_kopecks=5_000_000,
-        start_at=iso(now - timedelta(days=2)),
-        maturity_at=iso(now - timedelta(days=1)),
-    )
-    world.fund(loan, 1_000_000)
-    return loan
 
 
 def liquidate(world: SignerWorld, loan: Loan, psbt: str, valuation: dict[str, Any]) -> Any:

@@ -73,6 +73,7 @@ from support.signer_world import (
     Loan,
     SignerWorld,
     expires,
+    matured,
     software_party,
 )
 
@@ -160,18 +161,6 @@ def released(world: SignerWorld, sats: int = 500_000) -> tuple[Loan, str, dict[s
     world.fund(loan, sats)
     psbt = world.release_psbt(loan)
     return loan, psbt, world.prepare(loan, "release", psbt)
-
-
-def matured(world: SignerWorld, sats: int = 1_000_000) -> Loan:
-    """A loan past its maturity with 50,000 RUB owed: the signer's verdict is liquidate."""
-    now = datetime.now(UTC)
-    loan = world.register_loan(
-        principal_kopecks=5_000_000,
-        start_at=iso(now - timedelta(days=2)),
-        maturity_at=iso(now - timedelta(days=1)),
-    )
-    world.fund(loan, sats)
-    return loan
 
 
 def liquidatable(world: SignerWorld) -> tuple[Loan, dict[str, Any], str]:

@@ -299,6 +299,18 @@ class SignerWorld:
 # --------------------------------------------------------------------------- building
 
 
+def matured(world: SignerWorld, sats: int = 1_000_000) -> Loan:
+    """A loan past its maturity with 50,000 RUB owed: the signer's verdict is liquidate."""
+    now = datetime.now(UTC)
+    loan = world.register_loan(
+        principal_kopecks=5_000_000,
+        start_at=iso(now - timedelta(days=2)),
+        maturity_at=iso(now - timedelta(days=1)),
+    )
+    world.fund(loan, sats)
+    return loan
+
+
 def bank_hd_key(record: dict[str, Any]) -> HDKey:
     """The bank key of an HD loan as the signer recorded it."""
     key = parse_collateral_descriptor(str(record["descriptor"]), "regtest").keys[1]
