@@ -7,11 +7,15 @@ import os
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
+from sqlalchemy import insert
 from sqlalchemy.engine import Engine
 from sqlmodel import select
+from support import dbsnapshot
 from support.dbsnapshot import changed_tables, snapshot
 from support.signer_world import free_port
 
@@ -31,6 +35,43 @@ def test_snapshot_sees_a_changed_row_and_nothing_else(db_url: str, engine: Engin
         party = session.exec(select(Party)).one()
         party.name = "q"
         session.add(party)
+    assert changed_tables(before, snapshot(db_url)) == ["party"]
+
+
+def test_a_read_with_no_commit_since_the_last_reuses_its_digests(
+    db_url: str, engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with transaction(engine) as session:
+        session.add(Party(name="p", kind=PartyKind.miner))
+    digests = 0
+    kind = "_sqlite" if db_url.startswith("sqlite") else "_postgres"
+    real: Callable[[str], dict[str, str]] = getattr(dbsnapshot, kind)
+
+    def counted(where: str) -> dict[str, str]:
+        nonlocal digests
+        digests += 1
+        return real(where)
+
+    monkeypatch.setattr(dbsnapshot, kind, counted)
+    first = snapshot(db_url)
+    assert snapshot(db_url) == first and digests == 1
+    with transaction(engine) as session:
+        session.add(Party(name="q", kind=PartyKind.arbiter))
+    assert changed_tables(first, snapshot(db_url)) == ["party"] and digests == 2
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite: one writer at once
+def test_a_write_begun_before_the_first_read_and_committed_after_is_seen(
+    db_url: str, engine: Engine
+) -> None:
+    """The attack on a token of "the newest transaction id" alone: a writer that took its id
+    before a later one committed leaves that number as it was when it commits itself."""
+    with engine.connect() as early:
+        early.execute(insert(Party).values(name="early", kind=PartyKind.miner))  # takes its id
+        with transaction(engine) as session:  # a later writer, committed at once
+            session.add(Party(name="later", kind=PartyKind.miner))
+        before = snapshot(db_url)
+        early.commit()
     assert changed_tables(before, snapshot(db_url)) == ["party"]
 
 
