@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 
@@ -27,12 +28,35 @@ class UndeclaredError(AssertionError):
 Declared = dict[tuple[str, str], dict[str, frozenset[str] | None]]
 
 
+# Every test assembles an app of its own, and FastAPI builds the document anew for each
+# (about half a second, most of what an error-path test costs). The routers are module-level,
+# so apps with the same documented routes (path, methods, endpoint function) declare the
+# same errors.
+_by_routes: dict[tuple[Any, ...], Declared] = {}
+
+
+def _routes_key(app: FastAPI) -> tuple[Any, ...]:
+    return (
+        app.title,
+        app.version,
+        tuple(  # what the document is made of (FastAPI's own docs routes are not in it)
+            (r.path, tuple(sorted(r.methods or ())), r.endpoint)
+            for r in app.routes
+            if isinstance(r, APIRoute) and r.include_in_schema
+        ),
+    )
+
+
 def _declared(app: FastAPI) -> Declared:
     """(METHOD, path template) -> {status: the declared codes (None: no enum)}, read once
-    per app from its OpenAPI document."""
+    per app from its OpenAPI document (once per set of routes)."""
     cached: Declared | None = getattr(app.state, "declared_errors", None)
     if cached is not None:
         return cached
+    key = _routes_key(app)
+    if (shared := _by_routes.get(key)) is not None:
+        app.state.declared_errors = shared
+        return shared
     doc = app.openapi()
     out: dict[tuple[str, str], dict[str, frozenset[str] | None]] = {}
     for path, operations in doc["paths"].items():
@@ -43,7 +67,7 @@ def _declared(app: FastAPI) -> Declared:
                 enum = schema.get("properties", {}).get("error", {}).get("enum")
                 statuses[status] = frozenset(enum) if enum is not None else None
             out[(method.upper(), path)] = statuses
-    app.state.declared_errors = out
+    app.state.declared_errors = _by_routes[key] = out
     return out
 
 
