@@ -21,7 +21,10 @@ def test_the_load_bench_reports_each_rate_with_its_counts() -> None:
         # A trivial load: every request of the mix answered as expected (the warm-up has
         # already sent each kind once and checked its status).
         assert row.errors == {}, row.errors
-        assert 0 < row.p50_ms <= row.p99_ms <= row.max_ms < 1e3 * report.client.timeout
+        assert 0 < row.p50_ms <= row.p99_ms <= row.max_ms
+        # Latency runs from the due time, so a client that started late (a busy machine)
+        # may report more than its timeout; what it waited once it sent is under it.
+        assert all(o.latency - o.lag < report.client.timeout for o in row.outcomes), row
     # Each new address answered 201 is a row in the database (nothing timed out).
     assert report.addresses_made == report.new_addresses_ok()
 
