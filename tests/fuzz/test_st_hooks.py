@@ -54,10 +54,18 @@ def test_a_read_with_no_commit_since_the_last_reuses_its_digests(
 
     monkeypatch.setattr(dbsnapshot, kind, counted)
     first = snapshot(db_url)
-    assert snapshot(db_url) == first and digests == 1
+    # PostgreSQL's token is the server's: autovacuum may move it now and then, so of a few
+    # reads in a row at least one must have reused the digests (on SQLite, all of them).
+    reuses = 0
+    for _ in range(5):
+        seen = digests
+        assert snapshot(db_url) == first
+        reuses += digests == seen
+    assert reuses == 5 if db_url.startswith("sqlite") else reuses >= 1
     with transaction(engine) as session:
         session.add(Party(name="q", kind=PartyKind.arbiter))
-    assert changed_tables(first, snapshot(db_url)) == ["party"] and digests == 2
+    digested = digests
+    assert changed_tables(first, snapshot(db_url)) == ["party"] and digests == digested + 1
 
 
 @pytest.mark.parametrize("db_url", ["postgres"], indirect=True)  # SQLite: one writer at once
