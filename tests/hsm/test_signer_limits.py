@@ -18,10 +18,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from support.signer_world import Loan, SignerWorld, in_process_world, serve_world
+from support.signer_world import Loan, SignerWorld, in_process_world, matured, serve_world
 
 from hsm.signer import PolicyViolation
-from pledge.statements import iso
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken
@@ -111,14 +110,9 @@ def assert_refused(
     return info.value
 
 
-def matured(world: SignerWorld, sats: int) -> tuple[Loan, dict[str, Any]]:
-    now = datetime.now(UTC)
-    loan = world.register_loan(
-        principal_kopecks=5_000_000,
-        start_at=iso(now - timedelta(days=2)),
-        maturity_at=iso(now - timedelta(days=1)),
-    )
-    world.fund(loan, sats)
+def matured_valued(world: SignerWorld, sats: int) -> tuple[Loan, dict[str, Any]]:
+    """A matured loan (`support.signer_world.matured`) and the signer's liquidate verdict."""
+    loan = matured(world, sats)
     valuation = world.client.valuation(loan.loan_ref)
     assert valuation["verdict"] == "liquidate", valuation
     return loan, valuation
@@ -175,7 +169,7 @@ def test_a_second_release_that_brings_the_day_over_the_limit(limited_world: Sign
 
 def test_an_automatic_liquidation_above_the_daily_limit(limited_world: SignerWorld) -> None:
     world = limited_world
-    loan, valuation = matured(world, DAILY_LIMIT_SATS + 200_000)
+    loan, valuation = matured_valued(world, DAILY_LIMIT_SATS + 200_000)
     psbt = world.liquidation_psbt(loan, valuation)
     assert_refused(
         world,
@@ -218,7 +212,7 @@ def _aged(valuation: dict[str, Any]) -> None:
 
 def test_an_automatic_liquidation_on_a_stale_valuation(impatient_world: SignerWorld) -> None:
     world = impatient_world
-    loan, valuation = matured(world, 1_000_000)
+    loan, valuation = matured_valued(world, 1_000_000)
     psbt = world.liquidation_psbt(loan, valuation)
     _aged(valuation)
     refusal = assert_refused(
@@ -238,7 +232,7 @@ def test_an_automatic_liquidation_on_a_stale_valuation(impatient_world: SignerWo
 
 def test_a_liquidation_statement_on_a_stale_valuation(impatient_world: SignerWorld) -> None:
     world = impatient_world
-    loan, valuation = matured(world, 1_000_000)
+    loan, valuation = matured_valued(world, 1_000_000)
     psbt = world.liquidation_psbt(loan, valuation)
     _aged(valuation)
     assert_refused(
