@@ -164,6 +164,7 @@ class StepResult:
     blocks_rolled_back: int = 0
     mempool_deposits: int = 0
     removed: int = 0
+    screened: int = 0  # deposit screenings decided (at most PENDING_PER_STEP a batch)
     height: int = 0
 
 
@@ -721,7 +722,7 @@ class Watcher:
                     self._position = (cursor.height, cursor.block_hash)
                     result.blocks_applied += 1
         result.mempool_deposits, result.removed = self._sync_mempool()
-        self._screen_pending()
+        result.screened = self._screen_pending()
         result.height = cursor.height
         return result
 
@@ -764,6 +765,7 @@ class Watcher:
             self._settle(session, loans, self._position[0], reason="screening")
             session.commit()
         return len(outcomes)
+
     @contextmanager
     def _block_scans(self, first: int, last: int) -> Iterator[Iterator[tuple[int, BlockScan]]]:
         """The scans of blocks `first`..`last`, each taken after the block before it was
