@@ -39,6 +39,33 @@ def decision_locked(session: Session, decision_id: int) -> ScreeningDecision | N
     return session.get(ScreeningDecision, decision_id, with_for_update=True, populate_existing=True)
 
 
+def decisions_locked(
+    session: Session,
+    *,
+    ids: Sequence[int] = (),
+    deposit_keys: Sequence[str] = (),
+) -> list[ScreeningDecision]:
+    """Many rows as committed now (by id, or by a deposit's `txid:vout`), locked as
+    `decision_locked` locks one: a query per `CHUNK`, in id order (two lockers of
+    overlapping sets never wait on each other crosswise)."""
+    wheres = [
+        col(ScreeningDecision.id).in_(ids[i : i + CHUNK]) for i in range(0, len(ids), CHUNK)
+    ] + [
+        col(ScreeningDecision.deposit_key).in_(deposit_keys[i : i + CHUNK])
+        for i in range(0, len(deposit_keys), CHUNK)
+    ]
+    found: list[ScreeningDecision] = []
+    for where in wheres:
+        found += session.exec(
+            select(ScreeningDecision)
+            .where(where)
+            .order_by(col(ScreeningDecision.id))
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).all()
+    return found
+
+
 def held_outpoints(session: Session, loan_ids: Sequence[int]) -> set[tuple[str, int]]:
     """(txid, vout) of these loans' deposits that screening holds out of collateral."""
     held: set[tuple[str, int]] = set()

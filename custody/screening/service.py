@@ -4,9 +4,12 @@ officer, and what it does to collateral.
 
 No transaction is open across a call to the node or a provider: the subject is persisted
 `pending` first (the watcher inserts it with its deposit), the providers are asked, and the
-outcome is recorded in a transaction of its own (`record_outcome`, which skips a decision
+outcome is recorded in a transaction of its own (`record_outcomes`, which skips a decision
 that is no longer pending, so a replay records nothing twice). A crash in between leaves
-the decision `pending`: the watcher's next step asks again.
+the decision `pending`: the watcher's next step asks again. When nothing would be called
+out (only the bank's lists, and none that needs the funding transaction's inputs from the
+node) the deposit is decided in the transaction that inserts it (`decide_inline`), so a
+crash leaves neither.
 
 A deposit counts as collateral only when its decision is `clear` or `cleared`: until then
 the watcher leaves it `pending` (never `confirmed`), so the loan does not activate on it
@@ -132,6 +135,12 @@ class Screener:
             )
         return found
 
+    def offline(self, lists: Lists) -> bool:
+        """Whether a deposit is decided with no call out: no HTTP provider, and none that
+        reads the funding transaction's inputs from the node."""
+        providers = self.providers(lists)
+        return all(isinstance(p, BuiltinProvider) and not p.needs_inputs for p in providers)
+
     def screen_deposit(
         self, lists: Lists, txid: str, vout: int, amount_sats: int
     ) -> tuple[Decision, TransactionSubject]:
@@ -209,6 +218,9 @@ def pending_deposit_row(loan_id: int, txid: str, vout: int, amount_sats: int) ->
     }
 
 
+Outcome = tuple[Decision, Sequence[Input]]  # what the providers said, and the inputs read
+
+
 def record_outcome(
     session: Session,
     decision_id: int,
@@ -218,9 +230,28 @@ def record_outcome(
 ) -> ScreeningDecision | None:
     """Record what the providers said of a pending screening (None if it was recorded
     already: a replay changes nothing). Audited; a block alerts the bank."""
-    row = repository.decision_locked(session, decision_id)
-    if row is None or row.status != ScreeningStatus.pending:
+    rows = repository.decisions_locked(session, ids=[decision_id])
+    return _record(session, rows[0], (decision, inputs), actor) if rows else None
+
+
+def record_outcomes(
+    session: Session, outcomes: dict[int, Outcome], actor: str
+) -> list[ScreeningDecision]:
+    """`record_outcome` for many decisions (by id), their rows read and locked together."""
+    recorded: list[ScreeningDecision] = []
+    for row in repository.decisions_locked(session, ids=sorted(outcomes)):
+        assert row.id is not None
+        if _record(session, row, outcomes[row.id], actor) is not None:
+            recorded.append(row)
+    return recorded
+
+
+def _record(
+    session: Session, row: ScreeningDecision, outcome: Outcome, actor: str
+) -> ScreeningDecision | None:
+    if row.status != ScreeningStatus.pending:
         return None
+    decision, inputs = outcome
     row.status = ScreeningStatus(decision.result.value)
     row.result, row.score = decision.result.value, decision.score
     row.reasons = json.dumps(decision.reasons)
@@ -243,6 +274,33 @@ def record_outcome(
     if decision.result == Result.block:
         _alert_block(session, row, actor, "; ".join(decision.reasons))
     return row
+
+
+def decide_inline(
+    session: Session, screener: Screener, rows: Sequence[dict[str, Any]], actor: str
+) -> list[ScreeningDecision]:
+    """Decide deposit screenings just inserted pending (`pending_deposit_row`) in the
+    caller's transaction, when that needs no call out (`Screener.offline`: the bank's
+    lists, read in this transaction, and no HTTP provider). Otherwise they stay pending
+    for the watcher's pass, which asks with no transaction open. The decided rows are
+    returned; a clear one is marked `settle_pending` as any is."""
+    if not rows:
+        return []
+    lists = load_lists(session, screener.config.review_inputs_over)
+    if not screener.offline(lists):
+        return []
+    outcomes: dict[str, Outcome] = {}
+    for pending in rows:
+        decision, subject = screener.screen_deposit(
+            lists, pending["txid"], pending["vout"], pending["amount_sats"]
+        )
+        outcomes[pending["deposit_key"]] = (decision, subject.inputs)
+    decided: list[ScreeningDecision] = []
+    for row in repository.decisions_locked(session, deposit_keys=sorted(outcomes)):
+        assert row.deposit_key is not None
+        if _record(session, row, outcomes[row.deposit_key], actor) is not None:
+            decided.append(row)
+    return decided
 
 
 def _alert_block(session: Session, row: ScreeningDecision, actor: str, why: str) -> None:
@@ -304,11 +362,16 @@ def held_outpoints(session: Session, loan_ids: Sequence[int]) -> set[tuple[str, 
 def take_loans_to_settle(session: Session) -> list[int]:
     """The loans whose deposits a decision let count, the marks cleared (the caller
     settles them in this transaction)."""
+    return take_loans_of(repository.decisions_to_settle(session))
+
+
+def take_loans_of(rows: Sequence[ScreeningDecision]) -> list[int]:
+    """`take_loans_to_settle` among these decisions (rows of the caller's session)."""
     loans: set[int] = set()
-    for row in repository.decisions_to_settle(session):
-        loans.add(row.loan_id)
-        row.settle_pending = False
-        session.add(row)
+    for row in rows:
+        if row.settle_pending:
+            loans.add(row.loan_id)
+            row.settle_pending = False
     return sorted(loans)
 
 

@@ -164,7 +164,9 @@ class StepResult:
     blocks_rolled_back: int = 0
     mempool_deposits: int = 0
     removed: int = 0
-    screened: int = 0  # deposit screenings decided (at most PENDING_PER_STEP a batch)
+    # Deposit screenings decided: with their block when no provider calls out, else by
+    # the step's pass (at most PENDING_PER_STEP).
+    screened: int = 0
     height: int = 0
 
 
@@ -233,14 +235,16 @@ class _Rows:
             self.requests[txid] = request_for_txid(session, txid)
         return self.requests[txid]
 
-    def write(self, session: Session) -> None:
-        """Insert the deposits recorded so far, in one statement."""
+    def write(self, session: Session) -> list[dict[str, Any]]:
+        """Insert the deposits recorded so far, in one statement, and their pending
+        screenings in another; returns those screenings' rows."""
         if self.new_deposits:
             repository.insert_deposits(session, [d.row() for d in self.new_deposits.values()])
             self.new_deposits.clear()
-        if self.new_screenings:
-            screening.insert_pending(session, self.new_screenings)
-            self.new_screenings.clear()
+        written, self.new_screenings = self.new_screenings, []
+        if written:
+            screening.insert_pending(session, written)
+        return written
 
 
 @dataclass(frozen=True, slots=True)
@@ -718,11 +722,12 @@ class Watcher:
                 for height, scan in scans:
                     if scan.prev_block_hash != cursor.block_hash:
                         break  # the chain moved under us; the next step finds the fork
-                    cursor = self._apply_block(height, scan, tip)
+                    cursor, screened = self._apply_block(height, scan, tip)
+                    result.screened += screened
                     self._position = (cursor.height, cursor.block_hash)
                     result.blocks_applied += 1
         result.mempool_deposits, result.removed = self._sync_mempool()
-        result.screened = self._screen_pending()
+        result.screened += self._screen_pending()
         result.height = cursor.height
         return result
 
@@ -742,7 +747,7 @@ class Watcher:
             to_settle = screening.any_to_settle(session)
         if not pending and not to_settle:
             return 0
-        outcomes: list[tuple[int, screening.Decision, tuple[screening.Input, ...]]] = []
+        outcomes: dict[int, screening.Outcome] = {}
         if pending:
             lists = self.screener.lists(self.engine)
             for decision_id, txid, vout, amount in pending:
@@ -752,13 +757,12 @@ class Watcher:
                 except Exception as exc:  # the node is away: still pending, asked again
                     log.warning("watcher.screening_deferred", txid=txid, error=str(exc))
                     continue
-                outcomes.append((decision_id, decision, subject.inputs))
+                outcomes[decision_id] = (decision, subject.inputs)
                 self._beat()
         assert self._position is not None
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
             self._fence(session, self._position)
-            for decision_id, decision, inputs in outcomes:
-                screening.record_outcome(session, decision_id, decision, inputs, ACTOR)
+            screening.record_outcomes(session, outcomes, ACTOR)
             session.flush()
             loans = screening.take_loans_to_settle(session)
             session.flush()
@@ -912,10 +916,14 @@ class Watcher:
 
     # -- applying a block ------------------------------------------------------------
 
-    def _apply_block(self, height: int, scan: BlockScan, tip: int) -> ChainCursor:
+    def _apply_block(self, height: int, scan: BlockScan, tip: int) -> tuple[ChainCursor, int]:
+        """Record one block's deposits and spends, settle the loans it touched; returns
+        the new cursor and how many screenings were decided with the block."""
         # No autoflush, one query per kind of row read and one INSERT per kind written:
         # catch-up is bound by database round trips and ORM objects, not by parsing
-        # (see `make bench`).
+        # (see `make bench`). New deposits are screened in this transaction when that
+        # calls nothing out (`screening.decide_inline`): one pass over them, not a second
+        # transaction per step that reads, locks and settles them again.
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
             self._fence(session, (height - 1, scan.prev_block_hash))
             rows = _Rows.load(session, scan.outputs, scan.spends)
@@ -926,7 +934,8 @@ class Watcher:
                 loan_id = self._record_spend(session, spend, height, rows)
                 if loan_id is not None:
                     touched.add(loan_id)
-            rows.write(session)
+            decided = screening.decide_inline(session, self.screener, rows.write(session), ACTOR)
+            touched.update(screening.take_loans_of(decided))
             session.add(
                 ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
             )
@@ -945,7 +954,7 @@ class Watcher:
             self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
         for spend in scan.spends:
             self._watched.outpoints.discard(spend.outpoint)
-        return cursor
+        return cursor, len(decided)
 
     def _required_confirmations(self, loan: Loan, amount: int) -> int:
         if loan.required_confirmations is not None:
@@ -1170,7 +1179,11 @@ class Watcher:
                     self._record_output(session, out, None, None, rows)
                     self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
                     added += 1
-            rows.write(session)
+            # Decided now if nothing is called out. An unmined deposit cannot confirm, so
+            # there is nothing to settle yet: its block settles its loan.
+            screening.take_loans_of(
+                screening.decide_inline(session, self.screener, rows.write(session), ACTOR)
+            )
             session.flush()
             unmined = repository.unmined_deposits(session)
             for dep in unmined:

@@ -110,10 +110,33 @@ def test_a_deposit_from_a_blocked_address_is_held_until_cleared(
 
 
 class _DiesWhileScreening(Screener):
-    """The process dies after the pending screening was committed, before its outcome."""
+    """The process dies while a provider that calls out (so asked with no transaction
+    open, after the pending screening was committed) is asked."""
+
+    def offline(self, lists: Any) -> bool:
+        return False
 
     def screen_deposit(self, *args: Any, **kwargs: Any) -> Any:
         raise SystemExit("killed while the provider was asked")
+
+
+class _DiesDecidingWithTheBlock(Screener):
+    """The process dies while the bank's lists decide a deposit inside its block's
+    transaction (nothing is called out, so nothing is committed pending first)."""
+
+    def screen_deposit(self, *args: Any, **kwargs: Any) -> Any:
+        raise SystemExit("killed while deciding with the block")
+
+
+def _successor_step(engine: Engine, regtest_node: RegtestNode) -> int:
+    """A fresh watcher's one step; returns how many screenings it decided."""
+    settings = Settings(network="regtest")
+    successor = Root.assemble(settings, engine=engine, node=regtest_node.rpc).watcher()
+    successor.acquire()
+    try:
+        return successor.step().screened
+    finally:
+        successor.release()
 
 
 def test_a_crash_between_pending_and_decided_is_retried(
@@ -130,17 +153,45 @@ def test_a_crash_between_pending_and_decided_is_retried(
     assert _loan(world, loan["id"])["state"] == "awaiting_deposit"
     watcher.release()
 
-    settings = Settings(network="regtest")
-    successor = Root.assemble(settings, engine=engine, node=regtest_node.rpc).watcher()
-    successor.acquire()
-    try:
-        successor.step()
-    finally:
-        successor.release()
+    assert _successor_step(engine, regtest_node) == 1
     assert _decision(engine, txid).status == ScreeningStatus.clear
     assert _deposit(engine, txid).state == "confirmed"
     assert _loan(world, loan["id"])["state"] == "active"
     assert audit_actions(engine, loan_id=loan["id"]).count("screening.decided") == 1
+
+
+def test_a_deposit_decided_with_its_block_counts_in_that_step_and_a_crash_undoes_the_block(
+    world: World, engine: Engine, watcher: Watcher, regtest_node: RegtestNode
+) -> None:
+    """With only the bank's lists (no provider calls out) a deposit is screened in its
+    block's transaction: it counts in the same step, and a crash while deciding leaves
+    nothing of the block (no deposit, no decision, the cursor where it was), which the
+    next watcher applies once."""
+    loan = world.keyed_loan(required_collateral_sats=20_000_000)
+    txid, _ = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
+    watcher.screener = _DiesDecidingWithTheBlock(ScreeningConfig(), regtest_node.rpc)
+    with pytest.raises(SystemExit):
+        watcher.step()  # the mempool pass decides with its write: nothing of it is kept
+    with Session(engine) as s:
+        assert s.exec(select(Deposit).where(Deposit.txid == txid)).first() is None
+        assert s.exec(select(ScreeningDecision)).first() is None
+    regtest_node.mine(1)
+    with pytest.raises(SystemExit):
+        watcher.step()
+    with Session(engine) as s:
+        assert s.exec(select(Deposit).where(Deposit.txid == txid)).first() is None
+        assert s.exec(select(ScreeningDecision)).first() is None
+    assert _loan(world, loan["id"])["state"] == "awaiting_deposit"
+    watcher.release()
+
+    assert _successor_step(engine, regtest_node) == 1
+    decision = _decision(engine, txid)
+    assert (decision.status, decision.settle_pending) == (ScreeningStatus.clear, False)
+    assert _deposit(engine, txid).state == "confirmed"
+    assert _loan(world, loan["id"])["state"] == "active"
+    actions = audit_actions(engine, loan_id=loan["id"])
+    assert [actions.count(a) for a in ("deposit.seen", "screening.decided")] == [1, 1]
+    assert actions.index("deposit.seen") < actions.index("screening.decided")
 
 
 def test_an_unreachable_provider_holds_the_deposit_for_review(

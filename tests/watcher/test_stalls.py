@@ -187,8 +187,8 @@ def test_a_stalled_watcher_shows_in_health_and_alerts_once_then_recovers(
             return not w["stalled"] and w["height"] == tip + 1 and w["failed_steps"] == 0
 
         wait_until(recovered, timeout=30, message=lambda: str(_health(world)))
-        # The block is applied first, its deposit screened after it in the same step:
-        # it counts as confirmed once screening has cleared it.
+        # Its deposit is screened with its block (the bank's lists, nothing called out)
+        # and counts as confirmed once screening has cleared it.
         wait_until(lambda: deposit_state() == "confirmed", timeout=30, message=deposit_state)
         assert (_count(engine, "watcher.stalled"), _count(engine, "watcher.recovered")) == (1, 1)
         assert _queued(engine, "watcher.recovered") == 1
