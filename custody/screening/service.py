@@ -20,7 +20,7 @@ the watcher then settles its loan (confirms the deposit, activates the loan) and
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -238,12 +238,18 @@ def record_outcomes(
     session: Session, outcomes: dict[int, Outcome], actor: str
 ) -> list[ScreeningDecision]:
     """`record_outcome` for many decisions (by id), their rows read and locked together."""
-    recorded: list[ScreeningDecision] = []
-    for row in repository.decisions_locked(session, ids=sorted(outcomes)):
-        assert row.id is not None
-        if _record(session, row, outcomes[row.id], actor) is not None:
-            recorded.append(row)
-    return recorded
+    rows = repository.decisions_locked(session, ids=sorted(outcomes))
+    return _record_each(session, rows, lambda row: outcomes[row.id or 0], actor)
+
+
+def _record_each(
+    session: Session,
+    rows: Sequence[ScreeningDecision],
+    outcome_of: Callable[[ScreeningDecision], Outcome],
+    actor: str,
+) -> list[ScreeningDecision]:
+    """The rows `_record` recorded (those still pending), in order."""
+    return [row for row in rows if _record(session, row, outcome_of(row), actor) is not None]
 
 
 def _record(
@@ -295,12 +301,8 @@ def decide_inline(
             lists, pending["txid"], pending["vout"], pending["amount_sats"]
         )
         outcomes[pending["deposit_key"]] = (decision, subject.inputs)
-    decided: list[ScreeningDecision] = []
-    for row in repository.decisions_locked(session, deposit_keys=sorted(outcomes)):
-        assert row.deposit_key is not None
-        if _record(session, row, outcomes[row.deposit_key], actor) is not None:
-            decided.append(row)
-    return decided
+    found = repository.decisions_locked(session, deposit_keys=sorted(outcomes))
+    return _record_each(session, found, lambda row: outcomes[row.deposit_key or ""], actor)
 
 
 def _alert_block(session: Session, row: ScreeningDecision, actor: str, why: str) -> None:
