@@ -192,15 +192,19 @@ def delete_entry(session: Session, entry: ScreeningListEntry) -> None:
     session.delete(entry)
 
 
-def insert_decisions(session: Session, rows: Sequence[dict[str, object]]) -> None:
+def insert_decisions(session: Session, rows: Sequence[dict[str, object]]) -> dict[str, int]:
     """New deposit decisions in one INSERT (each dict names every column but the id), each
     only if its deposit has none yet (a replayed block): the watcher writes a block's
-    deposits, and their pending screenings, this way."""
+    deposits, and their screenings, this way. Returns the ids of those inserted, by
+    `deposit_key`."""
     insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
     table = ScreeningDecision.__table__  # type: ignore[attr-defined]
-    session.execute(
-        insert(table).on_conflict_do_nothing(index_elements=["deposit_key"]), list(rows)
+    statement = (
+        insert(table)
+        .on_conflict_do_nothing(index_elements=["deposit_key"])
+        .returning(table.c.deposit_key, table.c.id)
     )
+    return {key: decision_id for key, decision_id in session.execute(statement, list(rows))}
 
 
 def flagged_decisions(session: Session) -> list[tuple[ScreeningDecision, Loan, Party]]:

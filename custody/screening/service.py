@@ -8,8 +8,8 @@ outcome is recorded in a transaction of its own (`record_outcomes`, which skips 
 that is no longer pending, so a replay records nothing twice). A crash in between leaves
 the decision `pending`: the watcher's next step asks again. When nothing would be called
 out (only the bank's lists, and none that needs the funding transaction's inputs from the
-node) the deposit is decided in the transaction that inserts it (`decide_inline`), so a
-crash leaves neither.
+node) the deposit is decided before the transaction that inserts it commits, and inserted
+decided (`insert_deposit_screenings`), so a crash leaves neither.
 
 A deposit counts as collateral only when its decision is `clear` or `cleared`: until then
 the watcher leaves it `pending` (never `confirmed`), so the loan does not activate on it
@@ -20,7 +20,7 @@ the watcher then settles its loan (confirms the deposit, activates the loan) and
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -239,17 +239,7 @@ def record_outcomes(
 ) -> list[ScreeningDecision]:
     """`record_outcome` for many decisions (by id), their rows read and locked together."""
     rows = repository.decisions_locked(session, ids=sorted(outcomes))
-    return _record_each(session, rows, lambda row: outcomes[row.id or 0], actor)
-
-
-def _record_each(
-    session: Session,
-    rows: Sequence[ScreeningDecision],
-    outcome_of: Callable[[ScreeningDecision], Outcome],
-    actor: str,
-) -> list[ScreeningDecision]:
-    """The rows `_record` recorded (those still pending), in order."""
-    return [row for row in rows if _record(session, row, outcome_of(row), actor) is not None]
+    return [row for row in rows if _record(session, row, outcomes[row.id or 0], actor) is not None]
 
 
 def _record(
@@ -258,93 +248,132 @@ def _record(
     if row.status != ScreeningStatus.pending:
         return None
     decision, inputs = outcome
-    row.status = ScreeningStatus(decision.result.value)
-    row.result, row.score = decision.result.value, decision.score
-    row.reasons = json.dumps(decision.reasons)
-    row.providers, row.reference = decision.provider[:200], decision.reference
-    row.inputs = json.dumps([asdict(i) for i in inputs])
-    row.attempts += 1
-    row.decided_at = utcnow()
+    for name, value in _decided_columns(decision, inputs, row.attempts).items():
+        setattr(row, name, value)
     row.settle_pending = row.subject == "deposit" and decision.result == Result.clear
     session.add(row)
-    data = decision_data(row)
+    _audit_decided(session, row.model_dump(), decision, actor)
+    return row
+
+
+def _decided_columns(decision: Decision, inputs: Sequence[Input], attempts: int) -> dict[str, Any]:
+    """The columns a decision sets on its pending row."""
+    return {
+        "status": ScreeningStatus(decision.result.value),
+        "result": decision.result.value,
+        "score": decision.score,
+        "reasons": json.dumps(decision.reasons),
+        "providers": decision.provider[:200],
+        "reference": decision.reference,
+        "inputs": json.dumps([asdict(i) for i in inputs]),
+        "attempts": attempts + 1,
+        "decided_at": utcnow(),
+    }
+
+
+def _audit_decided(
+    session: Session, values: Mapping[str, Any], decision: Decision, actor: str
+) -> None:
+    """`screening.decided` for a decided row's columns (`values`, its id among them); a
+    block alerts the bank."""
+    why = "; ".join(decision.reasons)
     record(
         session,
         actor=actor,
         action="screening.decided",
-        loan_id=row.loan_id,
+        loan_id=values["loan_id"],
         decision=decision.result.value,
-        reason="; ".join(decision.reasons) or None,
-        data=data,
+        reason=why or None,
+        data=decision_data(values),
     )
     if decision.result == Result.block:
-        _alert_block(session, row, actor, "; ".join(decision.reasons))
-    return row
+        _alert_block(session, values, actor, why)
 
 
-def decide_inline(
+@dataclass(frozen=True)
+class DepositScreenings:
+    """What `insert_deposit_screenings` did: how many it decided, and the loans whose
+    deposits a clear decision lets count (for the caller to settle in its transaction)."""
+
+    decided: int = 0
+    to_settle: tuple[int, ...] = ()
+
+
+def insert_deposit_screenings(
     session: Session, screener: Screener, rows: Sequence[dict[str, Any]], actor: str
-) -> list[ScreeningDecision]:
-    """Decide deposit screenings just inserted pending (`pending_deposit_row`) in the
-    caller's transaction, when that needs no call out (`Screener.offline`: the bank's
-    lists, read in this transaction, and no HTTP provider). Otherwise they stay pending
-    for the watcher's pass, which asks with no transaction open. The decided rows are
-    returned; a clear one is marked `settle_pending` as any is."""
+) -> DepositScreenings:
+    """Insert the screenings of deposits seen for the first time (`pending_deposit_row`), in
+    the watcher's block or mempool transaction, one INSERT for all. When that calls nothing
+    out (`Screener.offline`: the bank's lists, read in this transaction, and no HTTP
+    provider) each row is decided before it is inserted and audited as `record_outcome`
+    audits, so a crash leaves neither the deposit nor its decision; otherwise they go in
+    `pending`, for the watcher's pass, which asks with no transaction open. A deposit that
+    has a screening already (a replayed block) keeps it and is not audited again."""
     if not rows:
-        return []
+        return DepositScreenings()
     lists = load_lists(session, screener.config.review_inputs_over)
     if not screener.offline(lists):
-        return []
-    outcomes: dict[str, Outcome] = {}
+        repository.insert_decisions(session, rows)
+        return DepositScreenings()
+    decided: list[tuple[dict[str, Any], Decision]] = []
     for pending in rows:
         decision, subject = screener.screen_deposit(
             lists, pending["txid"], pending["vout"], pending["amount_sats"]
         )
-        outcomes[pending["deposit_key"]] = (decision, subject.inputs)
-    found = repository.decisions_locked(session, deposit_keys=sorted(outcomes))
-    return _record_each(session, found, lambda row: outcomes[row.deposit_key or ""], actor)
+        columns = _decided_columns(decision, subject.inputs, pending["attempts"])
+        # Settled by the caller in this transaction: no mark left for the pass.
+        decided.append(({**pending, **columns, "settle_pending": False}, decision))
+    ids = repository.insert_decisions(session, [values for values, _ in decided])
+    loans: set[int] = set()
+    count = 0
+    for values, decision in decided:
+        decision_id = ids.get(values["deposit_key"])
+        if decision_id is None:
+            continue
+        values["id"] = decision_id
+        _audit_decided(session, values, decision, actor)
+        count += 1
+        if decision.result == Result.clear:
+            loans.add(values["loan_id"])
+    return DepositScreenings(decided=count, to_settle=tuple(sorted(loans)))
 
 
-def _alert_block(session: Session, row: ScreeningDecision, actor: str, why: str) -> None:
+def _alert_block(session: Session, values: Mapping[str, Any], actor: str, why: str) -> None:
     """A block is an alert in the audit log and the bank's webhook (never the miner's: an
     AML finding is not told to its subject)."""
-    data = decision_data(row)
+    data = decision_data(values)
     record(
         session,
         actor=actor,
         action="alert.screening_block",
-        loan_id=row.loan_id,
+        loan_id=values["loan_id"],
         decision="alert",
         reason=why or "blocked by screening",
         data=data,
     )
-    loan = loans_repository.loan(session, row.loan_id)
+    loan = loans_repository.loan(session, values["loan_id"])
     if loan is not None:
         notify_loan(session, loan, "screening.blocked", data, seats=("bank",))
-    log.error("screening.blocked", decision_id=row.id, loan_id=row.loan_id)
+    log.error("screening.blocked", decision_id=values["id"], loan_id=values["loan_id"])
 
 
-def decision_data(row: ScreeningDecision) -> dict[str, Any]:
+def decision_data(values: Mapping[str, Any]) -> dict[str, Any]:
+    """A decision's audit and webhook data, from its row's columns (`model_dump()`)."""
     return {
-        "decision_id": row.id,
-        "subject": row.subject,
-        "purpose": row.purpose,
-        "txid": row.txid,
-        "vout": row.vout,
-        "address": row.address,
-        "amount_sats": row.amount_sats,
-        "status": str(row.status),
-        "result": row.result,
-        "score": row.score,
-        "reasons": json.loads(row.reasons),
-        "providers": row.providers,
-        "reference": row.reference,
+        "decision_id": values["id"],
+        "subject": values["subject"],
+        "purpose": values["purpose"],
+        "txid": values["txid"],
+        "vout": values["vout"],
+        "address": values["address"],
+        "amount_sats": values["amount_sats"],
+        "status": str(values["status"]),
+        "result": values["result"],
+        "score": values["score"],
+        "reasons": json.loads(values["reasons"]),
+        "providers": values["providers"],
+        "reference": values["reference"],
     }
-
-
-def insert_pending(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """The pending screenings of new deposits (`pending_deposit_row`), in one INSERT."""
-    repository.insert_decisions(session, rows)
 
 
 def pending_deposits(session: Session, limit: int) -> list[ScreeningDecision]:
@@ -402,8 +431,9 @@ def resolve(
     row.resolved_by, row.resolved_by_id, row.resolved_at = ctx.actor, ctx.principal.id, utcnow()
     row.settle_pending = row.subject == "deposit" and outcome == "clear"
     session.add(row)
+    values = row.model_dump()
     data = {
-        **decision_data(row),
+        **decision_data(values),
         "was": str(before),
         "resolved_by": ctx.actor,
         "resolution_reason": reason,
@@ -418,7 +448,7 @@ def resolve(
         data=data,
     )
     if outcome == "block" and before == ScreeningStatus.review:
-        _alert_block(session, row, ctx.actor, reason)
+        _alert_block(session, values, ctx.actor, reason)
     return row
 
 

@@ -235,16 +235,14 @@ class _Rows:
             self.requests[txid] = request_for_txid(session, txid)
         return self.requests[txid]
 
-    def write(self, session: Session) -> list[dict[str, Any]]:
-        """Insert the deposits recorded so far, in one statement, and their pending
-        screenings in another; returns those screenings' rows."""
+    def write(self, session: Session, screener: screening.Screener) -> screening.DepositScreenings:
+        """Insert the deposits recorded so far, in one statement, and their screenings in
+        another (decided already when that calls nothing out)."""
         if self.new_deposits:
             repository.insert_deposits(session, [d.row() for d in self.new_deposits.values()])
             self.new_deposits.clear()
         written, self.new_screenings = self.new_screenings, []
-        if written:
-            screening.insert_pending(session, written)
-        return written
+        return screening.insert_deposit_screenings(session, screener, written, ACTOR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,7 +920,7 @@ class Watcher:
         # No autoflush, one query per kind of row read and one INSERT per kind written:
         # catch-up is bound by database round trips and ORM objects, not by parsing
         # (see `make bench`). New deposits are screened in this transaction when that
-        # calls nothing out (`screening.decide_inline`): one pass over them, not a second
+        # calls nothing out (`screening.insert_deposit_screenings`): no second
         # transaction per step that reads, locks and settles them again.
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
             self._fence(session, (height - 1, scan.prev_block_hash))
@@ -934,8 +932,8 @@ class Watcher:
                 loan_id = self._record_spend(session, spend, height, rows)
                 if loan_id is not None:
                     touched.add(loan_id)
-            decided = screening.decide_inline(session, self.screener, rows.write(session), ACTOR)
-            touched.update(screening.take_loans_of(decided))
+            screened = rows.write(session, self.screener)
+            touched.update(screened.to_settle)
             session.add(
                 ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
             )
@@ -954,7 +952,7 @@ class Watcher:
             self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
         for spend in scan.spends:
             self._watched.outpoints.discard(spend.outpoint)
-        return cursor, len(decided)
+        return cursor, screened.decided
 
     def _required_confirmations(self, loan: Loan, amount: int) -> int:
         if loan.required_confirmations is not None:
@@ -1181,9 +1179,7 @@ class Watcher:
                     added += 1
             # Decided now if nothing is called out. An unmined deposit cannot confirm, so
             # there is nothing to settle yet: its block settles its loan.
-            screening.take_loans_of(
-                screening.decide_inline(session, self.screener, rows.write(session), ACTOR)
-            )
+            rows.write(session, self.screener)
             session.flush()
             unmined = repository.unmined_deposits(session)
             for dep in unmined:
