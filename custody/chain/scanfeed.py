@@ -115,6 +115,11 @@ class ScanFeed:
                 process.join()
             process.close()
 
+    def ready(self) -> bool:
+        """Whether the next block's scan (or the end, or an error) is here already: taking
+        it does not wait on the child or the node."""
+        return self._reader is not None and self._reader.poll(0)
+
     def __iter__(self) -> Iterator[tuple[int, BlockScan]]:
         assert self._reader is not None and self._process is not None, "enter the feed first"
         reader, process = self._reader, self._process

@@ -60,7 +60,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -113,6 +113,7 @@ ADDRESS_GAP_WINDOW = 1_000
 ADDRESS_GAP_SECONDS = 600.0
 # Deposits in these states still hold an unspent outpoint we must watch.
 _LIVE = (DepositState.pending, DepositState.confirmed)
+_Scanned = tuple[int, BlockScan]  # a block's height and what the scan found in it
 # Addresses read per query when the watched set is loaded: 20,000 rows are ~4 MB.
 ADDRESS_PAGE = 20_000
 
@@ -156,6 +157,11 @@ class WatcherConfig:
     # A catch-up of this many blocks or more is fetched and scanned by a child process,
     # overlapping the writes (0: never; fewer are scanned here, as they come).
     scan_process_blocks: int = 8
+    # A catch-up's blocks already scanned when the first of them is applied go in one
+    # transaction, at most this many (each still settled at its own height): one fence,
+    # cursor write, audit append and commit for the lot. It bounds how long the write
+    # lock is held (SQLite: every other writer waits), about 20 ms a block here.
+    blocks_per_commit: int = 4
 
 
 @dataclass
@@ -716,14 +722,16 @@ class Watcher:
         self._position = (cursor.height, cursor.block_hash)
         self._load_new_addresses()
         if cursor.height < tip:
-            with self._block_scans(cursor.height + 1, tip) as scans:
-                for height, scan in scans:
-                    if scan.prev_block_hash != cursor.block_hash:
+            with self._block_scans(cursor.height + 1, tip) as batches:
+                for batch in batches:
+                    linked = _linked(batch, cursor.block_hash)
+                    if linked:
+                        cursor, screened = self._apply_blocks(linked, tip)
+                        result.screened += screened
+                        self._position = (cursor.height, cursor.block_hash)
+                        result.blocks_applied += len(linked)
+                    if len(linked) < len(batch):
                         break  # the chain moved under us; the next step finds the fork
-                    cursor, screened = self._apply_block(height, scan, tip)
-                    result.screened += screened
-                    self._position = (cursor.height, cursor.block_hash)
-                    result.blocks_applied += 1
         result.mempool_deposits, result.removed = self._sync_mempool()
         result.screened += self._screen_pending()
         result.height = cursor.height
@@ -769,21 +777,24 @@ class Watcher:
         return len(outcomes)
 
     @contextmanager
-    def _block_scans(self, first: int, last: int) -> Iterator[Iterator[tuple[int, BlockScan]]]:
-        """The scans of blocks `first`..`last`, each taken after the block before it was
-        applied (so a spend in N+1 of an output paid in N is recognised). A long catch-up
+    def _block_scans(self, first: int, last: int) -> Iterator[Iterator[list[_Scanned]]]:
+        """The scans of blocks `first`..`last` in batches of consecutive heights, each
+        scan taken after the block before it was applied or scanned with it (so a spend
+        in N+1 of an output paid in N is recognised). A long catch-up
         (`scan_process_blocks` or more) is fetched and scanned by a child process while
         this one writes (`chain/scanfeed.py`: it keeps its copy of the outpoints as
-        `_apply_block` keeps ours); a short one here, the blocks fetched ahead by a thread."""
+        `_apply_blocks` keeps ours), and a batch is the next block with those scanned
+        since (`blocks_per_commit` at most: taken without waiting, so no transaction waits
+        on the node); a short one here, the blocks fetched ahead by a thread, one a batch."""
         watched = self._watched
         wanted = self.config.scan_process_blocks
         if 0 < wanted <= last - first + 1 and can_fork():
             with ScanFeed(self.rpc, first, last, watched.scripts, watched.outpoints) as feed:
-                yield iter(feed)
+                yield _batches(iter(feed), feed.ready, self.config.blocks_per_commit)
             return
         with BlockFeed(self.rpc, first, last) as blocks:
             yield (
-                (height, scan_block(raw, watched.scripts, watched.outpoints))
+                [(height, scan_block(raw, watched.scripts, watched.outpoints))]
                 for height, raw in blocks
             )
 
@@ -914,45 +925,59 @@ class Watcher:
 
     # -- applying a block ------------------------------------------------------------
 
-    def _apply_block(self, height: int, scan: BlockScan, tip: int) -> tuple[ChainCursor, int]:
-        """Record one block's deposits and spends, settle the loans it touched; returns
-        the new cursor and how many screenings were decided with the block."""
+    def _apply_blocks(self, batch: Sequence[_Scanned], tip: int) -> tuple[ChainCursor, int]:
+        """Record consecutive blocks' deposits and spends in one transaction, each block's
+        loans settled at its own height (the same events, in the same order, as a
+        transaction a block); returns the new cursor and how many screenings were decided
+        with the blocks."""
         # No autoflush, one query per kind of row read and one INSERT per kind written:
         # catch-up is bound by database round trips and ORM objects, not by parsing
-        # (see `make bench`). New deposits are screened in this transaction when that
-        # calls nothing out (`screening.insert_deposit_screenings`): no second
-        # transaction per step that reads, locks and settles them again.
+        # (see `make bench`). New deposits are inserted screened when that calls nothing
+        # out (`screening.insert_deposit_screenings`): no second transaction per step
+        # that reads, locks and settles them again.
+        first_height, first = batch[0]
+        decided = 0
         with Session(self.engine, expire_on_commit=False, autoflush=False) as session:
-            self._fence(session, (height - 1, scan.prev_block_hash))
-            rows = _Rows.load(session, scan.outputs, scan.spends)
-            touched: set[int] = set()
-            for out in scan.outputs:
-                touched.add(self._record_output(session, out, height, scan.block_hash, rows))
-            for spend in scan.spends:
-                loan_id = self._record_spend(session, spend, height, rows)
-                if loan_id is not None:
-                    touched.add(loan_id)
-            screened = rows.write(session, self.screener)
-            touched.update(screened.to_settle)
-            session.add(
-                ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash)
-            )
+            self._fence(session, (first_height - 1, first.prev_block_hash))
+            for height, scan in batch:
+                decided += self._record_block(session, height, scan)
+            last_height, last = batch[-1]
             cursor = repository.cursor(session)
             assert cursor is not None
-            cursor.height, cursor.block_hash = height, scan.block_hash
-            cursor.node_tip_height, cursor.updated_at = max(tip, height), utcnow()
+            cursor.height, cursor.block_hash = last_height, last.block_hash
+            cursor.node_tip_height, cursor.updated_at = max(tip, last_height), utcnow()
             session.add(cursor)
-            session.flush()
-            # Every mined, still-pending deposit gains a confirmation with this block.
-            waiting = repository.loan_ids_of_mined_pending(session)
-            touched.update(waiting)
-            self._settle(session, touched, height, reason="block", rows=rows)
             session.commit()
+        for _, scan in batch:
+            for out in scan.outputs:
+                self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
+            for spend in scan.spends:
+                self._watched.outpoints.discard(spend.outpoint)
+        return cursor, decided
+
+    def _record_block(self, session: Session, height: int, scan: BlockScan) -> int:
+        """One block of `_apply_blocks`: its deposits, spends and chain row, its loans
+        settled at its height. Returns how many screenings were decided with it."""
+        rows = _Rows.load(session, scan.outputs, scan.spends)
+        touched: set[int] = set()
         for out in scan.outputs:
-            self._watched.outpoints.add(outpoint_key(out.txid, out.vout))
+            touched.add(self._record_output(session, out, height, scan.block_hash, rows))
         for spend in scan.spends:
-            self._watched.outpoints.discard(spend.outpoint)
-        return cursor, screened.decided
+            loan_id = self._record_spend(session, spend, height, rows)
+            if loan_id is not None:
+                touched.add(loan_id)
+        screened = rows.write(session, self.screener)
+        touched.update(screened.to_settle)
+        session.add(ChainBlock(height=height, hash=scan.block_hash, prev_hash=scan.prev_block_hash))
+        session.flush()
+        # Every mined, still-pending deposit gains a confirmation with this block.
+        touched.update(repository.loan_ids_of_mined_pending(session))
+        self._settle(session, touched, height, reason="block", rows=rows)
+        # The next block of the batch reads its rows afresh: `_settle` writes deposits
+        # with Core, behind the ORM objects this block loaded.
+        session.flush()
+        session.expunge_all()
+        return screened.decided
 
     def _required_confirmations(self, loan: Loan, amount: int) -> int:
         if loan.required_confirmations is not None:
@@ -1311,3 +1336,35 @@ def _retract(
     data = {**_dep_data(dep), "state": str(DepositState.pending), "confirmations": confirmations}
     notify_loan(session, loan, "deposit.unconfirmed", {**data, "reason": why})
     dep.retractions += 1
+
+
+def _linked(batch: Sequence[_Scanned], block_hash: str) -> list[_Scanned]:
+    """The leading blocks of `batch` that chain onto `block_hash` and onto each other."""
+    linked: list[_Scanned] = []
+    for height, scan in batch:
+        if scan.prev_block_hash != block_hash:
+            break
+        linked.append((height, scan))
+        block_hash = scan.block_hash
+    return linked
+
+
+def _batches(
+    scans: Iterator[_Scanned], ready: Callable[[], bool], most: int
+) -> Iterator[list[_Scanned]]:
+    """The scans in runs of up to `most`: each the next scan (waited for) and those
+    already `ready` after it. A failure while a run is gathered ends it and is raised
+    once the run was handed out, so the blocks before it are still applied."""
+    for first in scans:
+        batch, failure = [first], None
+        while len(batch) < most and ready():
+            try:
+                batch.append(next(scans))
+            except StopIteration:
+                break
+            except Exception as exc:  # the node or the scanner, at that block
+                failure = exc
+                break
+        yield batch
+        if failure is not None:
+            raise failure
