@@ -51,7 +51,9 @@ class Settings(BaseSettings):
     # should cover them. A request that waits longer than
     # `db_pool_timeout_seconds` for a connection answers 503, and past
     # `api_limit_concurrency` connections and requests in flight uvicorn answers 503 at
-    # once: overload is refused fast, never a queue that freezes the service.
+    # once: overload is refused fast, never a queue that freezes the service. On
+    # PostgreSQL keep every process's pools together under the server's
+    # `max_connections`: a connection it refuses is answered 503 too, but only once tried.
     api_threads: int = Field(default=40, ge=1)
     # API worker processes of one `custody serve` (each with its own threads and pool)
     api_workers: int = Field(default=1, ge=1, le=64)

@@ -353,7 +353,9 @@ class PostgresServer:
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
-            "max_connections": "100",
+            # Two `custody serve` replicas (the load benchmark) may each open two full
+            # pools (writes and reads: 2 x (40 + 10)); past this the server refuses.
+            "max_connections": "250",
             "logging_collector": "off",
         }
         settings.update(self.extra_settings)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -28,6 +29,7 @@ from custody.auth import endpoints as auth
 from custody.compliance import endpoints as compliance
 from custody.config import Settings
 from custody.console import endpoints as console
+from custody.db.session import refused_connection
 from custody.errors import (
     BodyTooLarge,
     MalformedBody,
@@ -252,6 +254,16 @@ def create_app(
         # Every database connection stayed busy for the pool's timeout: overload.
         log.warning("api.busy", detail="no database connection in time: answered 503")
         busy = ServiceBusy("the service is at capacity: retry shortly")
+        return _answer(busy, {"Retry-After": "1"})
+
+    @app.exception_handler(OperationalError)
+    async def _database_error(request: Request, exc: OperationalError) -> JSONResponse:
+        if not refused_connection(exc):
+            return await _unexpected(request, exc)
+        # PostgreSQL has no room for another connection, or is away: overload or an
+        # outage, not a fault of this request (nothing was sent): retry shortly.
+        log.warning("api.database_refused", detail=str(exc.orig).splitlines()[0][:200])
+        busy = ServiceBusy("the database is not taking connections: retry shortly")
         return _answer(busy, {"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)

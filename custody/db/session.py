@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.pool import Pool
 from sqlmodel import Session, create_engine
@@ -275,6 +276,16 @@ def pools(engine: Engine) -> list[Pool]:
     PostgreSQL its read-only twin's."""
     reader = read_only_engine(engine)
     return [engine.pool] if reader.pool is engine.pool else [engine.pool, reader.pool]
+
+
+def refused_connection(exc: BaseException) -> bool:
+    """Whether `exc` is PostgreSQL refusing or failing a new connection (no room: "too
+    many clients"; the server down or restarting): raised before any statement was sent,
+    so nothing happened and the caller may retry. An error during a statement is not one
+    (a lost COMMIT may or may not have been applied)."""
+    if not isinstance(exc, sa_exc.OperationalError) or exc.statement is not None:
+        return False
+    return type(exc.orig).__module__.startswith("psycopg")
 
 
 def is_postgres(session: Session) -> bool:
