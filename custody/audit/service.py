@@ -35,10 +35,11 @@ def _canonical_time(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _hash_fields(fields: dict[str, Any]) -> str:
+def _hash_fields(fields: dict[str, Any], at: str | None = None) -> str:
+    """The row's hash; `at` is its time already canonical (one for a whole commit)."""
     payload = {
         "id": fields["id"],
-        "at": _canonical_time(fields["at"]),
+        "at": at if at is not None else _canonical_time(fields["at"]),
         "actor": fields["actor"],
         "action": fields["action"],
         "loan_id": fields["loan_id"],
@@ -81,10 +82,11 @@ def _write_pending(session: SASession) -> None:
         pending.tail = repository.chain_tail(session) or (0, GENESIS_HASH)
     tail_id, tail_hash = pending.tail
     now = datetime.now(UTC)
+    at = _canonical_time(now)
     for row in pending.rows:  # in the order they were recorded
         tail_id += 1
         row.update(id=tail_id, at=now, prev_hash=tail_hash)
-        row["hash"] = tail_hash = _hash_fields(row)
+        row["hash"] = tail_hash = _hash_fields(row, at)
     repository.insert_events(session, pending.rows)
     pending.rows = []
     pending.tail = (tail_id, tail_hash)

@@ -247,18 +247,18 @@ def enqueue(
     (empty if nobody subscribed)."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event type {event_type!r}")
+    wanted = set(party_ids)
+    hooks = [
+        h for h in _active_hooks(session) if h.party_id in wanted and _subscribed(h, event_type)
+    ]
+    if not hooks:
+        return []  # nobody to tell: no body, no id (the watcher queues thousands a block)
     body = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=_json_default)
-    wanted = sorted(set(party_ids))
-    if not wanted:
-        return []
-    hooks = [h for h in _active_hooks(session) if h.party_id in wanted]
     now = utcnow()
     the_id = event_id(event_type, key)
     queued: dict[tuple[int, str], dict[str, Any]] = session.info.setdefault(_QUEUED, {})
     event_ids: list[str] = []
     for hook in hooks:
-        if not _subscribed(hook, event_type):
-            continue
         assert hook.id is not None
         queued.setdefault(
             (hook.id, the_id),
