@@ -12,30 +12,30 @@ traffic spends P2WSH outputs whose witness script needs no signature (`OP_TRUE`,
 mainnet-size blocks `<300 bytes> OP_DROP OP_TRUE`, the bytes a real signature and
 script would take): such a spend is standard and built in microseconds. 50 transactions
 per block also pay a loan's collateral address. Timed: `Watcher.step()` from the
-first of those blocks, until the tip is applied and every deposit screened and settled
-(fetch + scan + database + screening, 100 a step). The run then checks the
-watcher recorded exactly the deposits that were made, all confirmed, and times the same blocks
+first of those blocks, until the tip is applied and no deposit is pending screening or
+settling (one read after each step: with the bank's lists empty, as here, each deposit is
+screened as it is inserted, so one step does it all). The run then checks the watcher
+recorded exactly the deposits that were made, all confirmed, and times the same blocks
 fetched and scanned by the watcher's own parts with no database (the floor).
 
-Measured on the shared 2-core machine, btcd on the same cores, the other sessions'
-tests running (figures swing by 1.5-3x from minute to minute; compare within one run):
+2026-12-04, an idle 2-core machine (load 1-2; figures swing with other load: compare
+within one run), 5 runs each (blocks/s, median (min-max); CPU: this process, ms/block):
 
-| 2,000-tx blocks (blocks/s; CPU: this process, ms/block) | 6efdc02 | 1317d1f | now |
-|---|---|---|---|
-| into SQLite, load 1-2, 5 runs | 10-17 | 14-22, med 17.3 | - |
-| CPU, same chain A/B, load 12, 4 runs each | 46-53 | 47-51, med 49 | 30-35, med 34 |
-| into SQLite, same A/B run, load 12 | - | 5.3-8.2, med 6.1 | 5.9-8.5, med 7.3 |
-| into SQLite, A/B, load 3-5, 4 runs each | - | 13.6-22.9, med 21.1 | 18.3-30.0, med 25.3 |
-| CPU, that A/B run | - | 40-54, med 43 | 25-33, med 28 |
-| fetch + scan alone | 51-62 | 48-68 (load 1-2) | 56-70 (load 3-5); 17-24 (load 12-18) |
-| 4,000-tx 1.6 MB blocks, SQLite | - | 5.8 (floor 8.8) | 1.5 (floor 3.0, load 12-18) |
+| 2,000-tx blocks into SQLite | a4a8f5e | now |
+|---|---|---|
+| blocks/s | 21.4 (20.5-22.5), 11 steps | 52.9 (50.5-61.1), 1 step |
+| CPU per block | 39.4 | 13.9 |
+| into PostgreSQL (fsync off) | - | 32.9 (27.4-34.2) |
+| fetch + scan alone | 128.8 | 128.4 |
+| 4,000-tx 1.6 MB blocks, SQLite / PostgreSQL | - | 15.2 / 13.7 (floor 21.2: btcd's `getblock` hex) |
 
-Now: settling reads and writes plain rows with Core (CPU per block -7 to -16%), and a catch-up
-of 8+ blocks is fetched and scanned by a forked child (`custody/chain/scanfeed.py`, a further
--15 to -29%; that CPU moves to the child, which gains wall time only when a core is free).
-The target (50 blocks/s) is not met: the rest is per deposit and per event (two audit events
-hashed and two webhook rows each, their JSON), SQLite's commit, and btcd's `getblock` hex,
-which alone limits mainnet-size blocks.
+What moved it: a deposit the bank's lists alone decide is inserted already screened (not
+pending, then read back, locked and updated by a second pass and its settle), a catch-up's
+blocks the scanning child has ready go up to `blocks_per_commit` (4) to a transaction, each
+settled at its own height, and an event nobody subscribed to is not serialised. The rest
+is per deposit and per event: 3.2 audit events a deposit, hashed and chained, its rows'
+INSERTs and SQLAlchemy's statement overhead. With real lists each deposit's funding inputs
+are read from the node first, by the pass after the block (not timed here).
 
 ``python -m bench catchup [--shape standard|mainnet|both] [--backend sqlite|postgres|both]
 [--blocks N] [--txs-per-block N] [--repeat N] [--profile]`` runs it alone; ``--repeat`` replays
