@@ -27,7 +27,7 @@ within one run), 5 runs each (blocks/s, median (min-max); CPU: this process, ms/
 | CPU per block | 39.4 | 13.9 |
 | into PostgreSQL (fsync off) | - | 32.9 (27.4-34.2) |
 | fetch + scan alone | 128.8 | 128.4 |
-| 4,000-tx 1.6 MB blocks, SQLite / PostgreSQL | - | 15.2 / 13.7 (floor 21.2: btcd's `getblock` hex) |
+| 4,000-tx 1.6 MB blocks, SQLite / PostgreSQL | - | 15.2 / 13.7 (floor 21.2: btcd's hex) |
 
 What moved it: a deposit the bank's lists alone decide is inserted already screened (not
 pending, then read back, locked and updated by a second pass and its settle), a catch-up's

@@ -7,7 +7,7 @@ transaction."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from typing import Any
 
@@ -97,6 +97,41 @@ class RequestParams:
     valuation_id: str | None = None  # the bank signer's valuation the amounts come from
 
 
+@dataclass(frozen=True)
+class Callouts:
+    """What building calls between its commits: the node (`chain`), the fee policy, the
+    bank's signer and the payout screener (built by the composition root)."""
+
+    chain: Chain
+    fees: FeePolicy
+    signer: BankSigner | None
+    screener: Screener | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A request's transaction before it is stored: what it spends and pays, how the
+    amounts split, and the evidence kept with it."""
+
+    descriptor: CollateralDescriptor
+    action: SigningAction
+    inputs: list[CollateralInput]
+    outputs: list[PayTo | PayToCollateral]
+    split: Split
+    evidence: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A request just committed, as the signer is asked about it (no transaction open)."""
+
+    request_id: int
+    psbt: str
+    action: SigningAction
+    loan_ref: str | None
+    valuation_id: str | None
+
+
 def _collateral_inputs(session: Session, loan: Loan, chain: Chain) -> list[CollateralInput]:
     """Every confirmed, unspent collateral output of the loan, as the watcher recorded it."""
     rows = confirmed_collateral(session, loan.id)
@@ -144,11 +179,13 @@ def _plan(
     descriptor: CollateralDescriptor,
     inputs: list[CollateralInput],
     params: RequestParams,
-    fee_rate: Decimal,
     *,
     change_index: int | None = None,
-) -> tuple[Split, list[PayTo | PayToCollateral], dict[str, Any]]:
-    """Split the inputs for the action; returns the split, the outputs and the evidence."""
+) -> Plan:
+    """Split the inputs for the action at the fee rate `params` carries (requested, or
+    the node's estimate put there): the outputs, the split and the evidence."""
+    fee_rate = params.fee_rate_sat_vb
+    assert fee_rate is not None, "the fee rate is settled before the plan"
     total = sum(i.amount_sats for i in inputs)
     miner_spk = address_script_pubkey(loan.miner_return_address, ctx.network)
     bank_spk = address_script_pubkey(loan.bank_liquidation_address, ctx.network)
@@ -223,7 +260,7 @@ def _plan(
         assert change_index is not None
         outputs.append(PayToCollateral(change_index, False, split.outputs["collateral_change"]))
     ev.update(fee_sats=split.fee, notes=split.notes, total_in_sats=total)
-    return split, outputs, ev
+    return Plan(descriptor, params.action, inputs, outputs, split, ev)
 
 
 def _may_request(session: Session, ctx: Context, loan_id: int, params: RequestParams) -> Loan:
@@ -264,38 +301,19 @@ def create_request(
     screening.check_payouts(session, loan, params.action.value)  # the risk engine's too
     inputs = _collateral_inputs(session, loan, chain)
     fee_rate, fee_note = _fee_rate(params, chain, fees)
-    split, outputs, ev = _plan(session, ctx, loan, descriptor, inputs, params, fee_rate)
-    ev["fee_rate_note"] = fee_note
+    plan = _plan(session, ctx, loan, descriptor, inputs, replace(params, fee_rate_sat_vb=fee_rate))
+    plan.evidence["fee_rate_note"] = fee_note
     if params.risk_evidence is not None:
-        ev["risk"] = params.risk_evidence
-    if split.fee > fees.max_fee_sats:
-        raise FeeAboveCap(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
-    req = _store(
-        session,
-        ctx,
-        loan,
-        descriptor,
-        params.action,
-        inputs,
-        outputs,
-        split,
-        ev,
-        slot=slot,
-        replaces=None,
-    )
-    return req
+        plan.evidence["risk"] = params.risk_evidence
+    if plan.split.fee > fees.max_fee_sats:
+        raise FeeAboveCap(
+            f"the fee ({plan.split.fee} sats) is above the cap ({fees.max_fee_sats} sats)"
+        )
+    return _store(session, ctx, loan, plan, slot=slot, replaces=None)
 
 
 def open_request(
-    engine: Engine,
-    ctx: Context,
-    loan_id: int,
-    params: RequestParams,
-    chain: Chain,
-    fees: FeePolicy,
-    signer: BankSigner | None,
-    *,
-    screener: Screener | None = None,
+    engine: Engine, ctx: Context, loan_id: int, params: RequestParams, out: Callouts
 ) -> SigningRequest:
     """`create_request` with every network call outside a database transaction: read what
     is needed and commit; ask the signer for its valuation and the node for the inputs and
@@ -315,7 +333,7 @@ def open_request(
         ctx,
         loan_id,
         params.action.value,
-        screener or screening.Screener(screening.ScreeningConfig(network=ctx.network)),
+        out.screener or screening.Screener(screening.ScreeningConfig(network=ctx.network)),
     )
     if (
         loan_ref is not None
@@ -326,16 +344,14 @@ def open_request(
             SigningAction.partial_liquidation,
         )
     ):
-        if signer is None:
+        if out.signer is None:
             raise SignerNotConfigured("no bank signer is configured: it prices this liquidation")
-        params = _valued(params, signer.valuation(loan_ref))
-    prefetched = PrefetchedChain(chain, txids, fees.conf_target)
+        params = _valued(params, out.signer.valuation(loan_ref))
+    prefetched = PrefetchedChain(out.chain, txids, out.fees.conf_target)
     with transaction(engine) as session:
-        req = create_request(session, ctx, loan_id, params, prefetched, fees)
-        request_id, psbt = req.id or 0, req.psbt
-    return _statement_after(
-        engine, ctx, request_id, psbt, params.action, loan_ref, params.valuation_id, signer
-    )
+        req = create_request(session, ctx, loan_id, params, prefetched, out.fees)
+        stored = _Stored(req.id or 0, req.psbt, params.action, loan_ref, params.valuation_id)
+    return _statement_after(engine, ctx, stored, out.signer)
 
 
 def _valued(params: RequestParams, valuation: dict[str, Any]) -> RequestParams:
@@ -390,16 +406,13 @@ def _store(
     session: Session,
     ctx: Context,
     loan: Loan,
-    descriptor: CollateralDescriptor,
-    action: SigningAction,
-    inputs: list[CollateralInput],
-    outputs: list[PayTo | PayToCollateral],
-    split: Split,
-    ev: dict[str, Any],
+    plan: Plan,
     *,
     slot: str,
     replaces: SigningRequest | None,
 ) -> SigningRequest:
+    descriptor, action, inputs, outputs = plan.descriptor, plan.action, plan.inputs, plan.outputs
+    split, ev = plan.split, plan.evidence
     psbt = build_psbt(descriptor, ctx.network, inputs, outputs)
     before = str(loan.state)
     req = SigningRequest(
@@ -529,14 +542,13 @@ def bump_fee(
     if valuation is not None:
         params = _valued(params, valuation)
     _check_priced(session, loan, params)
-    split, outputs, ev = _plan(
+    plan = _plan(
         session,
         ctx,
         loan,
         descriptor,
         inputs,
         params,
-        fee_rate,
         change_index=ev_old.get("change_address_index"),
     )
     # BIP-125: the replacement pays for its own relay on top of the original's fee.
@@ -547,41 +559,24 @@ def bump_fee(
             address_script_pubkey(o.address, ctx.network)
             if isinstance(o, PayTo)
             else descriptor.script_pubkey(o.address_index)
-            for o in outputs
+            for o in plan.outputs
         ],
     )
-    if split.fee < min_fee:
+    if plan.split.fee < min_fee:
         raise FeeBumpTooSmall(
             f"a replacement must pay at least {min_fee} sats; raise the fee rate",
             field="fee_rate_sat_vb",
         )
-    if split.fee > fees.max_fee_sats:
-        raise FeeAboveCap(f"the fee ({split.fee} sats) is above the cap ({fees.max_fee_sats} sats)")
-    ev["fee_rate_note"] = f"fee bump of request {old.id}"
-    req = _store(
-        session,
-        ctx,
-        loan,
-        descriptor,
-        SigningAction(old.action),
-        inputs,
-        outputs,
-        split,
-        ev,
-        slot=f"rbf:{old.id}",
-        replaces=old,
-    )
-    return req
+    if plan.split.fee > fees.max_fee_sats:
+        raise FeeAboveCap(
+            f"the fee ({plan.split.fee} sats) is above the cap ({fees.max_fee_sats} sats)"
+        )
+    plan.evidence["fee_rate_note"] = f"fee bump of request {old.id}"
+    return _store(session, ctx, loan, plan, slot=f"rbf:{old.id}", replaces=old)
 
 
 def open_bump(
-    engine: Engine,
-    ctx: Context,
-    request_id: int,
-    fee_rate: Decimal,
-    chain: Chain,
-    fees: FeePolicy,
-    signer: BankSigner | None,
+    engine: Engine, ctx: Context, request_id: int, fee_rate: Decimal, out: Callouts
 ) -> SigningRequest:
     """`bump_fee` with the signer's valuation and statement asked outside transactions."""
 
@@ -596,28 +591,22 @@ def open_bump(
         SigningAction.liquidation,
         SigningAction.partial_liquidation,
     ):
-        if signer is None:
+        if out.signer is None:
             raise SignerNotConfigured("no bank signer is configured: it prices this liquidation")
-        valuation = signer.valuation(loan_ref)
+        valuation = out.signer.valuation(loan_ref)
     with transaction(engine) as session:
-        req = bump_fee(session, ctx, request_id, fee_rate, chain, fees, valuation=valuation)
-        new_id, psbt, valuation_id = req.id or 0, req.psbt, evidence(req).get("valuation_id")
-    return _statement_after(engine, ctx, new_id, psbt, action, loan_ref, valuation_id, signer)
+        req = bump_fee(session, ctx, request_id, fee_rate, out.chain, out.fees, valuation=valuation)
+        valuation_id = evidence(req).get("valuation_id")
+        stored = _Stored(req.id or 0, req.psbt, action, loan_ref, valuation_id)
+    return _statement_after(engine, ctx, stored, out.signer)
 
 
 def _statement_after(
-    engine: Engine,
-    ctx: Context,
-    request_id: int,
-    psbt: str,
-    action: SigningAction,
-    loan_ref: str | None,
-    valuation_id: str | None,
-    signer: BankSigner | None,
+    engine: Engine, ctx: Context, stored: _Stored, signer: BankSigner | None
 ) -> SigningRequest:
     """Ask the signer for the statement of a stored request (no transaction open), then
     store it, or its refusal, in a new transaction."""
-
+    request_id, action, loan_ref = stored.request_id, stored.action, stored.loan_ref
     needs = (
         loan_ref is not None
         and KeyRole.bank in REQUIRED_SEATS[action]
@@ -633,14 +622,14 @@ def _statement_after(
         raise SignerNotConfigured("no bank signer is configured for this service")
     try:
         prepared: dict[str, Any] | PolicyViolation = signer.prepare(
-            loan_ref, str(action), psbt, valuation_id
+            loan_ref, str(action), stored.psbt, stored.valuation_id
         )
     except PolicyViolation as refusal:
         prepared = refusal
     with transaction(engine) as session:
-        stored = request_by_id(session, request_id)
-        assert stored is not None
-        req = stored
+        found = request_by_id(session, request_id)
+        assert found is not None
+        req = found
         if isinstance(prepared, PolicyViolation):
             refused_request(session, ctx, req, prepared)
         else:

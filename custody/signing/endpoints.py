@@ -143,9 +143,8 @@ def create_signing_request(
         target_ltv_bps=body.target_ltv_bps,
     )
     screener = Screener(ScreeningConfig.from_settings(request.app.state.settings))
-    req = building.open_request(
-        request.app.state.engine, ctx, loan_id, params, chain, fees, signer, screener=screener
-    )
+    out = building.Callouts(chain, fees, signer, screener)
+    req = building.open_request(request.app.state.engine, ctx, loan_id, params, out)
     return request_out(_unless_refused(req))
 
 
@@ -335,7 +334,9 @@ def bump_fee(
     The signer is asked for its valuation and statement with no transaction open."""
     engine = request.app.state.engine
     req = _unless_refused(
-        building.open_bump(engine, ctx, request_id, body.fee_rate_sat_vb, chain, fees, signer)
+        building.open_bump(
+            engine, ctx, request_id, body.fee_rate_sat_vb, building.Callouts(chain, fees, signer)
+        )
     )
     with transaction(engine) as session:
         return request_out(repository.get_request(session, ctx, req.id or 0))

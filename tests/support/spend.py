@@ -3,14 +3,20 @@ hardware-wallet keys (played by embit HD roots) sign a PSBT the test builds itse
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from typing import Any
+
 import bdkpython as bdk
 from embit import bip32
 from embit.ec import PublicKey
 from embit.psbt import PSBT, DerivationPath
 from embit.script import Script, address_to_scriptpubkey
 from embit.transaction import Transaction, TransactionInput, TransactionOutput
+from support.world import World, hd_key
 
-from pledge.descriptors import CollateralDescriptor
+from pledge.descriptors import CollateralDescriptor, parse_collateral_descriptor
+from regtest.faucet import random_p2wpkh_address
 
 
 def spend_outside_the_service(
@@ -43,3 +49,35 @@ def spend_outside_the_service(
     assert result.could_finalize, result.errors
     raw: bytes = result.psbt.extract_tx().serialize()
     return raw.hex()
+
+
+@dataclass(frozen=True)
+class HeldLoan:
+    """A loan whose three keys the test holds, as the parties' hardware wallets would:
+    any two of them can move its collateral without the service."""
+
+    loan: dict[str, Any]
+    seeds: dict[str, bytes]
+
+    def moved_out(self, outpoint: tuple[str, int], amount_sats: int, index: int = 0) -> str:
+        """The miner and the arbiter move one collateral output away (a signed tx, hex)."""
+        return spend_outside_the_service(
+            parse_collateral_descriptor(self.loan["descriptor"], "regtest"),
+            index,
+            [
+                bip32.HDKey.from_seed(self.seeds["miner"]),
+                bip32.HDKey.from_seed(self.seeds["arbiter"]),
+            ],
+            outpoint,
+            amount_sats,
+            random_p2wpkh_address(),
+        )
+
+
+def held_loan(world: World, **terms: Any) -> HeldLoan:
+    """A loan awaiting its deposit, its miner, bank and arbiter keys made by the test."""
+    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
+    loan = world.create_loan(**terms)
+    for seat, seed in seeds.items():
+        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
+    return HeldLoan(world.call("miner", "GET", f"/v1/loans/{loan['id']}").json(), seeds)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
-from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
-from support.spend import spend_outside_the_service
-from support.world import World, audit_actions, build_world, hd_key
+from support.spend import held_loan
+from support.world import World, audit_actions, build_world
 
 from custody.db.models import AuditEvent, Deposit
 from custody.watcher.service import Watcher, WatcherBusy, WatcherConfig
-from pledge.descriptors import parse_collateral_descriptor
 from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -187,26 +184,14 @@ def test_collateral_spent_outside_the_service_raises_an_alert(
 ) -> None:
     """Two of three keys can move collateral without the service (a compromised key,
     or miner and arbiter colluding): the watcher marks the deposit spent and alerts."""
-    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
-    loan = world.create_loan(required_collateral_sats=20_000_000)
-    for seat, seed in seeds.items():
-        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
-    loan = _view(world, loan["id"])
+    held = held_loan(world, required_collateral_sats=20_000_000)
+    loan = held.loan
     txid, vout = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(1)
     watcher.step()
     assert _view(world, loan["id"])["state"] == "active"
 
-    descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")
-    raw = spend_outside_the_service(
-        descriptor,
-        0,
-        [bip32.HDKey.from_seed(seeds["miner"]), bip32.HDKey.from_seed(seeds["arbiter"])],
-        (txid, vout),
-        20_000_000,
-        random_p2wpkh_address(),
-    )
-    spend_txid = regtest_node.rpc.send_raw_transaction(raw)
+    spend_txid = regtest_node.rpc.send_raw_transaction(held.moved_out((txid, vout), 20_000_000))
     regtest_node.mine(1)
     watcher.step()
 

@@ -7,23 +7,19 @@ confirmed by its third block, and a failure anywhere in the batch writes none of
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
-from support.spend import spend_outside_the_service
-from support.world import World, audit_actions, build_world, hd_key
+from support.spend import held_loan
+from support.world import World, audit_actions, build_world
 
 from custody.chain.scanfeed import ScanFeed
 from custody.db.models import AuditEvent, ChainBlock, ChainCursor, Deposit, DepositState
 from custody.watcher import service as watcher_service
 from custody.watcher.service import Watcher, WatcherConfig
-from pledge.descriptors import parse_collateral_descriptor
-from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 
 BATCH = 4
@@ -55,11 +51,8 @@ def _story(
     spends A's deposit outside the service, blocks 3 and 4 are empty. Returns the world,
     A, B, the first height, the spend and the watcher."""
     world = build_world(engine)
-    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
-    a = world.create_loan(required_collateral_sats=20_000_000)
-    for seat, seed in seeds.items():
-        assert world.register(a["id"], seat, hd_key(seed=seed)).status_code == 200
-    a = world.call("miner", "GET", f"/v1/loans/{a['id']}").json()
+    held = held_loan(world, required_collateral_sats=20_000_000)
+    a = held.loan
     b = world.keyed_loan(required_collateral_sats=30_000_000)
     start = regtest_node.rpc.get_block_count() + 1
     txid, vout = regtest_node.faucet.pay(a["collateral_address"], 20_000_000)
@@ -68,15 +61,7 @@ def _story(
     if seen_first:
         assert watcher.step().mempool_deposits == 2
     regtest_node.mine(1)
-    raw = spend_outside_the_service(
-        parse_collateral_descriptor(a["descriptor"], "regtest"),
-        0,
-        [bip32.HDKey.from_seed(seeds["miner"]), bip32.HDKey.from_seed(seeds["arbiter"])],
-        (txid, vout),
-        20_000_000,
-        random_p2wpkh_address(),
-    )
-    spend = regtest_node.rpc.send_raw_transaction(raw)
+    spend = regtest_node.rpc.send_raw_transaction(held.moved_out((txid, vout), 20_000_000))
     regtest_node.mine(3)
     return world, a, b, start, spend, watcher
 

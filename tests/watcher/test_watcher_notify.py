@@ -7,24 +7,22 @@ ledger (`support.story`), and counts its outbox rows by kind."""
 
 from __future__ import annotations
 
-import os
 import random
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
-from support.spend import spend_outside_the_service
+from support.spend import held_loan
 from support.story import (
     assert_outbox_tells_the_ledger,
     kinds,
     restore_ledger,
     snapshot_ledger,
 )
-from support.world import World, build_world, hd_key
+from support.world import World, build_world
 
 from custody.auth.context import Context
 from custody.chain.rpc import NodeRpc
@@ -34,7 +32,6 @@ from custody.loans.service import new_address
 from custody.netpolicy import UrlPolicy
 from custody.notify.outbox import register_webhook
 from custody.watcher.service import Watcher, WatcherConfig
-from pledge.descriptors import parse_collateral_descriptor
 from regtest.faucet import Coin, random_p2wpkh_address
 from regtest.node import RegtestNode
 
@@ -300,24 +297,13 @@ def test_a_spend_undone_by_a_reorg_leaves_the_deposit_as_it_was_told(
     """A spend is no event: receivers last heard `confirmed` (or `seen`). When a reorg
     undoes the spend the deposit is that again, and what the shorter chain takes from
     it is retracted as for any deposit."""
-    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
-    loan = world.create_loan(required_collateral_sats=20_000_000, required_confirmations=2)
-    for seat, seed in seeds.items():
-        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
-    loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    held = held_loan(world, required_collateral_sats=20_000_000, required_confirmations=2)
+    loan = held.loan
     txid, vout = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
     regtest_node.mine(2)
     watcher.step()
     assert _state(world, loan["id"]) == "active"
-    raw = spend_outside_the_service(
-        parse_collateral_descriptor(loan["descriptor"], "regtest"),
-        0,
-        [bip32.HDKey.from_seed(seeds["miner"]), bip32.HDKey.from_seed(seeds["arbiter"])],
-        (txid, vout),
-        20_000_000,
-        random_p2wpkh_address(),
-    )
-    regtest_node.rpc.send_raw_transaction(raw)
+    regtest_node.rpc.send_raw_transaction(held.moved_out((txid, vout), 20_000_000))
     regtest_node.mine(1)
     watcher.step()
     assert _deposit(world, loan["id"], txid)["state"] == "spent"

@@ -4,7 +4,6 @@ output paid earlier in the same catch-up, against a real btcd."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -12,19 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from embit import bip32
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
-from support.spend import spend_outside_the_service
-from support.world import World, audit_actions, build_world, hd_key
+from support.spend import held_loan
+from support.world import World, audit_actions, build_world
 
 from custody.chain import scanfeed
 from custody.chain.blocks import ScriptIndex
 from custody.chain.scanfeed import ScanFeed, ScannerDied
 from custody.db.models import AuditEvent, Deposit, DepositState
 from custody.watcher.service import Watcher, WatcherConfig
-from pledge.descriptors import parse_collateral_descriptor
-from regtest.faucet import random_p2wpkh_address
 from regtest.node import RegtestNode
 from regtest.wait import wait_until
 
@@ -45,11 +41,8 @@ def test_a_catch_up_scanned_by_the_child_finds_payments_and_their_spends(
     engine: Engine, regtest_node: RegtestNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world: World = build_world(engine)
-    seeds = {seat: os.urandom(32) for seat in ("miner", "bank", "arbiter")}
-    loan = world.create_loan(required_collateral_sats=20_000_000)
-    for seat, seed in seeds.items():
-        assert world.register(loan["id"], seat, hd_key(seed=seed)).status_code == 200
-    loan = world.call("miner", "GET", f"/v1/loans/{loan['id']}").json()
+    held = held_loan(world, required_collateral_sats=20_000_000)
+    loan = held.loan
     other = world.keyed_loan(required_collateral_sats=30_000_000)
     start = regtest_node.rpc.get_block_count() + 1
     entered: list[tuple[int, int]] = []
@@ -69,16 +62,7 @@ def test_a_catch_up_scanned_by_the_child_finds_payments_and_their_spends(
         # paid in the last: all behind the watcher, caught up in one step.
         txid, vout = regtest_node.faucet.pay(loan["collateral_address"], 20_000_000)
         regtest_node.mine(2)
-        descriptor = parse_collateral_descriptor(loan["descriptor"], "regtest")
-        raw = spend_outside_the_service(
-            descriptor,
-            0,
-            [bip32.HDKey.from_seed(seeds["miner"]), bip32.HDKey.from_seed(seeds["arbiter"])],
-            (txid, vout),
-            20_000_000,
-            random_p2wpkh_address(),
-        )
-        spend_txid = regtest_node.rpc.send_raw_transaction(raw)
+        spend_txid = regtest_node.rpc.send_raw_transaction(held.moved_out((txid, vout), 20_000_000))
         other_txid, _ = regtest_node.faucet.pay(other["collateral_address"], 30_000_000)
         regtest_node.mine(1)
         tip = regtest_node.rpc.get_block_count()
