@@ -26,6 +26,7 @@ from hsm.logs import REQUEST_ID_HEADER, current_request_id
 from hsm.signer import PolicyViolation, SignerError, SignerUnavailable
 from hsm.urls import check_secret_url
 from pledge.psbts import unsigned_txid
+from pledge.tls import client_tls
 
 if TYPE_CHECKING:
     from hsm.core import SignerCore
@@ -101,6 +102,7 @@ class HttpTransport:
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
             follow_redirects=False,
+            verify=client_tls(),
         )
 
     def __repr__(self) -> str:

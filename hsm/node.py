@@ -48,6 +48,7 @@ from embit.script import Script
 from hsm.signer import SignerUnavailable
 from hsm.urls import check_secret_url
 from pledge.network import NetworkName, embit_network
+from pledge.tls import client_tls
 
 __all__ = [
     "NodeKind",
@@ -159,6 +160,7 @@ class NodeReader:
             follow_redirects=False,
             # No proxy from the environment: the password would be sent to it.
             trust_env=False,
+            verify=client_tls(trust_env=False),
         )
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

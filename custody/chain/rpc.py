@@ -46,6 +46,7 @@ import httpx
 from custody.errors import NodeUnavailable
 from custody.netpolicy import is_loopback_host
 from pledge.errors import CustodyError, InvalidInput, Unsupported
+from pledge.tls import client_tls
 
 __all__ = [
     "NodeKind",
@@ -246,7 +247,9 @@ class NodeRpc:
         self.timeout = timeout
         self.mining_address = mining_address
         self._credentials = (user, password)
-        self._client = httpx.Client(auth=httpx.BasicAuth(user, password), timeout=timeout)
+        self._client = httpx.Client(
+            auth=httpx.BasicAuth(user, password), timeout=timeout, verify=client_tls()
+        )
         self._ids = itertools.count(1)
         self._id_lock = threading.Lock()
         self._kind: NodeKind | None = None

@@ -31,6 +31,7 @@ import structlog
 
 from pledge.errors import InvalidInput, UpstreamUnavailable
 from pledge.prices import check_quote, price_problem
+from pledge.tls import client_tls
 
 log = structlog.get_logger(__name__)
 
@@ -224,7 +225,9 @@ class HttpJsonPriceSource:
     def _fetch(self) -> bytes:
         if self._client is not None:
             return self._fetch_with(self._client)
-        with httpx.Client(timeout=self.timeout, follow_redirects=False) as client:
+        with httpx.Client(
+            timeout=self.timeout, follow_redirects=False, verify=client_tls()
+        ) as client:
             return self._fetch_with(client)
 
     def _fetch_with(self, client: httpx.Client) -> bytes:

@@ -30,6 +30,7 @@ from custody.screening.providers import (
     Result,
     Subject,
 )
+from pledge.tls import client_tls
 
 log = structlog.get_logger(__name__)
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -108,7 +109,9 @@ class HttpProvider:
         deadline = time.monotonic() + self.timeout
         try:
             with (
-                httpx.Client(timeout=self.timeout, follow_redirects=False) as client,
+                httpx.Client(
+                    timeout=self.timeout, follow_redirects=False, verify=client_tls()
+                ) as client,
                 client.stream("POST", self.url, json=body, headers=headers) as response,
             ):
                 if response.status_code != 200:

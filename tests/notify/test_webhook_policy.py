@@ -8,7 +8,6 @@ database (both backends), local HTTP and TLS servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import datetime as dt
 import ipaddress
 import socket
 import ssl
@@ -16,16 +15,12 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
+from support.tls import Tls, self_signed
 from support.world import World, build_world
 
 from custody.db.models import Outbox
@@ -142,40 +137,10 @@ def redirector(second: Receiver) -> Iterator[Receiver]:
     yield from _serve(receiver, _server(receiver))
 
 
-@dataclass(frozen=True)
-class Tls:
-    cert: Path
-    key: Path
-
-
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     """A self-signed certificate for the name `hooks.test` (and nothing else)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hooks.test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("hooks.test")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    base = tmp_path_factory.mktemp("tls")
-    (base / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (base / "key.pem").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return Tls(base / "cert.pem", base / "key.pem")
+    return self_signed(tmp_path_factory.mktemp("tls"), "hooks.test")
 
 
 @pytest.fixture
