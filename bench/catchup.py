@@ -23,8 +23,8 @@ within one run), 5 runs each (blocks/s, median (min-max); CPU: this process, ms/
 
 | 2,000-tx blocks into SQLite | a4a8f5e | now |
 |---|---|---|
-| blocks/s | 21.4 (20.5-22.5), 11 steps | 52.9 (50.5-61.1), 1 step |
-| CPU per block | 39.4 | 13.9 |
+| blocks/s | 21.4 (20.5-22.5), 11 steps | 59.8 (57.0-64.0), 1 step |
+| CPU per block | 39.4 | 14.0 |
 | into PostgreSQL (fsync off) | - | 32.9 (27.4-34.2) |
 | fetch + scan alone | 128.8 | 128.4 |
 | 4,000-tx 1.6 MB blocks, SQLite / PostgreSQL | - | 15.2 / 13.7 (floor 21.2: btcd's hex) |
@@ -32,7 +32,9 @@ within one run), 5 runs each (blocks/s, median (min-max); CPU: this process, ms/
 What moved it: a deposit the bank's lists alone decide is inserted already screened (not
 pending, then read back, locked and updated by a second pass and its settle), a catch-up's
 blocks the scanning child has ready go up to `blocks_per_commit` (4) to a transaction, each
-settled at its own height, and an event nobody subscribed to is not serialised. The rest
+settled at its own height, an event nobody subscribed to is not serialised, and the
+scanning child no longer spends 20 ms building a TLS context before its first block (one
+per process, `pledge.tls`; PostgreSQL and mainnet figures are from before that). The rest
 is per deposit and per event: 3.2 audit events a deposit, hashed and chained, its rows'
 INSERTs and SQLAlchemy's statement overhead. With real lists each deposit's funding inputs
 are read from the node first, by the pass after the block (not timed here).
