@@ -261,7 +261,7 @@ def create_app(
         if not refused_connection(exc):
             return await _unexpected(request, exc)
         # PostgreSQL has no room for another connection, or is away: overload or an
-        # outage, not a fault of this request (nothing was sent): retry shortly.
+        # outage, not a fault of this request (the failed transaction sent nothing).
         log.warning("api.database_refused", detail=str(exc.orig).splitlines()[0][:200])
         busy = ServiceBusy("the database is not taking connections: retry shortly")
         return _answer(busy, {"Retry-After": "1"})

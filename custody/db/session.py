@@ -280,9 +280,10 @@ def pools(engine: Engine) -> list[Pool]:
 
 def refused_connection(exc: BaseException) -> bool:
     """Whether `exc` is PostgreSQL refusing or failing a new connection (no room: "too
-    many clients"; the server down or restarting): raised before any statement was sent,
-    so nothing happened and the caller may retry. An error during a statement is not one
-    (a lost COMMIT may or may not have been applied)."""
+    many clients"; the server down or restarting): raised before the transaction sent
+    anything, so it changed nothing (an earlier, committed transaction of the same request
+    stands, as for any 503; the request's own checks refuse a replay of it). An error
+    during a statement is not one: a lost COMMIT may or may not have been applied."""
     if not isinstance(exc, sa_exc.OperationalError) or exc.statement is not None:
         return False
     return type(exc.orig).__module__.startswith("psycopg")
