@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
+from support.http_server import local_http_server
 
 from custody.risk.prices import (
     Consensus,
@@ -70,30 +71,20 @@ def server() -> Iterator[PriceServer]:
             route = state.routes.get(self.path.split("?")[0], Route(status=404))
             if route.block_until is not None:
                 route.block_until.wait(timeout=10)
-            try:
-                self.send_response(route.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(route.body)))
-                self.end_headers()
-                self.wfile.write(route.body)
-            except (BrokenPipeError, ConnectionResetError):
-                pass  # the source timed out and went (a slow-feed test): nobody to answer
+            self.send_response(route.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            self.wfile.write(route.body)
 
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    state.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        state.release.set()  # let a blocked handler finish before shutting down
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with local_http_server(Handler, poll=0.02) as state.base:
+        try:
+            yield state
+        finally:
+            state.release.set()  # let a blocked handler finish before shutting down
 
 
 def http_source(url: str, path: str, **kwargs: object) -> HttpJsonPriceSource:
