@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import httpx
 import pytest
-from support.http_server import local_http_server
+from support.http_server import answer, local_http_server
 from support.tls import Tls, self_signed
 
 from custody.chain.rpc import NodeRpc
@@ -30,12 +30,8 @@ class _Node(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Node.seen.append(str(self.headers.get("Authorization")))
-        answer = json.dumps({"result": 7, "error": None, "id": body.get("id")}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
+        result = json.dumps({"result": 7, "error": None, "id": body.get("id")}).encode()
+        answer(self, 200, result)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from support.http_server import answer
 
 from custody.chain.rpc import (
     NodeRpc,
@@ -55,12 +56,7 @@ class FakeNode:
                 if reply is None:
                     self.close_connection = True
                     return
-                status, payload = reply
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                answer(self, *reply)
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass

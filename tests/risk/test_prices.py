@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
-from support.http_server import local_http_server
+from support.http_server import answer, local_http_server
 
 from custody.risk.prices import (
     Consensus,
@@ -71,11 +71,7 @@ def server() -> Iterator[PriceServer]:
             route = state.routes.get(self.path.split("?")[0], Route(status=404))
             if route.block_until is not None:
                 route.block_until.wait(timeout=10)
-            self.send_response(route.status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(route.body)))
-            self.end_headers()
-            self.wfile.write(route.body)
+            answer(self, route.status, route.body)
 
         def log_message(self, format: str, *args: object) -> None:
             pass

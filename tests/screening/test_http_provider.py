@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 from pydantic import SecretStr
-from support.http_server import local_http_server
+from support.http_server import answer, local_http_server
 
 from custody.screening.http import HttpProvider
 from custody.screening.providers import (
@@ -43,11 +43,7 @@ class FakeScreening(BaseHTTPRequestHandler):
         if FakeScreening.delay is not None:
             FakeScreening.delay.wait(5)  # longer than the adapter's timeout
         status, payload = FakeScreening.reply
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        answer(self, status, payload)
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

@@ -46,3 +46,17 @@ def local_http_server(
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def answer(
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes,
+    content_type: str = "application/json",
+) -> None:
+    """A fake handler's whole reply: status, type, length and body."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
