@@ -152,11 +152,14 @@ MIX: tuple[RequestKind, ...] = (
 
 # The web console's pages (issue 16: "with the console's pages in the mix"), sent with a
 # session cookie (a session row made in set-up, as a passkey sign-in would) instead of an
-# API key: a miner's dashboard and loan page, the staff's dashboard (with the system's
-# status) and the prices page. `--no-console` leaves them out (issue 10's mix).
+# API key: a miner's dashboard, loan page and its address's QR code, the staff's dashboard
+# (with the system's status) and the prices page. `--no-console` leaves them out (issue 10's mix).
 CONSOLE_MIX: tuple[RequestKind, ...] = (
     RequestKind("console_loans", "GET", "/console/loans", "miner", 200, 6),
     RequestKind("console_loan", "GET", "/console/loans/{loan}", "miner", 200, 8),
+    # its QR code, an image of its own since the page stopped drawing them inline (a
+    # browser keeps it: an address at an index never changes)
+    RequestKind("console_qr", "GET", "/console/loans/{loan}/addresses/0/qr.svg", "miner", 200, 2),
     RequestKind("console_staff", "GET", "/console/loans", "staff", 200, 3),
     RequestKind("console_prices", "GET", "/console/prices", "staff", 200, 3),
 )

@@ -175,6 +175,17 @@ class LoanNotFound(NotFound):
         super().__init__(message, field=field)
 
 
+class AddressNotFound(NotFound):
+    """The loan has handed out no receive address at that index."""
+
+    code = "address_not_found"
+
+    def __init__(
+        self, message: str = "no address at that index", *, field: str | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+
+
 class LoanNotInState(Conflict):
     """The loan's state does not allow this (keys only on a draft, no collateral once
     released or liquidated, no release of a draft...)."""

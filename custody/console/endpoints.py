@@ -39,6 +39,7 @@ from custody.console import compliance_views, service, views
 from custody.db.models import KeyRole, Principal, Role, ScreeningStatus
 from custody.db.session import transaction
 from custody.errors import (
+    AddressNotFound,
     BodyTooLarge,
     DocumentNotFound,
     ExportUnsupported,
@@ -473,6 +474,26 @@ async def loan_chart(request: Request, loan_id: str) -> Response:
 
     svg = await run_in_threadpool(work)
     headers = {"Content-Security-Policy": CHART_POLICY}
+    return Response(svg, media_type="image/svg+xml", headers=headers)
+
+
+# An address at a loan's index never changes, so its QR code may stay in the browser's
+# own cache (not a shared one: it says which address is whose).
+QR_CACHE: Final = "private, max-age=86400, immutable"
+
+
+@pages.get("/loans/{loan_id}/addresses/{index}/qr.svg")
+async def address_qr(request: Request, loan_id: str, index: str) -> Response:
+    ctx = await _signed_in(request)
+    lid = _id(loan_id, LoanNotFound)
+    idx = _id(index, AddressNotFound)
+
+    def work() -> str:
+        with transaction(_engine(request), write=False) as session:
+            return views.address_qr(session, ctx, lid, idx)
+
+    svg = await run_in_threadpool(work)
+    headers = {"Content-Security-Policy": CHART_POLICY, "Cache-Control": QR_CACHE}
     return Response(svg, media_type="image/svg+xml", headers=headers)
 
 

@@ -64,6 +64,24 @@ _ADDRESSES_OF_LOAN: Final = (
     .where(col(CollateralAddress.loan_id) == bindparam("loan_id"))
     .order_by(col(CollateralAddress.change), col(CollateralAddress.index))
 )
+_RECEIVE_ADDRESS: Final = select(CollateralAddress.address).where(
+    col(CollateralAddress.loan_id) == bindparam("loan_id"),
+    col(CollateralAddress.change).is_(False),
+    col(CollateralAddress.index) == bindparam("index"),
+)
+_LATEST_RECEIVE_ADDRESSES: Final = (
+    select(CollateralAddress)
+    .where(
+        col(CollateralAddress.loan_id) == bindparam("loan_id"),
+        col(CollateralAddress.change).is_(False),
+    )
+    .order_by(col(CollateralAddress.index).desc())
+    .limit(bindparam("limit"))
+)
+_RECEIVE_ADDRESS_COUNT: Final = select(func.count()).where(
+    col(CollateralAddress.loan_id) == bindparam("loan_id"),
+    col(CollateralAddress.change).is_(False),
+)
 _DEPOSITS_OF_LOAN: Final = (
     select(Deposit).where(col(Deposit.loan_id) == bindparam("loan_id")).order_by(col(Deposit.id))
 )
@@ -131,6 +149,23 @@ def loan_with_key_set(session: Session, key_set: str) -> int | None:
 def addresses_of_loan(session: Session, loan_id: int) -> list[CollateralAddress]:
     """Receive addresses first, each branch by index."""
     return list(session.exec(_ADDRESSES_OF_LOAN, params={"loan_id": loan_id}).all())
+
+
+def latest_receive_addresses(
+    session: Session, loan_id: int, limit: int
+) -> tuple[list[CollateralAddress], int]:
+    """The loan's `limit` newest receive addresses, newest first, and how many it has."""
+    rows = session.exec(_LATEST_RECEIVE_ADDRESSES, params={"loan_id": loan_id, "limit": limit})
+    count: int = session.exec(_RECEIVE_ADDRESS_COUNT, params={"loan_id": loan_id}).one()
+    return list(rows.all()), count
+
+
+def receive_address(session: Session, loan_id: int, index: int) -> str | None:
+    """The loan's receive address handed out at `index`, if it was."""
+    address: str | None = session.exec(
+        _RECEIVE_ADDRESS, params={"loan_id": loan_id, "index": index}
+    ).first()
+    return address
 
 
 def first_addresses(session: Session, loan_ids: Sequence[int]) -> dict[int, str]:

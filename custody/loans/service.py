@@ -33,6 +33,7 @@ from custody.db.models import (
 from custody.errors import (
     AddressAlreadyIssued,
     AddressLimitReached,
+    AddressNotFound,
     HdKeyRequired,
     KeyInTwoSeats,
     KeyOfAnotherParty,
@@ -422,6 +423,23 @@ def new_address(session: Session, ctx: Context, loan_id: int) -> CollateralAddre
 def list_addresses(session: Session, ctx: Context, loan_id: int) -> list[CollateralAddress]:
     get_loan(session, ctx, loan_id)
     return repository.addresses_of_loan(session, loan_id)
+
+
+def latest_receive_addresses(
+    session: Session, ctx: Context, loan_id: int, limit: int
+) -> tuple[list[CollateralAddress], int]:
+    """The newest receive addresses of a loan the caller may see, and how many it has."""
+    get_loan(session, ctx, loan_id)
+    return repository.latest_receive_addresses(session, loan_id, limit)
+
+
+def receive_address(session: Session, ctx: Context, loan_id: int, index: int) -> str:
+    """The receive address at `index` of a loan the caller may see (404 otherwise)."""
+    get_loan(session, ctx, loan_id)
+    address = repository.receive_address(session, loan_id, index)
+    if address is None:
+        raise AddressNotFound(field="index")
+    return address
 
 
 def get_loan_or_404(session: Session, loan_id: int) -> Loan:

@@ -83,6 +83,16 @@ def test_the_miner_sees_the_deposit_address_and_its_qr_code(console: Console) ->
     decoded = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
     assert [(b.format, b.text) for b in decoded] == [(zxingcpp.BarcodeFormat.QRCode, address)]
     assert "pledge-hwi show-address" in miner.page.inner_text("#check-on-device")
+    # The code is an image of its own, kept by the browser (an address at an index never
+    # changes) but by no shared cache; an index never handed out has none.
+    base = f"{console.url}/console/loans/{loan['id']}/addresses"
+    qr = miner.page.request.get(f"{base}/0/qr.svg")
+    assert qr.status == 200 and qr.headers["content-type"] == "image/svg+xml"
+    assert qr.headers["cache-control"] == "private, max-age=86400, immutable"
+    assert f"<title>{address}</title>" in qr.text()
+    for index in ("7", "x", "99999999999999999999"):
+        missing = miner.page.request.get(f"{base}/{index}/qr.svg")
+        assert missing.status == 404, index
     with miner.page.expect_download() as download:
         miner.page.click("a[href$='/export/sparrow']")
     assert download.value.suggested_filename == f"loan-{loan['id']}-sparrow.txt"
@@ -98,6 +108,9 @@ def test_a_miner_opening_another_miners_loan_gets_404(console: Console) -> None:
     assert missing is not None and missing.status == 404
     assert other.page.inner_text("#error-message") == "loan not found"
     assert theirs["collateral_address"] not in other.page.content()
+    # Nor its address's QR code: the image route asks the same question as the page.
+    qr = other.page.request.get(f"{console.url}/console/loans/{theirs['id']}/addresses/0/qr.svg")
+    assert qr.status == 404 and theirs["collateral_address"] not in qr.text()
     dashboard = other.page.goto(f"{console.url}/console/loans")
     assert dashboard is not None and dashboard.status == 200
     assert f"#{theirs['id']}" not in other.page.inner_text("#loans")

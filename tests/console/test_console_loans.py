@@ -12,6 +12,7 @@ from sqlmodel import Session, func, select
 from support.console import Console, screenshot
 from support.world import BANK_LIQUIDATION, MINER_RETURN, hd_key
 
+from custody.console.views import EARLIER_ADDRESSES, TIMELINE_EVENTS
 from custody.db.models import Loan
 
 
@@ -96,3 +97,43 @@ def test_the_chart_starts_at_the_price_in_effect_when_the_loan_opened(console: C
     svg = chart.text()
     assert 'class="no_data"' not in svg  # pygal's "No data" text, drawn for an empty chart
     assert svg.count("6000000") >= 2  # the opening point and now
+
+
+def test_a_loan_page_shows_the_newest_address_with_its_qr_code_and_the_latest_earlier_ones(
+    console: Console,
+) -> None:
+    """A loan that handed out 13 addresses: its page draws one QR code, the newest's (the
+    one to pay), lists the 10 before it as text and says how many older ones the API has;
+    its timeline stops at the latest 50 events."""
+    loan = console.world.keyed_loan()
+    addresses = [loan["collateral_address"]]
+    for _ in range(12):
+        r = console.world.call("miner", "POST", f"/v1/loans/{loan['id']}/addresses")
+        assert r.status_code == 201, r.text
+        addresses.append(r.json()["address"])
+    miner = console.enrol("miner")
+    miner.page.goto(f"{console.url}/console/loans/{loan['id']}")
+    assert miner.page.locator(".qr").count() == 1
+    qr = miner.page.locator("img.qr")
+    assert qr.get_attribute("src", timeout=1000) == (
+        f"/console/loans/{loan['id']}/addresses/12/qr.svg"
+    )
+    assert qr.evaluate("img => img.complete && img.naturalWidth > 0")  # it loaded
+    assert miner.page.inner_text("#address-12") == addresses[12]
+    listed = miner.page.locator("#earlier-addresses code.addr")
+    assert listed.count() == EARLIER_ADDRESSES
+    assert [listed.nth(i).text_content() for i in range(EARLIER_ADDRESSES)] == addresses[11:1:-1]
+    assert miner.page.locator("#address-1").count() == 0
+    summary = miner.page.inner_text("#earlier-addresses summary")
+    assert summary == "Earlier addresses, still watched (12)"
+    miner.page.click("#earlier-addresses summary")
+    assert "and 2 older" in miner.page.inner_text("#earlier-addresses")
+    assert "--index 12" in miner.page.inner_text("#check-on-device")
+    # Few events so far: all of them, and no note that some are left out.
+    assert miner.page.locator("#timeline-cut").count() == 0
+    for _ in range(TIMELINE_EVENTS):
+        r = console.world.call("miner", "POST", f"/v1/loans/{loan['id']}/addresses")
+        assert r.status_code == 201, r.text
+    miner.page.reload()
+    assert miner.page.locator("#timeline li").count() == TIMELINE_EVENTS
+    assert "latest 50 events" in miner.page.inner_text("#timeline-cut")
