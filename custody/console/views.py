@@ -262,8 +262,9 @@ def address_qr(session: Session, ctx: Context, loan_id: int, index: int) -> str:
 def loan_page(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
     """Everything about one loan the caller may see (404 otherwise, as the API)."""
     loan = loans.get_loan(session, ctx, loan_id)
-    out = loan_out(session, loan)
-    (row,) = _rows(session, [loan], None)
+    price = current_price(session, loan)
+    (row,) = _rows(session, [loan], price)
+    out = row.out
     # The newest address is the one to pay, shown with its QR code (an image of its own,
     # `address_qr`, kept by the browser); the earlier ones, still watched, as text, the
     # latest EARLIER_ADDRESSES of them (the API lists them all).
@@ -274,14 +275,14 @@ def loan_page(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
     return {
         "row": row,
         "out": out,
-        "price": current_price(session, loan),
+        "price": price,
         "address": newest[0] if newest else None,
         "earlier": newest[1:],
         "address_count": address_count,
         "exports": EXPORT_FORMATS if loan.descriptor else (),
         "events": events[-TIMELINE_EVENTS:],
         "events_cut": len(events) > TIMELINE_EVENTS,
-        "live": live(session, ctx, loan_id),
+        "live": _live(session, ctx, loan, out),
         "role": ctx.principal.role,
         "is_staff": ctx.principal.role in BANK_STAFF,
         "seats_open": [
@@ -304,7 +305,12 @@ def live(session: Session, ctx: Context, loan_id: int) -> dict[str, Any]:
     """The part of the loan page that changes under the reader: its state, deposits with
     their confirmations, and its signing requests (polled by the page)."""
     loan = loans.get_loan(session, ctx, loan_id)
-    out = loan_out(session, loan)
+    return _live(session, ctx, loan, loan_out(session, loan))
+
+
+def _live(session: Session, ctx: Context, loan: Loan, out: LoanOut) -> dict[str, Any]:
+    assert loan.id is not None
+    loan_id = loan.id
     requests = signing_repository.list_requests(session, ctx, loan_id)
     return {
         "state": loan.state,
