@@ -163,10 +163,11 @@ def _metrics_server(port: int | None) -> Iterator[None]:
 def api_app() -> FastAPI:
     """The app of one API worker process (uvicorn's factory when `api_workers` > 1): each
     worker builds its own parts from the same settings."""
-    from custody.api.server import freeze_startup_heap
+    from custody.api.server import settle_server_process
 
-    api = _root().app()
-    freeze_startup_heap()
+    root = _root()
+    api = root.app()
+    settle_server_process(root.settings.api_gil_switch_ms)
     return api
 
 
@@ -175,7 +176,7 @@ def serve() -> None:
     """Run the HTTP API (loopback by default: CUSTODY_API_HOST/CUSTODY_API_PORT)."""
     import uvicorn
 
-    from custody.api.server import freeze_startup_heap, multiprocess_metrics, uvicorn_options
+    from custody.api.server import multiprocess_metrics, settle_server_process, uvicorn_options
 
     root = _root()
     s = root.settings
@@ -204,7 +205,7 @@ def serve() -> None:
                 )
         else:
             api = root.app()
-            freeze_startup_heap()
+            settle_server_process(s.api_gil_switch_ms)
             uvicorn.run(api, **options)
     finally:
         root.close()

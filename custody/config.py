@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # PostgreSQL keep every process's pools together under the server's
     # `max_connections`: a connection it refuses is answered 503 too, but only once tried.
     api_threads: int = Field(default=40, ge=1)
+    # The GIL switch interval of a `custody serve` process, in ms (custody.api.server:
+    # settle_server_process; Python's default is 5)
+    api_gil_switch_ms: float = Field(default=0.5, gt=0, le=100)
     # API worker processes of one `custody serve` (each with its own threads and pool)
     api_workers: int = Field(default=1, ge=1, le=64)
     api_limit_concurrency: int = Field(default=200, ge=1)

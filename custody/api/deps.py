@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, Header, Path, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -45,17 +47,26 @@ from hsm.client import BankSigner
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-_WRITE_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Lock] = (
+@dataclass(frozen=True)
+class _WriteGate:
+    """One request-session writer at a time per process (per event loop), and the thread
+    its commit or rollback runs on: not one of the endpoints' (`api_threads`), where it
+    would queue behind reads while its transaction holds the database's write lock."""
+
+    gate: anyio.Lock
+    finish: anyio.CapacityLimiter
+
+
+_WRITE_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteGate] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _write_gate() -> anyio.Lock:
-    """One request-session writer at a time per process (per event loop)."""
+def _write_gate() -> _WriteGate:
     loop = asyncio.get_running_loop()
     gate = _WRITE_GATES.get(loop)
     if gate is None:
-        gate = _WRITE_GATES[loop] = anyio.Lock()
+        gate = _WRITE_GATES[loop] = _WriteGate(anyio.Lock(), anyio.CapacityLimiter(1))
     return gate
 
 
@@ -80,13 +91,14 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         finally:
             session.close()
         return
-    async with _write_gate():
+    writers = _write_gate()
+    async with writers.gate:
         session = Session(engine, expire_on_commit=False)
         try:
             yield session
-            await run_in_threadpool(session.commit)
+            await anyio.to_thread.run_sync(session.commit, limiter=writers.finish)
         except BaseException:
-            await run_in_threadpool(session.rollback)
+            await anyio.to_thread.run_sync(session.rollback, limiter=writers.finish)
             raise
         finally:
             session.close()

@@ -73,3 +73,24 @@ def test_the_startup_heap_is_frozen_and_later_garbage_still_collected() -> None:
         assert gone() is None
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.unit
+def test_a_server_process_shortens_its_gil_switch_interval_as_configured() -> None:
+    import gc
+    import sys
+
+    from custody.api.server import settle_server_process
+    from custody.config import Settings
+
+    before = sys.getswitchinterval()
+    try:
+        settle_server_process(Settings().api_gil_switch_ms)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        settle_server_process(2.0)
+        assert sys.getswitchinterval() == pytest.approx(0.002)
+    finally:
+        sys.setswitchinterval(before)
+        gc.unfreeze()
+    with pytest.raises(ValueError, match="api_gil_switch_ms"):
+        Settings(api_gil_switch_ms=0)
