@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import structlog
 from embit.script import Script
@@ -135,6 +135,11 @@ class Screener:
             )
         return found
 
+    @property
+    def addresses_offline(self) -> bool:
+        """Whether an address is screened with no call out (the bank's lists alone)."""
+        return not self.config.http_url
+
     def offline(self, lists: Lists) -> bool:
         """Whether a deposit is decided with no call out: no HTTP provider, and none that
         reads the funding transaction's inputs from the node."""
@@ -221,23 +226,12 @@ def pending_deposit_row(loan_id: int, txid: str, vout: int, amount_sats: int) ->
 Outcome = tuple[Decision, Sequence[Input]]  # what the providers said, and the inputs read
 
 
-def record_outcome(
-    session: Session,
-    decision_id: int,
-    decision: Decision,
-    inputs: Sequence[Input],
-    actor: str,
-) -> ScreeningDecision | None:
-    """Record what the providers said of a pending screening (None if it was recorded
-    already: a replay changes nothing). Audited; a block alerts the bank."""
-    rows = repository.decisions_locked(session, ids=[decision_id])
-    return _record(session, rows[0], (decision, inputs), actor) if rows else None
-
-
 def record_outcomes(
     session: Session, outcomes: dict[int, Outcome], actor: str
 ) -> list[ScreeningDecision]:
-    """`record_outcome` for many decisions (by id), their rows read and locked together."""
+    """Record what the providers said of pending screenings (by id), their rows read and
+    locked together; one recorded already (a replay) is left as it is. Audited; a block
+    alerts the bank."""
     rows = repository.decisions_locked(session, ids=sorted(outcomes))
     return [row for row in rows if _record(session, row, outcomes[row.id or 0], actor) is not None]
 
@@ -305,7 +299,7 @@ def insert_deposit_screenings(
     """Insert the screenings of deposits seen for the first time (`pending_deposit_row`), in
     the watcher's block or mempool transaction, one INSERT for all. When that calls nothing
     out (`Screener.offline`: the bank's lists, read in this transaction, and no HTTP
-    provider) each row is decided before it is inserted and audited as `record_outcome`
+    provider) each row is decided before it is inserted and audited as `record_outcomes`
     audits, so a crash leaves neither the deposit nor its decision; otherwise they go in
     `pending`, for the watcher's pass, which asks with no transaction open. A deposit that
     has a screening already (a replayed block) keeps it and is not audited again."""
@@ -486,6 +480,14 @@ def check_payouts(session: Session, loan: Loan, action: str) -> None:
             )
 
 
+_NOT_SCREENED_AGAIN: Final = (
+    ScreeningStatus.review,
+    ScreeningStatus.block,
+    ScreeningStatus.blocked,
+    ScreeningStatus.pending,
+)
+
+
 def screen_payouts(
     engine: Engine, ctx: Context, loan_id: int, action: str, screener: Screener
 ) -> None:
@@ -493,7 +495,15 @@ def screen_payouts(
     loan read, the providers asked with no transaction open, each outcome recorded and
     committed (so a block stays in the bank's report even though the request is refused),
     then `check_payouts`. A cleared address stays cleared unless screening now blocks it;
-    an open review is not screened again (it waits in the queue)."""
+    an open review is not screened again (it waits in the queue). With the bank's lists
+    alone (`Screener.addresses_offline`) nothing is called out: all of it is one write
+    transaction, its refusal raised once it has committed."""
+    if screener.addresses_offline:
+        with transaction(engine) as session:
+            refusal = _screen_payouts_in(session, ctx, loan_id, action, screener)
+        if refusal is not None:
+            raise refusal
+        return
     with transaction(engine, write=False) as session:
         loan = loans_repository.loan(session, loan_id)
         if loan is None:
@@ -502,38 +512,67 @@ def screen_payouts(
         wanted: list[tuple[str, str]] = []
         for purpose, address in payout_addresses(loan, action):
             last = repository.latest_payout_decision(session, loan_id, address)
-            if last is None or last.status not in (
-                ScreeningStatus.review,
-                ScreeningStatus.block,
-                ScreeningStatus.blocked,
-                ScreeningStatus.pending,
-            ):
+            if last is None or last.status not in _NOT_SCREENED_AGAIN:
                 wanted.append((purpose, address))
     judged = [(p, a, screener.screen_address(lists, a, p)) for p, a in wanted]
     with transaction(engine) as session:
         for purpose, address, decision in judged:
             last = repository.latest_payout_decision(session, loan_id, address)
-            if (
-                last is not None
-                and last.status == ScreeningStatus.cleared
-                and decision.result != Result.block
-            ):
-                continue  # a compliance officer cleared it; nothing new blocks it
-            row = ScreeningDecision(
-                subject="payout",
-                loan_id=loan_id,
-                address=address,
-                purpose=purpose,
-                status=ScreeningStatus.pending,
-            )
-            session.add(row)
-            session.flush()
-            assert row.id is not None
-            record_outcome(session, row.id, decision, (), ctx.actor)
+            if not _keeps_its_clearance(last, decision):
+                _insert_payout_decision(session, ctx, loan_id, purpose, address, decision)
     with transaction(engine, write=False) as session:
         loan = loans_repository.loan(session, loan_id)
         if loan is not None:
             check_payouts(session, loan, action)
+
+
+def _screen_payouts_in(
+    session: Session, ctx: Context, loan_id: int, action: str, screener: Screener
+) -> PayoutAddressBlocked | PayoutAddressUnderReview | None:
+    """`screen_payouts` inside one transaction, for a screener that calls nothing out: the
+    refusal is returned, not raised, so the decisions that make it are committed."""
+    loan = loans_repository.loan(session, loan_id)
+    if loan is None:
+        return None
+    lists = load_lists(session, screener.config.review_inputs_over)
+    for purpose, address in payout_addresses(loan, action):
+        last = repository.latest_payout_decision(session, loan_id, address)
+        if last is not None and last.status in _NOT_SCREENED_AGAIN:
+            continue
+        decision = screener.screen_address(lists, address, purpose)
+        if not _keeps_its_clearance(last, decision):
+            _insert_payout_decision(session, ctx, loan_id, purpose, address, decision)
+    try:
+        check_payouts(session, loan, action)
+    except (PayoutAddressBlocked, PayoutAddressUnderReview) as refusal:
+        return refusal
+    return None
+
+
+def _keeps_its_clearance(last: ScreeningDecision | None, decision: Decision) -> bool:
+    """A compliance officer cleared the address, and nothing new blocks it."""
+    return (
+        last is not None
+        and last.status == ScreeningStatus.cleared
+        and decision.result != Result.block
+    )
+
+
+def _insert_payout_decision(
+    session: Session, ctx: Context, loan_id: int, purpose: str, address: str, decision: Decision
+) -> None:
+    """A payout address's screening, inserted decided and audited as `record_outcomes` does."""
+    row = ScreeningDecision(
+        subject="payout",
+        loan_id=loan_id,
+        address=address,
+        purpose=purpose,
+        **_decided_columns(decision, (), 0),
+    )
+    session.add(row)
+    session.flush()
+    assert row.id is not None
+    _audit_decided(session, row.model_dump(), decision, ctx.actor)
 
 
 # -- the bank's lists ------------------------------------------------------------------------

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.engine import Engine
+from sqlmodel import Session, col, select
+from support.http_server import answer, local_http_server
 from support.offline import funded_loan, offline_world
 from support.world import World
 
+from custody.auth.context import Context
 from custody.db.migrate import upgrade
+from custody.db.models import Principal, Role, ScreeningDecision
 from custody.db.session import make_engine
+from custody.errors import PayoutAddressBlocked
+from custody.screening.service import Screener, ScreeningConfig, screen_payouts
 
 
 @pytest.fixture
@@ -88,3 +98,55 @@ def test_a_return_address_under_review_waits_for_a_compliance_officer(world: Wor
     assert r.status_code == 200, r.text
     status, body = _release(world, loan_id)
     assert status == 201, body
+
+
+class _Provider(BaseHTTPRequestHandler):
+    """A commercial provider over HTTP: `block` for the addresses in `blocks`, else clear."""
+
+    blocks: ClassVar[set[str]] = set()
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        blocked = body["subject"]["address"] in _Provider.blocks
+        verdict = {"result": "block" if blocked else "clear", "score": 90 if blocked else 1}
+        answer(self, 200, json.dumps({**verdict, "reasons": ["provider list"]}).encode())
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _payout_statuses(engine: Engine, loan_id: int, address: str) -> list[str]:
+    with Session(engine) as session:
+        rows = session.exec(
+            select(ScreeningDecision)
+            .where(ScreeningDecision.loan_id == loan_id, ScreeningDecision.address == address)
+            .order_by(col(ScreeningDecision.id))
+        ).all()
+    return [f"{r.status}:{r.providers}" for r in rows]
+
+
+def test_with_a_provider_over_http_a_block_is_kept_and_refuses_the_request(world: World) -> None:
+    """With an HTTP provider (a call out, so asked between two transactions) a clear
+    answer lets the request be built and a block refuses it, kept in the decisions as
+    with the bank's lists alone; a block is not asked again."""
+    loan_id = funded_loan(world)
+    address = _return_address(world, loan_id)
+    robot = Principal(
+        id=None, name="auto", role=Role.risk_engine, party_id=None, key_hash="-", key_prefix="-"
+    )
+    ctx = Context(principal=robot, network="regtest")
+    with local_http_server(_Provider) as url:
+        config = ScreeningConfig(network="regtest", http_url=url, http_api_key=SecretStr("k"))
+        screener = Screener(config)
+        assert not screener.addresses_offline
+        _Provider.blocks = set()
+        screen_payouts(world.engine, ctx, loan_id, "release", screener)
+        _Provider.blocks = {address}
+        with pytest.raises(PayoutAddressBlocked, match=address):
+            screen_payouts(world.engine, ctx, loan_id, "release", screener)
+        with pytest.raises(PayoutAddressBlocked):  # a block is not screened again
+            screen_payouts(world.engine, ctx, loan_id, "release", screener)
+    assert _payout_statuses(world.engine, loan_id, address) == [
+        "clear:builtin,http",
+        "block:builtin,http",
+    ]
