@@ -56,7 +56,8 @@ def test_many_outcomes_are_recorded_once_each_and_a_replay_records_nothing(
     clear = Decision(Result.clear, 0, [], "builtin")
     review = Decision(Result.review, 60, ["on the review list"], "builtin")
     with transaction(engine) as session:
-        assert screening.record_outcome(session, first, review, (), ACTOR) is not None
+        [recorded_first] = screening.record_outcomes(session, {first: (review, ())}, ACTOR)
+        assert recorded_first.id == first
 
     outcomes: dict[int, screening.Outcome] = {i: (clear, ()) for i in (first, second, third)}
     with transaction(engine) as session:
