@@ -14,11 +14,9 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
-import anyio.to_thread
 from fastapi import Depends, Header, Path, Request
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -47,26 +45,17 @@ from hsm.client import BankSigner
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-@dataclass(frozen=True)
-class _WriteGate:
-    """One request-session writer at a time per process (per event loop), and the thread
-    its commit or rollback runs on: not one of the endpoints' (`api_threads`), where it
-    would queue behind reads while its transaction holds the database's write lock."""
-
-    gate: anyio.Lock
-    finish: anyio.CapacityLimiter
-
-
-_WRITE_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _WriteGate] = (
+_WRITE_GATES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, anyio.Lock] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def _write_gate() -> _WriteGate:
+def _write_gate() -> anyio.Lock:
+    """One request-session writer at a time per process (per event loop)."""
     loop = asyncio.get_running_loop()
     gate = _WRITE_GATES.get(loop)
     if gate is None:
-        gate = _WRITE_GATES[loop] = _WriteGate(anyio.Lock(), anyio.CapacityLimiter(1))
+        gate = _WRITE_GATES[loop] = anyio.Lock()
     return gate
 
 
@@ -91,14 +80,13 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
         finally:
             session.close()
         return
-    writers = _write_gate()
-    async with writers.gate:
+    async with _write_gate():
         session = Session(engine, expire_on_commit=False)
         try:
             yield session
-            await anyio.to_thread.run_sync(session.commit, limiter=writers.finish)
+            await run_in_threadpool(session.commit)
         except BaseException:
-            await anyio.to_thread.run_sync(session.rollback, limiter=writers.finish)
+            await run_in_threadpool(session.rollback)
             raise
         finally:
             session.close()

@@ -48,12 +48,12 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
 
 def settle_server_process(gil_switch_ms: float) -> None:
     """What a server process does once its app is built: its startup heap frozen, and a
-    shorter GIL switch interval (Python's default is 5 ms). The endpoints' threads give the
-    GIL up at every SQLite call and wait to get it back: with the default, under the
-    console's load at 300-400 requests/s, each such wait could last a whole interval
-    behind another thread's Python, and the waits made most of the p99 (measured on the
-    load benchmark, SQLite, 40 threads: 400 requests/s p99 150-640 ms at 5 ms, 60-90 ms
-    at 0.5 ms, the same CPU)."""
+    shorter GIL switch interval than Python's 5 ms. The endpoints' threads give the GIL up
+    at every SQLite call, then wait to get it back behind other threads' Python, up to a
+    whole interval each time. On the load benchmark (SQLite, console in the mix, a noisy
+    2-core VM) 0.5 ms gave the lower p99 in most runs at 350-400 requests/s (e.g. 86 and
+    143 ms against 152-639 ms), for the same CPU; at 300 requests/s runs differed more
+    between themselves than between the two settings."""
     freeze_startup_heap()
     sys.setswitchinterval(gil_switch_ms / 1000)
 
