@@ -11,7 +11,7 @@ prices it from its OWN feed, and checks every PSBT input on that node again befo
 signs. So the coins must really exist on a node:
 
 Set-up (not timed, each step's time printed): btcd on regtest (premined), a local
-BTC/RUB feed, a fresh SoftHSM2 token, the signer in process (`build_core` on
+BTC/RUB feed, a fresh SoftHSM2 token, the signer built in this process (`build_core` on
 `SignerSettings` pointing at the node and the feed; a generous daily limit; a small
 address gap, `--gap`, default 2, for speed), two admins bootstrapped and an operator
 and an approver enrolled by them; N loans made through the loans service with HD miner
@@ -22,30 +22,40 @@ loan's first address paid `COLLATERAL_SATS` on chain (`faucet.pay_many`, `--batc
 outputs per transaction, one block each), and the real `custody.watcher.service.Watcher`
 run over those blocks, which records the deposits confirmed and makes the loans active.
 (Each PSBT carries its funding transaction whole, so a bigger batch makes bigger PSBTs and
-node answers; 100 loans measured the same with 5 and 100 outputs per transaction.)
+node answers: on 2026-12-04, 200 loans took 41 ms a loan with 5 outputs per transaction
+and 51 ms with 200, in process.)
 
 Timed: ONE `RiskEngine.run_once()` at the crash price, which the feed quotes to both
 the service's engine (`HttpJsonPriceSource` inside a `MedianPriceSource`) and the
-signer, with a freshly built signer (a new token session and registry connection, as
-after a restart). The run then checks N liquidation requests exist, each signed by the
-bank alone, N `signer.signed` audit events and N "signed" decisions in the signer's own
-log, verifies the bank's signatures in a sample of PSBTs with embit, and reports the
-token's C_Sign count.
+signer, with a freshly started signer. By default (`--signer serve`) that is `hsm serve`
+in a process of its own, as production runs it (the set-up's registry and token, over
+loopback HTTP), and the pass works on the service's default 3 loans at once for that
+signer (`--concurrency`), so the signer's CPU and the service's overlap on the 2 cores;
+`--signer in-process` builds it in this process instead (a new token session and
+registry connection, as after a restart), one loan at a time. The run then checks N
+liquidation requests exist, each signed by the bank alone, N `signer.signed` audit
+events and N "signed" decisions in the signer's own log, verifies the bank's signatures
+in a sample of PSBTs with embit, and reports the signatures the bank key made (the
+signer's /health) and each process's CPU.
 
-``python -m bench.liquidation_storm [--loans N] [--gap N] [--batch N] [--profile]``
-runs it alone; ``--profile`` times the pass under cProfile and prints where it goes.
+``python -m bench.liquidation_storm [--loans N] [--gap N] [--batch N] [--signer
+serve|in-process] [--concurrency N] [--profile]`` runs it alone; ``--profile`` times the
+pass under cProfile (this process only) and prints where it goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
+import secrets
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -87,7 +97,7 @@ from custody.screening import service as screening
 from custody.signer import service as signer_service
 from hsm.approvals import People
 from hsm.backup import make_share_set
-from hsm.client import BankSigner, InProcessTransport
+from hsm.client import BankSigner, HttpTransport, InProcessTransport
 from hsm.core import SignerCore
 from hsm.factory import build_core
 from hsm.pkcs11_backend import HsmKeyInfo, Pkcs11Signer
@@ -97,10 +107,11 @@ from pledge.keys import parse_hd_key
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import COINBASE_MATURITY
-from regtest.node import RegtestNode
+from regtest.node import RegtestNode, free_port
 from regtest.people import Staff
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken, create_token
+from regtest.wait import wait_until
 
 SEED = 20240917
 SEED_OFFICERS = ("bench-officer-a", "bench-officer-b", "bench-officer-c")
@@ -247,6 +258,65 @@ def open_signer(
         )
     finally:
         core.close()
+
+
+def signer_env(settings: SignerSettings, token: SoftHsmToken) -> dict[str, str]:
+    """`settings` as `hsm serve` reads them (HSM_*), and the token's SoftHSM2 config."""
+    env = {"SOFTHSM2_CONF": str(token.conf_path)}
+    dumped = settings.model_dump(mode="json")
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            text = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            text = json.dumps(dumped[name])
+        else:
+            text = str(dumped[name])
+        env[f"HSM_{name.upper()}"] = text
+    return env
+
+
+@contextmanager
+def serving_signer(
+    settings: SignerSettings, token: SoftHsmToken, log_path: Path
+) -> Iterator[tuple[BankSigner, int]]:
+    """The signer as production runs it: `hsm serve` in a process of its own, on the same
+    token, registry and settings the set-up used (closed by then), over loopback HTTP."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HSM_", "SOFTHSM2_CONF"))}
+    env.update(signer_env(settings, token))
+    env["HSM_SERVE_TOKEN"] = secrets.token_urlsafe(32)
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hsm.cli", "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    client = BankSigner(HttpTransport(f"http://127.0.0.1:{port}", env["HSM_SERVE_TOKEN"]))
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            raise RuntimeError(f"hsm serve exited ({proc.returncode}): {log_path.read_text()}")
+        try:
+            client.health()
+        except Exception:
+            return False
+        return True
+
+    try:
+        wait_until(answers, timeout=60, message="hsm serve to answer /health")
+        yield client, proc.pid
+    finally:
+        client.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 # -- set-up ------------------------------------------------------------------------------
@@ -408,6 +478,8 @@ class Clock:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.remote = False  # the signer is `hsm serve`: only its calls are seen from here
+        self.concurrency = 1  # loans at once: their calls' times overlap
 
     def wrap(self, obj: Any, method: str, name: str) -> None:
         inner = getattr(obj, method)
@@ -422,7 +494,7 @@ class Clock:
 
         setattr(obj, method, timed_call)
 
-    def wrap_op(self, transport: InProcessTransport) -> None:
+    def wrap_op(self, transport: InProcessTransport | HttpTransport) -> None:
         """The signer's operations, by name (`valuation`, `sign`)."""
         inner = transport.call
 
@@ -452,6 +524,41 @@ class Clock:
         signer_total = self.s("signer.valuation") + self.s("signer.sign")
         node_rpcs = self.s("signer.node.rpc")
         service_chain = self.s("service.chain.rpc")
+        if self.remote or self.concurrency > 1:
+            where = "hsm serve, over HTTP" if self.remote else "in this process"
+            out = [
+                row("the whole pass", total),
+                row(
+                    f"the signer ({where}): valuation",
+                    self.s("signer.valuation"),
+                    self.n("signer.valuation"),
+                    1,
+                ),
+                row(
+                    "the signer: sign (automatic)", self.s("signer.sign"), self.n("signer.sign"), 1
+                ),
+                row(
+                    "the service: its node (prev tx, fee)",
+                    service_chain,
+                    self.n("service.chain.rpc"),
+                    1,
+                ),
+            ]
+            if self.concurrency > 1:
+                out.append(
+                    f"  ({self.concurrency} loans at once: the calls' times overlap, so they "
+                    "add up to more than the pass; see the CPU line above)"
+                )
+            else:
+                out.append(
+                    row(
+                        "the service: everything else",
+                        total - signer_total - service_chain,
+                        None,
+                        1,
+                    )
+                )
+            return out
         out = [
             row("the whole pass", total),
             row("the signer: valuation", self.s("signer.valuation"), self.n("signer.valuation"), 1),
@@ -516,6 +623,7 @@ class Storm:
     # on 2 cores shared with other work the wall time also holds the waits for a core.
     cpu_seconds: float = 0.0
     node_cpu_seconds: float = 0.0
+    signer_cpu_seconds: float | None = None  # `hsm serve`'s, when it runs apart
 
 
 def service_prices(feed: PriceFeed) -> MedianPriceSource:
@@ -532,52 +640,89 @@ def storm(
     feed: PriceFeed,
     *,
     profile: bool,
+    serve_log: Path | None = None,
+    concurrency: int | None = None,
 ) -> Storm:
-    """One risk pass at the crash price with a freshly built signer; only the pass is timed."""
+    """One risk pass at the crash price with a freshly built signer; only the pass is timed.
+    `serve_log`: the signer is `hsm serve` in a process of its own (its output there), as
+    in production; None: in this process. `concurrency`: loans at once (the service's
+    default for that signer when None)."""
     feed.set(str(CRASH_PRICE))
     clock = Clock()
-    with open_signer(settings, token) as (signer, core, hsm, _):
-        assert isinstance(signer.transport, InProcessTransport)
-        clock.wrap_op(signer.transport)
-        clock.wrap(core.prices, "fix", "signer.price.fix")
-        clock.wrap(hsm, "sign_digest", "signer.hsm.sign")
-        if core.seed is not None:
-            clock.wrap(core.seed, "sign_digests", "signer.seed.sign")
-        # HTTP round trips: a single call or a JSON-RPC batch of them.
-        clock.wrap(core.node, "_post", "signer.node.rpc")
-        for method in ("unspent_at_tip", "_tx_outs"):
-            clock.wrap(core.node, method, f"signer.node.{method}")
-        for method in REGISTRY_WRITES:
-            clock.wrap(core.registry, method, "signer.registry.write")
+    with ExitStack() as stack:
+        if serve_log is None:
+            signer, core, hsm, _ = stack.enter_context(open_signer(settings, token))
+            assert isinstance(signer.transport, InProcessTransport)
+            clock.wrap_op(signer.transport)
+            clock.wrap(core.prices, "fix", "signer.price.fix")
+            clock.wrap(hsm, "sign_digest", "signer.hsm.sign")
+            if core.seed is not None:
+                clock.wrap(core.seed, "sign_digests", "signer.seed.sign")
+            # HTTP round trips: a single call or a JSON-RPC batch of them.
+            clock.wrap(core.node, "_post", "signer.node.rpc")
+            for method in ("unspent_at_tip", "_tx_outs"):
+                clock.wrap(core.node, method, f"signer.node.{method}")
+            for method in REGISTRY_WRITES:
+                clock.wrap(core.registry, method, "signer.registry.write")
+            service_settings = Settings(network=NETWORK, risk_concurrency=concurrency)
+            signer_pid = None
+        else:
+            signer, signer_pid = stack.enter_context(serving_signer(settings, token, serve_log))
+            clock.remote = True
+            assert isinstance(signer.transport, HttpTransport)
+            clock.wrap_op(signer.transport)
+            # As `custody risk` is configured next to an `hsm serve`.
+            service_settings = Settings(
+                network=NETWORK,
+                hsm_url="http://127.0.0.1:9",  # only read for the default concurrency
+                risk_concurrency=concurrency,
+            )
         clock.wrap(node.rpc, "call", "service.chain.rpc")
         parts = Root.assemble(
-            Settings(network=NETWORK),
+            service_settings,
             engine=engine,
             node=node.rpc,
             signer=signer,
             prices=service_prices(feed),
         )
         risk = parts.risk_engine()
+        clock.concurrency = risk.concurrency
+        signed_before = int(signer.health()["signatures"])
         before = feed.requests
         cpu, node_cpu = time.process_time(), _node_cpu_seconds(node)
+        signer_cpu = _cpu_seconds(signer_pid)
         report, seconds, text = timed(risk.run_once, profile=profile, top=50)
         cpu, node_cpu = time.process_time() - cpu, _node_cpu_seconds(node) - node_cpu
-        signatures = hsm.c_sign_calls + (core.seed.signatures if core.seed is not None else 0)
+        signer_cpu = _cpu_seconds(signer_pid) - signer_cpu
+        signatures = int(signer.health()["signatures"]) - signed_before
         return Storm(
-            seconds, report, text, signatures, feed.requests - before, clock, cpu, node_cpu
+            seconds,
+            report,
+            text,
+            signatures,
+            feed.requests - before,
+            clock,
+            cpu,
+            node_cpu,
+            signer_cpu if signer_pid is not None else None,
         )
 
 
-def _node_cpu_seconds(node: RegtestNode) -> float:
-    """User + system CPU btcd has used so far (from /proc; 0 where it cannot be read)."""
-    if node.process is None:
+def _cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a process has used so far (from /proc; 0 where it cannot be read)."""
+    if pid is None:
         return 0.0
     try:
-        stat = Path(f"/proc/{node.process.pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return 0.0
     fields = stat.rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _node_cpu_seconds(node: RegtestNode) -> float:
+    """User + system CPU btcd has used so far."""
+    return _cpu_seconds(node.process.pid if node.process is not None else None)
 
 
 @dataclass(frozen=True)
@@ -709,10 +854,15 @@ def run(
     gap: int = ADDRESS_GAP,
     batch: int = FUNDING_BATCH,
     bank_key: str = "hd",
+    signer_mode: str = "serve",
+    concurrency: int | None = None,
 ) -> list[Figure]:
     """Build the node, the signer and the loans, time the storm, check what it stored.
     `bank_key`: "hd" (the default bank key: accounts of the sealed seed, one unseal and
-    child derivation per signature) or "fixed" (a key per loan in the token, one C_Sign)."""
+    child derivation per signature) or "fixed" (a key per loan in the token, one C_Sign).
+    `signer_mode`: "serve" (`hsm serve` in a process of its own, as in production) or
+    "in-process"; `concurrency`: loans a pass works on at once (default: the service's
+    for that signer, 3 and 1)."""
     started = time.perf_counter()
     setup = SetUp(loans=loans)
     with tempfile.TemporaryDirectory(prefix="bench-storm-") as tmp:
@@ -772,13 +922,24 @@ def run(
                 raise RuntimeError(f"set-up: {deposits} confirmed deposits, {active} active loans")
             print(
                 f"liquidation_storm: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
-                f"CPUs before the pass; signer: in process, its own node client and price feed, "
+                f"CPUs before the pass; signer: "
+                f"{'hsm serve (its own process)' if signer_mode == 'serve' else 'in process'}, "
+                "its own node client and price feed, "
                 f"HSM_ADDRESS_GAP={gap} ({2 * (gap + 1)} scripts scanned per loan per look"
                 f"{'' if gap == 20 else '; the default 20 scans 42'}), "
                 f"HSM_DAILY_LIMIT_SATS={settings.daily_limit_sats}",
                 flush=True,
             )
-            result = storm(engine, settings, token, node, feed, profile=profile)
+            result = storm(
+                engine,
+                settings,
+                token,
+                node,
+                feed,
+                profile=profile,
+                serve_log=base / "hsm-serve.log" if signer_mode == "serve" else None,
+                concurrency=concurrency,
+            )
             checked = check(engine, settings.state_db, spot_checks)
             engine.dispose()
         finally:
@@ -799,7 +960,14 @@ def run(
     print(
         f"liquidation_storm: CPU of the pass: this process {result.cpu_seconds:.2f} s "
         f"({result.cpu_seconds / n * 1e3:.1f} ms per loan), btcd {result.node_cpu_seconds:.2f} s "
-        f"({result.node_cpu_seconds / n * 1e3:.1f} ms per loan); wall {result.seconds:.2f} s, "
+        f"({result.node_cpu_seconds / n * 1e3:.1f} ms per loan)"
+        + (
+            f", hsm serve {result.signer_cpu_seconds:.2f} s "
+            f"({result.signer_cpu_seconds / n * 1e3:.1f} ms per loan)"
+            if result.signer_cpu_seconds is not None
+            else " (the signer's included)"
+        )
+        + f"; wall {result.seconds:.2f} s, {result.clock.concurrency} loan(s) at once, "
         f"load average {os.getloadavg()[0]:.1f} after"
     )
     print(
@@ -838,7 +1006,8 @@ def run(
     )
     big_enough = loans >= LOANS
     note = " (under cProfile)" if profile else ""
-    note += f" (HSM_ADDRESS_GAP={gap}, {bank_key} bank keys)"
+    note += f" (HSM_ADDRESS_GAP={gap}, {bank_key} bank keys, signer {signer_mode}"
+    note += f", {result.clock.concurrency} loan(s) at once)"
     return [
         Figure("liquidation_storm.setup_seconds", setup.seconds, "s", "info", True),
         Figure(
@@ -893,11 +1062,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="hd",
         help="the kind of bank key the signer makes (default hd, as the service's default)",
     )
+    parser.add_argument(
+        "--signer",
+        choices=("serve", "in-process"),
+        default="serve",
+        help="the bank's signer as `hsm serve` in its own process (default, as in production) "
+        "or in the benchmark's process",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="loans the pass works on at once (default: the service's, 3 with hsm serve, 1 "
+        "in process)",
+    )
     args = parser.parse_args(argv)
     if args.loans < 1 or args.spot_checks < 1:
         parser.error("need >= 1 loan and >= 1 spot check")
     if not 1 <= args.gap <= 1000 or not 1 <= args.batch <= 1000:
         parser.error("--gap and --batch must be in [1, 1000]")
+    if args.concurrency is not None and not 1 <= args.concurrency <= 16:
+        parser.error("--concurrency must be in [1, 16]")
     figures = run(
         args.loans,
         profile=args.profile,
@@ -905,6 +1090,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         gap=args.gap,
         batch=args.batch,
         bank_key=args.bank_key,
+        signer_mode=args.signer,
+        concurrency=args.concurrency,
     )
     for figure in figures:
         print(figure.line())

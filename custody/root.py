@@ -199,6 +199,7 @@ class Root:
             notify=notify,
             unsigned_grace=timedelta(seconds=self.settings.risk_unsigned_grace_seconds),
             screener=self.screener,
+            concurrency=self.settings.risk_pass_concurrency,
         )
 
     def reconciler(self) -> Reconciler:

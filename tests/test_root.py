@@ -85,3 +85,15 @@ def test_no_in_process_signer_on_mainnet(where: str, monkeypatch: pytest.MonkeyP
     )
     assert served is not None and served.name.startswith("hsm-serve:")
     served.close()
+
+
+@pytest.mark.unit
+def test_a_risk_pass_works_on_several_loans_at_once_only_with_the_signer_apart() -> None:
+    """In process the signer's CPU and the engine's share one GIL: more loans at once only
+    contend for it; with `hsm serve` they overlap. A setting says otherwise; 0 is refused."""
+    assert Settings(network="regtest").risk_pass_concurrency == 1
+    served = Settings(network="regtest", hsm_url="http://127.0.0.1:9")
+    assert served.risk_pass_concurrency == 3
+    assert Settings(network="regtest", risk_concurrency=6).risk_pass_concurrency == 6
+    with pytest.raises(ValueError, match="risk_concurrency"):
+        Settings(network="regtest", risk_concurrency=0)

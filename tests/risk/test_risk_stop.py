@@ -1,10 +1,12 @@
 """The risk engine told to stop (SIGTERM to `custody risk`) leaves the loans it has not
-reached for the next pass, and each loan it reached is whole: a pass is a loan at a time."""
+reached for the next pass, and each loan it reached is whole: each loan's work is its own
+transactions, however many loans a pass works on at once."""
 
 from __future__ import annotations
 
 import threading
 
+import pytest
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 from support.offline import record_confirmed_deposit
@@ -21,7 +23,8 @@ def _state(engine: Engine, loan_id: int) -> str:
         return str(loan.state)
 
 
-def test_a_stopped_pass_leaves_the_rest_for_the_next_one(engine: Engine) -> None:
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_stopped_pass_leaves_the_rest_for_the_next_one(engine: Engine, concurrency: int) -> None:
     world: World = build_world(engine)
     loans = []
     for _ in range(3):
@@ -32,6 +35,7 @@ def test_a_stopped_pass_leaves_the_rest_for_the_next_one(engine: Engine) -> None
     r = world.call("bank_approver", "POST", f"/v1/prices/{price.json()['id']}/confirm")
     assert r.status_code == 200, r.text
     risk = Root.assemble(world.settings, engine=engine).risk_engine()
+    risk.concurrency = concurrency  # loans at once: none is started once told to stop
     stop = threading.Event()
     seen: list[int] = []
 

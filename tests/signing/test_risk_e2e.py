@@ -15,7 +15,7 @@ from support.lending import COLLATERAL, funded_loan, sign, the_psbt, upload
 from support.signer_world import SignerWorld
 from support.world import World, audit_actions
 
-from custody.db.models import AuditEvent
+from custody.db.models import AuditEvent, KeyRole, LoanKey
 from custody.risk.engine import RiskEngine
 from custody.risk.prices import Consensus, HttpJsonPriceSource, MedianPriceSource
 from custody.root import Root
@@ -212,3 +212,52 @@ def test_default_at_maturity_liquidates(
     assert req["signed_seats"] == ["bank"]
     assert bank_signer.bank_signatures() == before + 1
     assert _loan(world, lid)["state"] == "liquidating"
+
+
+def test_a_crash_liquidates_several_loans_at_once_each_once(
+    world: World,
+    regtest_node: RegtestNode,
+    watcher: Watcher,
+    bank_signer: SignerWorld,
+    feed: PriceFeed,
+) -> None:
+    """A pass working on three loans at a time (`risk_concurrency`) over five crashed
+    loans: each gets exactly one liquidation, signed once, and the report lists them in
+    the loans' order; the one whose key the signer does not know is refused by it alone;
+    the next pass finds nothing more to do."""
+    loans = [
+        funded_loan(world, regtest_node, watcher, principal_kopecks=DEBT, interest_rate_bps=0)
+        for _ in range(5)
+    ]
+    lids = [f.loan["id"] for f in loans]
+    board = Board(feed)
+    risk = _engine(world, regtest_node, bank_signer, board)
+    risk.concurrency = 3
+    assert risk.run_once().liquidations == []  # 50% LTV
+    with Session(world.engine) as s:  # the signer never registered this loan's key
+        key = s.exec(
+            select(LoanKey).where(LoanKey.loan_id == lids[2], LoanKey.role == KeyRole.bank)
+        ).one()
+        key.hsm_key_label = "not-a-key-the-signer-holds"
+        s.add(key)
+        s.commit()
+    board.set(2_000_000)  # 1.5M / (0.5 BTC x 2M) = 150%: every loan
+    before = bank_signer.bank_signatures()
+    report = risk.run_once()
+    assert report.errors == {} and len(report.liquidations) == 4, report
+    by_loan = {
+        world.call("arbiter", "GET", f"/v1/signing-requests/{rid}").json()["loan_id"]: rid
+        for rid in report.liquidations
+    }
+    assert list(by_loan) == [lid for lid in lids if lid != lids[2]]  # the loans' order
+    assert [by_loan[lid] for lid in by_loan] == report.liquidations
+    assert bank_signer.bank_signatures() == before + 4
+    for lid in by_loan:
+        assert _loan(world, lid)["state"] == "liquidating"
+        requests = world.call("arbiter", "GET", f"/v1/loans/{lid}/signing-requests").json()
+        assert [r["signed_seats"] for r in requests] == [["bank"]]
+    assert _loan(world, lids[2])["state"] == "active"
+    assert "signer.refused" in audit_actions(world.engine, loan_id=lids[2])
+    again = risk.run_once()
+    assert again.liquidations == [] and again.errors == {}
+    assert bank_signer.bank_signatures() == before + 4
