@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Final
 
-import bdkpython as bdk
 from embit.script import address_to_scriptpubkey
 
+from pledge.bdk_ffi import bdk
 from pledge.errors import InvalidInput, LibraryDisagreement
 from pledge.network import NETWORK_NAMES, NetworkName, bdk_network, check_network
 

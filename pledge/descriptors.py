@@ -13,11 +13,11 @@ import re
 from functools import cached_property, lru_cache
 from typing import Final
 
-import bdkpython as bdk
 from embit import hashes
 from embit.descriptor import Descriptor as EmbitDescriptor
 from embit.descriptor.checksum import checksum as embit_checksum
 
+from pledge.bdk_ffi import bdk
 from pledge.errors import InvalidInput, LibraryDisagreement
 from pledge.keys import (
     MULTIPATH_SUFFIX,

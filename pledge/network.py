@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Final, Literal, get_args
 
-import bdkpython as bdk
 from embit.networks import NETWORKS
 
+from pledge.bdk_ffi import bdk
 from pledge.errors import InvalidInput
 
 NetworkName = Literal["mainnet", "testnet", "signet", "regtest"]

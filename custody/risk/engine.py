@@ -202,6 +202,16 @@ class RiskEngine:
         report.loans = len(loan_ids)
         # Up to `concurrency` loans at once, each in a part of the report of its own; the
         # parts are put together in the loans' order, whichever finished first.
+        if self.concurrency == 1:  # in this thread, as a profiler or a debugger expects
+            for loan_id in loan_ids:
+                assert loan_id is not None
+                if progress is not None:
+                    progress()
+                if stop is not None and stop.is_set():
+                    report.stopped = True
+                    break
+                self._loan(loan_id, quote, now, report)
+            return report
         parts: list[RiskReport] = []
         with ThreadPoolExecutor(self.concurrency, thread_name_prefix="risk-loan") as pool:
             running: set[Future[None]] = set()

@@ -25,7 +25,6 @@ from functools import lru_cache
 from io import BytesIO
 from typing import Any, Final
 
-import bdkpython as bdk
 from embit import bip32, compact
 from embit.ec import PublicKey, Signature
 from embit.psbt import PSBT, DerivationPath, read_string
@@ -36,6 +35,7 @@ from embit.util import secp256k1
 from custody.errors import BadSignature, NoNewSignature, PsbtMismatch
 from pledge import psbts
 from pledge.addresses import address_script_pubkey
+from pledge.bdk_ffi import bdk
 from pledge.descriptors import PARTIES, CollateralDescriptor
 from pledge.errors import Conflict, InvalidInput
 from pledge.keys import FixedKey, HDKey
