@@ -607,7 +607,42 @@ def check_upload(
     All or nothing: any problem anywhere raises InvalidInput(field="psbt") naming
     it, and nothing from the upload is kept. A signature for a key that already
     signed in the request is checked but not returned (the request's stays)."""
+    return _check_upload(
+        _own_psbt(request_psbt_b64), request_psbt_b64, uploaded, descriptor, inputs
+    )
+
+
+@dataclass(frozen=True)
+class CheckedUpload:
+    """`check_upload`'s new signatures, and the request's PSBT with them merged in."""
+
+    new: dict[int, dict[bytes, bytes]]
+    merged: str
+    signers: list[set[bytes]]  # each input's signing public keys, after the merge
+
+
+def check_and_merge(
+    request_psbt_b64: str,
+    uploaded: bytes | str,
+    descriptor: CollateralDescriptor,
+    inputs: Sequence[CollateralInput],
+) -> CheckedUpload:
+    """`check_upload`, then `merge_signatures` and `signers_per_input` of the result, all
+    on one parse of the request's PSBT (a liquidation's carries its funding transaction
+    whole: each parse of it was about a millisecond)."""
     request = _own_psbt(request_psbt_b64)
+    new = _check_upload(request, request_psbt_b64, uploaded, descriptor, inputs)
+    merged, signers = _merge_into(request, new)
+    return CheckedUpload(new, merged, signers)
+
+
+def _check_upload(
+    request: Any,
+    request_psbt_b64: str,
+    uploaded: bytes | str,
+    descriptor: CollateralDescriptor,
+    inputs: Sequence[CollateralInput],
+) -> dict[int, dict[bytes, bytes]]:
     # embit first so that our own checks below name the precise problem; bdk's
     # stricter parse runs last, before anything is returned.
     upload, raw_upload = _parse_embit(uploaded, "psbt")
@@ -668,7 +703,12 @@ def check_upload(
 def merge_signatures(psbt_b64: str, new_sigs: dict[int, dict[bytes, bytes]]) -> str:
     """The request PSBT with `new_sigs` (from `check_upload`) added as partial
     signatures. Existing signatures are never replaced."""
-    psbt = _own_psbt(psbt_b64)
+    return _merge_into(_own_psbt(psbt_b64), new_sigs)[0]
+
+
+def _merge_into(psbt: Any, new_sigs: dict[int, dict[bytes, bytes]]) -> tuple[str, list[set[bytes]]]:
+    """`new_sigs` added to the parsed `psbt` (changed in place): its base64, and each
+    input's signing public keys."""
     for n, sigs in new_sigs.items():
         if not 0 <= n < len(psbt.inputs):
             raise ValueError(f"the PSBT has no input {n}")
@@ -679,12 +719,15 @@ def merge_signatures(psbt_b64: str, new_sigs: dict[int, dict[bytes, bytes]]) -> 
                 raise ValueError(f"input {n} already has a different signature from this key")
             partial[pub] = sig
     merged: str = psbt.to_base64()
-    return merged
+    return merged, _signers(psbt)
 
 
 def signers_per_input(psbt_b64: str) -> list[set[bytes]]:
     """For each input, the public keys (33 bytes) that have a partial signature."""
-    psbt = _own_psbt(psbt_b64)
+    return _signers(_own_psbt(psbt_b64))
+
+
+def _signers(psbt: Any) -> list[set[bytes]]:
     return [{pub.sec() for pub in inp.partial_sigs} for inp in psbt.inputs]
 
 

@@ -22,9 +22,7 @@ from custody.loans import repository as loans_repository
 from custody.loans.service import loan_descriptor
 from custody.signing.psbt import (
     CollateralInput,
-    check_upload,
-    merge_signatures,
-    signers_per_input,
+    check_and_merge,
 )
 from custody.signing.repository import approval_not_by, get_request, request_inputs
 from custody.signing.rules import REQUIRED_SEATS
@@ -50,9 +48,8 @@ def _seat_of_pubkeys(
     return out
 
 
-def _signed_seats(req: SigningRequest, per_input: list[dict[bytes, KeyRole]]) -> set[KeyRole]:
-    """Seats that have signed every input."""
-    signed = signers_per_input(req.psbt)
+def _signed_seats(signed: list[set[bytes]], per_input: list[dict[bytes, KeyRole]]) -> set[KeyRole]:
+    """Seats that have signed every input (`signed`: each input's signing public keys)."""
     seats: set[KeyRole] | None = None
     for pubs, mapping in zip(signed, per_input, strict=True):
         here = {mapping[p] for p in pubs if p in mapping}
@@ -84,7 +81,8 @@ def add_signatures(
         )
     descriptor = loan_descriptor(session, loan, ctx.network)
     inputs = request_inputs(req)
-    new = check_upload(req.psbt, uploaded, descriptor, inputs)
+    checked = check_and_merge(req.psbt, uploaded, descriptor, inputs)
+    new = checked.new
     per_input = _seat_of_pubkeys(session, loan, descriptor, inputs)
     bank_signs = any(
         per_input[i].get(pub) == KeyRole.bank for i, sigs in new.items() for pub in sigs
@@ -95,8 +93,8 @@ def add_signatures(
             "transaction first (4-eyes)"
         )
     seats_now = sorted({per_input[i][pub].value for i, sigs in new.items() for pub in sigs})
-    req.psbt = merge_signatures(req.psbt, new)
-    done = _signed_seats(req, per_input)
+    req.psbt = checked.merged
+    done = _signed_seats(checked.signers, per_input)
     req.signed_seats = ",".join(
         s.value for s in (KeyRole.miner, KeyRole.bank, KeyRole.arbiter) if s in done
     )

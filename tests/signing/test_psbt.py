@@ -27,6 +27,7 @@ from custody.signing.psbt import (
     PayTo,
     PayToCollateral,
     build_psbt,
+    check_and_merge,
     check_upload,
     dust_limit,
     estimate_vsize,
@@ -258,6 +259,17 @@ def test_quorum_finalizes_in_separate_uploads(loan: Loan, signers: tuple[str, ..
     assert signers_per_input(current) == [{pubkey_of(loan, p, 2) for p in signers}] * 2
     raw = finalize(current)
     _check_final(raw, request, inputs, loan.descriptor)
+    # The same uploads through check_and_merge (one parse of the request's PSBT): the same
+    # new signatures, the same merged PSBT, its signers read from it.
+    again = request
+    for party in signers:
+        upload = sign(again, loan, party)
+        checked = check_and_merge(again, upload, loan.descriptor, inputs)
+        assert checked.new == check_upload(again, upload, loan.descriptor, inputs)
+        assert checked.merged == merge_signatures(again, checked.new)
+        assert checked.signers == signers_per_input(checked.merged)
+        again = checked.merged
+    assert finalize(again) == raw
 
 
 def test_order_and_grouping_do_not_change_the_transaction(loan: Loan) -> None:
