@@ -49,8 +49,6 @@ import argparse
 import json
 import os
 import random
-import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,11 +105,11 @@ from pledge.keys import parse_hd_key
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import COINBASE_MATURITY
-from regtest.node import RegtestNode, free_port
+from regtest.hsm_serve import serve_process
+from regtest.node import RegtestNode
 from regtest.people import Staff
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken, create_token
-from regtest.wait import wait_until
 
 SEED = 20240917
 SEED_OFFICERS = ("bench-officer-a", "bench-officer-b", "bench-officer-c")
@@ -284,39 +282,13 @@ def serving_signer(
 ) -> Iterator[tuple[BankSigner, int]]:
     """The signer as production runs it: `hsm serve` in a process of its own, on the same
     token, registry and settings the set-up used (closed by then), over loopback HTTP."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HSM_", "SOFTHSM2_CONF"))}
-    env.update(signer_env(settings, token))
-    env["HSM_SERVE_TOKEN"] = secrets.token_urlsafe(32)
-    port = free_port()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hsm.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    client = BankSigner(HttpTransport(f"http://127.0.0.1:{port}", env["HSM_SERVE_TOKEN"]))
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"hsm serve exited ({proc.returncode}): {log_path.read_text()}")
+    env = signer_env(settings, token)
+    with serve_process(log_path.parent, env, log_path.name) as server:
+        client = BankSigner(HttpTransport(server.url, server.token))
         try:
-            client.health()
-        except Exception:
-            return False
-        return True
-
-    try:
-        wait_until(answers, timeout=60, message="hsm serve to answer /health")
-        yield client, proc.pid
-    finally:
-        client.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            yield client, server.proc.pid
+        finally:
+            client.close()
 
 
 # -- set-up ------------------------------------------------------------------------------

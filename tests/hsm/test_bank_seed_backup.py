@@ -21,7 +21,6 @@ from support.signer_world import (
     hsm_cli,
     in_process_world,
     seed_ceremony,
-    serve_process,
     signer_env,
 )
 
@@ -31,6 +30,7 @@ from hsm.pkcs11_backend import Pkcs11Signer
 from hsm.settings import SignerSettings
 from hsm.signer import PolicyViolation
 from pledge.descriptors import parse_collateral_descriptor
+from regtest.hsm_serve import serve_process
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken, create_token

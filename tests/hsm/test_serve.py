@@ -12,10 +12,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.signer_world import ServeProcess, serve_process, signer_env
+from support.signer_world import signer_env
 
 from hsm.client import BankSigner, HttpTransport
 from hsm.signer import SignerBusy, SignerUnavailable
+from regtest.hsm_serve import ServeProcess, serve_process
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed, price_feed
 from regtest.softhsm import create_token

@@ -22,7 +22,6 @@ from support.signer_world import (
     enroll_staff,
     new_people,
     seed_ceremony,
-    serve_process,
     signer_env,
 )
 
@@ -32,6 +31,7 @@ from custody.db.session import transaction
 from hsm.approvals import People
 from hsm.client import BankSigner, HttpTransport
 from hsm.registry import Registry
+from regtest.hsm_serve import serve_process
 from regtest.node import RegtestNode
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import create_token

@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 from embit.bip32 import HDKey as EmbitHDKey
 from embit.psbt import PSBT
 
@@ -38,12 +37,12 @@ from pledge.keys import HDKey
 from pledge.network import NetworkName
 from pledge.statements import iso
 from regtest.faucet import random_p2wpkh_address
+from regtest.hsm_serve import serve_process
 from regtest.node import RegtestNode
 from regtest.people import Staff, new_staff
 from regtest.price_feed import PriceFeed
 from regtest.softhsm import SoftHsmToken, create_token
 from regtest.software_signer import SoftwareHDSigner
-from regtest.wait import wait_until
 
 NETWORK: NetworkName = "regtest"
 FEE_SATS = 2_000
@@ -456,67 +455,6 @@ def in_process_world(
         yield sw
     finally:
         core.close()
-
-
-@dataclass
-class ServeProcess:
-    url: str
-    token: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    state_db: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@contextmanager
-def serve_process(base: Path, env_extra: dict[str, str]) -> Iterator[ServeProcess]:
-    """`hsm serve` on a free loopback port, waited for on /health, terminated after."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HSM_", "SOFTHSM2_CONF"))}
-    env.update(env_extra)
-    env["HSM_SERVE_TOKEN"] = env.get("HSM_SERVE_TOKEN") or secrets.token_urlsafe(32)
-    port = free_port()
-    log_path = base / "serve.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "hsm.cli", "serve", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    server = ServeProcess(
-        f"http://127.0.0.1:{port}",
-        env["HSM_SERVE_TOKEN"],
-        proc,
-        log_path,
-        Path(env["HSM_STATE_DB"]),
-    )
-    try:
-
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise AssertionError(f"hsm serve exited ({proc.returncode}):\n{server.log()}")
-            try:
-                return httpx.get(
-                    f"{server.url}/health",
-                    headers={"Authorization": f"Bearer {server.token}"},
-                    timeout=2,
-                ).is_success
-            except httpx.TransportError:
-                return False
-
-        wait_until(answers, timeout=30, message=lambda: f"hsm serve /health\n{server.log()}")
-        yield server
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    for secret in (env["HSM_SERVE_TOKEN"], env["HSM_PIN"], env["HSM_NODE_RPC_PASSWORD"]):
-        assert secret not in server.log(), "a secret reached hsm serve's log"
 
 
 @contextmanager
