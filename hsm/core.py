@@ -612,6 +612,7 @@ class SignerCore:
             record, info = self._register_hd(loan_ref, keys, terms, miner, bank, by)
         else:
             record, info = self._register_fixed(loan_ref, keys, terms, miner, bank, by)
+        self._scan_scripts(record, 0, self.address_gap)  # what its first valuation scans
         self._log(
             loan_ref,
             "recorded",
@@ -871,17 +872,13 @@ class SignerCore:
         both branches from index 0 to the highest index seen in use plus the gap (and
         further while coins keep turning up near the end); the best block hash every read
         of it held at (None if the tip moved during the scan); the highest index in use."""
-        descriptor = self._descriptor(loan)
         highest = loan.highest_index
         scanned = -1
         found: dict[tuple[str, int], Coin] = {}
         tips: list[str | None] = []
         while True:
             limit = highest + self.address_gap
-            scripts: dict[bytes, tuple[int, bool]] = {}
-            for index in range(scanned + 1, limit + 1):
-                for change in (False, True):
-                    scripts[descriptor.script_pubkey(index, change)] = (index, change)
+            scripts = {spk: at for at, spk in self._scan_scripts(loan, scanned + 1, limit).items()}
             utxos, tip = self.node.unspent_at_tip(list(scripts), network=self.network)
             tips.append(tip)
             for utxo in utxos:
@@ -902,6 +899,24 @@ class SignerCore:
             self.registry.note_index(loan.loan_ref, highest)
         at = tips[0] if all(t is not None and t == tips[0] for t in tips) else None
         return sorted(found.values(), key=lambda c: (c.txid, c.vout)), at, highest
+
+    def _scan_scripts(
+        self, loan: LoanRecord, first: int, last: int
+    ) -> dict[tuple[int, bool], bytes]:
+        """The loan's output scripts at indices `first`..`last` of both branches, by (index,
+        change): those kept in the registry, the rest derived (bdkpython and embit
+        agreeing, `CollateralDescriptor.script_pubkey`) and kept. A fresh loan's descriptor
+        parse and derivations were a third of a valuation; kept, a restarted signer pays
+        them once per loan, at its registration."""
+        kept = self.registry.scan_scripts(loan.descriptor, first, last)
+        wanted = [(index, change) for index in range(first, last + 1) for change in (False, True)]
+        missing = [at for at in wanted if at not in kept]
+        if missing:
+            descriptor = self._descriptor(loan)
+            derived = {at: descriptor.script_pubkey(*at) for at in missing}
+            self.registry.keep_scan_scripts(loan.descriptor, derived)
+            kept.update(derived)
+        return {at: kept[at] for at in wanted}
 
     def debt_kopecks(self, loan: LoanRecord, at: datetime) -> tuple[int, int, int]:
         """(debt, repaid, credited): the terms' principal and interest, less the
@@ -1060,11 +1075,8 @@ class SignerCore:
                     "already spent)",
                 )
             if not loan_scripts:
-                loan_scripts = {
-                    descriptor.script_pubkey(i, ch)
-                    for i in range(loan.highest_index + self.address_gap + 1)
-                    for ch in (False, True)
-                }
+                watched = loan.highest_index + self.address_gap
+                loan_scripts = set(self._scan_scripts(loan, 0, watched).values())
             if bytes(seen.script_pubkey) not in loan_scripts:
                 raise PolicyViolation(
                     "foreign_input", f"{where} does not pay a script of this loan's descriptor"

@@ -15,11 +15,12 @@ runs sync endpoints in a thread pool). The decisions table is append-only by con
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -73,6 +74,16 @@ CREATE TABLE IF NOT EXISTS passkey (
 }
 
 _SCHEMA: Final = """
+-- The output scripts this signer derived from a loan's descriptor (both libraries agreeing)
+-- to scan for its coins, so that a restarted signer derives none of them again: a cache of
+-- what the descriptor says, keyed by a hash of its text (nothing else is trusted for it).
+CREATE TABLE IF NOT EXISTS scan_script (
+    descriptor_hash TEXT NOT NULL,
+    change INTEGER NOT NULL CHECK (change IN (0, 1)),
+    idx INTEGER NOT NULL CHECK (idx >= 0),
+    script BLOB NOT NULL,
+    PRIMARY KEY (descriptor_hash, change, idx)
+);
 CREATE TABLE IF NOT EXISTS loan (
     loan_ref TEXT PRIMARY KEY,
     network TEXT NOT NULL,
@@ -323,6 +334,10 @@ class Decision:
     check: str | None
     reason: str
     detail: dict[str, Any]
+
+
+def _descriptor_hash(descriptor: str) -> str:
+    return hashlib.sha256(descriptor.encode()).hexdigest()
 
 
 def state_db_path() -> Path:
@@ -602,6 +617,25 @@ class Registry:
             )
             for r in self.read_all("SELECT * FROM seed_backup ORDER BY id", ())
         ]
+
+    def scan_scripts(self, descriptor: str, first: int, last: int) -> dict[tuple[int, bool], bytes]:
+        """The kept scripts of `descriptor` at indices `first`..`last`, by (index, change)."""
+        rows = self.read_all(
+            "SELECT idx, change, script FROM scan_script"
+            " WHERE descriptor_hash = ? AND idx BETWEEN ? AND ?",
+            (_descriptor_hash(descriptor), first, last),
+        )
+        return {(int(r["idx"]), bool(r["change"])): bytes(r["script"]) for r in rows}
+
+    def keep_scan_scripts(self, descriptor: str, scripts: Mapping[tuple[int, bool], bytes]) -> None:
+        """Keep scripts derived from `descriptor` (one already kept stays as it was)."""
+        key = _descriptor_hash(descriptor)
+        with self.tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO scan_script (descriptor_hash, change, idx, script)"
+                " VALUES (?, ?, ?, ?)",
+                [(key, int(change), idx, script) for (idx, change), script in scripts.items()],
+            )
 
     def note_index(self, loan_ref: str, index: int) -> None:
         """Remember the highest address index seen in use (the scan range grows from it)."""

@@ -119,3 +119,37 @@ def test_a_reorg_to_the_same_height_is_scanned_again(
     liquidate(world, loan, psbt, valuation)
     assert scans.count - before == 1
     assert world.bank_signatures() - signatures == 1
+
+
+def test_a_restarted_signer_values_a_loan_without_deriving_its_scripts(
+    scan_world: tuple[SignerWorld, Scans],
+) -> None:
+    """Registration keeps the scripts a valuation scans (derived by both libraries) in the
+    signer's registry; a valuation after a restart (no memo of this process left) reads
+    them there and derives none, and still finds the loan's coin."""
+    from pledge import descriptors
+
+    world, _ = scan_world
+    loan = matured(world)
+    core = world.core
+    record = core.registry.loan(loan.loan_ref)
+    assert record is not None
+    gap = core.address_gap
+    kept = core.registry.scan_scripts(record.descriptor, 0, gap)
+    parsed = descriptors.parse_collateral_descriptor(record.descriptor, "regtest")
+    assert kept == {
+        (index, change): parsed.script_pubkey(index, change)
+        for index in range(gap + 1)
+        for change in (False, True)
+    }
+    assert core.registry.scan_scripts(record.descriptor + "x", 0, gap) == {}  # by its text
+    descriptors._agreed_output.cache_clear()  # as after a restart
+    valuation = world.client.valuation(loan.loan_ref)
+    assert valuation["verdict"] == "liquidate" and int(valuation["collateral_sats"]) > 0
+    assert descriptors._agreed_output.cache_info().misses == 0
+    # Its signature checks the inputs against the same kept scripts: it derives only what
+    # the PSBT's one input is checked against (its script), not the whole watched range.
+    signatures = world.bank_signatures()
+    liquidate(world, loan, world.liquidation_psbt(loan, valuation), valuation)
+    assert world.bank_signatures() == signatures + 1
+    assert descriptors._agreed_output.cache_info().misses <= 1
