@@ -612,7 +612,13 @@ class SignerCore:
             record, info = self._register_hd(loan_ref, keys, terms, miner, bank, by)
         else:
             record, info = self._register_fixed(loan_ref, keys, terms, miner, bank, by)
-        self._scan_scripts(record, 0, self.address_gap)  # what its first valuation scans
+        try:  # what its first valuation scans, kept now; only a head start, so not fatal
+            self._scan_scripts(record, 0, self.address_gap)
+        except Exception as exc:  # the valuation derives them again, and says why it cannot
+            log.warning(
+                "signer.scan_scripts_not_kept",
+                extra={"loan": loan_ref, "error": type(exc).__name__},
+            )
         self._log(
             loan_ref,
             "recorded",
